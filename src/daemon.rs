@@ -1,0 +1,177 @@
+//! The daemon: accept a frontend, serve it, drain, accept the next; stop cleanly on signals.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use thinblk_vhost::{BlkDevice, DeviceConfig, ImageFormat};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Errors that end the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The device could not be set up.
+    #[error("device setup failed: {0}")]
+    Device(#[from] thinblk_vhost::error::DeviceError),
+    /// The vhost-user library failed.
+    #[error("vhost-user: {0}")]
+    VhostUser(String),
+    /// Waiting for a connection or a signal failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Shutdown coordination between the signal thread and the serving loop.
+pub struct Shutdown {
+    requested: AtomicBool,
+    wake: EventFd,
+    active: Mutex<Option<(BlkDevice, ShutdownHandle)>>,
+}
+
+impl Shutdown {
+    /// A shutdown switch, not yet thrown.
+    pub fn new() -> io::Result<Arc<Shutdown>> {
+        Ok(Arc::new(Shutdown {
+            requested: AtomicBool::new(false),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            active: Mutex::new(None),
+        }))
+    }
+
+    /// Whether shutdown was asked for.
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// Asks the daemon to stop: in-flight IO is finished and completed, then the frontend
+    /// connection is closed.
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        let _ = self.wake.write(1);
+        if let Ok(active) = self.active.lock() {
+            if let Some((device, handle)) = active.as_ref() {
+                device.quiesce();
+                handle.shutdown();
+            }
+        }
+    }
+
+    fn set_active(&self, v: Option<(BlkDevice, ShutdownHandle)>) {
+        if let Ok(mut a) = self.active.lock() {
+            *a = v;
+        }
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in every thread and handles them on a dedicated one.
+pub fn install_signal_thread(shutdown: Arc<Shutdown>) -> io::Result<()> {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the calls only modify it and this thread's mask.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    std::thread::Builder::new().name("signals".into()).spawn(move || loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is a valid, initialised signal set; `sig` a valid out-pointer.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            tracing::info!(signal = sig, "shutting down: finishing in-flight IO");
+            shutdown.request();
+        }
+    })?;
+    Ok(())
+}
+
+/// Waits until `fd` is readable (true) or shutdown is requested (false).
+fn wait_for_connection(fd: RawFd, shutdown: &Shutdown) -> io::Result<bool> {
+    loop {
+        if shutdown.requested() {
+            return Ok(false);
+        }
+        let mut fds = [
+            libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: shutdown.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 || shutdown.requested() {
+            return Ok(false);
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            return Ok(true);
+        }
+        if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            return Err(io::Error::other("listening socket failed"));
+        }
+    }
+}
+
+/// Serves frontends on `listener` one after another until shutdown, then flushes the image.
+pub fn serve(
+    image: Arc<dyn ImageFormat>,
+    cfg: &DeviceConfig,
+    mut listener: Listener,
+    shutdown: &Arc<Shutdown>,
+) -> Result<(), DaemonError> {
+    let mut connection = 0u64;
+    loop {
+        let device = BlkDevice::new(image.clone(), cfg)?;
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = VhostUserDaemon::new("thinblk-vhost".into(), device.clone(), mem)
+            .map_err(|e| DaemonError::VhostUser(e.to_string()))?;
+        device.register_listeners(&daemon.get_epoll_handlers())?;
+        if !wait_for_connection(listener.as_raw_fd(), shutdown)? {
+            break;
+        }
+        daemon.start(&mut listener).map_err(|e| DaemonError::VhostUser(e.to_string()))?;
+        connection += 1;
+        tracing::info!(connection, "frontend connected");
+        if let Some(handle) = daemon.shutdown_handle() {
+            shutdown.set_active(Some((device.clone(), handle)));
+        }
+        if shutdown.requested() {
+            device.quiesce();
+            daemon.request_shutdown();
+        }
+        match daemon.wait() {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => tracing::info!(connection, "frontend disconnected"),
+            Err(e) => tracing::warn!(connection, error = %e, "frontend connection ended with an error"),
+        }
+        shutdown.set_active(None);
+        // The frontend is gone: finish host IO, but do not complete requests it will resubmit.
+        device.drain(false);
+        drop(daemon);
+        if shutdown.requested() {
+            break;
+        }
+    }
+    for fd in image.files() {
+        // SAFETY: fd belongs to the image, which is alive for this call.
+        if unsafe { libc::fdatasync(fd) } != 0 {
+            let e = io::Error::last_os_error();
+            tracing::error!(error = %e, "final flush failed");
+            return Err(e.into());
+        }
+    }
+    tracing::info!("image flushed; exiting");
+    Ok(())
+}

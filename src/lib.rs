@@ -1,0 +1,5 @@
+//! thinblk: engine glue, the daemon loop and the command line around the vhost-user-blk
+//! device of the `thinblk-vhost` crate.
+
+pub mod cli;
+pub mod daemon;

@@ -1,0 +1,173 @@
+//! The `thinblk` binary.
+
+use std::os::fd::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use thinblk::cli::{default_serial, Cli, Command, DemoArgs, Format, ServeArgs, CAPABILITIES};
+use thinblk::daemon::{install_signal_thread, serve, Shutdown};
+use thinblk_vhost::{DeviceConfig, ImageFormat, RawImage};
+use vhost::vhost_user::Listener;
+
+/// Exit code for a wrong command line.
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            // --help / --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return usage_error(first_line(&e.to_string())),
+    };
+    init_logging(cli.serve.log_level.as_deref());
+    let result = match cli.command {
+        Some(Command::Demo(args)) => demo(args),
+        None => run_daemon(cli.serve),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(msg)) => usage_error(&msg),
+        Err(Failure::Runtime(msg)) => {
+            eprintln!("thinblk: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    Usage(String),
+    Runtime(String),
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s)
+}
+
+fn usage_error(msg: &str) -> ExitCode {
+    let msg = msg.trim_start_matches("error: ");
+    eprintln!("thinblk: {msg} (see --help)");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn init_logging(level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = level
+        .map(EnvFilter::new)
+        .or_else(|| EnvFilter::try_from_env("THINBLK_LOG").ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
+    if args.print_capabilities {
+        println!("{CAPABILITIES}");
+        return Ok(());
+    }
+    let image_path = args.image.clone().ok_or_else(|| Failure::Usage("--image is required".into()))?;
+    let format = args.format.ok_or_else(|| Failure::Usage("--format raw|qcow2 is required (formats are never probed)".into()))?;
+    let listener = match (&args.socket_path, args.fd) {
+        (Some(p), None) => Listener::new(p, true).map_err(|e| Failure::Runtime(format!("cannot listen on {}: {e}", p.display())))?,
+        (None, Some(fd)) => inherited_listener(fd)?,
+        _ => return Err(Failure::Usage("one of --socket-path or --fd is required".into())),
+    };
+    let image = open_image(&image_path, format, args.read_only)?;
+    let serial = args.serial.clone().unwrap_or_else(|| default_serial(&image.identity()));
+    let cfg = DeviceConfig {
+        num_queues: args.num_queues,
+        queue_size: args.queue_size,
+        logical_block_size: args.logical_block_size,
+        read_only: args.read_only,
+        serial,
+    };
+    if image.capacity() < u64::from(cfg.logical_block_size) {
+        return Err(Failure::Runtime(format!("{} is smaller than one logical block", image_path.display())));
+    }
+    tracing::info!(
+        image = %image_path.display(),
+        capacity = image.capacity(),
+        queues = cfg.num_queues,
+        read_only = cfg.read_only,
+        serial = %cfg.serial,
+        "serving"
+    );
+    let shutdown = Shutdown::new().map_err(|e| Failure::Runtime(e.to_string()))?;
+    install_signal_thread(shutdown.clone()).map_err(|e| Failure::Runtime(e.to_string()))?;
+    serve(image, &cfg, listener, &shutdown).map_err(|e| Failure::Runtime(e.to_string()))
+}
+
+fn inherited_listener(fd: i32) -> Result<Listener, Failure> {
+    // SAFETY: fstat only writes into `st`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid out-pointer; an invalid fd just makes fstat fail.
+    if fd < 0 || unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(Failure::Usage(format!("--fd {fd} is not an open socket")));
+    }
+    // SAFETY: the launcher handed us this listening socket; we take sole ownership of it.
+    Ok(unsafe { Listener::from_raw_fd(fd) })
+}
+
+fn open_image(path: &Path, format: Format, read_only: bool) -> Result<Arc<dyn ImageFormat>, Failure> {
+    match format {
+        Format::Raw => RawImage::open(path, read_only)
+            .map(|i| Arc::new(i) as Arc<dyn ImageFormat>)
+            .map_err(|e| Failure::Runtime(format!("cannot open {}: {e}", path.display()))),
+        Format::Qcow2 => Err(Failure::Runtime("--format qcow2 is not available yet; use raw".into())),
+    }
+}
+
+/// `thinblk demo`: a fresh image in a temporary directory, served on a socket there.
+fn demo(args: DemoArgs) -> Result<(), Failure> {
+    let rt = |e: std::io::Error| Failure::Runtime(e.to_string());
+    let (dir, owned) = match args.dir {
+        Some(d) => (d, false),
+        None => {
+            let d = std::env::temp_dir().join(format!("thinblk-demo-{}", std::process::id()));
+            (d, true)
+        }
+    };
+    std::fs::create_dir_all(&dir).map_err(rt)?;
+    let image = dir.join("disk.raw");
+    let socket = dir.join("thinblk.sock");
+    let f = std::fs::File::create(&image).map_err(rt)?;
+    f.set_len(args.size_mib << 20).map_err(rt)?;
+    drop(f);
+    print_attach_help(&image, &socket, args.num_queues);
+    let serve_args = ServeArgs {
+        socket_path: Some(socket.clone()),
+        fd: None,
+        print_capabilities: false,
+        image: Some(image.clone()),
+        format: Some(Format::Raw),
+        read_only: false,
+        num_queues: args.num_queues,
+        queue_size: 256,
+        logical_block_size: 512,
+        serial: Some("thinblk-demo".into()),
+        log_level: None,
+    };
+    let r = run_daemon(serve_args);
+    if owned {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    r
+}
+
+fn print_attach_help(image: &PathBuf, socket: &Path, queues: u16) {
+    println!("thinblk demo: serving {} ({} queues)", image.display(), queues);
+    println!("socket: {}", socket.display());
+    println!("attach a VM with:");
+    println!(
+        "  qemu-system-x86_64 -machine q35 -accel kvm -accel tcg -m 1G \\\n    \
+         -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n    \
+         -chardev socket,id=disk0,path={},reconnect-ms=1000 \\\n    \
+         -device vhost-user-blk-pci,chardev=disk0,num-queues={} ...",
+        socket.display(),
+        queues
+    );
+    println!("stop with Ctrl-C (in-flight IO is finished and the image flushed).");
+}

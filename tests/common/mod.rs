@@ -1,0 +1,211 @@
+//! Shared test fixtures: temp dirs, the daemon as a child process, a blkio client.
+#![allow(dead_code)]
+
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+/// A directory removed when dropped, even if the test fails.
+pub struct TestDir(pub PathBuf);
+
+impl TestDir {
+    /// A fresh directory under $TMPDIR named after the test.
+    pub fn new(name: &str) -> TestDir {
+        let p = std::env::temp_dir().join(format!("thinblk-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create test dir");
+        TestDir(p)
+    }
+    /// A path inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Creates a sparse file of `len` bytes.
+pub fn sparse_file(path: &Path, len: u64) {
+    let f = std::fs::File::create(path).expect("create image");
+    f.set_len(len).expect("size image");
+}
+
+/// The daemon under test, killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `thinblk` with `args` plus `--socket-path socket`, waiting for the socket.
+    pub fn start(socket: &Path, args: &[&str]) -> Daemon {
+        let child = Command::new(env!("CARGO_BIN_EXE_thinblk"))
+            .arg("--socket-path")
+            .arg(socket)
+            .args(args)
+            .env("THINBLK_LOG", "info")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn thinblk");
+        let mut d = Daemon { child, socket: socket.to_path_buf() };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("thinblk exited early: {status}");
+            }
+            assert!(Instant::now() < deadline, "socket {} did not appear", socket.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits up to `limit` for the daemon to exit; returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A vhost-user client over libblkio's virtio-blk-vhost-user driver.
+pub struct Client {
+    pub blkio: Blkio,
+    pub queues: Vec<Blkioq>,
+    pub region: MemoryRegion,
+    pub capacity: u64,
+}
+
+/// Size of the client's shared IO buffer.
+pub const BUF_LEN: usize = 8 << 20;
+
+impl Client {
+    /// Connects with `num_queues` queues.
+    pub fn connect(socket: &Path, num_queues: i32) -> Result<Client, blkio::Error> {
+        Self::connect_with(socket, num_queues, false)
+    }
+
+    /// Connects, optionally as a read-only frontend.
+    pub fn connect_with(socket: &Path, num_queues: i32, read_only: bool) -> Result<Client, blkio::Error> {
+        let mut b = Blkio::new("virtio-blk-vhost-user")?;
+        b.set_str("path", socket.to_str().unwrap_or_default())?;
+        b.set_bool("read-only", read_only)?;
+        b.connect()?;
+        b.set_i32("num-queues", num_queues)?;
+        let outcome = b.start()?;
+        let region = b.alloc_mem_region(BUF_LEN)?;
+        b.map_mem_region(&region)?;
+        let capacity = b.get_u64("capacity")?;
+        Ok(Client { blkio: b, queues: outcome.queues, region, capacity })
+    }
+
+    fn buf(&self) -> *mut u8 {
+        self.region.addr as *mut u8
+    }
+
+    fn wait_one(&mut self, q: usize) -> i32 {
+        let mut c = [MaybeUninit::<Completion>::uninit(); 1];
+        let mut timeout = Duration::from_secs(30);
+        let n = self.queues[q].do_io(&mut c, 1, Some(&mut timeout), None).expect("do_io");
+        assert_eq!(n, 1, "no completion within 30 s");
+        // SAFETY: do_io initialised the first `n` completions.
+        unsafe { c[0].assume_init_ref() }.ret
+    }
+
+    /// Writes `data` at `offset` through queue `q`; returns the completion's ret.
+    pub fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> i32 {
+        assert!(data.len() <= BUF_LEN);
+        // SAFETY: the region is BUF_LEN bytes, mapped and owned by this client.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf(), data.len()) };
+        let buf = self.buf();
+        self.queues[q].write(offset, buf, data.len(), 0, ReqFlags::empty());
+        self.wait_one(q)
+    }
+
+    /// Reads `len` bytes at `offset` through queue `q`.
+    pub fn read(&mut self, q: usize, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
+        assert!(len <= BUF_LEN);
+        let buf = self.buf();
+        self.queues[q].read(offset, buf, len, 0, ReqFlags::empty());
+        match self.wait_one(q) {
+            0 => {
+                let mut out = vec![0u8; len];
+                // SAFETY: the region holds at least `len` bytes just filled by the device.
+                unsafe { std::ptr::copy_nonoverlapping(self.buf(), out.as_mut_ptr(), len) };
+                Ok(out)
+            }
+            e => Err(e),
+        }
+    }
+
+    /// Flushes through queue `q`.
+    pub fn flush(&mut self, q: usize) -> i32 {
+        self.queues[q].flush(0, ReqFlags::empty());
+        self.wait_one(q)
+    }
+
+    /// Discards a range.
+    pub fn discard(&mut self, q: usize, offset: u64, len: u64) -> i32 {
+        self.queues[q].discard(offset, len, 0, ReqFlags::empty());
+        self.wait_one(q)
+    }
+
+    /// Zeroes a range (`unmap` allows deallocation).
+    pub fn write_zeroes(&mut self, q: usize, offset: u64, len: u64, unmap: bool) -> i32 {
+        let flags = if unmap { ReqFlags::empty() } else { ReqFlags::NO_UNMAP };
+        self.queues[q].write_zeroes(offset, len, 0, flags);
+        self.wait_one(q)
+    }
+}
+
+/// A small deterministic PRNG (xorshift64*), so failures reproduce.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// A value in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// Fills `buf` with random bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The vhost-user-blk device: feature negotiation, config space, and one worker per queue.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vm_memory::GuestAddressSpace;
+
+use crate::config::{config_slice, BlkGeometry, WRITEBACK_OFFSET};
+use crate::error::DeviceError;
+use crate::image::ImageFormat;
+use crate::request::{Limits, ID_LEN};
+use crate::worker::{AtomicMem, InflightCount, Mem, Vring, Worker};
+
+/// Settings of one device instance.
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    /// Number of request queues (one worker thread and ring each).
+    pub num_queues: u16,
+    /// Descriptors per queue.
+    pub queue_size: u16,
+    /// Logical block size: 512 or 4096.
+    pub logical_block_size: u32,
+    /// Refuse writes and offer VIRTIO_BLK_F_RO.
+    pub read_only: bool,
+    /// Serial returned by GET_ID (truncated to 20 bytes).
+    pub serial: String,
+}
+
+/// What every worker reads: the image, the limits, the guest memory, the cache mode.
+pub struct Context {
+    /// The image format serving this disk.
+    pub image: Arc<dyn ImageFormat>,
+    /// Fixed device properties.
+    pub geometry: BlkGeometry,
+    /// GET_ID payload, NUL padded.
+    pub serial: [u8; ID_LEN],
+    /// Write-back cache enabled (the guest may clear it through the config space).
+    pub writeback: AtomicBool,
+    /// VIRTIO_RING_F_EVENT_IDX negotiated.
+    pub event_idx: AtomicBool,
+    /// Set at shutdown: no new chains are popped.
+    pub stopping: AtomicBool,
+    mem: RwLock<Option<AtomicMem>>,
+}
+
+impl Context {
+    /// The current guest memory, pinned for as long as the returned Arc lives.
+    pub fn memory(&self) -> Option<Arc<Mem>> {
+        let guard = self.mem.read().ok()?;
+        guard.as_ref().map(|m| m.memory().into_inner())
+    }
+
+    /// Validation limits for requests.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            capacity: self.geometry.capacity_bytes,
+            logical_block_size: self.geometry.logical_block_size,
+            seg_max: self.geometry.seg_max(),
+            max_bytes: self.geometry.max_request_bytes(),
+            read_only: self.geometry.read_only,
+        }
+    }
+}
+
+struct Inner {
+    ctx: Context,
+    workers: Vec<Mutex<Worker>>,
+    inflight: Vec<Arc<InflightCount>>,
+}
+
+/// The vhost-user-blk backend. Cheap to clone; each vring thread holds a clone.
+#[derive(Clone)]
+pub struct BlkDevice {
+    inner: Arc<Inner>,
+}
+
+/// Event id of a worker's ring completions (ids up to `num_queues` are the library's).
+fn completion_event(num_queues: usize) -> u16 {
+    num_queues as u16 + 1
+}
+
+impl BlkDevice {
+    /// Builds a device over `image`, creating one worker (and io_uring) per queue.
+    pub fn new(image: Arc<dyn ImageFormat>, cfg: &DeviceConfig) -> Result<BlkDevice, DeviceError> {
+        let lbs = cfg.logical_block_size;
+        let capacity = image.capacity() / u64::from(lbs) * u64::from(lbs);
+        let geometry = BlkGeometry {
+            capacity_bytes: capacity,
+            logical_block_size: lbs,
+            physical_block_size: image.physical_block_size().max(lbs),
+            num_queues: cfg.num_queues,
+            queue_size: cfg.queue_size,
+            read_only: cfg.read_only,
+        };
+        let mut serial = [0u8; ID_LEN];
+        let bytes = cfg.serial.as_bytes();
+        let n = bytes.len().min(ID_LEN);
+        serial[..n].copy_from_slice(&bytes[..n]);
+        let files = image.files();
+        let ring_entries = u32::from(cfg.queue_size).next_power_of_two().max(8) * 2;
+        let mut workers = Vec::new();
+        let mut inflight = Vec::new();
+        for q in 0..cfg.num_queues as usize {
+            let w = Worker::new(q, ring_entries, &files).map_err(DeviceError::Ring)?;
+            inflight.push(w.inflight());
+            workers.push(Mutex::new(w));
+        }
+        let ctx = Context {
+            image,
+            geometry,
+            serial,
+            writeback: AtomicBool::new(true),
+            event_idx: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            mem: RwLock::new(None),
+        };
+        Ok(BlkDevice { inner: Arc::new(Inner { ctx, workers, inflight }) })
+    }
+
+    /// The device's fixed properties.
+    pub fn geometry(&self) -> &BlkGeometry {
+        &self.inner.ctx.geometry
+    }
+
+    /// Registers each worker's ring eventfd with its vring thread's epoll loop.
+    pub fn register_listeners(&self, handlers: &[Arc<VringEpollHandler<BlkDevice>>]) -> Result<(), DeviceError> {
+        let id = completion_event(self.inner.workers.len());
+        for (worker, handler) in self.inner.workers.iter().zip(handlers) {
+            let fd = worker.lock().map(|w| w.completion_fd()).map_err(|_| poisoned())?;
+            handler
+                .register_listener(fd, EventSet::IN, u64::from(id))
+                .map_err(DeviceError::RegisterListener)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for all host IO of every queue; `publish` completes requests to the guest.
+    pub fn drain(&self, publish: bool) {
+        for w in &self.inner.workers {
+            if let Ok(mut w) = w.lock() {
+                if let Err(e) = w.drain(&self.inner.ctx, publish) {
+                    tracing::error!(error = %e, "draining a queue failed");
+                }
+            }
+        }
+    }
+
+    /// Stops taking new requests, waits for in-flight ones and completes them to the guest.
+    pub fn quiesce(&self) {
+        self.inner.ctx.stopping.store(true, Ordering::SeqCst);
+        self.drain(true);
+    }
+
+    /// Requests popped and not yet completed, over all queues.
+    pub fn inflight(&self) -> usize {
+        self.inner.inflight.iter().map(|c| c.get()).sum()
+    }
+}
+
+fn poisoned() -> DeviceError {
+    DeviceError::Ring(io::Error::other("worker lock poisoned"))
+}
+
+impl VhostUserBackend for BlkDevice {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.inner.workers.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.inner.ctx.geometry.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.inner.ctx.geometry.features()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.ctx.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let ctx = &self.inner.ctx;
+        let bytes = ctx.geometry.config_bytes(ctx.writeback.load(Ordering::Relaxed));
+        config_slice(&bytes, offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        if offset != WRITEBACK_OFFSET || buf.len() != 1 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "only the writeback byte is writable"));
+        }
+        let wb = buf[0] != 0;
+        tracing::info!(writeback = wb, "guest set the write cache mode");
+        self.inner.ctx.writeback.store(wb, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: AtomicMem) -> io::Result<()> {
+        let mut slot = self.inner.ctx.mem.write().map_err(|_| io::Error::other("memory lock poisoned"))?;
+        *slot = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.inner.workers.len()).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(c) = self.inner.inflight.get(queue_index as usize) {
+            c.wait_idle(queue_index as usize);
+        }
+        Ok(())
+    }
+
+    fn handle_event(&self, device_event: u16, _evset: EventSet, vrings: &[Vring], thread_id: usize) -> io::Result<()> {
+        let ctx = &self.inner.ctx;
+        let Some(worker) = self.inner.workers.get(thread_id) else { return Ok(()) };
+        let mut w = worker.lock().map_err(|_| io::Error::other("worker lock poisoned"))?;
+        if device_event == completion_event(self.inner.workers.len()) {
+            w.on_completion(ctx)?;
+            // Completions free ring space; pick up anything the guest queued meanwhile.
+            if let Some(v) = vrings.first() {
+                w.on_kick(ctx, v)?;
+            }
+            return Ok(());
+        }
+        match vrings.get(usize::from(device_event)) {
+            Some(v) => w.on_kick(ctx, v),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Error types of the device and the one place where they become virtio status codes.
+
+use std::io;
+
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+
+/// Why a descriptor chain was not accepted as a request.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    /// The chain has no descriptor at all, or only one.
+    #[error("descriptor chain too short ({0} descriptors)")]
+    ChainTooShort(usize),
+    /// The chain has more descriptors than `seg_max` allows.
+    #[error("descriptor chain has {0} data segments, more than seg_max {1}")]
+    TooManySegments(usize, u32),
+    /// The header descriptor is write-only or shorter than 16 bytes.
+    #[error("request header descriptor invalid (len {len}, write-only {write_only})")]
+    BadHeader {
+        /// Length of the first descriptor.
+        len: u32,
+        /// Whether it was device-writable.
+        write_only: bool,
+    },
+    /// The last descriptor cannot hold the status byte.
+    #[error("no writable status byte at the end of the chain")]
+    NoStatus,
+    /// A descriptor points outside the guest's memory.
+    #[error("descriptor at {addr:#x} len {len} is outside guest memory")]
+    OutsideMemory {
+        /// Guest physical address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// A data descriptor's direction does not match the request type.
+    #[error("data descriptor direction does not match the request type")]
+    WrongDirection,
+    /// The request type is not one this device implements.
+    #[error("unsupported request type {0}")]
+    Unsupported(u32),
+    /// Offset or length not aligned to the logical block size.
+    #[error("offset {offset} or length {len} not aligned to the logical block size {lbs}")]
+    Misaligned {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+        /// Logical block size.
+        lbs: u32,
+    },
+    /// The request reaches past the end of the disk.
+    #[error("request {offset}+{len} past the capacity {capacity}")]
+    OutOfRange {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+        /// Disk size.
+        capacity: u64,
+    },
+    /// The request carries more data than `size_max` × `seg_max`.
+    #[error("request of {0} bytes larger than the device limit {1}")]
+    TooLarge(u64, u64),
+    /// The discard / write-zeroes payload is malformed.
+    #[error("malformed discard/write-zeroes payload: {0}")]
+    BadRanges(&'static str),
+    /// A discard or write-zeroes segment sets flags the device does not support.
+    #[error("unsupported discard/write-zeroes flags {0:#x}")]
+    UnsupportedFlags(u32),
+    /// A write reached a read-only device.
+    #[error("write to a read-only device")]
+    ReadOnly,
+}
+
+/// Errors of the image-format layer (raw now, qcow2 later).
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// Host IO on the image failed.
+    #[error("image IO failed: {0}")]
+    Io(#[from] io::Error),
+    /// The image cannot serve this request (e.g. it is read-only).
+    #[error("image refuses the request: {0}")]
+    Refused(String),
+}
+
+/// Errors that stop the device from being set up (never reached by guest requests).
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// io_uring setup failed.
+    #[error("io_uring setup failed: {0}")]
+    Ring(io::Error),
+    /// Creating an eventfd failed.
+    #[error("eventfd creation failed: {0}")]
+    EventFd(io::Error),
+    /// Registering a listener with the vring epoll handler failed.
+    #[error("registering the completion eventfd failed: {0}")]
+    RegisterListener(io::Error),
+}
+
+/// The outcome of one request, as the guest will see it.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Done.
+    Ok,
+    /// Rejected before any IO.
+    Invalid(RequestError),
+    /// Host IO failed with this errno.
+    HostIo(i32),
+    /// The image layer failed.
+    Image(ImageError),
+}
+
+/// Maps an outcome to the virtio-blk status byte. This is the only such mapping.
+pub fn virtio_status(outcome: &Outcome) -> u8 {
+    let status = match outcome {
+        Outcome::Ok => VIRTIO_BLK_S_OK,
+        Outcome::Invalid(RequestError::Unsupported(_))
+        | Outcome::Invalid(RequestError::UnsupportedFlags(_)) => VIRTIO_BLK_S_UNSUPP,
+        Outcome::Invalid(_) | Outcome::HostIo(_) | Outcome::Image(_) => VIRTIO_BLK_S_IOERR,
+    };
+    status as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_mapping() {
+        assert_eq!(virtio_status(&Outcome::Ok), 0);
+        assert_eq!(virtio_status(&Outcome::Invalid(RequestError::Unsupported(99))), 2);
+        assert_eq!(virtio_status(&Outcome::Invalid(RequestError::UnsupportedFlags(2))), 2);
+        assert_eq!(virtio_status(&Outcome::Invalid(RequestError::ReadOnly)), 1);
+        assert_eq!(virtio_status(&Outcome::HostIo(libc::EIO)), 1);
+    }
+}

@@ -1,0 +1,774 @@
+//! One worker per virtqueue: pops chains, parses requests, asks the image format where the
+//! data lives, queues host IO on the worker's own io_uring straight into guest memory, and
+//! completes requests as the ring reports back.
+
+use std::alloc::{self, Layout};
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::device::Context;
+use crate::error::{virtio_status, ImageError, Outcome};
+use crate::image::{Extent, HostZero, Target, ZeroMode};
+use crate::request::{parse, Request, RequestType, Segment, ID_LEN};
+use crate::uring::{HostOp, Ring};
+
+/// Guest memory as the vhost-user backend maps it (no dirty-page log).
+pub type Mem = GuestMemoryMmap<()>;
+/// The shared, swappable guest memory handle.
+pub type AtomicMem = GuestMemoryAtomic<Mem>;
+/// The vring type the device uses.
+pub type Vring = VringRwLock<AtomicMem>;
+
+/// Size of the zero buffer used when a host cannot zero a range itself.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// In-flight accounting shared between a queue's worker and `stop_vring`.
+#[derive(Default)]
+pub struct InflightCount {
+    count: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl InflightCount {
+    fn add(&self) {
+        if let Ok(mut c) = self.count.lock() {
+            *c += 1;
+        }
+    }
+
+    fn done(&self) {
+        if let Ok(mut c) = self.count.lock() {
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                self.idle.notify_all();
+            }
+        }
+    }
+
+    /// Requests popped from the ring and not yet completed.
+    pub fn get(&self) -> usize {
+        self.count.lock().map(|c| *c).unwrap_or(0)
+    }
+
+    /// Blocks until no request is in flight, logging while it waits.
+    pub fn wait_idle(&self, queue: usize) {
+        let Ok(mut c) = self.count.lock() else { return };
+        while *c > 0 {
+            match self.idle.wait_timeout(c, std::time::Duration::from_secs(5)) {
+                Ok((guard, t)) => {
+                    c = guard;
+                    if t.timed_out() && *c > 0 {
+                        tracing::warn!(queue, inflight = *c, "stop_vring still draining in-flight IO");
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// An aligned heap buffer for IO that cannot go zero-copy (unaligned guest buffers).
+struct AlignedBuf {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl AlignedBuf {
+    fn zeroed(len: usize, align: usize) -> io::Result<AlignedBuf> {
+        let layout = Layout::from_size_align(len.max(1), align.max(1))
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        }
+        Ok(AlignedBuf { ptr, layout })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is a live allocation of layout.size() initialised bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is a live allocation of layout.size() bytes, uniquely borrowed here.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: ptr was allocated with this layout and is freed once.
+        unsafe { alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+// SAFETY: the buffer is plain owned memory, only touched by the worker that owns it.
+unsafe impl Send for AlignedBuf {}
+
+/// A request between submission and completion.
+struct Pending {
+    head: u16,
+    status: GuestAddress,
+    kind: RequestType,
+    offset: u64,
+    data_len: u64,
+    segments: Vec<Segment>,
+    /// Host ops still outstanding.
+    ops: u32,
+    /// First errno seen.
+    errno: Option<i32>,
+    /// Data staged here instead of guest memory (unaligned buffers).
+    bounce: Option<AlignedBuf>,
+    /// Keeps the guest mapping alive while the kernel may access it.
+    mem: Arc<Mem>,
+}
+
+/// What kind of host op an in-flight ring entry is, for completion handling.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OpKind {
+    Read,
+    Write { dsync: bool },
+    Sync,
+    Zero { mode: ZeroMode, len: u64 },
+}
+
+/// One ring entry in flight.
+struct Op {
+    slot: usize,
+    kind: OpKind,
+    file: u32,
+    offset: u64,
+    /// Remaining iovecs (read/write); their addresses stay valid until completion.
+    iov: Vec<libc::iovec>,
+}
+
+// SAFETY: the raw pointers in `iov` point into guest memory or bounce buffers owned by the
+// same `Pending`; they are only dereferenced by the kernel and by this worker.
+unsafe impl Send for Op {}
+
+/// A tiny slab: stable indices for user_data.
+struct Slab<T> {
+    items: Vec<Option<T>>,
+    free: Vec<usize>,
+}
+
+impl<T> Slab<T> {
+    fn new() -> Self {
+        Slab { items: Vec::new(), free: Vec::new() }
+    }
+    fn insert(&mut self, v: T) -> usize {
+        if let Some(i) = self.free.pop() {
+            self.items[i] = Some(v);
+            i
+        } else {
+            self.items.push(Some(v));
+            self.items.len() - 1
+        }
+    }
+    fn get_mut(&mut self, i: usize) -> Option<&mut T> {
+        self.items.get_mut(i).and_then(|v| v.as_mut())
+    }
+    fn remove(&mut self, i: usize) -> Option<T> {
+        let v = self.items.get_mut(i)?.take();
+        if v.is_some() {
+            self.free.push(i);
+        }
+        v
+    }
+    fn len(&self) -> usize {
+        self.items.len() - self.free.len()
+    }
+}
+
+/// The per-queue worker.
+pub struct Worker {
+    queue: usize,
+    ring: Ring,
+    pending: Slab<Pending>,
+    ops: Slab<Op>,
+    inflight: Arc<InflightCount>,
+    vring: Option<Vring>,
+    zero: Option<AlignedBuf>,
+    needs_signal: bool,
+    extents: Vec<Extent>,
+    zeros: Vec<HostZero>,
+}
+
+impl Worker {
+    /// Creates the worker for `queue` with its own ring over `files`.
+    pub fn new(queue: usize, ring_entries: u32, files: &[std::os::fd::RawFd]) -> io::Result<Worker> {
+        Ok(Worker {
+            queue,
+            ring: Ring::new(ring_entries, files)?,
+            pending: Slab::new(),
+            ops: Slab::new(),
+            inflight: Arc::new(InflightCount::default()),
+            vring: None,
+            zero: None,
+            needs_signal: false,
+            extents: Vec::new(),
+            zeros: Vec::new(),
+        })
+    }
+
+    /// The ring's completion eventfd, to register with the vring epoll loop.
+    pub fn completion_fd(&self) -> std::os::fd::RawFd {
+        self.ring.eventfd()
+    }
+
+    /// The in-flight counter `stop_vring` waits on.
+    pub fn inflight(&self) -> Arc<InflightCount> {
+        self.inflight.clone()
+    }
+
+    /// Handles a kick: processes every available chain of `vring`.
+    pub fn on_kick(&mut self, ctx: &Context, vring: &Vring) -> io::Result<()> {
+        if self.vring.is_none() {
+            self.vring = Some(vring.clone());
+        }
+        let Some(mem) = ctx.memory() else { return Ok(()) };
+        let event_idx = ctx.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                let _ = vring.disable_notification();
+            }
+            let stopping = ctx.stopping.load(Ordering::SeqCst);
+            while let Some(chain) = self.pop(vring, &mem, stopping) {
+                let parsed = parse(chain, &ctx.limits());
+                match (parsed.request, parsed.status) {
+                    (Ok(req), Some(status)) => self.start(ctx, &mem, parsed.head, status, req),
+                    (Err(e), status) => {
+                        tracing::debug!(queue = self.queue, error = %e, "rejected request");
+                        let outcome = Outcome::Invalid(e);
+                        self.finish_sync(vring, &mem, parsed.head, status, &outcome, 0);
+                    }
+                    (Ok(_), None) => self.finish_sync(vring, &mem, parsed.head, None, &Outcome::Ok, 0),
+                }
+            }
+            if !event_idx || !vring.enable_notification().unwrap_or(false) {
+                break;
+            }
+        }
+        self.ring.submit()?;
+        self.signal(vring);
+        Ok(())
+    }
+
+    /// Handles the ring's completion eventfd.
+    pub fn on_completion(&mut self, ctx: &Context) -> io::Result<()> {
+        self.ring.ack_eventfd();
+        self.reap(ctx, true)?;
+        self.ring.submit()?;
+        if let Some(v) = self.vring.clone() {
+            self.signal(&v);
+        }
+        Ok(())
+    }
+
+    /// Waits for every in-flight host op; `publish` says whether to complete requests to
+    /// the guest (false after a disconnect: the frontend re-submits what it saw unfinished).
+    pub fn drain(&mut self, ctx: &Context, publish: bool) -> io::Result<()> {
+        while self.ops.len() > 0 {
+            self.ring.submit_and_wait_one()?;
+            self.reap(ctx, publish)?;
+        }
+        if publish {
+            if let Some(v) = self.vring.clone() {
+                self.signal(&v);
+            }
+        }
+        Ok(())
+    }
+
+    fn pop(&mut self, vring: &Vring, mem: &Arc<Mem>, stopping: bool) -> Option<virtio_queue::DescriptorChain<Arc<Mem>>> {
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() || stopping {
+            return None;
+        }
+        let chain = state.get_queue_mut().pop_descriptor_chain(mem.clone())?;
+        // Counted while the vring lock is held, so stop_vring never misses it.
+        self.inflight.add();
+        Some(chain)
+    }
+
+    fn start(&mut self, ctx: &Context, mem: &Arc<Mem>, head: u16, status: GuestAddress, req: Request) {
+        let result = match req.kind {
+            RequestType::GetId => {
+                let n = (req.data_len as usize).min(ID_LEN);
+                let ok = copy_to_guest(mem, &req.segments, &ctx.serial[..n]).is_ok();
+                let out = if ok { Outcome::Ok } else { Outcome::HostIo(libc::EFAULT) };
+                let vring = self.vring.clone();
+                if let Some(v) = vring {
+                    self.finish_sync(&v, mem, head, Some(status), &out, n as u32);
+                }
+                return;
+            }
+            _ if req.data_len == 0 && matches!(req.kind, RequestType::Read | RequestType::Write) => {
+                if let Some(v) = self.vring.clone() {
+                    self.finish_sync(&v, mem, head, Some(status), &Outcome::Ok, 0);
+                }
+                return;
+            }
+            _ => self.submit_request(ctx, mem, head, status, req),
+        };
+        if let Err((slot, outcome)) = result {
+            // Nothing was queued for this request (or its queued ops are accounted for).
+            if let Some(slot) = slot {
+                if let Some(p) = self.pending.get_mut(slot) {
+                    if p.ops > 0 {
+                        p.errno.get_or_insert(libc::EIO);
+                        return;
+                    }
+                }
+                self.pending.remove(slot);
+            }
+            if let Some(v) = self.vring.clone() {
+                self.finish_sync(&v, mem, head, Some(status), &outcome, 0);
+            }
+        }
+    }
+
+    /// Builds and queues the host ops of a request.
+    fn submit_request(
+        &mut self,
+        ctx: &Context,
+        mem: &Arc<Mem>,
+        head: u16,
+        status: GuestAddress,
+        req: Request,
+    ) -> Result<(), (Option<usize>, Outcome)> {
+        let image = &ctx.image;
+        let align = image.io_alignment().max(1) as usize;
+        let slot = self.pending.insert(Pending {
+            head,
+            status,
+            kind: req.kind,
+            offset: req.offset,
+            data_len: req.data_len,
+            segments: req.segments,
+            ops: 0,
+            errno: None,
+            bounce: None,
+            mem: mem.clone(),
+        });
+        let fail = |slot: usize, e: ImageError| (Some(slot), Outcome::Image(e));
+        match req.kind {
+            RequestType::Read | RequestType::Write => {
+                let write = req.kind == RequestType::Write;
+                self.extents.clear();
+                let mut extents = std::mem::take(&mut self.extents);
+                let mapped = if write {
+                    image.map_write(req.offset, req.data_len, &mut extents)
+                } else {
+                    image.map_read(req.offset, req.data_len, &mut extents)
+                };
+                if let Err(e) = mapped {
+                    self.extents = extents;
+                    return Err(fail(slot, e));
+                }
+                let r = self.queue_rw(ctx, mem, slot, write, &extents, align);
+                self.extents = extents;
+                r.map_err(|e| (Some(slot), Outcome::HostIo(e.raw_os_error().unwrap_or(libc::EIO))))?;
+            }
+            RequestType::Flush => {
+                image.prepare_flush().map_err(|e| fail(slot, e))?;
+                for file in 0..image.files().len() as u32 {
+                    self.queue_op(slot, Op { slot, kind: OpKind::Sync, file, offset: 0, iov: Vec::new() })
+                        .map_err(|e| (Some(slot), Outcome::HostIo(e.raw_os_error().unwrap_or(libc::EIO))))?;
+                }
+            }
+            RequestType::Discard | RequestType::WriteZeroes => {
+                let mut zeros = std::mem::take(&mut self.zeros);
+                zeros.clear();
+                for r in &req.ranges {
+                    let unmap = req.kind == RequestType::Discard || r.unmap;
+                    if let Err(e) = image.map_zero(r.offset, r.len, unmap, &mut zeros) {
+                        self.zeros = zeros;
+                        return Err(fail(slot, e));
+                    }
+                }
+                for z in &zeros {
+                    let op = Op { slot, kind: OpKind::Zero { mode: z.mode, len: z.len }, file: z.file, offset: z.offset, iov: Vec::new() };
+                    if let Err(e) = self.queue_op(slot, op) {
+                        self.zeros = zeros;
+                        return Err((Some(slot), Outcome::HostIo(e.raw_os_error().unwrap_or(libc::EIO))));
+                    }
+                }
+                self.zeros = zeros;
+            }
+            RequestType::GetId => {}
+        }
+        if self.pending.get_mut(slot).map(|p| p.ops == 0).unwrap_or(false) {
+            // Nothing to do on the host (e.g. a read of an unallocated range).
+            self.complete(ctx, slot, true);
+        }
+        Ok(())
+    }
+
+    fn queue_rw(
+        &mut self,
+        ctx: &Context,
+        mem: &Arc<Mem>,
+        slot: usize,
+        write: bool,
+        extents: &[Extent],
+        align: usize,
+    ) -> io::Result<()> {
+        let Some(p) = self.pending.get_mut(slot) else { return Err(io::Error::from_raw_os_error(libc::EIO)) };
+        let host = host_iovecs(mem, &p.segments)?;
+        let aligned = host.iter().all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0);
+        let iovs = if aligned {
+            host
+        } else {
+            let mut buf = AlignedBuf::zeroed(p.data_len as usize, align)?;
+            if write {
+                copy_from_guest(mem, &p.segments, buf.as_mut_slice())?;
+            }
+            let v = vec![libc::iovec { iov_base: buf.ptr.cast(), iov_len: p.data_len as usize }];
+            p.bounce = Some(buf);
+            v
+        };
+        let dsync = write && !ctx.writeback.load(Ordering::Relaxed);
+        for ext in extents {
+            let sub = sub_iovecs(&iovs, ext.req_off, ext.len);
+            match ext.target {
+                Target::Host { file, offset } => {
+                    let kind = if write { OpKind::Write { dsync } } else { OpKind::Read };
+                    self.queue_op(slot, Op { slot, kind, file, offset, iov: sub })?;
+                }
+                Target::Zero if !write => {
+                    for v in &sub {
+                        // SAFETY: each iovec covers guest memory (or the bounce buffer) that
+                        // the request lent us for writing and that stays mapped through `mem`.
+                        unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+                    }
+                }
+                Target::Zero => return Err(io::Error::from_raw_os_error(libc::EIO)),
+            }
+        }
+        Ok(())
+    }
+
+    fn queue_op(&mut self, slot: usize, op: Op) -> io::Result<()> {
+        let host = match op.kind {
+            OpKind::Read => HostOp::Readv { file: op.file, iov: op.iov.as_ptr(), iov_len: op.iov.len() as u32, offset: op.offset },
+            OpKind::Write { dsync } => HostOp::Writev {
+                file: op.file,
+                iov: op.iov.as_ptr(),
+                iov_len: op.iov.len() as u32,
+                offset: op.offset,
+                dsync,
+            },
+            OpKind::Sync => HostOp::Fdatasync { file: op.file },
+            OpKind::Zero { mode, len } => {
+                let m = match mode {
+                    ZeroMode::PunchHole => libc::FALLOC_FL_PUNCH_HOLE,
+                    ZeroMode::ZeroRange => libc::FALLOC_FL_ZERO_RANGE,
+                };
+                HostOp::Fallocate { file: op.file, offset: op.offset, len, mode: m | libc::FALLOC_FL_KEEP_SIZE }
+            }
+        };
+        let id = self.ops.insert(op);
+        // SAFETY: the iovec array lives in `self.ops[id]` (heap storage that does not move) and
+        // points into guest memory kept mapped by the request's `Pending::mem`, or into its
+        // bounce buffer; both live until this op's completion is reaped.
+        if let Err(e) = unsafe { self.ring.push(host, id as u64) } {
+            self.ops.remove(id);
+            return Err(e);
+        }
+        if let Some(p) = self.pending.get_mut(slot) {
+            p.ops += 1;
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self, ctx: &Context, publish: bool) -> io::Result<()> {
+        while let Some((id, res)) = self.ring.pop() {
+            let Some(mut op) = self.ops.remove(id as usize) else { continue };
+            let slot = op.slot;
+            let outcome = self.op_result(&mut op, res);
+            match outcome {
+                OpResult::Resubmit => {
+                    // The ended op is replaced by its continuation before it is counted off,
+                    // so the request cannot complete in between.
+                    if let Err(e) = self.queue_op(slot, op) {
+                        self.op_failed(slot, e.raw_os_error().unwrap_or(libc::EIO));
+                    }
+                    self.op_finished(ctx, slot, publish);
+                }
+                OpResult::Done => self.op_finished(ctx, slot, publish),
+                OpResult::Failed(errno) => {
+                    self.op_failed(slot, errno);
+                    self.op_finished(ctx, slot, publish);
+                }
+                OpResult::FallbackWriteZeroes { offset, len } => {
+                    let r = self.queue_zero_writes(slot, op.file, offset, len);
+                    if let Err(e) = r {
+                        self.op_failed(slot, e.raw_os_error().unwrap_or(libc::EIO));
+                    }
+                    self.op_finished(ctx, slot, publish);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides what a completion means for its op (advancing it on a short transfer).
+    fn op_result(&mut self, op: &mut Op, res: i32) -> OpResult {
+        if res == -libc::EINTR || res == -libc::EAGAIN {
+            return OpResult::Resubmit;
+        }
+        match op.kind {
+            OpKind::Read | OpKind::Write { .. } => {
+                if res < 0 {
+                    return OpResult::Failed(-res);
+                }
+                let want: usize = op.iov.iter().map(|v| v.iov_len).sum();
+                let got = res as usize;
+                if got >= want {
+                    return OpResult::Done;
+                }
+                if got == 0 {
+                    // End of file before the end of the request: the image is shorter than
+                    // its declared capacity.
+                    return OpResult::Failed(libc::EIO);
+                }
+                advance_iovecs(&mut op.iov, got);
+                op.offset += got as u64;
+                OpResult::Resubmit
+            }
+            OpKind::Sync => if res < 0 { OpResult::Failed(-res) } else { OpResult::Done },
+            OpKind::Zero { mode, len } => {
+                if res >= 0 {
+                    return OpResult::Done;
+                }
+                let unsupported = res == -libc::EOPNOTSUPP || res == -libc::EINVAL || res == -libc::ENODEV;
+                match (unsupported, mode) {
+                    // Deallocation is not possible here: zero in place instead.
+                    (true, ZeroMode::PunchHole) => {
+                        op.kind = OpKind::Zero { mode: ZeroMode::ZeroRange, len };
+                        OpResult::Resubmit
+                    }
+                    (true, ZeroMode::ZeroRange) => OpResult::FallbackWriteZeroes { offset: op.offset, len },
+                    _ => OpResult::Failed(-res),
+                }
+            }
+        }
+    }
+
+    /// Zeroes a host range by writing a zero buffer, for storage with no zeroing primitive.
+    fn queue_zero_writes(&mut self, slot: usize, file: u32, offset: u64, len: u64) -> io::Result<()> {
+        if self.zero.is_none() {
+            self.zero = Some(AlignedBuf::zeroed(ZERO_CHUNK, 4096)?);
+        }
+        let base = self.zero.as_ref().map(|z| z.ptr).unwrap_or(std::ptr::null_mut());
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(ZERO_CHUNK as u64) as usize;
+            let iov = vec![libc::iovec { iov_base: base.cast(), iov_len: n }];
+            self.queue_op(slot, Op { slot, kind: OpKind::Write { dsync: false }, file, offset: offset + done, iov })?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn op_failed(&mut self, slot: usize, errno: i32) {
+        if let Some(p) = self.pending.get_mut(slot) {
+            p.errno.get_or_insert(errno);
+        }
+    }
+
+    fn op_finished(&mut self, ctx: &Context, slot: usize, publish: bool) {
+        let done = match self.pending.get_mut(slot) {
+            Some(p) => {
+                p.ops = p.ops.saturating_sub(1);
+                p.ops == 0
+            }
+            None => false,
+        };
+        if done {
+            self.complete(ctx, slot, publish);
+        }
+    }
+
+    /// Completes a request whose host ops have all ended.
+    fn complete(&mut self, ctx: &Context, slot: usize, publish: bool) {
+        let Some(p) = self.pending.remove(slot) else { return };
+        let mut errno = p.errno;
+        if p.kind == RequestType::Write {
+            if let Err(e) = ctx.image.write_done(p.offset, p.data_len, errno.is_none()) {
+                tracing::error!(queue = self.queue, error = %e, "metadata update after write failed");
+                errno.get_or_insert(libc::EIO);
+            }
+        }
+        if errno.is_none() && p.kind == RequestType::Read {
+            if let Some(b) = &p.bounce {
+                if copy_to_guest(&p.mem, &p.segments, b.as_slice()).is_err() {
+                    errno = Some(libc::EFAULT);
+                }
+            }
+        }
+        let outcome = match errno {
+            None => Outcome::Ok,
+            Some(e) => {
+                tracing::warn!(queue = self.queue, kind = ?p.kind, offset = p.offset, errno = e, "request failed");
+                Outcome::HostIo(e)
+            }
+        };
+        let data = if p.kind == RequestType::Read && errno.is_none() { p.data_len as u32 } else { 0 };
+        if publish {
+            if let Some(v) = self.vring.clone() {
+                self.finish_sync(&v, &p.mem, p.head, Some(p.status), &outcome, data);
+                return;
+            }
+        }
+        self.inflight.done();
+    }
+
+    /// Writes the status byte and returns the chain to the guest.
+    fn finish_sync(
+        &mut self,
+        vring: &Vring,
+        mem: &Arc<Mem>,
+        head: u16,
+        status: Option<GuestAddress>,
+        outcome: &Outcome,
+        data_len: u32,
+    ) {
+        let mut used = 0;
+        if let Some(addr) = status {
+            if mem.write_obj(virtio_status(outcome), addr).is_ok() {
+                used = data_len.saturating_add(1);
+            }
+        }
+        if let Err(e) = vring.add_used(head, used) {
+            tracing::error!(queue = self.queue, error = ?e, "could not add to the used ring");
+        }
+        self.needs_signal = true;
+        self.inflight.done();
+    }
+
+    fn signal(&mut self, vring: &Vring) {
+        if !self.needs_signal {
+            return;
+        }
+        self.needs_signal = false;
+        if vring.needs_notification().unwrap_or(true) {
+            if let Err(e) = vring.signal_used_queue() {
+                tracing::debug!(queue = self.queue, error = %e, "could not signal the guest");
+            }
+        }
+    }
+}
+
+enum OpResult {
+    Done,
+    Resubmit,
+    Failed(i32),
+    FallbackWriteZeroes { offset: u64, len: u64 },
+}
+
+/// Translates guest segments into host iovecs (a segment may span memory regions).
+fn host_iovecs(mem: &Mem, segments: &[Segment]) -> io::Result<Vec<libc::iovec>> {
+    let mut out = Vec::with_capacity(segments.len());
+    for s in segments {
+        for slice in mem.get_slices(s.addr, s.len as usize) {
+            let slice = slice.map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
+            out.push(libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr().cast(), iov_len: slice.len() });
+        }
+    }
+    Ok(out)
+}
+
+/// The iovecs covering bytes `[off, off + len)` of the concatenation of `iovs`.
+fn sub_iovecs(iovs: &[libc::iovec], off: u64, len: u64) -> Vec<libc::iovec> {
+    let mut out = Vec::new();
+    let mut skip = off as usize;
+    let mut want = len as usize;
+    for v in iovs {
+        if want == 0 {
+            break;
+        }
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - skip).min(want);
+        // SAFETY: `skip < iov_len`, so the pointer stays inside the same buffer.
+        let base = unsafe { v.iov_base.cast::<u8>().add(skip) };
+        out.push(libc::iovec { iov_base: base.cast(), iov_len: n });
+        want -= n;
+        skip = 0;
+    }
+    out
+}
+
+/// Drops the first `n` bytes of an iovec list (after a short transfer).
+fn advance_iovecs(iov: &mut Vec<libc::iovec>, mut n: usize) {
+    let mut first = 0;
+    while first < iov.len() && n >= iov[first].iov_len {
+        n -= iov[first].iov_len;
+        first += 1;
+    }
+    iov.drain(..first);
+    if let Some(v) = iov.first_mut() {
+        // SAFETY: `n < iov_len` here, so the pointer stays inside the same buffer.
+        v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+        v.iov_len -= n;
+    }
+}
+
+fn copy_to_guest(mem: &Mem, segments: &[Segment], mut data: &[u8]) -> Result<(), vm_memory::GuestMemoryError> {
+    for s in segments {
+        if data.is_empty() {
+            break;
+        }
+        let n = (s.len as usize).min(data.len());
+        mem.write_slice(&data[..n], s.addr)?;
+        data = &data[n..];
+    }
+    Ok(())
+}
+
+fn copy_from_guest(mem: &Mem, segments: &[Segment], mut out: &mut [u8]) -> io::Result<()> {
+    for s in segments {
+        let n = (s.len as usize).min(out.len());
+        let (head, tail) = out.split_at_mut(n);
+        mem.read_slice(head, s.addr).map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
+        out = tail;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iov(base: usize, len: usize) -> libc::iovec {
+        libc::iovec { iov_base: base as *mut libc::c_void, iov_len: len }
+    }
+
+    #[test]
+    fn sub_iovecs_slices_across_buffers() {
+        let v = [iov(0x1000, 512), iov(0x4000, 1024)];
+        let s = sub_iovecs(&v, 256, 512);
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[0].iov_base as usize, s[0].iov_len), (0x1100, 256));
+        assert_eq!((s[1].iov_base as usize, s[1].iov_len), (0x4000, 256));
+        assert!(sub_iovecs(&v, 2000, 100).is_empty());
+    }
+
+    #[test]
+    fn advance_after_short_transfer() {
+        let mut v = vec![iov(0x1000, 512), iov(0x4000, 1024)];
+        advance_iovecs(&mut v, 700);
+        assert_eq!(v.len(), 1);
+        assert_eq!((v[0].iov_base as usize, v[0].iov_len), (0x4000 + 188, 836));
+    }
+}
