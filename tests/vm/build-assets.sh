@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Builds the guest for tests/guest_qemu.rs into DIR: a Debian cloud kernel (virtio as modules)
+# and a busybox initramfs carrying mke2fs/e2fsck (in /opt, apart from busybox applets) and tests/vm/guest-init as /init.
+# Needs: apt-get (download only), dpkg, busybox-static, e2fsprogs, cpio, gzip.
+set -euo pipefail
+out=${1:?usage: build-assets.sh DIR}
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$out"
+stamp="$out/.inputs"
+inputs=$(sha256sum "$here/guest-init" "$0" | sha256sum | cut -c1-16)
+if [ -f "$out/vmlinuz" ] && [ -f "$out/initramfs.cpio.gz" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$inputs" ]; then
+  exit 0
+fi
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+[ -n "$pkg" ] || { echo "build-assets: no linux-image-cloud-amd64 candidate (run apt-get update)" >&2; exit 1; }
+(cd "$work" && apt-get download -q "$pkg" >/dev/null 2>&1)
+dpkg -x "$work"/linux-image-*.deb "$work/k"
+kver=$(ls "$work/k/lib/modules")
+
+root="$work/root"
+mkdir -p "$root"/{bin,sbin,opt,lib/modules,proc,sys,dev,mnt,tmp,etc}
+cp /bin/busybox "$root/bin/busybox"
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
+  f=$(find "$work/k/lib/modules/$kver" -name "$m.ko*" | head -n1)
+  [ -n "$f" ] && cp "$f" "$root/lib/modules/"
+done
+for b in /sbin/mke2fs /sbin/e2fsck; do
+  cp "$b" "$root/opt/"
+  for lib in $(ldd "$b" | awk '/=>/ {print $3} /ld-linux/ && !/=>/ {print $1}'); do
+    cp --parents -L "$lib" "$root/"
+  done
+done
+cp /etc/mke2fs.conf "$root/etc/" 2>/dev/null || true
+cp "$here/guest-init" "$root/init"
+chmod +x "$root/init"
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initramfs.cpio.gz.tmp"
+cp "$work/k/boot/vmlinuz-$kver" "$out/vmlinuz.tmp"
+mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
+mv "$out/vmlinuz.tmp" "$out/vmlinuz"
+echo "$inputs" > "$stamp"
+echo "build-assets: kernel $kver, initramfs $(du -h "$out/initramfs.cpio.gz" | cut -f1)"
