@@ -2,7 +2,8 @@
 //! vhost-user client, same raw file) vs fio io_uring direct=1 on the file itself.
 //!
 //! `cargo bench --bench vs_qsd` (env: THINBLK_BENCH_SECS per workload, default 5;
-//! THINBLK_BENCH_SIZE_MIB file size, default 1024; THINBLK_BENCH_DIR, default $TMPDIR).
+//! THINBLK_BENCH_SIZE_MIB file size, default 1024; THINBLK_BENCH_DIR, default $TMPDIR;
+//! THINBLK_BENCH_ONLY, a substring of the workload names to run).
 //! Prints IOPS, p50/p99 latency, server CPU and the ratios.
 
 use std::mem::MaybeUninit;
@@ -274,7 +275,8 @@ fn main() {
         "{:<18} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} | {:>8} {:>8}",
         "workload", "thinblk", "p50us", "p99us", "cpu%", "qsd", "p50us", "p99us", "cpu%", "fio", "p50us", "p99us", "vs qsd", "vs fio"
     );
-    for w in WORKLOADS {
+    let only = std::env::var("THINBLK_BENCH_ONLY").unwrap_or_default();
+    for w in WORKLOADS.into_iter().filter(|w| w.name.contains(only.as_str())) {
         let sock = dir.join("thinblk.sock");
         let t = {
             let s = start_thinblk(&image, &sock);

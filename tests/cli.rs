@@ -1,0 +1,97 @@
+//! The command line as launchers see it: capabilities, one-line usage errors, inherited fds.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{sparse_file, Client, TestDir};
+
+fn thinblk(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_thinblk"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run thinblk")
+}
+
+#[test]
+fn print_capabilities_is_the_vhost_user_json() {
+    let out = thinblk(&["--print-capabilities"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.trim(), r#"{"type": "block", "features": ["read-only", "blk-file"]}"#);
+}
+
+#[test]
+fn wrong_arguments_give_one_line_and_exit_2() {
+    let dir = TestDir::new("cli-usage");
+    let img = dir.path("x.raw");
+    sparse_file(&img, 1 << 20);
+    let img = img.to_str().unwrap();
+    let sock = dir.path("s");
+    let sock = sock.to_str().unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["--no-such-flag"],
+        vec!["--socket-path", sock],
+        vec!["--socket-path", sock, "--image", img],
+        vec!["--image", img, "--format", "raw"],
+        vec!["--socket-path", sock, "--fd", "3", "--image", img, "--format", "raw"],
+        vec!["--socket-path", sock, "--image", img, "--format", "vmdk"],
+        vec!["--socket-path", sock, "--image", img, "--format", "raw", "--queue-size", "100"],
+        vec!["--socket-path", sock, "--image", img, "--format", "raw", "--num-queues", "0"],
+        vec!["--socket-path", sock, "--image", img, "--format", "raw", "--logical-block-size", "1024"],
+        vec!["--socket-path", sock, "--image", img, "--format", "raw", "--serial", "a-serial-that-is-far-too-long"],
+        vec!["--fd", "99", "--image", img, "--format", "raw"],
+    ];
+    for args in cases {
+        let out = thinblk(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?} printed more than one line: {err}");
+        assert!(err.starts_with("thinblk: "), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn runtime_failures_exit_1_with_a_message() {
+    let dir = TestDir::new("cli-runtime");
+    let sock = dir.path("s");
+    let out = thinblk(&["--socket-path", sock.to_str().unwrap(), "--image", "/nonexistent/disk", "--format", "raw"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/disk"));
+}
+
+#[test]
+fn serves_on_an_inherited_listening_fd() {
+    let dir = TestDir::new("cli-fd");
+    let img = dir.path("disk.raw");
+    sparse_file(&img, 4 << 20);
+    let sock = dir.path("inherited.sock");
+    let listener = UnixListener::bind(&sock).expect("bind");
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_thinblk"));
+    cmd.args(["--fd", "3", "--image", img.to_str().unwrap(), "--format", "raw"]).stdin(Stdio::null());
+    // SAFETY: between fork and exec we only call async-signal-safe dup2 and fcntl.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself keeps close-on-exec, so clear it explicitly.
+            if (fd != 3 && libc::dup2(fd, 3) < 0) || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn");
+    let mut daemon = common::Daemon { child, socket: sock.clone() };
+    drop(listener);
+    let mut c = Client::connect(&sock, 1).expect("connect through the inherited socket");
+    assert_eq!(c.write(0, 0, &[9u8; 4096]), 0);
+    assert_eq!(c.read(0, 0, 4096).unwrap(), vec![9u8; 4096]);
+    drop(c);
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(20)), Some(0));
+}
