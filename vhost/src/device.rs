@@ -227,6 +227,7 @@ impl VhostUserBackend for BlkDevice {
         if let Some(c) = self.inner.inflight.get(queue_index as usize) {
             c.wait_idle(queue_index as usize);
         }
+        tracing::info!(queue = queue_index, "queue stopped with no IO in flight");
         Ok(())
     }
 
