@@ -137,6 +137,8 @@ pub fn serve(
             .map_err(|e| DaemonError::VhostUser(e.to_string()))?;
         device.register_listeners(&daemon.get_epoll_handlers())?;
         if !wait_for_connection(listener.as_raw_fd(), shutdown)? {
+            drop(daemon);
+            device.release_exit_events();
             break;
         }
         daemon.start(&mut listener).map_err(|e| DaemonError::VhostUser(e.to_string()))?;
@@ -160,6 +162,7 @@ pub fn serve(
         // The frontend is gone: finish host IO, but do not complete requests it will resubmit.
         device.drain(false);
         drop(daemon);
+        device.release_exit_events();
         if shutdown.requested() {
             break;
         }

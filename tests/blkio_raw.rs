@@ -128,16 +128,28 @@ fn read_only_refuses_writes() {
 #[test]
 fn one_daemon_serves_successive_connections() {
     let dir = TestDir::new("reconnect");
-    let (_d, _image) = serve_raw(&dir, 8 * MIB, &[]);
+    let (d, _image) = serve_raw(&dir, 8 * MIB, &[]);
     let sock = dir.path("sock");
     {
         let mut c = Client::connect(&sock, 2).expect("first connect");
         assert_eq!(c.write(1, 0, &[0x11u8; 4096]), 0);
     }
-    for round in 0..2u8 {
-        let mut c = Client::connect(&sock, 1).expect("next connect");
+    let fds = |d: &Daemon| std::fs::read_dir(format!("/proc/{}/fd", d.child.id())).map(|r| r.count()).unwrap_or(0);
+    let threads = |d: &Daemon| std::fs::read_dir(format!("/proc/{}/task", d.child.id())).map(|r| r.count()).unwrap_or(0);
+    let mut baseline = (0, 0);
+    for round in 0..12u8 {
+        let mut c = Client::connect(&sock, 1 + i32::from(round % 2)).expect("next connect");
         assert_eq!(c.read(0, 0, 4096).expect("read"), vec![0x11u8 + round; 4096]);
         assert_eq!(c.write(0, 0, &[0x12u8 + round; 4096]), 0);
+        drop(c);
+        // Let the daemon tear the connection down and set up for the next one.
+        std::thread::sleep(Duration::from_millis(100));
+        if round == 1 {
+            baseline = (fds(&d), threads(&d));
+        } else if round > 1 {
+            assert!(fds(&d) <= baseline.0, "fds grew across reconnects: {} > {}", fds(&d), baseline.0);
+            assert!(threads(&d) <= baseline.1, "threads grew across reconnects");
+        }
     }
 }
 

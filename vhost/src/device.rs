@@ -1,6 +1,7 @@
 //! The vhost-user-blk device: feature negotiation, config space, and one worker per queue.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -71,6 +72,10 @@ struct Inner {
     ctx: Context,
     workers: Vec<Mutex<Worker>>,
     inflight: Vec<Arc<InflightCount>>,
+    /// Exit-event fds handed to vhost-user-backend, which keeps them as raw fds and never
+    /// closes them (0.24: `VringEpollHandler::new` calls `into_raw_fd`). Closed by
+    /// [`BlkDevice::release_exit_events`] once the daemon that used them is gone.
+    exit_fds: Mutex<Vec<RawFd>>,
 }
 
 /// The vhost-user-blk backend. Cheap to clone; each vring thread holds a clone.
@@ -119,7 +124,7 @@ impl BlkDevice {
             stopping: AtomicBool::new(false),
             mem: RwLock::new(None),
         };
-        Ok(BlkDevice { inner: Arc::new(Inner { ctx, workers, inflight }) })
+        Ok(BlkDevice { inner: Arc::new(Inner { ctx, workers, inflight, exit_fds: Mutex::new(Vec::new()) }) })
     }
 
     /// The device's fixed properties.
@@ -154,6 +159,19 @@ impl BlkDevice {
     pub fn quiesce(&self) {
         self.inner.ctx.stopping.store(true, Ordering::SeqCst);
         self.drain(true);
+    }
+
+    /// Closes the exit-event fds the vhost-user library leaks.
+    ///
+    /// Call only after the `VhostUserDaemon` built on this device has been dropped (its
+    /// worker threads joined and their epoll instances closed): nothing uses the fds then.
+    pub fn release_exit_events(&self) {
+        let Ok(mut fds) = self.inner.exit_fds.lock() else { return };
+        for fd in fds.drain(..) {
+            // SAFETY: the fd was created for this device and given up by the library with
+            // into_raw_fd; its only user, the daemon's epoll loop, is gone (see above).
+            unsafe { libc::close(fd) };
+        }
     }
 
     /// Requests popped and not yet completed, over all queues.
@@ -220,7 +238,11 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        if let Ok(mut fds) = self.inner.exit_fds.lock() {
+            fds.push(consumer.as_raw_fd());
+        }
+        Some((consumer, notifier))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
