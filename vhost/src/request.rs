@@ -523,4 +523,45 @@ mod tests {
         assert!(p.request.is_err());
         let _ = m.num_regions();
     }
+
+    #[test]
+    fn random_chains_never_panic() {
+        let m = mem();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let types = [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+                     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES, 3, 0xffff_ffff];
+        for _ in 0..3000 {
+            header(&m, types[(rnd() % 8) as usize], rnd() % (1 << 12));
+            range_record(&m, DATA, rnd() % 4096, (rnd() % 64) as u32, (rnd() % 4) as u32);
+            let n = 1 + rnd() % 6;
+            let descs: Vec<RawDescriptor> = (0..n)
+                .map(|i| {
+                    let addr = match rnd() % 4 {
+                        0 => rnd(),
+                        1 => MEM_END - rnd() % 64,
+                        _ if i == 0 => HDR,
+                        _ => DATA + (rnd() % 8) * 512,
+                    };
+                    let len = match rnd() % 4 {
+                        0 => rnd() as u32,
+                        1 => 0,
+                        _ => (rnd() % 9) as u32 * 256 + (rnd() % 2) as u32 * 16,
+                    };
+                    let flags = (rnd() % 2) as u16 * VRING_DESC_F_WRITE as u16;
+                    RawDescriptor::from(SplitDesc::new(addr, len, flags, 0))
+                })
+                .collect();
+            let p = run(&m, &descs, &limits());
+            if let Ok(r) = &p.request {
+                assert!(p.status.is_some());
+                assert!(r.offset + r.data_len <= limits().capacity || r.kind != RequestType::Read);
+            }
+        }
+    }
 }
