@@ -1,0 +1,47 @@
+//! Errors of the qcow2 engine. Every problem an image can have is a variant, never a panic.
+
+use std::io;
+
+/// What went wrong opening, mapping or updating an image.
+#[derive(Debug, thiserror::Error)]
+pub enum Qcow2Error {
+    /// Host IO on the image or a backing file failed.
+    #[error("IO error: {0}")]
+    Io(#[from] io::Error),
+    /// Not a qcow2 image at all.
+    #[error("not a qcow2 image (bad magic {0:#010x})")]
+    BadMagic(u32),
+    /// A valid qcow2 feature this engine does not implement.
+    #[error("unsupported qcow2 image: {0}")]
+    Unsupported(String),
+    /// The image contradicts the format (tables past the end, overlaps, absurd sizes...).
+    #[error("corrupt qcow2 image: {0}")]
+    Corrupt(String),
+    /// The image may be read but not written, for the stated reason.
+    #[error("image is read-only: {0}")]
+    ReadOnly(String),
+    /// A guest request outside the virtual disk.
+    #[error("request {offset}+{len} outside the virtual size {size}")]
+    OutOfRange {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+        /// Virtual size.
+        size: u64,
+    },
+    /// The image cannot grow any further (refcount table or offset limits).
+    #[error("image full: {0}")]
+    NoSpace(String),
+}
+
+/// Result alias of the crate.
+pub type Result<T> = std::result::Result<T, Qcow2Error>;
+
+pub(crate) fn corrupt<T>(msg: impl Into<String>) -> Result<T> {
+    Err(Qcow2Error::Corrupt(msg.into()))
+}
+
+pub(crate) fn unsupported<T>(msg: impl Into<String>) -> Result<T> {
+    Err(Qcow2Error::Unsupported(msg.into()))
+}

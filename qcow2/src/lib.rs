@@ -1,0 +1,13 @@
+//! thinblk's qcow2 engine: the format and its rules, with no vhost and no runtime in it.
+//!
+//! It opens and validates images, maps guest ranges to host offsets for a caller that moves
+//! the data itself (zero-copy), allocates clusters with an append-only bump pointer whose
+//! high-water mark is the image's *allocation*, and writes metadata in QEMU's order.
+
+pub mod error;
+pub mod header;
+pub mod storage;
+
+pub use error::{Qcow2Error, Result};
+pub use header::Header;
+pub use storage::{FileStorage, MemStorage, Storage};

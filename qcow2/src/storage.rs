@@ -1,0 +1,173 @@
+//! Synchronous positional IO for metadata. Data IO does not come through here: the caller
+//! moves data between guest memory and the host offsets the engine maps.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+/// Where an image (or a backing file) lives.
+pub trait Storage: Send + Sync {
+    /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end read as zeroes.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes completed writes durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Current size in bytes.
+    fn size(&self) -> io::Result<u64>;
+}
+
+/// A file or block device opened without O_DIRECT, or with it (then every access goes
+/// through an aligned bounce buffer, widened to `align`).
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    align: usize,
+}
+
+impl FileStorage {
+    /// Wraps `file`; `align` is its direct-IO alignment (1 for buffered files).
+    pub fn new(file: File, align: usize) -> FileStorage {
+        FileStorage { file, align: align.max(1) }
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn read_raw(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An aligned scratch buffer for O_DIRECT metadata IO.
+struct Aligned {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl Aligned {
+    fn new(len: usize, align: usize) -> io::Result<Aligned> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), align.max(1))
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        }
+        Ok(Aligned { ptr, layout })
+    }
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is a live, zero-initialised allocation of layout.size() bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.align <= 1 {
+            return self.read_raw(buf, offset);
+        }
+        let a = self.align as u64;
+        let start = offset / a * a;
+        let end = (offset + buf.len() as u64).div_ceil(a) * a;
+        let mut tmp = Aligned::new((end - start) as usize, self.align)?;
+        self.read_raw(tmp.bytes(), start)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&tmp.bytes()[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let a = self.align as u64;
+        if self.align <= 1 {
+            return self.file.write_all_at(buf, offset);
+        }
+        let start = offset / a * a;
+        let end = (offset + buf.len() as u64).div_ceil(a) * a;
+        let mut tmp = Aligned::new((end - start) as usize, self.align)?;
+        if start != offset || end != offset + buf.len() as u64 {
+            // Read-modify-write of the partial edge blocks (metadata only: callers serialize).
+            self.read_raw(tmp.bytes(), start)?;
+        }
+        let skip = (offset - start) as usize;
+        tmp.bytes()[skip..skip + buf.len()].copy_from_slice(buf);
+        self.file.write_all_at(tmp.bytes(), start)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        use std::io::{Seek, SeekFrom};
+        // Works for block devices too, unlike metadata().len().
+        (&self.file).seek(SeekFrom::End(0))
+    }
+}
+
+/// An in-memory image, for tests and fuzzing.
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    data: std::sync::Mutex<Vec<u8>>,
+}
+
+impl MemStorage {
+    /// A storage holding `bytes`.
+    pub fn new(bytes: Vec<u8>) -> MemStorage {
+        MemStorage { data: std::sync::Mutex::new(bytes) }
+    }
+    /// A copy of the current contents.
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.data.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let d = self.data.lock().map_err(|_| io::Error::other("poisoned"))?;
+        buf.fill(0);
+        let off = usize::try_from(offset).unwrap_or(usize::MAX);
+        if off < d.len() {
+            let n = (d.len() - off).min(buf.len());
+            buf[..n].copy_from_slice(&d[off..off + n]);
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut d = self.data.lock().map_err(|_| io::Error::other("poisoned"))?;
+        let off = usize::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let end = off.checked_add(buf.len()).ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+        if d.len() < end {
+            d.resize(end, 0);
+        }
+        d[off..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.data.lock().map(|d| d.len() as u64).unwrap_or(0))
+    }
+}
