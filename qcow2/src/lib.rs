@@ -4,10 +4,17 @@
 //! the data itself (zero-copy), allocates clusters with an append-only bump pointer whose
 //! high-water mark is the image's *allocation*, and writes metadata in QEMU's order.
 
+pub mod check;
+pub mod create;
 pub mod error;
 pub mod header;
+pub mod image;
 pub mod storage;
+pub mod table;
 
+pub use check::{check, CheckReport};
+pub use create::{create, CreateOptions};
 pub use error::{Qcow2Error, Result};
 pub use header::Header;
+pub use image::{BackingReader, MappedRange, Mapping, OpenOptions, Qcow2};
 pub use storage::{FileStorage, MemStorage, Storage};

@@ -1,0 +1,892 @@
+//! An open qcow2 image: mapping guest ranges, allocating clusters, writing metadata back.
+//!
+//! Data never passes through here. Reads are *mapped* to host offsets (or zeroes, backing,
+//! compressed clusters) and the caller moves the bytes; writes are mapped too, allocating
+//! new clusters at the end of the image (a bump pointer: nothing is reused while the
+//! image is open), and linked into the L2 tables only once the caller reports the data has
+//! landed ([`Qcow2::write_done`]). Metadata is cached and written back by
+//! [`Qcow2::flush_metadata`] in QEMU's order; see docs/qcow2-ordering.md.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::error::{corrupt, Qcow2Error, Result};
+use crate::header::{Header, MAX_REFTABLE_BYTES};
+use crate::storage::Storage;
+use crate::table::{decode_l2, get_refcount, L2Entry, COPIED, OFFSET_MASK, REFTABLE_OFFSET_MASK, ZERO};
+
+/// How one piece of a guest range is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapping {
+    /// At this host offset of the image.
+    Data(u64),
+    /// Reads as zeroes.
+    Zero,
+    /// Not allocated in this image: read the backing file (zeroes without one).
+    Backing,
+    /// In a compressed cluster (raw L2 entry); decompress with [`Qcow2::read_compressed`].
+    Compressed(u64),
+}
+
+/// A guest range and where it lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MappedRange {
+    /// Guest byte offset.
+    pub guest: u64,
+    /// Byte length.
+    pub len: u64,
+    /// Where the bytes are. For `Compressed`, the range starts `guest % cluster_size`
+    /// bytes into the decompressed cluster.
+    pub mapping: Mapping,
+}
+
+/// Options for [`Qcow2::open`].
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Refuse every write.
+    pub read_only: bool,
+    /// L2 cache budget in bytes (None: enough for the whole disk, capped at 32 MiB).
+    pub l2_cache_bytes: Option<u64>,
+    /// Host offsets at or past this read as zeroes until written (a regular file's end).
+    /// `u64::MAX` when nothing is known (a block device).
+    pub zeroes_from: u64,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions { read_only: false, l2_cache_bytes: None, zeroes_from: u64::MAX }
+    }
+}
+
+/// Default L2 cache cap, as QEMU.
+pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+
+/// Something that can fill bytes of a guest cluster that a partial write does not cover.
+pub trait BackingReader: Send + Sync {
+    /// Reads `buf.len()` bytes of the backing disk at guest offset `offset` (zeroes past its end).
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+}
+
+struct L2Table {
+    entries: Vec<u64>,
+    dirty: bool,
+    last_use: AtomicU64,
+}
+
+struct RefBlock {
+    counts: Vec<u16>,
+    dirty: bool,
+}
+
+/// An allocation whose data is in flight and which is not yet linked into its L2 table.
+struct Pending {
+    host: u64,
+    writers: u32,
+    linked: bool,
+    /// The entry it replaces (a preallocated zero cluster to release), if any.
+    replaces: u64,
+}
+
+struct Meta {
+    l1: Vec<u64>,
+    l1_dirty: bool,
+    l2: HashMap<u64, L2Table>,
+    l2_capacity: usize,
+    reftable: Vec<u64>,
+    reftable_offset: u64,
+    reftable_clusters: u64,
+    reftable_dirty: bool,
+    /// Old table to release once the header points at the new one.
+    old_reftable: Option<(u64, u64)>,
+    header_dirty: bool,
+    autoclear: u64,
+    refblocks: HashMap<u64, RefBlock>,
+    next_free: u64,
+    pending: HashMap<u64, Pending>,
+    new_l2_since_flush: bool,
+    tick: u64,
+}
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    storage: Arc<dyn Storage>,
+    header: Header,
+    cluster_size: u64,
+    l2_entries: u64,
+    rb_entries: u64,
+    read_only: Option<String>,
+    zeroes_from: u64,
+    backing: Option<Arc<dyn BackingReader>>,
+    meta: RwLock<Meta>,
+    allocation: AtomicU64,
+}
+
+fn be64s(buf: &[u8]) -> Vec<u64> {
+    buf.chunks_exact(8)
+        .map(|c| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            u64::from_be_bytes(a)
+        })
+        .collect()
+}
+
+fn to_be64s(v: &[u64]) -> Vec<u8> {
+    v.iter().flat_map(|e| e.to_be_bytes()).collect()
+}
+
+fn poisoned() -> Qcow2Error {
+    Qcow2Error::Io(std::io::Error::other("qcow2 metadata lock poisoned"))
+}
+
+impl Qcow2 {
+    /// Opens and validates an image.
+    pub fn open(storage: Arc<dyn Storage>, opts: OpenOptions) -> Result<Qcow2> {
+        let file_size = storage.size()?;
+        let mut first = vec![0u8; 4096];
+        storage.read_at(&mut first, 0)?;
+        // Read the whole first cluster: extensions may use all of it.
+        let cluster_bits = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
+        if (crate::header::MIN_CLUSTER_BITS..=crate::header::MAX_CLUSTER_BITS).contains(&cluster_bits)
+            && cluster_bits > 12
+        {
+            first = vec![0u8; 1 << cluster_bits];
+            storage.read_at(&mut first, 0)?;
+        }
+        let header = Header::parse(&first, file_size)?;
+        let cs = header.cluster_size();
+        let mut l1_raw = vec![0u8; header.l1_size as usize * 8];
+        storage.read_at(&mut l1_raw, header.l1_table_offset)?;
+        let l1 = be64s(&l1_raw);
+        for (i, e) in l1.iter().enumerate() {
+            let off = e & OFFSET_MASK;
+            if off % cs != 0 {
+                return corrupt(format!("L1 entry {i} points to unaligned offset {off:#x}"));
+            }
+            if off != 0 && off.saturating_add(cs) > file_size {
+                return corrupt(format!("L1 entry {i} points past the end of the image ({off:#x})"));
+            }
+        }
+        let rt_bytes = u64::from(header.refcount_table_clusters) * cs;
+        let mut rt_raw = vec![0u8; rt_bytes as usize];
+        storage.read_at(&mut rt_raw, header.refcount_table_offset)?;
+        let reftable = be64s(&rt_raw);
+        for (i, e) in reftable.iter().enumerate() {
+            let off = e & REFTABLE_OFFSET_MASK;
+            if off % cs != 0 {
+                return corrupt(format!("refcount table entry {i} unaligned ({off:#x})"));
+            }
+            if off != 0 && off.saturating_add(cs) > file_size {
+                return corrupt(format!("refcount block {i} past the end of the image ({off:#x})"));
+            }
+        }
+        let l2_tables_for_disk = l1.len().max(1) as u64;
+        let cache_bytes = opts.l2_cache_bytes.unwrap_or((l2_tables_for_disk * cs).min(DEFAULT_L2_CACHE_MAX));
+        let l2_capacity = (cache_bytes / cs).max(2) as usize;
+        let read_only = if opts.read_only { Some("opened read-only".to_string()) } else { header.write_blocker() };
+        let rb_entries = cs * 8 / (1u64 << header.refcount_order);
+        let meta = Meta {
+            l1,
+            l1_dirty: false,
+            l2: HashMap::new(),
+            l2_capacity,
+            reftable,
+            reftable_offset: header.refcount_table_offset,
+            reftable_clusters: u64::from(header.refcount_table_clusters),
+            reftable_dirty: false,
+            old_reftable: None,
+            header_dirty: false,
+            autoclear: header.autoclear_features,
+            refblocks: HashMap::new(),
+            next_free: 0,
+            pending: HashMap::new(),
+            new_l2_since_flush: false,
+            tick: 0,
+        };
+        let img = Qcow2 {
+            storage,
+            cluster_size: cs,
+            l2_entries: header.l2_entries(),
+            rb_entries,
+            read_only,
+            zeroes_from: opts.zeroes_from,
+            backing: None,
+            header,
+            meta: RwLock::new(meta),
+            allocation: AtomicU64::new(0),
+        };
+        let end = img.compute_end()?;
+        {
+            let mut m = img.meta.write().map_err(|_| poisoned())?;
+            m.next_free = end;
+        }
+        img.allocation.store(end, Ordering::SeqCst);
+        Ok(img)
+    }
+
+    /// Attaches the reader used to fill partial writes of clusters the backing file provides.
+    pub fn set_backing(&mut self, backing: Arc<dyn BackingReader>) {
+        self.backing = Some(backing);
+    }
+
+    /// The validated header as read at open.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Virtual disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
+    /// Why writes are refused, if they are.
+    pub fn read_only_reason(&self) -> Option<&str> {
+        self.read_only.as_deref()
+    }
+
+    /// The allocation high-water mark: one past the last host byte the image uses,
+    /// metadata included. Exact at every instant; recomputed at open.
+    pub fn allocation(&self) -> u64 {
+        self.allocation.load(Ordering::SeqCst)
+    }
+
+    /// The end of the last cluster with a non-zero refcount, and of every table the header
+    /// and L1 point at (so a wrong refcount never lets us allocate over live metadata).
+    fn compute_end(&self) -> Result<u64> {
+        let cs = self.cluster_size;
+        let h = &self.header;
+        let mut end = cs;
+        end = end.max(h.l1_table_offset + (u64::from(h.l1_size) * 8).div_ceil(cs) * cs);
+        end = end.max(h.refcount_table_offset + u64::from(h.refcount_table_clusters) * cs);
+        let m = self.meta.read().map_err(|_| poisoned())?;
+        for e in &m.l1 {
+            let off = e & OFFSET_MASK;
+            if off != 0 {
+                end = end.max(off + cs);
+            }
+        }
+        let mut block = vec![0u8; cs as usize];
+        for (i, e) in m.reftable.iter().enumerate().rev() {
+            let off = e & REFTABLE_OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            end = end.max(off + cs);
+            self.storage.read_at(&mut block, off)?;
+            let last = (0..self.rb_entries as usize)
+                .rev()
+                .find(|&j| get_refcount(&block, j, h.refcount_order) != 0);
+            if let Some(j) = last {
+                end = end.max((i as u64 * self.rb_entries + j as u64 + 1) * cs);
+                break;
+            }
+        }
+        Ok(end)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(e) if e <= self.header.size => Ok(()),
+            _ => Err(Qcow2Error::OutOfRange { offset, len, size: self.header.size }),
+        }
+    }
+
+    fn read_l2_table(&self, off: u64) -> Result<Vec<u64>> {
+        let mut raw = vec![0u8; self.cluster_size as usize];
+        self.storage.read_at(&mut raw, off)?;
+        Ok(be64s(&raw))
+    }
+
+    /// Makes sure the L2 tables covering `[offset, offset+len)` are cached. The IO happens
+    /// with no lock held.
+    fn preload_l2(&self, offset: u64, len: u64) -> Result<()> {
+        let cs = self.cluster_size;
+        let first = offset / cs / self.l2_entries;
+        let last = (offset + len.max(1) - 1) / cs / self.l2_entries;
+        for l1_idx in first..=last {
+            let off = {
+                let m = self.meta.read().map_err(|_| poisoned())?;
+                let off = m.l1.get(l1_idx as usize).map(|e| e & OFFSET_MASK).unwrap_or(0);
+                if off == 0 || m.l2.contains_key(&off) {
+                    continue;
+                }
+                off
+            };
+            let entries = self.read_l2_table(off)?;
+            let mut m = self.meta.write().map_err(|_| poisoned())?;
+            if !m.l2.contains_key(&off) {
+                self.insert_l2(&mut m, off, entries, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn insert_l2(&self, m: &mut Meta, off: u64, entries: Vec<u64>, dirty: bool) -> Result<()> {
+        if m.l2.len() >= m.l2_capacity {
+            let victim = m
+                .l2
+                .iter()
+                .filter(|(_, t)| !t.dirty)
+                .min_by_key(|(_, t)| t.last_use.load(Ordering::Relaxed))
+                .map(|(k, _)| *k);
+            match victim {
+                Some(k) => {
+                    m.l2.remove(&k);
+                }
+                None => {
+                    // Everything is dirty: write metadata back (in order), then evict.
+                    self.flush_locked(m)?;
+                    if let Some(k) = m.l2.keys().next().copied() {
+                        m.l2.remove(&k);
+                    }
+                }
+            }
+        }
+        m.tick += 1;
+        let t = L2Table { entries, dirty, last_use: AtomicU64::new(m.tick) };
+        m.l2.insert(off, t);
+        Ok(())
+    }
+
+    /// Raw L2 entry of guest cluster `ci`, or None if its table is not cached.
+    fn l2_entry(&self, m: &Meta, ci: u64) -> Option<u64> {
+        let l1_idx = (ci / self.l2_entries) as usize;
+        let off = m.l1.get(l1_idx).map(|e| e & OFFSET_MASK)?;
+        if off == 0 {
+            return Some(0);
+        }
+        let t = m.l2.get(&off)?;
+        t.last_use.store(m.tick, Ordering::Relaxed);
+        t.entries.get((ci % self.l2_entries) as usize).copied()
+    }
+
+    fn entry_mapping(&self, raw: u64, ci: u64) -> Result<Mapping> {
+        Ok(match decode_l2(raw, self.header.cluster_bits) {
+            L2Entry::Unallocated => Mapping::Backing,
+            L2Entry::Zero { .. } => Mapping::Zero,
+            L2Entry::Compressed { .. } => Mapping::Compressed(raw),
+            L2Entry::Normal { host, .. } => {
+                if host % self.cluster_size != 0 {
+                    return corrupt(format!("L2 entry of guest cluster {ci} unaligned ({host:#x})"));
+                }
+                Mapping::Data(host)
+            }
+        })
+    }
+
+    /// Maps a guest read of `len` bytes at `offset`, appending merged ranges to `out`.
+    pub fn map_read(&self, offset: u64, len: u64, out: &mut Vec<MappedRange>) -> Result<()> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        loop {
+            let start = out.len();
+            match self.try_map_read(offset, len, out)? {
+                true => return Ok(()),
+                false => {
+                    out.truncate(start);
+                    self.preload_l2(offset, len)?;
+                }
+            }
+        }
+    }
+
+    /// Maps under the read lock; false if an L2 table is missing from the cache.
+    fn try_map_read(&self, offset: u64, len: u64, out: &mut Vec<MappedRange>) -> Result<bool> {
+        let cs = self.cluster_size;
+        let m = self.meta.read().map_err(|_| poisoned())?;
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let ci = pos / cs;
+            let in_off = pos % cs;
+            let n = (cs - in_off).min(end - pos);
+            let Some(raw) = self.l2_entry(&m, ci) else { return Ok(false) };
+            let mapping = match self.entry_mapping(raw, ci)? {
+                Mapping::Data(h) => Mapping::Data(h + in_off),
+                other => other,
+            };
+            push_merged(out, MappedRange { guest: pos, len: n, mapping });
+            pos += n;
+        }
+        Ok(true)
+    }
+
+    /// Decompresses the cluster a `Mapping::Compressed` entry points to.
+    pub fn read_compressed(&self, raw_entry: u64) -> Result<Vec<u8>> {
+        let L2Entry::Compressed { host, len } = decode_l2(raw_entry, self.header.cluster_bits) else {
+            return corrupt("not a compressed cluster entry");
+        };
+        let mut data = vec![0u8; len as usize];
+        self.storage.read_at(&mut data, host)?;
+        let cs = self.cluster_size as usize;
+        let mut out = vec![0u8; cs];
+        let mut state = miniz_oxide::inflate::core::DecompressorOxide::new();
+        let (status, _in_used, produced) = miniz_oxide::inflate::core::decompress(
+            &mut state,
+            &data,
+            &mut out,
+            0,
+            miniz_oxide::inflate::core::inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF,
+        );
+        use miniz_oxide::inflate::TINFLStatus;
+        match status {
+            TINFLStatus::Done | TINFLStatus::HasMoreOutput if produced == cs => Ok(out),
+            TINFLStatus::Done | TINFLStatus::NeedsMoreInput | TINFLStatus::HasMoreOutput => {
+                corrupt(format!("compressed cluster at {host:#x} inflates to {produced} of {cs} bytes"))
+            }
+            other => corrupt(format!("compressed cluster at {host:#x} does not inflate ({other:?})")),
+        }
+    }
+
+    fn writable(&self) -> Result<()> {
+        match &self.read_only {
+            Some(r) => Err(Qcow2Error::ReadOnly(r.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Maps a guest write of `len` bytes at `offset` to host ranges, allocating clusters that
+    /// cannot be written in place. New clusters are linked by [`Qcow2::write_done`].
+    pub fn map_write(&self, offset: u64, len: u64, out: &mut Vec<MappedRange>) -> Result<()> {
+        self.writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.preload_l2(offset, len)?;
+        let cs = self.cluster_size;
+        let mut m = self.meta.write().map_err(|_| poisoned())?;
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let ci = pos / cs;
+            let in_off = pos % cs;
+            let n = (cs - in_off).min(end - pos);
+            let host = self.cluster_for_write(&mut m, ci, in_off, n)?;
+            push_merged(out, MappedRange { guest: pos, len: n, mapping: Mapping::Data(host + in_off) });
+            pos += n;
+        }
+        self.allocation.store(m.next_free, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The host cluster a write to guest cluster `ci` goes to (allocating if needed).
+    fn cluster_for_write(&self, m: &mut Meta, ci: u64, in_off: u64, n: u64) -> Result<u64> {
+        if let Some(p) = m.pending.get_mut(&ci) {
+            p.writers += 1;
+            return Ok(p.host);
+        }
+        let raw = match self.l2_entry(m, ci) {
+            Some(r) => r,
+            None => {
+                // Evicted since preload: load it under the lock (rare).
+                let l2_off = m.l1[(ci / self.l2_entries) as usize] & OFFSET_MASK;
+                let entries = self.read_l2_table(l2_off)?;
+                self.insert_l2(m, l2_off, entries, false)?;
+                self.l2_entry(m, ci).unwrap_or(0)
+            }
+        };
+        let old = decode_l2(raw, self.header.cluster_bits);
+        if let L2Entry::Normal { host, copied } = old {
+            if copied || self.refcount(m, host)? == 1 {
+                return Ok(host);
+            }
+            return Err(Qcow2Error::ReadOnly(format!(
+                "guest cluster {ci} is shared (refcount > 1); copy-on-write of shared clusters is not implemented"
+            )));
+        }
+        self.ensure_l2_table(m, ci)?;
+        let host = self.alloc_clusters(m, 1)?;
+        // Bytes of the new cluster the write does not cover must hold the old contents.
+        if in_off > 0 || n < self.cluster_size {
+            self.fill_cluster(raw, ci, host, in_off, n)?;
+        }
+        let replaces = match old {
+            L2Entry::Zero { host } => host,
+            _ => 0,
+        };
+        m.pending.insert(ci, Pending { host, writers: 1, linked: false, replaces });
+        Ok(host)
+    }
+
+    /// Writes the old contents of guest cluster `ci` around `[in_off, in_off+n)` into `host`.
+    fn fill_cluster(&self, raw: u64, ci: u64, host: u64, in_off: u64, n: u64) -> Result<()> {
+        let cs = self.cluster_size;
+        let mut buf = match decode_l2(raw, self.header.cluster_bits) {
+            L2Entry::Compressed { .. } => self.read_compressed(raw)?,
+            L2Entry::Unallocated if self.backing.is_some() => {
+                let mut b = vec![0u8; cs as usize];
+                if let Some(bk) = &self.backing {
+                    bk.read(&mut b, ci * cs)?;
+                }
+                b
+            }
+            _ => {
+                // Zeroes: nothing to write where the host is known to read zeroes.
+                if host >= self.zeroes_from {
+                    return Ok(());
+                }
+                vec![0u8; cs as usize]
+            }
+        };
+        let (a, b) = (in_off as usize, (in_off + n) as usize);
+        if a > 0 {
+            self.storage.write_at(&buf[..a], host)?;
+        }
+        if b < cs as usize {
+            self.storage.write_at(&buf[b..], host + b as u64)?;
+        }
+        buf.clear();
+        Ok(())
+    }
+
+    /// Reports that the data of a mapped write has landed (`ok`) or failed.
+    pub fn write_done(&self, offset: u64, len: u64, ok: bool) -> Result<()> {
+        if len == 0 || self.read_only.is_some() {
+            return Ok(());
+        }
+        let cs = self.cluster_size;
+        let mut m = self.meta.write().map_err(|_| poisoned())?;
+        for ci in offset / cs..=(offset + len - 1) / cs {
+            let Some(p) = m.pending.get_mut(&ci) else { continue };
+            p.writers = p.writers.saturating_sub(1);
+            let link = ok && !p.linked;
+            if link {
+                p.linked = true;
+            }
+            let (host, replaces, finished, linked) = (p.host, p.replaces, p.writers == 0, p.linked);
+            if link {
+                self.set_l2_entry(&mut m, ci, host | COPIED)?;
+                if replaces != 0 {
+                    self.set_refcount(&mut m, replaces, 0)?;
+                }
+            }
+            if finished {
+                m.pending.remove(&ci);
+                if !linked {
+                    // Nothing landed: the cluster goes back to free (never reused while open).
+                    self.set_refcount(&mut m, host, 0)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks `[offset, offset+len)` as reading zeroes (discard / write-zeroes): whole clusters
+    /// get the zero flag and keep their host cluster; partial clusters are returned for the
+    /// caller to zero on the host. Refuses on version 2 images (no zero flag) by returning
+    /// every cluster as partial.
+    pub fn zero_range(&self, offset: u64, len: u64, partial: &mut Vec<MappedRange>) -> Result<()> {
+        self.writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.preload_l2(offset, len)?;
+        let cs = self.cluster_size;
+        let v3 = self.header.version >= 3;
+        let mut m = self.meta.write().map_err(|_| poisoned())?;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let ci = pos / cs;
+            let in_off = pos % cs;
+            let n = (cs - in_off).min(end - pos);
+            let whole = in_off == 0 && n == cs && !m.pending.contains_key(&ci);
+            if whole && v3 {
+                let raw = self.l2_entry(&m, ci).unwrap_or(0);
+                let entry = decode_l2(raw, self.header.cluster_bits);
+                let keep = match entry {
+                    L2Entry::Normal { host, .. } => host | COPIED,
+                    L2Entry::Zero { host } => host | if host != 0 { COPIED } else { 0 },
+                    L2Entry::Compressed { .. } | L2Entry::Unallocated => 0,
+                };
+                if entry == L2Entry::Unallocated && self.backing.is_none() {
+                    // Already reads as zeroes.
+                } else if raw & crate::table::COMPRESSED != 0 {
+                    // The compressed data's clusters stay referenced until unlinked; keep
+                    // the image consistent by zeroing through a new cluster instead.
+                    drop(m);
+                    let mut ranges = Vec::new();
+                    self.map_write(pos, n, &mut ranges)?;
+                    partial.extend(ranges);
+                    m = self.meta.write().map_err(|_| poisoned())?;
+                } else if raw != (keep | ZERO) {
+                    self.ensure_l2_table(&mut m, ci)?;
+                    self.set_l2_entry(&mut m, ci, keep | ZERO)?;
+                }
+            } else {
+                // Partial cluster (or v2): write zeroes through the normal write path.
+                drop(m);
+                let mut ranges = Vec::new();
+                self.map_write(pos, n, &mut ranges)?;
+                partial.extend(ranges);
+                m = self.meta.write().map_err(|_| poisoned())?;
+            }
+            pos += n;
+        }
+        self.allocation.store(m.next_free, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn ensure_l2_table(&self, m: &mut Meta, ci: u64) -> Result<()> {
+        let l1_idx = (ci / self.l2_entries) as usize;
+        let Some(&l1e) = m.l1.get(l1_idx) else {
+            return corrupt(format!("guest cluster {ci} beyond the L1 table"));
+        };
+        if l1e & OFFSET_MASK != 0 {
+            if l1e & COPIED == 0 {
+                return Err(Qcow2Error::ReadOnly("L2 table shared with a snapshot".into()));
+            }
+            return Ok(());
+        }
+        let off = self.alloc_clusters(m, 1)?;
+        self.insert_l2(m, off, vec![0u64; self.l2_entries as usize], true)?;
+        m.l1[l1_idx] = off | COPIED;
+        m.l1_dirty = true;
+        m.new_l2_since_flush = true;
+        Ok(())
+    }
+
+    fn set_l2_entry(&self, m: &mut Meta, ci: u64, value: u64) -> Result<()> {
+        let l1_idx = (ci / self.l2_entries) as usize;
+        let off = m.l1.get(l1_idx).map(|e| e & OFFSET_MASK).unwrap_or(0);
+        if off == 0 {
+            return corrupt(format!("no L2 table for guest cluster {ci}"));
+        }
+        if !m.l2.contains_key(&off) {
+            let entries = self.read_l2_table(off)?;
+            self.insert_l2(m, off, entries, false)?;
+        }
+        let Some(t) = m.l2.get_mut(&off) else { return corrupt("L2 table vanished from the cache") };
+        if let Some(e) = t.entries.get_mut((ci % self.l2_entries) as usize) {
+            *e = value;
+            t.dirty = true;
+        }
+        Ok(())
+    }
+
+    fn refblock<'a>(&self, m: &'a mut Meta, idx: u64) -> Result<&'a mut RefBlock> {
+        if !m.refblocks.contains_key(&idx) {
+            let off = m.reftable.get(idx as usize).map(|e| e & REFTABLE_OFFSET_MASK).unwrap_or(0);
+            if off == 0 {
+                return corrupt(format!("no refcount block {idx}"));
+            }
+            let mut raw = vec![0u8; self.cluster_size as usize];
+            self.storage.read_at(&mut raw, off)?;
+            let counts = raw.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+            m.refblocks.insert(idx, RefBlock { counts, dirty: false });
+        }
+        m.refblocks.get_mut(&idx).ok_or_else(|| Qcow2Error::Corrupt("refcount block cache".into()))
+    }
+
+    fn refcount(&self, m: &mut Meta, host: u64) -> Result<u64> {
+        let c = host / self.cluster_size;
+        let idx = c / self.rb_entries;
+        let has = m.reftable.get(idx as usize).map(|e| e & REFTABLE_OFFSET_MASK != 0).unwrap_or(false);
+        if !has {
+            return Ok(0);
+        }
+        let rb = self.refblock(m, idx)?;
+        Ok(u64::from(rb.counts.get((c % self.rb_entries) as usize).copied().unwrap_or(0)))
+    }
+
+    fn set_refcount(&self, m: &mut Meta, host: u64, value: u16) -> Result<()> {
+        let c = host / self.cluster_size;
+        let idx = c / self.rb_entries;
+        let rb_entries = self.rb_entries;
+        let rb = self.refblock(m, idx)?;
+        if let Some(v) = rb.counts.get_mut((c % rb_entries) as usize) {
+            *v = value;
+            rb.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Allocates `n` contiguous clusters at the bump pointer, with refcount 1.
+    fn alloc_clusters(&self, m: &mut Meta, n: u64) -> Result<u64> {
+        let start = m.next_free;
+        m.next_free = start
+            .checked_add(n * self.cluster_size)
+            .filter(|&e| e <= OFFSET_MASK)
+            .ok_or_else(|| Qcow2Error::NoSpace("host offsets exhausted".into()))?;
+        let extra = self.cover(m)?;
+        for i in 0..n {
+            self.set_refcount(m, start + i * self.cluster_size, 1)?;
+        }
+        for off in extra {
+            self.set_refcount(m, off, 1)?;
+        }
+        self.allocation.store(m.next_free, Ordering::SeqCst);
+        Ok(start)
+    }
+
+    /// Makes sure refcount blocks (and a large enough refcount table) exist for every cluster
+    /// below the bump pointer. Returns the metadata clusters it allocated, to be counted.
+    fn cover(&self, m: &mut Meta) -> Result<Vec<u64>> {
+        let cs = self.cluster_size;
+        let mut extra = Vec::new();
+        loop {
+            let clusters = m.next_free.div_ceil(cs);
+            let blocks = clusters.div_ceil(self.rb_entries);
+            if blocks > m.reftable.len() as u64 {
+                // Grow the refcount table: a new, larger copy at the bump pointer.
+                let entries = (blocks * 2).max(m.reftable.len() as u64 * 2);
+                let new_clusters = (entries * 8).div_ceil(cs);
+                if new_clusters * cs > MAX_REFTABLE_BYTES {
+                    return Err(Qcow2Error::NoSpace("refcount table at its maximum size".into()));
+                }
+                let off = m.next_free;
+                m.next_free += new_clusters * cs;
+                let mut table = m.reftable.clone();
+                table.resize((new_clusters * cs / 8) as usize, 0);
+                m.reftable = table;
+                let old = (m.reftable_offset, m.reftable_clusters);
+                if m.old_reftable.is_none() {
+                    m.old_reftable = Some(old);
+                } else {
+                    // Grown twice before a flush: the intermediate table was never published.
+                    for i in 0..old.1 {
+                        self.set_refcount(m, old.0 + i * cs, 0)?;
+                    }
+                }
+                m.reftable_offset = off;
+                m.reftable_clusters = new_clusters;
+                m.reftable_dirty = true;
+                m.header_dirty = true;
+                for i in 0..new_clusters {
+                    extra.push(off + i * cs);
+                }
+                continue;
+            }
+            let missing = (0..blocks).find(|&i| m.reftable[i as usize] & REFTABLE_OFFSET_MASK == 0);
+            if let Some(i) = missing {
+                let off = m.next_free;
+                m.next_free += cs;
+                m.reftable[i as usize] = off;
+                m.reftable_dirty = true;
+                m.refblocks.insert(i, RefBlock { counts: vec![0u16; self.rb_entries as usize], dirty: true });
+                extra.push(off);
+                continue;
+            }
+            return Ok(extra);
+        }
+    }
+
+    /// Writes all dirty metadata back in QEMU's order:
+    /// refcount blocks (and a relocated refcount table) → sync → header → sync →
+    /// L2 tables → sync (only if an L1 entry now points at a new table) → L1 → sync.
+    pub fn flush_metadata(&self) -> Result<()> {
+        if self.read_only.is_some() {
+            return Ok(());
+        }
+        let mut m = self.meta.write().map_err(|_| poisoned())?;
+        self.flush_locked(&mut m)
+    }
+
+    /// Writes dirty refcount blocks and a dirty refcount table; true if anything was written.
+    fn write_refcounts(&self, m: &mut Meta) -> Result<bool> {
+        let mut wrote = false;
+        let mut dirty_blocks: Vec<u64> = m.refblocks.iter().filter(|(_, b)| b.dirty).map(|(i, _)| *i).collect();
+        dirty_blocks.sort_unstable();
+        for idx in dirty_blocks {
+            let off = m.reftable.get(idx as usize).map(|e| e & REFTABLE_OFFSET_MASK).unwrap_or(0);
+            if off == 0 {
+                return corrupt(format!("dirty refcount block {idx} has no table entry"));
+            }
+            if let Some(b) = m.refblocks.get_mut(&idx) {
+                let raw: Vec<u8> = b.counts.iter().flat_map(|c| c.to_be_bytes()).collect();
+                self.storage.write_at(&raw, off)?;
+                b.dirty = false;
+                wrote = true;
+            }
+        }
+        if m.reftable_dirty {
+            self.storage.write_at(&to_be64s(&m.reftable), m.reftable_offset)?;
+            m.reftable_dirty = false;
+            wrote = true;
+        }
+        Ok(wrote)
+    }
+
+    fn flush_locked(&self, m: &mut Meta) -> Result<()> {
+        let cs = self.cluster_size;
+        // 1. Refcounts first: a cluster is never referenced before it is counted.
+        if self.write_refcounts(m)? {
+            self.storage.flush()?;
+        }
+        // 2. The header, if the refcount table moved or autoclear bits must go.
+        if self.header.version >= 3 && m.autoclear != 0 {
+            m.autoclear = 0;
+            m.header_dirty = true;
+        }
+        if m.header_dirty {
+            let mut f = [0u8; 12];
+            f[..8].copy_from_slice(&m.reftable_offset.to_be_bytes());
+            f[8..].copy_from_slice(&(m.reftable_clusters as u32).to_be_bytes());
+            self.storage.write_at(&f, 48)?;
+            if self.header.version >= 3 {
+                self.storage.write_at(&0u64.to_be_bytes(), 88)?;
+            }
+            self.storage.flush()?;
+            m.header_dirty = false;
+            if let Some((off, n)) = m.old_reftable.take() {
+                for i in 0..n {
+                    self.set_refcount(m, off + i * cs, 0)?;
+                }
+                // Releasing only lowers refcounts: no ordering constraint, one more sync.
+                if self.write_refcounts(m)? {
+                    self.storage.flush()?;
+                }
+            }
+        }
+        // 3. L2 tables, then the L1 entries that point at them.
+        let mut wrote_l2 = false;
+        let mut keys: Vec<u64> = m.l2.iter().filter(|(_, t)| t.dirty).map(|(k, _)| *k).collect();
+        keys.sort_unstable();
+        for off in keys {
+            if let Some(t) = m.l2.get_mut(&off) {
+                self.storage.write_at(&to_be64s(&t.entries), off)?;
+                t.dirty = false;
+                wrote_l2 = true;
+            }
+        }
+        if m.l1_dirty {
+            if m.new_l2_since_flush {
+                self.storage.flush()?;
+            }
+            self.storage.write_at(&to_be64s(&m.l1), self.header.l1_table_offset)?;
+            m.l1_dirty = false;
+            m.new_l2_since_flush = false;
+            wrote_l2 = true;
+        }
+        if wrote_l2 {
+            self.storage.flush()?;
+        }
+        Ok(())
+    }
+}
+
+fn push_merged(out: &mut Vec<MappedRange>, r: MappedRange) {
+    if let Some(last) = out.last_mut() {
+        let contiguous = last.guest + last.len == r.guest;
+        let same = match (last.mapping, r.mapping) {
+            (Mapping::Data(a), Mapping::Data(b)) => a + last.len == b,
+            (Mapping::Zero, Mapping::Zero) | (Mapping::Backing, Mapping::Backing) => true,
+            _ => false,
+        };
+        if contiguous && same {
+            last.len += r.len;
+            return;
+        }
+    }
+    out.push(r);
+}
