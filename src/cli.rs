@@ -19,14 +19,7 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
-/// Image formats; always given explicitly, never probed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// Raw image: the file or block device is the disk, byte for byte.
-    Raw,
-    /// qcow2 image.
-    Qcow2,
-}
+pub use crate::format::Format;
 
 /// Options of the daemon.
 #[derive(Debug, Args, Clone)]
@@ -58,6 +51,9 @@ pub struct ServeArgs {
     /// Logical block size reported to the guest.
     #[arg(long, default_value_t = 512, value_parser = parse_lbs)]
     pub logical_block_size: u32,
+    /// qcow2 L2 cache size in bytes (K/M/G suffixes); default: enough for the whole disk, up to 32 MiB.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub l2_cache_size: Option<u64>,
     /// Serial number returned by GET_ID (at most 20 bytes); default derived from the image path.
     #[arg(long, value_parser = parse_serial)]
     pub serial: Option<String>,
@@ -71,6 +67,57 @@ pub struct ServeArgs {
 pub enum Command {
     /// Create a small image in a temporary directory and serve it (the README's first command).
     Demo(DemoArgs),
+    /// Create a qcow2 (version 3) image on a file or block device.
+    Create(CreateArgs),
+    /// Check a qcow2 image: errors, leaks, image end offset (exit codes as qemu-img check).
+    Check(CheckArgs),
+}
+
+/// Metadata preallocation modes of `thinblk create`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Preallocation {
+    /// Nothing beyond the header and tables.
+    Off,
+    /// Every L2 table allocated up front (guest clusters stay unallocated).
+    Metadata,
+}
+
+/// Options of `thinblk create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The image: a new or existing file (overwritten), or a block device.
+    pub image: PathBuf,
+    /// Virtual size, bytes or with a K/M/G/T suffix (binary units).
+    #[arg(value_parser = parse_size)]
+    pub size: u64,
+    /// Cluster size in bytes (power of two, 512 to 2M).
+    #[arg(long, default_value = "65536", value_parser = parse_size)]
+    pub cluster_size: u64,
+    /// Preallocation.
+    #[arg(long, value_enum, default_value_t = Preallocation::Off)]
+    pub preallocation: Preallocation,
+}
+
+/// Options of `thinblk check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The qcow2 image.
+    pub image: PathBuf,
+}
+
+/// Parses a size with an optional binary suffix (K, M, G, T; optional trailing "iB"/"B").
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let (num, shift) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("'{s}' is too large"))
 }
 
 /// Options of `thinblk demo`.
@@ -149,6 +196,16 @@ mod tests {
         assert_eq!(s, default_serial("/dev/vg/lv"));
         assert_ne!(s, default_serial("/dev/vg/lv2"));
         assert!(s.len() <= MAX_SERIAL);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999T").is_err());
     }
 
     #[test]

@@ -3,12 +3,12 @@
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
-use thinblk::cli::{default_serial, Cli, Command, DemoArgs, Format, ServeArgs, CAPABILITIES};
+use thinblk::cli::{default_serial, CheckArgs, Cli, Command, CreateArgs, DemoArgs, Format, Preallocation, ServeArgs, CAPABILITIES};
 use thinblk::daemon::{install_signal_thread, serve, Shutdown};
-use thinblk_vhost::{DeviceConfig, ImageFormat, RawImage};
+use thinblk::format::{open_image, ImageOptions};
+use thinblk_vhost::DeviceConfig;
 use vhost::vhost_user::Listener;
 
 /// Exit code for a wrong command line.
@@ -27,6 +27,8 @@ fn main() -> ExitCode {
     init_logging(cli.serve.log_level.as_deref());
     let result = match cli.command {
         Some(Command::Demo(args)) => demo(args),
+        Some(Command::Create(args)) => create(args),
+        Some(Command::Check(args)) => return check(args),
         None => run_daemon(cli.serve),
     };
     match result {
@@ -75,7 +77,8 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         (None, Some(fd)) => inherited_listener(fd)?,
         _ => return Err(Failure::Usage("one of --socket-path or --fd is required".into())),
     };
-    let image = open_image(&image_path, format, args.read_only)?;
+    let opts = ImageOptions { read_only: args.read_only, l2_cache_bytes: args.l2_cache_size };
+    let image = open_image(&image_path, format, &opts).map_err(|e| Failure::Runtime(e.to_string()))?;
     let serial = args.serial.clone().unwrap_or_else(|| default_serial(&image.identity()));
     let cfg = DeviceConfig {
         num_queues: args.num_queues,
@@ -111,12 +114,69 @@ fn inherited_listener(fd: i32) -> Result<Listener, Failure> {
     Ok(unsafe { Listener::from_raw_fd(fd) })
 }
 
-fn open_image(path: &Path, format: Format, read_only: bool) -> Result<Arc<dyn ImageFormat>, Failure> {
-    match format {
-        Format::Raw => RawImage::open(path, read_only)
-            .map(|i| Arc::new(i) as Arc<dyn ImageFormat>)
-            .map_err(|e| Failure::Runtime(format!("cannot open {}: {e}", path.display()))),
-        Format::Qcow2 => Err(Failure::Runtime("--format qcow2 is not available yet; use raw".into())),
+fn create(args: CreateArgs) -> Result<(), Failure> {
+    use thinblk_qcow2::{create, CreateOptions, FileStorage, OpenOptions, Qcow2};
+    let rt = |e: String| Failure::Runtime(format!("{}: {e}", args.image.display()));
+    let is_block = std::fs::metadata(&args.image).map(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_block_device()
+    });
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(!matches!(is_block, Ok(true)))
+        .truncate(!matches!(is_block, Ok(true)))
+        .open(&args.image)
+        .map_err(|e| rt(e.to_string()))?;
+    let storage = std::sync::Arc::new(FileStorage::new(file, 1));
+    let opts = CreateOptions { size: args.size, cluster_size: args.cluster_size };
+    let mut end = create(storage.as_ref(), &opts).map_err(|e| rt(e.to_string()))?;
+    if args.preallocation == Preallocation::Metadata {
+        let img = Qcow2::open(storage.clone(), OpenOptions::default()).map_err(|e| rt(e.to_string()))?;
+        img.preallocate_l2_tables().map_err(|e| rt(e.to_string()))?;
+        end = img.allocation();
+    }
+    println!(
+        "Formatting '{}', fmt=qcow2 cluster_size={} size={} (image end offset {end})",
+        args.image.display(),
+        args.cluster_size,
+        args.size
+    );
+    Ok(())
+}
+
+fn check(args: CheckArgs) -> ExitCode {
+    let file = match std::fs::File::open(&args.image) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("thinblk: {}: {e}", args.image.display());
+            return ExitCode::from(1);
+        }
+    };
+    let storage = thinblk_qcow2::FileStorage::new(file, 1);
+    match thinblk_qcow2::check(&storage) {
+        Err(e) => {
+            eprintln!("thinblk: {}: {e}", args.image.display());
+            ExitCode::from(1)
+        }
+        Ok(r) => {
+            for m in &r.messages {
+                println!("{m}");
+            }
+            if r.corruptions == 0 && r.leaks == 0 {
+                println!("No errors were found on the image.");
+            }
+            if r.corruptions > 0 {
+                println!("{} errors were found on the image.", r.corruptions);
+            }
+            if r.leaks > 0 {
+                println!("{} leaked clusters were found on the image.", r.leaks);
+            }
+            println!("{}/{} = {:.2}% allocated", r.allocated_clusters, r.total_clusters,
+                r.allocated_clusters as f64 * 100.0 / r.total_clusters.max(1) as f64);
+            println!("Image end offset: {}", r.image_end_offset);
+            ExitCode::from(r.exit_code() as u8)
+        }
     }
 }
 
@@ -148,6 +208,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         queue_size: 256,
         logical_block_size: 512,
         serial: Some("thinblk-demo".into()),
+        l2_cache_size: None,
         log_level: None,
     };
     let r = run_daemon(serve_args);

@@ -125,8 +125,9 @@ impl Header {
     /// `buf` must hold at least the first 4 KiB (or the whole file if smaller); extensions
     /// are only read within it and within the first cluster.
     pub fn parse(buf: &[u8], file_size: u64) -> Result<Header> {
-        if buf.len() < V2_HEADER_LEN as usize {
-            return corrupt(format!("file too short for a header ({} bytes)", buf.len()));
+        let avail = (buf.len() as u64).min(file_size);
+        if avail < u64::from(V2_HEADER_LEN) {
+            return corrupt(format!("file too short for a header ({avail} bytes)"));
         }
         let magic = be32(buf, 0);
         if magic != MAGIC {
@@ -165,8 +166,8 @@ impl Header {
         };
         let mut compression_type = 0u8;
         if version == 3 {
-            if buf.len() < 104 {
-                return corrupt("version 3 header truncated");
+            if avail < 104 {
+                return corrupt(format!("file too short for a version 3 header ({avail} bytes)"));
             }
             h.incompatible_features = be64(buf, 72);
             h.compatible_features = be64(buf, 80);
@@ -396,6 +397,7 @@ mod tests {
             ("backing outside", |b| { set64(b, 8, 4090); set32(b, 16, 100) }, "outside the first cluster"),
             ("extension overrun", |b| { set32(b, 112, 0xe279_2aca); set32(b, 116, 100_000) }, "overruns"),
             ("short", |b| b.truncate(40), "too short"),
+            ("short v3", |b| b.truncate(80), "too short for a version 3"),
         ];
         for (name, edit, want) in cases {
             let mut b = sample();

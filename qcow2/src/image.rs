@@ -454,12 +454,14 @@ impl Qcow2 {
     }
 
     /// Maps a guest write of `len` bytes at `offset` to host ranges, allocating clusters that
-    /// cannot be written in place. New clusters are linked by [`Qcow2::write_done`].
-    pub fn map_write(&self, offset: u64, len: u64, out: &mut Vec<MappedRange>) -> Result<()> {
+    /// cannot be written in place. Returns the guest clusters whose allocation this write
+    /// joined: pass them to [`Qcow2::write_done`] once the data has landed (or failed).
+    pub fn map_write(&self, offset: u64, len: u64, out: &mut Vec<MappedRange>) -> Result<Vec<u64>> {
         self.writable()?;
         self.check_range(offset, len)?;
+        let mut ticket = Vec::new();
         if len == 0 {
-            return Ok(());
+            return Ok(ticket);
         }
         self.preload_l2(offset, len)?;
         let cs = self.cluster_size;
@@ -470,19 +472,23 @@ impl Qcow2 {
             let ci = pos / cs;
             let in_off = pos % cs;
             let n = (cs - in_off).min(end - pos);
-            let host = self.cluster_for_write(&mut m, ci, in_off, n)?;
+            let (host, pending) = self.cluster_for_write(&mut m, ci, in_off, n)?;
+            if pending {
+                ticket.push(ci);
+            }
             push_merged(out, MappedRange { guest: pos, len: n, mapping: Mapping::Data(host + in_off) });
             pos += n;
         }
         self.allocation.store(m.next_free, Ordering::SeqCst);
-        Ok(())
+        Ok(ticket)
     }
 
-    /// The host cluster a write to guest cluster `ci` goes to (allocating if needed).
-    fn cluster_for_write(&self, m: &mut Meta, ci: u64, in_off: u64, n: u64) -> Result<u64> {
+    /// The host cluster a write to guest cluster `ci` goes to (allocating if needed), and
+    /// whether the write joined a pending allocation.
+    fn cluster_for_write(&self, m: &mut Meta, ci: u64, in_off: u64, n: u64) -> Result<(u64, bool)> {
         if let Some(p) = m.pending.get_mut(&ci) {
             p.writers += 1;
-            return Ok(p.host);
+            return Ok((p.host, true));
         }
         let raw = match self.l2_entry(m, ci) {
             Some(r) => r,
@@ -497,7 +503,7 @@ impl Qcow2 {
         let old = decode_l2(raw, self.header.cluster_bits);
         if let L2Entry::Normal { host, copied } = old {
             if copied || self.refcount(m, host)? == 1 {
-                return Ok(host);
+                return Ok((host, false));
             }
             return Err(Qcow2Error::ReadOnly(format!(
                 "guest cluster {ci} is shared (refcount > 1); copy-on-write of shared clusters is not implemented"
@@ -514,7 +520,7 @@ impl Qcow2 {
             _ => 0,
         };
         m.pending.insert(ci, Pending { host, writers: 1, linked: false, replaces });
-        Ok(host)
+        Ok((host, true))
     }
 
     /// Writes the old contents of guest cluster `ci` around `[in_off, in_off+n)` into `host`.
@@ -548,14 +554,14 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Reports that the data of a mapped write has landed (`ok`) or failed.
-    pub fn write_done(&self, offset: u64, len: u64, ok: bool) -> Result<()> {
-        if len == 0 || self.read_only.is_some() {
+    /// Reports that the data of a mapped write (its `ticket`) has landed (`ok`) or failed:
+    /// new clusters are linked into their L2 tables only now.
+    pub fn write_done(&self, ticket: &[u64], ok: bool) -> Result<()> {
+        if ticket.is_empty() {
             return Ok(());
         }
-        let cs = self.cluster_size;
         let mut m = self.meta.write().map_err(|_| poisoned())?;
-        for ci in offset / cs..=(offset + len - 1) / cs {
+        for &ci in ticket {
             let Some(p) = m.pending.get_mut(&ci) else { continue };
             p.writers = p.writers.saturating_sub(1);
             let link = ok && !p.linked;
@@ -581,14 +587,15 @@ impl Qcow2 {
     }
 
     /// Marks `[offset, offset+len)` as reading zeroes (discard / write-zeroes): whole clusters
-    /// get the zero flag and keep their host cluster; partial clusters are returned for the
-    /// caller to zero on the host. Refuses on version 2 images (no zero flag) by returning
-    /// every cluster as partial.
-    pub fn zero_range(&self, offset: u64, len: u64, partial: &mut Vec<MappedRange>) -> Result<()> {
+    /// get the zero flag and keep their host cluster; partial clusters (and every cluster of
+    /// a version 2 image, which has no zero flag) are mapped as writes and returned for the
+    /// caller to zero on the host, with the ticket for [`Qcow2::write_done`].
+    pub fn zero_range(&self, offset: u64, len: u64, partial: &mut Vec<MappedRange>) -> Result<Vec<u64>> {
         self.writable()?;
         self.check_range(offset, len)?;
+        let mut ticket = Vec::new();
         if len == 0 {
-            return Ok(());
+            return Ok(ticket);
         }
         self.preload_l2(offset, len)?;
         let cs = self.cluster_size;
@@ -615,9 +622,7 @@ impl Qcow2 {
                     // The compressed data's clusters stay referenced until unlinked; keep
                     // the image consistent by zeroing through a new cluster instead.
                     drop(m);
-                    let mut ranges = Vec::new();
-                    self.map_write(pos, n, &mut ranges)?;
-                    partial.extend(ranges);
+                    ticket.extend(self.map_write(pos, n, partial)?);
                     m = self.meta.write().map_err(|_| poisoned())?;
                 } else if raw != (keep | ZERO) {
                     self.ensure_l2_table(&mut m, ci)?;
@@ -626,15 +631,25 @@ impl Qcow2 {
             } else {
                 // Partial cluster (or v2): write zeroes through the normal write path.
                 drop(m);
-                let mut ranges = Vec::new();
-                self.map_write(pos, n, &mut ranges)?;
-                partial.extend(ranges);
+                ticket.extend(self.map_write(pos, n, partial)?);
                 m = self.meta.write().map_err(|_| poisoned())?;
             }
             pos += n;
         }
         self.allocation.store(m.next_free, Ordering::SeqCst);
-        Ok(())
+        Ok(ticket)
+    }
+
+    /// Allocates every L2 table the virtual disk needs (metadata preallocation: guest
+    /// clusters stay unallocated, but no write ever has to allocate a table).
+    pub fn preallocate_l2_tables(&self) -> Result<()> {
+        self.writable()?;
+        let mut m = self.meta.write().map_err(|_| poisoned())?;
+        for i in 0..m.l1.len() as u64 {
+            self.ensure_l2_table(&mut m, i * self.l2_entries)?;
+        }
+        self.allocation.store(m.next_free, Ordering::SeqCst);
+        self.flush_locked(&mut m)
     }
 
     fn ensure_l2_table(&self, m: &mut Meta, ci: u64) -> Result<()> {

@@ -52,13 +52,13 @@ impl Disk {
 
     fn write(&self, off: u64, data: &[u8]) {
         let mut ranges = Vec::new();
-        self.img.map_write(off, data.len() as u64, &mut ranges).unwrap();
+        let ticket = self.img.map_write(off, data.len() as u64, &mut ranges).unwrap();
         for r in &ranges {
             let Mapping::Data(h) = r.mapping else { panic!("write mapped to {:?}", r.mapping) };
             let s = (r.guest - off) as usize;
             self.st.write_at(&data[s..s + r.len as usize], h).unwrap();
         }
-        self.img.write_done(off, data.len() as u64, true).unwrap();
+        self.img.write_done(&ticket, true).unwrap();
     }
 
     fn read(&self, off: u64, len: usize) -> Vec<u8> {
@@ -84,12 +84,12 @@ impl Disk {
 
     fn zero(&self, off: u64, len: u64) {
         let mut partial = Vec::new();
-        self.img.zero_range(off, len, &mut partial).unwrap();
+        let ticket = self.img.zero_range(off, len, &mut partial).unwrap();
         for r in &partial {
             let Mapping::Data(h) = r.mapping else { panic!() };
             self.st.write_at(&vec![0u8; r.len as usize], h).unwrap();
-            self.img.write_done(r.guest, r.len, true).unwrap();
         }
+        self.img.write_done(&ticket, true).unwrap();
     }
 }
 

@@ -14,7 +14,7 @@ use std::path::Path;
 use crate::error::ImageError;
 
 /// Where one stretch of a guest request lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
     /// At `offset` of the format's file number `file` (index into [`ImageFormat::files`]).
     Host {
@@ -25,10 +25,18 @@ pub enum Target {
     },
     /// Nothing is stored: reads return zeroes.
     Zero,
+    /// The format produced the bytes itself (e.g. a decompressed cluster): the read
+    /// copies `data[offset..offset + len]`.
+    Bytes {
+        /// The bytes.
+        data: std::sync::Arc<Vec<u8>>,
+        /// Where the extent starts in `data`.
+        offset: usize,
+    },
 }
 
 /// A piece of a guest request: `len` bytes starting `req_off` bytes into its data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Extent {
     /// Offset within the request's data buffers.
     pub req_off: u64,
@@ -45,6 +53,8 @@ pub enum ZeroMode {
     PunchHole,
     /// Zero in place, keep the allocation.
     ZeroRange,
+    /// Write zeroes (extends a file like any write; for small ranges of new clusters).
+    WriteZeroes,
 }
 
 /// A host-side zeroing operation.
@@ -59,6 +69,11 @@ pub struct HostZero {
     /// How.
     pub mode: ZeroMode,
 }
+
+/// What a mapped write (or zeroing) must report back once its host IO has ended: the
+/// format-private list of allocations it made. Empty (and free) for raw images.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct WriteTicket(pub Vec<u64>);
 
 /// A disk image format, shared by every queue's worker.
 ///
@@ -78,13 +93,13 @@ pub trait ImageFormat: Send + Sync {
     /// Maps a read of `len` bytes at `offset` into `out`.
     fn map_read(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), ImageError>;
     /// Maps a write; the returned extents all have `Target::Host`.
-    fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), ImageError>;
-    /// Called once the data of a mapped write has landed (or failed), for metadata updates.
-    fn write_done(&self, _offset: u64, _len: u64, _ok: bool) -> Result<(), ImageError> {
+    fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<WriteTicket, ImageError>;
+    /// Called once the host IO of a mapped write or zeroing has ended, for metadata updates.
+    fn write_done(&self, _ticket: WriteTicket, _ok: bool) -> Result<(), ImageError> {
         Ok(())
     }
     /// Maps a discard (`unmap`) or write-zeroes to host zeroing operations.
-    fn map_zero(&self, offset: u64, len: u64, unmap: bool, out: &mut Vec<HostZero>) -> Result<(), ImageError>;
+    fn map_zero(&self, offset: u64, len: u64, unmap: bool, out: &mut Vec<HostZero>) -> Result<WriteTicket, ImageError>;
     /// Writes dirty metadata before the files are synced by a FLUSH.
     fn prepare_flush(&self) -> Result<(), ImageError> {
         Ok(())
@@ -108,39 +123,66 @@ const BLKPBSZGET: libc::c_ulong = 0x127b;
 /// `statx` mask bit for direct-IO alignment (Linux 6.1).
 const STATX_DIOALIGN: u32 = 0x2000;
 
+/// What [`open_direct`] learned about an opened image file.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenedFile {
+    /// O_DIRECT is in effect.
+    pub direct: bool,
+    /// Memory/offset alignment direct IO needs (1 when buffered).
+    pub alignment: u32,
+    /// Size in bytes (BLKGETSIZE64 for block devices).
+    pub size: u64,
+    /// Physical block size of the storage.
+    pub physical_block_size: u32,
+    /// The path is a block device.
+    pub is_block: bool,
+}
+
+/// Opens an image file or block device for zero-copy IO: O_DIRECT, falling back to
+/// buffered IO (with a warning) where the file system refuses it.
+pub fn open_direct(path: &Path, read_only: bool) -> Result<(File, OpenedFile), ImageError> {
+    let open = |direct: bool| {
+        let mut o = OpenOptions::new();
+        o.read(true).write(!read_only);
+        if direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        o.open(path)
+    };
+    let (file, direct) = match open(true) {
+        Ok(f) => (f, true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::warn!(path = %path.display(), "O_DIRECT refused; using buffered IO");
+            (open(false)?, false)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let meta = file.metadata()?;
+    let is_block = meta.file_type().is_block_device();
+    let size = if is_block { blk_ioctl_u64(&file, BLKGETSIZE64)? } else { meta.len() };
+    let physical_block_size =
+        if is_block { blk_ioctl_u32(&file, BLKPBSZGET).unwrap_or(512).max(512) } else { 4096 };
+    let alignment = if direct { dio_alignment(&file).unwrap_or(512) } else { 1 };
+    Ok((file, OpenedFile { direct, alignment, size, physical_block_size, is_block }))
+}
+
+/// The path as the operator named it, made absolute with symlinks kept (/dev/VG/LV is
+/// stable where the dm-N it points to is not).
+pub fn image_identity(path: &Path) -> String {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string()
+}
+
 impl RawImage {
-    /// Opens `path` for zero-copy IO (O_DIRECT, falling back to buffered IO where the
-    /// file system refuses it).
+    /// Opens `path` for zero-copy IO (see [`open_direct`]).
     pub fn open(path: &Path, read_only: bool) -> Result<Self, ImageError> {
-        let open = |direct: bool| {
-            let mut o = OpenOptions::new();
-            o.read(true).write(!read_only);
-            if direct {
-                o.custom_flags(libc::O_DIRECT);
-            }
-            o.open(path)
-        };
-        let (file, direct) = match open(true) {
-            Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::warn!(path = %path.display(), "O_DIRECT refused; using buffered IO");
-                (open(false)?, false)
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let meta = file.metadata()?;
-        let is_block = meta.file_type().is_block_device();
-        let capacity = if is_block { blk_ioctl_u64(&file, BLKGETSIZE64)? } else { meta.len() };
-        let physical_block_size = if is_block {
-            blk_ioctl_u32(&file, BLKPBSZGET).unwrap_or(512).max(512)
-        } else {
-            4096
-        };
-        let alignment = if direct { dio_alignment(&file).unwrap_or(512) } else { 1 };
-        // The path as the operator named it (made absolute, symlinks kept: /dev/VG/LV is
-        // stable where the dm-N it points to is not).
-        let identity = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string();
-        Ok(RawImage { file, capacity, alignment, physical_block_size, identity })
+        let (file, info) = open_direct(path, read_only)?;
+        Ok(RawImage {
+            file,
+            capacity: info.size,
+            alignment: info.alignment,
+            physical_block_size: info.physical_block_size,
+            identity: image_identity(path),
+        })
     }
 }
 
@@ -200,14 +242,15 @@ impl ImageFormat for RawImage {
         Ok(())
     }
 
-    fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), ImageError> {
-        self.map_read(offset, len, out)
+    fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<WriteTicket, ImageError> {
+        self.map_read(offset, len, out)?;
+        Ok(WriteTicket::default())
     }
 
-    fn map_zero(&self, offset: u64, len: u64, unmap: bool, out: &mut Vec<HostZero>) -> Result<(), ImageError> {
+    fn map_zero(&self, offset: u64, len: u64, unmap: bool, out: &mut Vec<HostZero>) -> Result<WriteTicket, ImageError> {
         let mode = if unmap { ZeroMode::PunchHole } else { ZeroMode::ZeroRange };
         out.push(HostZero { file: 0, offset, len, mode });
-        Ok(())
+        Ok(WriteTicket::default())
     }
 }
 

@@ -14,4 +14,4 @@ pub mod uring;
 pub mod worker;
 
 pub use device::{BlkDevice, DeviceConfig};
-pub use image::{ImageFormat, RawImage};
+pub use image::{image_identity, open_direct, ImageFormat, OpenedFile, RawImage};

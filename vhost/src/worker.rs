@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, Gues
 
 use crate::device::Context;
 use crate::error::{virtio_status, ImageError, Outcome};
-use crate::image::{Extent, HostZero, Target, ZeroMode};
+use crate::image::{Extent, HostZero, Target, WriteTicket, ZeroMode};
 use crate::request::{parse, Request, RequestType, Segment, ID_LEN};
 use crate::uring::{HostOp, Ring};
 
@@ -127,6 +127,8 @@ struct Pending {
     bounce: Option<AlignedBuf>,
     /// Keeps the guest mapping alive while the kernel may access it.
     mem: Arc<Mem>,
+    /// Allocations to report to the format when the host IO has ended.
+    tickets: Vec<WriteTicket>,
 }
 
 /// What kind of host op an in-flight ring entry is, for completion handling.
@@ -356,6 +358,7 @@ impl Worker {
             errno: None,
             bounce: None,
             mem: mem.clone(),
+            tickets: Vec::new(),
         });
         let fail = |slot: usize, e: ImageError| (Some(slot), Outcome::Image(e));
         match req.kind {
@@ -364,13 +367,21 @@ impl Worker {
                 self.extents.clear();
                 let mut extents = std::mem::take(&mut self.extents);
                 let mapped = if write {
-                    image.map_write(req.offset, req.data_len, &mut extents)
+                    image.map_write(req.offset, req.data_len, &mut extents).map(Some)
                 } else {
-                    image.map_read(req.offset, req.data_len, &mut extents)
+                    image.map_read(req.offset, req.data_len, &mut extents).map(|_| None)
                 };
-                if let Err(e) = mapped {
-                    self.extents = extents;
-                    return Err(fail(slot, e));
+                match mapped {
+                    Err(e) => {
+                        self.extents = extents;
+                        return Err(fail(slot, e));
+                    }
+                    Ok(Some(ticket)) => {
+                        if let Some(p) = self.pending.get_mut(slot) {
+                            p.tickets.push(ticket);
+                        }
+                    }
+                    Ok(None) => {}
                 }
                 let r = self.queue_rw(ctx, mem, slot, write, &extents, align);
                 self.extents = extents;
@@ -388,12 +399,26 @@ impl Worker {
                 zeros.clear();
                 for r in &req.ranges {
                     let unmap = req.kind == RequestType::Discard || r.unmap;
-                    if let Err(e) = image.map_zero(r.offset, r.len, unmap, &mut zeros) {
-                        self.zeros = zeros;
-                        return Err(fail(slot, e));
+                    match image.map_zero(r.offset, r.len, unmap, &mut zeros) {
+                        Err(e) => {
+                            self.zeros = zeros;
+                            return Err(fail(slot, e));
+                        }
+                        Ok(ticket) => {
+                            if let Some(p) = self.pending.get_mut(slot) {
+                                p.tickets.push(ticket);
+                            }
+                        }
                     }
                 }
                 for z in &zeros {
+                    if z.mode == ZeroMode::WriteZeroes {
+                        if let Err(e) = self.queue_zero_writes(slot, z.file, z.offset, z.len) {
+                            self.zeros = zeros;
+                            return Err((Some(slot), Outcome::HostIo(e.raw_os_error().unwrap_or(libc::EIO))));
+                        }
+                        continue;
+                    }
                     let op = Op { slot, kind: OpKind::Zero { mode: z.mode, len: z.len }, file: z.file, offset: z.offset, iov: Vec::new() };
                     if let Err(e) = self.queue_op(slot, op) {
                         self.zeros = zeros;
@@ -437,10 +462,20 @@ impl Worker {
         let dsync = write && !ctx.writeback.load(Ordering::Relaxed);
         for ext in extents {
             let sub = sub_iovecs(&iovs, ext.req_off, ext.len);
-            match ext.target {
+            match &ext.target {
                 Target::Host { file, offset } => {
                     let kind = if write { OpKind::Write { dsync } } else { OpKind::Read };
-                    self.queue_op(slot, Op { slot, kind, file, offset, iov: sub })?;
+                    self.queue_op(slot, Op { slot, kind, file: *file, offset: *offset, iov: sub })?;
+                }
+                Target::Bytes { data, offset } if !write => {
+                    let mut src = data.get(*offset..).unwrap_or(&[]);
+                    for v in &sub {
+                        let n = v.iov_len.min(src.len());
+                        // SAFETY: the iovec covers guest memory (or the bounce buffer) lent to
+                        // us for writing, kept mapped through `mem`; `src` has at least n bytes.
+                        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), v.iov_base.cast::<u8>(), n) };
+                        src = &src[n..];
+                    }
                 }
                 Target::Zero if !write => {
                     for v in &sub {
@@ -449,7 +484,7 @@ impl Worker {
                         unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
                     }
                 }
-                Target::Zero => return Err(io::Error::from_raw_os_error(libc::EIO)),
+                Target::Zero | Target::Bytes { .. } => return Err(io::Error::from_raw_os_error(libc::EIO)),
             }
         }
         Ok(())
@@ -469,7 +504,7 @@ impl Worker {
             OpKind::Zero { mode, len } => {
                 let m = match mode {
                     ZeroMode::PunchHole => libc::FALLOC_FL_PUNCH_HOLE,
-                    ZeroMode::ZeroRange => libc::FALLOC_FL_ZERO_RANGE,
+                    ZeroMode::ZeroRange | ZeroMode::WriteZeroes => libc::FALLOC_FL_ZERO_RANGE,
                 };
                 HostOp::Fallocate { file: op.file, offset: op.offset, len, mode: m | libc::FALLOC_FL_KEEP_SIZE }
             }
@@ -555,7 +590,9 @@ impl Worker {
                         op.kind = OpKind::Zero { mode: ZeroMode::ZeroRange, len };
                         OpResult::Resubmit
                     }
-                    (true, ZeroMode::ZeroRange) => OpResult::FallbackWriteZeroes { offset: op.offset, len },
+                    (true, ZeroMode::ZeroRange | ZeroMode::WriteZeroes) => {
+                        OpResult::FallbackWriteZeroes { offset: op.offset, len }
+                    }
                     _ => OpResult::Failed(-res),
                 }
             }
@@ -599,12 +636,22 @@ impl Worker {
 
     /// Completes a request whose host ops have all ended.
     fn complete(&mut self, ctx: &Context, slot: usize, publish: bool) {
-        let Some(p) = self.pending.remove(slot) else { return };
+        let Some(mut p) = self.pending.remove(slot) else { return };
         let mut errno = p.errno;
-        if p.kind == RequestType::Write {
-            if let Err(e) = ctx.image.write_done(p.offset, p.data_len, errno.is_none()) {
+        for ticket in p.tickets.drain(..) {
+            if let Err(e) = ctx.image.write_done(ticket, errno.is_none()) {
                 tracing::error!(queue = self.queue, error = %e, "metadata update after write failed");
                 errno.get_or_insert(libc::EIO);
+            }
+        }
+        if errno.is_none()
+            && matches!(p.kind, RequestType::Write | RequestType::Discard | RequestType::WriteZeroes)
+            && !ctx.writeback.load(Ordering::Relaxed)
+        {
+            // Write-through: the metadata that makes this write reachable is durable too.
+            if let Err(e) = ctx.image.prepare_flush() {
+                tracing::error!(queue = self.queue, error = %e, "write-through metadata flush failed");
+                errno = Some(libc::EIO);
             }
         }
         if errno.is_none() && p.kind == RequestType::Read {

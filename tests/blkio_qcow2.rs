@@ -1,0 +1,247 @@
+//! qcow2 through the daemon with a real vhost-user client; qemu-img and qemu-io are the oracle.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Client, Daemon, Rng, TestDir};
+
+const MIB: u64 = 1 << 20;
+
+fn run(cmd: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn ok(cmd: &str, args: &[&str]) -> String {
+    let (code, text) = run(cmd, args);
+    assert_eq!(code, 0, "{cmd} {args:?}: {text}");
+    text
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn serve(dir: &TestDir, image: &Path, extra: &[&str]) -> Daemon {
+    let mut args = vec!["--image", s(image), "--format", "qcow2", "--num-queues", "2"];
+    args.extend_from_slice(extra);
+    Daemon::start(&dir.path("sock"), &args)
+}
+
+fn stop(mut d: Daemon) {
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(20)), Some(0));
+}
+
+#[test]
+fn qemu_written_image_reads_back_exactly() {
+    let dir = TestDir::new("q2-qemu");
+    let img = dir.path("q.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    for cmd in ["write -P 0x61 0 2M", "write -P 0x62 10M 4k", "write -z 1M 64k", "write -P 0x63 63M 1M", "discard 10M 4k"] {
+        ok("qemu-io", &["-f", "qcow2", "-c", cmd, s(&img)]);
+    }
+    let raw = dir.path("q.raw");
+    ok("qemu-img", &["convert", "-O", "raw", s(&img), s(&raw)]);
+    let want = std::fs::read(&raw).unwrap();
+    let d = serve(&dir, &img, &["--read-only"]);
+    let mut c = Client::connect_with(&dir.path("sock"), 2, true).expect("connect");
+    for (i, chunk) in want.chunks(4 << 20).enumerate() {
+        let got = c.read(i % 2, i as u64 * (4 << 20), chunk.len()).expect("read");
+        assert!(got == chunk, "chunk {i} differs");
+    }
+    drop(c);
+    stop(d);
+}
+
+#[test]
+fn daemon_written_image_checks_clean_and_compares_equal() {
+    let dir = TestDir::new("q2-write");
+    let img = dir.path("w.qcow2");
+    ok(env!("CARGO_BIN_EXE_thinblk"), &["create", s(&img), "64M"]);
+    let d = serve(&dir, &img, &[]);
+    let mut c = Client::connect(&dir.path("sock"), 2).expect("connect");
+    let size = 64 * MIB;
+    let mut model = vec![0u8; size as usize];
+    let mut rng = Rng(42);
+    for i in 0..300 {
+        let sectors = 1 + rng.below(256);
+        let len = sectors * 512;
+        let off = rng.below(size / 512 - sectors) * 512;
+        let q = i % 2;
+        match rng.below(10) {
+            0 => {
+                assert_eq!(c.write_zeroes(q, off, len, i % 3 == 0), 0);
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            1 => assert_eq!(c.flush(q), 0),
+            _ => {
+                let mut data = vec![0u8; len as usize];
+                rng.fill(&mut data);
+                assert_eq!(c.write(q, off, &data), 0);
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+        }
+    }
+    let back = c.read(0, 0, (4 * MIB) as usize).expect("read");
+    assert!(back == model[..(4 * MIB) as usize]);
+    drop(c);
+    stop(d);
+    let raw = dir.path("ref.raw");
+    std::fs::write(&raw, &model).unwrap();
+    let text = ok("qemu-img", &["check", s(&img)]);
+    assert!(text.contains("No errors were found"), "{text}");
+    ok("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", s(&img), s(&raw)]);
+    // thinblk check agrees with qemu-img on the end offset.
+    let ours = ok(env!("CARGO_BIN_EXE_thinblk"), &["check", s(&img)]);
+    let end = |t: &str| t.lines().find(|l| l.starts_with("Image end offset:")).map(str::to_string);
+    assert_eq!(end(&ours), end(&text), "ours: {ours}\nqemu: {text}");
+}
+
+#[test]
+fn backing_chain_base_by_qemu_overlay_by_daemon() {
+    let dir = TestDir::new("q2-chain");
+    let base = dir.path("base.qcow2");
+    let top = dir.path("top.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "32M"]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x42 0 32M", s(&base)]);
+    // Relative backing name, resolved against the overlay's directory.
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", s(&top)]);
+    let d = serve(&dir, &top, &[]);
+    let mut c = Client::connect(&dir.path("sock"), 1).expect("connect");
+    // Partial-cluster writes: the rest of each new cluster must come from the base.
+    assert_eq!(c.write(0, 4096, &[0x01u8; 512]), 0);
+    assert_eq!(c.write(0, 5 * MIB + 1024, &[0x02u8; 8192]), 0);
+    assert_eq!(c.read(0, 0, 8192).unwrap()[..4096], [0x42u8; 4096][..]);
+    drop(c);
+    stop(d);
+    let text = ok("qemu-img", &["check", s(&top)]);
+    assert!(text.contains("No errors were found"), "{text}");
+    // The reference: the base's content plus the same writes.
+    let refimg = dir.path("ref.raw");
+    ok("qemu-img", &["convert", "-O", "raw", s(&base), s(&refimg)]);
+    let mut r = std::fs::read(&refimg).unwrap();
+    r[4096..4608].fill(0x01);
+    r[(5 * MIB + 1024) as usize..(5 * MIB + 1024 + 8192) as usize].fill(0x02);
+    std::fs::write(&refimg, &r).unwrap();
+    ok("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", s(&top), s(&refimg)]);
+}
+
+#[test]
+fn compressed_image_reads_back_exactly() {
+    let dir = TestDir::new("q2-comp");
+    let src = dir.path("src.raw");
+    let img = dir.path("c.qcow2");
+    let data: Vec<u8> = (0..8 * MIB as usize).map(|i| (i / 1000) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    ok("qemu-img", &["convert", "-c", "-O", "qcow2", s(&src), s(&img)]);
+    let d = serve(&dir, &img, &["--read-only"]);
+    let mut c = Client::connect_with(&dir.path("sock"), 1, true).expect("connect");
+    assert!(c.read(0, 0, data.len()).unwrap() == data);
+    drop(c);
+    stop(d);
+}
+
+#[test]
+fn internal_snapshots_are_never_corrupted() {
+    let dir = TestDir::new("q2-snap");
+    let img = dir.path("s.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x77 0 4M", s(&img)]);
+    ok("qemu-img", &["snapshot", "-c", "snap1", s(&img)]);
+    let before = dir.path("before.raw");
+    ok("qemu-img", &["convert", "-l", "snap1", "-O", "raw", s(&img), s(&before)]);
+    // Writing is refused, with a message that says why...
+    let out = Command::new(env!("CARGO_BIN_EXE_thinblk"))
+        .args(["--socket-path", s(&dir.path("x.sock")), "--image", s(&img), "--format", "qcow2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("snapshot"), "{}", String::from_utf8_lossy(&out.stderr));
+    // ...and read-only serving works and changes nothing.
+    let d = serve(&dir, &img, &["--read-only"]);
+    let mut c = Client::connect_with(&dir.path("sock"), 1, true).expect("connect");
+    assert_eq!(c.read(0, 0, 4096).unwrap(), vec![0x77u8; 4096]);
+    drop(c);
+    stop(d);
+    let text = ok("qemu-img", &["check", s(&img)]);
+    assert!(text.contains("No errors were found"), "{text}");
+    let after = dir.path("after.raw");
+    ok("qemu-img", &["convert", "-l", "snap1", "-O", "raw", s(&img), s(&after)]);
+    assert!(std::fs::read(&before).unwrap() == std::fs::read(&after).unwrap());
+}
+
+#[test]
+fn create_and_check_tools() {
+    let dir = TestDir::new("q2-tools");
+    let img = dir.path("t.qcow2");
+    let bin = env!("CARGO_BIN_EXE_thinblk");
+    ok(bin, &["create", s(&img), "1G", "--cluster-size", "64K", "--preallocation", "metadata"]);
+    let info = ok("qemu-img", &["info", s(&img)]);
+    assert!(info.contains("(1073741824 bytes)"), "{info}");
+    let q = ok("qemu-img", &["check", s(&img)]);
+    let ours = ok(bin, &["check", s(&img)]);
+    let end = |t: &str| t.lines().find(|l| l.starts_with("Image end offset:")).map(str::to_string);
+    assert_eq!(end(&ours), end(&q));
+    // A leak: exit 3 from both.
+    ok("qemu-io", &["-f", "qcow2", "-c", "write 0 64k", s(&img)]);
+    let bytes = std::fs::read(&img).unwrap();
+    let mut leaky = bytes.clone();
+    // Drop the L2 entry of guest cluster 0: its data cluster leaks.
+    let l1_off = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    let l2_off = (u64::from_be_bytes(bytes[l1_off..l1_off + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    leaky[l2_off..l2_off + 8].fill(0);
+    std::fs::write(&img, &leaky).unwrap();
+    assert_eq!(run("qemu-img", &["check", s(&img)]).0, 3);
+    assert_eq!(run(bin, &["check", s(&img)]).0, 3);
+    // A corruption (refcount of the L1 table's cluster zeroed... via the header's L1 pointing
+    // into the refcount table): exit 2 from ours, refused by the daemon.
+    let mut bad = bytes.clone();
+    let rb_off = {
+        let rt = u64::from_be_bytes(bytes[48..56].try_into().unwrap()) as usize;
+        u64::from_be_bytes(bytes[rt..rt + 8].try_into().unwrap()) as usize
+    };
+    let l1_cluster = l1_off / 65536;
+    bad[rb_off + 2 * l1_cluster..rb_off + 2 * l1_cluster + 2].fill(0);
+    std::fs::write(&img, &bad).unwrap();
+    assert_eq!(run(bin, &["check", s(&img)]).0, 2);
+    assert_eq!(run("qemu-img", &["check", s(&img)]).0, 2);
+}
+
+#[test]
+fn corrupt_and_unsupported_images_are_refused_with_their_reason() {
+    let dir = TestDir::new("q2-corrupt");
+    let good = dir.path("good.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&good), "16M"]);
+    let bytes = std::fs::read(&good).unwrap();
+    type Edit = fn(&mut Vec<u8>);
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        ("bad magic", |b| b[0] = 0, "not a qcow2 image"),
+        ("version 4", |b| b[7] = 4, "qcow2 version 4"),
+        ("encrypted", |b| b[35] = 1, "encryption"),
+        ("L1 past end", |b| b[40..48].copy_from_slice(&(1u64 << 40).to_be_bytes()), "past the end"),
+        ("refcount table unaligned", |b| b[48..56].copy_from_slice(&(65536u64 + 8).to_be_bytes()), "not cluster aligned"),
+        ("external data file", |b| b[79] |= 4, "external data file"),
+        ("extended L2", |b| b[79] |= 16, "extended L2"),
+        ("truncated", |b| b.truncate(50), "too short"),
+        ("corrupt bit", |b| b[79] |= 2, "marked corrupt"),
+    ];
+    for (name, edit, want) in cases {
+        let p = dir.path(&format!("{}.qcow2", name.replace(' ', "-")));
+        let mut b = bytes.clone();
+        edit(&mut b);
+        std::fs::write(&p, &b).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_thinblk"))
+            .args(["--socket-path", s(&dir.path("x.sock")), "--image", s(&p), "--format", "qcow2"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains(want), "{name}: want '{want}' in '{err}'");
+        assert!(std::fs::read(&p).unwrap() == b, "{name}: the image was modified");
+    }
+}
