@@ -245,3 +245,52 @@ fn corrupt_and_unsupported_images_are_refused_with_their_reason() {
         assert!(std::fs::read(&p).unwrap() == b, "{name}: the image was modified");
     }
 }
+
+#[test]
+fn kill_9_during_writes_leaves_no_corruption_and_keeps_flushed_data() {
+    let dir = TestDir::new("q2-kill");
+    let img = dir.path("k.qcow2");
+    ok(env!("CARGO_BIN_EXE_thinblk"), &["create", s(&img), "128M", "--cluster-size", "64K"]);
+    for round in 0..3u64 {
+        let mut d = serve(&dir, &img, &[]);
+        let mut c = Client::connect(&dir.path("sock"), 2).expect("connect");
+        // Flushed data: 8 MiB at a round-specific place.
+        let flushed = vec![0x30u8 + round as u8; (8 * MIB) as usize];
+        let base = round * 16 * MIB;
+        for (i, chunk) in flushed.chunks(MIB as usize).enumerate() {
+            assert_eq!(c.write(i % 2, base + i as u64 * MIB, chunk), 0);
+        }
+        assert_eq!(c.flush(0), 0);
+        // Unflushed allocating writes all over the disk, then SIGKILL mid-stream.
+        let pid = d.child.id() as i32;
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150 + 100 * round));
+            // SAFETY: signalling the daemon child we started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        });
+        let mut rng = Rng(round + 1);
+        loop {
+            let off = (64 * MIB + rng.below(64 * MIB / 4096 - 64) * 4096) & !4095;
+            let data = vec![0x99u8; 4096 * (1 + rng.below(32)) as usize];
+            match c.try_write((rng.below(2)) as usize, off, &data, Duration::from_secs(2)) {
+                Some(0) => continue,
+                _ => break,
+            }
+        }
+        killer.join().unwrap();
+        assert!(d.wait_exit(Duration::from_secs(10)).is_none(), "killed daemon reports an exit code");
+        drop(c);
+        drop(d);
+        let (code, text) = run("qemu-img", &["check", s(&img)]);
+        assert!(code == 0 || code == 3, "round {round}: corruption after kill -9:\n{text}");
+        // Restart: the flushed data of every round so far is there.
+        let d = serve(&dir, &img, &["--read-only"]);
+        let mut c = Client::connect_with(&dir.path("sock"), 1, true).expect("reconnect");
+        for r in 0..=round {
+            let got = c.read(0, r * 16 * MIB, (8 * MIB) as usize).expect("read");
+            assert!(got.iter().all(|&b| b == 0x30 + r as u8), "round {round}: flushed data of round {r} lost");
+        }
+        drop(c);
+        stop(d);
+    }
+}

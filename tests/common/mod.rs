@@ -46,6 +46,8 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `thinblk` with `args` plus `--socket-path socket`, waiting for the socket.
     pub fn start(socket: &Path, args: &[&str]) -> Daemon {
+        // A socket left by a killed daemon would satisfy the wait below too early.
+        let _ = std::fs::remove_file(socket);
         let child = Command::new(env!("CARGO_BIN_EXE_thinblk"))
             .arg("--socket-path")
             .arg(socket)
@@ -138,6 +140,22 @@ impl Client {
         assert_eq!(n, 1, "no completion within 30 s");
         // SAFETY: do_io initialised the first `n` completions.
         unsafe { c[0].assume_init_ref() }.ret
+    }
+
+    /// Like [`Client::write`], but gives up after `limit` (None: no completion came).
+    pub fn try_write(&mut self, q: usize, offset: u64, data: &[u8], limit: Duration) -> Option<i32> {
+        assert!(data.len() <= BUF_LEN);
+        // SAFETY: the region is BUF_LEN bytes, mapped and owned by this client.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf(), data.len()) };
+        let buf = self.buf();
+        self.queues[q].write(offset, buf, data.len(), 0, ReqFlags::empty());
+        let mut c = [MaybeUninit::<Completion>::uninit(); 1];
+        let mut timeout = limit;
+        match self.queues[q].do_io(&mut c, 1, Some(&mut timeout), None) {
+            // SAFETY: do_io initialised the first completion.
+            Ok(1) => Some(unsafe { c[0].assume_init_ref() }.ret),
+            _ => None,
+        }
     }
 
     /// Writes `data` at `offset` through queue `q`; returns the completion's ret.
