@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{sparse_file, Daemon, TestDir};
+use common::{sparse_file, Daemon, LoopDev, TestDir};
 
 const VERDICT: &str = "THINBLK-GUEST-RESULT: ";
 /// Upper bound for one guest run (boot + test + poweroff under TCG).
@@ -68,26 +68,48 @@ fn tail(log: &str) -> String {
     lines[lines.len().saturating_sub(60)..].join("\n")
 }
 
-#[test]
-fn guest_filesystem_survives_checksums_and_fsck() {
+/// Boots the guest against a daemon serving `image_args`; asserts the guest's verdict,
+/// then stops the daemon cleanly.
+fn guest_run(dir: &TestDir, image_args: &[&str]) {
     let assets = assets();
-    let dir = TestDir::new("guest");
-    let image = dir.path("disk.raw");
-    sparse_file(&image, 256 << 20);
     let sock = dir.path("sock");
-    let image_arg = image.to_str().expect("utf-8 path");
-    let mut daemon = Daemon::start(&sock, &["--image", image_arg, "--format", "raw", "--num-queues", "2", "--serial", "guest-disk-1"]);
-
+    let mut args = image_args.to_vec();
+    args.extend_from_slice(&["--num-queues", "2", "--serial", "guest-disk-1"]);
+    let mut daemon = Daemon::start(&sock, &args);
     let log = run_guest(&assets, &sock, &dir.path("console.log"));
     eprintln!("{}", log.lines().filter(|l| l.starts_with("guest:") || l.contains(VERDICT)).collect::<Vec<_>>().join("\n"));
     let verdict = log.lines().find_map(|l| l.trim().strip_prefix(VERDICT)).map(str::to_string);
     assert_eq!(verdict.as_deref(), Some("PASS"), "guest verdict; console:\n{}", tail(&log));
     assert!(log.contains("queues=2"), "guest did not see 2 queues:\n{}", tail(&log));
     assert!(log.contains("serial=guest-disk-1"), "GET_ID serial not seen by the guest:\n{}", tail(&log));
-
-    // The daemon outlives its frontend, then stops cleanly; the host agrees with the guest's fsck.
+    // The daemon outlives its frontend, then stops cleanly.
     daemon.signal(libc::SIGTERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(20)), Some(0));
+}
+
+#[test]
+fn guest_filesystem_survives_checksums_and_fsck() {
+    let dir = TestDir::new("guest");
+    let image = dir.path("disk.raw");
+    sparse_file(&image, 256 << 20);
+    let image_arg = image.to_str().expect("utf-8 path");
+    guest_run(&dir, &["--image", image_arg, "--format", "raw"]);
+    // The host agrees with the guest's fsck.
     let fsck = Command::new("e2fsck").args(["-fn", image_arg]).output().expect("run e2fsck");
     assert!(fsck.status.success(), "host e2fsck: {}", String::from_utf8_lossy(&fsck.stdout));
+}
+
+#[test]
+fn guest_on_qcow2_on_a_loop_device() {
+    let dir = TestDir::new("guest-qcow2");
+    let backing = dir.path("lv.img");
+    sparse_file(&backing, 512 << 20);
+    let lv = LoopDev::attach(&backing);
+    let dev = lv.0.to_str().expect("utf-8 path").to_string();
+    let created = Command::new(env!("CARGO_BIN_EXE_thinblk")).args(["create", &dev, "256M"]).output().expect("create");
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    guest_run(&dir, &["--image", &dev, "--format", "qcow2"]);
+    let check = Command::new("qemu-img").args(["check", "-f", "qcow2", &dev]).output().expect("qemu-img check");
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success() && text.contains("No errors were found"), "{text}");
 }

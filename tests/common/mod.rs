@@ -31,6 +31,24 @@ impl Drop for TestDir {
     }
 }
 
+/// A loop device over a file (standing in for an LV), detached when dropped.
+pub struct LoopDev(pub PathBuf);
+
+impl LoopDev {
+    /// Attaches `file` to the first free loop device.
+    pub fn attach(file: &Path) -> LoopDev {
+        let out = Command::new("losetup").args(["-f", "--show"]).arg(file).output().expect("run losetup");
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        LoopDev(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
 /// Creates a sparse file of `len` bytes.
 pub fn sparse_file(path: &Path, len: u64) {
     let f = std::fs::File::create(path).expect("create image");
