@@ -69,10 +69,10 @@ fn wait_socket(sock: &Path, child: &mut Child) {
     }
 }
 
-fn start_thinblk(image: &Path, sock: &Path) -> Server {
+fn start_thinblk(image: &Path, format: &str, sock: &Path) -> Server {
     let bin = env!("CARGO_BIN_EXE_thinblk");
     let mut child = Command::new(bin)
-        .args(["--image", image.to_str().unwrap(), "--format", "raw", "--num-queues", "1", "--log-level", "warn"])
+        .args(["--image", image.to_str().unwrap(), "--format", format, "--num-queues", "1", "--log-level", "warn"])
         .arg("--socket-path")
         .arg(sock)
         .stdin(Stdio::null())
@@ -82,14 +82,15 @@ fn start_thinblk(image: &Path, sock: &Path) -> Server {
     Server { child }
 }
 
-fn start_qsd(image: &Path, sock: &Path) -> Option<Server> {
+fn start_qsd(image: &Path, format: &str, sock: &Path) -> Option<Server> {
     let mut child = Command::new("qemu-storage-daemon")
         .arg("--blockdev")
         .arg(format!(
             "driver=file,node-name=file0,filename={},aio=io_uring,cache.direct=on",
             image.display()
         ))
-        .args(["--blockdev", "driver=raw,node-name=disk0,file=file0"])
+        .arg("--blockdev")
+        .arg(format!("driver={format},node-name=disk0,file=file0"))
         .arg("--export")
         .arg(format!(
             "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues=1",
@@ -272,25 +273,52 @@ fn main() {
     prefill(&image, size);
     println!("image: {} ({} MiB), {} s per workload, 1 queue", image.display(), size >> 20, secs);
     println!(
-        "{:<18} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} | {:>8} {:>8}",
+        "{:<30} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} | {:>8} {:>8}",
         "workload", "thinblk", "p50us", "p99us", "cpu%", "qsd", "p50us", "p99us", "cpu%", "fio", "p50us", "p99us", "vs qsd", "vs fio"
     );
     let only = std::env::var("THINBLK_BENCH_ONLY").unwrap_or_default();
-    for w in WORKLOADS.into_iter().filter(|w| w.name.contains(only.as_str())) {
+    // qcow2 rows: an allocated image (converted from the raw one), and an empty image made
+    // afresh for each server, where every write allocates a cluster.
+    let allocated = dir.join("allocated.qcow2");
+    let empty = dir.join("empty.qcow2");
+    let qimg = |args: &[&str]| {
+        let st = Command::new("qemu-img").args(args).status().expect("qemu-img");
+        assert!(st.success(), "qemu-img {args:?}");
+    };
+    let rows: Vec<(String, Workload, &'static str, &PathBuf, bool)> = WORKLOADS
+        .iter()
+        .map(|w| (format!("raw {}", w.name), *w, "raw", &image, false))
+        .chain([
+            ("qcow2 alloc 4k randread QD32".to_string(), WORKLOADS[1], "qcow2", &allocated, false),
+            ("qcow2 empty 4k randwrite QD32".to_string(), WORKLOADS[2], "qcow2", &empty, true),
+        ])
+        .filter(|r| r.0.contains(only.as_str()))
+        .collect();
+    if rows.iter().any(|r| r.2 == "qcow2" && !r.4) {
+        qimg(&["convert", "-q", "-O", "qcow2", "-o", "cluster_size=65536", image.to_str().unwrap(), allocated.to_str().unwrap()]);
+    }
+    let fresh = |p: &Path| qimg(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", p.to_str().unwrap(), &size.to_string()]);
+    for (name, w, format, img, recreate) in rows {
         let sock = dir.join("thinblk.sock");
+        if recreate {
+            fresh(img);
+        }
         let t = {
-            let s = start_thinblk(&image, &sock);
+            let s = start_thinblk(img, format, &sock);
             run_blkio(&sock, s.child.id(), size, w, secs)
         };
+        if recreate {
+            fresh(img);
+        }
         let qsock = dir.join("qsd.sock");
-        let q = start_qsd(&image, &qsock).map(|s| run_blkio(&qsock, s.child.id(), size, w, secs));
-        let f = run_fio(&image, w, secs);
+        let q = start_qsd(img, format, &qsock).map(|s| run_blkio(&qsock, s.child.id(), size, w, secs));
+        let f = if format == "raw" { run_fio(img, w, secs) } else { None };
         let qv = q.unwrap_or_default();
         let fv = f.unwrap_or_default();
         let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}x", a / b) } else { "n/a".into() };
         println!(
-            "{:<18} | {:>10.0} {:>8.1} {:>8.1} {:>6.1} | {:>10.0} {:>8.1} {:>8.1} {:>6.1} | {:>10.0} {:>8.1} {:>8.1} | {:>8} {:>8}",
-            w.name, t.iops, t.p50_us, t.p99_us, t.cpu_pct, qv.iops, qv.p50_us, qv.p99_us, qv.cpu_pct,
+            "{:<30} | {:>10.0} {:>8.1} {:>8.1} {:>6.1} | {:>10.0} {:>8.1} {:>8.1} {:>6.1} | {:>10.0} {:>8.1} {:>8.1} | {:>8} {:>8}",
+            name, t.iops, t.p50_us, t.p99_us, t.cpu_pct, qv.iops, qv.p50_us, qv.p99_us, qv.cpu_pct,
             fv.iops, fv.p50_us, fv.p99_us, ratio(t.iops, qv.iops), ratio(t.iops, fv.iops)
         );
     }

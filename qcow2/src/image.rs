@@ -741,6 +741,7 @@ impl Qcow2 {
             self.set_refcount(m, off, 1)?;
         }
         self.allocation.store(m.next_free, Ordering::SeqCst);
+        self.storage.reserve(m.next_free)?;
         Ok(start)
     }
 

@@ -15,6 +15,11 @@ pub trait Storage: Send + Sync {
     fn flush(&self) -> io::Result<()>;
     /// Current size in bytes.
     fn size(&self) -> io::Result<u64>;
+    /// The image will soon use bytes up to `end`: a regular file may grow (sparsely) ahead of
+    /// time so data writes land inside it. Block devices, and the default, do nothing.
+    fn reserve(&self, _end: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A file or block device opened without O_DIRECT, or with it (then every access goes
@@ -23,12 +28,23 @@ pub trait Storage: Send + Sync {
 pub struct FileStorage {
     file: File,
     align: usize,
+    /// Regular files grow ahead of use up to here (0 for block devices: never).
+    grown_to: std::sync::atomic::AtomicU64,
+    regular: bool,
 }
+
+/// How far ahead of use a regular file is grown: writes inside the file's size are plain
+/// overwrites of sparse space, which the kernel completes asynchronously with O_DIRECT;
+/// writes that extend the file are not.
+const GROW_STEP: u64 = 64 << 20;
 
 impl FileStorage {
     /// Wraps `file`; `align` is its direct-IO alignment (1 for buffered files).
     pub fn new(file: File, align: usize) -> FileStorage {
-        FileStorage { file, align: align.max(1) }
+        let meta = file.metadata().ok();
+        let regular = meta.as_ref().map(|m| m.file_type().is_file()).unwrap_or(false);
+        let len = meta.map(|m| m.len()).unwrap_or(0);
+        FileStorage { file, align: align.max(1), grown_to: std::sync::atomic::AtomicU64::new(len), regular }
     }
 
     /// The underlying file.
@@ -123,6 +139,20 @@ impl Storage for FileStorage {
         use std::io::{Seek, SeekFrom};
         // Works for block devices too, unlike metadata().len().
         (&self.file).seek(SeekFrom::End(0))
+    }
+
+    fn reserve(&self, end: u64) -> io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if !self.regular || end <= self.grown_to.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let target = end.div_ceil(GROW_STEP) * GROW_STEP + GROW_STEP;
+        let current = self.file.metadata()?.len();
+        if target > current {
+            self.file.set_len(target)?;
+        }
+        self.grown_to.fetch_max(target.max(current), Ordering::AcqRel);
+        Ok(())
     }
 }
 
