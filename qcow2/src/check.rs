@@ -157,7 +157,8 @@ impl Walker<'_> {
             let id_len = u64::from(u16::from_be_bytes([fixed[12], fixed[13]]));
             let name_len = u64::from(u16::from_be_bytes([fixed[14], fixed[15]]));
             let extra = u64::from(u32::from_be_bytes(fixed[36..40].try_into().unwrap_or([0; 4])));
-            if l1_off % self.cs != 0 || l1_size > crate::header::MAX_L1_ENTRIES {
+            let past_end = l1_off.saturating_add(l1_size * 8) > self.file_clusters * self.cs;
+            if l1_off % self.cs != 0 || l1_size > crate::header::MAX_L1_ENTRIES || past_end {
                 self.report.problem(true, format!("snapshot {n}: bad L1 table {l1_off:#x} ({l1_size} entries)"));
             } else {
                 self.walk_l1(l1_off, l1_size, false)?;
