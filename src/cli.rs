@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// Logical block size reported to the guest.
     #[arg(long, default_value_t = 512, value_parser = parse_lbs)]
     pub logical_block_size: u32,
+    /// Discard handling, as QEMU's `discard=`: `ignore` keeps host space (qcow2 still marks
+    /// the clusters zero), `unmap` releases it (punch hole / discard on the host).
+    #[arg(long, value_enum, default_value_t = DiscardMode::Ignore)]
+    pub discard: DiscardMode,
     /// qcow2 L2 cache size in bytes (K/M/G suffixes); default: enough for the whole disk, up to 32 MiB.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub l2_cache_size: Option<u64>,
@@ -60,6 +64,15 @@ pub struct ServeArgs {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); also THINBLK_LOG.
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+}
+
+/// `--discard` modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DiscardMode {
+    /// Do not pass discards to the host.
+    Ignore,
+    /// Release host space on discard (and on write-zeroes that allow it).
+    Unmap,
 }
 
 /// Tools.

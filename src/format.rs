@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use thinblk_qcow2::{BackingReader, FileStorage, Mapping, OpenOptions, Qcow2, Qcow2Error, Storage};
 use thinblk_vhost::error::ImageError;
-use thinblk_vhost::image::{Extent, HostZero, Target, WriteTicket, ZeroMode};
+use thinblk_vhost::image::{Extent, HostZero, Target, WriteTicket, ZeroMode, ZeroRequest};
 use thinblk_vhost::{image_identity, open_direct, ImageFormat, OpenedFile, RawImage};
 
 /// Deepest backing chain accepted.
@@ -35,6 +35,8 @@ pub struct ImageOptions {
     pub read_only: bool,
     /// qcow2 L2 cache size in bytes (None: the default policy).
     pub l2_cache_bytes: Option<u64>,
+    /// Pass discards to the host (release space): `--discard unmap`.
+    pub discard_unmap: bool,
 }
 
 /// Errors opening an image.
@@ -77,7 +79,7 @@ fn open_err(path: &Path) -> impl Fn(ImageError) -> FormatError + '_ {
 /// Opens `path` as `format`.
 pub fn open_image(path: &Path, format: Format, opts: &ImageOptions) -> Result<Arc<dyn ImageFormat>, FormatError> {
     match format {
-        Format::Raw => RawImage::open(path, opts.read_only)
+        Format::Raw => RawImage::open(path, opts.read_only, opts.discard_unmap)
             .map(|r| Arc::new(r) as Arc<dyn ImageFormat>)
             .map_err(|source| FormatError::Open { path: path.to_path_buf(), source }),
         Format::Qcow2 => Qcow2Format::open(path, opts).map(|q| Arc::new(q) as Arc<dyn ImageFormat>),
@@ -152,6 +154,7 @@ pub struct Qcow2Format {
     alignment: u32,
     physical_block_size: u32,
     identity: String,
+    discard_unmap: bool,
 }
 
 fn storage_for(file: File, info: &OpenedFile) -> Arc<FileStorage> {
@@ -208,6 +211,7 @@ impl Qcow2Format {
             alignment,
             physical_block_size: info.physical_block_size,
             identity: image_identity(path),
+            discard_unmap: opts.discard_unmap,
         })
     }
 
@@ -332,11 +336,19 @@ impl ImageFormat for Qcow2Format {
         self.top.write_done(&ticket.0, ok).map_err(to_image_error)
     }
 
-    fn map_zero(&self, offset: u64, len: u64, _unmap: bool, out: &mut Vec<HostZero>) -> Result<WriteTicket, ImageError> {
+    fn map_zero(&self, offset: u64, len: u64, req: ZeroRequest, out: &mut Vec<HostZero>) -> Result<WriteTicket, ImageError> {
         // Whole clusters get the zero flag and keep their cluster (no reuse while open);
-        // partial ones are zeroed on the host through freshly mapped writes.
+        // partial ones are zeroed on the host through freshly mapped writes. With
+        // `--discard unmap` the flagged clusters' host space is released too.
         let mut partial = Vec::new();
-        let ticket = self.top.zero_range(offset, len, &mut partial).map_err(to_image_error)?;
+        let mut flagged = Vec::new();
+        let ticket = self.top.zero_range(offset, len, &mut partial, &mut flagged).map_err(to_image_error)?;
+        if self.discard_unmap && req.may_unmap() {
+            let cs = self.top.cluster_size();
+            for h in flagged {
+                out.push(HostZero { file: 0, offset: h, len: cs, mode: ZeroMode::PunchHole });
+            }
+        }
         for r in partial {
             if let Mapping::Data(h) = r.mapping {
                 out.push(HostZero { file: 0, offset: h, len: r.len, mode: ZeroMode::WriteZeroes });

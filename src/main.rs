@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
-use thinblk::cli::{default_serial, CheckArgs, Cli, Command, CreateArgs, DemoArgs, Format, Preallocation, ServeArgs, CAPABILITIES};
+use thinblk::cli::{
+    default_serial, CheckArgs, Cli, Command, CreateArgs, DemoArgs, DiscardMode, Format, Preallocation, ServeArgs,
+    CAPABILITIES,
+};
 use thinblk::daemon::{install_signal_thread, serve, Shutdown};
 use thinblk::format::{open_image, ImageOptions};
 use thinblk_vhost::DeviceConfig;
@@ -77,7 +80,11 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         (None, Some(fd)) => inherited_listener(fd)?,
         _ => return Err(Failure::Usage("one of --socket-path or --fd is required".into())),
     };
-    let opts = ImageOptions { read_only: args.read_only, l2_cache_bytes: args.l2_cache_size };
+    let opts = ImageOptions {
+        read_only: args.read_only,
+        l2_cache_bytes: args.l2_cache_size,
+        discard_unmap: args.discard == DiscardMode::Unmap,
+    };
     let image = open_image(&image_path, format, &opts).map_err(|e| Failure::Runtime(e.to_string()))?;
     let serial = args.serial.clone().unwrap_or_else(|| default_serial(&image.identity()));
     let cfg = DeviceConfig {
@@ -209,6 +216,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         logical_block_size: 512,
         serial: Some("thinblk-demo".into()),
         l2_cache_size: None,
+        discard: DiscardMode::Unmap,
         log_level: None,
     };
     let r = run_daemon(serve_args);

@@ -294,3 +294,48 @@ fn kill_9_during_writes_leaves_no_corruption_and_keeps_flushed_data() {
         stop(d);
     }
 }
+
+fn allocated_bytes(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+#[test]
+fn discard_marks_zero_and_releases_host_space_only_with_unmap() {
+    for (mode, releases) in [("unmap", true), ("ignore", false)] {
+        let dir = TestDir::new(&format!("q2-discard-{mode}"));
+        let img = dir.path("d.qcow2");
+        ok(env!("CARGO_BIN_EXE_thinblk"), &["create", s(&img), "64M"]);
+        let d = serve(&dir, &img, &["--discard", mode]);
+        let mut c = Client::connect(&dir.path("sock"), 1).expect("connect");
+        for i in 0..16u64 {
+            assert_eq!(c.write(0, i * MIB, &vec![0xabu8; MIB as usize]), 0);
+        }
+        assert_eq!(c.flush(0), 0);
+        let before = allocated_bytes(&img);
+        let end_before = ok(env!("CARGO_BIN_EXE_thinblk"), &["check", s(&img)]);
+        // 8 MiB of whole clusters plus a partial cluster at each end.
+        assert_eq!(c.discard(0, 4 * MIB - 4096, 8 * MIB + 8192), 0);
+        assert_eq!(c.flush(0), 0);
+        let mut back = Vec::new();
+        for i in 0..4u64 {
+            back.extend(c.read(0, i * 4 * MIB, (4 * MIB) as usize).unwrap());
+        }
+        let (a, b) = ((4 * MIB - 4096) as usize, (12 * MIB + 4096) as usize);
+        assert!(back[a..b].iter().all(|&x| x == 0), "{mode}: discarded range does not read zeroes");
+        assert!(back[..a].iter().chain(&back[b..]).all(|&x| x == 0xab), "{mode}: neighbours changed");
+        drop(c);
+        stop(d);
+        let after = allocated_bytes(&img);
+        if releases {
+            assert!(before - after >= 7 * MIB, "{mode}: only {} bytes released", before.saturating_sub(after));
+        } else {
+            assert!(after + MIB >= before, "{mode}: host space released ({before} -> {after})");
+        }
+        let text = ok("qemu-img", &["check", s(&img)]);
+        assert!(text.contains("No errors were found"), "{mode}: {text}");
+        // Clusters keep their references: the allocation does not move.
+        let end = |t: &str| t.lines().find(|l| l.starts_with("Image end offset:")).map(str::to_string);
+        assert!(end(&text) >= end(&end_before), "{mode}");
+    }
+}

@@ -81,7 +81,7 @@ fn unaligned_guest_buffers_are_bounced() {
 #[test]
 fn discard_and_write_zeroes_read_back_zeroes() {
     let dir = TestDir::new("zeroes");
-    let (_d, _image) = serve_raw(&dir, 16 * MIB, &[]);
+    let (_d, _image) = serve_raw(&dir, 16 * MIB, &["--discard", "unmap"]);
     let mut c = Client::connect(&dir.path("sock"), 2).expect("connect");
     let ones = vec![0xabu8; (4 * MIB) as usize];
     assert_eq!(c.write(0, 0, &ones), 0);

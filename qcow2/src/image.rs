@@ -589,8 +589,16 @@ impl Qcow2 {
     /// Marks `[offset, offset+len)` as reading zeroes (discard / write-zeroes): whole clusters
     /// get the zero flag and keep their host cluster; partial clusters (and every cluster of
     /// a version 2 image, which has no zero flag) are mapped as writes and returned for the
-    /// caller to zero on the host, with the ticket for [`Qcow2::write_done`].
-    pub fn zero_range(&self, offset: u64, len: u64, partial: &mut Vec<MappedRange>) -> Result<Vec<u64>> {
+    /// caller to zero on the host, with the ticket for [`Qcow2::write_done`]. The host
+    /// clusters of whole clusters now flagged zero are appended to `flagged` (the caller may
+    /// release their space on the host; they stay referenced).
+    pub fn zero_range(
+        &self,
+        offset: u64,
+        len: u64,
+        partial: &mut Vec<MappedRange>,
+        flagged: &mut Vec<u64>,
+    ) -> Result<Vec<u64>> {
         self.writable()?;
         self.check_range(offset, len)?;
         let mut ticket = Vec::new();
@@ -627,6 +635,9 @@ impl Qcow2 {
                 } else if raw != (keep | ZERO) {
                     self.ensure_l2_table(&mut m, ci)?;
                     self.set_l2_entry(&mut m, ci, keep | ZERO)?;
+                    if keep & OFFSET_MASK != 0 {
+                        flagged.push(keep & OFFSET_MASK);
+                    }
                 }
             } else {
                 // Partial cluster (or v2): write zeroes through the normal write path.

@@ -101,7 +101,7 @@ fn scenario(cluster: u64, size: u64, ops: usize, cuts: usize, seed: u64) {
         match rng.below(12) {
             0 => {
                 let mut partial = Vec::new();
-                let t = img.zero_range(off, len, &mut partial).expect("zero");
+                let t = img.zero_range(off, len, &mut partial, &mut Vec::new()).expect("zero");
                 for r in &partial {
                     let Mapping::Data(h) = r.mapping else { panic!() };
                     rec.write_at(&vec![0u8; r.len as usize], h).unwrap();

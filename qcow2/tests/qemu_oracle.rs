@@ -84,7 +84,7 @@ impl Disk {
 
     fn zero(&self, off: u64, len: u64) {
         let mut partial = Vec::new();
-        let ticket = self.img.zero_range(off, len, &mut partial).unwrap();
+        let ticket = self.img.zero_range(off, len, &mut partial, &mut Vec::new()).unwrap();
         for r in &partial {
             let Mapping::Data(h) = r.mapping else { panic!() };
             self.st.write_at(&vec![0u8; r.len as usize], h).unwrap();

@@ -70,6 +70,25 @@ pub struct HostZero {
     pub mode: ZeroMode,
 }
 
+/// What kind of zeroing the guest asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroRequest {
+    /// DISCARD: contents become unspecified; host space may be released.
+    Discard,
+    /// WRITE_ZEROES: must read zeroes afterwards; `may_unmap` allows releasing space.
+    WriteZeroes {
+        /// The guest set the unmap flag.
+        may_unmap: bool,
+    },
+}
+
+impl ZeroRequest {
+    /// Whether host space may be released (when the operator allows it).
+    pub fn may_unmap(self) -> bool {
+        matches!(self, ZeroRequest::Discard | ZeroRequest::WriteZeroes { may_unmap: true })
+    }
+}
+
 /// What a mapped write (or zeroing) must report back once its host IO has ended: the
 /// format-private list of allocations it made. Empty (and free) for raw images.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -98,8 +117,8 @@ pub trait ImageFormat: Send + Sync {
     fn write_done(&self, _ticket: WriteTicket, _ok: bool) -> Result<(), ImageError> {
         Ok(())
     }
-    /// Maps a discard (`unmap`) or write-zeroes to host zeroing operations.
-    fn map_zero(&self, offset: u64, len: u64, unmap: bool, out: &mut Vec<HostZero>) -> Result<WriteTicket, ImageError>;
+    /// Maps a discard or write-zeroes to host zeroing operations.
+    fn map_zero(&self, offset: u64, len: u64, req: ZeroRequest, out: &mut Vec<HostZero>) -> Result<WriteTicket, ImageError>;
     /// Writes dirty metadata before the files are synced by a FLUSH.
     fn prepare_flush(&self) -> Result<(), ImageError> {
         Ok(())
@@ -114,6 +133,7 @@ pub struct RawImage {
     alignment: u32,
     physical_block_size: u32,
     identity: String,
+    discard_unmap: bool,
 }
 
 /// `_IOR(0x12, 114, u64)`: size of a block device in bytes.
@@ -173,8 +193,9 @@ pub fn image_identity(path: &Path) -> String {
 }
 
 impl RawImage {
-    /// Opens `path` for zero-copy IO (see [`open_direct`]).
-    pub fn open(path: &Path, read_only: bool) -> Result<Self, ImageError> {
+    /// Opens `path` for zero-copy IO (see [`open_direct`]); `discard_unmap` lets discards
+    /// (and write-zeroes with unmap) release host space.
+    pub fn open(path: &Path, read_only: bool, discard_unmap: bool) -> Result<Self, ImageError> {
         let (file, info) = open_direct(path, read_only)?;
         Ok(RawImage {
             file,
@@ -182,6 +203,7 @@ impl RawImage {
             alignment: info.alignment,
             physical_block_size: info.physical_block_size,
             identity: image_identity(path),
+            discard_unmap,
         })
     }
 }
@@ -247,8 +269,13 @@ impl ImageFormat for RawImage {
         Ok(WriteTicket::default())
     }
 
-    fn map_zero(&self, offset: u64, len: u64, unmap: bool, out: &mut Vec<HostZero>) -> Result<WriteTicket, ImageError> {
-        let mode = if unmap { ZeroMode::PunchHole } else { ZeroMode::ZeroRange };
+    fn map_zero(&self, offset: u64, len: u64, req: ZeroRequest, out: &mut Vec<HostZero>) -> Result<WriteTicket, ImageError> {
+        let mode = match (req, self.discard_unmap) {
+            // Discard with host discard disabled: nothing to do (contents are unspecified).
+            (ZeroRequest::Discard, false) => return Ok(WriteTicket::default()),
+            (r, true) if r.may_unmap() => ZeroMode::PunchHole,
+            _ => ZeroMode::ZeroRange,
+        };
         out.push(HostZero { file: 0, offset, len, mode });
         Ok(WriteTicket::default())
     }
@@ -262,14 +289,23 @@ mod tests {
     fn raw_maps_one_to_one() {
         let dir = std::env::temp_dir().join(format!("thinblk-raw-{}", std::process::id()));
         std::fs::write(&dir, vec![0u8; 8192]).unwrap();
-        let img = RawImage::open(&dir, false).unwrap();
+        let img = RawImage::open(&dir, false, true).unwrap();
         assert_eq!(img.capacity(), 8192);
         let mut ext = Vec::new();
         img.map_read(4096, 512, &mut ext).unwrap();
         assert_eq!(ext, vec![Extent { req_off: 0, len: 512, target: Target::Host { file: 0, offset: 4096 } }]);
         let mut z = Vec::new();
-        img.map_zero(0, 4096, true, &mut z).unwrap();
+        img.map_zero(0, 4096, ZeroRequest::Discard, &mut z).unwrap();
         assert_eq!(z[0].mode, ZeroMode::PunchHole);
+        z.clear();
+        img.map_zero(0, 4096, ZeroRequest::WriteZeroes { may_unmap: false }, &mut z).unwrap();
+        assert_eq!(z[0].mode, ZeroMode::ZeroRange);
+        let ignore = RawImage::open(&dir, false, false).unwrap();
+        z.clear();
+        ignore.map_zero(0, 4096, ZeroRequest::Discard, &mut z).unwrap();
+        assert!(z.is_empty());
+        ignore.map_zero(0, 4096, ZeroRequest::WriteZeroes { may_unmap: true }, &mut z).unwrap();
+        assert_eq!(z[0].mode, ZeroMode::ZeroRange);
         std::fs::remove_file(&dir).unwrap();
     }
 }

@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, Gues
 
 use crate::device::Context;
 use crate::error::{virtio_status, ImageError, Outcome};
-use crate::image::{Extent, HostZero, Target, WriteTicket, ZeroMode};
+use crate::image::{Extent, HostZero, Target, WriteTicket, ZeroMode, ZeroRequest};
 use crate::request::{parse, Request, RequestType, Segment, ID_LEN};
 use crate::uring::{HostOp, Ring};
 
@@ -398,8 +398,12 @@ impl Worker {
                 let mut zeros = std::mem::take(&mut self.zeros);
                 zeros.clear();
                 for r in &req.ranges {
-                    let unmap = req.kind == RequestType::Discard || r.unmap;
-                    match image.map_zero(r.offset, r.len, unmap, &mut zeros) {
+                    let zr = if req.kind == RequestType::Discard {
+                        ZeroRequest::Discard
+                    } else {
+                        ZeroRequest::WriteZeroes { may_unmap: r.unmap }
+                    };
+                    match image.map_zero(r.offset, r.len, zr, &mut zeros) {
                         Err(e) => {
                             self.zeros = zeros;
                             return Err(fail(slot, e));
