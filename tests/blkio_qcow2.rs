@@ -339,3 +339,33 @@ fn discard_marks_zero_and_releases_host_space_only_with_unmap() {
         assert!(end(&text) >= end(&end_before), "{mode}");
     }
 }
+
+#[test]
+fn concurrent_flushes_all_complete_and_persist() {
+    let dir = TestDir::new("q2-flushes");
+    let img = dir.path("f.qcow2");
+    ok(env!("CARGO_BIN_EXE_thinblk"), &["create", s(&img), "32M"]);
+    let d = serve(&dir, &img, &[]);
+    let mut c = Client::connect(&dir.path("sock"), 2).expect("connect");
+    for round in 0..5u64 {
+        assert_eq!(c.write(0, round * MIB, &vec![round as u8 + 1; 65536]), 0);
+        assert_eq!(c.write(1, round * MIB + 8 * MIB, &vec![round as u8 + 1; 4096]), 0);
+        // Several FLUSHes in one batch share one metadata write-back and one sync.
+        assert!(c.flush_many(0, 8).iter().all(|&r| r == 0));
+        assert!(c.flush_many(1, 3).iter().all(|&r| r == 0));
+    }
+    drop(c);
+    // No SIGTERM: whatever the flushes promised must already be on disk.
+    let mut d = d;
+    d.signal(libc::SIGKILL);
+    let _ = d.wait_exit(Duration::from_secs(10));
+    let text = ok("qemu-img", &["check", s(&img)]);
+    assert!(text.contains("No errors were found"), "{text}");
+    let raw = dir.path("f.raw");
+    ok("qemu-img", &["convert", "-O", "raw", s(&img), s(&raw)]);
+    let b = std::fs::read(&raw).unwrap();
+    for round in 0..5usize {
+        assert!(b[round << 20..(round << 20) + 65536].iter().all(|&x| x == round as u8 + 1));
+        assert!(b[(round << 20) + (8 << 20)..(round << 20) + (8 << 20) + 4096].iter().all(|&x| x == round as u8 + 1));
+    }
+}

@@ -14,16 +14,22 @@ const VERDICT: &str = "THINBLK-GUEST-RESULT: ";
 /// Upper bound for one guest run (boot + test + poweroff under TCG).
 const GUEST_LIMIT: Duration = Duration::from_secs(420);
 
+/// Builds the guest kernel and initramfs once per test process (the script also locks).
 fn assets() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = root.join("target/vm-assets");
-    let st = Command::new("bash")
-        .arg(root.join("tests/vm/build-assets.sh"))
-        .arg(&out)
-        .status()
-        .expect("run tests/vm/build-assets.sh");
-    assert!(st.success(), "building guest assets failed (needs busybox-static, e2fsprogs, cpio: see .ci/run)");
-    out
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = root.join("target/vm-assets");
+        let st = Command::new("bash").arg(root.join("tests/vm/build-assets.sh")).arg(&out).status();
+        match st {
+            Ok(s) if s.success() => Ok(out),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    match built {
+        Ok(p) => p.clone(),
+        Err(e) => panic!("building guest assets failed ({e}); needs busybox-static, e2fsprogs, cpio: see .ci/run"),
+    }
 }
 
 /// Runs QEMU until it exits or the limit passes; returns the console log.

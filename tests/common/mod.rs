@@ -208,6 +208,23 @@ impl Client {
         self.wait_one(q)
     }
 
+    /// Queues `n` FLUSHes at once on queue `q` and returns their results.
+    pub fn flush_many(&mut self, q: usize, n: usize) -> Vec<i32> {
+        for i in 0..n {
+            self.queues[q].flush(i, ReqFlags::empty());
+        }
+        let mut c: Vec<MaybeUninit<Completion>> = (0..n).map(|_| MaybeUninit::uninit()).collect();
+        let mut got = Vec::new();
+        while got.len() < n {
+            let mut timeout = Duration::from_secs(30);
+            let k = self.queues[q].do_io(&mut c, 1, Some(&mut timeout), None).expect("do_io");
+            assert!(k > 0, "flushes did not complete");
+            // SAFETY: do_io initialised the first k completions.
+            got.extend(c[..k].iter().map(|x| unsafe { x.assume_init_ref() }.ret));
+        }
+        got
+    }
+
     /// Discards a range.
     pub fn discard(&mut self, q: usize, offset: u64, len: u64) -> i32 {
         self.queues[q].discard(offset, len, 0, ReqFlags::empty());

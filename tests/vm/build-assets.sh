@@ -6,6 +6,9 @@ set -euo pipefail
 out=${1:?usage: build-assets.sh DIR}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
+# One build at a time (tests run in parallel, and several test binaries may ask).
+exec 9>"$out/.lock"
+flock 9
 stamp="$out/.inputs"
 inputs=$(sha256sum "$here/guest-init" "$0" | sha256sum | cut -c1-16)
 if [ -f "$out/vmlinuz" ] && [ -f "$out/initramfs.cpio.gz" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$inputs" ]; then

@@ -129,6 +129,8 @@ struct Pending {
     mem: Arc<Mem>,
     /// Allocations to report to the format when the host IO has ended.
     tickets: Vec<WriteTicket>,
+    /// Further FLUSH requests served by this one's sync (head, status address).
+    joined: Vec<(u16, GuestAddress)>,
 }
 
 /// What kind of host op an in-flight ring entry is, for completion handling.
@@ -200,6 +202,9 @@ pub struct Worker {
     needs_signal: bool,
     extents: Vec<Extent>,
     zeros: Vec<HostZero>,
+    /// A FLUSH queued in the current kick batch that later FLUSHes may join, as long as no
+    /// request completes in between.
+    flush_batch: Option<usize>,
 }
 
 impl Worker {
@@ -216,6 +221,7 @@ impl Worker {
             needs_signal: false,
             extents: Vec::new(),
             zeros: Vec::new(),
+            flush_batch: None,
         })
     }
 
@@ -244,6 +250,7 @@ impl Worker {
             while let Some(chain) = self.pop(vring, &mem, stopping) {
                 let parsed = parse(chain, &ctx.limits());
                 match (parsed.request, parsed.status) {
+                    (Ok(req), Some(status)) if req.kind == RequestType::Flush && self.join_flush(parsed.head, status) => {}
                     (Ok(req), Some(status)) => self.start(ctx, &mem, parsed.head, status, req),
                     (Err(e), status) => {
                         tracing::debug!(queue = self.queue, error = %e, "rejected request");
@@ -257,9 +264,21 @@ impl Worker {
                 break;
             }
         }
+        self.flush_batch = None;
         self.ring.submit()?;
         self.signal(vring);
         Ok(())
+    }
+
+    /// Lets a FLUSH share the sync of one queued earlier in this batch; false if none can.
+    fn join_flush(&mut self, head: u16, status: GuestAddress) -> bool {
+        let Some(p) = self.flush_batch.and_then(|slot| self.pending.get_mut(slot)) else { return false };
+        if p.kind != RequestType::Flush {
+            return false;
+        }
+        p.joined.push((head, status));
+        tracing::trace!(queue = self.queue, joined = p.joined.len(), "FLUSH joined a queued FLUSH");
+        true
     }
 
     /// Handles the ring's completion eventfd.
@@ -359,6 +378,7 @@ impl Worker {
             bounce: None,
             mem: mem.clone(),
             tickets: Vec::new(),
+            joined: Vec::new(),
         });
         let fail = |slot: usize, e: ImageError| (Some(slot), Outcome::Image(e));
         match req.kind {
@@ -389,6 +409,7 @@ impl Worker {
             }
             RequestType::Flush => {
                 image.prepare_flush().map_err(|e| fail(slot, e))?;
+                self.flush_batch = Some(slot);
                 for file in 0..image.files().len() as u32 {
                     self.queue_op(slot, Op { slot, kind: OpKind::Sync, file, offset: 0, iov: Vec::new() })
                         .map_err(|e| (Some(slot), Outcome::HostIo(e.raw_os_error().unwrap_or(libc::EIO))))?;
@@ -673,13 +694,16 @@ impl Worker {
             }
         };
         let data = if p.kind == RequestType::Read && errno.is_none() { p.data_len as u32 } else { 0 };
-        if publish {
-            if let Some(v) = self.vring.clone() {
-                self.finish_sync(&v, &p.mem, p.head, Some(p.status), &outcome, data);
-                return;
+        let vring = if publish { self.vring.clone() } else { None };
+        for (head, status) in std::iter::once((p.head, p.status)).chain(p.joined.iter().copied()) {
+            match &vring {
+                Some(v) => self.finish_sync(v, &p.mem, head, Some(status), &outcome, data),
+                None => {
+                    self.flush_batch = None;
+                    self.inflight.done();
+                }
             }
         }
-        self.inflight.done();
     }
 
     /// Writes the status byte and returns the chain to the guest.
@@ -701,6 +725,8 @@ impl Worker {
         if let Err(e) = vring.add_used(head, used) {
             tracing::error!(queue = self.queue, error = ?e, "could not add to the used ring");
         }
+        // A completion the guest can see: a later FLUSH may have to cover it.
+        self.flush_batch = None;
         self.needs_signal = true;
         self.inflight.done();
     }
