@@ -122,6 +122,24 @@ pub struct Qcow2 {
     allocation: AtomicU64,
 }
 
+/// Reads a table of big-endian offsets and checks every entry points at a whole cluster
+/// inside the image.
+fn read_table(st: &dyn Storage, what: &str, off: u64, bytes: u64, mask: u64, cs: u64, file_size: u64) -> Result<Vec<u64>> {
+    let mut raw = vec![0u8; bytes as usize];
+    st.read_at(&mut raw, off)?;
+    let table = be64s(&raw);
+    for (i, e) in table.iter().enumerate() {
+        let target = e & mask;
+        if target % cs != 0 {
+            return corrupt(format!("{what} entry {i} points to unaligned offset {target:#x}"));
+        }
+        if target != 0 && target.saturating_add(cs) > file_size {
+            return corrupt(format!("{what} entry {i} points past the end of the image ({target:#x})"));
+        }
+    }
+    Ok(table)
+}
+
 fn be64s(buf: &[u8]) -> Vec<u64> {
     buf.chunks_exact(8)
         .map(|c| {
@@ -156,31 +174,10 @@ impl Qcow2 {
         }
         let header = Header::parse(&first, file_size)?;
         let cs = header.cluster_size();
-        let mut l1_raw = vec![0u8; header.l1_size as usize * 8];
-        storage.read_at(&mut l1_raw, header.l1_table_offset)?;
-        let l1 = be64s(&l1_raw);
-        for (i, e) in l1.iter().enumerate() {
-            let off = e & OFFSET_MASK;
-            if off % cs != 0 {
-                return corrupt(format!("L1 entry {i} points to unaligned offset {off:#x}"));
-            }
-            if off != 0 && off.saturating_add(cs) > file_size {
-                return corrupt(format!("L1 entry {i} points past the end of the image ({off:#x})"));
-            }
-        }
+        let l1 = read_table(storage.as_ref(), "L1", header.l1_table_offset, u64::from(header.l1_size) * 8, OFFSET_MASK, cs, file_size)?;
         let rt_bytes = u64::from(header.refcount_table_clusters) * cs;
-        let mut rt_raw = vec![0u8; rt_bytes as usize];
-        storage.read_at(&mut rt_raw, header.refcount_table_offset)?;
-        let reftable = be64s(&rt_raw);
-        for (i, e) in reftable.iter().enumerate() {
-            let off = e & REFTABLE_OFFSET_MASK;
-            if off % cs != 0 {
-                return corrupt(format!("refcount table entry {i} unaligned ({off:#x})"));
-            }
-            if off != 0 && off.saturating_add(cs) > file_size {
-                return corrupt(format!("refcount block {i} past the end of the image ({off:#x})"));
-            }
-        }
+        let reftable =
+            read_table(storage.as_ref(), "refcount table", header.refcount_table_offset, rt_bytes, REFTABLE_OFFSET_MASK, cs, file_size)?;
         let l2_tables_for_disk = l1.len().max(1) as u64;
         let cache_bytes = opts.l2_cache_bytes.unwrap_or((l2_tables_for_disk * cs).min(DEFAULT_L2_CACHE_MAX));
         let l2_capacity = (cache_bytes / cs).max(2) as usize;

@@ -4,6 +4,10 @@
 //! with no corruption (leaks allowed), and every write acknowledged before the last completed
 //! guest FLUSH must read back.
 
+mod common;
+
+use common::Rng;
+
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -44,18 +48,6 @@ impl Storage for Recorder {
     }
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn apply(img: &mut Vec<u8>, off: u64, data: &[u8]) {
     let end = off as usize + data.len();

@@ -2,6 +2,10 @@
 //! by qemu-io, with compressed clusters and a backing name) through open, map, read, check.
 //! The same property `fuzz/` explores with libFuzzer; this one runs in every CI run.
 
+mod common;
+
+use common::Rng;
+
 use std::process::Command;
 use std::sync::Arc;
 
@@ -48,15 +52,6 @@ fn exercise(bytes: Vec<u8>) {
     let _ = img.map_read(u64::MAX - 10, 20, &mut out);
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 #[test]
 fn mutated_images_never_panic() {

@@ -1,6 +1,10 @@
 //! The engine against qemu-img / qemu-io: images we write must check clean and compare
 //! equal to a raw reference; images QEMU writes must read back exactly.
 
+mod common;
+
+use common::Rng;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -93,21 +97,6 @@ impl Disk {
     }
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn fill(&mut self, b: &mut [u8]) {
-        for c in b.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
 
 fn new_image(p: &Path, size: u64, cs: u64) {
     let f = std::fs::File::create(p).unwrap();
