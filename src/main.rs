@@ -76,7 +76,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
     let image_path = args.image.clone().ok_or_else(|| Failure::Usage("--image is required".into()))?;
     let format = args.format.ok_or_else(|| Failure::Usage("--format raw|qcow2 is required (formats are never probed)".into()))?;
     let listener = match (&args.socket_path, args.fd) {
-        (Some(p), None) => Listener::new(p, true).map_err(|e| Failure::Runtime(format!("cannot listen on {}: {e}", p.display())))?,
+        (Some(p), None) => listen_atomically(p).map_err(|e| Failure::Runtime(format!("cannot listen on {}: {e}", p.display())))?,
         (None, Some(fd)) => inherited_listener(fd)?,
         _ => return Err(Failure::Usage("one of --socket-path or --fd is required".into())),
     };
@@ -107,7 +107,25 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
     );
     let shutdown = Shutdown::new().map_err(|e| Failure::Runtime(e.to_string()))?;
     install_signal_thread(shutdown.clone()).map_err(|e| Failure::Runtime(e.to_string()))?;
-    serve(image, &cfg, listener, &shutdown).map_err(|e| Failure::Runtime(e.to_string()))
+    let result = serve(image, &cfg, listener, &shutdown).map_err(|e| Failure::Runtime(e.to_string()));
+    if let Some(p) = &args.socket_path {
+        let _ = std::fs::remove_file(p);
+    }
+    result
+}
+
+/// Binds and listens under a temporary name, then renames onto `path`: the socket appears
+/// (replacing a stale one) only once it accepts connections.
+fn listen_atomically(path: &Path) -> std::io::Result<Listener> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(Listener::from(listener))
 }
 
 fn inherited_listener(fd: i32) -> Result<Listener, Failure> {

@@ -71,6 +71,9 @@ pub trait BackingReader: Send + Sync {
 struct L2Table {
     entries: Vec<u64>,
     dirty: bool,
+    /// Its contents are being written back: it must not be evicted (the disk copy may
+    /// still be older than this one).
+    flushing: bool,
     last_use: AtomicU64,
 }
 
@@ -105,7 +108,29 @@ struct Meta {
     next_free: u64,
     pending: HashMap<u64, Pending>,
     new_l2_since_flush: bool,
+    /// The L2 cache holds more tables than its capacity (all dirty): flush soon.
+    over_capacity: bool,
     tick: u64,
+}
+
+/// Dirty metadata copied at one instant under the lock, written back without it. Because
+/// every table is copied at the same instant, every L2 link in the copy has its refcount
+/// in the copy too, so writing refcounts first keeps QEMU's ordering.
+#[derive(Default)]
+struct WriteBack {
+    refblocks: Vec<(u64, u64, Vec<u8>)>,
+    reftable: Option<(u64, Vec<u8>)>,
+    header: Option<(u64, u32)>,
+    old_reftable: Option<(u64, u64)>,
+    l2s: Vec<(u64, Vec<u8>)>,
+    l1: Option<Vec<u8>>,
+    new_l2: bool,
+}
+
+impl WriteBack {
+    fn is_empty(&self) -> bool {
+        self.refblocks.is_empty() && self.reftable.is_none() && self.header.is_none() && self.l2s.is_empty() && self.l1.is_none()
+    }
 }
 
 /// An open qcow2 image.
@@ -119,6 +144,8 @@ pub struct Qcow2 {
     zeroes_from: u64,
     backing: Option<Arc<dyn BackingReader>>,
     meta: RwLock<Meta>,
+    /// Serializes write-backs, so a later one never writes older copies than an earlier one.
+    flush_serial: std::sync::Mutex<()>,
     allocation: AtomicU64,
 }
 
@@ -199,6 +226,7 @@ impl Qcow2 {
             next_free: 0,
             pending: HashMap::new(),
             new_l2_since_flush: false,
+            over_capacity: false,
             tick: 0,
         };
         let img = Qcow2 {
@@ -211,6 +239,7 @@ impl Qcow2 {
             backing: None,
             header,
             meta: RwLock::new(meta),
+            flush_serial: std::sync::Mutex::new(()),
             allocation: AtomicU64::new(0),
         };
         let end = img.compute_end()?;
@@ -329,25 +358,33 @@ impl Qcow2 {
             let victim = m
                 .l2
                 .iter()
-                .filter(|(_, t)| !t.dirty)
+                .filter(|(_, t)| !t.dirty && !t.flushing)
                 .min_by_key(|(_, t)| t.last_use.load(Ordering::Relaxed))
                 .map(|(k, _)| *k);
             match victim {
                 Some(k) => {
                     m.l2.remove(&k);
                 }
-                None => {
-                    // Everything is dirty: write metadata back (in order), then evict.
-                    self.flush_locked(m)?;
-                    if let Some(k) = m.l2.keys().next().copied() {
-                        m.l2.remove(&k);
-                    }
-                }
+                // Everything is dirty: hold it over capacity; the writer flushes after it
+                // drops the lock (no IO under the lock here).
+                None => m.over_capacity = true,
             }
         }
         m.tick += 1;
-        let t = L2Table { entries, dirty, last_use: AtomicU64::new(m.tick) };
+        let t = L2Table { entries, dirty, flushing: false, last_use: AtomicU64::new(m.tick) };
         m.l2.insert(off, t);
+        Ok(())
+    }
+
+    /// Flushes if the L2 cache overflowed with dirty tables. Call with no lock held.
+    fn relieve_cache(&self) -> Result<()> {
+        let over = self.meta.read().map(|m| m.over_capacity).unwrap_or(false);
+        if over {
+            self.flush_metadata()?;
+            if let Ok(mut m) = self.meta.write() {
+                m.over_capacity = false;
+            }
+        }
         Ok(())
     }
 
@@ -477,6 +514,8 @@ impl Qcow2 {
             pos += n;
         }
         self.allocation.store(m.next_free, Ordering::SeqCst);
+        drop(m);
+        self.relieve_cache()?;
         Ok(ticket)
     }
 
@@ -657,7 +696,8 @@ impl Qcow2 {
             self.ensure_l2_table(&mut m, i * self.l2_entries)?;
         }
         self.allocation.store(m.next_free, Ordering::SeqCst);
-        self.flush_locked(&mut m)
+        drop(m);
+        self.flush_metadata()
     }
 
     fn ensure_l2_table(&self, m: &mut Meta, ci: u64) -> Result<()> {
@@ -808,91 +848,154 @@ impl Qcow2 {
     /// Writes all dirty metadata back in QEMU's order:
     /// refcount blocks (and a relocated refcount table) → sync → header → sync →
     /// L2 tables → sync (only if an L1 entry now points at a new table) → L1 → sync.
+    ///
+    /// The metadata lock is held only to copy what is dirty; the IO runs without it, so
+    /// mapping (reads of allocated clusters above all) goes on during a FLUSH.
     pub fn flush_metadata(&self) -> Result<()> {
         if self.read_only.is_some() {
             return Ok(());
         }
-        let mut m = self.meta.write().map_err(|_| poisoned())?;
-        self.flush_locked(&mut m)
+        let _serial = self.flush_serial.lock().map_err(|_| poisoned())?;
+        // A pass that moved the refcount table frees the old one: one more pass writes that.
+        for _ in 0..3 {
+            let wb = {
+                let mut m = self.meta.write().map_err(|_| poisoned())?;
+                self.take_writeback(&mut m)?
+            };
+            if wb.is_empty() {
+                return Ok(());
+            }
+            let result = self.write_back(&wb);
+            let mut m = self.meta.write().map_err(|_| poisoned())?;
+            for (off, _) in &wb.l2s {
+                if let Some(t) = m.l2.get_mut(off) {
+                    t.flushing = false;
+                }
+            }
+            if let Err(e) = result {
+                self.restore_dirty(&mut m, wb);
+                return Err(e);
+            }
+            match wb.old_reftable {
+                Some((off, n)) => {
+                    for i in 0..n {
+                        self.set_refcount(&mut m, off + i * self.cluster_size, 0)?;
+                    }
+                }
+                None => return Ok(()),
+            }
+        }
+        Ok(())
     }
 
-    /// Writes dirty refcount blocks and a dirty refcount table; true if anything was written.
-    fn write_refcounts(&self, m: &mut Meta) -> Result<bool> {
-        let mut wrote = false;
-        let mut dirty_blocks: Vec<u64> = m.refblocks.iter().filter(|(_, b)| b.dirty).map(|(i, _)| *i).collect();
-        dirty_blocks.sort_unstable();
-        for idx in dirty_blocks {
+    /// Copies everything dirty and marks it clean (L2 tables: under write-back).
+    fn take_writeback(&self, m: &mut Meta) -> Result<WriteBack> {
+        let mut wb = WriteBack::default();
+        let mut idxs: Vec<u64> = m.refblocks.iter().filter(|(_, b)| b.dirty).map(|(i, _)| *i).collect();
+        idxs.sort_unstable();
+        for idx in idxs {
             let off = m.reftable.get(idx as usize).map(|e| e & REFTABLE_OFFSET_MASK).unwrap_or(0);
             if off == 0 {
                 return corrupt(format!("dirty refcount block {idx} has no table entry"));
             }
             if let Some(b) = m.refblocks.get_mut(&idx) {
-                let raw: Vec<u8> = b.counts.iter().flat_map(|c| c.to_be_bytes()).collect();
-                self.storage.write_at(&raw, off)?;
+                wb.refblocks.push((idx, off, b.counts.iter().flat_map(|c| c.to_be_bytes()).collect()));
                 b.dirty = false;
-                wrote = true;
             }
         }
         if m.reftable_dirty {
-            self.storage.write_at(&to_be64s(&m.reftable), m.reftable_offset)?;
+            wb.reftable = Some((m.reftable_offset, to_be64s(&m.reftable)));
             m.reftable_dirty = false;
-            wrote = true;
         }
-        Ok(wrote)
-    }
-
-    fn flush_locked(&self, m: &mut Meta) -> Result<()> {
-        let cs = self.cluster_size;
-        // 1. Refcounts first: a cluster is never referenced before it is counted.
-        if self.write_refcounts(m)? {
-            self.storage.flush()?;
-        }
-        // 2. The header, if the refcount table moved or autoclear bits must go.
         if self.header.version >= 3 && m.autoclear != 0 {
             m.autoclear = 0;
             m.header_dirty = true;
         }
         if m.header_dirty {
-            let mut f = [0u8; 12];
-            f[..8].copy_from_slice(&m.reftable_offset.to_be_bytes());
-            f[8..].copy_from_slice(&(m.reftable_clusters as u32).to_be_bytes());
-            self.storage.write_at(&f, 48)?;
-            if self.header.version >= 3 {
-                self.storage.write_at(&0u64.to_be_bytes(), 88)?;
-            }
-            self.storage.flush()?;
+            wb.header = Some((m.reftable_offset, m.reftable_clusters as u32));
+            wb.old_reftable = m.old_reftable.take();
             m.header_dirty = false;
-            if let Some((off, n)) = m.old_reftable.take() {
-                for i in 0..n {
-                    self.set_refcount(m, off + i * cs, 0)?;
-                }
-                // Releasing only lowers refcounts: no ordering constraint, one more sync.
-                if self.write_refcounts(m)? {
-                    self.storage.flush()?;
-                }
-            }
         }
-        // 3. L2 tables, then the L1 entries that point at them.
-        let mut wrote_l2 = false;
         let mut keys: Vec<u64> = m.l2.iter().filter(|(_, t)| t.dirty).map(|(k, _)| *k).collect();
         keys.sort_unstable();
         for off in keys {
             if let Some(t) = m.l2.get_mut(&off) {
-                self.storage.write_at(&to_be64s(&t.entries), off)?;
+                wb.l2s.push((off, to_be64s(&t.entries)));
                 t.dirty = false;
-                wrote_l2 = true;
+                t.flushing = true;
             }
         }
         if m.l1_dirty {
-            if m.new_l2_since_flush {
-                self.storage.flush()?;
-            }
-            self.storage.write_at(&to_be64s(&m.l1), self.header.l1_table_offset)?;
+            wb.l1 = Some(to_be64s(&m.l1));
+            wb.new_l2 = m.new_l2_since_flush;
             m.l1_dirty = false;
             m.new_l2_since_flush = false;
-            wrote_l2 = true;
         }
-        if wrote_l2 {
+        Ok(wb)
+    }
+
+    /// After a failed write-back, everything it carried is dirty again.
+    fn restore_dirty(&self, m: &mut Meta, wb: WriteBack) {
+        for (idx, _, _) in &wb.refblocks {
+            if let Some(b) = m.refblocks.get_mut(idx) {
+                b.dirty = true;
+            }
+        }
+        if wb.reftable.is_some() {
+            m.reftable_dirty = true;
+        }
+        if wb.header.is_some() {
+            m.header_dirty = true;
+            if m.old_reftable.is_none() {
+                m.old_reftable = wb.old_reftable;
+            }
+        }
+        for (off, _) in &wb.l2s {
+            if let Some(t) = m.l2.get_mut(off) {
+                t.dirty = true;
+            }
+        }
+        if wb.l1.is_some() {
+            m.l1_dirty = true;
+            m.new_l2_since_flush |= wb.new_l2;
+        }
+    }
+
+    /// The IO of a write-back, in order, with no lock held.
+    fn write_back(&self, wb: &WriteBack) -> Result<()> {
+        // 1. Refcounts first: a cluster is never referenced before it is counted.
+        for (_, off, raw) in &wb.refblocks {
+            self.storage.write_at(raw, *off)?;
+        }
+        if let Some((off, raw)) = &wb.reftable {
+            self.storage.write_at(raw, *off)?;
+        }
+        if !wb.refblocks.is_empty() || wb.reftable.is_some() {
+            self.storage.flush()?;
+        }
+        // 2. The header, once the refcount table it points at is durable.
+        if let Some((rt_off, rt_clusters)) = wb.header {
+            let mut f = [0u8; 12];
+            f[..8].copy_from_slice(&rt_off.to_be_bytes());
+            f[8..].copy_from_slice(&rt_clusters.to_be_bytes());
+            self.storage.write_at(&f, 48)?;
+            if self.header.version >= 3 {
+                // Autoclear features we do not maintain are dropped (as the spec requires).
+                self.storage.write_at(&0u64.to_be_bytes(), 88)?;
+            }
+            self.storage.flush()?;
+        }
+        // 3. L2 tables, then the L1 entries that point at them.
+        for (off, raw) in &wb.l2s {
+            self.storage.write_at(raw, *off)?;
+        }
+        if let Some(raw) = &wb.l1 {
+            if wb.new_l2 {
+                self.storage.flush()?;
+            }
+            self.storage.write_at(raw, self.header.l1_table_offset)?;
+        }
+        if !wb.l2s.is_empty() || wb.l1.is_some() {
             self.storage.flush()?;
         }
         Ok(())

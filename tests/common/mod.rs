@@ -70,7 +70,7 @@ impl Daemon {
             .arg("--socket-path")
             .arg(socket)
             .args(args)
-            .env("THINBLK_LOG", "info")
+            .env("THINBLK_LOG", std::env::var("THINBLK_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn thinblk");
