@@ -205,6 +205,8 @@ pub struct Worker {
     /// A FLUSH queued in the current kick batch that later FLUSHes may join, as long as no
     /// request completes in between.
     flush_batch: Option<usize>,
+    /// Requests rejected so far (for rate-limited logging).
+    rejected: u64,
 }
 
 impl Worker {
@@ -222,6 +224,7 @@ impl Worker {
             extents: Vec::new(),
             zeros: Vec::new(),
             flush_batch: None,
+            rejected: 0,
         })
     }
 
@@ -240,20 +243,27 @@ impl Worker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
-        let Some(mem) = ctx.memory() else { return Ok(()) };
         let event_idx = ctx.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
             }
             let stopping = ctx.stopping.load(Ordering::SeqCst);
-            while let Some(chain) = self.pop(vring, &mem, stopping) {
+            // The memory map is fetched per chain: the frontend may add a region (acked)
+            // and use it in its next request while this loop is still running.
+            while let Some((chain, mem)) = self.pop(ctx, vring, stopping) {
                 let parsed = parse(chain, &ctx.limits());
                 match (parsed.request, parsed.status) {
                     (Ok(req), Some(status)) if req.kind == RequestType::Flush && self.join_flush(parsed.head, status) => {}
                     (Ok(req), Some(status)) => self.start(ctx, &mem, parsed.head, status, req),
                     (Err(e), status) => {
-                        tracing::debug!(queue = self.queue, error = %e, "rejected request");
+                        self.rejected += 1;
+                        // Rate-limited: a guest must not be able to flood the log.
+                        if self.rejected <= 10 || self.rejected % 1000 == 0 {
+                            tracing::warn!(queue = self.queue, error = %e, total = self.rejected, "rejected request");
+                        } else {
+                            tracing::debug!(queue = self.queue, error = %e, "rejected request");
+                        }
                         let outcome = Outcome::Invalid(e);
                         self.finish_sync(vring, &mem, parsed.head, status, &outcome, 0);
                     }
@@ -307,15 +317,16 @@ impl Worker {
         Ok(())
     }
 
-    fn pop(&mut self, vring: &Vring, mem: &Arc<Mem>, stopping: bool) -> Option<virtio_queue::DescriptorChain<Arc<Mem>>> {
+    fn pop(&mut self, ctx: &Context, vring: &Vring, stopping: bool) -> Option<(virtio_queue::DescriptorChain<Arc<Mem>>, Arc<Mem>)> {
         let mut state = vring.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() || stopping {
             return None;
         }
+        let mem = ctx.memory()?;
         let chain = state.get_queue_mut().pop_descriptor_chain(mem.clone())?;
         // Counted while the vring lock is held, so stop_vring never misses it.
         self.inflight.add();
-        Some(chain)
+        Some((chain, mem))
     }
 
     fn start(&mut self, ctx: &Context, mem: &Arc<Mem>, head: u16, status: GuestAddress, req: Request) {
