@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Client, Daemon, Rng, TestDir};
+use common::{Client, Daemon, LoopDev, Rng, TestDir};
 
 const MIB: u64 = 1 << 20;
 
@@ -368,4 +368,34 @@ fn concurrent_flushes_all_complete_and_persist() {
         assert!(b[round << 20..(round << 20) + 65536].iter().all(|&x| x == round as u8 + 1));
         assert!(b[(round << 20) + (8 << 20)..(round << 20) + (8 << 20) + 4096].iter().all(|&x| x == round as u8 + 1));
     }
+}
+
+#[test]
+fn partial_writes_on_a_dirty_block_device_read_zeroes_around_them() {
+    // A block device is not known to read zeroes: new clusters must be zero-filled around
+    // partial writes. The "LV" is full of garbage to make a missing fill visible.
+    let dir = TestDir::new("q2-dirtylv");
+    let backing = dir.path("lv.img");
+    std::fs::write(&backing, vec![0xaau8; (48 * MIB) as usize]).unwrap();
+    let lv = LoopDev::attach(&backing);
+    let dev = lv.0.to_str().unwrap().to_string();
+    ok(env!("CARGO_BIN_EXE_thinblk"), &["create", &dev, "32M"]);
+    let d = Daemon::start(&dir.path("sock"), &["--image", &dev, "--format", "qcow2"]);
+    let mut c = Client::connect(&dir.path("sock"), 1).expect("connect");
+    let mut model = vec![0u8; (32 * MIB) as usize];
+    for (off, len, v) in [(8192u64, 4096usize, 1u8), (100 * 1024, 512, 2), (5 * MIB + 60 * 1024, 8192, 3), (31 * MIB, 65536, 4)] {
+        assert_eq!(c.write(0, off, &vec![v; len]), 0);
+        model[off as usize..off as usize + len].fill(v);
+    }
+    for chunk in 0..8u64 {
+        let got = c.read(0, chunk * 4 * MIB, (4 * MIB) as usize).unwrap();
+        assert!(got == model[(chunk * 4 * MIB) as usize..((chunk + 1) * 4 * MIB) as usize], "chunk {chunk}: garbage around a partial write");
+    }
+    drop(c);
+    stop(d);
+    let text = ok("qemu-img", &["check", "-f", "qcow2", &dev]);
+    assert!(text.contains("No errors were found"), "{text}");
+    let raw = dir.path("ref.raw");
+    std::fs::write(&raw, &model).unwrap();
+    ok("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", &dev, s(&raw)]);
 }

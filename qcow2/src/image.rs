@@ -572,11 +572,18 @@ impl Qcow2 {
                 b
             }
             _ => {
-                // Zeroes: nothing to write where the host is known to read zeroes.
+                // Zeroes: nothing to write where the host is known to read zeroes; elsewhere
+                // the storage zeroes without moving data where it can.
                 if host >= self.zeroes_from {
                     return Ok(());
                 }
-                vec![0u8; cs as usize]
+                if in_off > 0 {
+                    self.storage.write_zeroes(host, in_off)?;
+                }
+                if in_off + n < cs {
+                    self.storage.write_zeroes(host + in_off + n, cs - in_off - n)?;
+                }
+                return Ok(());
             }
         };
         let (a, b) = (in_off as usize, (in_off + n) as usize);

@@ -15,6 +15,17 @@ pub trait Storage: Send + Sync {
     fn flush(&self) -> io::Result<()>;
     /// Current size in bytes.
     fn size(&self) -> io::Result<u64>;
+    /// Zeroes `len` bytes at `offset` (the default writes a zero buffer).
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let chunk = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            self.write_at(&chunk[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
     /// The image will soon use bytes up to `end`: a regular file may grow (sparsely) ahead of
     /// time so data writes land inside it. Block devices, and the default, do nothing.
     fn reserve(&self, _end: u64) -> io::Result<()> {
@@ -139,6 +150,34 @@ impl Storage for FileStorage {
         use std::io::{Seek, SeekFrom};
         // Works for block devices too, unlike metadata().len().
         (&self.file).seek(SeekFrom::End(0))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let aligned = offset % 512 == 0 && len % 512 == 0;
+        if aligned && !self.regular {
+            // BLKZEROOUT: the device zeroes (or unmaps with zeroing) without a data transfer.
+            const BLKZEROOUT: libc::c_ulong = 0x127f;
+            let range = [offset, len];
+            // SAFETY: BLKZEROOUT reads a [u64; 2] (start, length) that outlives the call.
+            if unsafe { libc::ioctl(self.file.as_raw_fd(), BLKZEROOUT, range.as_ptr()) } == 0 {
+                return Ok(());
+            }
+        } else if aligned {
+            // SAFETY: plain syscall on our own fd.
+            if unsafe { libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, offset as i64, len as i64) } == 0 {
+                return Ok(());
+            }
+        }
+        // Not supported here: write a zero buffer.
+        let chunk = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            self.write_at(&chunk[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
     }
 
     fn reserve(&self, end: u64) -> io::Result<()> {
