@@ -254,6 +254,16 @@ fn prefill(image: &Path, size: u64) {
     f.sync_all().expect("sync");
 }
 
+/// Reads the whole image once (buffered) so every server starts from the same host-side
+/// cache state: whoever ran first would otherwise warm the storage for the second.
+fn warm(image: &Path) {
+    use std::io::Read;
+    if let Ok(mut f) = std::fs::File::open(image) {
+        let mut buf = vec![0u8; 4 << 20];
+        while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
+    }
+}
+
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -284,6 +294,10 @@ fn main() {
     let qimg = |args: &[&str]| {
         let st = Command::new("qemu-img").args(args).status().expect("qemu-img");
         assert!(st.success(), "qemu-img {args:?}");
+        // qemu-img writes through the page cache: flush it now, or its writeback competes
+        // with whichever server runs first.
+        // SAFETY: sync(2) takes no arguments and cannot fail.
+        unsafe { libc::sync() };
     };
     let rows: Vec<(String, Workload, &'static str, &PathBuf, bool)> = WORKLOADS
         .iter()
@@ -303,6 +317,7 @@ fn main() {
         if recreate {
             fresh(img);
         }
+        warm(img);
         let t = {
             let s = start_thinblk(img, format, &sock);
             run_blkio(&sock, s.child.id(), size, w, secs)
@@ -310,8 +325,10 @@ fn main() {
         if recreate {
             fresh(img);
         }
+        warm(img);
         let qsock = dir.join("qsd.sock");
         let q = start_qsd(img, format, &qsock).map(|s| run_blkio(&qsock, s.child.id(), size, w, secs));
+        warm(img);
         let f = if format == "raw" { run_fio(img, w, secs) } else { None };
         let qv = q.unwrap_or_default();
         let fv = f.unwrap_or_default();
