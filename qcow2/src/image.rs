@@ -89,6 +89,19 @@ struct Pending {
     linked: bool,
     /// The entry it replaces (a preallocated zero cluster to release), if any.
     replaces: u64,
+    /// Its first writer is still filling the rest of the cluster (without the lock):
+    /// other writers wait, or the fill could overwrite their data.
+    filling: bool,
+}
+
+/// What a write to one guest cluster must do next.
+enum WriteTarget {
+    /// Write at this host cluster; `true` if it joined a pending allocation.
+    Ready(u64, bool),
+    /// Another writer is filling this new cluster: wait and retry.
+    Wait,
+    /// Fill the new cluster `host` (old L2 entry `raw`) around the write, then publish it.
+    Fill { host: u64, raw: u64 },
 }
 
 struct Meta {
@@ -146,6 +159,8 @@ pub struct Qcow2 {
     meta: RwLock<Meta>,
     /// Serializes write-backs, so a later one never writes older copies than an earlier one.
     flush_serial: std::sync::Mutex<()>,
+    /// Signalled when a cluster fill ends.
+    fill_done: (std::sync::Mutex<()>, std::sync::Condvar),
     allocation: AtomicU64,
 }
 
@@ -240,6 +255,7 @@ impl Qcow2 {
             header,
             meta: RwLock::new(meta),
             flush_serial: std::sync::Mutex::new(()),
+            fill_done: (std::sync::Mutex::new(()), std::sync::Condvar::new()),
             allocation: AtomicU64::new(0),
         };
         let end = img.compute_end()?;
@@ -499,32 +515,76 @@ impl Qcow2 {
         }
         self.preload_l2(offset, len)?;
         let cs = self.cluster_size;
-        let mut m = self.meta.write().map_err(|_| poisoned())?;
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
             let ci = pos / cs;
             let in_off = pos % cs;
             let n = (cs - in_off).min(end - pos);
-            let (host, pending) = self.cluster_for_write(&mut m, ci, in_off, n)?;
+            let (host, pending) = loop {
+                let target = {
+                    let mut m = self.meta.write().map_err(|_| poisoned())?;
+                    let t = self.cluster_for_write(&mut m, ci, in_off, n)?;
+                    self.allocation.store(m.next_free, Ordering::SeqCst);
+                    t
+                };
+                match target {
+                    WriteTarget::Ready(host, pending) => break (host, pending),
+                    WriteTarget::Wait => self.wait_for_fill(),
+                    WriteTarget::Fill { host, raw } => {
+                        // The IO runs with no lock held; joiners wait on `filling`.
+                        let filled = self.fill_cluster(raw, ci, host, in_off, n);
+                        let mut m = self.meta.write().map_err(|_| poisoned())?;
+                        if let Err(e) = filled {
+                            // Nobody else can have joined: drop the allocation.
+                            m.pending.remove(&ci);
+                            self.set_refcount(&mut m, host, 0)?;
+                            drop(m);
+                            self.signal_fill();
+                            return Err(e);
+                        }
+                        if let Some(p) = m.pending.get_mut(&ci) {
+                            p.filling = false;
+                        }
+                        drop(m);
+                        self.signal_fill();
+                        break (host, true);
+                    }
+                }
+            };
             if pending {
                 ticket.push(ci);
             }
             push_merged(out, MappedRange { guest: pos, len: n, mapping: Mapping::Data(host + in_off) });
             pos += n;
         }
-        self.allocation.store(m.next_free, Ordering::SeqCst);
-        drop(m);
         self.relieve_cache()?;
         Ok(ticket)
     }
 
-    /// The host cluster a write to guest cluster `ci` goes to (allocating if needed), and
-    /// whether the write joined a pending allocation.
-    fn cluster_for_write(&self, m: &mut Meta, ci: u64, in_off: u64, n: u64) -> Result<(u64, bool)> {
+    fn wait_for_fill(&self) {
+        let (mx, cv) = &self.fill_done;
+        if let Ok(g) = mx.lock() {
+            // Bounded: a fill that ends between our check and this wait is caught on retry.
+            let _ = cv.wait_timeout(g, std::time::Duration::from_millis(1));
+        }
+    }
+
+    fn signal_fill(&self) {
+        let (mx, cv) = &self.fill_done;
+        let _g = mx.lock();
+        cv.notify_all();
+    }
+
+    /// What a write to guest cluster `ci` must do: write in place, join a pending
+    /// allocation, wait for one being filled, or fill a fresh one.
+    fn cluster_for_write(&self, m: &mut Meta, ci: u64, in_off: u64, n: u64) -> Result<WriteTarget> {
         if let Some(p) = m.pending.get_mut(&ci) {
+            if p.filling {
+                return Ok(WriteTarget::Wait);
+            }
             p.writers += 1;
-            return Ok((p.host, true));
+            return Ok(WriteTarget::Ready(p.host, true));
         }
         let raw = match self.l2_entry(m, ci) {
             Some(r) => r,
@@ -539,7 +599,7 @@ impl Qcow2 {
         let old = decode_l2(raw, self.header.cluster_bits);
         if let L2Entry::Normal { host, copied } = old {
             if copied || self.refcount(m, host)? == 1 {
-                return Ok((host, false));
+                return Ok(WriteTarget::Ready(host, false));
             }
             return Err(Qcow2Error::ReadOnly(format!(
                 "guest cluster {ci} is shared (refcount > 1); copy-on-write of shared clusters is not implemented"
@@ -547,16 +607,18 @@ impl Qcow2 {
         }
         self.ensure_l2_table(m, ci)?;
         let host = self.alloc_clusters(m, 1)?;
-        // Bytes of the new cluster the write does not cover must hold the old contents.
-        if in_off > 0 || n < self.cluster_size {
-            self.fill_cluster(raw, ci, host, in_off, n)?;
-        }
+        // Bytes of the new cluster the write does not cover must hold the old contents,
+        // unless they are zeroes and the host is known to read zeroes there.
+        let partial = in_off > 0 || n < self.cluster_size;
+        let zero_known = host >= self.zeroes_from
+            && (matches!(old, L2Entry::Zero { .. }) || (old == L2Entry::Unallocated && self.backing.is_none()));
+        let filling = partial && !zero_known;
         let replaces = match old {
             L2Entry::Zero { host } => host,
             _ => 0,
         };
-        m.pending.insert(ci, Pending { host, writers: 1, linked: false, replaces });
-        Ok((host, true))
+        m.pending.insert(ci, Pending { host, writers: 1, linked: false, replaces, filling });
+        Ok(if filling { WriteTarget::Fill { host, raw } } else { WriteTarget::Ready(host, true) })
     }
 
     /// Writes the old contents of guest cluster `ci` around `[in_off, in_off+n)` into `host`.
