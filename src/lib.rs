@@ -4,3 +4,5 @@
 pub mod cli;
 pub mod daemon;
 pub mod format;
+pub mod mailbox;
+pub mod thin;

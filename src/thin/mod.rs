@@ -1,0 +1,3 @@
+//! Thin volumes: the extension policy (spec §2) and, later, the volume and its growth.
+
+pub mod policy;
