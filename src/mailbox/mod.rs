@@ -1,4 +1,9 @@
-//! The in-process client of oVirt vdsm's storage mailbox (spec §1). This module holds the
-//! wire format; the client and the SPM responder build on it.
+//! The in-process client of oVirt vdsm's storage mailbox (spec §1): the wire format, the
+//! HSM client's slot handshake, and the SPM's side (our responder and test double).
 
+pub mod client;
+pub mod spm;
 pub mod wire;
+
+#[cfg(test)]
+mod tests;
