@@ -7,14 +7,22 @@ use std::io;
 
 use super::wire::{event_block, put_slot, seal, slot, Extend, WireError, BLOCK_LEN, CLEAN, HEADER_LEN, MESSAGE_LEN, SLOTS};
 
-/// The mailbox volumes as one host's client sees them.
+/// The mailbox volumes as one host's client sees them. Several processes (one per disk)
+/// share the host's blocks: request-block updates happen between [`MailboxIo::lock`] and
+/// [`MailboxIo::unlock`] (a per-host lock file in production).
 pub trait MailboxIo {
     /// Reads this host's block of the SPM's outbox (where replies arrive).
     fn read_replies(&mut self) -> io::Result<[u8; BLOCK_LEN]>;
-    /// Writes this host's block of the SPM's inbox (where requests go).
+    /// Reads this host's block of the SPM's inbox (requests of every process of the host).
+    fn read_requests(&mut self) -> io::Result<[u8; BLOCK_LEN]>;
+    /// Writes this host's block of the SPM's inbox.
     fn write_requests(&mut self, block: &[u8; BLOCK_LEN]) -> io::Result<()>;
     /// Writes the doorbell block (offset 0 of the SPM's inbox).
     fn write_event(&mut self, block: &[u8; BLOCK_LEN]) -> io::Result<()>;
+    /// Takes the host-wide lock for a read-modify-write of the request block.
+    fn lock(&mut self) -> io::Result<()>;
+    /// Releases it.
+    fn unlock(&mut self);
 }
 
 /// What became of a submitted request.
@@ -45,11 +53,12 @@ enum Slot {
     Acked,
 }
 
-/// One host's mailbox client.
+/// One process's mailbox client (the process serves one volume; other processes of the
+/// same host may hold other slots of the same block).
 pub struct Client {
+    volume: super::wire::Uuid,
     slots: [Slot; SLOTS],
     queue: VecDeque<Extend>,
-    requests: [u8; BLOCK_LEN],
     last_replies: [u8; BLOCK_LEN],
     started: bool,
     /// Where fresh doorbell nonces come from.
@@ -57,12 +66,12 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client; `nonce` yields the random 16 bytes of each doorbell.
-    pub fn new(nonce: Box<dyn FnMut() -> [u8; 16] + Send>) -> Client {
+    /// A client for `volume`; `nonce` yields the random 16 bytes of each doorbell.
+    pub fn new(volume: super::wire::Uuid, nonce: Box<dyn FnMut() -> [u8; 16] + Send>) -> Client {
         Client {
+            volume,
             slots: [Slot::Free; SLOTS],
             queue: VecDeque::new(),
-            requests: [0; BLOCK_LEN],
             last_replies: [0; BLOCK_LEN],
             started: false,
             nonce,
@@ -70,11 +79,29 @@ impl Client {
     }
 
     /// Start-up (spec §1.11): the current replies become the baseline, so stale replies of an
-    /// earlier run are not acted upon; our request block is zeroed. Retry on error.
+    /// earlier run are not acted upon; requests for our volume left by an earlier run of
+    /// this process are cleared (never another process's). Retry on error.
     pub fn start(&mut self, io: &mut dyn MailboxIo) -> io::Result<()> {
         self.last_replies = io.read_replies()?;
-        self.requests = [0; BLOCK_LEN];
-        io.write_requests(&self.requests)?;
+        io.lock()?;
+        let result = (|| -> io::Result<()> {
+            let mut block = io.read_requests()?;
+            let mut changed = false;
+            for i in 0..SLOTS {
+                let Some(m) = slot(&block, i) else { continue };
+                if m[0] != 0 && Extend::decode(&m).map(|e| e.volume == self.volume).unwrap_or(false) {
+                    put_slot(&mut block, i, &[0; MESSAGE_LEN]).map_err(io::Error::other)?;
+                    changed = true;
+                }
+            }
+            if changed {
+                seal(&mut block);
+                io.write_requests(&block)?;
+            }
+            Ok(())
+        })();
+        io.unlock();
+        result?;
         self.started = true;
         Ok(())
     }
@@ -105,16 +132,18 @@ impl Client {
         self.queue.len()
     }
 
-    /// One poll (spec §1.11 steps 2–4): place queued requests, read replies, run the
-    /// handshake, and write our block (and ring the doorbell) if anything changed.
+    /// One poll (spec §1.11 steps 2–4): read replies and run the handshake on our slots,
+    /// place queued requests, and update our slots of the shared block (read-modify-write
+    /// under the host lock) and ring the doorbell if anything changed.
     pub fn poll(&mut self, io: &mut dyn MailboxIo) -> io::Result<Vec<Completion>> {
         if !self.started {
             self.start(io)?;
         }
-        let mut changed = self.place_queued();
-        let replies = if self.active() > 0 { Some(io.read_replies()?) } else { None };
         let mut done = Vec::new();
-        if let Some(replies) = replies {
+        // Our slot changes: (slot, new content).
+        let mut writes: Vec<(usize, [u8; MESSAGE_LEN])> = Vec::new();
+        if self.active() > 0 {
+            let replies = io.read_replies()?;
             for i in 0..SLOTS {
                 let (Some(now), Some(before)) = (slot(&replies, i), slot(&self.last_replies, i)) else { continue };
                 match self.slots[i] {
@@ -126,29 +155,27 @@ impl Client {
                         } else {
                             tracing::error!(slot = i, "mailbox reply does not match its request; dropped");
                         }
-                        put_slot(&mut self.requests, i, &CLEAN).map_err(io::Error::other)?;
+                        writes.push((i, CLEAN));
                         self.slots[i] = Slot::Acked;
-                        changed = true;
                     }
                     Slot::Acked if now == CLEAN => {
                         // Step 5: the SPM saw our ack; the slot is free again.
-                        put_slot(&mut self.requests, i, &[0; MESSAGE_LEN]).map_err(io::Error::other)?;
+                        writes.push((i, [0; MESSAGE_LEN]));
                         self.slots[i] = Slot::Free;
-                        changed = true;
                     }
                     _ => {}
                 }
             }
             self.last_replies = replies;
         }
-        if self.place_queued() {
-            changed = true;
+        if writes.is_empty() && self.queue.is_empty() {
+            return Ok(done);
         }
-        if changed {
-            seal(&mut self.requests);
-            io.write_requests(&self.requests)?;
-            let nonce = (self.nonce)();
-            if let Err(e) = io.write_event(&event_block(nonce)) {
+        io.lock()?;
+        let result = self.update_block(io, &writes);
+        io.unlock();
+        if result? {
+            if let Err(e) = io.write_event(&event_block((self.nonce)())) {
                 // Only a wake-up: the SPM finds the request at its next poll anyway.
                 tracing::warn!(error = %e, "mailbox doorbell write failed");
             }
@@ -156,33 +183,48 @@ impl Client {
         Ok(done)
     }
 
-    /// Moves queued requests into the lowest free slots; true if any moved. Slots whose
-    /// reply side still holds an old reply are avoided: a new reply identical to it (same
-    /// request again, e.g. after a restart) would never be seen as a change.
-    fn place_queued(&mut self) -> bool {
-        let mut moved = false;
+    /// Under the host lock: applies our slot writes and places queued requests in slots no
+    /// process uses. Returns whether the block was written.
+    fn update_block(&mut self, io: &mut dyn MailboxIo, writes: &[(usize, [u8; MESSAGE_LEN])]) -> io::Result<bool> {
+        let mut block = io.read_requests()?;
+        let mut changed = false;
+        for (i, m) in writes {
+            put_slot(&mut block, *i, m).map_err(io::Error::other)?;
+            changed = true;
+        }
         while !self.queue.is_empty() {
-            let reply_idle = |i: usize| {
-                slot(&self.last_replies, i).map(|r| r[0] == 0 || r == CLEAN).unwrap_or(true)
-            };
-            let free = |i: &usize| self.slots[*i] == Slot::Free;
-            let Some(i) = (0..SLOTS).filter(free).find(|&i| reply_idle(i)).or_else(|| (0..SLOTS).find(free)) else {
-                break;
-            };
+            let Some(i) = self.free_slot(&block) else { break };
             let Some(req) = self.queue.pop_front() else { break };
             let Ok(msg) = req.encode() else { continue };
-            if put_slot(&mut self.requests, i, &msg).is_ok() {
-                self.slots[i] = Slot::Waiting(msg, req);
-                moved = true;
-            }
+            put_slot(&mut block, i, &msg).map_err(io::Error::other)?;
+            self.slots[i] = Slot::Waiting(msg, req);
+            changed = true;
         }
-        moved
+        if changed {
+            seal(&mut block);
+            io.write_requests(&block)?;
+        }
+        Ok(changed)
     }
 
-    /// Stop: an all-zero request block (spec §1.11).
+    /// The lowest slot free in the shared block and ours to take. Slots whose reply side still
+    /// holds an old reply are avoided: a new reply identical to it (the same request again,
+    /// e.g. after a restart) could never be told apart from it.
+    fn free_slot(&self, block: &[u8; BLOCK_LEN]) -> Option<usize> {
+        let free = |i: &usize| self.slots[*i] == Slot::Free && slot(block, *i).map(|m| m == [0; MESSAGE_LEN]).unwrap_or(false);
+        let reply_idle = |i: &usize| slot(&self.last_replies, *i).map(|r| r[0] == 0 || r == CLEAN).unwrap_or(true);
+        (0..SLOTS).filter(free).find(reply_idle).or_else(|| (0..SLOTS).find(free))
+    }
+
+    /// Stop: our slots cleared (spec §1.11 zeroes the block; other processes' slots stay).
     pub fn stop(&mut self, io: &mut dyn MailboxIo) -> io::Result<()> {
-        self.requests = [0; BLOCK_LEN];
+        let writes: Vec<(usize, [u8; MESSAGE_LEN])> =
+            (0..SLOTS).filter(|&i| self.slots[i] != Slot::Free).map(|i| (i, [0; MESSAGE_LEN])).collect();
         self.slots = [Slot::Free; SLOTS];
-        io.write_requests(&self.requests)
+        self.queue.clear();
+        io.lock()?;
+        let r = self.update_block(io, &writes);
+        io.unlock();
+        r.map(|_| ())
     }
 }

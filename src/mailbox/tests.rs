@@ -12,6 +12,7 @@ use super::wire::{event_nonce, slot, Extend, Uuid, BLOCK_LEN, CLEAN, MESSAGE_LEN
 struct Volumes {
     inbox: Vec<u8>,
     outbox: Vec<u8>,
+    locked: bool,
 }
 
 struct HostIo {
@@ -27,7 +28,24 @@ impl MailboxIo for HostIo {
         b.copy_from_slice(&v.outbox[o..o + BLOCK_LEN]);
         Ok(b)
     }
+    fn read_requests(&mut self) -> io::Result<[u8; BLOCK_LEN]> {
+        let v = self.v.borrow();
+        let o = self.host as usize * BLOCK_LEN;
+        let mut b = [0u8; BLOCK_LEN];
+        b.copy_from_slice(&v.inbox[o..o + BLOCK_LEN]);
+        Ok(b)
+    }
+    fn lock(&mut self) -> io::Result<()> {
+        let mut v = self.v.borrow_mut();
+        assert!(!v.locked, "host lock taken twice");
+        v.locked = true;
+        Ok(())
+    }
+    fn unlock(&mut self) {
+        self.v.borrow_mut().locked = false;
+    }
     fn write_requests(&mut self, block: &[u8; BLOCK_LEN]) -> io::Result<()> {
+        assert!(self.v.borrow().locked, "request block written without the host lock");
         let o = self.host as usize * BLOCK_LEN;
         self.v.borrow_mut().inbox[o..o + BLOCK_LEN].copy_from_slice(block);
         Ok(())
@@ -39,7 +57,7 @@ impl MailboxIo for HostIo {
 }
 
 fn volumes() -> Rc<RefCell<Volumes>> {
-    Rc::new(RefCell::new(Volumes { inbox: vec![0; SPM_REGION_LEN], outbox: vec![0; SPM_REGION_LEN] }))
+    Rc::new(RefCell::new(Volumes { inbox: vec![0; SPM_REGION_LEN], outbox: vec![0; SPM_REGION_LEN], locked: false }))
 }
 
 /// One SPM poll: answers every new request (`ok` decides success), mirrors clean markers.
@@ -66,8 +84,12 @@ fn req(mib: u64) -> Extend {
 }
 
 fn client() -> Client {
+    client_for(req(0).volume)
+}
+
+fn client_for(volume: Uuid) -> Client {
     let mut n = 0u8;
-    Client::new(Box::new(move || {
+    Client::new(volume, Box::new(move || {
         n = n.wrapping_add(1);
         [n; 16]
     }))
@@ -250,4 +272,49 @@ fn spm_ignores_garbage_and_the_event_block() {
     assert_eq!(scan.ignored[0].0, 4 * 64 + 3);
     assert_eq!(scan.bad_checksum, vec![6]);
     let _ = slot(&b, 3);
+}
+
+#[test]
+fn processes_sharing_a_host_block_keep_to_their_own_slots() {
+    let v = volumes();
+    let vol_a = req(0).volume;
+    let vol_b = Uuid::parse("11111111-2222-3333-4444-555555555555").unwrap();
+    let mut io_a = HostIo { host: 7, v: v.clone() };
+    let mut io_b = HostIo { host: 7, v: v.clone() };
+    let mut a = client_for(vol_a);
+    let mut b = client_for(vol_b);
+    a.start(&mut io_a).unwrap();
+    b.start(&mut io_b).unwrap();
+    a.submit(req(100)).unwrap();
+    a.poll(&mut io_a).unwrap();
+    b.submit(Extend { volume: vol_b, ..req(200) }).unwrap();
+    b.poll(&mut io_b).unwrap();
+    // Distinct slots, both in the one block.
+    assert_eq!(Extend::decode(&inbox_slot(&v, 7, 0)).unwrap().volume, vol_a);
+    assert_eq!(Extend::decode(&inbox_slot(&v, 7, 1)).unwrap().volume, vol_b);
+    let mut spm = Spm::new();
+    assert_eq!(spm_poll(&mut spm, &v, true), 2);
+    // Each completes its own request only, and acks only its own slot.
+    let da = a.poll(&mut io_a).unwrap();
+    assert_eq!(da.len(), 1);
+    assert_eq!(da[0].request.size_mib, 100);
+    assert_eq!(inbox_slot(&v, 7, 0), CLEAN);
+    assert_eq!(Extend::decode(&inbox_slot(&v, 7, 1)).unwrap().volume, vol_b, "a touched b's slot");
+    let db = b.poll(&mut io_b).unwrap();
+    assert_eq!(db.len(), 1);
+    assert_eq!(db[0].request.size_mib, 200);
+    // A restart of b clears b's stale request only (a's slot untouched).
+    b.submit(Extend { volume: vol_b, ..req(300) }).unwrap();
+    spm_poll(&mut spm, &v, true);
+    a.poll(&mut io_a).unwrap();
+    b.poll(&mut io_b).unwrap();
+    a.submit(req(400)).unwrap();
+    a.poll(&mut io_a).unwrap();
+    let mut b2 = client_for(vol_b);
+    b2.start(&mut io_b).unwrap();
+    let held: Vec<Uuid> = (0..63)
+        .filter_map(|i| Extend::decode(&inbox_slot(&v, 7, i)).ok().map(|e| e.volume))
+        .collect();
+    assert!(held.contains(&vol_a), "a's request was cleared by b's restart");
+    assert!(!held.contains(&vol_b), "b's stale request survived its restart");
 }
