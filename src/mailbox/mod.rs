@@ -2,6 +2,7 @@
 //! HSM client's slot handshake, and the SPM's side (our responder and test double).
 
 pub mod client;
+pub mod io;
 pub mod spm;
 pub mod wire;
 
