@@ -260,7 +260,16 @@ impl Worker {
                         self.rejected += 1;
                         // Rate-limited: a guest must not be able to flood the log.
                         if self.rejected <= 10 || self.rejected % 1000 == 0 {
-                            tracing::warn!(queue = self.queue, error = %e, total = self.rejected, "rejected request");
+                            let regions = if matches!(e, crate::error::RequestError::OutsideMemory { .. }) {
+                                use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+                                mem.iter()
+                                    .map(|r| format!("{:#x}+{:#x}", r.start_addr().0, r.len()))
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            } else {
+                                String::new()
+                            };
+                            tracing::warn!(queue = self.queue, error = %e, total = self.rejected, regions, "rejected request");
                         } else {
                             tracing::debug!(queue = self.queue, error = %e, "rejected request");
                         }
