@@ -84,6 +84,34 @@ pub enum Command {
     Create(CreateArgs),
     /// Check a qcow2 image: errors, leaks, image end offset (exit codes as qemu-img check).
     Check(CheckArgs),
+    /// Run the SPM side of the vdsm storage mailbox: extend volumes on request.
+    Spm(SpmArgs),
+}
+
+/// Extension backends of `thinblk spm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SpmBackend {
+    /// lvextend on the LVM volume <domain-uuid>/<volume-uuid>.
+    Lvm,
+    /// Grow the file DIR/<domain-uuid>/<volume-uuid> (with --volumes DIR).
+    File,
+}
+
+/// Options of `thinblk spm`.
+#[derive(Debug, Args)]
+pub struct SpmArgs {
+    /// The SPM's inbox (the hosts write requests here).
+    #[arg(long)]
+    pub inbox: PathBuf,
+    /// The SPM's outbox (replies go here).
+    #[arg(long)]
+    pub outbox: PathBuf,
+    /// How volumes are extended.
+    #[arg(long, value_enum)]
+    pub backend: SpmBackend,
+    /// Directory of the file backend's volumes.
+    #[arg(long, required_if_eq("backend", "file"))]
+    pub volumes: Option<PathBuf>,
 }
 
 /// Metadata preallocation modes of `thinblk create`.

@@ -69,6 +69,15 @@ impl Shutdown {
 
 /// Blocks SIGTERM and SIGINT in every thread and handles them on a dedicated one.
 pub fn install_signal_thread(shutdown: Arc<Shutdown>) -> io::Result<()> {
+    on_termination(move || {
+        tracing::info!("shutting down: finishing in-flight IO");
+        shutdown.request();
+    })
+}
+
+/// Blocks SIGTERM and SIGINT in every thread (call before spawning others) and runs `f`
+/// on a dedicated thread each time one arrives.
+pub fn on_termination(f: impl Fn() + Send + 'static) -> io::Result<()> {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t; the calls only modify it and this thread's mask.
@@ -84,8 +93,8 @@ pub fn install_signal_thread(shutdown: Arc<Shutdown>) -> io::Result<()> {
         let mut sig: libc::c_int = 0;
         // SAFETY: `set` is a valid, initialised signal set; `sig` a valid out-pointer.
         if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-            tracing::info!(signal = sig, "shutting down: finishing in-flight IO");
-            shutdown.request();
+            tracing::info!(signal = sig, "termination signal");
+            f();
         }
     })?;
     Ok(())

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use thinblk::cli::{
     default_serial, CheckArgs, Cli, Command, CreateArgs, DemoArgs, DiscardMode, Format, Preallocation, ServeArgs,
-    CAPABILITIES,
+    SpmArgs, SpmBackend, CAPABILITIES,
 };
 use thinblk::daemon::{install_signal_thread, serve, Shutdown};
 use thinblk::format::{open_image, ImageOptions};
@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         Some(Command::Demo(args)) => demo(args),
         Some(Command::Create(args)) => create(args),
         Some(Command::Check(args)) => return check(args),
+        Some(Command::Spm(args)) => spm(args),
         None => run_daemon(cli.serve),
     };
     match result {
@@ -167,6 +168,24 @@ fn create(args: CreateArgs) -> Result<(), Failure> {
         args.cluster_size,
         args.size
     );
+    Ok(())
+}
+
+fn spm(args: SpmArgs) -> Result<(), Failure> {
+    use thinblk::mailbox::responder::{Backend, Responder};
+    let backend = match (args.backend, args.volumes) {
+        (SpmBackend::Lvm, _) => Backend::Lvm,
+        (SpmBackend::File, Some(dir)) => Backend::File(dir),
+        (SpmBackend::File, None) => return Err(Failure::Usage("--backend file needs --volumes DIR".into())),
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    thinblk::daemon::on_termination(move || flag.store(true, std::sync::atomic::Ordering::SeqCst))
+        .map_err(|e| Failure::Runtime(e.to_string()))?;
+    let mut r = Responder::open(&args.inbox, &args.outbox, backend)
+        .map_err(|e| Failure::Runtime(format!("opening the mailbox: {e}")))?;
+    tracing::info!(inbox = %args.inbox.display(), outbox = %args.outbox.display(), "SPM mailbox responder running");
+    r.run(&stop);
     Ok(())
 }
 

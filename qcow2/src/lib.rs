@@ -17,4 +17,4 @@ pub use create::{create, CreateOptions};
 pub use error::{Qcow2Error, Result};
 pub use header::Header;
 pub use image::{BackingReader, MappedRange, Mapping, OpenOptions, Qcow2};
-pub use storage::{FileStorage, MemStorage, Storage};
+pub use storage::{Aligned, FileStorage, MemStorage, Storage};

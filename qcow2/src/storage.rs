@@ -80,14 +80,15 @@ impl FileStorage {
     }
 }
 
-/// An aligned scratch buffer for O_DIRECT metadata IO.
-struct Aligned {
+/// A zero-initialised heap buffer with a given alignment, for O_DIRECT IO.
+pub struct Aligned {
     ptr: *mut u8,
     layout: std::alloc::Layout,
 }
 
 impl Aligned {
-    fn new(len: usize, align: usize) -> io::Result<Aligned> {
+    /// `len` zero bytes aligned to `align` (a power of two).
+    pub fn new(len: usize, align: usize) -> io::Result<Aligned> {
         let layout = std::alloc::Layout::from_size_align(len.max(1), align.max(1))
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: the layout has a non-zero size.
@@ -97,11 +98,15 @@ impl Aligned {
         }
         Ok(Aligned { ptr, layout })
     }
-    fn bytes(&mut self) -> &mut [u8] {
+    /// The bytes.
+    pub fn bytes(&mut self) -> &mut [u8] {
         // SAFETY: ptr is a live, zero-initialised allocation of layout.size() bytes.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
     }
 }
+
+// SAFETY: the buffer is plain owned memory.
+unsafe impl Send for Aligned {}
 
 impl Drop for Aligned {
     fn drop(&mut self) {

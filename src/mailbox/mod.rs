@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod io;
+pub mod responder;
 pub mod spm;
 pub mod wire;
 
