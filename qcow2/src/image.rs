@@ -507,13 +507,10 @@ impl Qcow2 {
     /// cannot be written in place. Returns the guest clusters whose allocation this write
     /// joined: pass them to [`Qcow2::write_done`] once the data has landed (or failed).
     pub fn map_write(&self, offset: u64, len: u64, out: &mut Vec<MappedRange>) -> Result<Vec<u64>> {
-        self.writable()?;
-        self.check_range(offset, len)?;
         let mut ticket = Vec::new();
-        if len == 0 {
+        if !self.begin_update(offset, len)? {
             return Ok(ticket);
         }
-        self.preload_l2(offset, len)?;
         let cs = self.cluster_size;
         let mut pos = offset;
         let end = offset + len;
@@ -560,6 +557,17 @@ impl Qcow2 {
         }
         self.relieve_cache()?;
         Ok(ticket)
+    }
+
+    /// Checks a write-like request and caches its L2 tables; false if there is nothing to do.
+    fn begin_update(&self, offset: u64, len: u64) -> Result<bool> {
+        self.writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(false);
+        }
+        self.preload_l2(offset, len)?;
+        Ok(true)
     }
 
     fn wait_for_fill(&self) {
@@ -704,13 +712,10 @@ impl Qcow2 {
         partial: &mut Vec<MappedRange>,
         flagged: &mut Vec<u64>,
     ) -> Result<Vec<u64>> {
-        self.writable()?;
-        self.check_range(offset, len)?;
         let mut ticket = Vec::new();
-        if len == 0 {
+        if !self.begin_update(offset, len)? {
             return Ok(ticket);
         }
-        self.preload_l2(offset, len)?;
         let cs = self.cluster_size;
         let v3 = self.header.version >= 3;
         let mut m = self.meta.write().map_err(|_| poisoned())?;

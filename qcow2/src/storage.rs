@@ -17,20 +17,25 @@ pub trait Storage: Send + Sync {
     fn size(&self) -> io::Result<u64>;
     /// Zeroes `len` bytes at `offset` (the default writes a zero buffer).
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        let chunk = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(chunk.len() as u64) as usize;
-            self.write_at(&chunk[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_zero_buffer(self, offset, len)
     }
     /// The image will soon use bytes up to `end`: a regular file may grow (sparsely) ahead of
     /// time so data writes land inside it. Block devices, and the default, do nothing.
     fn reserve(&self, _end: u64) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// Zeroes a range by writing zeroes, 1 MiB at a time.
+fn write_zero_buffer<S: Storage + ?Sized>(st: &S, offset: u64, len: u64) -> io::Result<()> {
+    let chunk = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(chunk.len() as u64) as usize;
+        st.write_at(&chunk[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// A file or block device opened without O_DIRECT, or with it (then every access goes
@@ -175,14 +180,7 @@ impl Storage for FileStorage {
             }
         }
         // Not supported here: write a zero buffer.
-        let chunk = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(chunk.len() as u64) as usize;
-            self.write_at(&chunk[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_zero_buffer(self, offset, len)
     }
 
     fn reserve(&self, end: u64) -> io::Result<()> {

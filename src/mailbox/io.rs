@@ -26,7 +26,8 @@ pub struct FileMailbox {
     buf: Box<AlignedBlock>,
 }
 
-fn open_volume(path: &Path, write: bool) -> io::Result<File> {
+/// Opens a mailbox volume with O_DIRECT (buffered where the file system refuses it).
+pub(crate) fn open_volume(path: &Path, write: bool) -> io::Result<File> {
     let open = |direct: bool| {
         let mut o = OpenOptions::new();
         o.read(true).write(write);

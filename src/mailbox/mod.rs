@@ -7,5 +7,3 @@ pub mod responder;
 pub mod spm;
 pub mod wire;
 
-#[cfg(test)]
-mod tests;

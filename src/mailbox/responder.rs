@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use thinblk_qcow2::Aligned;
 
+use super::io::open_volume;
 use super::spm::Spm;
 use super::wire::{event_nonce, Extend, BLOCK_LEN, SPM_REGION_LEN};
 use crate::thin::policy::MIB;
@@ -70,21 +71,6 @@ fn lv_size(lv: &str) -> Option<u64> {
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
-fn open_direct(path: &Path, write: bool) -> io::Result<File> {
-    let open = |direct: bool| {
-        let mut o = OpenOptions::new();
-        o.read(true).write(write);
-        if direct {
-            o.custom_flags(libc::O_DIRECT);
-        }
-        o.open(path)
-    };
-    match open(true) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(false),
-        other => other,
-    }
-}
-
 /// The SPM: its view of the mailbox volumes and the extension backend.
 pub struct Responder {
     inbox: File,
@@ -101,8 +87,8 @@ impl Responder {
     /// already present is then answered).
     pub fn open(inbox: &Path, outbox: &Path, backend: Backend) -> io::Result<Responder> {
         let mut r = Responder {
-            inbox: open_direct(inbox, false)?,
-            outbox: open_direct(outbox, true)?,
+            inbox: open_volume(inbox, false)?,
+            outbox: open_volume(outbox, true)?,
             spm: Spm::new(),
             backend,
             region: Aligned::new(SPM_REGION_LEN, 4096)?,

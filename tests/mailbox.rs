@@ -1,12 +1,12 @@
-//! The client and the SPM logic together, over in-memory mailbox volumes.
+//! The mailbox client and the SPM logic together, over in-memory mailbox volumes.
 
 use std::cell::RefCell;
 use std::io;
 use std::rc::Rc;
 
-use super::client::{Client, MailboxIo, Submitted};
-use super::spm::Spm;
-use super::wire::{event_nonce, slot, Extend, Uuid, BLOCK_LEN, CLEAN, MESSAGE_LEN, SPM_REGION_LEN};
+use thinblk::mailbox::client::{Client, MailboxIo, Submitted};
+use thinblk::mailbox::spm::Spm;
+use thinblk::mailbox::wire::{event_nonce, put_slot, seal, slot, Extend, Uuid, BLOCK_LEN, CLEAN, MESSAGE_LEN, SPM_REGION_LEN};
 
 /// The two shared volumes: the SPM's inbox (requests) and outbox (replies).
 struct Volumes {
@@ -259,8 +259,8 @@ fn spm_ignores_garbage_and_the_event_block() {
     let mut b = [0u8; BLOCK_LEN];
     let mut m = req(1).encode().unwrap();
     m[1..5].copy_from_slice(b"zzzz");
-    super::wire::put_slot(&mut b, 3, &m).unwrap();
-    super::wire::seal(&mut b);
+    put_slot(&mut b, 3, &m).unwrap();
+    seal(&mut b);
     region[4 * BLOCK_LEN..5 * BLOCK_LEN].copy_from_slice(&b);
     // Host 6: random garbage.
     for (i, x) in region[6 * BLOCK_LEN..7 * BLOCK_LEN].iter_mut().enumerate() {
