@@ -127,6 +127,14 @@ fn scenario(cluster: u64, size: u64, ops: usize, cuts: usize, seed: u64) {
     let log = rec.log.lock().unwrap().clone();
     let dir = std::env::temp_dir().join(format!("thinblk-crash-{}-{cluster}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    // Removed even when an assertion fails.
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
     let mut checked_flushes = 0;
     for n in 0..cuts {
         let cut = 1 + rng.below(log.len() as u64) as usize;
@@ -165,7 +173,6 @@ fn scenario(cluster: u64, size: u64, ops: usize, cuts: usize, seed: u64) {
             checked_flushes += 1;
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(checked_flushes > cuts / 4, "too few cuts after a completed flush ({checked_flushes})");
 }
 

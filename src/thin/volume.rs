@@ -158,6 +158,13 @@ mod tests {
     fn file_volume_refresh() {
         let p = std::env::temp_dir().join(format!("thinblk-vol-{}", std::process::id()));
         std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        struct Cleanup(std::path::PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let _cleanup = Cleanup(p.clone());
         let mut v = Volume::open(&p).unwrap();
         assert_eq!(v.kind(), &VolumeKind::File);
         assert_eq!(v.physical(), 4096);
@@ -168,6 +175,5 @@ mod tests {
         assert_eq!(v.physical(), 4096, "not visible before the refresh");
         assert_eq!(v.refresh().unwrap(), 1 << 20);
         assert_eq!(v.state(), SizeState::Refreshed);
-        std::fs::remove_file(&p).unwrap();
     }
 }

@@ -289,6 +289,13 @@ mod tests {
     fn raw_maps_one_to_one() {
         let dir = std::env::temp_dir().join(format!("thinblk-raw-{}", std::process::id()));
         std::fs::write(&dir, vec![0u8; 8192]).unwrap();
+        struct Cleanup(std::path::PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let _cleanup = Cleanup(dir.clone());
         let img = RawImage::open(&dir, false, true).unwrap();
         assert_eq!(img.capacity(), 8192);
         let mut ext = Vec::new();
@@ -306,6 +313,5 @@ mod tests {
         assert!(z.is_empty());
         ignore.map_zero(0, 4096, ZeroRequest::WriteZeroes { may_unmap: true }, &mut z).unwrap();
         assert_eq!(z[0].mode, ZeroMode::ZeroRange);
-        std::fs::remove_file(&dir).unwrap();
     }
 }

@@ -165,6 +165,13 @@ mod tests {
     fn reads_a_registered_file_and_refuses_other_opcodes() {
         let path = std::env::temp_dir().join(format!("thinblk-ring-{}", std::process::id()));
         File::create(&path).unwrap().write_all(b"hello ring").unwrap();
+        struct Cleanup(std::path::PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let _cleanup = Cleanup(path.clone());
         let file = File::open(&path).unwrap();
         let mut ring = Ring::new(8, &[file.as_raw_fd()]).unwrap();
         let mut buf = [0u8; 10];
@@ -183,6 +190,5 @@ mod tests {
         let r = ring.ring.submit_and_wait(1);
         let refused = r.is_err() || ring.pop().map(|(_, res)| res < 0).unwrap_or(false);
         assert!(refused);
-        std::fs::remove_file(&path).unwrap();
     }
 }
