@@ -452,19 +452,13 @@ impl Qcow2 {
     fn try_map_read(&self, offset: u64, len: u64, out: &mut Vec<MappedRange>) -> Result<bool> {
         let cs = self.cluster_size;
         let m = self.meta.read().map_err(|_| poisoned())?;
-        let mut pos = offset;
-        let end = offset + len;
-        while pos < end {
-            let ci = pos / cs;
-            let in_off = pos % cs;
-            let n = (cs - in_off).min(end - pos);
+        for Piece { pos, ci, in_off, n } in pieces(offset, len, cs) {
             let Some(raw) = self.l2_entry(&m, ci) else { return Ok(false) };
             let mapping = match self.entry_mapping(raw, ci)? {
                 Mapping::Data(h) => Mapping::Data(h + in_off),
                 other => other,
             };
             push_merged(out, MappedRange { guest: pos, len: n, mapping });
-            pos += n;
         }
         Ok(true)
     }
@@ -512,12 +506,7 @@ impl Qcow2 {
             return Ok(ticket);
         }
         let cs = self.cluster_size;
-        let mut pos = offset;
-        let end = offset + len;
-        while pos < end {
-            let ci = pos / cs;
-            let in_off = pos % cs;
-            let n = (cs - in_off).min(end - pos);
+        for Piece { pos, ci, in_off, n } in pieces(offset, len, cs) {
             let (host, pending) = loop {
                 let target = {
                     let mut m = self.meta.write().map_err(|_| poisoned())?;
@@ -553,7 +542,6 @@ impl Qcow2 {
                 ticket.push(ci);
             }
             push_merged(out, MappedRange { guest: pos, len: n, mapping: Mapping::Data(host + in_off) });
-            pos += n;
         }
         self.relieve_cache()?;
         Ok(ticket)
@@ -719,12 +707,7 @@ impl Qcow2 {
         let cs = self.cluster_size;
         let v3 = self.header.version >= 3;
         let mut m = self.meta.write().map_err(|_| poisoned())?;
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let ci = pos / cs;
-            let in_off = pos % cs;
-            let n = (cs - in_off).min(end - pos);
+        for Piece { pos, ci, in_off, n } in pieces(offset, len, cs) {
             let whole = in_off == 0 && n == cs && !m.pending.contains_key(&ci);
             if whole && v3 {
                 let raw = self.l2_entry(&m, ci).unwrap_or(0);
@@ -755,7 +738,6 @@ impl Qcow2 {
                 ticket.extend(self.map_write(pos, n, partial)?);
                 m = self.meta.write().map_err(|_| poisoned())?;
             }
-            pos += n;
         }
         self.allocation.store(m.next_free, Ordering::SeqCst);
         Ok(ticket)
@@ -1074,6 +1056,34 @@ impl Qcow2 {
         }
         Ok(())
     }
+}
+
+/// The part of a guest range that falls in one cluster.
+struct Piece {
+    /// Guest byte offset of the piece.
+    pos: u64,
+    /// Guest cluster index.
+    ci: u64,
+    /// Offset of the piece inside its cluster.
+    in_off: u64,
+    /// Length of the piece.
+    n: u64,
+}
+
+/// Splits `[offset, offset+len)` at cluster boundaries.
+fn pieces(offset: u64, len: u64, cs: u64) -> impl Iterator<Item = Piece> {
+    let end = offset + len;
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let in_off = pos % cs;
+        let n = (cs - in_off).min(end - pos);
+        let piece = Piece { pos, ci: pos / cs, in_off, n };
+        pos += n;
+        Some(piece)
+    })
 }
 
 fn push_merged(out: &mut Vec<MappedRange>, r: MappedRange) {

@@ -89,9 +89,6 @@ pub enum DeviceError {
     /// io_uring setup failed.
     #[error("io_uring setup failed: {0}")]
     Ring(io::Error),
-    /// Creating an eventfd failed.
-    #[error("eventfd creation failed: {0}")]
-    EventFd(io::Error),
     /// Registering a listener with the vring epoll handler failed.
     #[error("registering the completion eventfd failed: {0}")]
     RegisterListener(io::Error),
