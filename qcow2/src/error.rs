@@ -30,6 +30,15 @@ pub enum Qcow2Error {
         /// Virtual size.
         size: u64,
     },
+    /// An allocation would end past the volume's current size (a thin volume to extend).
+    /// Nothing was changed: retry once the volume has grown.
+    #[error("allocation up to {needed} passes the volume size {limit}")]
+    VolumeFull {
+        /// Where the allocation would end (bytes).
+        needed: u64,
+        /// The current limit (the volume's size, bytes).
+        limit: u64,
+    },
     /// The image cannot grow any further (refcount table or offset limits).
     #[error("image full: {0}")]
     NoSpace(String),

@@ -146,6 +146,15 @@ impl WriteBack {
     }
 }
 
+/// Told of the allocation mark's moves, inline in the allocator (keep it quick and lock-free:
+/// it runs under the metadata lock).
+pub trait AllocationObserver: Send + Sync {
+    /// The allocation mark moved up to `end`.
+    fn allocated(&self, end: u64);
+    /// An allocation that would end at `needed` was refused: it passes `limit`.
+    fn refused(&self, needed: u64, limit: u64);
+}
+
 /// An open qcow2 image.
 pub struct Qcow2 {
     storage: Arc<dyn Storage>,
@@ -162,6 +171,9 @@ pub struct Qcow2 {
     /// Signalled when a cluster fill ends.
     fill_done: (std::sync::Mutex<()>, std::sync::Condvar),
     allocation: AtomicU64,
+    /// Allocations may not end past this host offset (the volume's size; `u64::MAX`: none).
+    limit: AtomicU64,
+    observer: Option<Arc<dyn AllocationObserver>>,
 }
 
 /// Reads a table of big-endian offsets and checks every entry points at a whole cluster
@@ -257,6 +269,8 @@ impl Qcow2 {
             flush_serial: std::sync::Mutex::new(()),
             fill_done: (std::sync::Mutex::new(()), std::sync::Condvar::new()),
             allocation: AtomicU64::new(0),
+            limit: AtomicU64::new(u64::MAX),
+            observer: None,
         };
         let end = img.compute_end()?;
         {
@@ -270,6 +284,85 @@ impl Qcow2 {
     /// Attaches the reader used to fill partial writes of clusters the backing file provides.
     pub fn set_backing(&mut self, backing: Arc<dyn BackingReader>) {
         self.backing = Some(backing);
+    }
+
+    /// Attaches the observer of the allocation mark.
+    pub fn set_observer(&mut self, observer: Arc<dyn AllocationObserver>) {
+        self.observer = Some(observer);
+    }
+
+    /// Sets the host offset no allocation may pass (the volume's size); `u64::MAX` lifts it.
+    /// A refused allocation fails with [`Qcow2Error::VolumeFull`] before any change.
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::SeqCst);
+    }
+
+    /// The current allocation limit.
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::SeqCst)
+    }
+
+    /// Publishes the allocation mark and tells the observer when it moved.
+    fn publish_allocation(&self, end: u64) {
+        let old = self.allocation.swap(end, Ordering::SeqCst);
+        if end != old {
+            if let Some(o) = &self.observer {
+                o.allocated(end);
+            }
+        }
+    }
+
+    /// Where the bump pointer would end after allocating `n` more clusters, counting the
+    /// refcount blocks and refcount-table growth they bring (mirrors `cover`, changes nothing).
+    fn end_after(&self, m: &Meta, n: u64) -> u64 {
+        let cs = self.cluster_size;
+        let mut end = m.next_free.saturating_add(n.saturating_mul(cs));
+        let mut table_len = m.reftable.len() as u64;
+        let mut added = 0u64;
+        loop {
+            let blocks = end.div_ceil(cs).div_ceil(self.rb_entries);
+            if blocks > table_len {
+                let entries = (blocks * 2).max(table_len * 2);
+                let new_clusters = (entries * 8).div_ceil(cs);
+                end = end.saturating_add(new_clusters * cs);
+                table_len = new_clusters * cs / 8;
+                continue;
+            }
+            let present = m.reftable.iter().take(blocks as usize).filter(|e| **e & REFTABLE_OFFSET_MASK != 0).count() as u64;
+            let missing = blocks.saturating_sub(present + added);
+            if missing == 0 {
+                return end;
+            }
+            end = end.saturating_add(missing * cs);
+            added += missing;
+        }
+    }
+
+    /// Refuses (before any change) an allocation of `n` clusters that would pass the limit.
+    fn check_room(&self, m: &Meta, n: u64) -> Result<()> {
+        let limit = self.limit.load(Ordering::SeqCst);
+        if limit == u64::MAX {
+            return Ok(());
+        }
+        let needed = self.end_after(m, n);
+        if needed > limit {
+            if let Some(o) = &self.observer {
+                o.refused(needed, limit);
+            }
+            return Err(Qcow2Error::VolumeFull { needed, limit });
+        }
+        Ok(())
+    }
+
+    /// Clusters a write of guest clusters `ci..ci+count` may still allocate: data clusters
+    /// plus the L2 tables they may need.
+    fn worst_case(&self, m: &Meta, ci: u64, count: u64) -> u64 {
+        let first_l2 = ci / self.l2_entries;
+        let last_l2 = (ci + count.max(1) - 1) / self.l2_entries;
+        let tables = (first_l2..=last_l2)
+            .filter(|&i| m.l1.get(i as usize).map(|e| e & OFFSET_MASK == 0).unwrap_or(false))
+            .count() as u64;
+        count + tables
     }
 
     /// The validated header as read at open.
@@ -505,13 +598,27 @@ impl Qcow2 {
         if !self.begin_update(offset, len)? {
             return Ok(ticket);
         }
+        let start = out.len();
+        match self.map_write_pieces(offset, len, out, &mut ticket) {
+            Ok(()) => Ok(ticket),
+            Err(e) => {
+                // Clusters this request allocated before the failure go back (unlinked).
+                out.truncate(start);
+                self.write_done(&ticket, false)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn map_write_pieces(&self, offset: u64, len: u64, out: &mut Vec<MappedRange>, ticket: &mut Vec<u64>) -> Result<()> {
         let cs = self.cluster_size;
+        let last_ci = (offset + len - 1) / cs;
         for Piece { pos, ci, in_off, n } in pieces(offset, len, cs) {
             let (host, pending) = loop {
                 let target = {
                     let mut m = self.meta.write().map_err(|_| poisoned())?;
-                    let t = self.cluster_for_write(&mut m, ci, in_off, n)?;
-                    self.allocation.store(m.next_free, Ordering::SeqCst);
+                    let t = self.cluster_for_write(&mut m, ci, in_off, n, last_ci - ci + 1)?;
+                    self.publish_allocation(m.next_free);
                     t
                 };
                 match target {
@@ -543,8 +650,7 @@ impl Qcow2 {
             }
             push_merged(out, MappedRange { guest: pos, len: n, mapping: Mapping::Data(host + in_off) });
         }
-        self.relieve_cache()?;
-        Ok(ticket)
+        self.relieve_cache()
     }
 
     /// Checks a write-like request and caches its L2 tables; false if there is nothing to do.
@@ -574,7 +680,9 @@ impl Qcow2 {
 
     /// What a write to guest cluster `ci` must do: write in place, join a pending
     /// allocation, wait for one being filled, or fill a fresh one.
-    fn cluster_for_write(&self, m: &mut Meta, ci: u64, in_off: u64, n: u64) -> Result<WriteTarget> {
+    /// `remaining` counts the guest clusters of the request from `ci` on: the first
+    /// allocation checks there is room for all of them, so a request is refused whole.
+    fn cluster_for_write(&self, m: &mut Meta, ci: u64, in_off: u64, n: u64, remaining: u64) -> Result<WriteTarget> {
         if let Some(p) = m.pending.get_mut(&ci) {
             if p.filling {
                 return Ok(WriteTarget::Wait);
@@ -601,6 +709,7 @@ impl Qcow2 {
                 "guest cluster {ci} is shared (refcount > 1); copy-on-write of shared clusters is not implemented"
             )));
         }
+        self.check_room(m, self.worst_case(m, ci, remaining))?;
         self.ensure_l2_table(m, ci)?;
         let host = self.alloc_clusters(m, 1)?;
         // Bytes of the new cluster the write does not cover must hold the old contents,
@@ -704,6 +813,25 @@ impl Qcow2 {
         if !self.begin_update(offset, len)? {
             return Ok(ticket);
         }
+        let start = partial.len();
+        match self.zero_pieces(offset, len, partial, flagged, &mut ticket) {
+            Ok(()) => Ok(ticket),
+            Err(e) => {
+                partial.truncate(start);
+                self.write_done(&ticket, false)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn zero_pieces(
+        &self,
+        offset: u64,
+        len: u64,
+        partial: &mut Vec<MappedRange>,
+        flagged: &mut Vec<u64>,
+        ticket: &mut Vec<u64>,
+    ) -> Result<()> {
         let cs = self.cluster_size;
         let v3 = self.header.version >= 3;
         let mut m = self.meta.write().map_err(|_| poisoned())?;
@@ -726,6 +854,10 @@ impl Qcow2 {
                     ticket.extend(self.map_write(pos, n, partial)?);
                     m = self.meta.write().map_err(|_| poisoned())?;
                 } else if raw != (keep | ZERO) {
+                    let l2_missing = m.l1.get((ci / self.l2_entries) as usize).map(|e| e & OFFSET_MASK == 0).unwrap_or(false);
+                    if l2_missing {
+                        self.check_room(&m, 1)?;
+                    }
                     self.ensure_l2_table(&mut m, ci)?;
                     self.set_l2_entry(&mut m, ci, keep | ZERO)?;
                     if keep & OFFSET_MASK != 0 {
@@ -739,8 +871,8 @@ impl Qcow2 {
                 m = self.meta.write().map_err(|_| poisoned())?;
             }
         }
-        self.allocation.store(m.next_free, Ordering::SeqCst);
-        Ok(ticket)
+        self.publish_allocation(m.next_free);
+        Ok(())
     }
 
     /// Allocates every L2 table the virtual disk needs (metadata preallocation: guest
@@ -751,7 +883,7 @@ impl Qcow2 {
         for i in 0..m.l1.len() as u64 {
             self.ensure_l2_table(&mut m, i * self.l2_entries)?;
         }
-        self.allocation.store(m.next_free, Ordering::SeqCst);
+        self.publish_allocation(m.next_free);
         drop(m);
         self.flush_metadata()
     }
@@ -844,7 +976,7 @@ impl Qcow2 {
         for off in extra {
             self.set_refcount(m, off, 1)?;
         }
-        self.allocation.store(m.next_free, Ordering::SeqCst);
+        self.publish_allocation(m.next_free);
         self.storage.reserve(m.next_free)?;
         Ok(start)
     }

@@ -16,5 +16,5 @@ pub use check::{check, CheckReport};
 pub use create::{create, CreateOptions};
 pub use error::{Qcow2Error, Result};
 pub use header::Header;
-pub use image::{BackingReader, MappedRange, Mapping, OpenOptions, Qcow2};
+pub use image::{AllocationObserver, BackingReader, MappedRange, Mapping, OpenOptions, Qcow2};
 pub use storage::{Aligned, FileStorage, MemStorage, Storage};

@@ -63,6 +63,12 @@ impl FileStorage {
         FileStorage { file, align: align.max(1), grown_to: std::sync::atomic::AtomicU64::new(len), regular }
     }
 
+    /// Never grows the file (a file standing in for a fixed-size volume).
+    pub fn fixed_size(mut self) -> FileStorage {
+        self.regular = false;
+        self
+    }
+
     /// The underlying file.
     pub fn file(&self) -> &File {
         &self.file
