@@ -14,6 +14,7 @@ use vm_memory::GuestAddressSpace;
 use crate::config::{config_slice, BlkGeometry, WRITEBACK_OFFSET};
 use crate::error::DeviceError;
 use crate::image::ImageFormat;
+use crate::park::ParkHub;
 use crate::request::{Limits, ID_LEN};
 use crate::worker::{AtomicMem, InflightCount, Mem, Vring, Worker};
 
@@ -30,6 +31,9 @@ pub struct DeviceConfig {
     pub read_only: bool,
     /// Serial returned by GET_ID (truncated to 20 bytes).
     pub serial: String,
+    /// Where requests that must wait are parked and resumed from (kept across connections);
+    /// `None`: a hub of the device's own, with no listener (nothing is parked).
+    pub park: Option<Arc<ParkHub>>,
 }
 
 /// What every worker reads: the image, the limits, the guest memory, the cache mode.
@@ -46,6 +50,8 @@ pub struct Context {
     pub event_idx: AtomicBool,
     /// Set at shutdown: no new chains are popped.
     pub stopping: AtomicBool,
+    /// Parked requests' hub.
+    pub park: Arc<ParkHub>,
     mem: RwLock<Option<AtomicMem>>,
 }
 
@@ -89,6 +95,11 @@ fn completion_event(num_queues: usize) -> u16 {
     num_queues as u16 + 1
 }
 
+/// Event id of a worker's wake-up to retry parked requests.
+fn resume_event(num_queues: usize) -> u16 {
+    num_queues as u16 + 2
+}
+
 impl BlkDevice {
     /// Builds a device over `image`, creating one worker (and io_uring) per queue.
     pub fn new(image: Arc<dyn ImageFormat>, cfg: &DeviceConfig) -> Result<BlkDevice, DeviceError> {
@@ -115,7 +126,12 @@ impl BlkDevice {
             inflight.push(w.inflight());
             workers.push(Mutex::new(w));
         }
+        let park = match &cfg.park {
+            Some(hub) => hub.clone(),
+            None => ParkHub::new(cfg.num_queues as usize).map_err(DeviceError::Ring)?,
+        };
         let ctx = Context {
+            park,
             image,
             geometry,
             serial,
@@ -135,11 +151,17 @@ impl BlkDevice {
     /// Registers each worker's ring eventfd with its vring thread's epoll loop.
     pub fn register_listeners(&self, handlers: &[Arc<VringEpollHandler<BlkDevice>>]) -> Result<(), DeviceError> {
         let id = completion_event(self.inner.workers.len());
-        for (worker, handler) in self.inner.workers.iter().zip(handlers) {
+        let resume = resume_event(self.inner.workers.len());
+        for (q, (worker, handler)) in self.inner.workers.iter().zip(handlers).enumerate() {
             let fd = worker.lock().map(|w| w.completion_fd()).map_err(|_| poisoned())?;
             handler
                 .register_listener(fd, EventSet::IN, u64::from(id))
                 .map_err(DeviceError::RegisterListener)?;
+            if let Some(wake) = self.inner.ctx.park.wake_fd(q) {
+                handler
+                    .register_listener(wake, EventSet::IN, u64::from(resume))
+                    .map_err(DeviceError::RegisterListener)?;
+            }
         }
         Ok(())
     }
@@ -156,9 +178,15 @@ impl BlkDevice {
     }
 
     /// Stops taking new requests, waits for in-flight ones and completes them to the guest.
+    /// Parked requests are dropped uncompleted: they were never acknowledged.
     pub fn quiesce(&self) {
         self.inner.ctx.stopping.store(true, Ordering::SeqCst);
         self.drain(true);
+        for w in &self.inner.workers {
+            if let Ok(mut w) = w.lock() {
+                w.drop_parked(&self.inner.ctx);
+            }
+        }
     }
 
     /// Closes the exit-event fds the vhost-user library leaks.
@@ -172,6 +200,11 @@ impl BlkDevice {
             // into_raw_fd; its only user, the daemon's epoll loop, is gone (see above).
             unsafe { libc::close(fd) };
         }
+    }
+
+    /// The hub parked requests wait in.
+    pub fn park_hub(&self) -> Arc<ParkHub> {
+        self.inner.ctx.park.clone()
     }
 
     /// Requests popped and not yet completed, over all queues.
@@ -264,6 +297,10 @@ impl VhostUserBackend for BlkDevice {
                 w.on_kick(ctx, v)?;
             }
             return Ok(());
+        }
+        if device_event == resume_event(self.inner.workers.len()) {
+            ctx.park.ack(thread_id);
+            return w.on_resume(ctx);
         }
         match vrings.get(usize::from(device_event)) {
             Some(v) => w.on_kick(ctx, v),

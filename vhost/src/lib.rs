@@ -3,15 +3,18 @@
 //! The data path, one module per step: [`device`] (vhost-user backend, one worker per
 //! virtqueue) → [`request`] (descriptor chain → validated request) → [`image`] (format
 //! layer: guest range → host extents) → [`uring`] (per-worker io_uring) → [`worker`]
-//! (submission and completion). [`error`] maps every outcome to a virtio status.
+//! (submission and completion). [`park`] holds requests that must wait (a full thin volume).
+//! [`error`] maps every outcome to a virtio status.
 
 pub mod config;
 pub mod device;
 pub mod error;
 pub mod image;
+pub mod park;
 pub mod request;
 pub mod uring;
 pub mod worker;
 
 pub use device::{BlkDevice, DeviceConfig};
+pub use park::{ParkCause, ParkHub, ParkListener};
 pub use image::{image_identity, open_direct, ImageFormat, OpenedFile, RawImage};

@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, Gues
 use crate::device::Context;
 use crate::error::{virtio_status, ImageError, Outcome};
 use crate::image::{Extent, HostZero, Target, WriteTicket, ZeroMode, ZeroRequest};
+use crate::park::ParkCause;
 use crate::request::{parse, Request, RequestType, Segment, ID_LEN};
 use crate::uring::{HostOp, Ring};
 
@@ -115,10 +116,7 @@ unsafe impl Send for AlignedBuf {}
 struct Pending {
     head: u16,
     status: GuestAddress,
-    kind: RequestType,
-    offset: u64,
-    data_len: u64,
-    segments: Vec<Segment>,
+    req: Request,
     /// Host ops still outstanding.
     ops: u32,
     /// First errno seen.
@@ -131,6 +129,14 @@ struct Pending {
     tickets: Vec<WriteTicket>,
     /// Further FLUSH requests served by this one's sync (head, status address).
     joined: Vec<(u16, GuestAddress)>,
+}
+
+/// A request waiting (with its chain and guest mapping) until the hub resumes it.
+struct Parked {
+    head: u16,
+    status: GuestAddress,
+    req: Request,
+    mem: Arc<Mem>,
 }
 
 /// What kind of host op an in-flight ring entry is, for completion handling.
@@ -207,6 +213,8 @@ pub struct Worker {
     flush_batch: Option<usize>,
     /// Requests rejected so far (for rate-limited logging).
     rejected: u64,
+    /// Requests waiting for the hub to resume them (still counted in flight).
+    parked: std::collections::VecDeque<Parked>,
 }
 
 impl Worker {
@@ -225,6 +233,7 @@ impl Worker {
             zeros: Vec::new(),
             flush_batch: None,
             rejected: 0,
+            parked: std::collections::VecDeque::new(),
         })
     }
 
@@ -292,7 +301,7 @@ impl Worker {
     /// Lets a FLUSH share the sync of one queued earlier in this batch; false if none can.
     fn join_flush(&mut self, head: u16, status: GuestAddress) -> bool {
         let Some(p) = self.flush_batch.and_then(|slot| self.pending.get_mut(slot)) else { return false };
-        if p.kind != RequestType::Flush {
+        if p.req.kind != RequestType::Flush {
             return false;
         }
         p.joined.push((head, status));
@@ -317,6 +326,9 @@ impl Worker {
         while self.ops.len() > 0 {
             self.ring.submit_and_wait_one()?;
             self.reap(ctx, publish)?;
+        }
+        if !publish {
+            self.drop_parked(ctx);
         }
         if publish {
             if let Some(v) = self.vring.clone() {
@@ -359,6 +371,16 @@ impl Worker {
             _ => self.submit_request(ctx, mem, head, status, req),
         };
         if let Err((slot, outcome)) = result {
+            if let (Some(slot), Outcome::Image(ImageError::NoSpace { needed, limit })) = (slot, &outcome) {
+                let idle = self.pending.get_mut(slot).map(|p| p.ops == 0).unwrap_or(false);
+                if idle && ctx.park.enabled() {
+                    let cause = ParkCause::VolumeFull { needed: *needed, limit: *limit };
+                    if let Some(p) = self.pending.remove(slot) {
+                        self.park(ctx, p, cause);
+                    }
+                    return;
+                }
+            }
             // Nothing was queued for this request (or its queued ops are accounted for).
             if let Some(slot) = slot {
                 if let Some(p) = self.pending.get_mut(slot) {
@@ -386,13 +408,12 @@ impl Worker {
     ) -> Result<(), (Option<usize>, Outcome)> {
         let image = &ctx.image;
         let align = image.io_alignment().max(1) as usize;
+        let ranges = if matches!(req.kind, RequestType::Discard | RequestType::WriteZeroes) { req.ranges.clone() } else { Vec::new() };
+        let (kind, offset, data_len) = (req.kind, req.offset, req.data_len);
         let slot = self.pending.insert(Pending {
             head,
             status,
-            kind: req.kind,
-            offset: req.offset,
-            data_len: req.data_len,
-            segments: req.segments,
+            req,
             ops: 0,
             errno: None,
             bounce: None,
@@ -401,15 +422,15 @@ impl Worker {
             joined: Vec::new(),
         });
         let fail = |slot: usize, e: ImageError| (Some(slot), Outcome::Image(e));
-        match req.kind {
+        match kind {
             RequestType::Read | RequestType::Write => {
-                let write = req.kind == RequestType::Write;
+                let write = kind == RequestType::Write;
                 self.extents.clear();
                 let mut extents = std::mem::take(&mut self.extents);
                 let mapped = if write {
-                    image.map_write(req.offset, req.data_len, &mut extents).map(Some)
+                    image.map_write(offset, data_len, &mut extents).map(Some)
                 } else {
-                    image.map_read(req.offset, req.data_len, &mut extents).map(|_| None)
+                    image.map_read(offset, data_len, &mut extents).map(|_| None)
                 };
                 match mapped {
                     Err(e) => {
@@ -438,8 +459,8 @@ impl Worker {
             RequestType::Discard | RequestType::WriteZeroes => {
                 let mut zeros = std::mem::take(&mut self.zeros);
                 zeros.clear();
-                for r in &req.ranges {
-                    let zr = if req.kind == RequestType::Discard {
+                for r in &ranges {
+                    let zr = if kind == RequestType::Discard {
                         ZeroRequest::Discard
                     } else {
                         ZeroRequest::WriteZeroes { may_unmap: r.unmap }
@@ -491,16 +512,16 @@ impl Worker {
         align: usize,
     ) -> io::Result<()> {
         let Some(p) = self.pending.get_mut(slot) else { return Err(io::Error::from_raw_os_error(libc::EIO)) };
-        let host = host_iovecs(mem, &p.segments)?;
+        let host = host_iovecs(mem, &p.req.segments)?;
         let aligned = host.iter().all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0);
         let iovs = if aligned {
             host
         } else {
-            let mut buf = AlignedBuf::zeroed(p.data_len as usize, align)?;
+            let mut buf = AlignedBuf::zeroed(p.req.data_len as usize, align)?;
             if write {
-                copy_from_guest(mem, &p.segments, buf.as_mut_slice())?;
+                copy_from_guest(mem, &p.req.segments, buf.as_mut_slice())?;
             }
-            let v = vec![libc::iovec { iov_base: buf.ptr.cast(), iov_len: p.data_len as usize }];
+            let v = vec![libc::iovec { iov_base: buf.ptr.cast(), iov_len: p.req.data_len as usize }];
             p.bounce = Some(buf);
             v
         };
@@ -615,9 +636,10 @@ impl Worker {
                     return OpResult::Done;
                 }
                 if got == 0 {
-                    // End of file before the end of the request: the image is shorter than
-                    // its declared capacity.
-                    return OpResult::Failed(libc::EIO);
+                    // A write that stops at the volume's end ran out of space; a read that
+                    // does means the image is shorter than its declared capacity.
+                    let errno = if matches!(op.kind, OpKind::Write { .. }) { libc::ENOSPC } else { libc::EIO };
+                    return OpResult::Failed(errno);
                 }
                 advance_iovecs(&mut op.iov, got);
                 op.offset += got as u64;
@@ -689,8 +711,14 @@ impl Worker {
                 errno.get_or_insert(libc::EIO);
             }
         }
+        if errno == Some(libc::ENOSPC) && p.req.kind != RequestType::Read && publish && ctx.park.enabled() {
+            // The volume ran out under a write the format let through: wait for it to grow
+            // (the new clusters were released above; the retry maps the write afresh).
+            self.park(ctx, p, ParkCause::HostNoSpace);
+            return;
+        }
         if errno.is_none()
-            && matches!(p.kind, RequestType::Write | RequestType::Discard | RequestType::WriteZeroes)
+            && matches!(p.req.kind, RequestType::Write | RequestType::Discard | RequestType::WriteZeroes)
             && !ctx.writeback.load(Ordering::Relaxed)
         {
             // Write-through: the metadata that makes this write reachable is durable too.
@@ -699,9 +727,9 @@ impl Worker {
                 errno = Some(libc::EIO);
             }
         }
-        if errno.is_none() && p.kind == RequestType::Read {
+        if errno.is_none() && p.req.kind == RequestType::Read {
             if let Some(b) = &p.bounce {
-                if copy_to_guest(&p.mem, &p.segments, b.as_slice()).is_err() {
+                if copy_to_guest(&p.mem, &p.req.segments, b.as_slice()).is_err() {
                     errno = Some(libc::EFAULT);
                 }
             }
@@ -709,11 +737,11 @@ impl Worker {
         let outcome = match errno {
             None => Outcome::Ok,
             Some(e) => {
-                tracing::warn!(queue = self.queue, kind = ?p.kind, offset = p.offset, errno = e, "request failed");
+                tracing::warn!(queue = self.queue, kind = ?p.req.kind, offset = p.req.offset, errno = e, "request failed");
                 Outcome::HostIo(e)
             }
         };
-        let data = if p.kind == RequestType::Read && errno.is_none() { p.data_len as u32 } else { 0 };
+        let data = if p.req.kind == RequestType::Read && errno.is_none() { p.req.data_len as u32 } else { 0 };
         let vring = if publish { self.vring.clone() } else { None };
         for (head, status) in std::iter::once((p.head, p.status)).chain(p.joined.iter().copied()) {
             match &vring {
@@ -723,6 +751,63 @@ impl Worker {
                     self.inflight.done();
                 }
             }
+        }
+    }
+
+    /// Holds a request (and FLUSHes joined to it) until the hub resumes this worker.
+    fn park(&mut self, ctx: &Context, mut p: Pending, cause: ParkCause) {
+        for ticket in p.tickets.drain(..) {
+            if let Err(e) = ctx.image.write_done(ticket, false) {
+                tracing::error!(queue = self.queue, error = %e, "releasing a parked request's allocation failed");
+            }
+        }
+        if self.parked.is_empty() {
+            tracing::info!(queue = self.queue, ?cause, kind = ?p.req.kind, offset = p.req.offset, "parking IO until the volume grows");
+        }
+        let flush = Request { kind: RequestType::Flush, offset: 0, segments: Vec::new(), data_len: 0, ranges: Vec::new() };
+        for (head, status) in p.joined.drain(..) {
+            self.parked.push_back(Parked { head, status, req: flush.clone(), mem: p.mem.clone() });
+            ctx.park.on_park(self.queue, cause);
+        }
+        self.parked.push_back(Parked { head: p.head, status: p.status, req: p.req, mem: p.mem });
+        ctx.park.on_park(self.queue, cause);
+    }
+
+    /// The hub says the cause may have cleared: retries every parked request (each may park
+    /// again).
+    pub fn on_resume(&mut self, ctx: &Context) -> io::Result<()> {
+        if self.parked.is_empty() {
+            return Ok(());
+        }
+        let parked = std::mem::take(&mut self.parked);
+        ctx.park.on_unpark(parked.len());
+        tracing::info!(queue = self.queue, requests = parked.len(), "retrying parked IO");
+        for r in parked {
+            self.start(ctx, &r.mem, r.head, r.status, r.req);
+        }
+        self.ring.submit()?;
+        if let Some(v) = self.vring.clone() {
+            self.signal(&v);
+        }
+        Ok(())
+    }
+
+    /// Requests parked on this queue.
+    pub fn parked(&self) -> usize {
+        self.parked.len()
+    }
+
+    /// Forgets parked requests without completing them (the frontend is gone, or the daemon
+    /// stops): none was acknowledged, so nothing acknowledged is lost.
+    pub fn drop_parked(&mut self, ctx: &Context) {
+        let n = self.parked.len();
+        if n > 0 {
+            tracing::warn!(queue = self.queue, requests = n, "parked IO dropped uncompleted (never acknowledged to the guest)");
+            for _ in 0..n {
+                self.inflight.done();
+            }
+            self.parked.clear();
+            ctx.park.on_unpark(n);
         }
     }
 

@@ -1,0 +1,142 @@
+//! Parked requests: a request that cannot go on yet (the thin volume is full) is held, with
+//! its descriptor chain and guest mapping, instead of being failed. Whoever clears the cause
+//! (the thin-volume control thread) calls [`ParkHub::resume`]; every worker then retries its
+//! parked requests. The hub outlives device instances (one per frontend connection).
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Why a request was parked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParkCause {
+    /// The format refused an allocation ending at `needed` past the volume size `limit`.
+    VolumeFull {
+        /// Where the allocation would end (bytes).
+        needed: u64,
+        /// The volume size it passes (bytes).
+        limit: u64,
+    },
+    /// The kernel answered ENOSPC (or a write stopped short at the volume's end).
+    HostNoSpace,
+}
+
+/// Told whenever a request is parked (called on a worker thread: be quick, never block).
+pub trait ParkListener: Send + Sync {
+    /// A request of queue `queue` was parked for `cause`.
+    fn parked(&self, queue: usize, cause: ParkCause);
+}
+
+/// Shared between the workers (which park) and the side that resumes them.
+pub struct ParkHub {
+    wake: Vec<EventFd>,
+    parked: AtomicUsize,
+    total: AtomicU64,
+    listener: RwLock<Option<Arc<dyn ParkListener>>>,
+}
+
+impl fmt::Debug for ParkHub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ParkHub").field("queues", &self.wake.len()).field("parked", &self.parked()).finish()
+    }
+}
+
+impl ParkHub {
+    /// A hub for `num_queues` workers.
+    pub fn new(num_queues: usize) -> io::Result<Arc<ParkHub>> {
+        let wake = (0..num_queues).map(|_| EventFd::new(EFD_NONBLOCK)).collect::<io::Result<Vec<_>>>()?;
+        Ok(Arc::new(ParkHub { wake, parked: AtomicUsize::new(0), total: AtomicU64::new(0), listener: RwLock::new(None) }))
+    }
+
+    /// Installs the listener; without one, nothing is parked (ENOSPC is reported).
+    pub fn set_listener(&self, listener: Arc<dyn ParkListener>) {
+        if let Ok(mut l) = self.listener.write() {
+            *l = Some(listener);
+        }
+    }
+
+    /// Whether a listener is installed (parking is possible).
+    pub fn enabled(&self) -> bool {
+        self.listener.read().map(|l| l.is_some()).unwrap_or(false)
+    }
+
+    /// Wakes every worker to retry its parked requests.
+    pub fn resume(&self) {
+        for w in &self.wake {
+            if let Err(e) = w.write(1) {
+                tracing::error!(error = %e, "waking a worker to resume parked IO failed");
+            }
+        }
+    }
+
+    /// Requests parked now.
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::SeqCst)
+    }
+
+    /// Requests parked since start (each parking counts).
+    pub fn parked_total(&self) -> u64 {
+        self.total.load(Ordering::SeqCst)
+    }
+
+    /// The eventfd worker `queue` listens on.
+    pub(crate) fn wake_fd(&self, queue: usize) -> Option<RawFd> {
+        self.wake.get(queue).map(|w| w.as_raw_fd())
+    }
+
+    /// Consumes queue `queue`'s wake-up.
+    pub(crate) fn ack(&self, queue: usize) {
+        if let Some(w) = self.wake.get(queue) {
+            let _ = w.read();
+        }
+    }
+
+    pub(crate) fn on_park(&self, queue: usize, cause: ParkCause) {
+        self.parked.fetch_add(1, Ordering::SeqCst);
+        self.total.fetch_add(1, Ordering::SeqCst);
+        let listener = self.listener.read().ok().and_then(|l| l.clone());
+        if let Some(l) = listener {
+            l.parked(queue, cause);
+        }
+    }
+
+    pub(crate) fn on_unpark(&self, n: usize) {
+        let _ = self.parked.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| Some(v.saturating_sub(n)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct Rec(Mutex<Vec<(usize, ParkCause)>>);
+    impl ParkListener for Rec {
+        fn parked(&self, queue: usize, cause: ParkCause) {
+            self.0.lock().unwrap().push((queue, cause));
+        }
+    }
+
+    #[test]
+    fn counts_notifies_and_wakes_every_queue() {
+        let hub = ParkHub::new(2).unwrap();
+        assert!(!hub.enabled());
+        let rec = Arc::new(Rec(Mutex::new(Vec::new())));
+        hub.set_listener(rec.clone());
+        assert!(hub.enabled());
+        hub.on_park(1, ParkCause::HostNoSpace);
+        hub.on_park(0, ParkCause::VolumeFull { needed: 2, limit: 1 });
+        assert_eq!((hub.parked(), hub.parked_total()), (2, 2));
+        hub.on_unpark(2);
+        assert_eq!((hub.parked(), hub.parked_total()), (0, 2));
+        assert_eq!(rec.0.lock().unwrap().len(), 2);
+        hub.resume();
+        for q in 0..2 {
+            assert_eq!(hub.wake[q].read().unwrap(), 1);
+        }
+    }
+}
