@@ -37,6 +37,8 @@ pub struct ImageOptions {
     pub l2_cache_bytes: Option<u64>,
     /// Pass discards to the host (release space): `--discard unmap`.
     pub discard_unmap: bool,
+    /// The image file is a fixed-size volume (thin mode): never grow it.
+    pub fixed_size: bool,
 }
 
 /// Errors opening an image.
@@ -165,7 +167,11 @@ impl Qcow2Format {
     /// Opens a qcow2 image and its backing chain.
     pub fn open(path: &Path, opts: &ImageOptions) -> Result<Qcow2Format, FormatError> {
         let (file, info) = open_direct(path, opts.read_only).map_err(open_err(path))?;
-        let top_storage = storage_for(file, &info);
+        let top_storage = if opts.fixed_size {
+            Arc::new(FileStorage::new(file, info.alignment as usize).fixed_size())
+        } else {
+            storage_for(file, &info)
+        };
         let zeroes_from = if info.is_block { u64::MAX } else { info.size };
         let mut top = Qcow2::open(
             top_storage.clone(),
@@ -269,6 +275,7 @@ impl Qcow2Format {
 fn to_image_error(e: Qcow2Error) -> ImageError {
     match e {
         Qcow2Error::Io(io) => ImageError::Io(io),
+        Qcow2Error::VolumeFull { needed, limit } => ImageError::NoSpace { needed, limit },
         other => ImageError::Refused(other.to_string()),
     }
 }

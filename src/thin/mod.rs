@@ -1,5 +1,126 @@
-//! Thin volumes: the extension policy (spec §2) and, later, the volume and its growth.
+//! Thin volumes: the extension policy (spec §2), the per-drive monitor, the volume and its
+//! refresh, and the control thread that ties them to the allocator and the mailbox.
 
+pub mod control;
 pub mod monitor;
 pub mod policy;
 pub mod volume;
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use thinblk_vhost::ParkHub;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::mailbox::client::Client;
+use crate::mailbox::io::FileMailbox;
+use crate::mailbox::wire::Uuid;
+use control::{Control, MailboxIdentity, Signals, ThinEngine, ThinStats};
+use monitor::Monitor;
+use policy::Policy;
+use volume::Volume;
+
+/// Everything thin mode needs, resolved from the command line.
+#[derive(Clone, Debug)]
+pub struct ThinOptions {
+    /// The volume the image lives on (the image path itself).
+    pub volume: PathBuf,
+    /// Extension policy.
+    pub policy: Policy,
+    /// The SPM's inbox (we write).
+    pub spm_inbox: PathBuf,
+    /// The SPM's outbox (we read).
+    pub spm_outbox: PathBuf,
+    /// Mailbox host id (1..249).
+    pub host_id: u16,
+    /// Storage domain.
+    pub domain: Uuid,
+    /// Volume.
+    pub volume_uuid: Uuid,
+    /// Per-host lock file.
+    pub lock: PathBuf,
+}
+
+/// The running control thread.
+pub struct ThinHandle {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<Mutex<ThinStats>>,
+}
+
+impl ThinHandle {
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> ThinStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Stops the control thread (clearing our mailbox slots) and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ThinHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Opens the volume and the mailbox and starts the control thread for `engine`.
+pub fn start(
+    opts: &ThinOptions,
+    engine: Arc<dyn ThinEngine>,
+    capacity: u64,
+    signals: Arc<Signals>,
+    hub: Arc<ParkHub>,
+) -> io::Result<ThinHandle> {
+    let volume = Volume::open(&opts.volume)?;
+    if let Some(dir) = opts.lock.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let io = FileMailbox::open(&opts.spm_inbox, &opts.spm_outbox, opts.host_id, &opts.lock)
+        .map_err(|e| io::Error::new(e.kind(), format!("opening the mailbox: {e}")))?;
+    let client = Client::new(opts.volume_uuid, Box::new(random_nonce));
+    tracing::info!(
+        volume = %opts.volume.display(),
+        kind = ?volume.kind(),
+        physical = volume.physical(),
+        allocation = engine.allocation(),
+        capacity,
+        limit = opts.policy.limit(),
+        chunk = opts.policy.chunk(),
+        max_size = policy::max_size(capacity),
+        host_id = opts.host_id,
+        "thin volume monitored"
+    );
+    let id = MailboxIdentity { domain: opts.domain, volume: opts.volume_uuid };
+    let monitor = Monitor::new(opts.policy, capacity);
+    let control = Control::new(engine, volume, monitor, signals, hub, client, Box::new(io), id);
+    let stats = control.stats();
+    let stop = EventFd::new(EFD_NONBLOCK)?;
+    let stop_rx = stop.try_clone()?;
+    let thread = std::thread::Builder::new().name("thin-control".into()).spawn(move || control.run(&stop_rx))?;
+    Ok(ThinHandle { stop, thread: Some(thread), stats })
+}
+
+/// 16 random bytes for a doorbell (uniqueness is all that matters).
+fn random_nonce() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // Fall back to the clock: a doorbell only has to differ from the previous one.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        b.copy_from_slice(&t.to_le_bytes());
+    }
+    b
+}

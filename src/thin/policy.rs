@@ -142,32 +142,35 @@ impl Policy {
     }
 }
 
-/// A one-shot write threshold (QEMU's `block-set-write-threshold` semantics).
+/// A one-shot write threshold (QEMU's `block-set-write-threshold` semantics), checked
+/// inline on every move of the allocation mark, lock-free.
 #[derive(Debug, Default)]
 pub struct WriteThreshold {
-    armed: Option<u64>,
+    /// 0: disarmed.
+    armed: std::sync::atomic::AtomicU64,
 }
 
 impl WriteThreshold {
     /// Arms at `threshold` bytes (0 disarms).
-    pub fn arm(&mut self, threshold: u64) {
-        self.armed = (threshold != 0).then_some(threshold);
+    pub fn arm(&self, threshold: u64) {
+        self.armed.store(threshold, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The armed value, if any.
     pub fn armed(&self) -> Option<u64> {
-        self.armed
+        let t = self.armed.load(std::sync::atomic::Ordering::SeqCst);
+        (t != 0).then_some(t)
     }
 
-    /// A write ends at `end`: returns the amount exceeded and disarms if it crossed.
-    pub fn check(&mut self, end: u64) -> Option<u64> {
-        let t = self.armed?;
-        if end > t {
-            self.armed = None;
-            Some(end - t)
-        } else {
-            None
+    /// A write ends at `end`: returns the amount exceeded and disarms if it crossed (exactly
+    /// one caller sees each crossing).
+    pub fn check(&self, end: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let t = self.armed.load(Ordering::SeqCst);
+        if t == 0 || end <= t {
+            return None;
         }
+        self.armed.compare_exchange(t, 0, Ordering::SeqCst, Ordering::SeqCst).ok().map(|_| end - t)
     }
 }
 
@@ -247,7 +250,7 @@ mod tests {
 
     #[test]
     fn threshold_is_one_shot() {
-        let mut t = WriteThreshold::default();
+        let t = WriteThreshold::default();
         t.arm(1000);
         assert_eq!(t.check(1000), None);
         assert_eq!(t.check(1001), Some(1));

@@ -1,0 +1,403 @@
+//! The thin-volume control thread: reacts within a millisecond to a threshold crossing or a
+//! refused allocation (signalled inline from the allocator and the workers), drives the
+//! [`Monitor`], sends extend requests through the mailbox client, refreshes the volume when
+//! the SPM answers, raises the allocation limit and resumes parked IO.
+//!
+//! The IO workers never block on it: they only bump an atomic and write an eventfd.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use thinblk_qcow2::{AllocationObserver, Qcow2};
+use thinblk_vhost::{ParkCause, ParkHub, ParkListener};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::monitor::{Action, DriveState, Monitor};
+use super::policy::{wire_mib, WriteThreshold};
+use super::volume::Volume;
+use crate::mailbox::client::{Client, MailboxIo};
+use crate::mailbox::wire::{Extend, Uuid};
+
+/// The periodic check of UNSET and EXCEEDED drives (`vm_watermark_interval`).
+pub const TICK: Duration = Duration::from_secs(2);
+/// How often replies are polled while a request is outstanding (`events_interval`).
+pub const REPLY_POLL: Duration = Duration::from_millis(500);
+/// Back-off after more than 9 consecutive failed mailbox polls.
+pub const MAILBOX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// What the data path signals to the control thread, lock-free.
+pub struct Signals {
+    threshold: WriteThreshold,
+    wake: EventFd,
+    urgent: AtomicBool,
+    /// Nanoseconds since `epoch` of the first unhandled signal (0: none).
+    since: AtomicU64,
+    epoch: Instant,
+    allocation: AtomicU64,
+}
+
+impl Signals {
+    /// Fresh signals, nothing armed.
+    pub fn new() -> io::Result<Arc<Signals>> {
+        Ok(Arc::new(Signals {
+            threshold: WriteThreshold::default(),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            urgent: AtomicBool::new(false),
+            since: AtomicU64::new(0),
+            epoch: Instant::now(),
+            allocation: AtomicU64::new(0),
+        }))
+    }
+
+    /// The armed write threshold.
+    pub fn threshold(&self) -> Option<u64> {
+        self.threshold.armed()
+    }
+
+    fn raise(&self) {
+        let now = self.epoch.elapsed().as_nanos().max(1) as u64;
+        let _ = self.since.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+        self.urgent.store(true, Ordering::SeqCst);
+        if let Err(e) = self.wake.write(1) {
+            tracing::error!(error = %e, "waking the thin control thread failed");
+        }
+    }
+
+    /// Takes the pending signal: whether there was one, and when it was raised.
+    fn take(&self) -> Option<Instant> {
+        let _ = self.wake.read();
+        if !self.urgent.swap(false, Ordering::SeqCst) {
+            return None;
+        }
+        let ns = self.since.swap(0, Ordering::SeqCst);
+        Some(self.epoch + Duration::from_nanos(ns))
+    }
+}
+
+impl AllocationObserver for Signals {
+    fn allocated(&self, end: u64) {
+        self.allocation.store(end, Ordering::Relaxed);
+        if self.threshold.check(end).is_some() {
+            self.raise();
+        }
+    }
+
+    fn refused(&self, _needed: u64, _limit: u64) {
+        self.raise();
+    }
+}
+
+impl ParkListener for Signals {
+    fn parked(&self, _queue: usize, _cause: ParkCause) {
+        self.raise();
+    }
+}
+
+/// Identity of the volume on the mailbox.
+#[derive(Clone, Copy, Debug)]
+pub struct MailboxIdentity {
+    /// Storage domain (the VG).
+    pub domain: Uuid,
+    /// Volume (the LV).
+    pub volume: Uuid,
+}
+
+/// The control thread's state.
+pub struct Control {
+    engine: Arc<dyn ThinEngine>,
+    volume: Volume,
+    monitor: Monitor,
+    signals: Arc<Signals>,
+    hub: Arc<ParkHub>,
+    client: Client,
+    io: Box<dyn MailboxIo + Send>,
+    id: MailboxIdentity,
+    /// When the outstanding extension was first requested, and the physical size then.
+    started: Option<(Instant, u64)>,
+    failures: u32,
+    next_poll: Instant,
+    stats: Arc<Mutex<ThinStats>>,
+}
+
+/// What the engine offers the control thread (the qcow2 engine in production).
+pub trait ThinEngine: Send + Sync {
+    /// The allocation mark.
+    fn allocation(&self) -> u64;
+    /// Sets the host offset no allocation may pass.
+    fn set_limit(&self, limit: u64);
+}
+
+impl ThinEngine for Qcow2 {
+    fn allocation(&self) -> u64 {
+        Qcow2::allocation(self)
+    }
+    fn set_limit(&self, limit: u64) {
+        Qcow2::set_limit(self, limit)
+    }
+}
+
+/// Counters a later metrics endpoint and the tests read.
+#[derive(Clone, Debug, Default)]
+pub struct ThinStats {
+    /// Extension requests sent (re-sends included).
+    pub requests: u64,
+    /// Extensions completed (the volume grew).
+    pub completed: u64,
+    /// SPM replies that did not grow the volume enough.
+    pub failed: u64,
+    /// The volume's size.
+    pub physical: u64,
+    /// The drive state, as text.
+    pub state: String,
+}
+
+impl Control {
+    /// Sets up control of `volume` for `engine`, with the mailbox `io` and `client`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        engine: Arc<dyn ThinEngine>,
+        volume: Volume,
+        monitor: Monitor,
+        signals: Arc<Signals>,
+        hub: Arc<ParkHub>,
+        client: Client,
+        io: Box<dyn MailboxIo + Send>,
+        id: MailboxIdentity,
+    ) -> Control {
+        engine.set_limit(volume.physical());
+        Control {
+            engine,
+            volume,
+            monitor,
+            signals,
+            hub,
+            client,
+            io,
+            id,
+            started: None,
+            failures: 0,
+            next_poll: Instant::now(),
+            stats: Arc::new(Mutex::new(ThinStats::default())),
+        }
+    }
+
+    /// Shared counters.
+    pub fn stats(&self) -> Arc<Mutex<ThinStats>> {
+        self.stats.clone()
+    }
+
+    /// Runs until `stop` becomes readable; then clears this process's mailbox slots.
+    pub fn run(mut self, stop: &EventFd) {
+        let mut next_tick = Instant::now();
+        loop {
+            let now = Instant::now();
+            if now >= next_tick {
+                self.tick(now);
+                next_tick = now + TICK;
+            }
+            if let Some(signalled) = self.signals.take() {
+                self.exceeded(signalled);
+            }
+            if self.busy() && Instant::now() >= self.next_poll {
+                self.poll_mailbox();
+            }
+            self.publish();
+            let deadline = if self.busy() { self.next_poll.min(next_tick) } else { next_tick };
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            match wait(self.signals.wake.as_raw_fd(), stop.as_raw_fd(), timeout) {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "thin control wait failed");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        if let Err(e) = self.client.stop(self.io.as_mut()) {
+            tracing::warn!(error = %e, "clearing our mailbox slots at stop failed");
+        }
+    }
+
+    /// Whether mailbox requests are outstanding (replies are then polled).
+    fn busy(&self) -> bool {
+        self.client.active() > 0 || self.client.queued() > 0
+    }
+
+    fn publish(&self) {
+        if let Ok(mut s) = self.stats.lock() {
+            s.physical = self.volume.physical();
+            s.state = format!("{:?}", self.monitor.state());
+        }
+    }
+
+    /// The periodic check: UNSET drives are evaluated, EXCEEDED ones re-send every
+    /// `extend_timeout`, and the volume is re-read in case it grew without a reply.
+    fn tick(&mut self, now: Instant) {
+        if self.monitor.state() == DriveState::Exceeded {
+            self.refresh(now, None);
+        }
+        let allocation = self.engine.allocation();
+        let action = self.monitor.on_tick(now, self.volume.physical(), allocation);
+        self.act(now, action, None);
+    }
+
+    /// The threshold was crossed or an allocation refused: extend now.
+    fn exceeded(&mut self, signalled: Instant) {
+        let now = Instant::now();
+        tracing::debug!(allocation = self.engine.allocation(), physical = self.volume.physical(), "threshold crossed or volume full");
+        let action = self.monitor.on_exceeded(now, self.volume.physical());
+        self.act(now, action, Some(signalled));
+    }
+
+    fn act(&mut self, now: Instant, action: Action, signalled: Option<Instant>) {
+        match action {
+            Action::None => {}
+            Action::Arm(t) => {
+                self.signals.threshold.arm(t);
+                tracing::debug!(threshold = t, physical = self.volume.physical(), "write threshold armed");
+                // The allocation may have passed it before it was armed.
+                if self.engine.allocation() > t && self.signals.threshold.check(self.engine.allocation()).is_some() {
+                    self.signals.raise();
+                }
+            }
+            Action::Extend(size) => self.request(now, size, signalled),
+            Action::Improbable => {
+                tracing::error!(
+                    allocation = self.engine.allocation(),
+                    physical = self.volume.physical(),
+                    "allocation cannot be explained by the volume's growth (corrupt image?); not extending"
+                );
+            }
+        }
+    }
+
+    fn request(&mut self, now: Instant, size: u64, signalled: Option<Instant>) {
+        let size_mib = match wire_mib(size) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(size, error = %e, "extension size cannot be sent");
+                return;
+            }
+        };
+        let req = Extend { domain: self.id.domain, volume: self.id.volume, size_mib };
+        let folded = matches!(self.client.submit(req), Ok(crate::mailbox::client::Submitted::Folded));
+        if self.started.is_none() {
+            self.started = Some((now, self.volume.physical()));
+        }
+        self.volume.extension_requested(size);
+        if let Ok(mut s) = self.stats.lock() {
+            s.requests += 1;
+        }
+        self.poll_mailbox();
+        let latency_us = signalled.map(|t| t.elapsed().as_micros() as u64);
+        tracing::info!(
+            allocation = self.engine.allocation(),
+            physical = self.volume.physical(),
+            threshold = ?self.signals.threshold(),
+            requested = size,
+            folded,
+            parked = self.hub.parked(),
+            signal_to_inbox_us = latency_us,
+            "extension requested"
+        );
+    }
+
+    fn poll_mailbox(&mut self) {
+        let pause = if self.failures > 9 { MAILBOX_BACKOFF } else { REPLY_POLL };
+        self.next_poll = Instant::now() + pause;
+        match self.client.poll(self.io.as_mut()) {
+            Ok(done) => {
+                self.failures = 0;
+                for c in done {
+                    let now = Instant::now();
+                    tracing::debug!(size_mib = c.request.size_mib, reply_mib = c.reply_mib, "SPM replied");
+                    self.volume.extended(c.request.size_mib.saturating_mul(super::policy::MIB));
+                    self.refresh(now, Some(c.reply_mib));
+                }
+            }
+            Err(e) => {
+                self.failures += 1;
+                if self.failures <= 10 || self.failures % 100 == 0 {
+                    tracing::warn!(error = %e, failures = self.failures, "mailbox poll failed");
+                }
+            }
+        }
+    }
+
+    /// Refreshes the volume; if it grew enough, raises the limit, re-arms and resumes IO.
+    fn refresh(&mut self, now: Instant, reply_mib: Option<u64>) {
+        let before = self.volume.physical();
+        let physical = match self.volume.refresh() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "refreshing the volume failed");
+                return;
+            }
+        };
+        if physical > before {
+            self.engine.set_limit(physical);
+        }
+        let requested = self.monitor.requested();
+        let allocation = self.engine.allocation();
+        let action = self.monitor.on_refreshed(now, physical, allocation);
+        let grown = self.monitor.state() != DriveState::Exceeded;
+        if grown || reply_mib.is_some() {
+            let (t0, from) = self.started.unwrap_or((now, before));
+            let outcome = if grown { "extended" } else { "volume still too small" };
+            tracing::info!(
+                allocation,
+                physical_before = from,
+                physical,
+                requested = ?requested,
+                reply_mib = ?reply_mib,
+                threshold = ?self.signals.threshold(),
+                outcome,
+                duration_ms = now.duration_since(t0).as_millis() as u64,
+                parked = self.hub.parked(),
+                "extension"
+            );
+            if let Ok(mut s) = self.stats.lock() {
+                if grown {
+                    s.completed += 1;
+                } else {
+                    s.failed += 1;
+                }
+            }
+        }
+        if grown {
+            self.started = None;
+        }
+        self.act(now, action, None);
+        if physical > before || grown {
+            self.hub.resume();
+        }
+    }
+}
+
+/// Waits for the wake eventfd (false) or the stop eventfd (true), at most `timeout`.
+fn wait(wake: i32, stop: i32, timeout: Duration) -> io::Result<bool> {
+    let mut fds = [
+        libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: stop, events: libc::POLLIN, revents: 0 },
+    ];
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted { Ok(false) } else { Err(e) };
+    }
+    Ok(fds[1].revents != 0)
+}
+
+impl ThinEngine for crate::format::Qcow2Format {
+    fn allocation(&self) -> u64 {
+        self.engine().allocation()
+    }
+    fn set_limit(&self, limit: u64) {
+        self.engine().set_limit(limit)
+    }
+}
