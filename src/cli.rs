@@ -64,6 +64,47 @@ pub struct ServeArgs {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); also THINBLK_LOG.
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Thin-volume options.
+    #[command(flatten)]
+    pub thin: ThinArgs,
+}
+
+/// Options of a qcow2 image on a thin volume grown through the vdsm mailbox.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ThinArgs {
+    /// The image lives on a thin volume (an LV, a loop device, or a file treated as a fixed-size
+    /// volume): grow it through the SPM before it fills; park writes that would pass its end.
+    #[arg(long, requires_all = ["spm_inbox", "spm_outbox", "host_id", "domain_uuid", "volume_uuid"])]
+    pub thin: bool,
+    /// How full a chunk may get before extending (vdsm volume_utilization_percent).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=100), requires = "thin")]
+    pub utilization_percent: u64,
+    /// MiB added per extension (vdsm volume_utilization_chunk_mb).
+    #[arg(long, default_value_t = 2560, value_parser = clap::value_parser!(u64).range(1..=0xffff_ffff), requires = "thin")]
+    pub chunk_mb: u64,
+    /// The SPM's inbox volume (we write extend requests there).
+    #[arg(long, value_name = "PATH", requires = "thin")]
+    pub spm_inbox: Option<PathBuf>,
+    /// The SPM's outbox volume (we read replies there).
+    #[arg(long, value_name = "PATH", requires = "thin")]
+    pub spm_outbox: Option<PathBuf>,
+    /// This host's mailbox id (1..249).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=249), requires = "thin")]
+    pub host_id: Option<u16>,
+    /// Storage domain UUID (the VG).
+    #[arg(long, value_parser = parse_uuid, requires = "thin")]
+    pub domain_uuid: Option<crate::mailbox::wire::Uuid>,
+    /// Volume UUID (the LV).
+    #[arg(long, value_parser = parse_uuid, requires = "thin")]
+    pub volume_uuid: Option<crate::mailbox::wire::Uuid>,
+    /// Lock file serializing this host's mailbox block among thinblk processes
+    /// (default /run/thinblk/mailbox-host-<ID>.lock).
+    #[arg(long, value_name = "PATH", requires = "thin")]
+    pub mailbox_lock: Option<PathBuf>,
+}
+
+fn parse_uuid(s: &str) -> Result<crate::mailbox::wire::Uuid, String> {
+    crate::mailbox::wire::Uuid::parse(s).map_err(|e| format!("'{s}': {e}"))
 }
 
 /// `--discard` modes.
@@ -112,6 +153,9 @@ pub struct SpmArgs {
     /// Directory of the file backend's volumes.
     #[arg(long, required_if_eq("backend", "file"))]
     pub volumes: Option<PathBuf>,
+    /// Answer new requests this many milliseconds late (a slow SPM, for tests and drills).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub delay_ms: u64,
 }
 
 /// Metadata preallocation modes of `thinblk create`.
@@ -173,6 +217,9 @@ pub struct DemoArgs {
     /// Number of request queues.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub num_queues: u16,
+    /// The thin volume's initial size and growth step, in MiB.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub chunk_mb: u64,
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {

@@ -78,6 +78,22 @@ pub fn install_signal_thread(shutdown: Arc<Shutdown>) -> io::Result<()> {
 /// Blocks SIGTERM and SIGINT in every thread (call before spawning others) and runs `f`
 /// on a dedicated thread each time one arrives.
 pub fn on_termination(f: impl Fn() + Send + 'static) -> io::Result<()> {
+    let set = block_termination_signals()?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is a valid, initialised signal set; `sig` a valid out-pointer.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            tracing::info!(signal = sig, "termination signal");
+            f();
+        }
+    })?;
+    Ok(())
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread, so threads it spawns afterwards inherit
+/// the mask (only the signal thread of [`on_termination`] then receives them). Call it first
+/// thing, before any thread is spawned. Returns the signal set.
+pub fn block_termination_signals() -> io::Result<libc::sigset_t> {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t; the calls only modify it and this thread's mask.
@@ -89,15 +105,7 @@ pub fn on_termination(f: impl Fn() + Send + 'static) -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
     }
-    std::thread::Builder::new().name("signals".into()).spawn(move || loop {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: `set` is a valid, initialised signal set; `sig` a valid out-pointer.
-        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-            tracing::info!(signal = sig, "termination signal");
-            f();
-        }
-    })?;
-    Ok(())
+    Ok(set)
 }
 
 /// Waits until `fd` is readable (true) or shutdown is requested (false).

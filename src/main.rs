@@ -7,11 +7,16 @@ use std::process::ExitCode;
 use clap::Parser;
 use thinblk::cli::{
     default_serial, CheckArgs, Cli, Command, CreateArgs, DemoArgs, DiscardMode, Format, Preallocation, ServeArgs,
-    SpmArgs, SpmBackend, CAPABILITIES,
+    SpmArgs, SpmBackend, ThinArgs, CAPABILITIES,
 };
 use thinblk::daemon::{install_signal_thread, serve, Shutdown};
-use thinblk::format::{open_image, ImageOptions};
-use thinblk_vhost::DeviceConfig;
+use std::sync::Arc;
+
+use thinblk::format::{open_image, ImageOptions, Qcow2Format};
+use thinblk::thin::control::Signals;
+use thinblk::thin::policy::Policy;
+use thinblk::thin::ThinOptions;
+use thinblk_vhost::{DeviceConfig, ImageFormat, ParkHub};
 use vhost::vhost_user::Listener;
 
 /// Exit code for a wrong command line.
@@ -28,6 +33,14 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(first_line(&e.to_string())),
     };
     init_logging(cli.serve.log_level.as_deref());
+    if matches!(cli.command, None | Some(Command::Demo(_)) | Some(Command::Spm(_))) {
+        // Before any thread exists: every thread inherits the mask, and only the signal
+        // thread takes SIGTERM/SIGINT (for a clean drain and flush).
+        if let Err(e) = thinblk::daemon::block_termination_signals() {
+            eprintln!("thinblk: blocking signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match cli.command {
         Some(Command::Demo(args)) => demo(args),
         Some(Command::Create(args)) => create(args),
@@ -66,7 +79,9 @@ fn init_logging(level: Option<&str>) {
         .map(EnvFilter::new)
         .or_else(|| EnvFilter::try_from_env("THINBLK_LOG").ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colours only on a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
 fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
@@ -81,12 +96,26 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         (None, Some(fd)) => inherited_listener(fd)?,
         _ => return Err(Failure::Usage("one of --socket-path or --fd is required".into())),
     };
+    let thin = thin_options(&args, &image_path, format)?;
     let opts = ImageOptions {
         read_only: args.read_only,
         l2_cache_bytes: args.l2_cache_size,
         discard_unmap: args.discard == DiscardMode::Unmap,
+        fixed_size: thin.is_some(),
     };
-    let image = open_image(&image_path, format, &opts).map_err(|e| Failure::Runtime(e.to_string()))?;
+    let hub = ParkHub::new(usize::from(args.num_queues)).map_err(|e| Failure::Runtime(e.to_string()))?;
+    let (image, thin_handle): (Arc<dyn ImageFormat>, _) = match &thin {
+        None => (open_image(&image_path, format, &opts).map_err(|e| Failure::Runtime(e.to_string()))?, None),
+        Some(t) => {
+            let qf = Arc::new(Qcow2Format::open(&image_path, &opts).map_err(|e| Failure::Runtime(e.to_string()))?);
+            let signals = Signals::new().map_err(|e| Failure::Runtime(e.to_string()))?;
+            qf.engine().set_observer(signals.clone());
+            hub.set_listener(signals.clone());
+            let handle = thinblk::thin::start(t, qf.clone(), qf.capacity(), signals, hub.clone())
+                .map_err(|e| Failure::Runtime(format!("thin volume {}: {e}", image_path.display())))?;
+            (qf, Some(handle))
+        }
+    };
     let serial = args.serial.clone().unwrap_or_else(|| default_serial(&image.identity()));
     let cfg = DeviceConfig {
         num_queues: args.num_queues,
@@ -94,6 +123,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         logical_block_size: args.logical_block_size,
         read_only: args.read_only,
         serial,
+        park: Some(hub),
     };
     if image.capacity() < u64::from(cfg.logical_block_size) {
         return Err(Failure::Runtime(format!("{} is smaller than one logical block", image_path.display())));
@@ -109,10 +139,40 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
     let shutdown = Shutdown::new().map_err(|e| Failure::Runtime(e.to_string()))?;
     install_signal_thread(shutdown.clone()).map_err(|e| Failure::Runtime(e.to_string()))?;
     let result = serve(image, &cfg, listener, &shutdown).map_err(|e| Failure::Runtime(e.to_string()));
+    if let Some(t) = thin_handle {
+        t.stop();
+    }
     if let Some(p) = &args.socket_path {
         let _ = std::fs::remove_file(p);
     }
     result
+}
+
+/// Resolves and checks the thin-volume options (None without `--thin`).
+fn thin_options(args: &ServeArgs, image: &Path, format: Format) -> Result<Option<ThinOptions>, Failure> {
+    let t = &args.thin;
+    if !t.thin {
+        return Ok(None);
+    }
+    if format != Format::Qcow2 {
+        return Err(Failure::Usage("--thin needs --format qcow2".into()));
+    }
+    if args.read_only {
+        return Err(Failure::Usage("--thin and --read-only exclude each other".into()));
+    }
+    let policy = Policy::new(t.utilization_percent, t.chunk_mb).map_err(|e| Failure::Usage(e.to_string()))?;
+    let missing = |what: &str| Failure::Usage(format!("--thin needs {what}"));
+    let host_id = t.host_id.ok_or_else(|| missing("--host-id"))?;
+    Ok(Some(ThinOptions {
+        volume: image.to_path_buf(),
+        policy,
+        spm_inbox: t.spm_inbox.clone().ok_or_else(|| missing("--spm-inbox"))?,
+        spm_outbox: t.spm_outbox.clone().ok_or_else(|| missing("--spm-outbox"))?,
+        host_id,
+        domain: t.domain_uuid.ok_or_else(|| missing("--domain-uuid"))?,
+        volume_uuid: t.volume_uuid.ok_or_else(|| missing("--volume-uuid"))?,
+        lock: t.mailbox_lock.clone().unwrap_or_else(|| PathBuf::from(format!("/run/thinblk/mailbox-host-{host_id}.lock"))),
+    }))
 }
 
 /// Binds and listens under a temporary name, then renames onto `path`: the socket appears
@@ -184,6 +244,7 @@ fn spm(args: SpmArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::Runtime(e.to_string()))?;
     let mut r = Responder::open(&args.inbox, &args.outbox, backend)
         .map_err(|e| Failure::Runtime(format!("opening the mailbox: {e}")))?;
+    r.set_delay(std::time::Duration::from_millis(args.delay_ms));
     tracing::info!(inbox = %args.inbox.display(), outbox = %args.outbox.display(), "SPM mailbox responder running");
     r.run(&stop);
     Ok(())
@@ -224,29 +285,46 @@ fn check(args: CheckArgs) -> ExitCode {
     }
 }
 
-/// `thinblk demo`: a fresh image in a temporary directory, served on a socket there.
+/// `thinblk demo`: a fresh qcow2 image on a small file volume, an in-process SPM that grows
+/// it through the mailbox, all in a temporary directory, served on a socket there.
 fn demo(args: DemoArgs) -> Result<(), Failure> {
+    use thinblk::mailbox::responder::{Backend, Responder};
+    use thinblk::mailbox::wire::Uuid;
     let rt = |e: std::io::Error| Failure::Runtime(e.to_string());
     let (dir, owned) = match args.dir {
         Some(d) => (d, false),
-        None => {
-            let d = std::env::temp_dir().join(format!("thinblk-demo-{}", std::process::id()));
-            (d, true)
-        }
+        None => (std::env::temp_dir().join(format!("thinblk-demo-{}", std::process::id())), true),
     };
-    std::fs::create_dir_all(&dir).map_err(rt)?;
-    let image = dir.join("disk.raw");
+    let uuid = |s: &str| Uuid::parse(s).map_err(|e| Failure::Runtime(e.to_string()));
+    let domain = uuid(DEMO_DOMAIN)?;
+    let volume = uuid(DEMO_VOLUME)?;
+    let volumes = dir.join("volumes");
+    let image = volumes.join(domain.to_string()).join(volume.to_string());
+    std::fs::create_dir_all(image.parent().unwrap_or(&dir)).map_err(rt)?;
+    let (inbox, outbox) = (dir.join("inbox"), dir.join("outbox"));
+    for p in [&inbox, &outbox] {
+        std::fs::File::create(p).and_then(|f| f.set_len(16 << 20)).map_err(rt)?;
+    }
+    let size = args.size_mib << 20;
+    let file = std::fs::File::create(&image).map_err(rt)?;
+    let storage = thinblk_qcow2::FileStorage::new(file.try_clone().map_err(rt)?, 1);
+    thinblk_qcow2::create(&storage, &thinblk_qcow2::CreateOptions { size, cluster_size: 65536 })
+        .map_err(|e| Failure::Runtime(e.to_string()))?;
+    // A new thin volume starts at one chunk (spec §2.2).
+    file.set_len((args.chunk_mb << 20).min(size).max(1 << 20)).map_err(rt)?;
+    drop(file);
+    let mut spm = Responder::open(&inbox, &outbox, Backend::File(volumes.clone())).map_err(rt)?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spm_stop = stop.clone();
+    let spm_thread = std::thread::Builder::new().name("spm".into()).spawn(move || spm.run(&spm_stop)).map_err(rt)?;
     let socket = dir.join("thinblk.sock");
-    let f = std::fs::File::create(&image).map_err(rt)?;
-    f.set_len(args.size_mib << 20).map_err(rt)?;
-    drop(f);
-    print_attach_help(&image, &socket, args.num_queues);
+    print_attach_help(&image, &socket, args.num_queues, args.chunk_mb);
     let serve_args = ServeArgs {
         socket_path: Some(socket.clone()),
         fd: None,
         print_capabilities: false,
         image: Some(image.clone()),
-        format: Some(Format::Raw),
+        format: Some(Format::Qcow2),
         read_only: false,
         num_queues: args.num_queues,
         queue_size: 256,
@@ -255,16 +333,36 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         l2_cache_size: None,
         discard: DiscardMode::Unmap,
         log_level: None,
+        thin: ThinArgs {
+            thin: true,
+            utilization_percent: 50,
+            chunk_mb: args.chunk_mb,
+            spm_inbox: Some(inbox),
+            spm_outbox: Some(outbox),
+            host_id: Some(1),
+            domain_uuid: Some(domain),
+            volume_uuid: Some(volume),
+            mailbox_lock: Some(dir.join("mailbox-host-1.lock")),
+        },
     };
     let r = run_daemon(serve_args);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = spm_thread.join();
     if owned {
         let _ = std::fs::remove_dir_all(&dir);
     }
     r
 }
 
-fn print_attach_help(image: &PathBuf, socket: &Path, queues: u16) {
-    println!("thinblk demo: serving {} ({} queues)", image.display(), queues);
+/// The demo's storage domain and volume.
+const DEMO_DOMAIN: &str = "8adbc85e-e554-4ae0-b318-8a5465fe5fe1";
+const DEMO_VOLUME: &str = "d772f1c6-3ebb-43c3-a42e-73fcd8255a5f";
+
+fn print_attach_help(image: &Path, socket: &Path, queues: u16, chunk_mb: u64) {
+    println!("thinblk demo: serving the qcow2 image {} ({} queues)", image.display(), queues);
+    println!("it sits on a thin file volume of {chunk_mb} MiB; an in-process SPM grows it by {chunk_mb} MiB");
+    println!("through the vdsm mailbox whenever the guest's writes leave less than half a chunk free");
+    println!("(watch the \"extension\" log lines, or `ls -l` the image).");
     println!("socket: {}", socket.display());
     println!("attach a VM with:");
     println!(

@@ -80,6 +80,9 @@ pub struct Responder {
     region: Aligned,
     block: Aligned,
     last_event: Option<[u8; 16]>,
+    delay: Duration,
+    /// Hosts whose block had a bad checksum at the last poll (logged once per episode).
+    bad_hosts: Vec<u16>,
 }
 
 impl Responder {
@@ -94,10 +97,17 @@ impl Responder {
             region: Aligned::new(SPM_REGION_LEN, 4096)?,
             block: Aligned::new(BLOCK_LEN, 4096)?,
             last_event: None,
+            delay: Duration::ZERO,
+            bad_hosts: Vec::new(),
         };
         r.outbox.write_all_at(r.region.bytes(), 0)?;
         r.outbox.sync_data()?;
         Ok(r)
+    }
+
+    /// Answers every batch of new requests `delay` late (a slow SPM, for tests and drills).
+    pub fn set_delay(&mut self, delay: Duration) {
+        self.delay = delay;
     }
 
     /// One full poll: reads every host's requests, extends, replies. Returns the requests handled.
@@ -108,12 +118,19 @@ impl Responder {
         }
         let scan = self.spm.scan(self.region.bytes());
         for host in &scan.bad_checksum {
-            tracing::warn!(host, "mailbox block with a bad checksum ignored this poll");
+            if !self.bad_hosts.contains(host) {
+                tracing::warn!(host, "mailbox block with a bad checksum ignored (until it changes)");
+            }
         }
+        self.bad_hosts = scan.bad_checksum.clone();
         for (msg_id, e) in &scan.ignored {
             tracing::warn!(msg_id, error = %e, "mailbox message ignored");
         }
         let handled = scan.requests.len();
+        if handled > 0 && !self.delay.is_zero() {
+            tracing::info!(requests = handled, delay_ms = self.delay.as_millis() as u64, "answering late on purpose");
+            std::thread::sleep(self.delay);
+        }
         for (msg_id, req) in scan.requests {
             let started = Instant::now();
             let result = self.backend.extend(&req);

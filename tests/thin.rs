@@ -1,0 +1,343 @@
+//! Thin volumes end to end: a qcow2 image on a loop device (standing in for an LV) smaller
+//! than the disk, the daemon's in-process mailbox client, and `thinblk spm` (file backend)
+//! growing the loop device's backing file. The blkio client must never see an IO error.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Client, Daemon, LoopDev, Rng, TestDir};
+
+const MIB: u64 = 1 << 20;
+const DOMAIN: &str = "8adbc85e-e554-4ae0-b318-8a5465fe5fe1";
+const VOLUME: &str = "d772f1c6-3ebb-43c3-a42e-73fcd8255a5f";
+const VOLUME2: &str = "11111111-2222-3333-4444-555555555555";
+/// Guest block unit of the verification map.
+const BLOCK: u64 = 64 * 1024;
+
+/// One test's storage: mailbox volumes, a volume directory the SPM grows, loop devices.
+struct Setup {
+    dir: TestDir,
+    inbox: PathBuf,
+    outbox: PathBuf,
+    volumes: PathBuf,
+}
+
+impl Setup {
+    fn new(name: &str) -> Setup {
+        let dir = TestDir::new(name);
+        let inbox = dir.path("inbox");
+        let outbox = dir.path("outbox");
+        for p in [&inbox, &outbox] {
+            std::fs::File::create(p).unwrap().set_len(16 * MIB).unwrap();
+        }
+        let volumes = dir.path("volumes");
+        std::fs::create_dir_all(volumes.join(DOMAIN)).unwrap();
+        Setup { dir, inbox, outbox, volumes }
+    }
+
+    /// A volume file of `size` bytes holding a fresh qcow2 of `virtual_size`, on a loop device.
+    fn volume(&self, uuid: &str, size: u64, virtual_size: u64) -> (PathBuf, LoopDev) {
+        let file = self.volumes.join(DOMAIN).join(uuid);
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&file)
+            .arg(virtual_size.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(size).unwrap();
+        let lv = LoopDev::attach(&file);
+        (file, lv)
+    }
+
+    fn spm(&self, extra: &[&str]) -> Daemon {
+        let log = std::fs::File::create(self.dir.path("spm.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_thinblk"))
+            .args(["spm", "--backend", "file"])
+            .arg("--inbox")
+            .arg(&self.inbox)
+            .arg("--outbox")
+            .arg(&self.outbox)
+            .arg("--volumes")
+            .arg(&self.volumes)
+            .args(extra)
+            .env("THINBLK_LOG", "info")
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Daemon { child, socket: self.dir.path("no-socket") }
+    }
+
+    fn daemon(&self, name: &str, dev: &Path, uuid: &str, host: u16, chunk_mb: u64, percent: u64) -> Daemon {
+        let socket = self.dir.path(&format!("{name}.sock"));
+        let lock = self.dir.path(&format!("host-{host}.lock"));
+        let host = host.to_string();
+        let chunk = chunk_mb.to_string();
+        let percent = percent.to_string();
+        let args: Vec<&str> = vec![
+            "--image",
+            dev.to_str().unwrap(),
+            "--format",
+            "qcow2",
+            "--num-queues",
+            "2",
+            "--thin",
+            "--chunk-mb",
+            &chunk,
+            "--utilization-percent",
+            &percent,
+            "--spm-inbox",
+            self.inbox.to_str().unwrap(),
+            "--spm-outbox",
+            self.outbox.to_str().unwrap(),
+            "--host-id",
+            &host,
+            "--domain-uuid",
+            DOMAIN,
+            "--volume-uuid",
+            uuid,
+            "--mailbox-lock",
+            lock.to_str().unwrap(),
+        ];
+        Daemon::start(&socket, &args)
+    }
+}
+
+/// Deterministic content of guest block `b` at generation `g`.
+fn block_data(b: u64, g: u32, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    Rng(b.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(g) ^ 0x5555).fill(&mut v);
+    v
+}
+
+/// Writes and remembers what each block holds.
+struct Writer {
+    gens: Vec<u32>,
+}
+
+impl Writer {
+    fn new(capacity: u64) -> Writer {
+        Writer { gens: vec![0; (capacity / BLOCK) as usize] }
+    }
+
+    /// Writes `n` blocks from block `b` as one request; panics on any error.
+    fn write(&mut self, c: &mut Client, q: usize, b: u64, n: u64) {
+        let mut data = Vec::with_capacity((n * BLOCK) as usize);
+        for k in b..b + n {
+            self.gens[k as usize] += 1;
+            data.extend(block_data(k, self.gens[k as usize], BLOCK as usize));
+        }
+        let r = c.try_write(q, b * BLOCK, &data, Duration::from_secs(120));
+        assert_eq!(r, Some(0), "write of {n} blocks at block {b} failed or hung");
+    }
+
+    fn verify(&self, c: &mut Client) {
+        let per = 64u64;
+        for start in (0..self.gens.len() as u64).step_by(per as usize) {
+            let n = per.min(self.gens.len() as u64 - start);
+            let got = c.read(0, start * BLOCK, (n * BLOCK) as usize).expect("read back");
+            for k in 0..n {
+                let g = self.gens[(start + k) as usize];
+                let want = if g == 0 { vec![0u8; BLOCK as usize] } else { block_data(start + k, g, BLOCK as usize) };
+                let a = (k * BLOCK) as usize;
+                assert!(got[a..a + BLOCK as usize] == want[..], "block {} (generation {g}) differs", start + k);
+            }
+        }
+    }
+}
+
+fn qemu_img_check(path: &Path) {
+    let out = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(path).output().unwrap();
+    assert!(out.status.success(), "qemu-img check: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+fn file_size(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().len()
+}
+
+/// Stops the daemon with SIGTERM and waits for a clean exit.
+fn stop(mut d: Daemon) {
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(20)), Some(0), "daemon did not exit cleanly");
+}
+
+#[test]
+fn grows_in_chunk_steps_under_sequential_then_random_writes() {
+    let s = Setup::new("thin-grow");
+    let start_size = 256 * MIB;
+    let capacity = 2048 * MIB;
+    let (file, lv) = s.volume(VOLUME, start_size, capacity);
+    let _spm = s.spm(&[]);
+    let d = s.daemon("disk", &lv.0, VOLUME, 5, 64, 50);
+    let mut c = Client::connect(&d.socket, 2).unwrap();
+    assert_eq!(c.capacity, capacity);
+    let mut w = Writer::new(capacity);
+    // 1 GiB sequentially in 4 MiB requests, alternating queues...
+    let seq_blocks = 1024 * MIB / BLOCK;
+    let step = 4 * MIB / BLOCK;
+    for (i, b) in (0..seq_blocks).step_by(step as usize).enumerate() {
+        w.write(&mut c, i % 2, b, step);
+    }
+    // ...then 512 MiB at random places over the whole disk, 64 KiB to 1 MiB each.
+    let mut rng = Rng(42);
+    let mut written = 0;
+    let total_blocks = capacity / BLOCK;
+    while written < 512 * MIB {
+        let n = 1 + rng.below(16);
+        let b = rng.below(total_blocks - n);
+        w.write(&mut c, (written / MIB) as usize % 2, b, n);
+        written += n * BLOCK;
+    }
+    assert_eq!(c.flush(0), 0);
+    w.verify(&mut c);
+    drop(c);
+    stop(d);
+    let grown = file_size(&file);
+    assert!(grown > start_size + 1024 * MIB, "volume only reached {} MiB", grown / MIB);
+    assert_eq!((grown - start_size) % (64 * MIB), 0, "volume grew to {} MiB, not in 64 MiB chunks", grown / MIB);
+    assert!(grown <= 2253 * MIB, "volume passed the maximum size: {} MiB", grown / MIB);
+    qemu_img_check(&lv.0);
+}
+
+/// Writes sequentially from `from` until `bytes` are written; returns the next block.
+fn fill(w: &mut Writer, c: &mut Client, from: u64, bytes: u64) -> u64 {
+    let step = 2 * MIB / BLOCK;
+    let mut b = from;
+    while (b - from) * BLOCK < bytes {
+        w.write(c, 0, b, step);
+        b += step;
+    }
+    b
+}
+
+#[test]
+fn late_spm_parks_writes_and_resumes_them() {
+    let s = Setup::new("thin-late");
+    let capacity = 1024 * MIB;
+    let (_file, lv) = s.volume(VOLUME, 64 * MIB, capacity);
+    let _spm = s.spm(&["--delay-ms", "3000"]);
+    let d = s.daemon("disk", &lv.0, VOLUME, 6, 64, 50);
+    let mut c = Client::connect(&d.socket, 2).unwrap();
+    let mut w = Writer::new(capacity);
+    let t0 = Instant::now();
+    // 256 MiB: several extensions, each answered 3 s late; writes park meanwhile.
+    fill(&mut w, &mut c, 0, 256 * MIB);
+    assert!(t0.elapsed() > Duration::from_secs(3), "no extension had to wait for the slow SPM");
+    w.verify(&mut c);
+    drop(c);
+    stop(d);
+    qemu_img_check(&lv.0);
+}
+
+#[test]
+fn requests_survive_the_spm_being_down() {
+    let s = Setup::new("thin-down");
+    let capacity = 1024 * MIB;
+    let (file, lv) = s.volume(VOLUME, 64 * MIB, capacity);
+    let d = s.daemon("disk", &lv.0, VOLUME, 7, 64, 50);
+    let socket = d.socket.clone();
+    // The writer runs on its own thread; it stalls (parked) when the volume is full.
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&socket, 2).unwrap();
+        let mut w = Writer::new(capacity);
+        fill(&mut w, &mut c, 0, 160 * MIB);
+        w.verify(&mut c);
+    });
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(file_size(&file), 64 * MIB, "the volume grew without an SPM");
+    assert!(!writer.is_finished(), "160 MiB fitted in a 64 MiB volume?");
+    let _spm = s.spm(&[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !writer.is_finished() {
+        assert!(Instant::now() < deadline, "IO did not resume after the SPM came up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    writer.join().expect("writer failed");
+    assert!(file_size(&file) > 160 * MIB);
+    stop(d);
+    qemu_img_check(&lv.0);
+}
+
+#[test]
+fn two_daemons_share_one_host_block() {
+    let s = Setup::new("thin-two");
+    let capacity = 512 * MIB;
+    let (f1, lv1) = s.volume(VOLUME, 64 * MIB, capacity);
+    let (f2, lv2) = s.volume(VOLUME2, 64 * MIB, capacity);
+    let _spm = s.spm(&[]);
+    let d1 = s.daemon("one", &lv1.0, VOLUME, 9, 64, 50);
+    let d2 = s.daemon("two", &lv2.0, VOLUME2, 9, 64, 50);
+    let threads: Vec<_> = [d1.socket.clone(), d2.socket.clone()]
+        .into_iter()
+        .map(|socket| {
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&socket, 2).unwrap();
+                let mut w = Writer::new(capacity);
+                fill(&mut w, &mut c, 0, 256 * MIB);
+                w.verify(&mut c);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a writer failed");
+    }
+    for f in [&f1, &f2] {
+        assert!(file_size(f) > 256 * MIB, "{} did not grow", f.display());
+    }
+    stop(d1);
+    stop(d2);
+    qemu_img_check(&lv1.0);
+    qemu_img_check(&lv2.0);
+}
+
+#[test]
+fn garbage_in_the_mailbox_is_ignored() {
+    use std::os::unix::fs::FileExt;
+    let s = Setup::new("thin-garbage");
+    let capacity = 512 * MIB;
+    let (file, lv) = s.volume(VOLUME, 64 * MIB, capacity);
+    let host = 11u64;
+    // Other hosts' blocks: a bad checksum, an unknown opcode (with a valid checksum).
+    let inbox = std::fs::OpenOptions::new().write(true).open(&s.inbox).unwrap();
+    let mut bad = vec![0u8; 4096];
+    bad[..64].copy_from_slice(&[b'1'; 64]);
+    bad[4092..].copy_from_slice(&[1, 2, 3, 4]);
+    inbox.write_all_at(&bad, 20 * 4096).unwrap();
+    let mut unknown = vec![0u8; 4096];
+    unknown[..5].copy_from_slice(b"1zzzz");
+    unknown[5..64].fill(b'0');
+    let sum: u32 = unknown[..4092].iter().map(|&b| u32::from(b)).sum();
+    unknown[4092..].copy_from_slice(&sum.to_le_bytes());
+    inbox.write_all_at(&unknown, 21 * 4096).unwrap();
+    let _spm = s.spm(&[]);
+    let d = s.daemon("disk", &lv.0, VOLUME, host as u16, 64, 50);
+    let socket = d.socket.clone();
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&socket, 2).unwrap();
+        let mut w = Writer::new(capacity);
+        fill(&mut w, &mut c, 0, 200 * MIB);
+        w.verify(&mut c);
+    });
+    // Meanwhile, noise in our reply block: replies that match no request.
+    let outbox = std::fs::OpenOptions::new().write(true).open(&s.outbox).unwrap();
+    let mut rng = Rng(7);
+    let mut noise = vec![0u8; 4096];
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(700));
+        rng.fill(&mut noise[..64]);
+        noise[0] = b'1';
+        outbox.write_all_at(&noise, host * 4096).unwrap();
+    }
+    writer.join().expect("writer failed");
+    assert!(file_size(&file) > 200 * MIB);
+    stop(d);
+    qemu_img_check(&lv.0);
+    let log = std::fs::read_to_string(s.dir.path("spm.log")).unwrap();
+    assert!(log.contains("bad checksum ignored") && log.contains("host=20"), "{log}");
+    assert!(log.contains("mailbox message ignored") && log.contains("unknown opcode"), "{log}");
+    assert_eq!(log.matches("bad checksum").count(), 1, "logged on every poll: {log}");
+}
