@@ -341,3 +341,26 @@ fn garbage_in_the_mailbox_is_ignored() {
     assert!(log.contains("mailbox message ignored") && log.contains("unknown opcode"), "{log}");
     assert_eq!(log.matches("bad checksum").count(), 1, "logged on every poll: {log}");
 }
+
+#[test]
+fn kernel_enospc_at_the_volume_end_parks_and_extends() {
+    // The daemon believes the volume is 128 MiB; it is then cut to 64 MiB behind its back
+    // (beyond anything allocated). Writes past 64 MiB get ENOSPC from the kernel, not from
+    // the allocator's limit: they must park, trigger an extension, and complete.
+    let s = Setup::new("thin-enospc");
+    let capacity = 512 * MIB;
+    let (file, lv) = s.volume(VOLUME, 128 * MIB, capacity);
+    let _spm = s.spm(&[]);
+    let d = s.daemon("disk", &lv.0, VOLUME, 12, 64, 50);
+    let mut c = Client::connect(&d.socket, 2).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(64 * MIB).unwrap();
+    let out = Command::new("losetup").arg("-c").arg(&lv.0).output().unwrap();
+    assert!(out.status.success(), "losetup -c: {}", String::from_utf8_lossy(&out.stderr));
+    let mut w = Writer::new(capacity);
+    fill(&mut w, &mut c, 0, 120 * MIB);
+    w.verify(&mut c);
+    drop(c);
+    stop(d);
+    assert!(file_size(&file) >= 128 * MIB, "the volume was not extended");
+    qemu_img_check(&lv.0);
+}
