@@ -33,7 +33,7 @@ fn assets() -> PathBuf {
 }
 
 /// Runs QEMU until it exits or the limit passes; returns the console log.
-fn run_guest(assets: &Path, socket: &Path, console: &Path) -> String {
+fn run_guest(assets: &Path, socket: &Path, console: &Path, mode: &str) -> String {
     let qemu = "qemu-system-x86_64";
     let mut child = Command::new(qemu)
         .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "512M"])
@@ -45,7 +45,8 @@ fn run_guest(assets: &Path, socket: &Path, console: &Path) -> String {
         .arg(assets.join("vmlinuz"))
         .arg("-initrd")
         .arg(assets.join("initramfs.cpio.gz"))
-        .args(["-append", "console=ttyS0 panic=-1 loglevel=4"])
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 loglevel=4 thinblk_test={mode}"))
         .arg("-chardev")
         .arg(format!("socket,id=blk0,path={}", socket.display()))
         .args(["-device", "vhost-user-blk-pci,chardev=blk0,num-queues=2"])
@@ -77,12 +78,17 @@ fn tail(log: &str) -> String {
 /// Boots the guest against a daemon serving `image_args`; asserts the guest's verdict,
 /// then stops the daemon cleanly.
 fn guest_run(dir: &TestDir, image_args: &[&str]) {
+    guest_run_mode(dir, image_args, "fs");
+}
+
+/// Like [`guest_run`], with the guest program picked by `mode` (`fs` or `bulk`).
+fn guest_run_mode(dir: &TestDir, image_args: &[&str], mode: &str) {
     let assets = assets();
     let sock = dir.path("sock");
     let mut args = image_args.to_vec();
     args.extend_from_slice(&["--num-queues", "2", "--serial", "guest-disk-1"]);
     let mut daemon = Daemon::start(&sock, &args);
-    let log = run_guest(&assets, &sock, &dir.path("console.log"));
+    let log = run_guest(&assets, &sock, &dir.path("console.log"), mode);
     eprintln!("{}", log.lines().filter(|l| l.starts_with("guest:") || l.contains(VERDICT)).collect::<Vec<_>>().join("\n"));
     let verdict = log.lines().find_map(|l| l.trim().strip_prefix(VERDICT)).map(str::to_string);
     assert_eq!(verdict.as_deref(), Some("PASS"), "guest verdict; console:\n{}", tail(&log));
@@ -115,6 +121,50 @@ fn guest_on_qcow2_on_a_loop_device() {
     let created = Command::new(env!("CARGO_BIN_EXE_thinblk")).args(["create", &dev, "256M"]).output().expect("create");
     assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
     guest_run(&dir, &["--image", &dev, "--format", "qcow2"]);
+    let check = Command::new("qemu-img").args(["check", "-f", "qcow2", &dev]).output().expect("qemu-img check");
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success() && text.contains("No errors were found"), "{text}");
+}
+
+#[test]
+fn guest_writes_1gib_onto_a_256mib_thin_volume() {
+    // qcow2 of 1.5 GiB on a 256 MiB loop volume; `thinblk spm` grows the loop device's
+    // backing file by 128 MiB chunks while the guest writes 1 GiB and reads it back.
+    const DOMAIN: &str = "8adbc85e-e554-4ae0-b318-8a5465fe5fe1";
+    const VOLUME: &str = "d772f1c6-3ebb-43c3-a42e-73fcd8255a5f";
+    let dir = TestDir::new("guest-thin");
+    let (inbox, outbox) = (dir.path("inbox"), dir.path("outbox"));
+    sparse_file(&inbox, 16 << 20);
+    sparse_file(&outbox, 16 << 20);
+    let vols = dir.path("volumes");
+    std::fs::create_dir_all(vols.join(DOMAIN)).expect("volume dir");
+    let backing = vols.join(DOMAIN).join(VOLUME);
+    let created = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&backing).arg("1536M").output().expect("qemu-img");
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    std::fs::OpenOptions::new().write(true).open(&backing).and_then(|f| f.set_len(256 << 20)).expect("size volume");
+    let lv = LoopDev::attach(&backing);
+    let dev = lv.0.to_str().expect("utf-8 path").to_string();
+    let spm = Command::new(env!("CARGO_BIN_EXE_thinblk"))
+        .args(["spm", "--backend", "file"])
+        .arg("--inbox")
+        .arg(&inbox)
+        .arg("--outbox")
+        .arg(&outbox)
+        .arg("--volumes")
+        .arg(&vols)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn spm");
+    let _spm = Daemon { child: spm, socket: dir.path("no-socket") };
+    let lock = dir.path("host-2.lock");
+    let args = [
+        "--image", &dev, "--format", "qcow2", "--thin", "--chunk-mb", "128", "--utilization-percent", "50",
+        "--spm-inbox", inbox.to_str().expect("utf-8"), "--spm-outbox", outbox.to_str().expect("utf-8"),
+        "--host-id", "2", "--domain-uuid", DOMAIN, "--volume-uuid", VOLUME, "--mailbox-lock", lock.to_str().expect("utf-8"),
+    ];
+    guest_run_mode(&dir, &args, "bulk");
+    let size = std::fs::metadata(&backing).expect("volume").len();
+    assert!(size > (1024 << 20), "the volume only reached {} MiB", size >> 20);
     let check = Command::new("qemu-img").args(["check", "-f", "qcow2", &dev]).output().expect("qemu-img check");
     let text = String::from_utf8_lossy(&check.stdout);
     assert!(check.status.success() && text.contains("No errors were found"), "{text}");

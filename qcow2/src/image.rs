@@ -173,7 +173,7 @@ pub struct Qcow2 {
     allocation: AtomicU64,
     /// Allocations may not end past this host offset (the volume's size; `u64::MAX`: none).
     limit: AtomicU64,
-    observer: Option<Arc<dyn AllocationObserver>>,
+    observer: std::sync::OnceLock<Arc<dyn AllocationObserver>>,
 }
 
 /// Reads a table of big-endian offsets and checks every entry points at a whole cluster
@@ -270,7 +270,7 @@ impl Qcow2 {
             fill_done: (std::sync::Mutex::new(()), std::sync::Condvar::new()),
             allocation: AtomicU64::new(0),
             limit: AtomicU64::new(u64::MAX),
-            observer: None,
+            observer: std::sync::OnceLock::new(),
         };
         let end = img.compute_end()?;
         {
@@ -286,9 +286,9 @@ impl Qcow2 {
         self.backing = Some(backing);
     }
 
-    /// Attaches the observer of the allocation mark.
-    pub fn set_observer(&mut self, observer: Arc<dyn AllocationObserver>) {
-        self.observer = Some(observer);
+    /// Attaches the observer of the allocation mark (once; later calls are ignored).
+    pub fn set_observer(&self, observer: Arc<dyn AllocationObserver>) {
+        let _ = self.observer.set(observer);
     }
 
     /// Sets the host offset no allocation may pass (the volume's size); `u64::MAX` lifts it.
@@ -306,7 +306,7 @@ impl Qcow2 {
     fn publish_allocation(&self, end: u64) {
         let old = self.allocation.swap(end, Ordering::SeqCst);
         if end != old {
-            if let Some(o) = &self.observer {
+            if let Some(o) = self.observer.get() {
                 o.allocated(end);
             }
         }
@@ -346,7 +346,7 @@ impl Qcow2 {
         }
         let needed = self.end_after(m, n);
         if needed > limit {
-            if let Some(o) = &self.observer {
+            if let Some(o) = self.observer.get() {
                 o.refused(needed, limit);
             }
             return Err(Qcow2Error::VolumeFull { needed, limit });

@@ -37,7 +37,7 @@ fn limit_refuses_before_any_change_and_lifts() {
     let cs = 65536u64;
     let st = Arc::new(MemStorage::new(Vec::new()));
     create(st.as_ref(), &CreateOptions { size: 1 << 30, cluster_size: cs }).unwrap();
-    let mut img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
+    let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
     let seen = Arc::new(Seen::default());
     img.set_observer(seen.clone());
     let start = img.allocation();

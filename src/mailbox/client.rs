@@ -61,6 +61,8 @@ pub struct Client {
     queue: VecDeque<Extend>,
     last_replies: [u8; BLOCK_LEN],
     started: bool,
+    /// When our block was last written (a request reached the inbox).
+    last_write: Option<std::time::Instant>,
     /// Where fresh doorbell nonces come from.
     nonce: Box<dyn FnMut() -> [u8; 16] + Send>,
 }
@@ -74,6 +76,7 @@ impl Client {
             queue: VecDeque::new(),
             last_replies: [0; BLOCK_LEN],
             started: false,
+            last_write: None,
             nonce,
         }
     }
@@ -171,16 +174,41 @@ impl Client {
         if writes.is_empty() && self.queue.is_empty() {
             return Ok(done);
         }
+        self.write_and_ring(io, &writes)?;
+        Ok(done)
+    }
+
+    /// Places queued requests in free slots now, without reading replies (the urgent path:
+    /// one read and one write of our block under the lock, then the doorbell). Returns
+    /// whether our block was written.
+    pub fn place(&mut self, io: &mut dyn MailboxIo) -> io::Result<bool> {
+        if !self.started {
+            self.start(io)?;
+        }
+        if self.queue.is_empty() {
+            return Ok(false);
+        }
+        self.write_and_ring(io, &[])
+    }
+
+    /// When our block was last written.
+    pub fn last_write(&self) -> Option<std::time::Instant> {
+        self.last_write
+    }
+
+    fn write_and_ring(&mut self, io: &mut dyn MailboxIo, writes: &[(usize, [u8; MESSAGE_LEN])]) -> io::Result<bool> {
         io.lock()?;
-        let result = self.update_block(io, &writes);
+        let result = self.update_block(io, writes);
         io.unlock();
-        if result? {
+        let written = result?;
+        if written {
+            self.last_write = Some(std::time::Instant::now());
             if let Err(e) = io.write_event(&event_block((self.nonce)())) {
                 // Only a wake-up: the SPM finds the request at its next poll anyway.
                 tracing::warn!(error = %e, "mailbox doorbell write failed");
             }
         }
-        Ok(done)
+        Ok(written)
     }
 
     /// Under the host lock: applies our slot writes and places queued requests in slots no

@@ -191,6 +191,7 @@ impl Control {
 
     /// Runs until `stop` becomes readable; then clears this process's mailbox slots.
     pub fn run(mut self, stop: &EventFd) {
+        raise_io_priority();
         let mut next_tick = Instant::now();
         loop {
             let now = Instant::now();
@@ -291,8 +292,18 @@ impl Control {
         if let Ok(mut s) = self.stats.lock() {
             s.requests += 1;
         }
-        self.poll_mailbox();
-        let latency_us = signalled.map(|t| t.elapsed().as_micros() as u64);
+        let picked_up = Instant::now();
+        let written = match self.client.place(self.io.as_mut()) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "writing the extend request failed; retrying at the next poll");
+                false
+            }
+        };
+        self.next_poll = Instant::now() + REPLY_POLL;
+        let at = self.client.last_write().filter(|_| written);
+        let latency_us = signalled.zip(at).map(|(t, w)| w.saturating_duration_since(t).as_micros() as u64);
+        let wake_us = signalled.map(|t| picked_up.saturating_duration_since(t).as_micros() as u64);
         tracing::info!(
             allocation = self.engine.allocation(),
             physical = self.volume.physical(),
@@ -301,6 +312,7 @@ impl Control {
             folded,
             parked = self.hub.parked(),
             signal_to_inbox_us = latency_us,
+            wake_us,
             "extension requested"
         );
     }
@@ -357,6 +369,7 @@ impl Control {
                 outcome,
                 duration_ms = now.duration_since(t0).as_millis() as u64,
                 parked = self.hub.parked(),
+                parked_total = self.hub.parked_total(),
                 "extension"
             );
             if let Ok(mut s) = self.stats.lock() {
@@ -375,6 +388,25 @@ impl Control {
             self.hub.resume();
         }
     }
+}
+
+/// Puts this thread's IO (the mailbox's) ahead of the data IO queued on the same storage:
+/// real-time class where allowed (root), else the highest best-effort level. IO schedulers
+/// that honour priorities (mq-deadline, bfq) then dispatch the mailbox IO first.
+fn raise_io_priority() {
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const CLASS_SHIFT: u32 = 13;
+    const RT: libc::c_long = 1 << CLASS_SHIFT;
+    const BE: libc::c_long = 2 << CLASS_SHIFT;
+    for (class, name) in [(RT, "realtime"), (BE, "best-effort 0")] {
+        // SAFETY: ioprio_set on the calling thread (who = 0) takes plain integers.
+        let r = unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0 as libc::c_long, class) };
+        if r == 0 {
+            tracing::debug!(class = name, "mailbox IO priority raised");
+            return;
+        }
+    }
+    tracing::debug!(error = %io::Error::last_os_error(), "could not raise the mailbox IO priority");
 }
 
 /// Waits for the wake eventfd (false) or the stop eventfd (true), at most `timeout`.
