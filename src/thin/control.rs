@@ -433,3 +433,161 @@ impl ThinEngine for crate::format::Qcow2Format {
         self.engine().set_limit(limit)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mailbox::spm::Spm;
+    use crate::mailbox::wire::{slot, BLOCK_LEN, SPM_REGION_LEN};
+    use crate::thin::policy::{Policy, MIB};
+
+    #[derive(Default)]
+    struct Engine {
+        allocation: AtomicU64,
+        limit: AtomicU64,
+    }
+
+    impl ThinEngine for Engine {
+        fn allocation(&self) -> u64 {
+            self.allocation.load(Ordering::SeqCst)
+        }
+        fn set_limit(&self, limit: u64) {
+            self.limit.store(limit, Ordering::SeqCst);
+        }
+    }
+
+    /// The two mailbox volumes in memory: (SPM inbox, SPM outbox).
+    type Boxes = Arc<Mutex<(Vec<u8>, Vec<u8>)>>;
+
+    struct MemIo {
+        host: usize,
+        boxes: Boxes,
+    }
+
+    impl MemIo {
+        fn block(v: &[u8], host: usize) -> [u8; BLOCK_LEN] {
+            let mut b = [0u8; BLOCK_LEN];
+            b.copy_from_slice(&v[host * BLOCK_LEN..(host + 1) * BLOCK_LEN]);
+            b
+        }
+    }
+
+    impl MailboxIo for MemIo {
+        fn read_replies(&mut self) -> io::Result<[u8; BLOCK_LEN]> {
+            Ok(Self::block(&self.boxes.lock().unwrap().1, self.host))
+        }
+        fn read_requests(&mut self) -> io::Result<[u8; BLOCK_LEN]> {
+            Ok(Self::block(&self.boxes.lock().unwrap().0, self.host))
+        }
+        fn write_requests(&mut self, block: &[u8; BLOCK_LEN]) -> io::Result<()> {
+            let o = self.host * BLOCK_LEN;
+            self.boxes.lock().unwrap().0[o..o + BLOCK_LEN].copy_from_slice(block);
+            Ok(())
+        }
+        fn write_event(&mut self, block: &[u8; BLOCK_LEN]) -> io::Result<()> {
+            self.boxes.lock().unwrap().0[..BLOCK_LEN].copy_from_slice(block);
+            Ok(())
+        }
+        fn lock(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn unlock(&mut self) {}
+    }
+
+    /// The SPM's side: answers every new request, growing `file` when `grow`.
+    fn spm_answer(spm: &mut Spm, boxes: &Boxes, file: &std::path::Path, grow: bool) -> usize {
+        let inbox = boxes.lock().unwrap().0.clone();
+        let scan = spm.scan(&inbox[..SPM_REGION_LEN]);
+        let n = scan.requests.len();
+        for (id, req) in scan.requests {
+            if grow {
+                std::fs::OpenOptions::new().write(true).open(file).unwrap().set_len(req.size_mib * MIB).unwrap();
+            }
+            let (off, block) = spm.reply(id, &req, grow).unwrap();
+            boxes.lock().unwrap().1[off as usize..off as usize + BLOCK_LEN].copy_from_slice(&block);
+        }
+        if scan.rewrite_all {
+            let region = spm.reply_region().to_vec();
+            boxes.lock().unwrap().1[..SPM_REGION_LEN].copy_from_slice(&region);
+        }
+        n
+    }
+
+    struct TempFile(std::path::PathBuf);
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn crossing_extends_at_once_and_completion_raises_the_limit_and_resumes() {
+        let file = TempFile(std::env::temp_dir().join(format!("thinblk-control-{}", std::process::id())));
+        std::fs::File::create(&file.0).unwrap().set_len(64 * MIB).unwrap();
+        let engine = Arc::new(Engine::default());
+        engine.allocation.store(MIB, Ordering::SeqCst);
+        let signals = Signals::new().unwrap();
+        let hub = ParkHub::new(1).unwrap();
+        let boxes: Boxes = Arc::new(Mutex::new((vec![0; SPM_REGION_LEN], vec![0; SPM_REGION_LEN])));
+        let id = MailboxIdentity {
+            domain: Uuid::parse("8adbc85e-e554-4ae0-b318-8a5465fe5fe1").unwrap(),
+            volume: Uuid::parse("d772f1c6-3ebb-43c3-a42e-73fcd8255a5f").unwrap(),
+        };
+        let mut c = Control::new(
+            engine.clone(),
+            Volume::open(&file.0).unwrap(),
+            Monitor::new(Policy::new(50, 64).unwrap(), 1 << 30),
+            signals.clone(),
+            hub.clone(),
+            Client::new(id.volume, Box::new(|| [7; 16])),
+            Box::new(MemIo { host: 4, boxes: boxes.clone() }),
+            id,
+        );
+        assert_eq!(engine.limit.load(Ordering::SeqCst), 64 * MIB, "the limit is the volume's size");
+        let t0 = Instant::now();
+        c.tick(t0);
+        assert_eq!(signals.threshold(), Some(32 * MIB), "armed at physical - (100-50)% of 64 MiB");
+
+        // The allocator passes the threshold: one signal, an immediate request in our block.
+        signals.allocated(32 * MIB);
+        assert!(signals.take().is_none(), "ending exactly at the threshold does not fire");
+        signals.allocated(32 * MIB + 4096);
+        signals.allocated(33 * MIB);
+        let when = signals.take().expect("crossing signalled");
+        assert!(signals.take().is_none(), "one-shot");
+        c.exceeded(when);
+        let block = MemIo::block(&boxes.lock().unwrap().0, 4);
+        let msg = slot(&block, 0).unwrap();
+        assert_eq!(Extend::decode(&msg).unwrap().size_mib, 128, "request for physical + one chunk");
+        assert_eq!(c.volume.state(), super::super::volume::SizeState::ExtensionRequested(128 * MIB));
+
+        // The SPM grows the volume and replies; the next poll completes the extension.
+        let mut spm = Spm::new();
+        assert_eq!(spm_answer(&mut spm, &boxes, &file.0, true), 1);
+        let resumes = hub.resumes();
+        c.poll_mailbox();
+        assert_eq!(engine.limit.load(Ordering::SeqCst), 128 * MIB);
+        assert_eq!(signals.threshold(), Some(96 * MIB), "re-armed from the refreshed size");
+        assert_eq!(hub.resumes(), resumes + 1, "parked IO resumed");
+        assert_eq!(c.stats().lock().unwrap().completed, 1);
+
+        // An SPM that fails: the volume stays, nothing resumes, the tick re-sends after 2 s.
+        engine.allocation.store(97 * MIB, Ordering::SeqCst);
+        signals.allocated(97 * MIB);
+        let when = signals.take().expect("second crossing");
+        c.exceeded(when);
+        c.poll_mailbox(); // ack of the first reply's clean marker round
+        assert!(spm_answer(&mut spm, &boxes, &file.0, false) >= 1);
+        let resumes = hub.resumes();
+        c.poll_mailbox();
+        assert_eq!(engine.limit.load(Ordering::SeqCst), 128 * MIB, "no growth, no new limit");
+        assert_eq!(hub.resumes(), resumes);
+        assert_eq!(c.monitor.state(), DriveState::Exceeded);
+        assert_eq!(c.stats().lock().unwrap().failed, 1);
+        let sent = c.stats().lock().unwrap().requests;
+        c.tick(Instant::now() + EXTEND_TIMEOUT_FOR_TEST);
+        assert_eq!(c.stats().lock().unwrap().requests, sent + 1, "re-sent after extend_timeout");
+    }
+
+    const EXTEND_TIMEOUT_FOR_TEST: Duration = super::super::monitor::EXTEND_TIMEOUT;
+}

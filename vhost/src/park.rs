@@ -36,6 +36,7 @@ pub struct ParkHub {
     wake: Vec<EventFd>,
     parked: AtomicUsize,
     total: AtomicU64,
+    resumes: AtomicU64,
     listener: RwLock<Option<Arc<dyn ParkListener>>>,
 }
 
@@ -49,7 +50,7 @@ impl ParkHub {
     /// A hub for `num_queues` workers.
     pub fn new(num_queues: usize) -> io::Result<Arc<ParkHub>> {
         let wake = (0..num_queues).map(|_| EventFd::new(EFD_NONBLOCK)).collect::<io::Result<Vec<_>>>()?;
-        Ok(Arc::new(ParkHub { wake, parked: AtomicUsize::new(0), total: AtomicU64::new(0), listener: RwLock::new(None) }))
+        Ok(Arc::new(ParkHub { wake, parked: AtomicUsize::new(0), total: AtomicU64::new(0), resumes: AtomicU64::new(0), listener: RwLock::new(None) }))
     }
 
     /// Installs the listener; without one, nothing is parked (ENOSPC is reported).
@@ -66,6 +67,7 @@ impl ParkHub {
 
     /// Wakes every worker to retry its parked requests.
     pub fn resume(&self) {
+        self.resumes.fetch_add(1, Ordering::SeqCst);
         for w in &self.wake {
             if let Err(e) = w.write(1) {
                 tracing::error!(error = %e, "waking a worker to resume parked IO failed");
@@ -81,6 +83,11 @@ impl ParkHub {
     /// Requests parked since start (each parking counts).
     pub fn parked_total(&self) -> u64 {
         self.total.load(Ordering::SeqCst)
+    }
+
+    /// How many times the workers were told to resume.
+    pub fn resumes(&self) -> u64 {
+        self.resumes.load(Ordering::SeqCst)
     }
 
     /// The eventfd worker `queue` listens on.
