@@ -364,3 +364,37 @@ fn kernel_enospc_at_the_volume_end_parks_and_extends() {
     assert!(file_size(&file) >= 128 * MIB, "the volume was not extended");
     qemu_img_check(&lv.0);
 }
+
+#[test]
+fn demo_grows_its_file_volume() {
+    // The README's first command, with a smaller chunk: the in-process SPM grows the file.
+    let dir = TestDir::new("thin-demo");
+    let child = Command::new(env!("CARGO_BIN_EXE_thinblk"))
+        .args(["demo", "--size-mib", "512", "--chunk-mb", "32", "--num-queues", "1", "--dir"])
+        .arg(&dir.0)
+        .env("THINBLK_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket = dir.path("thinblk.sock");
+    let mut d = Daemon { child, socket: socket.clone() };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(d.child.try_wait().unwrap().is_none(), "demo exited early");
+        assert!(Instant::now() < deadline, "demo socket did not appear");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let image = dir.path("volumes").join(DOMAIN).join(VOLUME);
+    assert_eq!(file_size(&image), 32 * MIB, "a new thin volume is one chunk");
+    let mut c = Client::connect(&socket, 1).unwrap();
+    let mut w = Writer::new(512 * MIB);
+    fill(&mut w, &mut c, 0, 160 * MIB);
+    w.verify(&mut c);
+    drop(c);
+    assert!(file_size(&image) > 160 * MIB, "the demo volume did not grow");
+    assert_eq!(file_size(&image) % (32 * MIB), 0);
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(20)), Some(0));
+    qemu_img_check(&image);
+}

@@ -119,6 +119,7 @@ pub struct Control {
     started: Option<(Instant, u64)>,
     failures: u32,
     next_poll: Instant,
+    improbable_logged: bool,
     stats: Arc<Mutex<ThinStats>>,
 }
 
@@ -180,6 +181,7 @@ impl Control {
             started: None,
             failures: 0,
             next_poll: Instant::now(),
+            improbable_logged: false,
             stats: Arc::new(Mutex::new(ThinStats::default())),
         }
     }
@@ -265,7 +267,9 @@ impl Control {
                 }
             }
             Action::Extend(size) => self.request(now, size, signalled),
+            Action::Improbable if self.improbable_logged => {}
             Action::Improbable => {
+                self.improbable_logged = true;
                 tracing::error!(
                     allocation = self.engine.allocation(),
                     physical = self.volume.physical(),
@@ -276,6 +280,7 @@ impl Control {
     }
 
     fn request(&mut self, now: Instant, size: u64, signalled: Option<Instant>) {
+        let picked_up = Instant::now();
         let size_mib = match wire_mib(size) {
             Ok(m) => m,
             Err(e) => {
@@ -284,15 +289,18 @@ impl Control {
             }
         };
         let req = Extend { domain: self.id.domain, volume: self.id.volume, size_mib };
-        let folded = matches!(self.client.submit(req), Ok(crate::mailbox::client::Submitted::Folded));
         if self.started.is_none() {
             self.started = Some((now, self.volume.physical()));
         }
         self.volume.extension_requested(size);
+        if matches!(self.client.submit(req), Ok(crate::mailbox::client::Submitted::Folded)) {
+            // The same request is already waiting for its reply (a re-signal while parked).
+            tracing::debug!(requested = size, parked = self.hub.parked(), "extension request folded into the outstanding one");
+            return;
+        }
         if let Ok(mut s) = self.stats.lock() {
             s.requests += 1;
         }
-        let picked_up = Instant::now();
         let written = match self.client.place(self.io.as_mut()) {
             Ok(w) => w,
             Err(e) => {
@@ -309,7 +317,6 @@ impl Control {
             physical = self.volume.physical(),
             threshold = ?self.signals.threshold(),
             requested = size,
-            folded,
             parked = self.hub.parked(),
             signal_to_inbox_us = latency_us,
             wake_us,
