@@ -320,6 +320,7 @@ impl Control {
             parked = self.hub.parked(),
             signal_to_inbox_us = latency_us,
             wake_us,
+            size_state = ?self.volume.state(),
             "extension requested"
         );
     }
@@ -377,6 +378,7 @@ impl Control {
                 duration_ms = now.duration_since(t0).as_millis() as u64,
                 parked = self.hub.parked(),
                 parked_total = self.hub.parked_total(),
+                size_state = ?self.volume.state(),
                 "extension"
             );
             if let Ok(mut s) = self.stats.lock() {
