@@ -67,7 +67,36 @@ pub struct ServeArgs {
     /// Thin-volume options.
     #[command(flatten)]
     pub thin: ThinArgs,
+    /// Error-policy options.
+    #[command(flatten)]
+    pub errors: ErrorArgs,
 }
+
+/// What failed requests become (QEMU's werror/rerror, openEuler's retry).
+#[derive(Debug, Args, Clone)]
+pub struct ErrorArgs {
+    /// Policy for failed writes, flushes, discards and write-zeroes.
+    #[arg(long, value_enum, default_value_t = ErrorPolicy::Enospc)]
+    pub werror: ErrorPolicy,
+    /// Policy for failed reads.
+    #[arg(long, value_enum, default_value_t = ErrorPolicy::Report)]
+    pub rerror: ErrorPolicy,
+    /// Under `retry`: resubmit parked requests every this many milliseconds (default 1000).
+    #[arg(long, value_name = "MS")]
+    pub retry_interval: Option<u64>,
+    /// Under `retry`: report the error once this many milliseconds passed since the disk's
+    /// first failure without a success (default 0: never).
+    #[arg(long, value_name = "MS")]
+    pub retry_timeout: Option<u64>,
+}
+
+impl Default for ErrorArgs {
+    fn default() -> ErrorArgs {
+        ErrorArgs { werror: ErrorPolicy::Enospc, rerror: ErrorPolicy::Report, retry_interval: None, retry_timeout: None }
+    }
+}
+
+pub use crate::fault::ErrorPolicy;
 
 /// Options of a qcow2 image on a thin volume grown through the vdsm mailbox.
 #[derive(Debug, Args, Clone, Default)]

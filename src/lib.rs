@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod daemon;
+pub mod fault;
 pub mod format;
 pub mod mailbox;
 pub mod thin;

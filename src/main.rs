@@ -97,6 +97,9 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         _ => return Err(Failure::Usage("one of --socket-path or --fd is required".into())),
     };
     let thin = thin_options(&args, &image_path, format)?;
+    let e = &args.errors;
+    let fault_settings = thinblk::fault::Settings::new(e.werror, e.rerror, e.retry_interval, e.retry_timeout)
+        .map_err(|e| Failure::Usage(e.to_string()))?;
     let opts = ImageOptions {
         read_only: args.read_only,
         l2_cache_bytes: args.l2_cache_size,
@@ -104,6 +107,9 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         fixed_size: thin.is_some(),
     };
     let hub = ParkHub::new(usize::from(args.num_queues)).map_err(|e| Failure::Runtime(e.to_string()))?;
+    let faults = thinblk::fault::FaultState::new(fault_settings, hub.clone());
+    hub.set_policy(faults.clone());
+    let _retry_timer = faults.start_timer().map_err(|e| Failure::Runtime(e.to_string()))?;
     let (image, thin_handle): (Arc<dyn ImageFormat>, _) = match &thin {
         None => (open_image(&image_path, format, &opts).map_err(|e| Failure::Runtime(e.to_string()))?, None),
         Some(t) => {
@@ -134,6 +140,8 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         queues = cfg.num_queues,
         read_only = cfg.read_only,
         serial = %cfg.serial,
+        werror = fault_settings.werror.name(),
+        rerror = fault_settings.rerror.name(),
         "serving"
     );
     let shutdown = Shutdown::new().map_err(|e| Failure::Runtime(e.to_string()))?;
@@ -333,6 +341,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         l2_cache_size: None,
         discard: DiscardMode::Unmap,
         log_level: None,
+        errors: Default::default(),
         thin: ThinArgs {
             thin: true,
             utilization_percent: 50,

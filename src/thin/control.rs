@@ -91,8 +91,10 @@ impl AllocationObserver for Signals {
 }
 
 impl ParkListener for Signals {
-    fn parked(&self, _queue: usize, _cause: ParkCause) {
-        self.raise();
+    fn parked(&self, _queue: usize, cause: ParkCause) {
+        if cause.is_no_space() {
+            self.raise();
+        }
     }
 }
 

@@ -16,5 +16,5 @@ pub mod uring;
 pub mod worker;
 
 pub use device::{BlkDevice, DeviceConfig};
-pub use park::{ParkCause, ParkHub, ParkListener};
+pub use park::{FaultAction, FaultOp, FaultPolicy, ParkCause, ParkHub, ParkListener};
 pub use image::{image_identity, open_direct, ImageFormat, OpenedFile, RawImage};

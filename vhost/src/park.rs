@@ -1,7 +1,10 @@
-//! Parked requests: a request that cannot go on yet (the thin volume is full) is held, with
-//! its descriptor chain and guest mapping, instead of being failed. Whoever clears the cause
-//! (the thin-volume control thread) calls [`ParkHub::resume`]; every worker then retries its
-//! parked requests. The hub outlives device instances (one per frontend connection).
+//! Parked requests: a request that cannot go on yet (the thin volume is full, or the storage
+//! failed and the error policy says wait) is held, with its descriptor chain and guest
+//! mapping, instead of being completed. Whoever clears the cause (the thin-volume control
+//! thread, the retry timer, an operator's `cont`) calls [`ParkHub::resume`]; every worker then
+//! retries its parked requests. The hub outlives device instances (one per connection).
+//!
+//! What a failed request becomes is the [`FaultPolicy`]'s decision (werror/rerror).
 
 use std::fmt;
 use std::io;
@@ -10,6 +13,16 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Which error policy a request falls under: reads follow `rerror`; writes, flushes,
+/// discards and write-zeroes follow `werror`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultOp {
+    /// A read.
+    Read,
+    /// A write, flush, discard or write-zeroes.
+    Write,
+}
 
 /// Why a request was parked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,8 +34,50 @@ pub enum ParkCause {
         /// The volume size it passes (bytes).
         limit: u64,
     },
-    /// The kernel answered ENOSPC (or a write stopped short at the volume's end).
-    HostNoSpace,
+    /// Host IO failed with `errno` and the policy parked it (ENOSPC included: a write that
+    /// stopped short at the volume's end counts as ENOSPC).
+    Failed {
+        /// Read or write policy.
+        op: FaultOp,
+        /// The error.
+        errno: i32,
+    },
+}
+
+impl ParkCause {
+    /// Whether more space would cure it (a thin volume should grow).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, ParkCause::VolumeFull { .. } | ParkCause::Failed { errno: libc::ENOSPC, .. })
+    }
+}
+
+/// What to do with a request whose host IO failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultAction {
+    /// Complete it with VIRTIO_BLK_S_IOERR.
+    Report,
+    /// Complete it as a success (the data is lost; logged loudly).
+    Ignore,
+    /// Hold it until the hub resumes the workers.
+    Park,
+}
+
+/// The error policy (werror / rerror): called on worker threads, so quick and non-blocking.
+pub trait FaultPolicy: Send + Sync {
+    /// A request of kind `op` failed with `errno`: what now.
+    fn on_error(&self, op: FaultOp, errno: i32) -> FaultAction;
+    /// A request completed successfully (resets retry timeouts).
+    fn on_success(&self);
+}
+
+/// Until a policy is installed: every failure is reported.
+struct DefaultPolicy;
+
+impl FaultPolicy for DefaultPolicy {
+    fn on_error(&self, _op: FaultOp, _errno: i32) -> FaultAction {
+        FaultAction::Report
+    }
+    fn on_success(&self) {}
 }
 
 /// Told whenever a request is parked (called on a worker thread: be quick, never block).
@@ -38,6 +93,7 @@ pub struct ParkHub {
     total: AtomicU64,
     resumes: AtomicU64,
     listener: RwLock<Option<Arc<dyn ParkListener>>>,
+    policy: std::sync::OnceLock<Arc<dyn FaultPolicy>>,
 }
 
 impl fmt::Debug for ParkHub {
@@ -50,7 +106,10 @@ impl ParkHub {
     /// A hub for `num_queues` workers.
     pub fn new(num_queues: usize) -> io::Result<Arc<ParkHub>> {
         let wake = (0..num_queues).map(|_| EventFd::new(EFD_NONBLOCK)).collect::<io::Result<Vec<_>>>()?;
-        Ok(Arc::new(ParkHub { wake, parked: AtomicUsize::new(0), total: AtomicU64::new(0), resumes: AtomicU64::new(0), listener: RwLock::new(None) }))
+        Ok(Arc::new(ParkHub { wake, parked: AtomicUsize::new(0), total: AtomicU64::new(0), resumes: AtomicU64::new(0),
+            listener: RwLock::new(None),
+            policy: std::sync::OnceLock::new(),
+        }))
     }
 
     /// Installs the listener; without one, nothing is parked (ENOSPC is reported).
@@ -60,9 +119,30 @@ impl ParkHub {
         }
     }
 
-    /// Whether a listener is installed (parking is possible).
+    /// Whether a listener is installed (a thin volume can cure a full volume).
     pub fn enabled(&self) -> bool {
         self.listener.read().map(|l| l.is_some()).unwrap_or(false)
+    }
+
+    /// Installs the error policy (once, before serving; it may change its own settings at
+    /// run time). Lock-free to consult afterwards.
+    pub fn set_policy(&self, policy: Arc<dyn FaultPolicy>) {
+        let _ = self.policy.set(policy);
+    }
+
+    /// The policy's decision for a failed request (without a policy installed: report).
+    pub fn on_error(&self, op: FaultOp, errno: i32) -> FaultAction {
+        match self.policy.get() {
+            Some(p) => p.on_error(op, errno),
+            None => DefaultPolicy.on_error(op, errno),
+        }
+    }
+
+    /// A request succeeded.
+    pub fn on_success(&self) {
+        if let Some(p) = self.policy.get() {
+            p.on_success();
+        }
     }
 
     /// Wakes every worker to retry its parked requests.

@@ -14,7 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, Gues
 use crate::device::Context;
 use crate::error::{virtio_status, ImageError, Outcome};
 use crate::image::{Extent, HostZero, Target, WriteTicket, ZeroMode, ZeroRequest};
-use crate::park::ParkCause;
+use crate::park::{FaultAction, FaultOp, ParkCause};
 use crate::request::{parse, Request, RequestType, Segment, ID_LEN};
 use crate::uring::{HostOp, Ring};
 
@@ -711,11 +711,28 @@ impl Worker {
                 errno.get_or_insert(libc::EIO);
             }
         }
-        if errno == Some(libc::ENOSPC) && p.req.kind != RequestType::Read && publish && ctx.park.enabled() {
-            // The volume ran out under a write the format let through: wait for it to grow
-            // (the new clusters were released above; the retry maps the write afresh).
-            self.park(ctx, p, ParkCause::HostNoSpace);
-            return;
+        let op = if p.req.kind == RequestType::Read { FaultOp::Read } else { FaultOp::Write };
+        let mut ignored = false;
+        match errno {
+            None => ctx.park.on_success(),
+            Some(e) if publish => match ctx.park.on_error(op, e) {
+                FaultAction::Park => {
+                    // Held until resumed (retry timer, `cont`, or the thin volume grown). Any
+                    // new clusters were released above: the retry maps the request afresh.
+                    self.park(ctx, p, ParkCause::Failed { op, errno: e });
+                    return;
+                }
+                FaultAction::Ignore => {
+                    tracing::error!(queue = self.queue, kind = ?p.req.kind, offset = p.req.offset, errno = e,
+                        "request FAILED and the error policy is ignore: completed as success, data lost");
+                    ignored = true;
+                }
+                FaultAction::Report => {}
+            },
+            Some(_) => {}
+        }
+        if ignored {
+            errno = None;
         }
         if errno.is_none()
             && matches!(p.req.kind, RequestType::Write | RequestType::Discard | RequestType::WriteZeroes)
