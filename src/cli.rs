@@ -70,6 +70,9 @@ pub struct ServeArgs {
     /// Error-policy options.
     #[command(flatten)]
     pub errors: ErrorArgs,
+    /// Control socket (unix, mode 0600, JSON lines, QMP-like); `thinblk ctl` talks to it.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 /// What failed requests become (QEMU's werror/rerror, openEuler's retry).
@@ -156,6 +159,22 @@ pub enum Command {
     Check(CheckArgs),
     /// Run the SPM side of the vdsm storage mailbox: extend volumes on request.
     Spm(SpmArgs),
+    /// Talk to a running daemon's control socket.
+    Ctl(CtlArgs),
+}
+
+/// Options of `thinblk ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The daemon's control socket (`--control PATH`).
+    pub socket: PathBuf,
+    /// query-status, query-parked, cont or set-policy.
+    pub command: Option<String>,
+    /// The command's arguments as a JSON object, e.g. '{"werror": "retry"}'.
+    pub arguments: Option<String>,
+    /// Print BLOCK_IO_ERROR events as they come (after the command's reply, if any).
+    #[arg(long)]
+    pub events: bool,
 }
 
 /// Extension backends of `thinblk spm`.

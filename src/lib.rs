@@ -2,6 +2,7 @@
 //! device of the `thinblk-vhost` crate.
 
 pub mod cli;
+pub mod ctl;
 pub mod daemon;
 pub mod fault;
 pub mod format;

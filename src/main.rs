@@ -46,6 +46,8 @@ fn main() -> ExitCode {
         Some(Command::Create(args)) => create(args),
         Some(Command::Check(args)) => return check(args),
         Some(Command::Spm(args)) => spm(args),
+        Some(Command::Ctl(args)) => thinblk::ctl::client(&args.socket, args.command.as_deref(), args.arguments.as_deref(), args.events)
+            .map_err(Failure::Runtime),
         None => run_daemon(cli.serve),
     };
     match result {
@@ -120,6 +122,21 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
             let handle = thinblk::thin::start(t, qf.clone(), qf.capacity(), signals, hub.clone())
                 .map_err(|e| Failure::Runtime(format!("thin volume {}: {e}", image_path.display())))?;
             (qf, Some(handle))
+        }
+    };
+    let _control = match &args.control {
+        None => None,
+        Some(path) => {
+            let thin_status = thin_handle.as_ref().map(|h: &thinblk::thin::ThinHandle| {
+                let stats = h.stats_handle();
+                Arc::new(move || {
+                    let s = stats.lock().map(|s| s.clone()).unwrap_or_default();
+                    serde_json::json!({"state": s.state, "physical": s.physical, "requests": s.requests,
+                        "completed": s.completed, "failed": s.failed})
+                }) as Arc<dyn Fn() -> serde_json::Value + Send + Sync>
+            });
+            let target = thinblk::ctl::Target { faults: faults.clone(), hub: hub.clone(), thin: thin_status };
+            Some(thinblk::ctl::serve(path, target).map_err(|e| Failure::Runtime(format!("control socket {}: {e}", path.display())))?)
         }
     };
     let serial = args.serial.clone().unwrap_or_else(|| default_serial(&image.identity()));
@@ -342,6 +359,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         discard: DiscardMode::Unmap,
         log_level: None,
         errors: Default::default(),
+        control: None,
         thin: ThinArgs {
             thin: true,
             utilization_percent: 50,

@@ -56,6 +56,11 @@ impl ThinHandle {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// The live counters (shared with the control thread).
+    pub fn stats_handle(&self) -> Arc<Mutex<ThinStats>> {
+        self.stats.clone()
+    }
+
     /// Stops the control thread (clearing our mailbox slots) and waits for it.
     pub fn stop(mut self) {
         self.shutdown();

@@ -1,6 +1,8 @@
 //! Shared test fixtures: temp dirs, the daemon as a child process, a blkio client.
 #![allow(dead_code)]
 
+pub mod faultfs;
+
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

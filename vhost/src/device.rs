@@ -90,6 +90,10 @@ pub struct BlkDevice {
     inner: Arc<Inner>,
 }
 
+/// How long parked requests keep being retried once the frontend stops a queue or the daemon
+/// stops, before they are completed with an IO error.
+pub const PARKED_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Event id of a worker's ring completions (ids up to `num_queues` are the library's).
 fn completion_event(num_queues: usize) -> u16 {
     num_queues as u16 + 1
@@ -178,15 +182,22 @@ impl BlkDevice {
     }
 
     /// Stops taking new requests, waits for in-flight ones and completes them to the guest.
-    /// Parked requests are dropped uncompleted: they were never acknowledged.
+    /// Parked requests keep being retried for [`PARKED_GRACE`]; those still parked then are
+    /// completed with an IO error (never as success).
     pub fn quiesce(&self) {
         self.inner.ctx.stopping.store(true, Ordering::SeqCst);
         self.drain(true);
+        // Parked requests count as in flight, and so do their retries: wait for all of them.
+        let deadline = std::time::Instant::now() + PARKED_GRACE;
+        while self.inflight() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         for w in &self.inner.workers {
             if let Ok(mut w) = w.lock() {
-                w.drop_parked(&self.inner.ctx);
+                w.fail_parked(&self.inner.ctx);
             }
         }
+        self.drain(true);
     }
 
     /// Closes the exit-event fds the vhost-user library leaks.
@@ -279,8 +290,18 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        if let Some(c) = self.inner.inflight.get(queue_index as usize) {
-            c.wait_idle(queue_index as usize);
+        let q = queue_index as usize;
+        if let Some(c) = self.inner.inflight.get(q) {
+            // Parked requests keep being retried for a grace period; what is still parked
+            // then is completed with an IO error, so the frontend is never blocked forever.
+            if !c.wait_idle_for(q, PARKED_GRACE) {
+                if let Some(w) = self.inner.workers.get(q) {
+                    if let Ok(mut w) = w.lock() {
+                        w.fail_parked(&self.inner.ctx);
+                    }
+                }
+            }
+            c.wait_idle(q);
         }
         tracing::info!(queue = queue_index, "queue stopped with no IO in flight");
         Ok(())

@@ -58,18 +58,25 @@ impl InflightCount {
 
     /// Blocks until no request is in flight, logging while it waits.
     pub fn wait_idle(&self, queue: usize) {
-        let Ok(mut c) = self.count.lock() else { return };
+        while !self.wait_idle_for(queue, std::time::Duration::from_secs(5)) {}
+    }
+
+    /// Waits up to `limit` for no request to be in flight; true if none is.
+    pub fn wait_idle_for(&self, queue: usize, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let Ok(mut c) = self.count.lock() else { return true };
         while *c > 0 {
-            match self.idle.wait_timeout(c, std::time::Duration::from_secs(5)) {
-                Ok((guard, t)) => {
-                    c = guard;
-                    if t.timed_out() && *c > 0 {
-                        tracing::warn!(queue, inflight = *c, "stop_vring still draining in-flight IO");
-                    }
-                }
-                Err(_) => return,
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::warn!(queue, inflight = *c, "still waiting for in-flight IO");
+                return false;
+            }
+            match self.idle.wait_timeout(c, left) {
+                Ok((guard, _)) => c = guard,
+                Err(_) => return true,
             }
         }
+        true
     }
 }
 
@@ -779,7 +786,7 @@ impl Worker {
             }
         }
         if self.parked.is_empty() {
-            tracing::info!(queue = self.queue, ?cause, kind = ?p.req.kind, offset = p.req.offset, "parking IO until the volume grows");
+            tracing::info!(queue = self.queue, ?cause, kind = ?p.req.kind, offset = p.req.offset, "parking IO until resumed");
         }
         let flush = Request { kind: RequestType::Flush, offset: 0, segments: Vec::new(), data_len: 0, ranges: Vec::new() };
         for (head, status) in p.joined.drain(..) {
@@ -812,6 +819,28 @@ impl Worker {
     /// Requests parked on this queue.
     pub fn parked(&self) -> usize {
         self.parked.len()
+    }
+
+    /// Completes every parked request with an IO error (the frontend stops the queue, or the
+    /// daemon stops, and the cause did not clear in time). Nothing is completed as success.
+    pub fn fail_parked(&mut self, ctx: &Context) {
+        let n = self.parked.len();
+        if n == 0 {
+            return;
+        }
+        tracing::error!(queue = self.queue, requests = n, "parked IO completed with an IO error: the queue or the daemon is stopping");
+        let parked = std::mem::take(&mut self.parked);
+        ctx.park.on_unpark(n);
+        if let Some(v) = self.vring.clone() {
+            for r in parked {
+                self.finish_sync(&v, &r.mem, r.head, Some(r.status), &Outcome::HostIo(libc::EIO), 0);
+            }
+            self.signal(&v);
+        } else {
+            for _ in 0..n {
+                self.inflight.done();
+            }
+        }
     }
 
     /// Forgets parked requests without completing them (the frontend is gone, or the daemon

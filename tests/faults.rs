@@ -1,0 +1,213 @@
+//! Storage faults through a real kernel path: the daemon serves a raw image that lives on the
+//! fault-injection FUSE file system (tests/common/faultfs.rs); the blkio client must see
+//! exactly what the error policies promise.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::faultfs::FaultMount;
+use common::{sparse_file, Client, Daemon, TestDir};
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+
+/// Sends one control command and returns the reply's `return` (panics on an error reply).
+fn ctl(socket: &Path, command: &str, args: Value) -> Value {
+    let conn = UnixStream::connect(socket).expect("connect to the control socket");
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("QMP"), "greeting: {line}");
+    writeln!(&conn, "{}", json!({"execute": command, "arguments": args})).unwrap();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(line.trim()).unwrap();
+        if v.get("event").is_some() {
+            continue;
+        }
+        assert!(v.get("error").is_none(), "{command}: {v}");
+        return v["return"].clone();
+    }
+}
+
+struct Rig {
+    // Field order is drop order: the daemon goes before the mount it uses.
+    daemon: Daemon,
+    mount: FaultMount,
+    control: std::path::PathBuf,
+    _dir: TestDir,
+}
+
+fn rig(name: &str, policy: &[&str]) -> Rig {
+    let dir = TestDir::new(name);
+    let backing = dir.path("backing.raw");
+    sparse_file(&backing, 64 * MIB);
+    let mount = FaultMount::new(&backing, &dir.path("mnt"));
+    let control = dir.path("control.sock");
+    let disk = mount.disk();
+    let mut args = vec!["--image", disk.to_str().unwrap(), "--format", "raw", "--num-queues", "2"];
+    args.extend_from_slice(&["--control", control.to_str().unwrap()]);
+    args.extend_from_slice(policy);
+    let daemon = Daemon::start(&dir.path("sock"), &args);
+    Rig { daemon, mount, control, _dir: dir }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| seed.wrapping_add((i / 512) as u8)).collect()
+}
+
+#[test]
+fn retry_hides_a_three_second_write_outage() {
+    let r = rig("faults-retry", &["--werror", "retry"]);
+    let data = pattern(3, 64 * 1024);
+    let mut c = Client::connect(&r.daemon.socket, 2).unwrap();
+    assert_eq!(c.write(0, 0, &data), 0);
+    drop(c);
+    // One frontend at a time: the writer's client is the only one until it is done.
+    r.mount.faults.fail_writes(libc::EIO);
+    let socket = r.daemon.socket.clone();
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&socket, 2).unwrap();
+        let t0 = Instant::now();
+        let ret = c.try_write(1, MIB, &pattern(9, 64 * 1024), Duration::from_secs(30));
+        let took = t0.elapsed();
+        (ret, took, c.read(0, MIB, 64 * 1024), c.read(1, 0, 64 * 1024))
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = ctl(&r.control, "query-status", json!({}));
+    assert!(st["parked"].as_u64().unwrap() >= 1, "nothing parked during the outage: {st}");
+    assert!(st["first-failure-ms-ago"].as_u64().is_some(), "{st}");
+    std::thread::sleep(Duration::from_millis(1500));
+    r.mount.faults.clear();
+    let (ret, took, new, old) = writer.join().unwrap();
+    assert_eq!(ret, Some(0), "the guest saw an error");
+    assert!(took >= Duration::from_secs(3), "completed during the outage ({took:?})");
+    assert!(r.mount.faults.writes_failed.load(std::sync::atomic::Ordering::SeqCst) >= 2, "not retried");
+    assert_eq!(new.unwrap(), pattern(9, 64 * 1024));
+    assert_eq!(old.unwrap(), data);
+    let st = ctl(&r.control, "query-status", json!({}));
+    assert_eq!(st["parked"], 0);
+    assert_eq!(st["first-failure-ms-ago"], Value::Null, "a success resets the clock: {st}");
+}
+
+#[test]
+fn persistent_error_is_reported_between_timeout_and_timeout_plus_interval() {
+    let r = rig("faults-timeout", &["--werror", "retry", "--retry-interval", "1000", "--retry-timeout", "5000"]);
+    let mut c = Client::connect(&r.daemon.socket, 1).unwrap();
+    r.mount.faults.fail_writes(libc::EIO);
+    let t0 = Instant::now();
+    let ret = c.try_write(0, 0, &pattern(1, 4096), Duration::from_secs(20));
+    let took = t0.elapsed();
+    assert!(matches!(ret, Some(e) if e != 0), "expected an IO error, got {ret:?}");
+    assert!(took >= Duration::from_secs(5) && took < Duration::from_millis(6500), "reported after {took:?}");
+    // The fault clears: normal service.
+    r.mount.faults.clear();
+    assert_eq!(c.write(0, 0, &pattern(2, 4096)), 0);
+    assert_eq!(c.read(0, 0, 4096).unwrap(), pattern(2, 4096));
+}
+
+#[test]
+fn report_fails_at_once_and_policies_are_per_direction() {
+    let r = rig("faults-report", &["--werror", "report", "--rerror", "retry"]);
+    let mut c = Client::connect(&r.daemon.socket, 1).unwrap();
+    assert_eq!(c.write(0, 0, &pattern(5, 4096)), 0);
+    r.mount.faults.fail_writes(libc::EIO);
+    r.mount.faults.fail_reads(libc::EIO);
+    let t0 = Instant::now();
+    let ret = c.try_write(0, 4096, &pattern(6, 4096), Duration::from_secs(10));
+    assert!(matches!(ret, Some(e) if e != 0), "write under report: {ret:?}");
+    assert!(t0.elapsed() < Duration::from_secs(1), "report took {:?}", t0.elapsed());
+    drop(c);
+    // Reads follow rerror=retry: the read waits, then succeeds once reads work again.
+    let socket = r.daemon.socket.clone();
+    let reader = std::thread::spawn(move || {
+        let mut c = Client::connect(&socket, 1).unwrap();
+        c.read(0, 0, 4096)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!reader.is_finished(), "the read was not parked");
+    assert_eq!(ctl(&r.control, "query-parked", json!({}))["count"], 1);
+    r.mount.faults.clear();
+    assert_eq!(reader.join().unwrap(), Ok(pattern(5, 4096)));
+}
+
+#[test]
+fn stop_parks_until_cont() {
+    let r = rig("faults-stop", &["--werror", "stop"]);
+    r.mount.faults.fail_writes(libc::EIO);
+    let socket = r.daemon.socket.clone();
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&socket, 1).unwrap();
+        c.try_write(0, 0, &pattern(7, 8192), Duration::from_secs(30))
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    r.mount.faults.clear();
+    // Healthy storage, but `stop` waits for the operator.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!writer.is_finished(), "stop resumed without cont");
+    assert_eq!(ctl(&r.control, "query-parked", json!({}))["count"], 1);
+    assert_eq!(ctl(&r.control, "cont", json!({})), json!({}));
+    assert_eq!(writer.join().unwrap(), Some(0));
+    let mut c = Client::connect(&r.daemon.socket, 1).unwrap();
+    assert_eq!(c.read(0, 0, 8192).unwrap(), pattern(7, 8192));
+}
+
+#[test]
+fn set_policy_at_run_time_and_events_on_the_socket() {
+    let r = rig("faults-setpolicy", &[]);
+    let st = ctl(&r.control, "query-status", json!({}));
+    assert_eq!((st["werror"].as_str(), st["rerror"].as_str()), (Some("enospc"), Some("report")));
+    // An event listener.
+    let conn = UnixStream::connect(&r.control).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut events = BufReader::new(conn);
+    let mut line = String::new();
+    events.read_line(&mut line).unwrap();
+    let mut c = Client::connect(&r.daemon.socket, 1).unwrap();
+    r.mount.faults.fail_writes(libc::EIO);
+    assert_ne!(c.write(0, 0, &pattern(1, 4096)), 0, "enospc reports EIO");
+    line.clear();
+    events.read_line(&mut line).unwrap();
+    let ev: Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(ev["event"], "BLOCK_IO_ERROR");
+    assert_eq!((ev["data"]["operation"].as_str(), ev["data"]["action"].as_str()), (Some("write"), Some("report")));
+    assert_eq!(ev["data"]["nospace"], false);
+    drop(c);
+    let s = ctl(&r.control, "set-policy", json!({"werror": "retry", "retry-interval": 200}));
+    assert_eq!(s["werror"], "retry");
+    let socket = r.daemon.socket.clone();
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&socket, 1).unwrap();
+        c.try_write(0, 0, &pattern(2, 4096), Duration::from_secs(30))
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    r.mount.faults.clear();
+    assert_eq!(writer.join().unwrap(), Some(0));
+}
+
+#[test]
+fn sigterm_retries_parked_io_for_the_grace_period_then_reports_it() {
+    let mut r = rig("faults-sigterm", &["--werror", "retry"]);
+    r.mount.faults.fail_writes(libc::EIO);
+    let socket = r.daemon.socket.clone();
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&socket, 1).unwrap();
+        c.try_write(0, 0, &pattern(4, 4096), Duration::from_secs(40))
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(ctl(&r.control, "query-parked", json!({}))["count"], 1);
+    let t0 = Instant::now();
+    r.daemon.signal(libc::SIGTERM);
+    let ret = writer.join().unwrap();
+    let took = t0.elapsed();
+    assert!(matches!(ret, Some(e) if e != 0), "parked write must fail, never succeed unwritten: {ret:?}");
+    assert!(took >= Duration::from_secs(9), "reported before the grace period ended ({took:?})");
+    // The storage still fails, so the final flush fails too: the daemon says so (exit 1).
+    assert!(r.daemon.wait_exit(Duration::from_secs(20)).is_some(), "the daemon did not exit");
+}
