@@ -44,7 +44,7 @@ fn run_guest(assets: &Path, socket: &Path, console: &Path, mode: &str) -> String
         .arg("-kernel")
         .arg(assets.join("vmlinuz"))
         .arg("-initrd")
-        .arg(assets.join("initramfs.cpio.gz"))
+        .arg(assets.join(if mode == "faults" { "initramfs-fio.cpio.gz" } else { "initramfs.cpio.gz" }))
         .arg("-append")
         .arg(format!("console=ttyS0 panic=-1 loglevel=4 thinblk_test={mode}"))
         .arg("-chardev")
@@ -168,4 +168,37 @@ fn guest_writes_1gib_onto_a_256mib_thin_volume() {
     let check = Command::new("qemu-img").args(["check", "-f", "qcow2", &dev]).output().expect("qemu-img check");
     let text = String::from_utf8_lossy(&check.stdout);
     assert!(check.status.success() && text.contains("No errors were found"), "{text}");
+}
+
+#[test]
+fn guest_fio_verifies_through_a_ten_second_write_outage_under_retry() {
+    use std::sync::atomic::Ordering;
+    let dir = TestDir::new("guest-faults");
+    let backing = dir.path("backing.raw");
+    sparse_file(&backing, 256 << 20);
+    let mount = common::faultfs::FaultMount::new(&backing, &dir.path("mnt"));
+    let disk = mount.disk();
+    // When the guest starts fio, the storage fails every write for 10 s.
+    let console = dir.path("console.log");
+    let faults = mount.faults.clone();
+    let watch = console.clone();
+    let injector = std::thread::spawn(move || {
+        let deadline = Instant::now() + GUEST_LIMIT;
+        while Instant::now() < deadline {
+            if std::fs::read_to_string(&watch).unwrap_or_default().contains("guest: fio started") {
+                std::thread::sleep(Duration::from_millis(300));
+                faults.fail_writes(libc::EIO);
+                std::thread::sleep(Duration::from_secs(10));
+                faults.clear();
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    });
+    guest_run_mode(&dir, &["--image", disk.to_str().expect("utf-8"), "--format", "raw", "--werror", "retry"], "faults");
+    assert!(injector.join().expect("injector"), "the guest never started fio");
+    let failed = mount.faults.writes_failed.load(Ordering::SeqCst);
+    assert!(failed > 0, "no write hit the outage");
+    eprintln!("writes failed during the outage (and retried): {failed}");
 }

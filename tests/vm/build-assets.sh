@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the guest for tests/guest_qemu.rs into DIR: a Debian cloud kernel (virtio as modules)
-# and a busybox initramfs carrying mke2fs/e2fsck (in /opt, apart from busybox applets) and tests/vm/guest-init as /init.
-# Needs: apt-get (download only), dpkg, busybox-static, e2fsprogs, cpio, gzip.
+# and a busybox initramfs carrying mke2fs/e2fsck (in /opt, apart from busybox applets) and tests/vm/guest-init as /init;
+# plus initramfs-fio.cpio.gz, the same with fio and its libraries (large: only the fault test uses it).
+# Needs: apt-get (download only), dpkg, busybox-static, e2fsprogs, cpio, gzip, fio.
 set -euo pipefail
 out=${1:?usage: build-assets.sh DIR}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -11,7 +12,7 @@ exec 9>"$out/.lock"
 flock 9
 stamp="$out/.inputs"
 inputs=$(sha256sum "$here/guest-init" "$0" | sha256sum | cut -c1-16)
-if [ -f "$out/vmlinuz" ] && [ -f "$out/initramfs.cpio.gz" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$inputs" ]; then
+if [ -f "$out/vmlinuz" ] && [ -f "$out/initramfs.cpio.gz" ] && [ -f "$out/initramfs-fio.cpio.gz" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$inputs" ]; then
   exit 0
 fi
 work=$(mktemp -d)
@@ -30,18 +31,27 @@ for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_p
   f=$(find "$work/k/lib/modules/$kver" -name "$m.ko*" | head -n1)
   [ -n "$f" ] && cp "$f" "$root/lib/modules/"
 done
-for b in /sbin/mke2fs /sbin/e2fsck; do
-  cp "$b" "$root/opt/"
-  for lib in $(ldd "$b" | awk '/=>/ {print $3} /ld-linux/ && !/=>/ {print $1}'); do
-    cp --parents -L "$lib" "$root/"
+# Copies binary $1 into $2/opt with the shared libraries it needs.
+add_binary() {
+  cp "$1" "$2/opt/"
+  for lib in $(ldd "$1" | awk '/=>/ {print $3} /ld-linux/ && !/=>/ {print $1}'); do
+    cp --parents -L "$lib" "$2/"
   done
+}
+for b in /sbin/mke2fs /sbin/e2fsck; do
+  add_binary "$b" "$root"
 done
 cp /etc/mke2fs.conf "$root/etc/" 2>/dev/null || true
 cp "$here/guest-init" "$root/init"
 chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initramfs.cpio.gz.tmp"
+command -v fio >/dev/null || { echo "build-assets: fio is missing (apt-get install fio)" >&2; exit 1; }
+cp -a "$root" "$work/root-fio"
+add_binary "$(command -v fio)" "$work/root-fio"
+(cd "$work/root-fio" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initramfs-fio.cpio.gz.tmp"
 cp "$work/k/boot/vmlinuz-$kver" "$out/vmlinuz.tmp"
 mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
+mv "$out/initramfs-fio.cpio.gz.tmp" "$out/initramfs-fio.cpio.gz"
 mv "$out/vmlinuz.tmp" "$out/vmlinuz"
 echo "$inputs" > "$stamp"
 echo "build-assets: kernel $kver, initramfs $(du -h "$out/initramfs.cpio.gz" | cut -f1)"
