@@ -93,9 +93,9 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
     }
     let image_path = args.image.clone().ok_or_else(|| Failure::Usage("--image is required".into()))?;
     let format = args.format.ok_or_else(|| Failure::Usage("--format raw|qcow2 is required (formats are never probed)".into()))?;
-    let listener = match (&args.socket_path, args.fd) {
-        (Some(p), None) => listen_atomically(p).map_err(|e| Failure::Runtime(format!("cannot listen on {}: {e}", p.display())))?,
-        (None, Some(fd)) => inherited_listener(fd)?,
+    let inherited = match (&args.socket_path, args.fd) {
+        (Some(_), None) => None,
+        (None, Some(fd)) => Some(inherited_listener(fd)?),
         _ => return Err(Failure::Usage("one of --socket-path or --fd is required".into())),
     };
     let thin = thin_options(&args, &image_path, format)?;
@@ -161,6 +161,12 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         rerror = fault_settings.rerror.name(),
         "serving"
     );
+    // The socket appears last, once the image (and thin volume, control socket) are ready.
+    let listener = match (inherited, &args.socket_path) {
+        (Some(l), _) => l,
+        (None, Some(p)) => listen_atomically(p).map_err(|e| Failure::Runtime(format!("cannot listen on {}: {e}", p.display())))?,
+        (None, None) => return Err(Failure::Usage("one of --socket-path or --fd is required".into())),
+    };
     let shutdown = Shutdown::new().map_err(|e| Failure::Runtime(e.to_string()))?;
     install_signal_thread(shutdown.clone()).map_err(|e| Failure::Runtime(e.to_string()))?;
     let result = serve(image, &cfg, listener, &shutdown).map_err(|e| Failure::Runtime(e.to_string()));

@@ -3,6 +3,7 @@
 mod common;
 
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Output, Stdio};
@@ -46,6 +47,27 @@ fn wrong_arguments_give_one_line_and_exit_2() {
         vec!["--socket-path", sock, "--image", img, "--format", "raw", "--logical-block-size", "1024"],
         vec!["--socket-path", sock, "--image", img, "--format", "raw", "--serial", "a-serial-that-is-far-too-long"],
         vec!["--fd", "99", "--image", img, "--format", "raw"],
+        vec!["--socket-path", sock, "--image", img, "--format", "raw", "--werror", "sometimes"],
+        vec!["--socket-path", sock, "--image", img, "--format", "raw", "--retry-interval", "500"],
+        vec!["--socket-path", sock, "--image", img, "--format", "raw", "--rerror", "report", "--retry-timeout", "5000"],
+        vec!["--socket-path", sock, "--image", img, "--format", "raw", "--werror", "retry", "--retry-interval", "0"],
+        vec!["--socket-path", sock, "--image", img, "--format", "raw", "--werror", "retry", "--retry-timeout", "x"],
+        vec!["--socket-path", sock, "--image", img, "--format", "raw", "--thin"],
+        vec!["--socket-path", sock, "--image", img, "--format", "raw", "--chunk-mb", "64"],
+        vec![
+            "--socket-path", sock, "--image", img, "--format", "raw", "--thin", "--spm-inbox", img, "--spm-outbox", img,
+            "--host-id", "1", "--domain-uuid", "8adbc85e-e554-4ae0-b318-8a5465fe5fe1",
+            "--volume-uuid", "d772f1c6-3ebb-43c3-a42e-73fcd8255a5f",
+        ],
+        vec![
+            "--socket-path", sock, "--image", img, "--format", "qcow2", "--thin", "--spm-inbox", img, "--spm-outbox", img,
+            "--host-id", "250", "--domain-uuid", "8adbc85e-e554-4ae0-b318-8a5465fe5fe1",
+            "--volume-uuid", "d772f1c6-3ebb-43c3-a42e-73fcd8255a5f",
+        ],
+        vec![
+            "--socket-path", sock, "--image", img, "--format", "qcow2", "--thin", "--spm-inbox", img, "--spm-outbox", img,
+            "--host-id", "1", "--domain-uuid", "not-a-uuid", "--volume-uuid", "d772f1c6-3ebb-43c3-a42e-73fcd8255a5f",
+        ],
     ];
     for args in cases {
         let out = thinblk(&args);
@@ -53,6 +75,7 @@ fn wrong_arguments_give_one_line_and_exit_2() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?} printed more than one line: {err}");
         assert!(err.starts_with("thinblk: "), "{args:?}: {err}");
+        assert!(!Path::new(sock).exists(), "{args:?} left its socket behind");
     }
 }
 
@@ -63,6 +86,15 @@ fn runtime_failures_exit_1_with_a_message() {
     let out = thinblk(&["--socket-path", sock.to_str().unwrap(), "--image", "/nonexistent/disk", "--format", "raw"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/disk"));
+    assert!(!sock.exists(), "a daemon that cannot serve must not leave a socket");
+}
+
+#[test]
+fn ctl_reports_a_missing_socket_and_bad_arguments() {
+    let dir = TestDir::new("cli-ctl");
+    let out = thinblk(&["ctl", dir.path("none.sock").to_str().unwrap(), "query-status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("none.sock"));
 }
 
 #[test]

@@ -179,8 +179,24 @@ fn set_policy_at_run_time_and_events_on_the_socket() {
     assert_eq!((ev["data"]["operation"].as_str(), ev["data"]["action"].as_str()), (Some("write"), Some("report")));
     assert_eq!(ev["data"]["nospace"], false);
     drop(c);
-    let s = ctl(&r.control, "set-policy", json!({"werror": "retry", "retry-interval": 200}));
-    assert_eq!(s["werror"], "retry");
+    // Through `thinblk ctl`, as an operator would.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_thinblk"))
+        .arg("ctl")
+        .arg(&r.control)
+        .args(["set-policy", r#"{"werror": "retry", "retry-interval": 200}"#])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["return"]["werror"], "retry");
+    assert_eq!(s["return"]["retry-interval"], 200);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_thinblk"))
+        .arg("ctl")
+        .arg(&r.control)
+        .args(["set-policy", r#"{"retry-timeout": "soon"}"#])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "a refused command exits 1");
     let socket = r.daemon.socket.clone();
     let writer = std::thread::spawn(move || {
         let mut c = Client::connect(&socket, 1).unwrap();
