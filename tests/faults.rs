@@ -123,6 +123,7 @@ fn report_fails_at_once_and_policies_are_per_direction() {
     let ret = c.try_write(0, 4096, &pattern(6, 4096), Duration::from_secs(10));
     assert!(matches!(ret, Some(e) if e != 0), "write under report: {ret:?}");
     assert!(t0.elapsed() < Duration::from_secs(1), "report took {:?}", t0.elapsed());
+    assert_ne!(c.flush(0), 0, "a failing flush follows werror=report");
     drop(c);
     // Reads follow rerror=retry: the read waits, then succeeds once reads work again.
     let socket = r.daemon.socket.clone();
@@ -226,4 +227,20 @@ fn sigterm_retries_parked_io_for_the_grace_period_then_reports_it() {
     assert!(took >= Duration::from_secs(9), "reported before the grace period ended ({took:?})");
     // The storage still fails, so the final flush fails too: the daemon says so (exit 1).
     assert!(r.daemon.wait_exit(Duration::from_secs(20)).is_some(), "the daemon did not exit");
+}
+
+#[test]
+fn ignore_completes_failed_writes_as_success_and_counts_them() {
+    let r = rig("faults-ignore", &["--werror", "ignore"]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&r.control).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode {mode:o}");
+    let mut c = Client::connect(&r.daemon.socket, 1).unwrap();
+    r.mount.faults.fail_writes(libc::EIO);
+    assert_eq!(c.write(0, 0, &pattern(8, 4096)), 0, "ignore reports success");
+    r.mount.faults.clear();
+    assert_eq!(c.read(0, 0, 4096).unwrap(), vec![0u8; 4096], "the ignored write never landed");
+    drop(c);
+    let st = ctl(&r.control, "query-status", json!({}));
+    assert_eq!(st["errors"]["ignored"], 1, "{st}");
 }
