@@ -244,3 +244,41 @@ fn ignore_completes_failed_writes_as_success_and_counts_them() {
     let st = ctl(&r.control, "query-status", json!({}));
     assert_eq!(st["errors"]["ignored"], 1, "{st}");
 }
+
+#[test]
+fn qcow2_allocating_writes_survive_an_outage_under_retry() {
+    let dir = TestDir::new("faults-qcow2");
+    let backing = dir.path("backing.qcow2");
+    let out = std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&backing).arg("64M").output().unwrap();
+    assert!(out.status.success());
+    {
+        let mount = FaultMount::new(&backing, &dir.path("mnt"));
+        let disk = mount.disk();
+        let d = Daemon::start(&dir.path("sock"), &["--image", disk.to_str().unwrap(), "--format", "qcow2", "--werror", "retry"]);
+        mount.faults.fail_writes(libc::EIO);
+        let socket = d.socket.clone();
+        let writer = std::thread::spawn(move || {
+            let mut c = Client::connect(&socket, 1).unwrap();
+            // Allocating writes (new clusters, a new L2 table), then a flush (metadata).
+            let mut rets = Vec::new();
+            for k in 0..4u64 {
+                rets.push(c.try_write(0, k * MIB + 4096, &pattern(k as u8, 8192), Duration::from_secs(30)));
+            }
+            rets.push(Some(c.flush(0)));
+            let back: Vec<_> = (0..4u64).map(|k| c.read(0, k * MIB + 4096, 8192)).collect();
+            (rets, back)
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        mount.faults.clear();
+        let (rets, back) = writer.join().unwrap();
+        assert!(rets.iter().all(|r| *r == Some(0)), "{rets:?}");
+        for (k, b) in back.into_iter().enumerate() {
+            assert_eq!(b.unwrap(), pattern(k as u8, 8192), "cluster {k}");
+        }
+        let mut d = d;
+        d.signal(libc::SIGTERM);
+        assert_eq!(d.wait_exit(Duration::from_secs(20)), Some(0));
+    }
+    let out = std::process::Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&backing).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}

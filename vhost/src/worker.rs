@@ -378,28 +378,71 @@ impl Worker {
             _ => self.submit_request(ctx, mem, head, status, req),
         };
         if let Err((slot, outcome)) = result {
-            if let (Some(slot), Outcome::Image(ImageError::NoSpace { needed, limit })) = (slot, &outcome) {
-                let idle = self.pending.get_mut(slot).map(|p| p.ops == 0).unwrap_or(false);
-                if idle && ctx.park.enabled() {
-                    let cause = ParkCause::VolumeFull { needed: *needed, limit: *limit };
-                    if let Some(p) = self.pending.remove(slot) {
-                        self.park(ctx, p, cause);
-                    }
-                    return;
-                }
-            }
-            // Nothing was queued for this request (or its queued ops are accounted for).
-            if let Some(slot) = slot {
-                if let Some(p) = self.pending.get_mut(slot) {
-                    if p.ops > 0 {
-                        p.errno.get_or_insert(libc::EIO);
-                        return;
-                    }
-                }
-                self.pending.remove(slot);
-            }
+            self.submit_failed(ctx, mem, head, status, slot, outcome);
+        }
+    }
+
+    /// A request could not be submitted (whole or in part): park it, or complete it.
+    fn submit_failed(&mut self, ctx: &Context, mem: &Arc<Mem>, head: u16, status: GuestAddress, slot: Option<usize>, outcome: Outcome) {
+        let Some(slot) = slot else {
             if let Some(v) = self.vring.clone() {
                 self.finish_sync(&v, mem, head, Some(status), &outcome, 0);
+            }
+            return;
+        };
+        if let Some(p) = self.pending.get_mut(slot) {
+            if p.ops > 0 {
+                // Some ops are queued: the request completes (through the policy) with them.
+                let errno = match &outcome {
+                    Outcome::HostIo(e) => *e,
+                    Outcome::Image(ImageError::Io(e)) => e.raw_os_error().unwrap_or(libc::EIO),
+                    _ => libc::EIO,
+                };
+                p.errno.get_or_insert(errno);
+                return;
+            }
+        }
+        let Some(mut p) = self.pending.remove(slot) else { return };
+        let op = if p.req.kind == RequestType::Read { FaultOp::Read } else { FaultOp::Write };
+        let decision = match &outcome {
+            Outcome::Image(ImageError::NoSpace { needed, limit }) if ctx.park.enabled() => {
+                Some(ParkCause::VolumeFull { needed: *needed, limit: *limit })
+            }
+            // Metadata IO of the format failed (e.g. an L2 table read): a storage fault.
+            Outcome::Image(ImageError::Io(e)) => {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                match ctx.park.on_error(op, errno) {
+                    FaultAction::Park => Some(ParkCause::Failed { op, errno }),
+                    FaultAction::Ignore => {
+                        tracing::error!(queue = self.queue, kind = ?p.req.kind, offset = p.req.offset, errno,
+                            "request FAILED and the error policy is ignore: completed as success, data lost");
+                        self.release_tickets(ctx, &mut p);
+                        if let Some(v) = self.vring.clone() {
+                            self.finish_sync(&v, mem, head, Some(status), &Outcome::Ok, 0);
+                        }
+                        return;
+                    }
+                    FaultAction::Report => None,
+                }
+            }
+            _ => None,
+        };
+        match decision {
+            Some(cause) => self.park(ctx, p, cause),
+            None => {
+                self.release_tickets(ctx, &mut p);
+                if let Some(v) = self.vring.clone() {
+                    self.finish_sync(&v, mem, head, Some(status), &outcome, 0);
+                }
+            }
+        }
+    }
+
+    /// Tells the format that a request's allocations will not be written.
+    fn release_tickets(&self, ctx: &Context, p: &mut Pending) {
+        for ticket in p.tickets.drain(..) {
+            if let Err(e) = ctx.image.write_done(ticket, false) {
+                tracing::error!(queue = self.queue, error = %e, "releasing an allocation failed");
             }
         }
     }
@@ -722,7 +765,8 @@ impl Worker {
         let mut ignored = false;
         match errno {
             None => ctx.park.on_success(),
-            Some(e) if publish => match ctx.park.on_error(op, e) {
+            // EFAULT is the guest's memory, not the storage: never retried.
+            Some(e) if publish && e != libc::EFAULT => match ctx.park.on_error(op, e) {
                 FaultAction::Park => {
                     // Held until resumed (retry timer, `cont`, or the thin volume grown). Any
                     // new clusters were released above: the retry maps the request afresh.
@@ -780,11 +824,7 @@ impl Worker {
 
     /// Holds a request (and FLUSHes joined to it) until the hub resumes this worker.
     fn park(&mut self, ctx: &Context, mut p: Pending, cause: ParkCause) {
-        for ticket in p.tickets.drain(..) {
-            if let Err(e) = ctx.image.write_done(ticket, false) {
-                tracing::error!(queue = self.queue, error = %e, "releasing a parked request's allocation failed");
-            }
-        }
+        self.release_tickets(ctx, &mut p);
         if self.parked.is_empty() {
             tracing::info!(queue = self.queue, ?cause, kind = ?p.req.kind, offset = p.req.offset, "parking IO until resumed");
         }
