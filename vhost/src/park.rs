@@ -215,7 +215,7 @@ mod tests {
         let rec = Arc::new(Rec(Mutex::new(Vec::new())));
         hub.set_listener(rec.clone());
         assert!(hub.enabled());
-        hub.on_park(1, ParkCause::HostNoSpace);
+        hub.on_park(1, ParkCause::Failed { op: FaultOp::Write, errno: libc::ENOSPC });
         hub.on_park(0, ParkCause::VolumeFull { needed: 2, limit: 1 });
         assert_eq!((hub.parked(), hub.parked_total()), (2, 2));
         hub.on_unpark(2);
