@@ -282,3 +282,39 @@ fn qcow2_allocating_writes_survive_an_outage_under_retry() {
     let out = std::process::Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&backing).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+#[test]
+fn hung_and_slow_storage_is_only_slow_and_zeroing_follows_werror() {
+    let r = rig("faults-hang", &["--werror", "retry", "--retry-interval", "300"]);
+    let socket = r.daemon.socket.clone();
+    // Storage that hangs for 2 s, then answers slowly: the guest sees slow IO, no error.
+    r.mount.faults.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    r.mount.faults.delay_ms.store(50, std::sync::atomic::Ordering::SeqCst);
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&socket, 1).unwrap();
+        let t0 = Instant::now();
+        let w = c.try_write(0, 0, &pattern(3, 16384), Duration::from_secs(30));
+        let took = t0.elapsed();
+        (w, took, c)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    r.mount.faults.hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (w, took, c) = writer.join().unwrap();
+    assert_eq!(w, Some(0));
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+    let mut c = c;
+    r.mount.faults.delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
+    // Write-zeroes during a write outage (the fixture has no fallocate, so the daemon zeroes
+    // by writing): parked under werror=retry, done once writes work again.
+    r.mount.faults.fail_writes(libc::EIO);
+    let parked_before = ctl(&r.control, "query-status", json!({}))["parked-total"].as_u64().unwrap();
+    std::thread::scope(|s| {
+        let h = s.spawn(|| c.write_zeroes(0, 0, 16384, false));
+        std::thread::sleep(Duration::from_millis(1200));
+        let st = ctl(&r.control, "query-status", json!({}));
+        assert!(st["parked-total"].as_u64().unwrap() > parked_before, "write-zeroes did not park: {st}");
+        r.mount.faults.clear();
+        assert_eq!(h.join().unwrap(), 0);
+    });
+    assert_eq!(c.read(0, 0, 16384).unwrap(), vec![0u8; 16384]);
+}
