@@ -274,7 +274,7 @@ impl Header {
         if size == 0 || size > MAX_BACKING_NAME {
             return corrupt(format!("backing file name length {size}"));
         }
-        let end = offset.checked_add(u64::from(size)).unwrap_or(u64::MAX);
+        let end = offset.saturating_add(u64::from(size));
         if end > self.cluster_size() || end > buf.len() as u64 {
             return corrupt("backing file name outside the first cluster");
         }
