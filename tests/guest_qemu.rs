@@ -144,18 +144,7 @@ fn guest_writes_1gib_onto_a_256mib_thin_volume() {
     std::fs::OpenOptions::new().write(true).open(&backing).and_then(|f| f.set_len(256 << 20)).expect("size volume");
     let lv = LoopDev::attach(&backing);
     let dev = lv.0.to_str().expect("utf-8 path").to_string();
-    let spm = Command::new(env!("CARGO_BIN_EXE_thinblk"))
-        .args(["spm", "--backend", "file"])
-        .arg("--inbox")
-        .arg(&inbox)
-        .arg("--outbox")
-        .arg(&outbox)
-        .arg("--volumes")
-        .arg(&vols)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn spm");
-    let _spm = Daemon { child: spm, socket: dir.path("no-socket") };
+    let _spm = common::spm_process(&inbox, &outbox, &vols, &[], None);
     let lock = dir.path("host-2.lock");
     let args = [
         "--image", &dev, "--format", "qcow2", "--thin", "--chunk-mb", "128", "--utilization-percent", "50",

@@ -2,10 +2,10 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, TestDir};
+use common::TestDir;
 use thinblk::mailbox::client::{Client, Completion};
 use thinblk::mailbox::io::FileMailbox;
 use thinblk::mailbox::wire::{Extend, Uuid};
@@ -38,18 +38,7 @@ fn spm_extends_file_volumes_and_replies() {
     let vol_file = vols.join(domain.to_string()).join(volume.to_string());
     std::fs::write(&vol_file, vec![0u8; MIB as usize]).unwrap();
 
-    let child = Command::new(env!("CARGO_BIN_EXE_thinblk"))
-        .args(["spm", "--backend", "file"])
-        .arg("--inbox")
-        .arg(&inbox)
-        .arg("--outbox")
-        .arg(&outbox)
-        .arg("--volumes")
-        .arg(&vols)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut spm = Daemon { child, socket: dir.path("none") };
+    let mut spm = common::spm_process(&inbox, &outbox, &vols, &[], None);
     std::thread::sleep(Duration::from_millis(300));
 
     let mut io = FileMailbox::open(&inbox, &outbox, 3, &dir.path("host3.lock")).unwrap();

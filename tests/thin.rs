@@ -54,22 +54,7 @@ impl Setup {
     }
 
     fn spm(&self, extra: &[&str]) -> Daemon {
-        let log = std::fs::File::create(self.dir.path("spm.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_thinblk"))
-            .args(["spm", "--backend", "file"])
-            .arg("--inbox")
-            .arg(&self.inbox)
-            .arg("--outbox")
-            .arg(&self.outbox)
-            .arg("--volumes")
-            .arg(&self.volumes)
-            .args(extra)
-            .env("THINBLK_LOG", "info")
-            .stdin(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Daemon { child, socket: self.dir.path("no-socket") }
+        common::spm_process(&self.inbox, &self.outbox, &self.volumes, extra, Some(&self.dir.path("spm.log")))
     }
 
     fn daemon(&self, name: &str, dev: &Path, uuid: &str, host: u16, chunk_mb: u64, percent: u64) -> Daemon {

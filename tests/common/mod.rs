@@ -118,6 +118,27 @@ impl Drop for Daemon {
     }
 }
 
+/// Starts `thinblk spm --backend file` (plus `extra`) on the mailbox files, growing volumes
+/// under `volumes`; its log goes to `log` when given. Killed when dropped.
+pub fn spm_process(inbox: &Path, outbox: &Path, volumes: &Path, extra: &[&str], log: Option<&Path>) -> Daemon {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_thinblk"));
+    cmd.args(["spm", "--backend", "file"])
+        .arg("--inbox")
+        .arg(inbox)
+        .arg("--outbox")
+        .arg(outbox)
+        .arg("--volumes")
+        .arg(volumes)
+        .args(extra)
+        .env("THINBLK_LOG", "info")
+        .stdin(Stdio::null());
+    if let Some(l) = log {
+        cmd.stderr(std::fs::File::create(l).expect("spm log"));
+    }
+    let child = cmd.spawn().expect("spawn thinblk spm");
+    Daemon { child, socket: volumes.join("no-socket") }
+}
+
 /// A vhost-user client over libblkio's virtio-blk-vhost-user driver.
 pub struct Client {
     pub blkio: Blkio,
