@@ -268,8 +268,15 @@ impl FaultMount {
 impl Drop for FaultMount {
     fn drop(&mut self) {
         self.faults.clear();
-        // Dropping the session unmounts (declare the mount before the daemon using it, so
-        // the daemon is gone first).
+        // Unmount ourselves (lazily, so a straggler cannot keep it busy): dropping fuser's
+        // session alone left the mount behind. Declare the mount before the daemon using it,
+        // so the daemon is gone first.
+        if let Ok(path) = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()) {
+            // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
+            if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+                eprintln!("faultfs: unmounting {}: {}", self.dir.display(), std::io::Error::last_os_error());
+            }
+        }
         drop(self.session.take());
     }
 }
