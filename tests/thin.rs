@@ -199,6 +199,16 @@ fn fill(w: &mut Writer, c: &mut Client, from: u64, bytes: u64) -> u64 {
     b
 }
 
+/// On its own thread: connects, writes `bytes` sequentially from the start, verifies them.
+fn background_writer(socket: PathBuf, capacity: u64, bytes: u64) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut c = Client::connect(&socket, 2).unwrap();
+        let mut w = Writer::new(capacity);
+        fill(&mut w, &mut c, 0, bytes);
+        w.verify(&mut c);
+    })
+}
+
 #[test]
 fn late_spm_parks_writes_and_resumes_them() {
     let s = Setup::new("thin-late");
@@ -226,12 +236,7 @@ fn requests_survive_the_spm_being_down() {
     let d = s.daemon("disk", &lv.0, VOLUME, 7, 64, 50);
     let socket = d.socket.clone();
     // The writer runs on its own thread; it stalls (parked) when the volume is full.
-    let writer = std::thread::spawn(move || {
-        let mut c = Client::connect(&socket, 2).unwrap();
-        let mut w = Writer::new(capacity);
-        fill(&mut w, &mut c, 0, 160 * MIB);
-        w.verify(&mut c);
-    });
+    let writer = background_writer(socket, capacity, 160 * MIB);
     std::thread::sleep(Duration::from_secs(10));
     assert_eq!(file_size(&file), 64 * MIB, "the volume grew without an SPM");
     assert!(!writer.is_finished(), "160 MiB fitted in a 64 MiB volume?");
@@ -259,12 +264,7 @@ fn two_daemons_share_one_host_block() {
     let threads: Vec<_> = [d1.socket.clone(), d2.socket.clone()]
         .into_iter()
         .map(|socket| {
-            std::thread::spawn(move || {
-                let mut c = Client::connect(&socket, 2).unwrap();
-                let mut w = Writer::new(capacity);
-                fill(&mut w, &mut c, 0, 256 * MIB);
-                w.verify(&mut c);
-            })
+            background_writer(socket, capacity, 256 * MIB)
         })
         .collect();
     for t in threads {
@@ -301,12 +301,7 @@ fn garbage_in_the_mailbox_is_ignored() {
     let _spm = s.spm(&[]);
     let d = s.daemon("disk", &lv.0, VOLUME, host as u16, 64, 50);
     let socket = d.socket.clone();
-    let writer = std::thread::spawn(move || {
-        let mut c = Client::connect(&socket, 2).unwrap();
-        let mut w = Writer::new(capacity);
-        fill(&mut w, &mut c, 0, 200 * MIB);
-        w.verify(&mut c);
-    });
+    let writer = background_writer(socket, capacity, 200 * MIB);
     // Meanwhile, noise in our reply block: replies that match no request.
     let outbox = std::fs::OpenOptions::new().write(true).open(&s.outbox).unwrap();
     let mut rng = Rng(7);
