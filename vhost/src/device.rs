@@ -16,6 +16,7 @@ use crate::error::DeviceError;
 use crate::image::ImageFormat;
 use crate::park::ParkHub;
 use crate::request::{Limits, ID_LEN};
+use crate::stats::DeviceStats;
 use crate::worker::{AtomicMem, InflightCount, Mem, Vring, Worker};
 
 /// Settings of one device instance.
@@ -34,6 +35,9 @@ pub struct DeviceConfig {
     /// Where requests that must wait are parked and resumed from (kept across connections);
     /// `None`: a hub of the device's own, with no listener (nothing is parked).
     pub park: Option<Arc<ParkHub>>,
+    /// Request statistics to keep (kept across connections); `None`: none are kept and the
+    /// data path reads no clock.
+    pub stats: Option<Arc<DeviceStats>>,
 }
 
 /// What every worker reads: the image, the limits, the guest memory, the cache mode.
@@ -126,7 +130,8 @@ impl BlkDevice {
         let mut workers = Vec::new();
         let mut inflight = Vec::new();
         for q in 0..cfg.num_queues as usize {
-            let w = Worker::new(q, ring_entries, &files).map_err(DeviceError::Ring)?;
+            let stats = cfg.stats.as_ref().and_then(|s| s.queue(q));
+            let w = Worker::new(q, ring_entries, &files, stats).map_err(DeviceError::Ring)?;
             inflight.push(w.inflight());
             workers.push(Mutex::new(w));
         }

@@ -2,6 +2,7 @@
 
 use std::io;
 
+use crate::stats::ErrorClass;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 
 /// Why a descriptor chain was not accepted as a request.
@@ -126,6 +127,21 @@ pub fn virtio_status(outcome: &Outcome) -> u8 {
     status as u8
 }
 
+/// The error class an outcome is counted under in the statistics (None: success).
+pub fn error_class(outcome: &Outcome) -> Option<ErrorClass> {
+    Some(match outcome {
+        Outcome::Ok => return None,
+        Outcome::Invalid(RequestError::Unsupported(_)) | Outcome::Invalid(RequestError::UnsupportedFlags(_)) => {
+            ErrorClass::Unsupported
+        }
+        Outcome::Invalid(_) => ErrorClass::Invalid,
+        Outcome::HostIo(e) => ErrorClass::of_errno(*e),
+        Outcome::Image(ImageError::Io(e)) => ErrorClass::of_errno(e.raw_os_error().unwrap_or(libc::EIO)),
+        Outcome::Image(ImageError::NoSpace { .. }) => ErrorClass::NoSpace,
+        Outcome::Image(ImageError::Refused(_)) => ErrorClass::Unsupported,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,5 +153,14 @@ mod tests {
         assert_eq!(virtio_status(&Outcome::Invalid(RequestError::UnsupportedFlags(2))), 2);
         assert_eq!(virtio_status(&Outcome::Invalid(RequestError::ReadOnly)), 1);
         assert_eq!(virtio_status(&Outcome::HostIo(libc::EIO)), 1);
+    }
+
+    #[test]
+    fn error_classes() {
+        assert_eq!(error_class(&Outcome::Ok), None);
+        assert_eq!(error_class(&Outcome::Invalid(RequestError::Unsupported(99))), Some(ErrorClass::Unsupported));
+        assert_eq!(error_class(&Outcome::Invalid(RequestError::ReadOnly)), Some(ErrorClass::Invalid));
+        assert_eq!(error_class(&Outcome::HostIo(libc::ENOSPC)), Some(ErrorClass::NoSpace));
+        assert_eq!(error_class(&Outcome::Image(ImageError::NoSpace { needed: 2, limit: 1 })), Some(ErrorClass::NoSpace));
     }
 }

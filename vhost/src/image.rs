@@ -123,6 +123,14 @@ pub trait ImageFormat: Send + Sync {
     fn prepare_flush(&self) -> Result<(), ImageError> {
         Ok(())
     }
+    /// One past the last host byte the image uses, for formats that allocate (None: raw).
+    fn allocation(&self) -> Option<u64> {
+        None
+    }
+    /// Metadata cache hits and misses, for formats that cache metadata (None: raw).
+    fn cache_stats(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// A raw image: a regular file or a block device, byte for byte the guest's disk.

@@ -4,6 +4,7 @@
 //! virtqueue) → [`request`] (descriptor chain → validated request) → [`image`] (format
 //! layer: guest range → host extents) → [`uring`] (per-worker io_uring) → [`worker`]
 //! (submission and completion). [`park`] holds requests that must wait (a full thin volume).
+//! [`stats`] counts requests per queue and operation for the metrics endpoint.
 //! [`error`] maps every outcome to a virtio status.
 
 pub mod config;
@@ -12,9 +13,11 @@ pub mod error;
 pub mod image;
 pub mod park;
 pub mod request;
+pub mod stats;
 pub mod uring;
 pub mod worker;
 
 pub use device::{BlkDevice, DeviceConfig};
+pub use stats::DeviceStats;
 pub use park::{FaultAction, FaultOp, FaultPolicy, ParkCause, ParkHub, ParkListener};
 pub use image::{image_identity, open_direct, ImageFormat, OpenedFile, RawImage};

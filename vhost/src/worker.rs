@@ -6,16 +6,18 @@ use std::alloc::{self, Layout};
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::device::Context;
-use crate::error::{virtio_status, ImageError, Outcome};
+use crate::error::{error_class, virtio_status, ImageError, Outcome};
 use crate::image::{Extent, HostZero, Target, WriteTicket, ZeroMode, ZeroRequest};
 use crate::park::{FaultAction, FaultOp, ParkCause};
 use crate::request::{parse, Request, RequestType, Segment, ID_LEN};
+use crate::stats::{QueueStats, StatOp};
 use crate::uring::{HostOp, Ring};
 
 /// Guest memory as the vhost-user backend maps it (no dirty-page log).
@@ -33,18 +35,26 @@ const ZERO_CHUNK: usize = 1 << 20;
 pub struct InflightCount {
     count: Mutex<usize>,
     idle: Condvar,
+    /// Mirrors the count for the metrics thread (which takes no lock of the data path).
+    stats: Option<Arc<QueueStats>>,
 }
 
 impl InflightCount {
     fn add(&self) {
         if let Ok(mut c) = self.count.lock() {
             *c += 1;
+            if let Some(s) = &self.stats {
+                s.started();
+            }
         }
     }
 
     fn done(&self) {
         if let Ok(mut c) = self.count.lock() {
             *c = c.saturating_sub(1);
+            if let Some(s) = &self.stats {
+                s.retired();
+            }
             if *c == 0 {
                 self.idle.notify_all();
             }
@@ -134,6 +144,7 @@ struct Pending {
     mem: Arc<Mem>,
     /// Allocations to report to the format when the host IO has ended.
     tickets: Vec<WriteTicket>,
+    clock: Clock,
     /// Further FLUSH requests served by this one's sync (head, status address).
     joined: Vec<(u16, GuestAddress)>,
 }
@@ -144,6 +155,39 @@ struct Parked {
     status: GuestAddress,
     req: Request,
     mem: Arc<Mem>,
+    clock: Clock,
+    /// When this stint in the parked list began (statistics only).
+    entered: Option<Instant>,
+}
+
+/// When a request arrived and when it was first parked (set only while statistics are kept).
+#[derive(Clone, Copy, Debug, Default)]
+struct Clock {
+    started: Option<Instant>,
+    parked_since: Option<Instant>,
+}
+
+/// What a completion counts as in the statistics.
+#[derive(Clone, Copy)]
+struct Rec {
+    op: StatOp,
+    started: Option<Instant>,
+    bytes: u64,
+}
+
+impl Rec {
+    fn of(req: &Request, clock: Clock) -> Rec {
+        Rec { op: StatOp::of(req.kind), started: clock.started, bytes: request_bytes(req) }
+    }
+}
+
+/// The bytes a request moves: its data, or the ranges it discards or zeroes.
+fn request_bytes(req: &Request) -> u64 {
+    match req.kind {
+        RequestType::Read | RequestType::Write => req.data_len,
+        RequestType::Discard | RequestType::WriteZeroes => req.ranges.iter().map(|r| r.len).sum(),
+        RequestType::Flush | RequestType::GetId => 0,
+    }
 }
 
 /// What kind of host op an in-flight ring entry is, for completion handling.
@@ -222,17 +266,20 @@ pub struct Worker {
     rejected: u64,
     /// Requests waiting for the hub to resume them (still counted in flight).
     parked: std::collections::VecDeque<Parked>,
+    /// Request statistics (None: not kept, and no clock is read).
+    stats: Option<Arc<QueueStats>>,
 }
 
 impl Worker {
-    /// Creates the worker for `queue` with its own ring over `files`.
-    pub fn new(queue: usize, ring_entries: u32, files: &[std::os::fd::RawFd]) -> io::Result<Worker> {
+    /// Creates the worker for `queue` with its own ring over `files`, counting requests in
+    /// `stats` if given.
+    pub fn new(queue: usize, ring_entries: u32, files: &[std::os::fd::RawFd], stats: Option<Arc<QueueStats>>) -> io::Result<Worker> {
         Ok(Worker {
             queue,
             ring: Ring::new(ring_entries, files)?,
             pending: Slab::new(),
             ops: Slab::new(),
-            inflight: Arc::new(InflightCount::default()),
+            inflight: Arc::new(InflightCount { stats: stats.clone(), ..Default::default() }),
             vring: None,
             zero: None,
             needs_signal: false,
@@ -241,6 +288,7 @@ impl Worker {
             flush_batch: None,
             rejected: 0,
             parked: std::collections::VecDeque::new(),
+            stats,
         })
     }
 
@@ -268,10 +316,11 @@ impl Worker {
             // The memory map is fetched per chain: the frontend may add a region (acked)
             // and use it in its next request while this loop is still running.
             while let Some((chain, mem)) = self.pop(ctx, vring, stopping) {
+                let clock = Clock { started: self.stats.as_ref().map(|_| Instant::now()), parked_since: None };
                 let parsed = parse(chain, &ctx.limits());
                 match (parsed.request, parsed.status) {
                     (Ok(req), Some(status)) if req.kind == RequestType::Flush && self.join_flush(parsed.head, status) => {}
-                    (Ok(req), Some(status)) => self.start(ctx, &mem, parsed.head, status, req),
+                    (Ok(req), Some(status)) => self.start(ctx, &mem, parsed.head, status, req, clock),
                     (Err(e), status) => {
                         self.rejected += 1;
                         // Rate-limited: a guest must not be able to flood the log.
@@ -290,9 +339,10 @@ impl Worker {
                             tracing::debug!(queue = self.queue, error = %e, "rejected request");
                         }
                         let outcome = Outcome::Invalid(e);
-                        self.finish_sync(vring, &mem, parsed.head, status, &outcome, 0);
+                        let rec = Rec { op: StatOp::Invalid, started: clock.started, bytes: 0 };
+                        self.finish_sync(vring, &mem, parsed.head, status, &outcome, 0, rec);
                     }
-                    (Ok(_), None) => self.finish_sync(vring, &mem, parsed.head, None, &Outcome::Ok, 0),
+                    (Ok(req), None) => self.finish_sync(vring, &mem, parsed.head, None, &Outcome::Ok, 0, Rec::of(&req, clock)),
                 }
             }
             if !event_idx || !vring.enable_notification().unwrap_or(false) {
@@ -357,7 +407,8 @@ impl Worker {
         Some((chain, mem))
     }
 
-    fn start(&mut self, ctx: &Context, mem: &Arc<Mem>, head: u16, status: GuestAddress, req: Request) {
+    fn start(&mut self, ctx: &Context, mem: &Arc<Mem>, head: u16, status: GuestAddress, req: Request, clock: Clock) {
+        let rec = Rec::of(&req, clock);
         let result = match req.kind {
             RequestType::GetId => {
                 let n = (req.data_len as usize).min(ID_LEN);
@@ -365,28 +416,29 @@ impl Worker {
                 let out = if ok { Outcome::Ok } else { Outcome::HostIo(libc::EFAULT) };
                 let vring = self.vring.clone();
                 if let Some(v) = vring {
-                    self.finish_sync(&v, mem, head, Some(status), &out, n as u32);
+                    self.finish_sync(&v, mem, head, Some(status), &out, n as u32, rec);
                 }
                 return;
             }
             _ if req.data_len == 0 && matches!(req.kind, RequestType::Read | RequestType::Write) => {
                 if let Some(v) = self.vring.clone() {
-                    self.finish_sync(&v, mem, head, Some(status), &Outcome::Ok, 0);
+                    self.finish_sync(&v, mem, head, Some(status), &Outcome::Ok, 0, rec);
                 }
                 return;
             }
-            _ => self.submit_request(ctx, mem, head, status, req),
+            _ => self.submit_request(ctx, mem, head, status, req, clock),
         };
         if let Err((slot, outcome)) = result {
-            self.submit_failed(ctx, mem, head, status, slot, outcome);
+            self.submit_failed(ctx, mem, head, status, slot, outcome, rec);
         }
     }
 
     /// A request could not be submitted (whole or in part): park it, or complete it.
-    fn submit_failed(&mut self, ctx: &Context, mem: &Arc<Mem>, head: u16, status: GuestAddress, slot: Option<usize>, outcome: Outcome) {
+    #[allow(clippy::too_many_arguments)]
+    fn submit_failed(&mut self, ctx: &Context, mem: &Arc<Mem>, head: u16, status: GuestAddress, slot: Option<usize>, outcome: Outcome, rec: Rec) {
         let Some(slot) = slot else {
             if let Some(v) = self.vring.clone() {
-                self.finish_sync(&v, mem, head, Some(status), &outcome, 0);
+                self.finish_sync(&v, mem, head, Some(status), &outcome, 0, rec);
             }
             return;
         };
@@ -418,7 +470,7 @@ impl Worker {
                             "request FAILED and the error policy is ignore: completed as success, data lost");
                         self.release_tickets(ctx, &mut p);
                         if let Some(v) = self.vring.clone() {
-                            self.finish_sync(&v, mem, head, Some(status), &Outcome::Ok, 0);
+                            self.finish_sync(&v, mem, head, Some(status), &Outcome::Ok, 0, rec);
                         }
                         return;
                     }
@@ -432,7 +484,7 @@ impl Worker {
             None => {
                 self.release_tickets(ctx, &mut p);
                 if let Some(v) = self.vring.clone() {
-                    self.finish_sync(&v, mem, head, Some(status), &outcome, 0);
+                    self.finish_sync(&v, mem, head, Some(status), &outcome, 0, rec);
                 }
             }
         }
@@ -455,6 +507,7 @@ impl Worker {
         head: u16,
         status: GuestAddress,
         req: Request,
+        clock: Clock,
     ) -> Result<(), (Option<usize>, Outcome)> {
         let image = &ctx.image;
         let align = image.io_alignment().max(1) as usize;
@@ -470,6 +523,7 @@ impl Worker {
             mem: mem.clone(),
             tickets: Vec::new(),
             joined: Vec::new(),
+            clock,
         });
         let fail = |slot: usize, e: ImageError| (Some(slot), Outcome::Image(e));
         match kind {
@@ -811,9 +865,10 @@ impl Worker {
         };
         let data = if p.req.kind == RequestType::Read && errno.is_none() { p.req.data_len as u32 } else { 0 };
         let vring = if publish { self.vring.clone() } else { None };
+        let rec = Rec::of(&p.req, p.clock);
         for (head, status) in std::iter::once((p.head, p.status)).chain(p.joined.iter().copied()) {
             match &vring {
-                Some(v) => self.finish_sync(v, &p.mem, head, Some(status), &outcome, data),
+                Some(v) => self.finish_sync(v, &p.mem, head, Some(status), &outcome, data, rec),
                 None => {
                     self.flush_batch = None;
                     self.inflight.done();
@@ -829,12 +884,37 @@ impl Worker {
             tracing::info!(queue = self.queue, ?cause, kind = ?p.req.kind, offset = p.req.offset, "parking IO until resumed");
         }
         let flush = Request { kind: RequestType::Flush, offset: 0, segments: Vec::new(), data_len: 0, ranges: Vec::new() };
+        let entered = self.stats.as_ref().map(|_| Instant::now());
+        let mut clock = p.clock;
+        if clock.parked_since.is_none() {
+            clock.parked_since = entered;
+        }
         for (head, status) in p.joined.drain(..) {
-            self.parked.push_back(Parked { head, status, req: flush.clone(), mem: p.mem.clone() });
+            self.parked.push_back(Parked { head, status, req: flush.clone(), mem: p.mem.clone(), clock, entered });
             ctx.park.on_park(self.queue, cause);
         }
-        self.parked.push_back(Parked { head: p.head, status: p.status, req: p.req, mem: p.mem });
+        self.parked.push_back(Parked { head: p.head, status: p.status, req: p.req, mem: p.mem, clock, entered });
         ctx.park.on_park(self.queue, cause);
+        self.publish_parked(0);
+    }
+
+    /// Updates the parked gauges after requests whose stints add up to `stints_ns` left.
+    fn publish_parked(&self, stints_ns: u64) {
+        if let Some(s) = &self.stats {
+            let oldest = self.parked.iter().filter_map(|r| r.clock.parked_since).min();
+            s.set_parked(self.parked.len(), stints_ns, oldest);
+        }
+    }
+
+    /// Takes every parked request out of the list, accounting for the time they spent in it.
+    fn take_parked(&mut self) -> std::collections::VecDeque<Parked> {
+        let parked = std::mem::take(&mut self.parked);
+        if self.stats.is_some() {
+            let now = Instant::now();
+            let ns: u128 = parked.iter().filter_map(|r| r.entered).map(|t| now.saturating_duration_since(t).as_nanos()).sum();
+            self.publish_parked(u64::try_from(ns).unwrap_or(u64::MAX));
+        }
+        parked
     }
 
     /// The hub says the cause may have cleared: retries every parked request (each may park
@@ -843,11 +923,11 @@ impl Worker {
         if self.parked.is_empty() {
             return Ok(());
         }
-        let parked = std::mem::take(&mut self.parked);
+        let parked = self.take_parked();
         ctx.park.on_unpark(parked.len());
         tracing::info!(queue = self.queue, requests = parked.len(), "retrying parked IO");
         for r in parked {
-            self.start(ctx, &r.mem, r.head, r.status, r.req);
+            self.start(ctx, &r.mem, r.head, r.status, r.req, r.clock);
         }
         self.ring.submit()?;
         if let Some(v) = self.vring.clone() {
@@ -869,11 +949,12 @@ impl Worker {
             return;
         }
         tracing::error!(queue = self.queue, requests = n, "parked IO completed with an IO error: the queue or the daemon is stopping");
-        let parked = std::mem::take(&mut self.parked);
+        let parked = self.take_parked();
         ctx.park.on_unpark(n);
         if let Some(v) = self.vring.clone() {
             for r in parked {
-                self.finish_sync(&v, &r.mem, r.head, Some(r.status), &Outcome::HostIo(libc::EIO), 0);
+                let rec = Rec::of(&r.req, r.clock);
+                self.finish_sync(&v, &r.mem, r.head, Some(r.status), &Outcome::HostIo(libc::EIO), 0, rec);
             }
             self.signal(&v);
         } else {
@@ -892,12 +973,13 @@ impl Worker {
             for _ in 0..n {
                 self.inflight.done();
             }
-            self.parked.clear();
+            self.take_parked();
             ctx.park.on_unpark(n);
         }
     }
 
-    /// Writes the status byte and returns the chain to the guest.
+    /// Writes the status byte, returns the chain to the guest and counts the request.
+    #[allow(clippy::too_many_arguments)]
     fn finish_sync(
         &mut self,
         vring: &Vring,
@@ -906,7 +988,11 @@ impl Worker {
         status: Option<GuestAddress>,
         outcome: &Outcome,
         data_len: u32,
+        rec: Rec,
     ) {
+        if let (Some(s), Some(t)) = (&self.stats, rec.started) {
+            s.record(rec.op, t, rec.bytes, error_class(outcome));
+        }
         let mut used = 0;
         if let Some(addr) = status {
             if mem.write_obj(virtio_status(outcome), addr).is_ok() {
