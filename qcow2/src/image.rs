@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::error::{corrupt, Qcow2Error, Result};
 use crate::header::{Header, MAX_REFTABLE_BYTES};
+use crate::stats::{CacheStats, ShardedCounter};
 use crate::storage::Storage;
 use crate::table::{decode_l2, get_refcount, L2Entry, COPIED, OFFSET_MASK, REFTABLE_OFFSET_MASK, ZERO};
 
@@ -174,6 +175,8 @@ pub struct Qcow2 {
     /// Allocations may not end past this host offset (the volume's size; `u64::MAX`: none).
     limit: AtomicU64,
     observer: std::sync::OnceLock<Arc<dyn AllocationObserver>>,
+    l2_hits: Box<ShardedCounter>,
+    l2_misses: Box<ShardedCounter>,
 }
 
 /// Reads a table of big-endian offsets and checks every entry points at a whole cluster
@@ -271,6 +274,8 @@ impl Qcow2 {
             allocation: AtomicU64::new(0),
             limit: AtomicU64::new(u64::MAX),
             observer: std::sync::OnceLock::new(),
+            l2_hits: Box::default(),
+            l2_misses: Box::default(),
         };
         let end = img.compute_end()?;
         {
@@ -385,6 +390,11 @@ impl Qcow2 {
         self.read_only.as_deref()
     }
 
+    /// L2 table cache hits and misses since open.
+    pub fn cache_stats(&self) -> CacheStats {
+        CacheStats { hits: self.l2_hits.get(), misses: self.l2_misses.get() }
+    }
+
     /// The allocation high-water mark: one past the last host byte the image uses,
     /// metadata included. Exact at every instant; recomputed at open.
     pub fn allocation(&self) -> u64 {
@@ -433,14 +443,16 @@ impl Qcow2 {
     }
 
     fn read_l2_table(&self, off: u64) -> Result<Vec<u64>> {
+        // Every table read goes into the cache: this is the one place a miss costs IO.
+        self.l2_misses.add(1);
         let mut raw = vec![0u8; self.cluster_size as usize];
         self.storage.read_at(&mut raw, off)?;
         Ok(be64s(&raw))
     }
 
-    /// Makes sure the L2 tables covering `[offset, offset+len)` are cached. The IO happens
-    /// with no lock held.
-    fn preload_l2(&self, offset: u64, len: u64) -> Result<()> {
+    /// Makes sure the L2 tables covering `[offset, offset+len)` are cached (counting those
+    /// already cached as hits if `count_hits`). The IO happens with no lock held.
+    fn preload_l2(&self, offset: u64, len: u64, count_hits: bool) -> Result<()> {
         let cs = self.cluster_size;
         let first = offset / cs / self.l2_entries;
         let last = (offset + len.max(1) - 1) / cs / self.l2_entries;
@@ -448,7 +460,13 @@ impl Qcow2 {
             let off = {
                 let m = self.meta.read().map_err(|_| poisoned())?;
                 let off = m.l1.get(l1_idx as usize).map(|e| e & OFFSET_MASK).unwrap_or(0);
-                if off == 0 || m.l2.contains_key(&off) {
+                if off == 0 {
+                    continue;
+                }
+                if m.l2.contains_key(&off) {
+                    if count_hits {
+                        self.l2_hits.add(1);
+                    }
                     continue;
                 }
                 off
@@ -529,31 +547,46 @@ impl Qcow2 {
         if len == 0 {
             return Ok(());
         }
+        let mut first = true;
         loop {
             let start = out.len();
             match self.try_map_read(offset, len, out)? {
-                true => return Ok(()),
-                false => {
+                Some(tables) => {
+                    // A lookup that had to load its tables counts as misses only.
+                    if first {
+                        self.l2_hits.add(tables);
+                    }
+                    return Ok(());
+                }
+                None => {
                     out.truncate(start);
-                    self.preload_l2(offset, len)?;
+                    self.preload_l2(offset, len, false)?;
+                    first = false;
                 }
             }
         }
     }
 
-    /// Maps under the read lock; false if an L2 table is missing from the cache.
-    fn try_map_read(&self, offset: u64, len: u64, out: &mut Vec<MappedRange>) -> Result<bool> {
+    /// Maps under the read lock; the number of L2 tables looked up, or None if one is
+    /// missing from the cache.
+    fn try_map_read(&self, offset: u64, len: u64, out: &mut Vec<MappedRange>) -> Result<Option<u64>> {
         let cs = self.cluster_size;
         let m = self.meta.read().map_err(|_| poisoned())?;
+        let mut tables = 0;
+        let mut last_table = u64::MAX;
         for Piece { pos, ci, in_off, n } in pieces(offset, len, cs) {
-            let Some(raw) = self.l2_entry(&m, ci) else { return Ok(false) };
+            let Some(raw) = self.l2_entry(&m, ci) else { return Ok(None) };
+            if ci / self.l2_entries != last_table {
+                last_table = ci / self.l2_entries;
+                tables += 1;
+            }
             let mapping = match self.entry_mapping(raw, ci)? {
                 Mapping::Data(h) => Mapping::Data(h + in_off),
                 other => other,
             };
             push_merged(out, MappedRange { guest: pos, len: n, mapping });
         }
-        Ok(true)
+        Ok(Some(tables))
     }
 
     /// Decompresses the cluster a `Mapping::Compressed` entry points to.
@@ -660,7 +693,7 @@ impl Qcow2 {
         if len == 0 {
             return Ok(false);
         }
-        self.preload_l2(offset, len)?;
+        self.preload_l2(offset, len, true)?;
         Ok(true)
     }
 

@@ -9,6 +9,7 @@ pub mod create;
 pub mod error;
 pub mod header;
 pub mod image;
+pub mod stats;
 pub mod storage;
 pub mod table;
 
@@ -17,4 +18,5 @@ pub use create::{create, CreateOptions};
 pub use error::{Qcow2Error, Result};
 pub use header::Header;
 pub use image::{AllocationObserver, BackingReader, MappedRange, Mapping, OpenOptions, Qcow2};
+pub use stats::CacheStats;
 pub use storage::{Aligned, FileStorage, MemStorage, Storage};
