@@ -142,7 +142,11 @@ impl ThinEngine for Qcow2 {
     }
 }
 
-/// Counters a later metrics endpoint and the tests read.
+/// Upper bounds (seconds) of the extension-duration histogram buckets (an unbounded one
+/// follows).
+pub const EXTENSION_BOUNDS_S: [f64; 11] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+/// What the control thread publishes for the metrics endpoint, the control socket and tests.
 #[derive(Clone, Debug, Default)]
 pub struct ThinStats {
     /// Extension requests sent (re-sends included).
@@ -155,6 +159,32 @@ pub struct ThinStats {
     pub physical: u64,
     /// The drive state, as text.
     pub state: String,
+    /// The drive state's name (one of [`DriveState::NAMES`]).
+    pub state_name: &'static str,
+    /// The armed write threshold, if one is.
+    pub threshold: Option<u64>,
+    /// The disk's virtual size.
+    pub capacity: u64,
+    /// The largest size the volume is extended to.
+    pub max_size: u64,
+    /// Mailbox slots our requests hold.
+    pub slots_in_use: u64,
+    /// Requests waiting for a free mailbox slot.
+    pub queued: u64,
+    /// Completed extensions per duration bucket of [`EXTENSION_BOUNDS_S`] and an unbounded
+    /// one (not cumulative); the duration runs from the first request to the grown volume.
+    pub duration_buckets: [u64; EXTENSION_BOUNDS_S.len() + 1],
+    /// Sum of completed extension durations (seconds).
+    pub duration_sum: f64,
+}
+
+impl ThinStats {
+    /// Counts a completed extension that took `seconds`.
+    fn observe_extension(&mut self, seconds: f64) {
+        let b = EXTENSION_BOUNDS_S.iter().position(|&bound| seconds <= bound).unwrap_or(EXTENSION_BOUNDS_S.len());
+        self.duration_buckets[b] += 1;
+        self.duration_sum += seconds;
+    }
 }
 
 impl Control {
@@ -235,6 +265,12 @@ impl Control {
         if let Ok(mut s) = self.stats.lock() {
             s.physical = self.volume.physical();
             s.state = format!("{:?}", self.monitor.state());
+            s.state_name = self.monitor.state().name();
+            s.threshold = self.signals.threshold();
+            s.capacity = self.monitor.capacity();
+            s.max_size = super::policy::max_size(s.capacity);
+            s.slots_in_use = self.client.active() as u64;
+            s.queued = self.client.queued() as u64;
         }
     }
 
@@ -386,6 +422,7 @@ impl Control {
             if let Ok(mut s) = self.stats.lock() {
                 if grown {
                     s.completed += 1;
+                    s.observe_extension(now.duration_since(t0).as_secs_f64());
                 } else {
                     s.failed += 1;
                 }

@@ -22,6 +22,21 @@ pub enum DriveState {
     Disabled,
 }
 
+impl DriveState {
+    /// Every state's name, in a fixed order (the `state` label of the metrics).
+    pub const NAMES: [&'static str; 4] = ["unset", "set", "exceeded", "disabled"];
+
+    /// This state's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            DriveState::Unset => "unset",
+            DriveState::Set(_) => "set",
+            DriveState::Exceeded => "exceeded",
+            DriveState::Disabled => "disabled",
+        }
+    }
+}
+
 /// What the caller must do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -49,6 +64,11 @@ impl Monitor {
     /// A drive of `capacity` bytes, with nothing armed yet.
     pub fn new(policy: Policy, capacity: u64) -> Monitor {
         Monitor { policy, capacity, state: DriveState::Unset, last_sent: None, requested: None }
+    }
+
+    /// The disk's virtual size.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
     }
 
     /// The current state.
