@@ -73,6 +73,10 @@ pub struct ServeArgs {
     /// Control socket (unix, mode 0600, JSON lines, QMP-like); `thinblk ctl` talks to it.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Serve Prometheus metrics at GET /metrics on 127.0.0.1:PORT, [::1]:PORT or unix:PATH
+    /// (off by default).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<crate::metrics::http::Endpoint>,
 }
 
 /// What failed requests become (QEMU's werror/rerror, openEuler's retry).
@@ -268,6 +272,9 @@ pub struct DemoArgs {
     /// The thin volume's initial size and growth step, in MiB.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub chunk_mb: u64,
+    /// Serve Prometheus metrics on this address (127.0.0.1:PORT, [::1]:PORT or unix:PATH).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<crate::metrics::http::Endpoint>,
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {

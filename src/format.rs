@@ -307,6 +307,15 @@ impl ImageFormat for Qcow2Format {
         self.top.size()
     }
 
+    fn allocation(&self) -> Option<u64> {
+        Some(self.top.allocation())
+    }
+
+    fn cache_stats(&self) -> Option<(u64, u64)> {
+        let s = self.top.cache_stats();
+        Some((s.hits, s.misses))
+    }
+
     fn files(&self) -> Vec<RawFd> {
         self.files.clone()
     }

@@ -7,4 +7,5 @@ pub mod daemon;
 pub mod fault;
 pub mod format;
 pub mod mailbox;
+pub mod metrics;
 pub mod thin;

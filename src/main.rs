@@ -87,6 +87,7 @@ fn init_logging(level: Option<&str>) {
 }
 
 fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
+    let started = std::time::Instant::now();
     if args.print_capabilities {
         println!("{CAPABILITIES}");
         return Ok(());
@@ -140,6 +141,26 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         }
     };
     let serial = args.serial.clone().unwrap_or_else(|| default_serial(&image.identity()));
+    let stats = args.metrics.as_ref().map(|_| thinblk_vhost::DeviceStats::new(usize::from(args.num_queues)));
+    let _metrics = match (&args.metrics, &stats) {
+        (Some(endpoint), Some(device)) => {
+            let sources = Arc::new(thinblk::metrics::Sources {
+                disk: serial.clone(),
+                started,
+                device: device.clone(),
+                image: image.clone(),
+                hub: hub.clone(),
+                faults: faults.clone(),
+                thin: thin_handle.as_ref().map(|h| h.stats_handle()),
+            });
+            let render: thinblk::metrics::http::Render = Arc::new(move |p| sources.render(p));
+            let server = thinblk::metrics::http::serve(endpoint, render)
+                .map_err(|e| Failure::Runtime(format!("metrics endpoint {endpoint}: {e}")))?;
+            tracing::info!(endpoint = %server.endpoint(), "metrics endpoint listening");
+            Some(server)
+        }
+        _ => None,
+    };
     let cfg = DeviceConfig {
         num_queues: args.num_queues,
         queue_size: args.queue_size,
@@ -147,6 +168,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         read_only: args.read_only,
         serial,
         park: Some(hub),
+        stats,
     };
     if image.capacity() < u64::from(cfg.logical_block_size) {
         return Err(Failure::Runtime(format!("{} is smaller than one logical block", image_path.display())));
@@ -366,6 +388,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         log_level: None,
         errors: Default::default(),
         control: None,
+        metrics: args.metrics,
         thin: ThinArgs {
             thin: true,
             utilization_percent: 50,
