@@ -68,6 +68,10 @@ fn wrong_arguments_give_one_line_and_exit_2() {
             "--socket-path", sock, "--image", img, "--format", "qcow2", "--thin", "--spm-inbox", img, "--spm-outbox", img,
             "--host-id", "1", "--domain-uuid", "not-a-uuid", "--volume-uuid", "d772f1c6-3ebb-43c3-a42e-73fcd8255a5f",
         ],
+        vec!["--socket-path", sock, "--image", img, "--format", "raw", "--metrics", "9100"],
+        vec!["--socket-path", sock, "--image", img, "--format", "raw", "--metrics", "localhost:9100"],
+        vec!["--socket-path", sock, "--image", img, "--format", "raw", "--metrics", "unix:"],
+        vec!["--socket-path", sock, "--image", img, "--format", "raw", "--metrics", "http://127.0.0.1:9100/metrics"],
     ];
     for args in cases {
         let out = thinblk(&args);
@@ -87,6 +91,21 @@ fn runtime_failures_exit_1_with_a_message() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/disk"));
     assert!(!sock.exists(), "a daemon that cannot serve must not leave a socket");
+}
+
+#[test]
+fn metrics_address_in_use_exits_1_before_the_socket_appears() {
+    let dir = TestDir::new("cli-metrics-busy");
+    let img = dir.path("x.raw");
+    sparse_file(&img, 1 << 20);
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let sock = dir.path("s");
+    let out = thinblk(&["--socket-path", sock.to_str().unwrap(), "--image", img.to_str().unwrap(), "--format", "raw", "--metrics", &addr]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("metrics endpoint") && err.contains(&addr), "{err}");
+    assert!(!sock.exists(), "a daemon that cannot serve metrics must not leave a socket");
 }
 
 #[test]

@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{MetricsError, Profile};
 
 /// Connections served at once; a new one past this evicts the oldest unanswered one.
-pub const MAX_CONNECTIONS: usize = 64;
+pub const MAX_CONNECTIONS: usize = 128;
 /// Largest request head accepted (request line and headers).
 pub const MAX_HEAD: usize = 8 * 1024;
 /// Time a client has to send its request head after connecting.
