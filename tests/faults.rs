@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::faultfs::FaultMount;
+use common::metrics::scrape;
 use common::{sparse_file, Client, Daemon, TestDir};
 use serde_json::{json, Value};
 
@@ -41,6 +42,8 @@ struct Rig {
     daemon: Daemon,
     mount: FaultMount,
     control: std::path::PathBuf,
+    /// The metrics endpoint (every rig serves one: the data path keeps statistics).
+    metrics: String,
     _dir: TestDir,
 }
 
@@ -53,9 +56,11 @@ fn rig(name: &str, policy: &[&str]) -> Rig {
     let disk = mount.disk();
     let mut args = vec!["--image", disk.to_str().unwrap(), "--format", "raw", "--num-queues", "2"];
     args.extend_from_slice(&["--control", control.to_str().unwrap()]);
+    let metrics = format!("unix:{}", dir.path("metrics.sock").display());
+    args.extend_from_slice(&["--serial", "faulty", "--metrics", &metrics]);
     args.extend_from_slice(policy);
     let daemon = Daemon::start(&dir.path("sock"), &args);
-    Rig { daemon, mount, control, _dir: dir }
+    Rig { daemon, mount, control, metrics, _dir: dir }
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -319,4 +324,42 @@ fn hung_and_slow_storage_is_only_slow_and_zeroing_follows_werror() {
         assert_eq!(h.join().unwrap(), 0);
     });
     assert_eq!(c.read(0, 0, 16384).unwrap(), vec![0u8; 16384]);
+}
+
+#[test]
+fn parked_gauges_follow_an_outage() {
+    let r = rig("faults-metrics", &["--werror", "retry", "--retry-interval", "500"]);
+    let disk = [("disk", "faulty")];
+    r.mount.faults.fail_writes(libc::EIO);
+    let socket = r.daemon.socket.clone();
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&socket, 2).unwrap();
+        c.try_write(1, MIB, &pattern(4, 64 * 1024), Duration::from_secs(30))
+    });
+    std::thread::sleep(Duration::from_millis(2000));
+    let during = scrape(&r.metrics);
+    assert_eq!(during.sum("thinblk_parked_requests", &disk), 1.0, "the write is parked");
+    assert!(during.one("thinblk_parked_oldest_seconds", &disk) >= 1.0, "parked since the outage began");
+    assert_eq!(during.sum("thinblk_inflight_requests", &disk), 1.0, "a parked request is still in flight");
+    assert!(during.one("thinblk_storage_errors_total", &disk) >= 2.0, "retried while parked");
+    assert!(during.one("thinblk_storage_error_actions_total", &[("disk", "faulty"), ("action", "park")]) >= 2.0);
+    assert!(during.one("thinblk_park_retries_total", &disk) >= 1.0);
+    assert_eq!(during.sum("thinblk_requests_total", &[("op", "write")]), 0.0, "not completed yet");
+    r.mount.faults.clear();
+    assert_eq!(writer.join().unwrap(), Some(0), "the guest saw an error");
+    let after = scrape(&r.metrics);
+    assert_eq!(after.sum("thinblk_parked_requests", &disk), 0.0);
+    assert_eq!(after.one("thinblk_parked_oldest_seconds", &disk), 0.0);
+    assert_eq!(after.sum("thinblk_inflight_requests", &disk), 0.0);
+    let parks = after.one("thinblk_parks_total", &disk);
+    assert!(parks >= 2.0, "parked again at each failed retry: {parks}");
+    let parked_for = after.one("thinblk_parked_seconds_total", &disk);
+    assert!(parked_for >= 1.5, "time spent parked: {parked_for}");
+    // The guest saw one slow, successful write.
+    let write = [("queue", "1"), ("op", "write")];
+    assert_eq!(after.sum("thinblk_requests_total", &write), 1.0);
+    assert_eq!(after.sum("thinblk_request_errors_total", &write), 0.0);
+    assert_eq!(after.sum("thinblk_request_bytes_total", &write), 65536.0);
+    let fast = after.sum("thinblk_request_duration_seconds_bucket", &[("queue", "1"), ("op", "write"), ("le", "1.0")]);
+    assert_eq!(fast, 0.0, "its latency includes the time parked");
 }

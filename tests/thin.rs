@@ -58,12 +58,17 @@ impl Setup {
     }
 
     fn daemon(&self, name: &str, dev: &Path, uuid: &str, host: u16, chunk_mb: u64, percent: u64) -> Daemon {
+        self.daemon_with(name, dev, uuid, host, chunk_mb, percent, &[])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn daemon_with(&self, name: &str, dev: &Path, uuid: &str, host: u16, chunk_mb: u64, percent: u64, extra: &[&str]) -> Daemon {
         let socket = self.dir.path(&format!("{name}.sock"));
         let lock = self.dir.path(&format!("host-{host}.lock"));
         let host = host.to_string();
         let chunk = chunk_mb.to_string();
         let percent = percent.to_string();
-        let args: Vec<&str> = vec![
+        let mut args: Vec<&str> = vec![
             "--image",
             dev.to_str().unwrap(),
             "--format",
@@ -88,6 +93,7 @@ impl Setup {
             "--mailbox-lock",
             lock.to_str().unwrap(),
         ];
+        args.extend_from_slice(extra);
         Daemon::start(&socket, &args)
     }
 }
@@ -438,4 +444,69 @@ fn real_lvm_volume_grows_through_lvextend_where_device_mapper_exists() {
     let size: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
     assert!(size > 300 * MIB, "the LV is {size} bytes");
     qemu_img_check(&dev);
+}
+
+/// `thinblk check`'s "Image end offset".
+fn check_end_offset(path: &Path) -> u64 {
+    let out = Command::new(env!("CARGO_BIN_EXE_thinblk")).arg("check").arg(path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "thinblk check: {text}");
+    text.lines().find_map(|l| l.strip_prefix("Image end offset: ")).and_then(|v| v.trim().parse().ok()).expect("end offset")
+}
+
+/// Scrapes until `ok` holds for the samples (the control thread publishes as it goes).
+fn scrape_until(addr: &str, what: &str, ok: impl Fn(&common::metrics::Samples) -> bool) -> common::metrics::Samples {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = common::metrics::scrape(addr);
+        if ok(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "metrics never showed {what}: {:?}", s.0.iter().filter(|x| x.name.contains("thin") || x.name.contains("volume") || x.name.contains("extension") || x.name.contains("mailbox")).collect::<Vec<_>>());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn metrics_follow_the_volume_as_it_grows() {
+    let s = Setup::new("thin-metrics");
+    let capacity = 512 * MIB;
+    let (file, lv) = s.volume(VOLUME, 64 * MIB, capacity);
+    let _spm = s.spm(&[]);
+    let addr = format!("unix:{}", s.dir.path("metrics.sock").display());
+    let d = s.daemon_with("disk", &lv.0, VOLUME, 9, 64, 50, &["--serial", "thin-1", "--metrics", &addr]);
+    let disk = [("disk", "thin-1")];
+    let set = [("disk", "thin-1"), ("state", "set")];
+    let before = scrape_until(&addr, "an armed threshold", |m| m.one("thinblk_thin_state", &set) == 1.0);
+    assert_eq!(before.one("thinblk_volume_physical_bytes", &disk), (64 * MIB) as f64);
+    assert_eq!(before.one("thinblk_extension_requests_total", &disk), 0.0);
+    assert_eq!(before.one("thinblk_capacity_bytes", &disk), capacity as f64);
+    assert!(before.one("thinblk_volume_max_size_bytes", &disk) >= capacity as f64);
+    let threshold = before.one("thinblk_write_threshold_bytes", &disk);
+    assert!(threshold > 0.0 && threshold < (64 * MIB) as f64, "threshold {threshold}");
+
+    let mut c = Client::connect(&d.socket, 2).unwrap();
+    let mut w = Writer::new(capacity);
+    fill(&mut w, &mut c, 0, 200 * MIB);
+    assert_eq!(c.flush(0), 0);
+    let after = scrape_until(&addr, "a settled volume", |m| {
+        m.one("thinblk_mailbox_slots_in_use", &disk) == 0.0
+            && m.one("thinblk_thin_state", &set) == 1.0
+            && m.one("thinblk_volume_physical_bytes", &disk) == file_size(&file) as f64
+    });
+    let completed = after.one("thinblk_extensions_completed_total", &disk);
+    assert!(completed >= 2.0, "200 MiB on a 64 MiB volume in 64 MiB chunks: {completed} extensions");
+    assert!(after.one("thinblk_extension_requests_total", &disk) >= completed);
+    assert_eq!(after.one("thinblk_extension_failures_total", &disk), 0.0);
+    assert_eq!(after.one("thinblk_extension_duration_seconds_count", &disk), completed);
+    assert!(after.one("thinblk_extension_duration_seconds_sum", &disk) > 0.0);
+    let physical = after.one("thinblk_volume_physical_bytes", &disk);
+    let allocation = after.one("thinblk_allocation_bytes", &disk);
+    assert!(allocation > (200 * MIB) as f64 && allocation <= physical, "allocation {allocation}, physical {physical}");
+    assert!(after.one("thinblk_write_threshold_bytes", &disk) > allocation);
+    assert_eq!(after.sum("thinblk_request_errors_total", &[]), 0.0);
+    drop(c);
+    stop(d);
+    assert_eq!(allocation as u64, check_end_offset(&lv.0), "allocation_bytes is thinblk check's image end offset");
+    assert_eq!(physical as u64, file_size(&file), "physical is the volume's size");
 }
