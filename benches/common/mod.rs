@@ -1,0 +1,231 @@
+//! What the benchmarks share: servers under test, the libblkio load driver, image helpers.
+#![allow(dead_code)]
+
+use std::mem::MaybeUninit;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Completion, ReqFlags};
+
+/// One load shape.
+#[derive(Clone, Copy)]
+pub struct Workload {
+    pub name: &'static str,
+    pub write: bool,
+    pub random: bool,
+    pub bs: usize,
+    pub qd: usize,
+}
+
+/// What one run measured.
+#[derive(Clone, Copy, Default)]
+pub struct Result {
+    pub iops: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub cpu_pct: f64,
+}
+
+/// A server process, stopped with SIGTERM when dropped.
+pub struct Server {
+    pub child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_socket(sock: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        if let Ok(Some(s)) = child.try_wait() {
+            panic!("server exited: {s}");
+        }
+        assert!(Instant::now() < deadline, "socket did not appear");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn start_thinblk(image: &Path, format: &str, sock: &Path, extra: &[&str]) -> Server {
+    let bin = env!("CARGO_BIN_EXE_thinblk");
+    let mut child = Command::new(bin)
+        .args(["--image", image.to_str().unwrap(), "--format", format, "--num-queues", "1", "--log-level", "warn"])
+        .arg("--socket-path")
+        .arg(sock)
+        .args(extra)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn thinblk");
+    wait_socket(sock, &mut child);
+    Server { child }
+}
+
+pub fn start_qsd(image: &Path, format: &str, sock: &Path) -> Option<Server> {
+    let mut child = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=file0,filename={},aio=io_uring,cache.direct=on",
+            image.display()
+        ))
+        .arg("--blockdev")
+        .arg(format!("driver={format},node-name=disk0,file=file0"))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues=1",
+            sock.display()
+        ))
+        .stdin(Stdio::null())
+        .spawn()
+        .ok()?;
+    wait_socket(sock, &mut child);
+    Some(Server { child })
+}
+
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the ")" of the command name: state is field 3; utime 14, stime 15.
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ut: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let st: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ut + st
+}
+
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+pub fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[i]) / 1000.0
+}
+
+/// Drives one workload over a vhost-user socket for `secs`; returns the result.
+pub fn run_blkio(sock: &Path, pid: u32, size: u64, w: Workload, secs: u64) -> Result {
+    let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio");
+    b.set_str("path", sock.to_str().unwrap()).unwrap();
+    b.connect().expect("connect");
+    b.set_i32("num-queues", 1).unwrap();
+    let mut out = b.start().expect("start");
+    let q = &mut out.queues[0];
+    let region = b.alloc_mem_region(w.bs * w.qd).expect("alloc");
+    b.map_mem_region(&region).expect("map");
+    let base = region.addr as *mut u8;
+    // SAFETY: the region is bs*qd bytes and ours.
+    unsafe { std::ptr::write_bytes(base, 0x5a, w.bs * w.qd) };
+    let blocks = size / w.bs as u64;
+    let mut rng = Rng(0x1234_5678);
+    let mut seq = 0u64;
+    let mut next_off = |rng: &mut Rng| {
+        if w.random {
+            (rng.next() % blocks) * w.bs as u64
+        } else {
+            let o = (seq % blocks) * w.bs as u64;
+            seq += 1;
+            o
+        }
+    };
+    let mut started = vec![Instant::now(); w.qd];
+    let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| {
+        // SAFETY: slot < qd, so the buffer stays in the region.
+        let buf = unsafe { base.add(slot * w.bs) };
+        if w.write {
+            q.write(off, buf, w.bs, slot, ReqFlags::empty());
+        } else {
+            q.read(off, buf, w.bs, slot, ReqFlags::empty());
+        }
+    };
+    // Warm up briefly, then measure.
+    let cpu0 = cpu_ticks(pid);
+    let t0 = Instant::now();
+    for slot in 0..w.qd {
+        started[slot] = Instant::now();
+        submit(q, slot, next_off(&mut rng));
+    }
+    let mut lat_ns: Vec<u32> = Vec::with_capacity(1 << 20);
+    let mut done = 0u64;
+    let mut comps: Vec<MaybeUninit<Completion>> = (0..w.qd).map(|_| MaybeUninit::uninit()).collect();
+    let end = t0 + Duration::from_secs(secs);
+    let mut inflight = w.qd;
+    while inflight > 0 {
+        let mut timeout = Duration::from_secs(10);
+        let n = q.do_io(&mut comps, 1, Some(&mut timeout), None).expect("do_io");
+        assert!(n > 0, "IO timed out");
+        let now = Instant::now();
+        for c in comps.iter().take(n) {
+            // SAFETY: do_io initialised the first n completions.
+            let c = unsafe { c.assume_init_ref() };
+            assert_eq!(c.ret, 0, "IO failed");
+            let slot = c.user_data;
+            lat_ns.push(now.duration_since(started[slot]).as_nanos().min(u128::from(u32::MAX)) as u32);
+            done += 1;
+            if now < end {
+                started[slot] = Instant::now();
+                submit(q, slot, next_off(&mut rng));
+            } else {
+                inflight -= 1;
+            }
+        }
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu1 = cpu_ticks(pid);
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    lat_ns.sort_unstable();
+    Result {
+        iops: done as f64 / elapsed,
+        p50_us: percentile(&lat_ns, 0.50),
+        p99_us: percentile(&lat_ns, 0.99),
+        cpu_pct: (cpu1 - cpu0) as f64 / hz / elapsed * 100.0,
+    }
+}
+
+pub fn prefill(image: &Path, size: u64) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(image).expect("create image");
+    let chunk = vec![0xc3u8; 4 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n]).expect("fill");
+        left -= n as u64;
+    }
+    f.sync_all().expect("sync");
+}
+
+/// Reads the whole image once (buffered) so every server starts from the same host-side
+/// cache state: whoever ran first would otherwise warm the storage for the second.
+pub fn warm(image: &Path) {
+    use std::io::Read;
+    if let Ok(mut f) = std::fs::File::open(image) {
+        let mut buf = vec![0u8; 4 << 20];
+        while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
+    }
+}
+
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
