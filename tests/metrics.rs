@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::metrics::{free_port, get, parse, request, scrape, Samples};
+use common::metrics::{assert_documented, documented, free_port, get, metric_names, parse, request, scrape, Samples};
 use common::{Client, Daemon, Rng, TestDir};
 
 const MIB: u64 = 1 << 20;
@@ -129,6 +129,7 @@ fn counters_equal_a_known_workload_and_allocation_matches_check() {
     assert_eq!(les[18], 10.0);
     assert!(les[19].is_infinite());
 
+    assert_documented(&prom);
     let allocation = prom.one("thinblk_allocation_bytes", &[("disk", "disk-A")]) as u64;
     drop(c);
     stop(d);
@@ -273,4 +274,26 @@ fn hundred_scrapers_and_a_slowloris_do_not_stall_io_or_grow_memory() {
     assert!(rss1 < rss0 + 32 * 1024, "RSS grew from {rss0} kB to {rss1} kB");
     assert!(last.sum("thinblk_requests_total", &[]) >= (ios1 - ios0) as f64);
     stop(d);
+}
+
+#[test]
+fn dashboard_and_alerts_use_documented_series() {
+    let doc = documented();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    let dashboard = std::fs::read_to_string(root.join("grafana-dashboard.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    assert!(parsed["panels"].as_array().map(|p| p.len() >= 10).unwrap_or(false));
+    let alerts = std::fs::read_to_string(root.join("alerts.yml")).unwrap();
+    for required in ["ThinblkVolumeNearFull", "ThinblkExtensionsFailing", "ThinblkIoParked"] {
+        assert!(alerts.contains(&format!("alert: {required}")), "{required} missing from alerts.yml");
+    }
+    assert!(alerts.contains("thinblk_parked_oldest_seconds > 30"));
+    for (file, text) in [("grafana-dashboard.json", &dashboard), ("alerts.yml", &alerts)] {
+        let names = metric_names(text);
+        assert!(!names.is_empty());
+        for n in names {
+            let base = ["_bucket", "_count", "_sum"].iter().find_map(|s| n.strip_suffix(s)).unwrap_or(&n);
+            assert!(doc.contains(&n) || doc.contains(base), "{file} uses {n}, which docs/metrics.md does not document");
+        }
+    }
 }

@@ -505,6 +505,7 @@ fn metrics_follow_the_volume_as_it_grows() {
     assert!(allocation > (200 * MIB) as f64 && allocation <= physical, "allocation {allocation}, physical {physical}");
     assert!(after.one("thinblk_write_threshold_bytes", &disk) > allocation);
     assert_eq!(after.sum("thinblk_request_errors_total", &[]), 0.0);
+    common::metrics::assert_documented(&after);
     drop(c);
     stop(d);
     assert_eq!(allocation as u64, check_end_offset(&lv.0), "allocation_bytes is thinblk check's image end offset");

@@ -148,3 +148,31 @@ impl Samples {
         found[0].value
     }
 }
+
+/// Every `thinblk_…` name in `text`.
+pub fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("thinblk_") {
+        let tail = &rest[i..];
+        let end = tail.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')).unwrap_or(tail.len());
+        out.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// The series names docs/metrics.md documents.
+pub fn documented() -> std::collections::BTreeSet<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metrics.md");
+    metric_names(&std::fs::read_to_string(path).expect("docs/metrics.md"))
+}
+
+/// Panics unless every family in `s` is in the metrics reference.
+pub fn assert_documented(s: &Samples) {
+    let doc = documented();
+    for sample in &s.0 {
+        let f = &sample.family;
+        assert!(doc.contains(f) || doc.contains(&format!("{f}_total")), "{f} is not in docs/metrics.md");
+    }
+}
