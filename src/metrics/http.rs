@@ -438,6 +438,15 @@ mod tests {
         c.read_to_string(&mut got).unwrap();
         assert!(got.starts_with("HTTP/1.1 200 OK") && got.ends_with("# profile Prometheus\n"), "{got}");
         drop(server);
+        // IPv6 loopback, where the host has it.
+        if let Ok(server) = serve(&"[::1]:0".parse().unwrap(), render()) {
+            let Endpoint::Tcp(addr) = server.endpoint().clone() else { panic!("tcp") };
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+            let mut got = String::new();
+            c.read_to_string(&mut got).unwrap();
+            assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+        }
         let dir = std::env::temp_dir().join(format!("thinblk-metrics-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("m.sock");
