@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::metrics::{assert_documented, documented, free_port, get, metric_names, parse, request, scrape, Samples};
-use common::{Client, Daemon, Rng, TestDir};
+use common::{check_end_offset, stop_clean as stop, Client, Daemon, Rng, TestDir};
 
 const MIB: u64 = 1 << 20;
 const KIB: u64 = 1 << 10;
@@ -19,19 +19,6 @@ const KIB: u64 = 1 << 10;
 fn qcow2(path: &Path, size: u64) {
     let out = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(path).arg(size.to_string()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// `thinblk check`'s "Image end offset".
-fn check_end_offset(path: &Path) -> u64 {
-    let out = Command::new(env!("CARGO_BIN_EXE_thinblk")).arg("check").arg(path).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "thinblk check: {text}");
-    text.lines().find_map(|l| l.strip_prefix("Image end offset: ")).and_then(|v| v.trim().parse().ok()).expect("end offset")
-}
-
-fn stop(mut d: Daemon) {
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.wait_exit(Duration::from_secs(20)), Some(0), "daemon did not exit cleanly");
 }
 
 /// The same numbers from the Prometheus text and the OpenMetrics answer.

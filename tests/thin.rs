@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Client, Daemon, LoopDev, Rng, TestDir};
+use common::{check_end_offset, stop_clean as stop, Client, Daemon, LoopDev, Rng, TestDir};
 
 const MIB: u64 = 1 << 20;
 const DOMAIN: &str = "8adbc85e-e554-4ae0-b318-8a5465fe5fe1";
@@ -150,11 +150,6 @@ fn file_size(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().len()
 }
 
-/// Stops the daemon with SIGTERM and waits for a clean exit.
-fn stop(mut d: Daemon) {
-    d.signal(libc::SIGTERM);
-    assert_eq!(d.wait_exit(Duration::from_secs(20)), Some(0), "daemon did not exit cleanly");
-}
 
 #[test]
 fn grows_in_chunk_steps_under_sequential_then_random_writes() {
@@ -444,14 +439,6 @@ fn real_lvm_volume_grows_through_lvextend_where_device_mapper_exists() {
     let size: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
     assert!(size > 300 * MIB, "the LV is {size} bytes");
     qemu_img_check(&dev);
-}
-
-/// `thinblk check`'s "Image end offset".
-fn check_end_offset(path: &Path) -> u64 {
-    let out = Command::new(env!("CARGO_BIN_EXE_thinblk")).arg("check").arg(path).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "thinblk check: {text}");
-    text.lines().find_map(|l| l.strip_prefix("Image end offset: ")).and_then(|v| v.trim().parse().ok()).expect("end offset")
 }
 
 /// Scrapes until `ok` holds for the samples (the control thread publishes as it goes).

@@ -13,7 +13,7 @@ use fastmetrics::format::text::{self, TextProfile};
 use fastmetrics::raw::bucket::Bucket;
 use fastmetrics::raw::{MetricLabelSet, MetricType, TypedMetric};
 use fastmetrics::registry::{Registry, Unit};
-use thinblk_vhost::stats::{ErrorClass, StatOp, LATENCY_BOUNDS_NS};
+use thinblk_vhost::stats::{ErrorClass, QueueSnapshot, StatOp, LATENCY_BOUNDS_NS};
 use thinblk_vhost::{DeviceStats, ImageFormat, ParkHub};
 
 use crate::fault::FaultState;
@@ -252,8 +252,9 @@ impl Sources {
             .build()
             .map_err(|e| MetricsError::Encode(e.to_string()))?;
         let mut b = Builder { registry, open_metrics: profile.open_metrics(), error: None };
-        self.data_path(&mut b);
-        self.parking(&mut b);
+        let queues = self.device.snapshot();
+        self.data_path(&mut b, &queues);
+        self.parking(&mut b, &queues);
         self.image_and_volume(&mut b);
         self.process(&mut b);
         if let Some(e) = b.error {
@@ -275,13 +276,13 @@ impl Sources {
         f
     }
 
-    fn data_path(&self, b: &mut Builder) {
+    fn data_path(&self, b: &mut Builder, queues: &[QueueSnapshot]) {
         let mut requests = Family::new();
         let mut bytes = Family::new();
         let mut errors = Family::new();
         let mut latency = Family::new();
         let mut inflight = Family::new();
-        for (q, snap) in self.device.snapshot().iter().enumerate() {
+        for (q, snap) in queues.iter().enumerate() {
             let queue = |op: Option<StatOp>| {
                 let mut l = vec![("disk", self.disk.clone()), ("queue", q.to_string())];
                 if let Some(op) = op {
@@ -314,8 +315,7 @@ impl Sources {
         b.gauge("inflight_requests", "Requests taken off the ring and not yet completed (parked ones included).", inflight);
     }
 
-    fn parking(&self, b: &mut Builder) {
-        let snaps = self.device.snapshot();
+    fn parking(&self, b: &mut Builder, snaps: &[QueueSnapshot]) {
         let mut parked = Family::new();
         for (q, s) in snaps.iter().enumerate() {
             parked.push(vec![("disk", self.disk.clone()), ("queue", q.to_string())], gauge_i(s.parked));

@@ -119,6 +119,20 @@ impl Drop for Daemon {
     }
 }
 
+/// Stops the daemon with SIGTERM and waits for a clean exit (exit code 0).
+pub fn stop_clean(mut d: Daemon) {
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(20)), Some(0), "daemon did not exit cleanly");
+}
+
+/// `thinblk check`'s "Image end offset" of the image at `path`.
+pub fn check_end_offset(path: &Path) -> u64 {
+    let out = Command::new(env!("CARGO_BIN_EXE_thinblk")).arg("check").arg(path).output().expect("run thinblk check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "thinblk check: {text}");
+    text.lines().find_map(|l| l.strip_prefix("Image end offset: ")).and_then(|v| v.trim().parse().ok()).expect("end offset")
+}
+
 /// Starts `thinblk spm --backend file` (plus `extra`) on the mailbox files, growing volumes
 /// under `volumes`; its log goes to `log` when given. Killed when dropped.
 pub fn spm_process(inbox: &Path, outbox: &Path, volumes: &Path, extra: &[&str], log: Option<&Path>) -> Daemon {

@@ -177,7 +177,9 @@ struct Rec {
 
 impl Rec {
     fn of(req: &Request, clock: Clock) -> Rec {
-        Rec { op: StatOp::of(req.kind), started: clock.started, bytes: request_bytes(req) }
+        // Without statistics (no start time) nothing is recorded: skip the range sum.
+        let bytes = if clock.started.is_some() { request_bytes(req) } else { 0 };
+        Rec { op: StatOp::of(req.kind), started: clock.started, bytes }
     }
 }
 
