@@ -1,18 +1,23 @@
 //! An open qcow2 image: mapping guest ranges, allocating clusters, writing metadata back.
 //!
 //! Data never passes through here. Reads are *mapped* to host offsets (or zeroes, backing,
-//! compressed clusters) and the caller moves the bytes; writes are mapped too, allocating
-//! new clusters at the end of the image (a bump pointer: nothing is reused while the
-//! image is open), and linked into the L2 tables only once the caller reports the data has
-//! landed ([`Qcow2::write_done`]). Metadata is cached and written back by
-//! [`Qcow2::flush_metadata`] in QEMU's order; see docs/qcow2-ordering.md.
+//! compressed clusters) and the caller moves the bytes; writes are mapped too, into the
+//! cluster a zero-flagged entry still owns (in place, as QEMU), else into a new cluster (a
+//! freed one whose release is durable, or one at the bump pointer), and linked into the L2
+//! tables only once the caller reports the data has landed ([`Qcow2::write_done`]).
+//! Metadata is cached and written back by [`Qcow2::flush_metadata`] in QEMU's order (the
+//! host-crash contract); every change is also recorded in the journal before it can make a
+//! completion visible (the daemon-crash contract, `journal.rs`). Both are stated in
+//! docs/qcow2.md.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::error::{corrupt, Qcow2Error, Result};
 use crate::header::{Header, MAX_REFTABLE_BYTES};
+use crate::journal::{Class, Journal, ReplayReport};
 use crate::stats::{CacheStats, ShardedCounter};
 use crate::storage::Storage;
 use crate::table::{decode_l2, get_refcount, L2Entry, COPIED, OFFSET_MASK, REFTABLE_OFFSET_MASK, ZERO};
@@ -52,11 +57,25 @@ pub struct OpenOptions {
     /// Host offsets at or past this read as zeroes until written (a regular file's end).
     /// `u64::MAX` when nothing is known (a block device).
     pub zeroes_from: u64,
+    /// The metadata journal (daemon-crash contract); None: changes since the last write-back
+    /// live only in memory. Ignored when read-only.
+    pub journal: Option<JournalOptions>,
+}
+
+/// Where an image's metadata journal lives (a file on tmpfs: see `journal.rs`).
+#[derive(Clone, Debug)]
+pub struct JournalOptions {
+    /// The journal file; what an earlier process left there is replayed at open.
+    pub path: PathBuf,
+    /// Identifies the image (e.g. its device and inode): a journal of another image is refused.
+    pub key: u64,
+    /// Bytes per segment (the file is twice this).
+    pub segment_bytes: usize,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { read_only: false, l2_cache_bytes: None, zeroes_from: u64::MAX }
+        OpenOptions { read_only: false, l2_cache_bytes: None, zeroes_from: u64::MAX, journal: None }
     }
 }
 
@@ -83,13 +102,14 @@ struct RefBlock {
     dirty: bool,
 }
 
-/// An allocation whose data is in flight and which is not yet linked into its L2 table.
+/// A write target whose data is in flight and which is not yet linked into its L2 table.
 struct Pending {
     host: u64,
     writers: u32,
     linked: bool,
-    /// The entry it replaces (a preallocated zero cluster to release), if any.
-    replaces: u64,
+    /// The cluster is the one the zero-flagged entry already owns (written in place): linking
+    /// clears the flag; if nothing lands it stays as it was (no refcount change either way).
+    in_place: bool,
     /// Its first writer is still filling the rest of the cluster (without the lock):
     /// other writers wait, or the fill could overwrite their data.
     filling: bool,
@@ -101,8 +121,9 @@ enum WriteTarget {
     Ready(u64, bool),
     /// Another writer is filling this new cluster: wait and retry.
     Wait,
-    /// Fill the new cluster `host` (old L2 entry `raw`) around the write, then publish it.
-    Fill { host: u64, raw: u64 },
+    /// Fill the cluster `host` (old L2 entry `raw`) around the write, then publish it;
+    /// `fresh`: it comes from the bump pointer (never written since open).
+    Fill { host: u64, raw: u64, fresh: bool },
 }
 
 struct Meta {
@@ -125,6 +146,20 @@ struct Meta {
     /// The L2 cache holds more tables than its capacity (all dirty): flush soon.
     over_capacity: bool,
     tick: u64,
+    /// Completed L2 write-backs: a table read without the lock is inserted only if none
+    /// completed since the read began (else the read may predate the disk's copy).
+    l2_writebacks: u64,
+    /// The metadata journal (None: not kept).
+    journal: Option<Journal>,
+    /// Clusters released (refcount 0) whose release is not durable yet, with the journal
+    /// generation they were released in.
+    freed: Vec<(u64, u64)>,
+    /// Released durably, but the journal may still hold records of their earlier use.
+    limbo: Vec<(u64, u64)>,
+    /// Journal generations up to this one have been cleared (u64::MAX without a journal).
+    cleared_gen: u64,
+    /// Free clusters below the bump pointer, reused (lowest first) before it moves.
+    free: BTreeSet<u64>,
 }
 
 /// Dirty metadata copied at one instant under the lock, written back without it. Because
@@ -139,6 +174,10 @@ struct WriteBack {
     l2s: Vec<(u64, Vec<u8>)>,
     l1: Option<Vec<u8>>,
     new_l2: bool,
+    /// Releases this write-back makes durable.
+    freed: Vec<(u64, u64)>,
+    /// The journal segment to clear once it is durable, and its generation.
+    journal_clear: Option<(usize, u64)>,
 }
 
 impl WriteBack {
@@ -177,6 +216,11 @@ pub struct Qcow2 {
     observer: std::sync::OnceLock<Arc<dyn AllocationObserver>>,
     l2_hits: Box<ShardedCounter>,
     l2_misses: Box<ShardedCounter>,
+    /// Bumped at every L1/L2 change: a FLUSH may share an earlier FLUSH's write-back only
+    /// while this has not moved.
+    epoch: AtomicU64,
+    /// What the journal replay at open did.
+    replayed: Option<ReplayReport>,
 }
 
 /// Reads a table of big-endian offsets and checks every entry points at a whole cluster
@@ -218,6 +262,14 @@ fn poisoned() -> Qcow2Error {
 impl Qcow2 {
     /// Opens and validates an image.
     pub fn open(storage: Arc<dyn Storage>, opts: OpenOptions) -> Result<Qcow2> {
+        // Replay first: the header and tables read below must be the ones the records extend.
+        let (journal, replayed) = match (&opts.journal, opts.read_only) {
+            (Some(j), false) => {
+                let (journal, report) = Journal::open(&j.path, j.key, j.segment_bytes, storage.as_ref())?;
+                (Some(journal), report)
+            }
+            _ => (None, None),
+        };
         let file_size = storage.size()?;
         let mut first = vec![0u8; 4096];
         storage.read_at(&mut first, 0)?;
@@ -258,6 +310,12 @@ impl Qcow2 {
             new_l2_since_flush: false,
             over_capacity: false,
             tick: 0,
+            l2_writebacks: 0,
+            cleared_gen: if journal.is_some() { 0 } else { u64::MAX },
+            journal,
+            freed: Vec::new(),
+            limbo: Vec::new(),
+            free: BTreeSet::new(),
         };
         let img = Qcow2 {
             storage,
@@ -276,6 +334,8 @@ impl Qcow2 {
             observer: std::sync::OnceLock::new(),
             l2_hits: Box::default(),
             l2_misses: Box::default(),
+            epoch: AtomicU64::new(0),
+            replayed,
         };
         let end = img.compute_end()?;
         {
@@ -284,6 +344,35 @@ impl Qcow2 {
         }
         img.allocation.store(end, Ordering::SeqCst);
         Ok(img)
+    }
+
+    /// What the journal replay at open did (None: no journal was kept or found).
+    pub fn replayed(&self) -> Option<&ReplayReport> {
+        self.replayed.as_ref()
+    }
+
+    /// Moves at every L1/L2 change (for deciding whether a FLUSH may share another's sync).
+    pub fn metadata_epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// L2 tables held in the cache now (bounded by the cache size, plus the tables of the
+    /// requests in progress).
+    pub fn cached_l2_tables(&self) -> usize {
+        self.meta.read().map(|m| m.l2.len()).unwrap_or(0)
+    }
+
+    /// Closes the image clean: writes every dirty table back in order, syncs, and removes the
+    /// journal (nothing in it is needed any more). On error the journal stays, for the next open.
+    pub fn close(&self) -> Result<()> {
+        self.flush_metadata()?;
+        self.storage.flush()?;
+        if let Ok(mut m) = self.meta.write() {
+            if let Some(j) = m.journal.take() {
+                j.remove();
+            }
+        }
+        Ok(())
     }
 
     /// Attaches the reader used to fill partial writes of clusters the backing file provides.
@@ -457,31 +546,54 @@ impl Qcow2 {
         let first = offset / cs / self.l2_entries;
         let last = (offset + len.max(1) - 1) / cs / self.l2_entries;
         for l1_idx in first..=last {
-            let off = {
-                let m = self.meta.read().map_err(|_| poisoned())?;
-                let off = m.l1.get(l1_idx as usize).map(|e| e & OFFSET_MASK).unwrap_or(0);
-                if off == 0 {
-                    continue;
-                }
-                if m.l2.contains_key(&off) {
-                    if count_hits {
-                        self.l2_hits.add(1);
+            loop {
+                let (off, writebacks) = {
+                    let m = self.meta.read().map_err(|_| poisoned())?;
+                    let off = m.l1.get(l1_idx as usize).map(|e| e & OFFSET_MASK).unwrap_or(0);
+                    if off == 0 {
+                        break;
                     }
-                    continue;
+                    if m.l2.contains_key(&off) {
+                        if count_hits {
+                            self.l2_hits.add(1);
+                        }
+                        break;
+                    }
+                    (off, m.l2_writebacks)
+                };
+                let entries = self.read_l2_table(off)?;
+                let mut m = self.meta.write().map_err(|_| poisoned())?;
+                if m.l2.contains_key(&off) {
+                    break;
                 }
-                off
-            };
-            let entries = self.read_l2_table(off)?;
-            let mut m = self.meta.write().map_err(|_| poisoned())?;
-            if !m.l2.contains_key(&off) {
-                self.insert_l2(&mut m, off, entries, false)?;
+                // A write-back that completed while we read may have written this table
+                // (loaded, changed and evicted by another queue): our copy may be older than
+                // the disk's. Read again.
+                if m.l2_writebacks == writebacks {
+                    self.insert_l2(&mut m, off, entries, false)?;
+                    break;
+                }
             }
         }
         Ok(())
     }
 
     fn insert_l2(&self, m: &mut Meta, off: u64, entries: Vec<u64>, dirty: bool) -> Result<()> {
-        if m.l2.len() >= m.l2_capacity {
+        if !Self::trim_cache(m, m.l2_capacity.saturating_sub(1)) {
+            // Everything is dirty: hold it over capacity; the writer writes it back as soon
+            // as it drops the lock (no IO under the lock here), then the cache shrinks.
+            m.over_capacity = true;
+        }
+        m.tick += 1;
+        let t = L2Table { entries, dirty, flushing: false, last_use: AtomicU64::new(m.tick) };
+        m.l2.insert(off, t);
+        Ok(())
+    }
+
+    /// Evicts the least recently used clean tables until at most `keep` are cached; false if
+    /// only dirty (or in-write-back) tables are left above it.
+    fn trim_cache(m: &mut Meta, keep: usize) -> bool {
+        while m.l2.len() > keep {
             let victim = m
                 .l2
                 .iter()
@@ -492,25 +604,22 @@ impl Qcow2 {
                 Some(k) => {
                     m.l2.remove(&k);
                 }
-                // Everything is dirty: hold it over capacity; the writer flushes after it
-                // drops the lock (no IO under the lock here).
-                None => m.over_capacity = true,
+                None => return false,
             }
         }
-        m.tick += 1;
-        let t = L2Table { entries, dirty, flushing: false, last_use: AtomicU64::new(m.tick) };
-        m.l2.insert(off, t);
-        Ok(())
+        true
     }
 
-    /// Flushes if the L2 cache overflowed with dirty tables. Call with no lock held.
-    fn relieve_cache(&self) -> Result<()> {
-        let over = self.meta.read().map(|m| m.over_capacity).unwrap_or(false);
-        if over {
+    /// Writes metadata back if the L2 cache overflowed with dirty tables (then shrinks it to
+    /// its size) or the journal is filling up. Call with no lock held.
+    fn relieve(&self) -> Result<()> {
+        let due = self
+            .meta
+            .read()
+            .map(|m| m.over_capacity || m.journal.as_ref().is_some_and(|j| j.pressure()))
+            .unwrap_or(false);
+        if due {
             self.flush_metadata()?;
-            if let Ok(mut m) = self.meta.write() {
-                m.over_capacity = false;
-            }
         }
         Ok(())
     }
@@ -525,6 +634,18 @@ impl Qcow2 {
         let t = m.l2.get(&off)?;
         t.last_use.store(m.tick, Ordering::Relaxed);
         t.entries.get((ci % self.l2_entries) as usize).copied()
+    }
+
+    /// Raw L2 entry of guest cluster `ci`, loading its table under the (write) lock if it was
+    /// evicted since the preload (rare; the one place IO runs under the lock).
+    fn l2_entry_locked(&self, m: &mut Meta, ci: u64) -> Result<u64> {
+        if let Some(r) = self.l2_entry(m, ci) {
+            return Ok(r);
+        }
+        let l2_off = m.l1.get((ci / self.l2_entries) as usize).map(|e| e & OFFSET_MASK).unwrap_or(0);
+        let entries = self.read_l2_table(l2_off)?;
+        self.insert_l2(m, l2_off, entries, false)?;
+        self.l2_entry(m, ci).ok_or_else(|| Qcow2Error::Corrupt(format!("L2 table of guest cluster {ci} not cached")))
     }
 
     fn entry_mapping(&self, raw: u64, ci: u64) -> Result<Mapping> {
@@ -544,9 +665,20 @@ impl Qcow2 {
     /// Maps a guest read of `len` bytes at `offset`, appending merged ranges to `out`.
     pub fn map_read(&self, offset: u64, len: u64, out: &mut Vec<MappedRange>) -> Result<()> {
         self.check_range(offset, len)?;
-        if len == 0 {
-            return Ok(());
+        // One L2 table's span at a time: a range needing more tables than the cache holds
+        // would otherwise evict its own tables while loading them, forever.
+        let span = self.cluster_size * self.l2_entries;
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (span - pos % span).min(offset + len - pos);
+            self.map_read_table(pos, n, out)?;
+            pos += n;
         }
+        Ok(())
+    }
+
+    /// Maps a range that one L2 table covers.
+    fn map_read_table(&self, offset: u64, len: u64, out: &mut Vec<MappedRange>) -> Result<()> {
         let mut first = true;
         loop {
             let start = out.len();
@@ -657,14 +789,18 @@ impl Qcow2 {
                 match target {
                     WriteTarget::Ready(host, pending) => break (host, pending),
                     WriteTarget::Wait => self.wait_for_fill(),
-                    WriteTarget::Fill { host, raw } => {
+                    WriteTarget::Fill { host, raw, fresh } => {
                         // The IO runs with no lock held; joiners wait on `filling`.
-                        let filled = self.fill_cluster(raw, ci, host, in_off, n);
+                        let filled = self.fill_cluster(raw, ci, host, in_off, n, fresh);
                         let mut m = self.meta.write().map_err(|_| poisoned())?;
                         if let Err(e) = filled {
-                            // Nobody else can have joined: drop the allocation.
-                            m.pending.remove(&ci);
-                            self.set_refcount(&mut m, host, 0)?;
+                            // Nobody else can have joined: drop the allocation (a cluster
+                            // written in place stays with its zero-flagged entry).
+                            if let Some(p) = m.pending.remove(&ci) {
+                                if !p.in_place {
+                                    self.release(&mut m, host)?;
+                                }
+                            }
                             drop(m);
                             self.signal_fill();
                             return Err(e);
@@ -682,8 +818,10 @@ impl Qcow2 {
                 ticket.push(ci);
             }
             push_merged(out, MappedRange { guest: pos, len: n, mapping: Mapping::Data(host + in_off) });
+            // A request spanning many tables must not pile them up beyond the cache size.
+            self.relieve()?;
         }
-        self.relieve_cache()
+        Ok(())
     }
 
     /// Checks a write-like request and caches its L2 tables; false if there is nothing to do.
@@ -723,44 +861,46 @@ impl Qcow2 {
             p.writers += 1;
             return Ok(WriteTarget::Ready(p.host, true));
         }
-        let raw = match self.l2_entry(m, ci) {
-            Some(r) => r,
-            None => {
-                // Evicted since preload: load it under the lock (rare).
-                let l2_off = m.l1[(ci / self.l2_entries) as usize] & OFFSET_MASK;
-                let entries = self.read_l2_table(l2_off)?;
-                self.insert_l2(m, l2_off, entries, false)?;
-                self.l2_entry(m, ci).unwrap_or(0)
-            }
-        };
+        let raw = self.l2_entry_locked(m, ci)?;
         let old = decode_l2(raw, self.header.cluster_bits);
-        if let L2Entry::Normal { host, copied } = old {
-            if copied || self.refcount(m, host)? == 1 {
-                return Ok(WriteTarget::Ready(host, false));
+        let partial = in_off > 0 || n < self.cluster_size;
+        match old {
+            L2Entry::Normal { host, copied } => {
+                if copied || self.refcount(m, host)? == 1 {
+                    return Ok(WriteTarget::Ready(host, false));
+                }
+                return Err(Qcow2Error::ReadOnly(format!(
+                    "guest cluster {ci} is shared (refcount > 1); copy-on-write of shared clusters is not implemented"
+                )));
             }
-            return Err(Qcow2Error::ReadOnly(format!(
-                "guest cluster {ci} is shared (refcount > 1); copy-on-write of shared clusters is not implemented"
-            )));
+            // A zero-flagged entry that still owns its cluster (a discard, write-zeroes or
+            // preallocation): write into that cluster, as QEMU does. No allocation and no
+            // refcount change, so churn never grows the image, and no refcount ever drops
+            // while an L2 entry on disk may still point at its cluster. The rest of a partial
+            // write is zeroed (the cluster may hold data from before the discard).
+            L2Entry::Zero { host } if host != 0 && (raw & COPIED != 0 || self.refcount(m, host)? == 1) => {
+                m.pending.insert(ci, Pending { host, writers: 1, linked: false, in_place: true, filling: partial });
+                return Ok(if partial { WriteTarget::Fill { host, raw, fresh: false } } else { WriteTarget::Ready(host, true) });
+            }
+            _ => {}
         }
         self.check_room(m, self.worst_case(m, ci, remaining))?;
         self.ensure_l2_table(m, ci)?;
-        let host = self.alloc_clusters(m, 1)?;
+        let (host, fresh) = self.alloc_one(m)?;
         // Bytes of the new cluster the write does not cover must hold the old contents,
-        // unless they are zeroes and the host is known to read zeroes there.
-        let partial = in_off > 0 || n < self.cluster_size;
-        let zero_known = host >= self.zeroes_from
+        // unless they are zeroes and the host is known to read zeroes there (a cluster from
+        // the bump pointer past the file's size at open; a reused one may hold anything).
+        let zero_known = fresh
+            && host >= self.zeroes_from
             && (matches!(old, L2Entry::Zero { .. }) || (old == L2Entry::Unallocated && self.backing.is_none()));
         let filling = partial && !zero_known;
-        let replaces = match old {
-            L2Entry::Zero { host } => host,
-            _ => 0,
-        };
-        m.pending.insert(ci, Pending { host, writers: 1, linked: false, replaces, filling });
-        Ok(if filling { WriteTarget::Fill { host, raw } } else { WriteTarget::Ready(host, true) })
+        m.pending.insert(ci, Pending { host, writers: 1, linked: false, in_place: false, filling });
+        Ok(if filling { WriteTarget::Fill { host, raw, fresh } } else { WriteTarget::Ready(host, true) })
     }
 
-    /// Writes the old contents of guest cluster `ci` around `[in_off, in_off+n)` into `host`.
-    fn fill_cluster(&self, raw: u64, ci: u64, host: u64, in_off: u64, n: u64) -> Result<()> {
+    /// Writes the old contents of guest cluster `ci` around `[in_off, in_off+n)` into `host`
+    /// (`fresh`: from the bump pointer, so zeroes past `zeroes_from` need no writing).
+    fn fill_cluster(&self, raw: u64, ci: u64, host: u64, in_off: u64, n: u64, fresh: bool) -> Result<()> {
         let cs = self.cluster_size;
         let mut buf = match decode_l2(raw, self.header.cluster_bits) {
             L2Entry::Compressed { .. } => self.read_compressed(raw)?,
@@ -774,7 +914,7 @@ impl Qcow2 {
             _ => {
                 // Zeroes: nothing to write where the host is known to read zeroes; elsewhere
                 // the storage zeroes without moving data where it can.
-                if host >= self.zeroes_from {
+                if fresh && host >= self.zeroes_from {
                     return Ok(());
                 }
                 if in_off > 0 {
@@ -799,33 +939,44 @@ impl Qcow2 {
 
     /// Reports that the data of a mapped write (its `ticket`) has landed (`ok`) or failed:
     /// new clusters are linked into their L2 tables only now.
+    ///
+    /// The link is recorded in the journal before this returns, so once the caller publishes
+    /// the completion, a daemon crash cannot lose it (the daemon-crash contract).
     pub fn write_done(&self, ticket: &[u64], ok: bool) -> Result<()> {
         if ticket.is_empty() {
             return Ok(());
         }
-        let mut m = self.meta.write().map_err(|_| poisoned())?;
-        for &ci in ticket {
-            let Some(p) = m.pending.get_mut(&ci) else { continue };
-            p.writers = p.writers.saturating_sub(1);
-            let link = ok && !p.linked;
-            if link {
-                p.linked = true;
-            }
-            let (host, replaces, finished, linked) = (p.host, p.replaces, p.writers == 0, p.linked);
-            if link {
-                self.set_l2_entry(&mut m, ci, host | COPIED)?;
-                if replaces != 0 {
-                    self.set_refcount(&mut m, replaces, 0)?;
+        {
+            let mut m = self.meta.write().map_err(|_| poisoned())?;
+            for &ci in ticket {
+                let Some(p) = m.pending.get_mut(&ci) else { continue };
+                p.writers = p.writers.saturating_sub(1);
+                let link = ok && !p.linked;
+                if link {
+                    p.linked = true;
                 }
-            }
-            if finished {
-                m.pending.remove(&ci);
-                if !linked {
-                    // Nothing landed: the cluster goes back to free (never reused while open).
-                    self.set_refcount(&mut m, host, 0)?;
+                let (host, finished, linked, in_place) = (p.host, p.writers == 0, p.linked, p.in_place);
+                if link {
+                    self.set_l2_entry(&mut m, ci, host | COPIED)?;
+                }
+                if finished {
+                    m.pending.remove(&ci);
+                    if !linked && !in_place {
+                        // Nothing landed: the new cluster is free again (reused once that is durable).
+                        self.release(&mut m, host)?;
+                    }
                 }
             }
         }
+        self.relieve()
+    }
+
+    /// Sets the refcount of an unreferenced cluster to 0; it is reused once the release is
+    /// durable and the journal no longer holds records of its earlier use.
+    fn release(&self, m: &mut Meta, host: u64) -> Result<()> {
+        self.set_refcount(m, host, 0)?;
+        let gen = m.journal.as_ref().map(|j| j.generation()).unwrap_or(0);
+        m.freed.push((host, gen));
         Ok(())
     }
 
@@ -847,7 +998,7 @@ impl Qcow2 {
             return Ok(ticket);
         }
         let start = partial.len();
-        match self.zero_pieces(offset, len, partial, flagged, &mut ticket) {
+        match self.zero_pieces_then_relieve(offset, len, partial, flagged, &mut ticket) {
             Ok(()) => Ok(ticket),
             Err(e) => {
                 partial.truncate(start);
@@ -855,6 +1006,18 @@ impl Qcow2 {
                 Err(e)
             }
         }
+    }
+
+    fn zero_pieces_then_relieve(
+        &self,
+        offset: u64,
+        len: u64,
+        partial: &mut Vec<MappedRange>,
+        flagged: &mut Vec<u64>,
+        ticket: &mut Vec<u64>,
+    ) -> Result<()> {
+        self.zero_pieces(offset, len, partial, flagged, ticket)?;
+        self.relieve()
     }
 
     fn zero_pieces(
@@ -871,7 +1034,7 @@ impl Qcow2 {
         for Piece { pos, ci, in_off, n } in pieces(offset, len, cs) {
             let whole = in_off == 0 && n == cs && !m.pending.contains_key(&ci);
             if whole && v3 {
-                let raw = self.l2_entry(&m, ci).unwrap_or(0);
+                let raw = self.l2_entry_locked(&mut m, ci)?;
                 let entry = decode_l2(raw, self.header.cluster_bits);
                 let keep = match entry {
                     L2Entry::Normal { host, .. } => host | COPIED,
@@ -932,11 +1095,17 @@ impl Qcow2 {
             }
             return Ok(());
         }
-        let off = self.alloc_clusters(m, 1)?;
+        let (off, _) = self.alloc_one(m)?;
         self.insert_l2(m, off, vec![0u64; self.l2_entries as usize], true)?;
         m.l1[l1_idx] = off | COPIED;
         m.l1_dirty = true;
         m.new_l2_since_flush = true;
+        let l1_at = self.header.l1_table_offset + l1_idx as u64 * 8;
+        if let Some(j) = m.journal.as_mut() {
+            j.record_zero(Class::L2, off, self.cluster_size);
+            j.record(Class::L1, l1_at, &(off | COPIED).to_be_bytes());
+        }
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -950,10 +1119,15 @@ impl Qcow2 {
             let entries = self.read_l2_table(off)?;
             self.insert_l2(m, off, entries, false)?;
         }
+        let idx = ci % self.l2_entries;
         let Some(t) = m.l2.get_mut(&off) else { return corrupt("L2 table vanished from the cache") };
-        if let Some(e) = t.entries.get_mut((ci % self.l2_entries) as usize) {
+        if let Some(e) = t.entries.get_mut(idx as usize) {
             *e = value;
             t.dirty = true;
+            if let Some(j) = m.journal.as_mut() {
+                j.record(Class::L2, off + idx * 8, &value.to_be_bytes());
+            }
+            self.epoch.fetch_add(1, Ordering::SeqCst);
         }
         Ok(())
     }
@@ -986,13 +1160,27 @@ impl Qcow2 {
     fn set_refcount(&self, m: &mut Meta, host: u64, value: u16) -> Result<()> {
         let c = host / self.cluster_size;
         let idx = c / self.rb_entries;
-        let rb_entries = self.rb_entries;
+        let at = c % self.rb_entries;
         let rb = self.refblock(m, idx)?;
-        if let Some(v) = rb.counts.get_mut((c % rb_entries) as usize) {
+        if let Some(v) = rb.counts.get_mut(at as usize) {
             *v = value;
             rb.dirty = true;
+            let block = m.reftable.get(idx as usize).map(|e| e & REFTABLE_OFFSET_MASK).unwrap_or(0);
+            if let Some(j) = m.journal.as_mut() {
+                j.record(Class::Refcount, block + at * 2, &value.to_be_bytes());
+            }
         }
         Ok(())
+    }
+
+    /// One cluster with refcount 1: the lowest free one (whose release is durable), else one
+    /// at the bump pointer. `true` when it comes from the bump pointer (never written).
+    fn alloc_one(&self, m: &mut Meta) -> Result<(u64, bool)> {
+        if let Some(host) = m.free.pop_first() {
+            self.set_refcount(m, host, 1)?;
+            return Ok((host, false));
+        }
+        Ok((self.alloc_clusters(m, 1)?, true))
     }
 
     /// Allocates `n` contiguous clusters at the bump pointer, with refcount 1.
@@ -1040,13 +1228,20 @@ impl Qcow2 {
                 } else {
                     // Grown twice before a flush: the intermediate table was never published.
                     for i in 0..old.1 {
-                        self.set_refcount(m, old.0 + i * cs, 0)?;
+                        self.release(m, old.0 + i * cs)?;
                     }
                 }
                 m.reftable_offset = off;
                 m.reftable_clusters = new_clusters;
                 m.reftable_dirty = true;
                 m.header_dirty = true;
+                if let Some(j) = m.journal.as_mut() {
+                    j.record(Class::Refcount, off, &to_be64s(&m.reftable));
+                    let mut f = [0u8; 12];
+                    f[..8].copy_from_slice(&off.to_be_bytes());
+                    f[8..].copy_from_slice(&(new_clusters as u32).to_be_bytes());
+                    j.record(Class::Header, 48, &f);
+                }
                 for i in 0..new_clusters {
                     extra.push(off + i * cs);
                 }
@@ -1059,6 +1254,11 @@ impl Qcow2 {
                 m.reftable[i as usize] = off;
                 m.reftable_dirty = true;
                 m.refblocks.insert(i, RefBlock { counts: vec![0u16; self.rb_entries as usize], dirty: true });
+                let entry_at = m.reftable_offset + i * 8;
+                if let Some(j) = m.journal.as_mut() {
+                    j.record_zero(Class::Refcount, off, cs);
+                    j.record(Class::Refcount, entry_at, &off.to_be_bytes());
+                }
                 extra.push(off);
                 continue;
             }
@@ -1097,10 +1297,14 @@ impl Qcow2 {
                 self.restore_dirty(&mut m, wb);
                 return Err(e);
             }
+            if !wb.l2s.is_empty() {
+                m.l2_writebacks += 1;
+            }
+            self.written_back(&mut m, &wb);
             match wb.old_reftable {
                 Some((off, n)) => {
                     for i in 0..n {
-                        self.set_refcount(&mut m, off + i * self.cluster_size, 0)?;
+                        self.release(&mut m, off + i * self.cluster_size)?;
                     }
                 }
                 None => return Ok(()),
@@ -1109,9 +1313,28 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// After a durable write-back: its journal segment goes, releases it carried become
+    /// reusable (once no journal record of their earlier use is left), and the cache shrinks
+    /// back to its size.
+    fn written_back(&self, m: &mut Meta, wb: &WriteBack) {
+        if let (Some((seg, gen)), Some(j)) = (wb.journal_clear, m.journal.as_mut()) {
+            j.clear(seg);
+            m.cleared_gen = m.cleared_gen.max(gen);
+        }
+        m.limbo.extend(wb.freed.iter().copied());
+        let cleared = m.cleared_gen;
+        let (ready, wait): (Vec<_>, Vec<_>) = m.limbo.drain(..).partition(|&(_, g)| g <= cleared);
+        m.limbo = wait;
+        m.free.extend(ready.into_iter().map(|(h, _)| h));
+        let cap = m.l2_capacity;
+        if Self::trim_cache(m, cap) {
+            m.over_capacity = false;
+        }
+    }
+
     /// Copies everything dirty and marks it clean (L2 tables: under write-back).
     fn take_writeback(&self, m: &mut Meta) -> Result<WriteBack> {
-        let mut wb = WriteBack::default();
+        let mut wb = WriteBack { freed: std::mem::take(&mut m.freed), ..Default::default() };
         let mut idxs: Vec<u64> = m.refblocks.iter().filter(|(_, b)| b.dirty).map(|(i, _)| *i).collect();
         idxs.sort_unstable();
         for idx in idxs {
@@ -1152,11 +1375,16 @@ impl Qcow2 {
             m.l1_dirty = false;
             m.new_l2_since_flush = false;
         }
+        // Everything recorded so far is in this copy: its segment may go once it is durable.
+        if !wb.is_empty() {
+            wb.journal_clear = m.journal.as_mut().map(|j| j.rotate());
+        }
         Ok(wb)
     }
 
     /// After a failed write-back, everything it carried is dirty again.
     fn restore_dirty(&self, m: &mut Meta, wb: WriteBack) {
+        m.freed.extend(wb.freed);
         for (idx, _, _) in &wb.refblocks {
             if let Some(b) = m.refblocks.get_mut(idx) {
                 b.dirty = true;
@@ -1191,7 +1419,10 @@ impl Qcow2 {
         if let Some((off, raw)) = &wb.reftable {
             self.storage.write_at(raw, *off)?;
         }
-        if !wb.refblocks.is_empty() || wb.reftable.is_some() {
+        // The same sync makes the data of every write linked in the copy durable before its
+        // L2 entry is written: needed even when no refcount changed (a write into a cluster
+        // allocated before the last write-back, or written in place).
+        if !wb.refblocks.is_empty() || wb.reftable.is_some() || !wb.l2s.is_empty() {
             self.storage.flush()?;
         }
         // 2. The header, once the refcount table it points at is durable.

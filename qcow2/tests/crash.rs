@@ -101,6 +101,26 @@ fn scenario(cluster: u64, size: u64, ops: usize, cuts: usize, seed: u64) {
                 img.write_done(&t, true).unwrap();
                 model[off as usize..(off + len) as usize].fill(0);
             }
+            3 => {
+                // Churn: discard, then rewrite the same range (in place since the fix).
+                let mut partial = Vec::new();
+                let t = img.zero_range(off, len, &mut partial, &mut Vec::new()).expect("zero");
+                for r in &partial {
+                    let Mapping::Data(h) = r.mapping else { panic!() };
+                    rec.write_at(&vec![0u8; r.len as usize], h).unwrap();
+                }
+                img.write_done(&t, true).unwrap();
+                let data: Vec<u8> = (0..len).map(|j| (i as u64 * 17 + j) as u8 | 1).collect();
+                let mut ranges = Vec::new();
+                let t = img.map_write(off, len, &mut ranges).expect("map_write");
+                for r in &ranges {
+                    let Mapping::Data(h) = r.mapping else { panic!() };
+                    let s = (r.guest - off) as usize;
+                    rec.write_at(&data[s..s + r.len as usize], h).unwrap();
+                }
+                img.write_done(&t, true).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
             1 | 2 => {
                 // Guest FLUSH: metadata in order, then the data path's fdatasync.
                 img.flush_metadata().expect("flush");
