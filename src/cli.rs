@@ -58,6 +58,11 @@ pub struct ServeArgs {
     /// qcow2 L2 cache size in bytes (K/M/G suffixes); default: enough for the whole disk, up to 32 MiB.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub l2_cache_size: Option<u64>,
+    /// Where the qcow2 metadata journal lives (a tmpfs directory: it must not survive a reboot
+    /// unnoticed, and it keeps completed writes across a daemon crash), or `none` to keep
+    /// metadata changes since the last write-back in memory only.
+    #[arg(long, value_name = "DIR|none", default_value = "/dev/shm")]
+    pub journal_dir: String,
     /// Serial number returned by GET_ID (at most 20 bytes); default derived from the image path.
     #[arg(long, value_parser = parse_serial)]
     pub serial: Option<String>,

@@ -184,13 +184,10 @@ pub fn serve(
             break;
         }
     }
-    for fd in image.files() {
-        // SAFETY: fd belongs to the image, which is alive for this call.
-        if unsafe { libc::fdatasync(fd) } != 0 {
-            let e = io::Error::last_os_error();
-            tracing::error!(error = %e, "final flush failed");
-            return Err(e.into());
-        }
+    // Metadata first, then the files: what the guest saw completed is durable, or we say so.
+    if let Err(e) = image.close() {
+        tracing::error!(error = %e, "final flush failed");
+        return Err(io::Error::other(format!("final flush: {e}")).into());
     }
     tracing::info!("image flushed; exiting");
     Ok(())

@@ -108,6 +108,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         l2_cache_bytes: args.l2_cache_size,
         discard_unmap: args.discard == DiscardMode::Unmap,
         fixed_size: thin.is_some(),
+        journal_dir: (args.journal_dir != "none").then(|| std::path::PathBuf::from(&args.journal_dir)),
     };
     let hub = ParkHub::new(usize::from(args.num_queues)).map_err(|e| Failure::Runtime(e.to_string()))?;
     let faults = thinblk::fault::FaultState::new(fault_settings, hub.clone());
@@ -384,6 +385,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         logical_block_size: 512,
         serial: Some("thinblk-demo".into()),
         l2_cache_size: None,
+        journal_dir: "/dev/shm".into(),
         discard: DiscardMode::Unmap,
         log_level: None,
         errors: Default::default(),

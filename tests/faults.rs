@@ -363,3 +363,40 @@ fn parked_gauges_follow_an_outage() {
     let fast = after.sum("thinblk_request_duration_seconds_bucket", &[("queue", "1"), ("op", "write"), ("le", "1.0")]);
     assert_eq!(fast, 0.0, "its latency includes the time parked");
 }
+
+#[test]
+fn a_final_flush_that_cannot_write_metadata_exits_non_zero() {
+    // A qcow2 image with dirty metadata at SIGTERM, on storage that now fails writes but
+    // still acknowledges syncs: the daemon must write metadata back *before* its final sync
+    // and say that it failed (exit 1), never exit 0 with completed writes unlinked.
+    let dir = TestDir::new("faults-final-flush");
+    let backing = dir.path("backing.qcow2");
+    let out = std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&backing).arg("64M").output().unwrap();
+    assert!(out.status.success());
+    let mount = FaultMount::new(&backing, &dir.path("mnt"));
+    let disk = mount.disk();
+    let mut d = Daemon::start(
+        &dir.path("sock"),
+        &["--image", disk.to_str().unwrap(), "--format", "qcow2", "--journal-dir", dir.0.to_str().unwrap()],
+    );
+    let mut c = Client::connect(&d.socket, 1).unwrap();
+    assert_eq!(c.write(0, 3 * MIB, &pattern(7, 4096)), 0);
+    drop(c);
+    mount.faults.sync_ok.store(true, std::sync::atomic::Ordering::SeqCst);
+    mount.faults.fail_writes(libc::EIO);
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(20)), Some(1), "a failed final flush must not exit 0");
+    // The journal stays for the next start, which replays it once writes work again.
+    mount.faults.clear();
+    let d = Daemon::start(
+        &dir.path("sock2"),
+        &["--image", disk.to_str().unwrap(), "--format", "qcow2", "--journal-dir", dir.0.to_str().unwrap()],
+    );
+    let mut c = Client::connect(&d.socket, 1).unwrap();
+    assert_eq!(c.read(0, 3 * MIB, 4096).unwrap(), pattern(7, 4096), "the completed write was lost");
+    drop(c);
+    common::stop_clean(d);
+    drop(mount);
+    let out = std::process::Command::new("qemu-img").args(["check"]).arg(&backing).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+}

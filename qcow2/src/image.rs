@@ -265,7 +265,17 @@ impl Qcow2 {
         // Replay first: the header and tables read below must be the ones the records extend.
         let (journal, replayed) = match (&opts.journal, opts.read_only) {
             (Some(j), false) => {
-                let (journal, report) = Journal::open(&j.path, j.key, j.segment_bytes, storage.as_ref())?;
+                // The image's geometry goes into the key: a journal is never replayed into
+                // another image that happens to sit at the same path and device.
+                // Magic and version, then cluster bits, size, encryption, L1 size and offset
+                // (bytes 20..48): nothing thinblk ever changes. FNV-1a, stable across builds.
+                let mut h = [0u8; 48];
+                storage.read_at(&mut h, 0)?;
+                let key = h[..8]
+                    .iter()
+                    .chain(&h[20..48])
+                    .fold(j.key, |k, b| (k ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
+                let (journal, report) = Journal::open(&j.path, key, j.segment_bytes, storage.as_ref())?;
                 (Some(journal), report)
             }
             _ => (None, None),

@@ -2,6 +2,10 @@
 //! file, and on command fails reads and/or writes with an errno, delays them, or hangs them.
 //! It runs outside the daemon, so the daemon's io_uring sees real kernel errors.
 //! Opened files bypass the page cache (FOPEN_DIRECT_IO): every IO reaches the fixture.
+//!
+//! In log-writes mode it also records every write (with its data), every zeroing fallocate,
+//! every size change and every fsync, in the order they completed (the session is one thread),
+//! so a test can rebuild the file as a power loss at any point could have left it.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -36,6 +40,25 @@ pub struct Faults {
     pub reads_failed: AtomicU64,
     /// Writes failed so far.
     pub writes_failed: AtomicU64,
+    /// fsync succeeds even while writes fail (storage that drops writes but acks syncs).
+    pub sync_ok: AtomicBool,
+    /// The write log (None: not logging).
+    log: std::sync::Mutex<Option<Vec<LogEvent>>>,
+    /// Events logged so far (readable without the lock).
+    logged: AtomicU64,
+}
+
+/// One completed modification of the served file.
+#[derive(Clone, Debug)]
+pub enum LogEvent {
+    /// Bytes written at an offset.
+    Write(u64, Vec<u8>),
+    /// A range that reads zeroes from now on (punch hole, zero range).
+    Zero(u64, u64),
+    /// The file's size was set.
+    SetLen(u64),
+    /// An fsync/fdatasync completed: every event before it is durable.
+    Sync,
 }
 
 impl Faults {
@@ -47,10 +70,34 @@ impl Faults {
     pub fn fail_reads(&self, errno: i32) {
         self.read_errno.store(errno, Ordering::SeqCst);
     }
+    /// Starts logging every modification (clearing an earlier log).
+    pub fn start_log(&self) {
+        if let Ok(mut l) = self.log.lock() {
+            *l = Some(Vec::new());
+        }
+        self.logged.store(0, Ordering::SeqCst);
+    }
+    /// Stops logging and returns the log.
+    pub fn take_log(&self) -> Vec<LogEvent> {
+        self.log.lock().ok().and_then(|mut l| l.take()).unwrap_or_default()
+    }
+    /// Events logged so far.
+    pub fn log_len(&self) -> u64 {
+        self.logged.load(Ordering::SeqCst)
+    }
+    fn record(&self, ev: LogEvent) {
+        if let Ok(mut l) = self.log.lock() {
+            if let Some(v) = l.as_mut() {
+                v.push(ev);
+                self.logged.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
     /// Clears every fault.
     pub fn clear(&self) {
         self.fail_writes(0);
         self.fail_reads(0);
+        self.sync_ok.store(false, Ordering::SeqCst);
         self.delay_ms.store(0, Ordering::SeqCst);
         self.hang.store(false, Ordering::SeqCst);
     }
@@ -145,6 +192,7 @@ impl Filesystem for FaultFs {
             if let Err(e) = self.backing.set_len(s) {
                 return reply.error(e.raw_os_error().unwrap_or(libc::EIO));
             }
+            self.faults.record(LogEvent::SetLen(s));
         }
         reply.attr(&TTL, &self.attr(ino));
     }
@@ -201,18 +249,47 @@ impl Filesystem for FaultFs {
             return reply.error(e);
         }
         match self.backing.write_all_at(data, offset as u64) {
-            Ok(()) => reply.written(data.len() as u32),
+            Ok(()) => {
+                self.faults.record(LogEvent::Write(offset as u64, data.to_vec()));
+                reply.written(data.len() as u32)
+            }
             Err(e) => reply.error(e.raw_os_error().unwrap_or(libc::EIO)),
         }
     }
 
-    fn fsync(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
+    fn fallocate(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, offset: i64, length: i64, mode: i32, reply: ReplyEmpty) {
+        use std::os::fd::AsRawFd;
         self.stall();
         if let Some(e) = self.write_fault() {
             return reply.error(e);
         }
+        let before = self.backing.metadata().map(|m| m.len()).unwrap_or(0);
+        // SAFETY: plain syscall on the fixture's own backing fd.
+        if unsafe { libc::fallocate(self.backing.as_raw_fd(), mode, offset, length) } != 0 {
+            return reply.error(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO));
+        }
+        if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+            self.faults.record(LogEvent::Zero(offset as u64, length as u64));
+        }
+        let after = self.backing.metadata().map(|m| m.len()).unwrap_or(0);
+        if after != before {
+            self.faults.record(LogEvent::SetLen(after));
+        }
+        reply.ok();
+    }
+
+    fn fsync(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
+        self.stall();
+        if !self.faults.sync_ok.load(Ordering::SeqCst) {
+            if let Some(e) = self.write_fault() {
+                return reply.error(e);
+            }
+        }
         match self.backing.sync_data() {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                self.faults.record(LogEvent::Sync);
+                reply.ok()
+            }
             Err(e) => reply.error(e.raw_os_error().unwrap_or(libc::EIO)),
         }
     }

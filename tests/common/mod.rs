@@ -69,10 +69,17 @@ impl Daemon {
     pub fn start(socket: &Path, args: &[&str]) -> Daemon {
         // A socket left by a killed daemon would satisfy the wait below too early.
         let _ = std::fs::remove_file(socket);
+        // The qcow2 metadata journal goes beside the socket (the test's directory), not into
+        // /dev/shm, so a test that kills the daemon leaves nothing behind.
+        let mut args: Vec<&str> = args.to_vec();
+        let dir = socket.parent().and_then(|p| p.to_str()).unwrap_or(".");
+        if args.contains(&"--image") && !args.contains(&"--journal-dir") {
+            args.extend_from_slice(&["--journal-dir", dir]);
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_thinblk"))
             .arg("--socket-path")
             .arg(socket)
-            .args(args)
+            .args(&args)
             .env("THINBLK_LOG", std::env::var("THINBLK_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .spawn()

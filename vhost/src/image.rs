@@ -123,6 +123,22 @@ pub trait ImageFormat: Send + Sync {
     fn prepare_flush(&self) -> Result<(), ImageError> {
         Ok(())
     }
+    /// Moves whenever metadata that links completed writes changes: a FLUSH may share an
+    /// earlier FLUSH's metadata write-back only while this has not moved (0: no metadata).
+    fn metadata_epoch(&self) -> u64 {
+        0
+    }
+    /// At shutdown: writes every dirty table back and syncs every file; an error means the
+    /// image may lack completed writes (the daemon exits non-zero).
+    fn close(&self) -> Result<(), ImageError> {
+        for fd in self.files() {
+            // SAFETY: the fd belongs to the image, which is alive for this call.
+            if unsafe { libc::fdatasync(fd) } != 0 {
+                return Err(ImageError::Io(io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    }
     /// One past the last host byte the image uses, for formats that allocate (None: raw).
     fn allocation(&self) -> Option<u64> {
         None

@@ -262,8 +262,9 @@ pub struct Worker {
     extents: Vec<Extent>,
     zeros: Vec<HostZero>,
     /// A FLUSH queued in the current kick batch that later FLUSHes may join, as long as no
-    /// request completes in between.
-    flush_batch: Option<usize>,
+    /// request completes in between on this queue and the format's metadata epoch has not
+    /// moved (another queue linked a completed write) since its write-back: (slot, epoch).
+    flush_batch: Option<(usize, u64)>,
     /// Requests rejected so far (for rate-limited logging).
     rejected: u64,
     /// Requests waiting for the hub to resume them (still counted in flight).
@@ -321,7 +322,8 @@ impl Worker {
                 let clock = Clock { started: self.stats.as_ref().map(|_| Instant::now()), parked_since: None };
                 let parsed = parse(chain, &ctx.limits());
                 match (parsed.request, parsed.status) {
-                    (Ok(req), Some(status)) if req.kind == RequestType::Flush && self.join_flush(parsed.head, status) => {}
+                    (Ok(req), Some(status))
+                        if req.kind == RequestType::Flush && self.join_flush(ctx.image.metadata_epoch(), parsed.head, status) => {}
                     (Ok(req), Some(status)) => self.start(ctx, &mem, parsed.head, status, req, clock),
                     (Err(e), status) => {
                         self.rejected += 1;
@@ -358,8 +360,14 @@ impl Worker {
     }
 
     /// Lets a FLUSH share the sync of one queued earlier in this batch; false if none can.
-    fn join_flush(&mut self, head: u16, status: GuestAddress) -> bool {
-        let Some(p) = self.flush_batch.and_then(|slot| self.pending.get_mut(slot)) else { return false };
+    /// `epoch` is the format's metadata epoch now: if it moved since the earlier FLUSH wrote
+    /// metadata back, a write completed meanwhile (on any queue) may not be covered.
+    fn join_flush(&mut self, epoch: u64, head: u16, status: GuestAddress) -> bool {
+        let Some((slot, at)) = self.flush_batch else { return false };
+        if at != epoch {
+            return false;
+        }
+        let Some(p) = self.pending.get_mut(slot) else { return false };
         if p.req.kind != RequestType::Flush {
             return false;
         }
@@ -555,8 +563,11 @@ impl Worker {
                 r.map_err(|e| (Some(slot), Outcome::HostIo(e.raw_os_error().unwrap_or(libc::EIO))))?;
             }
             RequestType::Flush => {
+                // The epoch is read before the write-back: a change racing with it makes a
+                // later FLUSH write back again rather than join.
+                let epoch = image.metadata_epoch();
                 image.prepare_flush().map_err(|e| fail(slot, e))?;
-                self.flush_batch = Some(slot);
+                self.flush_batch = Some((slot, epoch));
                 for file in 0..image.files().len() as u32 {
                     self.queue_op(slot, Op { slot, kind: OpKind::Sync, file, offset: 0, iov: Vec::new() })
                         .map_err(|e| (Some(slot), Outcome::HostIo(e.raw_os_error().unwrap_or(libc::EIO))))?;
@@ -1118,6 +1129,29 @@ mod tests {
         assert_eq!((s[0].iov_base as usize, s[0].iov_len), (0x1100, 256));
         assert_eq!((s[1].iov_base as usize, s[1].iov_len), (0x4000, 256));
         assert!(sub_iovecs(&v, 2000, 100).is_empty());
+    }
+
+    #[test]
+    fn a_flush_joins_only_while_the_metadata_epoch_stands() {
+        let Ok(mut w) = Worker::new(0, 8, &[], None) else { return }; // no io_uring here
+        let flush = Request { kind: RequestType::Flush, offset: 0, segments: Vec::new(), data_len: 0, ranges: Vec::new() };
+        let slot = w.pending.insert(Pending {
+            head: 0,
+            status: GuestAddress(0),
+            req: flush,
+            ops: 1,
+            errno: None,
+            bounce: None,
+            mem: Arc::new(Mem::new()),
+            tickets: Vec::new(),
+            clock: Clock::default(),
+            joined: Vec::new(),
+        });
+        w.flush_batch = Some((slot, 7));
+        assert!(w.join_flush(7, 1, GuestAddress(0x10)), "nothing changed: share the sync");
+        // Another queue linked a completed write since the first FLUSH's write-back.
+        assert!(!w.join_flush(8, 2, GuestAddress(0x20)), "a FLUSH joined one that misses a completed write");
+        assert_eq!(w.pending.get_mut(slot).map(|p| p.joined.len()), Some(1));
     }
 
     #[test]
