@@ -1246,7 +1246,7 @@ impl Qcow2 {
                 m.reftable_dirty = true;
                 m.header_dirty = true;
                 if let Some(j) = m.journal.as_mut() {
-                    j.record(Class::Refcount, off, &to_be64s(&m.reftable));
+                    j.record(Class::RefTable, off, &to_be64s(&m.reftable));
                     let mut f = [0u8; 12];
                     f[..8].copy_from_slice(&off.to_be_bytes());
                     f[8..].copy_from_slice(&(new_clusters as u32).to_be_bytes());
@@ -1267,7 +1267,7 @@ impl Qcow2 {
                 let entry_at = m.reftable_offset + i * 8;
                 if let Some(j) = m.journal.as_mut() {
                     j.record_zero(Class::Refcount, off, cs);
-                    j.record(Class::Refcount, entry_at, &off.to_be_bytes());
+                    j.record(Class::RefTable, entry_at, &off.to_be_bytes());
                 }
                 extra.push(off);
                 continue;
@@ -1427,6 +1427,11 @@ impl Qcow2 {
             self.storage.write_at(raw, *off)?;
         }
         if let Some((off, raw)) = &wb.reftable {
+            // A new refcount block is durable before the table names it (else the table
+            // points at a block that does not count itself: refcount=0 reference=1).
+            if !wb.refblocks.is_empty() {
+                self.storage.flush()?;
+            }
             self.storage.write_at(raw, *off)?;
         }
         // The same sync makes the data of every write linked in the copy durable before its

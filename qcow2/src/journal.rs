@@ -8,9 +8,9 @@
 //! it executes, so a daemon killed at any instant (SIGKILL, OOM, panic) leaves every record of
 //! every completed request behind, with no syscall and no sync on the data path.
 //!
-//! On the next open, [`replay`] writes the records into the image in the write-back order
-//! (refcounts → sync → header → sync → L2 tables → sync → L1 → sync), then the journal starts
-//! empty. The data those records link was written with O_DIRECT before its completion, so it
+//! On the next open, [`Journal::open`] writes the records into the image in the write-back
+//! order (refcount blocks → sync → refcount table → sync → header → sync → L2 tables → sync →
+//! L1 → sync), then the journal starts empty. The data those records link was written with O_DIRECT before its completion, so it
 //! is in the device when the daemon dies; the first sync of the replay makes it durable before
 //! any L2 entry that points at it.
 //!
@@ -44,23 +44,26 @@ const FLAG_ZERO: u8 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
 pub(crate) enum Class {
-    /// Refcount blocks and the refcount table.
+    /// Refcount blocks.
     Refcount = 0,
+    /// The refcount table (after the blocks it names are durable).
+    RefTable = 1,
     /// Header fields (the refcount table's place).
-    Header = 1,
+    Header = 2,
     /// L2 tables.
-    L2 = 2,
+    L2 = 3,
     /// The L1 table.
-    L1 = 3,
+    L1 = 4,
 }
 
 impl Class {
     fn from_u8(v: u8) -> Option<Class> {
         Some(match v {
             0 => Class::Refcount,
-            1 => Class::Header,
-            2 => Class::L2,
-            3 => Class::L1,
+            1 => Class::RefTable,
+            2 => Class::Header,
+            3 => Class::L2,
+            4 => Class::L1,
             _ => return None,
         })
     }
@@ -361,7 +364,7 @@ fn replay_file(file: &File, path: &Path, key: u64, storage: &dyn Storage) -> Res
     }
     let mut report = ReplayReport::default();
     let zeroes = vec![0u8; 1 << 16];
-    for class in [Class::Refcount, Class::Header, Class::L2, Class::L1] {
+    for class in [Class::Refcount, Class::RefTable, Class::Header, Class::L2, Class::L1] {
         let mut any = false;
         for r in recs.iter().filter(|r| r.class == class) {
             match &r.data {

@@ -363,3 +363,31 @@ fn a_freed_cluster_is_reused_only_after_its_release_is_durable() {
     assert_eq!(read(&img, st.as_ref(), 3 * cs, 4096), vec![3; 4096]);
     check_clean(st.mem.snapshot());
 }
+
+#[test]
+fn a_new_refcount_block_is_synced_before_the_table_names_it() {
+    // 512-byte clusters: a refcount block counts 256 clusters, so writes soon need new ones.
+    let cs = 512u64;
+    let st = Arc::new(Logged::new(image(cs, 8 << 20)));
+    let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
+    let rt = img.header().refcount_table_offset;
+    let rt_end = rt + u64::from(img.header().refcount_table_clusters) * cs;
+    let mut seen = 0;
+    for i in 0..40u64 {
+        st.take_log();
+        for k in 0..16 {
+            write(&img, st.as_ref(), (i * 16 + k) * 8 * cs, &[1; 512]);
+        }
+        img.flush_metadata().unwrap();
+        let log = st.take_log();
+        // Where the refcount table is written (in place: it has not moved), every write
+        // before it in this write-back (the blocks) must be followed by a sync first.
+        let Some(t) = log.iter().position(|e| matches!(e, Ev::Write(off, _) if *off >= rt && *off < rt_end)) else { continue };
+        let last_block = log[..t].iter().rposition(|e| matches!(e, Ev::Write(..)));
+        if let Some(b) = last_block {
+            assert!(log[b..t].contains(&Ev::Sync), "refcount table written before its new block was synced: {log:?}");
+            seen += 1;
+        }
+    }
+    assert!(seen > 0, "no write-back added a refcount block");
+}
