@@ -61,8 +61,10 @@ pub fn wait_socket(sock: &Path, child: &mut Child) {
 
 pub fn start_thinblk(image: &Path, format: &str, sock: &Path, extra: &[&str]) -> Server {
     let bin = env!("CARGO_BIN_EXE_thinblk");
+    let queues = if extra.contains(&"--num-queues") { &[][..] } else { &["--num-queues", "1"][..] };
     let mut child = Command::new(bin)
-        .args(["--image", image.to_str().unwrap(), "--format", format, "--num-queues", "1", "--log-level", "warn"])
+        .args(["--image", image.to_str().unwrap(), "--format", format, "--log-level", "warn"])
+        .args(queues)
         .arg("--socket-path")
         .arg(sock)
         .args(extra)
@@ -74,6 +76,11 @@ pub fn start_thinblk(image: &Path, format: &str, sock: &Path, extra: &[&str]) ->
 }
 
 pub fn start_qsd(image: &Path, format: &str, sock: &Path) -> Option<Server> {
+    start_qsd_queues(image, format, sock, 1)
+}
+
+/// qemu-storage-daemon exporting `queues` virtqueues.
+pub fn start_qsd_queues(image: &Path, format: &str, sock: &Path, queues: usize) -> Option<Server> {
     let mut child = Command::new("qemu-storage-daemon")
         .arg("--blockdev")
         .arg(format!(
@@ -84,7 +91,7 @@ pub fn start_qsd(image: &Path, format: &str, sock: &Path) -> Option<Server> {
         .arg(format!("driver={format},node-name=disk0,file=file0"))
         .arg("--export")
         .arg(format!(
-            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues=1",
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
             sock.display()
         ))
         .stdin(Stdio::null())
@@ -229,3 +236,110 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+
+/// Peak resident memory of a process (VmHWM), in MiB.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Like [`run_blkio`] over `queues` queues (QD `w.qd` each), driven from one thread that
+/// waits on the queues' completion fds. No FLUSH is ever sent.
+pub fn run_blkio_queues(sock: &Path, pid: u32, size: u64, w: Workload, secs: u64, queues: usize) -> Result {
+    let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio");
+    b.set_str("path", sock.to_str().unwrap()).unwrap();
+    b.connect().expect("connect");
+    b.set_i32("num-queues", queues as i32).unwrap();
+    let mut out = b.start().expect("start");
+    let slots = w.qd * queues;
+    let region = b.alloc_mem_region(w.bs * slots).expect("alloc");
+    b.map_mem_region(&region).expect("map");
+    let base = region.addr as *mut u8;
+    // SAFETY: the region is bs*slots bytes and ours.
+    unsafe { std::ptr::write_bytes(base, 0x5a, w.bs * slots) };
+    let blocks = size / w.bs as u64;
+    let mut rng = Rng(0x1234_5678);
+    let mut fds = Vec::new();
+    for q in out.queues.iter_mut() {
+        q.set_completion_fd_enabled(true);
+        fds.push(libc::pollfd { fd: q.get_completion_fd().expect("completion fd"), events: libc::POLLIN, revents: 0 });
+    }
+    let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| {
+        // SAFETY: slot < slots, so the buffer stays in the region.
+        let buf = unsafe { base.add(slot * w.bs) };
+        if w.write {
+            q.write(off, buf, w.bs, slot, ReqFlags::empty());
+        } else {
+            q.read(off, buf, w.bs, slot, ReqFlags::empty());
+        }
+    };
+    let cpu0 = cpu_ticks(pid);
+    let t0 = Instant::now();
+    let mut started = vec![Instant::now(); slots];
+    for (qi, q) in out.queues.iter_mut().enumerate() {
+        for k in 0..w.qd {
+            let slot = qi * w.qd + k;
+            started[slot] = Instant::now();
+            submit(q, slot, (rng.next() % blocks) * w.bs as u64);
+        }
+        let mut none: [MaybeUninit<Completion>; 0] = [];
+        let mut t = Duration::ZERO;
+        let _ = q.do_io(&mut none, 0, Some(&mut t), None);
+    }
+    let mut lat_ns: Vec<u32> = Vec::with_capacity(1 << 20);
+    let mut done = 0u64;
+    let mut comps: Vec<MaybeUninit<Completion>> = (0..w.qd).map(|_| MaybeUninit::uninit()).collect();
+    let end = t0 + Duration::from_secs(secs);
+    let mut inflight = slots;
+    while inflight > 0 {
+        // SAFETY: fds is a valid array of pollfd for the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10_000) };
+        assert!(r > 0, "IO timed out");
+        for (qi, q) in out.queues.iter_mut().enumerate() {
+            if fds[qi].revents == 0 {
+                continue;
+            }
+            let mut v = 0u64;
+            // SAFETY: reading 8 bytes from the queue's eventfd into a u64.
+            unsafe { libc::read(fds[qi].fd, (&mut v as *mut u64).cast(), 8) };
+            let mut t = Duration::ZERO;
+            let n = q.do_io(&mut comps, 0, Some(&mut t), None).expect("do_io");
+            let now = Instant::now();
+            for c in comps.iter().take(n) {
+                // SAFETY: do_io initialised the first n completions.
+                let c = unsafe { c.assume_init_ref() };
+                assert_eq!(c.ret, 0, "IO failed");
+                let slot = c.user_data;
+                lat_ns.push(now.duration_since(started[slot]).as_nanos().min(u128::from(u32::MAX)) as u32);
+                done += 1;
+                if now < end {
+                    started[slot] = Instant::now();
+                    submit(q, slot, (rng.next() % blocks) * w.bs as u64);
+                } else {
+                    inflight -= 1;
+                }
+            }
+            if n > 0 {
+                let mut none: [MaybeUninit<Completion>; 0] = [];
+                let mut t = Duration::ZERO;
+                let _ = q.do_io(&mut none, 0, Some(&mut t), None);
+            }
+        }
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu1 = cpu_ticks(pid);
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    lat_ns.sort_unstable();
+    Result {
+        iops: done as f64 / elapsed,
+        p50_us: percentile(&lat_ns, 0.50),
+        p99_us: percentile(&lat_ns, 0.99),
+        cpu_pct: (cpu1 - cpu0) as f64 / hz / elapsed * 100.0,
+    }
+}

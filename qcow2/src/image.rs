@@ -221,6 +221,9 @@ pub struct Qcow2 {
     epoch: AtomicU64,
     /// What the journal replay at open did.
     replayed: Option<ReplayReport>,
+    /// Set under the lock when the L2 cache overflowed or the journal passed half full: the
+    /// next writer to drop the lock writes metadata back (`relieve`).
+    relief: std::sync::atomic::AtomicBool,
 }
 
 /// Reads a table of big-endian offsets and checks every entry points at a whole cluster
@@ -346,6 +349,7 @@ impl Qcow2 {
             l2_misses: Box::default(),
             epoch: AtomicU64::new(0),
             replayed,
+            relief: std::sync::atomic::AtomicBool::new(false),
         };
         let end = img.compute_end()?;
         {
@@ -593,6 +597,7 @@ impl Qcow2 {
             // Everything is dirty: hold it over capacity; the writer writes it back as soon
             // as it drops the lock (no IO under the lock here), then the cache shrinks.
             m.over_capacity = true;
+            self.relief.store(true, Ordering::Release);
         }
         m.tick += 1;
         let t = L2Table { entries, dirty, flushing: false, last_use: AtomicU64::new(m.tick) };
@@ -623,13 +628,11 @@ impl Qcow2 {
     /// Writes metadata back if the L2 cache overflowed with dirty tables (then shrinks it to
     /// its size) or the journal is filling up. Call with no lock held.
     fn relieve(&self) -> Result<()> {
-        let due = self
-            .meta
-            .read()
-            .map(|m| m.over_capacity || m.journal.as_ref().is_some_and(|j| j.pressure()))
-            .unwrap_or(false);
-        if due {
-            self.flush_metadata()?;
+        if self.relief.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.flush_metadata() {
+                self.relief.store(true, Ordering::Release);
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -1136,6 +1139,9 @@ impl Qcow2 {
             t.dirty = true;
             if let Some(j) = m.journal.as_mut() {
                 j.record(Class::L2, off + idx * 8, &value.to_be_bytes());
+                if j.pressure() {
+                    self.relief.store(true, Ordering::Release);
+                }
             }
             self.epoch.fetch_add(1, Ordering::SeqCst);
         }
@@ -1178,6 +1184,9 @@ impl Qcow2 {
             let block = m.reftable.get(idx as usize).map(|e| e & REFTABLE_OFFSET_MASK).unwrap_or(0);
             if let Some(j) = m.journal.as_mut() {
                 j.record(Class::Refcount, block + at * 2, &value.to_be_bytes());
+                if j.pressure() {
+                    self.relief.store(true, Ordering::Release);
+                }
             }
         }
         Ok(())
@@ -1339,6 +1348,9 @@ impl Qcow2 {
         let cap = m.l2_capacity;
         if Self::trim_cache(m, cap) {
             m.over_capacity = false;
+        } else {
+            // Dirtied again while this write-back ran: the next writer writes back again.
+            self.relief.store(true, Ordering::Release);
         }
     }
 
