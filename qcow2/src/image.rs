@@ -283,6 +283,17 @@ impl Qcow2 {
             }
             _ => (None, None),
         };
+        let held = journal.as_ref().map(|_| opts.journal.as_ref().map(|j| j.path.clone()));
+        Self::open_replayed(storage, opts, journal, replayed).inspect_err(|_| {
+            // An image we cannot serve keeps no journal behind (it was replayed, or empty).
+            if let Some(Some(p)) = &held {
+                let _ = std::fs::remove_file(p);
+            }
+        })
+    }
+
+    /// The rest of [`Qcow2::open`], once the journal (if any) is replayed and held.
+    fn open_replayed(storage: Arc<dyn Storage>, opts: OpenOptions, journal: Option<Journal>, replayed: Option<ReplayReport>) -> Result<Qcow2> {
         let file_size = storage.size()?;
         let mut first = vec![0u8; 4096];
         storage.read_at(&mut first, 0)?;

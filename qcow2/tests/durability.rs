@@ -391,3 +391,12 @@ fn a_new_refcount_block_is_synced_before_the_table_names_it() {
     }
     assert!(seen > 0, "no write-back added a refcount block");
 }
+
+#[test]
+fn an_image_that_fails_to_open_leaves_no_journal() {
+    let dir = TempDir::new("badimage");
+    let st = Arc::new(MemStorage::new(vec![0x5a; 1 << 16]));
+    let opts = OpenOptions { journal: Some(journal(&dir.0)), ..Default::default() };
+    assert!(Qcow2::open(st, opts).is_err());
+    assert!(!dir.0.join("j").exists());
+}
