@@ -148,7 +148,13 @@ fn sparse_memory_row(dir: &Path, secs: u64) {
     let sock = dir.join("thinblk.sock");
     fresh();
     let (t, t_rss) = {
-        let s = start_thinblk(&img, "qcow2", &sock, &["--num-queues", "2", "--journal-dir", dir.to_str().unwrap()]);
+        // THINBLK_BENCH_L2_CACHE: thinblk's --l2-cache-size for this row (default: its own).
+        let l2 = std::env::var("THINBLK_BENCH_L2_CACHE").ok();
+        let mut args = vec!["--num-queues", "2", "--journal-dir", dir.to_str().unwrap()];
+        if let Some(v) = l2.as_deref() {
+            args.extend(["--l2-cache-size", v]);
+        }
+        let s = start_thinblk(&img, "qcow2", &sock, &args);
         let r = run_blkio_queues(&sock, s.child.id(), size, w, secs, 2);
         (r, peak_rss_mib(s.child.id()))
     };

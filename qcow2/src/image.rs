@@ -89,7 +89,8 @@ pub trait BackingReader: Send + Sync {
 }
 
 struct L2Table {
-    entries: Vec<u64>,
+    /// Shared with a write-back in progress (its snapshot); a change then copies it first.
+    entries: Arc<Vec<u64>>,
     dirty: bool,
     /// Its contents are being written back: it must not be evicted (the disk copy may
     /// still be older than this one).
@@ -171,7 +172,8 @@ struct WriteBack {
     reftable: Option<(u64, Vec<u8>)>,
     header: Option<(u64, u32)>,
     old_reftable: Option<(u64, u64)>,
-    l2s: Vec<(u64, Vec<u8>)>,
+    /// L2 tables: snapshots shared with the cache (no copy unless changed meanwhile).
+    l2s: Vec<(u64, Arc<Vec<u64>>)>,
     l1: Option<Vec<u8>>,
     new_l2: bool,
     /// Releases this write-back makes durable.
@@ -611,7 +613,7 @@ impl Qcow2 {
             self.relief.store(true, Ordering::Release);
         }
         m.tick += 1;
-        let t = L2Table { entries, dirty, flushing: false, last_use: AtomicU64::new(m.tick) };
+        let t = L2Table { entries: Arc::new(entries), dirty, flushing: false, last_use: AtomicU64::new(m.tick) };
         m.l2.insert(off, t);
         Ok(())
     }
@@ -1145,7 +1147,8 @@ impl Qcow2 {
         }
         let idx = ci % self.l2_entries;
         let Some(t) = m.l2.get_mut(&off) else { return corrupt("L2 table vanished from the cache") };
-        if let Some(e) = t.entries.get_mut(idx as usize) {
+        // Copy-on-write: a write-back in progress keeps its snapshot of the table.
+        if let Some(e) = Arc::make_mut(&mut t.entries).get_mut(idx as usize) {
             *e = value;
             t.dirty = true;
             if let Some(j) = m.journal.as_mut() {
@@ -1311,11 +1314,14 @@ impl Qcow2 {
         for _ in 0..3 {
             let wb = {
                 let mut m = self.meta.write().map_err(|_| poisoned())?;
-                self.take_writeback(&mut m)?
+                let wb = self.take_writeback(&mut m)?;
+                if wb.is_empty() {
+                    // (A release always dirties its refcount block; keep the list regardless.)
+                    m.freed.extend(wb.freed);
+                    return Ok(());
+                }
+                wb
             };
-            if wb.is_empty() {
-                return Ok(());
-            }
             let result = self.write_back(&wb);
             let mut m = self.meta.write().map_err(|_| poisoned())?;
             for (off, _) in &wb.l2s {
@@ -1397,7 +1403,7 @@ impl Qcow2 {
         keys.sort_unstable();
         for off in keys {
             if let Some(t) = m.l2.get_mut(&off) {
-                wb.l2s.push((off, to_be64s(&t.entries)));
+                wb.l2s.push((off, t.entries.clone()));
                 t.dirty = false;
                 t.flushing = true;
             }
@@ -1475,9 +1481,13 @@ impl Qcow2 {
             }
             self.storage.flush()?;
         }
-        // 3. L2 tables, then the L1 entries that point at them.
-        for (off, raw) in &wb.l2s {
-            self.storage.write_at(raw, *off)?;
+        // 3. L2 tables, then the L1 entries that point at them (each serialized into one
+        // reused buffer).
+        let mut raw = Vec::with_capacity(self.cluster_size as usize);
+        for (off, entries) in &wb.l2s {
+            raw.clear();
+            raw.extend(entries.iter().flat_map(|e| e.to_be_bytes()));
+            self.storage.write_at(&raw, *off)?;
         }
         if let Some(raw) = &wb.l1 {
             if wb.new_l2 {
