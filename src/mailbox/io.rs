@@ -1,12 +1,17 @@
 //! The mailbox volumes on storage (spec §1.15): whole 4 KiB blocks with O_DIRECT, and a
 //! per-host lock file (`flock`) serializing the request block's read-modify-write among the
 //! thinblk processes of one host.
+//!
+//! The lock file is ours alone: created 0600 in a directory created 0700, refused when another
+//! user owns it, and taken with a timeout, so no local user can hold every extension (or a
+//! shutdown) hostage by locking it.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use super::client::MailboxIo;
 use super::wire::{block_offset, BLOCK_LEN};
@@ -14,6 +19,52 @@ use super::wire::{block_offset, BLOCK_LEN};
 /// A 4 KiB block aligned for O_DIRECT.
 #[repr(C, align(4096))]
 struct AlignedBlock([u8; BLOCK_LEN]);
+
+/// How long the lock is waited for before the attempt fails (and is retried at the next tick).
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Opens (creating) the per-host lock file: its directory is created 0700, the file 0600,
+/// and a file another user owns, or others may write, is refused.
+pub(crate) fn open_lock(path: &Path) -> io::Result<File> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        }
+    }
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
+    let meta = file.metadata()?;
+    // SAFETY: geteuid has no failure mode and no memory effects.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("mailbox lock {} is owned by uid {}, not by us (uid {me}): remove it", path.display(), meta.uid()),
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(file)
+}
+
+/// Takes `lock` exclusively, giving up after `timeout` (`TimedOut`).
+pub(crate) fn lock_with_timeout(lock: &File, timeout: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        // SAFETY: flock on a file we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) && e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("mailbox lock held by another process for {timeout:?}")));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
 
 /// One host's view of the two mailbox volumes.
 pub struct FileMailbox {
@@ -49,7 +100,7 @@ impl FileMailbox {
             spm_inbox: open_volume(spm_inbox, true)?,
             spm_outbox: open_volume(spm_outbox, false)?,
             host,
-            lock: OpenOptions::new().read(true).write(true).create(true).truncate(false).open(lock_path)?,
+            lock: open_lock(lock_path)?,
             buf: Box::new(AlignedBlock([0; BLOCK_LEN])),
         })
     }
@@ -87,16 +138,7 @@ impl MailboxIo for FileMailbox {
     }
 
     fn lock(&mut self) -> io::Result<()> {
-        loop {
-            // SAFETY: flock on a file we own.
-            if unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        lock_with_timeout(&self.lock, LOCK_TIMEOUT)
     }
 
     fn unlock(&mut self) {
@@ -154,6 +196,36 @@ mod tests {
         assert_eq!(&region[5 * 4096..5 * 4096 + 64], &CLEAN[..]);
         assert_eq!(&region[5 * 4096 + 64..5 * 4096 + 128], &CLEAN[..]);
         assert_eq!(&region[..4], &[0, b'e', b'v', b't'][..], "doorbell");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_lock_is_private_and_never_waited_for_forever() {
+        let dir = std::env::temp_dir().join(format!("thinblk-mblock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("run/host-3.lock");
+        let f = open_lock(&path).unwrap();
+        assert_eq!(std::fs::metadata(path.parent().unwrap()).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(f.metadata().unwrap().mode() & 0o777, 0o600);
+        // Someone else holds it (flock is per open file description): we give up in time.
+        let other = open_lock(&path).unwrap();
+        lock_with_timeout(&other, Duration::from_secs(1)).unwrap();
+        let t = Instant::now();
+        let e = lock_with_timeout(&f, Duration::from_millis(200)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(t.elapsed() < Duration::from_secs(2));
+        drop(other);
+        lock_with_timeout(&f, Duration::from_millis(200)).unwrap();
+        // A lock file others may write is narrowed; one owned by another user is refused.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        drop(open_lock(&path).unwrap());
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        // SAFETY: chown of our own test file.
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        if unsafe { libc::chown(c.as_ptr(), 65534, 65534) } == 0 {
+            let e = open_lock(&path).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
