@@ -52,13 +52,21 @@ impl Drop for Server {
 }
 
 /// Binds `path` (mode 0600, appearing only once listening) and serves it on its own threads.
+///
+/// The socket is bound inside a private directory (0700) beside `path`, narrowed to 0600 and
+/// only then renamed into place: whatever the umask, nobody else can connect in between.
 pub fn serve(path: &Path, target: Target) -> io::Result<Server> {
+    use std::os::unix::fs::DirBuilderExt;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::rename(&tmp, path)?;
+    let private = path.with_file_name(format!(".{name}.{}.d", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let tmp = private.join("s");
+    let bound = UnixListener::bind(&tmp)
+        .and_then(|l| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map(|_| l))
+        .and_then(|l| std::fs::rename(&tmp, path).map(|_| l));
+    let _ = std::fs::remove_dir_all(&private);
+    let listener = bound?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let clients = Arc::new(AtomicUsize::new(0));

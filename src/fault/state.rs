@@ -70,7 +70,8 @@ pub struct FaultState {
     ignored: AtomicU64,
     parked: AtomicU64,
     limiter: Mutex<Limiter>,
-    subscribers: Mutex<Vec<SyncSender<IoErrorEvent>>>,
+    /// Event channels, each with the liveness of its [`Subscription`] (pruned when it is gone).
+    subscribers: Mutex<Vec<(SyncSender<IoErrorEvent>, std::sync::Weak<()>)>>,
 }
 
 /// Keeps the retry timer thread; stops it when dropped.
@@ -214,12 +215,23 @@ impl FaultState {
 
     /// A stream of BLOCK_IO_ERROR events (rate-limited; a subscriber that falls behind loses
     /// events rather than slowing the data path).
-    pub fn subscribe(&self) -> Receiver<IoErrorEvent> {
+    /// Dropping the subscription unsubscribes (nothing stays behind per connection).
+    pub fn subscribe(&self) -> Subscription {
         let (tx, rx) = sync_channel(EVENT_BACKLOG);
+        let alive = Arc::new(());
         if let Ok(mut s) = self.subscribers.lock() {
-            s.push(tx);
+            s.retain(|(_, a)| a.strong_count() > 0);
+            s.push((tx, Arc::downgrade(&alive)));
         }
-        rx
+        Subscription { rx, _alive: alive }
+    }
+
+    /// Live event subscriptions (tests, diagnostics).
+    pub fn subscribers(&self) -> usize {
+        self.subscribers.lock().map(|mut s| {
+            s.retain(|(_, a)| a.strong_count() > 0);
+            s.len()
+        }).unwrap_or(0)
     }
 
     fn emit(&self, op: FaultOp, errno: i32, action: &'static str) {
@@ -248,8 +260,28 @@ impl FaultState {
         let ev = IoErrorEvent { operation, action, errno, nospace: errno == libc::ENOSPC, reason, suppressed, timestamp_us };
         if let Ok(mut subs) = self.subscribers.lock() {
             // Full: that subscriber misses this one. Disconnected: forget it.
-            subs.retain(|s| !matches!(s.try_send(ev.clone()), Err(std::sync::mpsc::TrySendError::Disconnected(_))));
+            subs.retain(|(s, a)| {
+                a.strong_count() > 0 && !matches!(s.try_send(ev.clone()), Err(std::sync::mpsc::TrySendError::Disconnected(_)))
+            });
         }
+    }
+}
+
+/// A stream of BLOCK_IO_ERROR events from [`FaultState::subscribe`].
+pub struct Subscription {
+    rx: Receiver<IoErrorEvent>,
+    _alive: Arc<()>,
+}
+
+impl Subscription {
+    /// The next event, waiting at most `timeout`.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<IoErrorEvent, std::sync::mpsc::RecvTimeoutError> {
+        self.rx.recv_timeout(timeout)
+    }
+
+    /// The events waiting now, without blocking.
+    pub fn try_iter(&self) -> std::sync::mpsc::TryIter<'_, IoErrorEvent> {
+        self.rx.try_iter()
     }
 }
 
@@ -296,6 +328,18 @@ mod tests {
     fn state(w: ErrorPolicy, r: ErrorPolicy, interval_ms: u64, timeout_ms: u64) -> Arc<FaultState> {
         let s = Settings::new(w, r, Some(interval_ms), Some(timeout_ms)).unwrap();
         FaultState::new(s, ParkHub::new(1).unwrap())
+    }
+
+    #[test]
+    fn subscriptions_leave_nothing_behind() {
+        let st = state(Retry, Report, 1000, 0);
+        for _ in 0..100 {
+            drop(st.subscribe());
+        }
+        let keep = st.subscribe();
+        assert_eq!(st.subscribers(), 1, "a dropped subscription stayed subscribed");
+        drop(keep);
+        assert_eq!(st.subscribers(), 0);
     }
 
     #[test]
