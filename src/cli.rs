@@ -19,7 +19,7 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
-pub use crate::format::Format;
+pub use crate::format::{BackingFiles, Format};
 
 /// Options of the daemon.
 #[derive(Debug, Args, Clone)]
@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// qcow2 L2 cache size in bytes (K/M/G suffixes); default: enough for the whole disk, up to 32 MiB.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub l2_cache_size: Option<u64>,
+    /// Which backing file names a qcow2 image may give: `local` (relative, inside the image's
+    /// directory, regular files), `devices` (block devices too, for LVM storage), `any`.
+    #[arg(long, value_enum, default_value_t = BackingFiles::Local)]
+    pub backing_files: BackingFiles,
     /// Where the qcow2 metadata journal lives (a tmpfs directory: it must not survive a reboot
     /// unnoticed, and it keeps completed writes across a daemon crash), or `none` to keep
     /// metadata changes since the last write-back in memory only.

@@ -1,10 +1,12 @@
 //! Engine glue: opening an image by its (explicit) format, and the qcow2 engine behind the
 //! vhost crate's `ImageFormat`, with its backing chain.
 //!
-//! Backing policy: a qcow2 image's backing file is opened read-only, its name resolved
-//! against the image's own directory when relative, with the format recorded in the image
-//! (`qemu-img create -F` / `rebase -F`). An image whose backing format is not recorded is
-//! refused: formats are never probed. Chains are at most [`MAX_CHAIN`] deep.
+//! Backing policy: a qcow2 image's backing file is opened read-only, with the format recorded
+//! in the image (`qemu-img create -F` / `rebase -F`). An image whose backing format is not
+//! recorded is refused: formats are never probed. Chains are at most [`MAX_CHAIN`] deep.
+//! Which names an image may give is [`BackingFiles`] (`--backing-files`): by default a name
+//! relative to the image's own directory that stays inside it and names a regular file, so
+//! an image cannot make the daemon open `/etc/shadow` or another VM's disk.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
@@ -28,6 +30,19 @@ pub enum Format {
     Qcow2,
 }
 
+/// Which backing file names an image may give (`--backing-files`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackingFiles {
+    /// Relative names inside the image's directory (no `..`), regular files only.
+    #[default]
+    Local,
+    /// As `local`, and block devices too (oVirt block domains: `/dev/<domain>/<volume>`
+    /// links to device-mapper devices).
+    Devices,
+    /// Any local path, absolute names included (trusted images only).
+    Any,
+}
+
 /// Options for opening an image.
 #[derive(Clone, Debug, Default)]
 pub struct ImageOptions {
@@ -41,6 +56,8 @@ pub struct ImageOptions {
     pub fixed_size: bool,
     /// Directory of the qcow2 metadata journal (None: no journal).
     pub journal_dir: Option<PathBuf>,
+    /// Which backing file names images may give.
+    pub backing_files: BackingFiles,
 }
 
 /// Errors opening an image.
@@ -200,7 +217,7 @@ impl Qcow2Format {
         let mut files = vec![top_storage.file().as_raw_fd()];
         let mut alignment = info.alignment;
         let mut layers = Vec::new();
-        let mut next = backing_of(path, top.header())?;
+        let mut next = backing_of(path, top.header(), opts.backing_files)?;
         while let Some((bpath, bformat)) = next.take() {
             if layers.len() + 1 >= MAX_CHAIN {
                 return Err(FormatError::Backing { path: path.to_path_buf(), reason: format!("backing chain deeper than {MAX_CHAIN}") });
@@ -214,9 +231,24 @@ impl Qcow2Format {
                 Format::Qcow2 => {
                     let img = Qcow2::open(st.clone(), OpenOptions { read_only: true, ..Default::default() })
                         .map_err(qerr(&bpath))?;
-                    next = backing_of(&bpath, img.header())?;
+                    next = backing_of(&bpath, img.header(), opts.backing_files)?;
                     layers.push(Layer::Qcow2(img, st));
                 }
+            }
+        }
+        // Clusters start wherever the cluster size puts them: below the storage's O_DIRECT
+        // alignment, data IO into them would fail with EINVAL.
+        for cs in std::iter::once(top.cluster_size()).chain(layers.iter().filter_map(|l| match l {
+            Layer::Qcow2(img, _) => Some(img.cluster_size()),
+            Layer::Raw(..) => None,
+        })) {
+            if cs < u64::from(alignment) {
+                return Err(FormatError::Qcow2 {
+                    path: path.to_path_buf(),
+                    source: Qcow2Error::Unsupported(format!(
+                        "cluster size {cs} is below the storage's O_DIRECT alignment {alignment}: recreate the image with clusters of at least {alignment} bytes"
+                    )),
+                });
             }
         }
         let backing = Arc::new(Chain { layers });
@@ -313,8 +345,20 @@ fn to_image_error(e: Qcow2Error) -> ImageError {
     }
 }
 
+/// Appends a host zeroing op, merged into the previous one when it continues it (same file
+/// and mode, contiguous): one discard of a contiguous image becomes one op, not one per cluster.
+fn push_coalesced(out: &mut Vec<HostZero>, z: HostZero) {
+    if let Some(last) = out.last_mut() {
+        if last.file == z.file && last.mode == z.mode && last.offset.checked_add(last.len) == Some(z.offset) {
+            last.len += z.len;
+            return;
+        }
+    }
+    out.push(z);
+}
+
 /// The backing file of an image and its recorded format, if it has one.
-fn backing_of(path: &Path, h: &thinblk_qcow2::Header) -> Result<Option<(PathBuf, Format)>, FormatError> {
+fn backing_of(path: &Path, h: &thinblk_qcow2::Header, policy: BackingFiles) -> Result<Option<(PathBuf, Format)>, FormatError> {
     let Some(name) = &h.backing_file else { return Ok(None) };
     let fail = |reason: String| FormatError::Backing { path: path.to_path_buf(), reason };
     let format = match h.backing_format.as_deref() {
@@ -332,7 +376,36 @@ fn backing_of(path: &Path, h: &thinblk_qcow2::Header) -> Result<Option<(PathBuf,
     }
     let p = Path::new(name);
     let resolved = if p.is_absolute() { p.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).join(p) };
+    check_backing(name, &resolved, policy).map_err(fail)?;
     Ok(Some((resolved, format)))
+}
+
+/// Applies the backing policy to the name `name` (resolved to `resolved`).
+fn check_backing(name: &str, resolved: &Path, policy: BackingFiles) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    use std::path::Component;
+    let hint = "(--backing-files devices|any allows more)";
+    if policy != BackingFiles::Any {
+        let p = Path::new(name);
+        if p.is_absolute() {
+            return Err(format!("backing file {name} is an absolute name; only names inside the image's directory are allowed {hint}"));
+        }
+        if p.components().any(|c| matches!(c, Component::ParentDir)) {
+            return Err(format!("backing file {name} leaves the image's directory {hint}"));
+        }
+    }
+    let meta = std::fs::metadata(resolved).map_err(|e| format!("backing file {name} ({}): {e}", resolved.display()))?;
+    let kind = meta.file_type();
+    let allowed = match policy {
+        BackingFiles::Local => kind.is_file(),
+        BackingFiles::Devices => kind.is_file() || kind.is_block_device(),
+        BackingFiles::Any => kind.is_file() || kind.is_block_device(),
+    };
+    if !allowed {
+        let what = if kind.is_block_device() { "a block device" } else if kind.is_dir() { "a directory" } else { "not a regular file" };
+        return Err(format!("backing file {name} is {what} {hint}"));
+    }
+    Ok(())
 }
 
 impl ImageFormat for Qcow2Format {
@@ -395,12 +468,12 @@ impl ImageFormat for Qcow2Format {
         if self.discard_unmap && req.may_unmap() {
             let cs = self.top.cluster_size();
             for h in flagged {
-                out.push(HostZero { file: 0, offset: h, len: cs, mode: ZeroMode::PunchHole });
+                push_coalesced(out, HostZero { file: 0, offset: h, len: cs, mode: ZeroMode::PunchHole });
             }
         }
         for r in partial {
             if let Mapping::Data(h) = r.mapping {
-                out.push(HostZero { file: 0, offset: h, len: r.len, mode: ZeroMode::WriteZeroes });
+                push_coalesced(out, HostZero { file: 0, offset: h, len: r.len, mode: ZeroMode::WriteZeroes });
             }
         }
         Ok(WriteTicket(ticket))
@@ -427,5 +500,23 @@ impl Drop for Qcow2Format {
             tracing::error!(error = %e, "flushing qcow2 metadata at close failed");
         }
         let _ = self.top_storage.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contiguous_zeroing_ops_merge() {
+        let mut out = Vec::new();
+        let z = |offset, len, mode| HostZero { file: 0, offset, len, mode };
+        for i in 0..262_144u64 {
+            push_coalesced(&mut out, z((1 << 20) + i * 65536, 65536, ZeroMode::PunchHole));
+        }
+        assert_eq!(out, vec![z(1 << 20, 262_144 * 65536, ZeroMode::PunchHole)], "16 GiB of clusters: one op");
+        push_coalesced(&mut out, z(0, 512, ZeroMode::PunchHole));
+        push_coalesced(&mut out, z(512, 512, ZeroMode::WriteZeroes));
+        assert_eq!(out.len(), 3, "a gap or another mode starts a new op");
     }
 }

@@ -109,6 +109,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         discard_unmap: args.discard == DiscardMode::Unmap,
         fixed_size: thin.is_some(),
         journal_dir: (args.journal_dir != "none").then(|| std::path::PathBuf::from(&args.journal_dir)),
+        backing_files: args.backing_files,
     };
     let hub = ParkHub::new(usize::from(args.num_queues)).map_err(|e| Failure::Runtime(e.to_string()))?;
     let faults = thinblk::fault::FaultState::new(fault_settings, hub.clone());
@@ -173,6 +174,18 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
     };
     if image.capacity() < u64::from(cfg.logical_block_size) {
         return Err(Failure::Runtime(format!("{} is smaller than one logical block", image_path.display())));
+    }
+    // Guest offsets are multiples of the logical block size and go to the host as they are
+    // (plus a cluster's offset): below the storage's O_DIRECT alignment every request would
+    // fail with EINVAL. Say so now.
+    if cfg.logical_block_size < image.io_alignment() {
+        return Err(Failure::Runtime(format!(
+            "{}: the storage needs {}-byte aligned IO (O_DIRECT); --logical-block-size {} is smaller: use --logical-block-size {}",
+            image_path.display(),
+            image.io_alignment(),
+            cfg.logical_block_size,
+            image.io_alignment()
+        )));
     }
     tracing::info!(
         image = %image_path.display(),
@@ -386,6 +399,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         serial: Some("thinblk-demo".into()),
         l2_cache_size: None,
         journal_dir: "/dev/shm".into(),
+        backing_files: Default::default(),
         discard: DiscardMode::Unmap,
         log_level: None,
         errors: Default::default(),

@@ -443,3 +443,69 @@ fn churn_rewrites_in_place_and_does_not_grow_the_image() {
     assert!(last as f64 <= first as f64 * 1.05, "churn grew the image from {first} to {last}");
     ok("qemu-img", &["check", s(&img)]);
 }
+
+/// Runs the daemon on `image` expecting it to refuse to start; returns its stderr.
+fn refused(dir: &TestDir, image: &Path, extra: &[&str]) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_thinblk"));
+    cmd.arg("--socket-path").arg(dir.path("refused.sock")).args(["--image", s(image), "--format", "qcow2"]).args(extra);
+    let out = cmd.arg("--journal-dir").arg(&dir.0).stdin(std::process::Stdio::null()).output().expect("run thinblk");
+    assert_eq!(out.status.code(), Some(1), "thinblk {extra:?} should refuse {}", image.display());
+    assert!(!dir.path("refused.sock").exists(), "no socket after a refused start");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn backing_files_are_limited_by_policy() {
+    let dir = TestDir::new("q2-backing-policy");
+    let sub = dir.path("vm");
+    std::fs::create_dir_all(&sub).unwrap();
+    let base = dir.path("base.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "16M"]);
+    // An absolute name, and a relative one leaving the directory: refused by default.
+    let abs = sub.join("abs.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", s(&base), "-F", "qcow2", s(&abs), "16M"]);
+    assert!(refused(&dir, &abs, &[]).contains("absolute name"));
+    let up = sub.join("up.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", "../base.qcow2", "-F", "qcow2", s(&up), "16M"]);
+    assert!(refused(&dir, &up, &[]).contains("leaves the image's directory"));
+    assert!(refused(&dir, &up, &["--backing-files", "devices"]).contains("leaves the image's directory"));
+    // Allowed with `any`.
+    for img in [&abs, &up] {
+        let d = serve(&dir, img, &["--backing-files", "any"]);
+        stop(d);
+    }
+    // A block device beside the image (as on oVirt block domains): only with devices/any.
+    let lvfile = dir.path("lv.img");
+    std::fs::write(&lvfile, vec![0u8; (16 * MIB) as usize]).unwrap();
+    let lv = LoopDev::attach(&lvfile);
+    ok(env!("CARGO_BIN_EXE_thinblk"), &["create", s(&lv.0), "16M"]);
+    std::os::unix::fs::symlink(&lv.0, sub.join("basevol")).unwrap();
+    let dev = sub.join("dev.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", "basevol", "-F", "qcow2", s(&dev), "16M"]);
+    assert!(refused(&dir, &dev, &[]).contains("is a block device"));
+    let d = serve(&dir, &dev, &["--backing-files", "devices"]);
+    stop(d);
+}
+
+#[test]
+fn storage_alignment_is_checked_at_open() {
+    // A 4Kn disk (a loop device with 4096-byte sectors): 512-byte guest blocks or 512-byte
+    // clusters could never be written with O_DIRECT. Refused at open, with what to do.
+    let dir = TestDir::new("q2-4kn");
+    let file = dir.path("4kn.img");
+    std::fs::write(&file, vec![0u8; (32 * MIB) as usize]).unwrap();
+    let out = Command::new("losetup").args(["-f", "--show", "--sector-size", "4096"]).arg(&file).output().expect("losetup");
+    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    let lv = LoopDev(std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    ok(env!("CARGO_BIN_EXE_thinblk"), &["create", s(&lv.0), "16M", "--cluster-size", "512"]);
+    assert!(refused(&dir, &lv.0, &["--logical-block-size", "4096"]).contains("cluster size 512 is below"));
+    ok(env!("CARGO_BIN_EXE_thinblk"), &["create", s(&lv.0), "16M"]);
+    let e = refused(&dir, &lv.0, &[]);
+    assert!(e.contains("use --logical-block-size 4096"), "{e}");
+    let d = serve(&dir, &lv.0, &["--logical-block-size", "4096"]);
+    let mut c = Client::connect(&dir.path("sock"), 1).expect("connect");
+    assert_eq!(c.write(0, 8192, &[7u8; 4096]), 0);
+    assert_eq!(c.read(0, 8192, 4096).unwrap(), vec![7u8; 4096]);
+    drop(c);
+    stop(d);
+}
