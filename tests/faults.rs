@@ -400,3 +400,26 @@ fn a_final_flush_that_cannot_write_metadata_exits_non_zero() {
     let out = std::process::Command::new("qemu-img").args(["check"]).arg(&backing).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+#[test]
+fn a_stopping_daemon_reports_a_retry_that_fails_again_instead_of_parking_it() {
+    // Every IO takes 3 s and fails: under retry (no timeout) the write is mostly *in flight*,
+    // not parked, when the stop grace ends. Its failure after that must be reported, never
+    // parked again (the guest would wait forever and the daemon exit with it unanswered).
+    let mut r = rig("faults-stop-inflight", &["--werror", "retry", "--retry-interval", "100"]);
+    r.mount.faults.fail_writes(libc::EIO);
+    r.mount.faults.delay_ms.store(3000, std::sync::atomic::Ordering::SeqCst);
+    let socket = r.daemon.socket.clone();
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&socket, 1).unwrap();
+        c.try_write(0, 0, &pattern(4, 4096), Duration::from_secs(60))
+    });
+    std::thread::sleep(Duration::from_millis(4500));
+    let t0 = Instant::now();
+    r.daemon.signal(libc::SIGTERM);
+    let ret = writer.join().unwrap();
+    assert!(matches!(ret, Some(e) if e != 0), "the write must be reported as failed, not left unanswered: {ret:?}");
+    assert!(t0.elapsed() < Duration::from_secs(25), "stop took {:?}", t0.elapsed());
+    r.mount.faults.clear();
+    assert!(r.daemon.wait_exit(Duration::from_secs(20)).is_some(), "the daemon did not exit");
+}

@@ -98,6 +98,11 @@ pub struct BlkDevice {
 /// stops, before they are completed with an IO error.
 pub const PARKED_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long `stop_vring` waits, after the grace, for requests still at the storage (a retry
+/// in flight completes, and is reported). Storage that hangs past this leaves them in flight;
+/// the stop answers anyway, logged, rather than hang the frontend.
+pub const STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Event id of a worker's ring completions (ids up to `num_queues` are the library's).
 fn completion_event(num_queues: usize) -> u16 {
     num_queues as u16 + 1
@@ -306,7 +311,11 @@ impl VhostUserBackend for BlkDevice {
                     }
                 }
             }
-            c.wait_idle(q);
+            if !c.wait_idle_for(q, STOP_LIMIT) {
+                tracing::error!(queue = queue_index, inflight = c.get(),
+                    "storage does not answer: stop answered with requests still at the storage (should it answer later, they complete into a ring the frontend has stopped)");
+                return Ok(());
+            }
         }
         tracing::info!(queue = queue_index, "queue stopped with no IO in flight");
         Ok(())

@@ -66,11 +66,6 @@ impl InflightCount {
         self.count.lock().map(|c| *c).unwrap_or(0)
     }
 
-    /// Blocks until no request is in flight, logging while it waits.
-    pub fn wait_idle(&self, queue: usize) {
-        while !self.wait_idle_for(queue, std::time::Duration::from_secs(5)) {}
-    }
-
     /// Waits up to `limit` for no request to be in flight; true if none is.
     pub fn wait_idle_for(&self, queue: usize, limit: std::time::Duration) -> bool {
         let deadline = std::time::Instant::now() + limit;
@@ -271,6 +266,10 @@ pub struct Worker {
     parked: std::collections::VecDeque<Parked>,
     /// Request statistics (None: not kept, and no clock is read).
     stats: Option<Arc<QueueStats>>,
+    /// The queue (or the daemon) is stopping and its grace for parked IO is over: a request
+    /// that would park is reported instead, so a stop always ends. Cleared when the queue
+    /// serves again.
+    final_stop: bool,
 }
 
 impl Worker {
@@ -292,6 +291,7 @@ impl Worker {
             rejected: 0,
             parked: std::collections::VecDeque::new(),
             stats,
+            final_stop: false,
         })
     }
 
@@ -414,6 +414,8 @@ impl Worker {
         let chain = state.get_queue_mut().pop_descriptor_chain(mem.clone())?;
         // Counted while the vring lock is held, so stop_vring never misses it.
         self.inflight.add();
+        // Serving again: requests may park again.
+        self.final_stop = false;
         Some((chain, mem))
     }
 
@@ -890,9 +892,26 @@ impl Worker {
         }
     }
 
-    /// Holds a request (and FLUSHes joined to it) until the hub resumes this worker.
+    /// Holds a request (and FLUSHes joined to it) until the hub resumes this worker; after
+    /// the stop grace ([`Worker::final_stop`]), reports it with an IO error instead.
     fn park(&mut self, ctx: &Context, mut p: Pending, cause: ParkCause) {
         self.release_tickets(ctx, &mut p);
+        if self.final_stop {
+            tracing::error!(queue = self.queue, ?cause, kind = ?p.req.kind, offset = p.req.offset,
+                "queue stopping: request reported with an IO error instead of parked again");
+            let rec = Rec::of(&p.req, p.clock);
+            let heads: Vec<_> = std::iter::once((p.head, p.status)).chain(p.joined.drain(..)).collect();
+            match self.vring.clone() {
+                Some(v) => {
+                    for (head, status) in heads {
+                        self.finish_sync(&v, &p.mem, head, Some(status), &Outcome::HostIo(libc::EIO), 0, rec);
+                    }
+                    self.signal(&v);
+                }
+                None => heads.iter().for_each(|_| self.inflight.done()),
+            }
+            return;
+        }
         if self.parked.is_empty() {
             tracing::info!(queue = self.queue, ?cause, kind = ?p.req.kind, offset = p.req.offset, "parking IO until resumed");
         }
@@ -955,8 +974,10 @@ impl Worker {
     }
 
     /// Completes every parked request with an IO error (the frontend stops the queue, or the
-    /// daemon stops, and the cause did not clear in time). Nothing is completed as success.
+    /// daemon stops, and the cause did not clear in time), and reports rather than parks
+    /// whatever fails from now until the queue serves again. Nothing is completed as success.
     pub fn fail_parked(&mut self, ctx: &Context) {
+        self.final_stop = true;
         let n = self.parked.len();
         if n == 0 {
             return;
