@@ -369,23 +369,28 @@ fn qcow2_oracle(dir: &TestDir, img: &[u8], size: u64, what: &str) -> Vec<u8> {
     disk
 }
 
+/// A fresh disk of DISK bytes at `path`: qcow2 with `cluster` bytes per cluster, or raw.
+fn make_image(path: &Path, cluster: Option<u64>) {
+    match cluster {
+        Some(cs) => {
+            let out = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-o", &format!("cluster_size={cs}")])
+                .arg(path)
+                .arg(DISK.to_string())
+                .output()
+                .expect("qemu-img create");
+            assert!(out.status.success(), "qemu-img create: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        None => common::sparse_file(path, DISK),
+    }
+}
+
 /// One configuration of the host-crash simulation; returns (cuts, sectors checked).
 fn host_crash(cluster: Option<u64>, unmap: bool, cuts: usize, seed: u64) -> (usize, usize) {
     let name = format!("crashsim-{}-{}", cluster.map(|c| c.to_string()).unwrap_or("raw".into()), if unmap { "unmap" } else { "ignore" });
     let dir = TestDir::new(&name);
     let backing = dir.path("backing");
-    match cluster {
-        Some(cs) => {
-            let out = Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2", "-o", &format!("cluster_size={cs}")])
-                .arg(&backing)
-                .arg(DISK.to_string())
-                .output()
-                .expect("qemu-img create");
-            assert!(out.status.success());
-        }
-        None => common::sparse_file(&backing, DISK),
-    }
+    make_image(&backing, cluster);
     let base = std::fs::read(&backing).expect("read base");
     let mount = FaultMount::new(&backing, &dir.path("mnt"));
     mount.faults.start_log();
@@ -466,18 +471,7 @@ fn daemon_crash(cluster: Option<u64>, seed: u64) {
     let name = format!("daemoncrash-{}", cluster.map(|c| c.to_string()).unwrap_or("raw".into()));
     let dir = TestDir::new(&name);
     let image = dir.path("image");
-    match cluster {
-        Some(cs) => {
-            let out = Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2", "-o", &format!("cluster_size={cs}")])
-                .arg(&image)
-                .arg(DISK.to_string())
-                .output()
-                .expect("qemu-img create");
-            assert!(out.status.success());
-        }
-        None => common::sparse_file(&image, DISK),
-    }
+    make_image(&image, cluster);
     let format = if cluster.is_some() { "qcow2" } else { "raw" };
     let args = ["--image", image.to_str().unwrap_or_default(), "--format", format, "--num-queues", "2", "--discard", "unmap", "--journal-dir", dir.0.to_str().unwrap_or_default()];
     let mut rng = Rng(seed);

@@ -59,8 +59,12 @@ pub fn wait_socket(sock: &Path, child: &mut Child) {
     }
 }
 
+/// Starts thinblk; THINBLK_BENCH_ARGS (space-separated) is appended to every start, for A/B
+/// runs of one option (e.g. `--journal-dir none`).
 pub fn start_thinblk(image: &Path, format: &str, sock: &Path, extra: &[&str]) -> Server {
     let bin = env!("CARGO_BIN_EXE_thinblk");
+    let ab = std::env::var("THINBLK_BENCH_ARGS").unwrap_or_default();
+    let ab: Vec<&str> = ab.split_whitespace().collect();
     let queues = if extra.contains(&"--num-queues") { &[][..] } else { &["--num-queues", "1"][..] };
     let mut child = Command::new(bin)
         .args(["--image", image.to_str().unwrap(), "--format", format, "--log-level", "warn"])
@@ -68,6 +72,7 @@ pub fn start_thinblk(image: &Path, format: &str, sock: &Path, extra: &[&str]) ->
         .arg("--socket-path")
         .arg(sock)
         .args(extra)
+        .args(&ab)
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn thinblk");
@@ -129,6 +134,49 @@ pub fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[i]) / 1000.0
 }
 
+/// Completions, latencies and server CPU of one measured run.
+struct Tally {
+    pid: u32,
+    cpu0: u64,
+    t0: Instant,
+    lat_ns: Vec<u32>,
+}
+
+impl Tally {
+    fn start(pid: u32) -> Tally {
+        Tally { pid, cpu0: cpu_ticks(pid), t0: Instant::now(), lat_ns: Vec::with_capacity(1 << 20) }
+    }
+    /// One completion of a request started at `started`, seen at `now`.
+    fn record(&mut self, started: Instant, now: Instant, ret: i32) {
+        assert_eq!(ret, 0, "IO failed");
+        self.lat_ns.push(now.duration_since(started).as_nanos().min(u128::from(u32::MAX)) as u32);
+    }
+    fn result(mut self) -> Result {
+        let elapsed = self.t0.elapsed().as_secs_f64();
+        let cpu1 = cpu_ticks(self.pid);
+        // SAFETY: sysconf has no memory effects.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        self.lat_ns.sort_unstable();
+        Result {
+            iops: self.lat_ns.len() as f64 / elapsed,
+            p50_us: percentile(&self.lat_ns, 0.50),
+            p99_us: percentile(&self.lat_ns, 0.99),
+            cpu_pct: (cpu1 - self.cpu0) as f64 / hz / elapsed * 100.0,
+        }
+    }
+}
+
+/// Queues `w`'s request for buffer slot `slot` (of `w.bs` bytes from `base`) at `off`.
+fn submit_slot(q: &mut blkio::Blkioq, base: *mut u8, w: Workload, slot: usize, off: u64) {
+    // SAFETY: callers pass slots inside the region they allocated for bs bytes a slot.
+    let buf = unsafe { base.add(slot * w.bs) };
+    if w.write {
+        q.write(off, buf, w.bs, slot, ReqFlags::empty());
+    } else {
+        q.read(off, buf, w.bs, slot, ReqFlags::empty());
+    }
+}
+
 /// Drives one workload over a vhost-user socket for `secs`; returns the result.
 pub fn run_blkio(sock: &Path, pid: u32, size: u64, w: Workload, secs: u64) -> Result {
     let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio");
@@ -155,26 +203,14 @@ pub fn run_blkio(sock: &Path, pid: u32, size: u64, w: Workload, secs: u64) -> Re
         }
     };
     let mut started = vec![Instant::now(); w.qd];
-    let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| {
-        // SAFETY: slot < qd, so the buffer stays in the region.
-        let buf = unsafe { base.add(slot * w.bs) };
-        if w.write {
-            q.write(off, buf, w.bs, slot, ReqFlags::empty());
-        } else {
-            q.read(off, buf, w.bs, slot, ReqFlags::empty());
-        }
-    };
-    // Warm up briefly, then measure.
-    let cpu0 = cpu_ticks(pid);
-    let t0 = Instant::now();
+    let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| submit_slot(q, base, w, slot, off);
+    let mut tally = Tally::start(pid);
     for slot in 0..w.qd {
         started[slot] = Instant::now();
         submit(q, slot, next_off(&mut rng));
     }
-    let mut lat_ns: Vec<u32> = Vec::with_capacity(1 << 20);
-    let mut done = 0u64;
     let mut comps: Vec<MaybeUninit<Completion>> = (0..w.qd).map(|_| MaybeUninit::uninit()).collect();
-    let end = t0 + Duration::from_secs(secs);
+    let end = tally.t0 + Duration::from_secs(secs);
     let mut inflight = w.qd;
     while inflight > 0 {
         let mut timeout = Duration::from_secs(10);
@@ -184,10 +220,8 @@ pub fn run_blkio(sock: &Path, pid: u32, size: u64, w: Workload, secs: u64) -> Re
         for c in comps.iter().take(n) {
             // SAFETY: do_io initialised the first n completions.
             let c = unsafe { c.assume_init_ref() };
-            assert_eq!(c.ret, 0, "IO failed");
             let slot = c.user_data;
-            lat_ns.push(now.duration_since(started[slot]).as_nanos().min(u128::from(u32::MAX)) as u32);
-            done += 1;
+            tally.record(started[slot], now, c.ret);
             if now < end {
                 started[slot] = Instant::now();
                 submit(q, slot, next_off(&mut rng));
@@ -196,17 +230,7 @@ pub fn run_blkio(sock: &Path, pid: u32, size: u64, w: Workload, secs: u64) -> Re
             }
         }
     }
-    let elapsed = t0.elapsed().as_secs_f64();
-    let cpu1 = cpu_ticks(pid);
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    lat_ns.sort_unstable();
-    Result {
-        iops: done as f64 / elapsed,
-        p50_us: percentile(&lat_ns, 0.50),
-        p99_us: percentile(&lat_ns, 0.99),
-        cpu_pct: (cpu1 - cpu0) as f64 / hz / elapsed * 100.0,
-    }
+    tally.result()
 }
 
 pub fn prefill(image: &Path, size: u64) {
@@ -269,17 +293,8 @@ pub fn run_blkio_queues(sock: &Path, pid: u32, size: u64, w: Workload, secs: u64
         q.set_completion_fd_enabled(true);
         fds.push(libc::pollfd { fd: q.get_completion_fd().expect("completion fd"), events: libc::POLLIN, revents: 0 });
     }
-    let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| {
-        // SAFETY: slot < slots, so the buffer stays in the region.
-        let buf = unsafe { base.add(slot * w.bs) };
-        if w.write {
-            q.write(off, buf, w.bs, slot, ReqFlags::empty());
-        } else {
-            q.read(off, buf, w.bs, slot, ReqFlags::empty());
-        }
-    };
-    let cpu0 = cpu_ticks(pid);
-    let t0 = Instant::now();
+    let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| submit_slot(q, base, w, slot, off);
+    let mut tally = Tally::start(pid);
     let mut started = vec![Instant::now(); slots];
     for (qi, q) in out.queues.iter_mut().enumerate() {
         for k in 0..w.qd {
@@ -291,10 +306,8 @@ pub fn run_blkio_queues(sock: &Path, pid: u32, size: u64, w: Workload, secs: u64
         let mut t = Duration::ZERO;
         let _ = q.do_io(&mut none, 0, Some(&mut t), None);
     }
-    let mut lat_ns: Vec<u32> = Vec::with_capacity(1 << 20);
-    let mut done = 0u64;
     let mut comps: Vec<MaybeUninit<Completion>> = (0..w.qd).map(|_| MaybeUninit::uninit()).collect();
-    let end = t0 + Duration::from_secs(secs);
+    let end = tally.t0 + Duration::from_secs(secs);
     let mut inflight = slots;
     while inflight > 0 {
         // SAFETY: fds is a valid array of pollfd for the call.
@@ -313,10 +326,8 @@ pub fn run_blkio_queues(sock: &Path, pid: u32, size: u64, w: Workload, secs: u64
             for c in comps.iter().take(n) {
                 // SAFETY: do_io initialised the first n completions.
                 let c = unsafe { c.assume_init_ref() };
-                assert_eq!(c.ret, 0, "IO failed");
                 let slot = c.user_data;
-                lat_ns.push(now.duration_since(started[slot]).as_nanos().min(u128::from(u32::MAX)) as u32);
-                done += 1;
+                tally.record(started[slot], now, c.ret);
                 if now < end {
                     started[slot] = Instant::now();
                     submit(q, slot, (rng.next() % blocks) * w.bs as u64);
@@ -331,15 +342,5 @@ pub fn run_blkio_queues(sock: &Path, pid: u32, size: u64, w: Workload, secs: u64
             }
         }
     }
-    let elapsed = t0.elapsed().as_secs_f64();
-    let cpu1 = cpu_ticks(pid);
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    lat_ns.sort_unstable();
-    Result {
-        iops: done as f64 / elapsed,
-        p50_us: percentile(&lat_ns, 0.50),
-        p99_us: percentile(&lat_ns, 0.99),
-        cpu_pct: (cpu1 - cpu0) as f64 / hz / elapsed * 100.0,
-    }
+    tally.result()
 }

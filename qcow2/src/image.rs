@@ -1024,7 +1024,7 @@ impl Qcow2 {
             return Ok(ticket);
         }
         let start = partial.len();
-        match self.zero_pieces_then_relieve(offset, len, partial, flagged, &mut ticket) {
+        match self.zero_pieces(offset, len, partial, flagged, &mut ticket).and_then(|()| self.relieve()) {
             Ok(()) => Ok(ticket),
             Err(e) => {
                 partial.truncate(start);
@@ -1032,18 +1032,6 @@ impl Qcow2 {
                 Err(e)
             }
         }
-    }
-
-    fn zero_pieces_then_relieve(
-        &self,
-        offset: u64,
-        len: u64,
-        partial: &mut Vec<MappedRange>,
-        flagged: &mut Vec<u64>,
-        ticket: &mut Vec<u64>,
-    ) -> Result<()> {
-        self.zero_pieces(offset, len, partial, flagged, ticket)?;
-        self.relieve()
     }
 
     fn zero_pieces(

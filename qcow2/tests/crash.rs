@@ -74,6 +74,29 @@ fn read_guest(bytes: Vec<u8>, off: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// A guest write through the engine: map, write the data, link.
+fn write_op(img: &Qcow2, st: &dyn Storage, off: u64, data: &[u8]) {
+    let mut ranges = Vec::new();
+    let t = img.map_write(off, data.len() as u64, &mut ranges).expect("map_write");
+    for r in &ranges {
+        let Mapping::Data(h) = r.mapping else { panic!("write mapped to {:?}", r.mapping) };
+        let s = (r.guest - off) as usize;
+        st.write_at(&data[s..s + r.len as usize], h).unwrap();
+    }
+    img.write_done(&t, true).unwrap();
+}
+
+/// A guest discard / write-zeroes through the engine.
+fn zero_op(img: &Qcow2, st: &dyn Storage, off: u64, len: u64) {
+    let mut partial = Vec::new();
+    let t = img.zero_range(off, len, &mut partial, &mut Vec::new()).expect("zero");
+    for r in &partial {
+        let Mapping::Data(h) = r.mapping else { panic!("zeroing mapped to {:?}", r.mapping) };
+        st.write_at(&vec![0u8; r.len as usize], h).unwrap();
+    }
+    img.write_done(&t, true).unwrap();
+}
+
 fn scenario(cluster: u64, size: u64, ops: usize, cuts: usize, seed: u64) {
     let base = MemStorage::default();
     create(&base, &CreateOptions { size, cluster_size: cluster }).expect("create");
@@ -92,33 +115,14 @@ fn scenario(cluster: u64, size: u64, ops: usize, cuts: usize, seed: u64) {
         let len = sectors * 512;
         match rng.below(12) {
             0 => {
-                let mut partial = Vec::new();
-                let t = img.zero_range(off, len, &mut partial, &mut Vec::new()).expect("zero");
-                for r in &partial {
-                    let Mapping::Data(h) = r.mapping else { panic!() };
-                    rec.write_at(&vec![0u8; r.len as usize], h).unwrap();
-                }
-                img.write_done(&t, true).unwrap();
+                zero_op(&img, rec.as_ref(), off, len);
                 model[off as usize..(off + len) as usize].fill(0);
             }
             3 => {
                 // Churn: discard, then rewrite the same range (in place since the fix).
-                let mut partial = Vec::new();
-                let t = img.zero_range(off, len, &mut partial, &mut Vec::new()).expect("zero");
-                for r in &partial {
-                    let Mapping::Data(h) = r.mapping else { panic!() };
-                    rec.write_at(&vec![0u8; r.len as usize], h).unwrap();
-                }
-                img.write_done(&t, true).unwrap();
+                zero_op(&img, rec.as_ref(), off, len);
                 let data: Vec<u8> = (0..len).map(|j| (i as u64 * 17 + j) as u8 | 1).collect();
-                let mut ranges = Vec::new();
-                let t = img.map_write(off, len, &mut ranges).expect("map_write");
-                for r in &ranges {
-                    let Mapping::Data(h) = r.mapping else { panic!() };
-                    let s = (r.guest - off) as usize;
-                    rec.write_at(&data[s..s + r.len as usize], h).unwrap();
-                }
-                img.write_done(&t, true).unwrap();
+                write_op(&img, rec.as_ref(), off, &data);
                 model[off as usize..(off + len) as usize].copy_from_slice(&data);
             }
             1 | 2 => {
@@ -131,14 +135,7 @@ fn scenario(cluster: u64, size: u64, ops: usize, cuts: usize, seed: u64) {
             }
             _ => {
                 let data: Vec<u8> = (0..len).map(|j| (i as u64 * 31 + j) as u8 | 1).collect();
-                let mut ranges = Vec::new();
-                let t = img.map_write(off, len, &mut ranges).expect("map_write");
-                for r in &ranges {
-                    let Mapping::Data(h) = r.mapping else { panic!() };
-                    let s = (r.guest - off) as usize;
-                    rec.write_at(&data[s..s + r.len as usize], h).unwrap();
-                }
-                img.write_done(&t, true).unwrap();
+                write_op(&img, rec.as_ref(), off, &data);
                 model[off as usize..(off + len) as usize].copy_from_slice(&data);
             }
         }
