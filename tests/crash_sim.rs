@@ -355,11 +355,15 @@ fn qcow2_oracle(dir: &TestDir, img: &[u8], size: u64, what: &str) -> Vec<u8> {
     let out = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&path).output().expect("qemu-img check");
     let code = out.status.code().unwrap_or(-1);
     if code != 0 && code != 3 {
-        // Kept for a post-mortem (the test's directory goes with the test).
-        let keep = std::env::temp_dir().join(format!("thinblk-crash-failed-{}.qcow2", std::process::id()));
-        let _ = std::fs::copy(&path, &keep);
+        // Kept for a post-mortem only when asked (THINBLK_CRASH_KEEP=DIR): the test's
+        // directory goes with the test.
+        let kept = std::env::var_os("THINBLK_CRASH_KEEP").map(|d| {
+            let keep = Path::new(&d).join(format!("thinblk-crash-failed-{}.qcow2", std::process::id()));
+            let _ = std::fs::copy(&path, &keep);
+            format!(" (image kept as {})", keep.display())
+        });
         let errors: Vec<&str> = std::str::from_utf8(&out.stderr).unwrap_or("").lines().chain(std::str::from_utf8(&out.stdout).unwrap_or("").lines()).filter(|l| l.contains("ERROR")).collect();
-        panic!("{what}: qemu-img check exit {code} (image kept as {}):\n{}\n{}", keep.display(), errors.join("\n"), String::from_utf8_lossy(&out.stdout));
+        panic!("{what}: qemu-img check exit {code}{}:\n{}\n{}", kept.unwrap_or_default(), errors.join("\n"), String::from_utf8_lossy(&out.stdout));
     }
     let out = Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(&path).arg(&raw).output().expect("qemu-img convert");
     assert!(out.status.success(), "{what}: qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
