@@ -398,7 +398,8 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         logical_block_size: 512,
         serial: Some("thinblk-demo".into()),
         l2_cache_size: None,
-        journal_dir: "/dev/shm".into(),
+        // The demo keeps everything in its directory, its journal too (the boot id guards it).
+        journal_dir: dir.to_string_lossy().into_owned(),
         backing_files: Default::default(),
         discard: DiscardMode::Unmap,
         log_level: None,
