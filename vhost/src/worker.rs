@@ -406,12 +406,34 @@ impl Worker {
     }
 
     fn pop(&mut self, ctx: &Context, vring: &Vring, stopping: bool) -> Option<(virtio_queue::DescriptorChain<Arc<Mem>>, Arc<Mem>)> {
+        self.pop_with(|| ctx.memory(), vring, stopping)
+    }
+
+    /// Pops the next chain. The avail index is read first; the memory table the chain is
+    /// checked against is taken only *after* it. A frontend adds a region (and waits for
+    /// our acknowledgement) before publishing a chain that uses it, so once the index shows
+    /// the chain, the table taken next has the region (a table taken before the index was read
+    /// could be older than the chain: the rare "outside guest memory" EIO).
+    fn pop_with(
+        &mut self,
+        memory: impl Fn() -> Option<Arc<Mem>>,
+        vring: &Vring,
+        stopping: bool,
+    ) -> Option<(virtio_queue::DescriptorChain<Arc<Mem>>, Arc<Mem>)> {
         let mut state = vring.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() || stopping {
             return None;
         }
-        let mem = ctx.memory()?;
-        let chain = state.get_queue_mut().pop_descriptor_chain(mem.clone())?;
+        let queue = state.get_queue_mut();
+        {
+            let probe = memory()?;
+            let avail = queue.avail_idx(probe.as_ref(), Ordering::Acquire).ok()?;
+            if avail.0 == queue.next_avail() {
+                return None;
+            }
+        }
+        let mem = memory()?;
+        let chain = queue.pop_descriptor_chain(mem.clone())?;
         // Counted while the vring lock is held, so stop_vring never misses it.
         self.inflight.add();
         // Serving again: requests may park again.
@@ -1154,7 +1176,8 @@ mod tests {
 
     #[test]
     fn a_flush_joins_only_while_the_metadata_epoch_stands() {
-        let Ok(mut w) = Worker::new(0, 8, &[], None) else { return }; // no io_uring here
+        let file = std::fs::File::open("/dev/null").expect("/dev/null");
+        let mut w = Worker::new(0, 8, &[std::os::fd::AsRawFd::as_raw_fd(&file)], None).expect("worker (needs io_uring)");
         let flush = Request { kind: RequestType::Flush, offset: 0, segments: Vec::new(), data_len: 0, ranges: Vec::new() };
         let slot = w.pending.insert(Pending {
             head: 0,
@@ -1173,6 +1196,55 @@ mod tests {
         // Another queue linked a completed write since the first FLUSH's write-back.
         assert!(!w.join_flush(8, 2, GuestAddress(0x20)), "a FLUSH joined one that misses a completed write");
         assert_eq!(w.pending.get_mut(slot).map(|p| p.joined.len()), Some(1));
+    }
+
+    #[test]
+    fn the_memory_table_a_chain_is_checked_against_is_never_older_than_the_chain() {
+        use vm_memory::{GuestMemoryRegion, GuestRegionMmap};
+        let file = std::fs::File::open("/dev/null").expect("/dev/null");
+        let mut w = Worker::new(0, 8, &[std::os::fd::AsRawFd::as_raw_fd(&file)], None).expect("worker (needs io_uring)");
+        // Region 0 holds the rings, descriptors and header; region 1, which the frontend adds
+        // just before publishing the chain, holds the data buffer.
+        let r0 = Arc::new(GuestRegionMmap::<()>::from_range(GuestAddress(0), 0x10000, None).expect("region 0"));
+        let r1 = Arc::new(GuestRegionMmap::<()>::from_range(GuestAddress(0x10_0000), 0x10000, None).expect("region 1"));
+        let old = Arc::new(GuestMemoryMmap::from_arc_regions(vec![r0.clone()]).expect("old table"));
+        let new = Arc::new(GuestMemoryMmap::from_arc_regions(vec![r0.clone(), r1]).expect("new table"));
+        assert_eq!(r0.len(), 0x10000);
+        let vring = Vring::new(GuestMemoryAtomic::new((*old).clone()), 16).expect("vring");
+        vring.set_queue_size(16);
+        vring.set_queue_info(0x0, 0x1000, 0x2000).expect("queue info");
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        // A read of sector 0: header (device-readable), 512-byte buffer in region 1, status.
+        let desc = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+            let mut d = [0u8; 16];
+            d[..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            old.write_slice(&d, GuestAddress(i * 16)).expect("descriptor");
+        };
+        const NEXT: u16 = 1;
+        const WRITE: u16 = 2;
+        desc(0, 0x3000, 16, NEXT, 1);
+        desc(1, 0x10_0000, 512, NEXT | WRITE, 2);
+        desc(2, 0x3100, 1, WRITE, 0);
+        old.write_slice(&[0u8; 16], GuestAddress(0x3000)).expect("header");
+        old.write_obj(0u16, GuestAddress(0x1004)).expect("avail ring[0]");
+        old.write_obj(1u16, GuestAddress(0x1002)).expect("avail idx");
+        // The table is swapped (ADD_MEM_REG handled) between the worker's two steps.
+        let calls = std::cell::Cell::new(0);
+        let memory = || {
+            calls.set(calls.get() + 1);
+            Some(if calls.get() == 1 { old.clone() } else { new.clone() })
+        };
+        let (chain, mem) = w.pop_with(memory, &vring, false).expect("a chain");
+        assert!(Arc::ptr_eq(&mem, &new), "the chain was checked against a table taken before its index was read");
+        let limits = crate::request::Limits { capacity: 1 << 20, logical_block_size: 512, seg_max: 126, max_bytes: 1 << 20, read_only: false };
+        let parsed = parse(chain, &limits);
+        assert!(parsed.request.is_ok(), "{:?}", parsed.request.err());
+        // Nothing more to pop, whatever the table.
+        assert!(w.pop_with(|| Some(new.clone()), &vring, false).is_none());
     }
 
     #[test]
