@@ -82,6 +82,11 @@ impl Default for OpenOptions {
 /// Default L2 cache cap, as QEMU.
 pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
 
+/// Refcount blocks kept in memory (besides dirty ones, which wait for their write-back).
+/// Allocation touches the last few; an image whose entries lack the COPIED flag makes every
+/// write look a refcount up, anywhere in the image: without a cap its blocks would all pile up.
+pub const MAX_CACHED_REFBLOCKS: usize = 64;
+
 /// Something that can fill bytes of a guest cluster that a partial write does not cover.
 pub trait BackingReader: Send + Sync {
     /// Reads `buf.len()` bytes of the backing disk at guest offset `offset` (zeroes past its end).
@@ -387,6 +392,11 @@ impl Qcow2 {
     /// requests in progress).
     pub fn cached_l2_tables(&self) -> usize {
         self.meta.read().map(|m| m.l2.len()).unwrap_or(0)
+    }
+
+    /// Refcount blocks held in memory now (at most [`MAX_CACHED_REFBLOCKS`] clean ones).
+    pub fn cached_refblocks(&self) -> usize {
+        self.meta.read().map(|m| m.refblocks.len()).unwrap_or(0)
     }
 
     /// Closes the image clean: writes every dirty table back in order, syncs, and removes the
@@ -1159,6 +1169,16 @@ impl Qcow2 {
             let mut raw = vec![0u8; self.cluster_size as usize];
             self.storage.read_at(&mut raw, off)?;
             let counts = raw.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+            if m.refblocks.len() >= MAX_CACHED_REFBLOCKS {
+                let clean: Vec<u64> = m.refblocks.iter().filter(|(_, b)| !b.dirty).map(|(i, _)| *i).take(m.refblocks.len() / 2 + 1).collect();
+                if clean.is_empty() {
+                    // All dirty: the next writer writes them back, then they can go.
+                    self.relief.store(true, Ordering::Release);
+                }
+                for i in clean {
+                    m.refblocks.remove(&i);
+                }
+            }
             m.refblocks.insert(idx, RefBlock { counts, dirty: false });
         }
         m.refblocks.get_mut(&idx).ok_or_else(|| Qcow2Error::Corrupt("refcount block cache".into()))
