@@ -115,14 +115,30 @@ impl Journal {
     /// it empty.
     pub(crate) fn open(path: &Path, key: u64, seg_bytes: usize, storage: &dyn Storage) -> Result<(Journal, Option<ReplayReport>)> {
         let seg_bytes = seg_bytes.max(4096).next_multiple_of(4096);
+        // The directory is shared (/dev/shm is world-writable) and the name predictable: never
+        // follow a link there (we would truncate its target), and never use a file someone
+        // else could write (its records would be replayed into the image).
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
-            .map_err(|e| io_err(path, "open", e))?;
+            .map_err(|e| io_err(path, "open (a symbolic link is refused)", e))?;
+        {
+            use std::os::unix::fs::MetadataExt;
+            let meta = file.metadata().map_err(|e| io_err(path, "stat", e))?;
+            // SAFETY: geteuid has no failure mode and no memory effects.
+            let me = unsafe { libc::geteuid() };
+            if !meta.file_type().is_file() || meta.uid() != me || meta.nlink() != 1 || meta.mode() & 0o077 != 0 {
+                return Err(bad(
+                    path,
+                    format!("not a private file of ours (uid {}, mode {:o}, links {})", meta.uid(), meta.mode() & 0o7777, meta.nlink()),
+                ));
+            }
+        }
         // SAFETY: plain syscall on our own fd.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = io::Error::last_os_error();
@@ -404,8 +420,27 @@ mod tests {
     use super::*;
     use crate::storage::MemStorage;
 
-    fn tmp(name: &str) -> PathBuf {
-        std::env::temp_dir().join(format!("thinblk-journal-{}-{name}", std::process::id()))
+    /// A temp path removed when dropped, even when the test fails.
+    struct TmpPath(PathBuf);
+    impl std::ops::Deref for TmpPath {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+    impl AsRef<Path> for TmpPath {
+        fn as_ref(&self) -> &Path {
+            &self.0
+        }
+    }
+    impl Drop for TmpPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn tmp(name: &str) -> TmpPath {
+        TmpPath(std::env::temp_dir().join(format!("thinblk-journal-{}-{name}", std::process::id())))
     }
 
     fn fresh(p: &Path, key: u64) -> Journal {
@@ -492,6 +527,35 @@ mod tests {
         let (j, rep) = Journal::open(&p, 6, 4096, &MemStorage::default()).expect("replaced");
         assert_eq!(rep.map(|r| r.records), Some(0));
         drop(j);
+    }
+
+    #[test]
+    fn a_planted_link_or_foreign_file_is_refused_and_left_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let p = tmp("planted");
+        let victim = tmp("victim");
+        // Empty, as a lock or state file: a followed link would turn it into a journal.
+        std::fs::write(&victim, b"").expect("victim");
+        // A private file of ours (as /root/.ssh/id_rsa): only O_NOFOLLOW keeps it intact.
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let _ = std::fs::remove_file(&p);
+        std::os::unix::fs::symlink(&victim, &p).expect("symlink");
+        assert!(Journal::open(&p, 1, 4096, &MemStorage::default()).is_err());
+        assert_eq!(std::fs::metadata(&victim).expect("victim").len(), 0, "a link's target was touched");
+        std::fs::remove_file(&p).expect("rm link");
+        // A file others may write.
+        std::fs::write(&p, b"").expect("file");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        assert!(matches!(Journal::open(&p, 1, 4096, &MemStorage::default()), Err(Qcow2Error::Corrupt(_))));
+        // Someone else's file.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: chown of our own test file.
+        if unsafe { libc::chown(c.as_ptr(), 65534, 65534) } == 0 {
+            assert!(matches!(Journal::open(&p, 1, 4096, &MemStorage::default()), Err(Qcow2Error::Corrupt(_))));
+        }
+        let _ = std::fs::remove_file(&p);
+        let _ = std::fs::remove_file(&victim);
     }
 
     #[test]
