@@ -396,11 +396,8 @@ fn check_backing(name: &str, resolved: &Path, policy: BackingFiles) -> Result<()
     }
     let meta = std::fs::metadata(resolved).map_err(|e| format!("backing file {name} ({}): {e}", resolved.display()))?;
     let kind = meta.file_type();
-    let allowed = match policy {
-        BackingFiles::Local => kind.is_file(),
-        BackingFiles::Devices => kind.is_file() || kind.is_block_device(),
-        BackingFiles::Any => kind.is_file() || kind.is_block_device(),
-    };
+    // `devices` and `any` accept the same file types; they differ in the names above.
+    let allowed = kind.is_file() || (policy != BackingFiles::Local && kind.is_block_device());
     if !allowed {
         let what = if kind.is_block_device() { "a block device" } else if kind.is_dir() { "a directory" } else { "not a regular file" };
         return Err(format!("backing file {name} is {what} {hint}"));

@@ -149,8 +149,6 @@ struct Meta {
     next_free: u64,
     pending: HashMap<u64, Pending>,
     new_l2_since_flush: bool,
-    /// The L2 cache holds more tables than its capacity (all dirty): flush soon.
-    over_capacity: bool,
     tick: u64,
     /// Completed L2 write-backs: a table read without the lock is inserted only if none
     /// completed since the read began (else the read may predate the disk's copy).
@@ -339,7 +337,6 @@ impl Qcow2 {
             next_free: 0,
             pending: HashMap::new(),
             new_l2_since_flush: false,
-            over_capacity: false,
             tick: 0,
             l2_writebacks: 0,
             cleared_gen: if journal.is_some() { 0 } else { u64::MAX },
@@ -619,7 +616,6 @@ impl Qcow2 {
         if !Self::trim_cache(m, m.l2_capacity.saturating_sub(1)) {
             // Everything is dirty: hold it over capacity; the writer writes it back as soon
             // as it drops the lock (no IO under the lock here), then the cache shrinks.
-            m.over_capacity = true;
             self.relief.store(true, Ordering::Release);
         }
         m.tick += 1;
@@ -651,7 +647,9 @@ impl Qcow2 {
     /// Writes metadata back if the L2 cache overflowed with dirty tables (then shrinks it to
     /// its size) or the journal is filling up. Call with no lock held.
     fn relieve(&self) -> Result<()> {
-        if self.relief.swap(false, Ordering::AcqRel) {
+        // A plain load first: on the per-request path the flag is almost always clear, and a
+        // read leaves the cache line shared between the queues.
+        if self.relief.load(Ordering::Relaxed) && self.relief.swap(false, Ordering::AcqRel) {
             if let Err(e) = self.flush_metadata() {
                 self.relief.store(true, Ordering::Release);
                 return Err(e);
@@ -1371,9 +1369,7 @@ impl Qcow2 {
         m.limbo = wait;
         m.free.extend(ready.into_iter().map(|(h, _)| h));
         let cap = m.l2_capacity;
-        if Self::trim_cache(m, cap) {
-            m.over_capacity = false;
-        } else {
+        if !Self::trim_cache(m, cap) {
             // Dirtied again while this write-back ran: the next writer writes back again.
             self.relief.store(true, Ordering::Release);
         }
