@@ -420,10 +420,13 @@ impl Control {
                 "extension"
             );
             if let Ok(mut s) = self.stats.lock() {
-                if grown {
+                // An extension completes once, when its growth is first seen (`started` is set
+                // from its request until then): a tick that re-reads the grown volume before
+                // the reply is polled already counted it, and the reply then counts nothing.
+                if grown && self.started.is_some() {
                     s.completed += 1;
                     s.observe_extension(now.duration_since(t0).as_secs_f64());
-                } else {
+                } else if !grown {
                     s.failed += 1;
                 }
             }
@@ -568,9 +571,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn crossing_extends_at_once_and_completion_raises_the_limit_and_resumes() {
-        let file = TempFile(std::env::temp_dir().join(format!("thinblk-control-{}", std::process::id())));
+    /// A control thread over a 64 MiB file volume (50 %, 64 MiB chunks) and in-memory mailboxes.
+    fn rig(name: &str) -> (TempFile, Arc<Engine>, Arc<Signals>, Arc<ParkHub>, Boxes, Control) {
+        let file = TempFile(std::env::temp_dir().join(format!("thinblk-control-{name}-{}", std::process::id())));
         std::fs::File::create(&file.0).unwrap().set_len(64 * MIB).unwrap();
         let engine = Arc::new(Engine::default());
         engine.allocation.store(MIB, Ordering::SeqCst);
@@ -581,7 +584,7 @@ mod tests {
             domain: Uuid::parse("8adbc85e-e554-4ae0-b318-8a5465fe5fe1").unwrap(),
             volume: Uuid::parse("d772f1c6-3ebb-43c3-a42e-73fcd8255a5f").unwrap(),
         };
-        let mut c = Control::new(
+        let c = Control::new(
             engine.clone(),
             Volume::open(&file.0).unwrap(),
             Monitor::new(Policy::new(50, 64).unwrap(), 1 << 30),
@@ -591,6 +594,30 @@ mod tests {
             Box::new(MemIo { host: 4, boxes: boxes.clone() }),
             id,
         );
+        (file, engine, signals, hub, boxes, c)
+    }
+
+    #[test]
+    fn an_extension_seen_by_the_tick_before_its_reply_counts_once() {
+        let (file, engine, signals, _hub, boxes, mut c) = rig("once");
+        c.tick(Instant::now());
+        engine.allocation.store(33 * MIB, Ordering::SeqCst);
+        signals.allocated(33 * MIB);
+        c.exceeded(signals.take().expect("crossing"));
+        // The SPM grows the volume; the tick re-reads it before the reply is polled.
+        let mut spm = Spm::new();
+        assert_eq!(spm_answer(&mut spm, &boxes, &file.0, true), 1);
+        c.tick(Instant::now());
+        assert_eq!(engine.limit.load(Ordering::SeqCst), 128 * MIB, "the tick saw the growth");
+        c.poll_mailbox();
+        let s = c.stats().lock().unwrap().clone();
+        assert_eq!((s.requests, s.completed, s.failed), (1, 1, 0), "one request, one extension");
+        assert_eq!(s.duration_buckets.iter().sum::<u64>(), 1, "one duration observed");
+    }
+
+    #[test]
+    fn crossing_extends_at_once_and_completion_raises_the_limit_and_resumes() {
+        let (file, engine, signals, hub, boxes, mut c) = rig("extend");
         assert_eq!(engine.limit.load(Ordering::SeqCst), 64 * MIB, "the limit is the volume's size");
         let t0 = Instant::now();
         c.tick(t0);
