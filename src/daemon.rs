@@ -5,10 +5,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::os::unix::net::{UnixListener, UnixStream};
+
+use thinblk_vhost::protocol::{install_sigbus_guard, End, Session};
 use thinblk_vhost::{BlkDevice, DeviceConfig, ImageFormat};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Errors that end the daemon.
@@ -17,9 +17,9 @@ pub enum DaemonError {
     /// The device could not be set up.
     #[error("device setup failed: {0}")]
     Device(#[from] thinblk_vhost::error::DeviceError),
-    /// The vhost-user library failed.
+    /// A connection could not be set up.
     #[error("vhost-user: {0}")]
-    VhostUser(String),
+    VhostUser(#[from] thinblk_vhost::error::ProtocolError),
     /// Waiting for a connection or a signal failed.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -29,7 +29,7 @@ pub enum DaemonError {
 pub struct Shutdown {
     requested: AtomicBool,
     wake: EventFd,
-    active: Mutex<Option<(BlkDevice, ShutdownHandle)>>,
+    active: Mutex<Option<(BlkDevice, UnixStream)>>,
 }
 
 impl Shutdown {
@@ -53,14 +53,14 @@ impl Shutdown {
         self.requested.store(true, Ordering::SeqCst);
         let _ = self.wake.write(1);
         if let Ok(active) = self.active.lock() {
-            if let Some((device, handle)) = active.as_ref() {
+            if let Some((device, socket)) = active.as_ref() {
                 device.quiesce();
-                handle.shutdown();
+                let _ = socket.shutdown(std::net::Shutdown::Both);
             }
         }
     }
 
-    fn set_active(&self, v: Option<(BlkDevice, ShutdownHandle)>) {
+    fn set_active(&self, v: Option<(BlkDevice, UnixStream)>) {
         if let Ok(mut a) = self.active.lock() {
             *a = v;
         }
@@ -143,43 +143,40 @@ fn wait_for_connection(fd: RawFd, shutdown: &Shutdown) -> io::Result<bool> {
 pub fn serve(
     image: Arc<dyn ImageFormat>,
     cfg: &DeviceConfig,
-    mut listener: Listener,
+    listener: UnixListener,
     shutdown: &Arc<Shutdown>,
 ) -> Result<(), DaemonError> {
+    install_sigbus_guard()?;
     let mut connection = 0u64;
     loop {
         let device = BlkDevice::new(image.clone(), cfg)?;
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new("thinblk-vhost".into(), device.clone(), mem)
-            .map_err(|e| DaemonError::VhostUser(e.to_string()))?;
-        device.register_listeners(&daemon.get_epoll_handlers())?;
         if !wait_for_connection(listener.as_raw_fd(), shutdown)? {
-            drop(daemon);
-            device.release_exit_events();
             break;
         }
-        daemon.start(&mut listener).map_err(|e| DaemonError::VhostUser(e.to_string()))?;
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a connection failed");
+                continue;
+            }
+        };
         connection += 1;
         tracing::info!(connection, "frontend connected");
-        if let Some(handle) = daemon.shutdown_handle() {
-            shutdown.set_active(Some((device.clone(), handle)));
-        }
+        let mut session = Session::new(device.clone(), stream)?;
+        shutdown.set_active(Some((device.clone(), session.socket()?)));
         if shutdown.requested() {
             device.quiesce();
-            daemon.request_shutdown();
+            let _ = session.socket().and_then(|s| s.shutdown(std::net::Shutdown::Both));
         }
-        match daemon.wait() {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => tracing::info!(connection, "frontend disconnected"),
-            Err(e) => tracing::warn!(connection, error = %e, "frontend connection ended with an error"),
+        match session.run() {
+            End::Disconnected => tracing::info!(connection, "frontend disconnected"),
+            End::Refused(e) => tracing::warn!(connection, error = %e, "frontend connection closed: refused message"),
         }
         shutdown.set_active(None);
-        // The frontend is gone: finish host IO, but do not complete requests it will resubmit.
+        // Stops the queue threads; then finish host IO, but do not complete requests the
+        // frontend will resubmit.
+        drop(session);
         device.drain(false);
-        drop(daemon);
-        device.release_exit_events();
         if shutdown.requested() {
             break;
         }

@@ -17,7 +17,7 @@ use thinblk::thin::control::Signals;
 use thinblk::thin::policy::Policy;
 use thinblk::thin::ThinOptions;
 use thinblk_vhost::{DeviceConfig, ImageFormat, ParkHub};
-use vhost::vhost_user::Listener;
+use std::os::unix::net::UnixListener as Listener;
 
 /// Exit code for a wrong command line.
 const EXIT_USAGE: u8 = 2;
@@ -253,7 +253,7 @@ fn listen_atomically(path: &Path) -> std::io::Result<Listener> {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    Ok(Listener::from(listener))
+    Ok(listener)
 }
 
 fn inherited_listener(fd: i32) -> Result<Listener, Failure> {

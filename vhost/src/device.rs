@@ -1,14 +1,10 @@
 //! The vhost-user-blk device: feature negotiation, config space, and one worker per queue.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vm_memory::GuestAddressSpace;
 
 use crate::config::{config_slice, BlkGeometry, WRITEBACK_OFFSET};
@@ -17,7 +13,8 @@ use crate::image::ImageFormat;
 use crate::park::ParkHub;
 use crate::request::{Limits, ID_LEN};
 use crate::stats::DeviceStats;
-use crate::worker::{AtomicMem, InflightCount, Mem, Vring, Worker};
+use crate::vring::Vring;
+use crate::worker::{AtomicMem, InflightCount, Mem, Worker};
 
 /// Settings of one device instance.
 #[derive(Clone, Debug)]
@@ -82,13 +79,9 @@ struct Inner {
     ctx: Context,
     workers: Vec<Mutex<Worker>>,
     inflight: Vec<Arc<InflightCount>>,
-    /// Exit-event fds handed to vhost-user-backend, which keeps them as raw fds and never
-    /// closes them (0.24: `VringEpollHandler::new` calls `into_raw_fd`). Closed by
-    /// [`BlkDevice::release_exit_events`] once the daemon that used them is gone.
-    exit_fds: Mutex<Vec<RawFd>>,
 }
 
-/// The vhost-user-blk backend. Cheap to clone; each vring thread holds a clone.
+/// The vhost-user-blk device. Cheap to clone; each queue thread holds a clone.
 #[derive(Clone)]
 pub struct BlkDevice {
     inner: Arc<Inner>,
@@ -102,16 +95,6 @@ pub const PARKED_GRACE: std::time::Duration = std::time::Duration::from_secs(10)
 /// in flight completes, and is reported). Storage that hangs past this leaves them in flight;
 /// the stop answers anyway, logged, rather than hang the frontend.
 pub const STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Event id of a worker's ring completions (ids up to `num_queues` are the library's).
-fn completion_event(num_queues: usize) -> u16 {
-    num_queues as u16 + 1
-}
-
-/// Event id of a worker's wake-up to retry parked requests.
-fn resume_event(num_queues: usize) -> u16 {
-    num_queues as u16 + 2
-}
 
 impl BlkDevice {
     /// Builds a device over `image`, creating one worker (and io_uring) per queue.
@@ -154,30 +137,12 @@ impl BlkDevice {
             stopping: AtomicBool::new(false),
             mem: RwLock::new(None),
         };
-        Ok(BlkDevice { inner: Arc::new(Inner { ctx, workers, inflight, exit_fds: Mutex::new(Vec::new()) }) })
+        Ok(BlkDevice { inner: Arc::new(Inner { ctx, workers, inflight }) })
     }
 
     /// The device's fixed properties.
     pub fn geometry(&self) -> &BlkGeometry {
         &self.inner.ctx.geometry
-    }
-
-    /// Registers each worker's ring eventfd with its vring thread's epoll loop.
-    pub fn register_listeners(&self, handlers: &[Arc<VringEpollHandler<BlkDevice>>]) -> Result<(), DeviceError> {
-        let id = completion_event(self.inner.workers.len());
-        let resume = resume_event(self.inner.workers.len());
-        for (q, (worker, handler)) in self.inner.workers.iter().zip(handlers).enumerate() {
-            let fd = worker.lock().map(|w| w.completion_fd()).map_err(|_| poisoned())?;
-            handler
-                .register_listener(fd, EventSet::IN, u64::from(id))
-                .map_err(DeviceError::RegisterListener)?;
-            if let Some(wake) = self.inner.ctx.park.wake_fd(q) {
-                handler
-                    .register_listener(wake, EventSet::IN, u64::from(resume))
-                    .map_err(DeviceError::RegisterListener)?;
-            }
-        }
-        Ok(())
     }
 
     /// Waits for all host IO of every queue; `publish` completes requests to the guest.
@@ -210,19 +175,6 @@ impl BlkDevice {
         self.drain(true);
     }
 
-    /// Closes the exit-event fds the vhost-user library leaks.
-    ///
-    /// Call only after the `VhostUserDaemon` built on this device has been dropped (its
-    /// worker threads joined and their epoll instances closed): nothing uses the fds then.
-    pub fn release_exit_events(&self) {
-        let Ok(mut fds) = self.inner.exit_fds.lock() else { return };
-        for fd in fds.drain(..) {
-            // SAFETY: the fd was created for this device and given up by the library with
-            // into_raw_fd; its only user, the daemon's epoll loop, is gone (see above).
-            unsafe { libc::close(fd) };
-        }
-    }
-
     /// The hub parked requests wait in.
     pub fn park_hub(&self) -> Arc<ParkHub> {
         self.inner.ctx.park.clone()
@@ -234,46 +186,45 @@ impl BlkDevice {
     }
 }
 
-fn poisoned() -> DeviceError {
-    DeviceError::Ring(io::Error::other("worker lock poisoned"))
-}
 
-impl VhostUserBackend for BlkDevice {
-    type Bitmap = ();
-    type Vring = Vring;
-
-    fn num_queues(&self) -> usize {
+impl BlkDevice {
+    /// Number of request queues.
+    pub fn num_queues(&self) -> usize {
         self.inner.workers.len()
     }
 
-    fn max_queue_size(&self) -> usize {
-        usize::from(self.inner.ctx.geometry.queue_size)
+    /// Most descriptors a ring may have.
+    pub fn max_queue_size(&self) -> u16 {
+        self.inner.ctx.geometry.queue_size
     }
 
-    fn features(&self) -> u64 {
+    /// The virtio feature bits offered.
+    pub fn features(&self) -> u64 {
         self.inner.ctx.geometry.features()
     }
 
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    /// The vhost-user protocol features offered.
+    pub fn protocol_features(&self) -> u64 {
+        use crate::protocol::message::{PF_CONFIG, PF_CONFIGURE_MEM_SLOTS, PF_MQ, PF_REPLY_ACK};
+        PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_CONFIGURE_MEM_SLOTS
     }
 
-    fn set_event_idx(&self, enabled: bool) {
+    /// Records whether VIRTIO_RING_F_EVENT_IDX was negotiated.
+    pub fn set_event_idx(&self, enabled: bool) {
         self.inner.ctx.event_idx.store(enabled, Ordering::Relaxed);
     }
 
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+    /// `size` bytes of the config space from `offset` (the caller checked the range).
+    pub fn config(&self, offset: u32, size: u32) -> Vec<u8> {
         let ctx = &self.inner.ctx;
         let bytes = ctx.geometry.config_bytes(ctx.writeback.load(Ordering::Relaxed));
         config_slice(&bytes, offset, size)
     }
 
-    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        if offset != WRITEBACK_OFFSET || buf.len() != 1 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "only the writeback byte is writable"));
+    /// Writes the config space: only the write-back byte is writable.
+    pub fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        if offset != WRITEBACK_OFFSET || buf.len() != 1 || buf[0] > 1 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "only the writeback byte (0 or 1) is writable"));
         }
         let wb = buf[0] != 0;
         tracing::info!(writeback = wb, "guest set the write cache mode");
@@ -281,26 +232,21 @@ impl VhostUserBackend for BlkDevice {
         Ok(())
     }
 
-    fn update_memory(&self, mem: AtomicMem) -> io::Result<()> {
-        let mut slot = self.inner.ctx.mem.write().map_err(|_| io::Error::other("memory lock poisoned"))?;
-        *slot = Some(mem);
-        Ok(())
-    }
-
-    fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.inner.workers.len()).map(|q| 1u64 << q).collect()
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
-        if let Ok(mut fds) = self.inner.exit_fds.lock() {
-            fds.push(consumer.as_raw_fd());
+    /// Installs the guest memory the workers read (swapped by the session as regions change).
+    pub fn update_memory(&self, mem: AtomicMem) {
+        match self.inner.ctx.mem.write() {
+            Ok(mut slot) => *slot = Some(mem),
+            Err(e) => *e.into_inner() = Some(mem),
         }
-        Some((consumer, notifier))
     }
 
-    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        let q = queue_index as usize;
+    /// The io_uring completion eventfd of queue `q`.
+    pub fn completion_fd(&self, q: usize) -> Option<RawFd> {
+        self.inner.workers.get(q).and_then(|w| w.lock().ok().map(|w| w.completion_fd()))
+    }
+
+    /// Waits, in bounded time, until queue `q` has nothing in flight (the frontend stopped it).
+    pub fn stop_vring(&self, q: usize) {
         if let Some(c) = self.inner.inflight.get(q) {
             // Parked requests keep being retried for a grace period; what is still parked
             // then is completed with an IO error, so the frontend is never blocked forever.
@@ -312,34 +258,35 @@ impl VhostUserBackend for BlkDevice {
                 }
             }
             if !c.wait_idle_for(q, STOP_LIMIT) {
-                tracing::error!(queue = queue_index, inflight = c.get(),
+                tracing::error!(queue = q, inflight = c.get(),
                     "storage does not answer: stop answered with requests still at the storage (should it answer later, they complete into a ring the frontend has stopped)");
-                return Ok(());
+                return;
             }
         }
-        tracing::info!(queue = queue_index, "queue stopped with no IO in flight");
-        Ok(())
+        tracing::info!(queue = q, "queue stopped with no IO in flight");
     }
 
-    fn handle_event(&self, device_event: u16, _evset: EventSet, vrings: &[Vring], thread_id: usize) -> io::Result<()> {
-        let ctx = &self.inner.ctx;
-        let Some(worker) = self.inner.workers.get(thread_id) else { return Ok(()) };
-        let mut w = worker.lock().map_err(|_| io::Error::other("worker lock poisoned"))?;
-        if device_event == completion_event(self.inner.workers.len()) {
-            w.on_completion(ctx)?;
-            // Completions free ring space; pick up anything the guest queued meanwhile.
-            if let Some(v) = vrings.first() {
-                w.on_kick(ctx, v)?;
-            }
-            return Ok(());
-        }
-        if device_event == resume_event(self.inner.workers.len()) {
-            ctx.park.ack(thread_id);
-            return w.on_resume(ctx);
-        }
-        match vrings.get(usize::from(device_event)) {
-            Some(v) => w.on_kick(ctx, v),
-            None => Ok(()),
-        }
+    fn worker(&self, q: usize) -> io::Result<std::sync::MutexGuard<'_, Worker>> {
+        let w = self.inner.workers.get(q).ok_or_else(|| io::Error::other("no such queue"))?;
+        w.lock().map_err(|_| io::Error::other("worker lock poisoned"))
+    }
+
+    /// The frontend kicked queue `q`.
+    pub fn on_kick(&self, q: usize, vring: &Vring) -> io::Result<()> {
+        self.worker(q)?.on_kick(&self.inner.ctx, vring)
+    }
+
+    /// Queue `q`'s io_uring has completions.
+    pub fn on_completion(&self, q: usize, vring: &Vring) -> io::Result<()> {
+        let mut w = self.worker(q)?;
+        w.on_completion(&self.inner.ctx)?;
+        // Completions free ring space; pick up anything the guest queued meanwhile.
+        w.on_kick(&self.inner.ctx, vring)
+    }
+
+    /// The park hub woke queue `q` to retry its parked requests.
+    pub fn on_resume(&self, q: usize) -> io::Result<()> {
+        self.inner.ctx.park.ack(q);
+        self.worker(q)?.on_resume(&self.inner.ctx)
     }
 }

@@ -92,15 +92,121 @@ pub enum ImageError {
     Refused(String),
 }
 
+/// Why a frontend message was refused (the connection's log says which and why).
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The socket failed.
+    #[error("socket: {0}")]
+    Socket(io::Error),
+    /// The connection ended inside a message.
+    #[error("message cut short: {got} of {want} bytes")]
+    Truncated {
+        /// Bytes received.
+        got: usize,
+        /// Bytes the message needed.
+        want: usize,
+    },
+    /// The header's version is not 1.
+    #[error("protocol version {0} (only 1 exists)")]
+    Version(u32),
+    /// Unknown or misplaced flag bits.
+    #[error("invalid flags {0:#x}")]
+    Flags(u32),
+    /// A body larger than any message has.
+    #[error("body of {0} bytes (at most 4096)")]
+    TooLarge(u32),
+    /// A body of the wrong size for its message.
+    #[error("{request}: body of {got} bytes, the message has {want}")]
+    BodySize {
+        /// Message name.
+        request: &'static str,
+        /// Bytes received.
+        got: usize,
+        /// Bytes expected.
+        want: usize,
+    },
+    /// More file descriptors than any message carries, or a truncated control message.
+    #[error("too many file descriptors")]
+    TooManyFds,
+    /// A control message other than SCM_RIGHTS.
+    #[error("unexpected control message")]
+    ControlMessage,
+    /// The wrong number of descriptors for the message.
+    #[error("{got} file descriptors where the message takes {want}")]
+    FdCount {
+        /// Expected.
+        want: usize,
+        /// Received.
+        got: usize,
+    },
+    /// A descriptor of the wrong kind.
+    #[error("bad file descriptor: {0}")]
+    BadFd(io::Error),
+    /// A request we do not implement (or did not offer).
+    #[error("unsupported request {0} ({1})")]
+    Unsupported(&'static str, u32),
+    /// A request whose protocol feature was not negotiated.
+    #[error("{0} without its protocol feature negotiated")]
+    NotNegotiated(&'static str),
+    /// Feature bits we never offered.
+    #[error("{what} {bits:#x} were never offered")]
+    NotOffered {
+        /// Virtio or protocol features.
+        what: &'static str,
+        /// The bits not offered.
+        bits: u64,
+    },
+    /// A queue index beyond the device's queues.
+    #[error("no queue {0}")]
+    QueueIndex(u32),
+    /// A ring size that is zero, not a power of two, or above the maximum.
+    #[error("ring size {size} (a power of two up to {max})")]
+    RingSize {
+        /// Requested.
+        size: u32,
+        /// Maximum.
+        max: u32,
+    },
+    /// A ring base or enable value out of range.
+    #[error("value {0} out of range")]
+    RingBase(u32),
+    /// Ring addresses the memory table does not cover, or a ring that does not fit.
+    #[error("ring: {0}")]
+    Ring(String),
+    /// A frontend address outside every region.
+    #[error("address {0:#x} is in no memory region")]
+    Unmapped(u64),
+    /// Too many regions.
+    #[error("{0} memory regions is out of range")]
+    RegionCount(usize),
+    /// A region that cannot be mapped safely.
+    #[error("memory region at {guest_addr:#x}: {why}")]
+    BadRegion {
+        /// Its guest address.
+        guest_addr: u64,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// REM_MEM_REG of a region we do not have.
+    #[error("no memory region at {0:#x} to remove")]
+    NoSuchRegion(u64),
+    /// Mapping failed.
+    #[error("mapping guest memory: {0}")]
+    Map(String),
+    /// A message not allowed in the current state.
+    #[error("{0}")]
+    State(&'static str),
+    /// The frontend shrank a file backing guest memory while it was mapped.
+    #[error("guest memory vanished under us (a backing file was truncated)")]
+    MemoryFault,
+}
+
 /// Errors that stop the device from being set up (never reached by guest requests).
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// io_uring setup failed.
     #[error("io_uring setup failed: {0}")]
     Ring(io::Error),
-    /// Registering a listener with the vring epoll handler failed.
-    #[error("registering the completion eventfd failed: {0}")]
-    RegisterListener(io::Error),
 }
 
 /// The outcome of one request, as the guest will see it.

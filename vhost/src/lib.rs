@@ -12,9 +12,11 @@ pub mod device;
 pub mod error;
 pub mod image;
 pub mod park;
+pub mod protocol;
 pub mod request;
 pub mod stats;
 pub mod uring;
+pub mod vring;
 pub mod worker;
 
 pub use device::{BlkDevice, DeviceConfig};

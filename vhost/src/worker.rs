@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -24,8 +23,7 @@ use crate::uring::{HostOp, Ring};
 pub type Mem = GuestMemoryMmap<()>;
 /// The shared, swappable guest memory handle.
 pub type AtomicMem = GuestMemoryAtomic<Mem>;
-/// The vring type the device uses.
-pub type Vring = VringRwLock<AtomicMem>;
+pub use crate::vring::Vring;
 
 /// Size of the zero buffer used when a host cannot zero a range itself.
 const ZERO_CHUNK: usize = 1 << 20;

@@ -1,0 +1,349 @@
+//! The frontend's memory table: regions checked against their files before they are mapped,
+//! the frontend-address → guest-address translation, and the guard that keeps a shrunk file
+//! from killing the daemon.
+//!
+//! A region is mapped only if its file is a regular file (memfd, tmpfs, hugetlbfs) at least
+//! `mmap_offset + size` bytes long. A memfd sealed against shrinking (QEMU seals its memfd
+//! backend by default) cannot fail us later. An unsealed file can still be truncated by the
+//! frontend while mapped; touching the lost pages raises SIGBUS. [`install_sigbus_guard`]
+//! handles that signal for addresses inside mapped guest regions: the page is replaced by a
+//! private zero page (the access completes, reading zeros or writing into a page nobody
+//! sees), the connection of the session that owns the memory is shut down, and the fault is
+//! counted. A SIGBUS anywhere else keeps its default effect.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
+
+use crate::error::ProtocolError;
+use crate::protocol::message::Region;
+use crate::worker::Mem;
+
+/// One mapped region and where the frontend sees it.
+struct Mapped {
+    /// The frontend's description.
+    desc: Region,
+    /// Our mapping (shared with memory snapshots).
+    region: Arc<GuestRegionMmap<()>>,
+}
+
+/// The regions of one session.
+#[derive(Default)]
+pub struct MemoryTable {
+    regions: Vec<Mapped>,
+    /// Regions removed from the table but possibly still in a worker's memory snapshot: they
+    /// stay registered with the SIGBUS guard until we hold the last reference.
+    retired: Vec<Arc<GuestRegionMmap<()>>>,
+}
+
+impl MemoryTable {
+    /// Number of regions mapped.
+    pub fn len(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// No region is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.regions.is_empty()
+    }
+
+    /// Replaces the whole table (SET_MEM_TABLE); returns the new guest memory.
+    pub fn set(&mut self, regions: &[Region], files: Vec<File>) -> Result<Mem, ProtocolError> {
+        if files.len() != regions.len() {
+            return Err(ProtocolError::FdCount { want: regions.len(), got: files.len() });
+        }
+        let mut mapped = Vec::with_capacity(regions.len());
+        for (r, f) in regions.iter().zip(files) {
+            mapped.push(Mapped { desc: *r, region: map(r, f)? });
+        }
+        mapped.sort_by_key(|m| m.desc.guest_addr);
+        let mem = build(&mapped)?;
+        let old = std::mem::replace(&mut self.regions, mapped);
+        self.retired.extend(old.into_iter().map(|m| m.region));
+        self.reap();
+        Ok(mem)
+    }
+
+    /// Adds one region (ADD_MEM_REG); returns the new guest memory.
+    pub fn add(&mut self, r: &Region, file: File, max: usize) -> Result<Mem, ProtocolError> {
+        if self.regions.len() >= max {
+            return Err(ProtocolError::RegionCount(self.regions.len() + 1));
+        }
+        let region = map(r, file)?;
+        let mut next: Vec<Mapped> =
+            self.regions.iter().map(|m| Mapped { desc: m.desc, region: m.region.clone() }).collect();
+        next.push(Mapped { desc: *r, region });
+        next.sort_by_key(|m| m.desc.guest_addr);
+        let mem = build(&next)?;
+        self.regions = next;
+        self.reap();
+        Ok(mem)
+    }
+
+    /// Removes the region matching `r` (REM_MEM_REG); returns the new guest memory.
+    pub fn remove(&mut self, r: &Region) -> Result<Mem, ProtocolError> {
+        let at = self
+            .regions
+            .iter()
+            .position(|m| m.desc.guest_addr == r.guest_addr && m.desc.size == r.size && m.desc.user_addr == r.user_addr)
+            .ok_or(ProtocolError::NoSuchRegion(r.guest_addr))?;
+        let gone = self.regions.remove(at);
+        let mem = if self.regions.is_empty() { Mem::new() } else { build(&self.regions)? };
+        self.retired.push(gone.region);
+        self.reap();
+        Ok(mem)
+    }
+
+    /// Translates a frontend virtual address to a guest physical address.
+    pub fn to_guest(&self, user_addr: u64) -> Option<u64> {
+        self.regions.iter().find_map(|m| {
+            let off = user_addr.checked_sub(m.desc.user_addr)?;
+            (off < m.desc.size).then(|| m.desc.guest_addr + off)
+        })
+    }
+
+    /// Drops the retired regions nobody else holds any more (unregistering them first).
+    pub fn reap(&mut self) {
+        self.retired.retain(still_held);
+        if let Ok(mut orphans) = ORPHANS.lock() {
+            orphans.retain(still_held);
+        }
+    }
+}
+
+/// Regions of ended sessions still referenced by a memory snapshot somewhere: kept
+/// registered with the guard until the last reference is ours.
+static ORPHANS: std::sync::Mutex<Vec<Arc<GuestRegionMmap<()>>>> = std::sync::Mutex::new(Vec::new());
+
+/// False (after unregistering it) when `r` is held by nobody but us.
+fn still_held(r: &Arc<GuestRegionMmap<()>>) -> bool {
+    if Arc::strong_count(r) > 1 {
+        return true;
+    }
+    unregister(r.as_ptr() as usize);
+    false
+}
+
+impl Drop for MemoryTable {
+    fn drop(&mut self) {
+        let regions = std::mem::take(&mut self.regions);
+        self.retired.extend(regions.into_iter().map(|m| m.region));
+        self.reap();
+        if let Ok(mut orphans) = ORPHANS.lock() {
+            orphans.append(&mut self.retired);
+        }
+    }
+}
+
+/// Checks a region against its file and maps it.
+fn map(r: &Region, file: File) -> Result<Arc<GuestRegionMmap<()>>, ProtocolError> {
+    let bad = |why: &'static str| ProtocolError::BadRegion { guest_addr: r.guest_addr, why };
+    if r.size == 0 {
+        return Err(bad("size 0"));
+    }
+    let end_offset = r.mmap_offset.checked_add(r.size).ok_or(bad("offset + size overflows"))?;
+    r.guest_addr.checked_add(r.size - 1).ok_or(bad("guest address + size overflows"))?;
+    r.user_addr.checked_add(r.size - 1).ok_or(bad("frontend address + size overflows"))?;
+    let size = usize::try_from(r.size).ok().filter(|s| *s <= isize::MAX as usize).ok_or(bad("size too large"))?;
+    // SAFETY: stat is plain data filled by fstat on success.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is owned by `file`; `st` is a valid out-pointer.
+    if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(ProtocolError::Socket(std::io::Error::last_os_error()));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(bad("not a regular file (memfd, tmpfs or hugetlbfs expected)"));
+    }
+    if (st.st_size as u64) < end_offset {
+        return Err(bad("region extends past the end of its file"));
+    }
+    // SAFETY: F_GET_SEALS reads a property of our own fd.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    let sealed = seals >= 0 && seals & libc::F_SEAL_SHRINK != 0;
+    let mapping = MmapRegion::<()>::from_file(FileOffset::new(file, r.mmap_offset), size)
+        .map_err(|e| ProtocolError::Map(e.to_string()))?;
+    let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or(bad("guest range overflows"))?;
+    let start = region.as_ptr() as usize;
+    if !register(start, start + size) {
+        return Err(bad("too many regions mapped"));
+    }
+    tracing::debug!(guest_addr = r.guest_addr, size = r.size, sealed, "mapped a memory region");
+    Ok(Arc::new(region))
+}
+
+/// A guest memory object over the (sorted) regions.
+fn build(regions: &[Mapped]) -> Result<Mem, ProtocolError> {
+    Mem::from_arc_regions(regions.iter().map(|m| m.region.clone()).collect())
+        .map_err(|e| ProtocolError::Map(format!("memory table: {e}")))
+}
+
+/// Slots of the SIGBUS guard's registry: more than the regions one session may hold.
+const GUARD_SLOTS: usize = 1024;
+
+/// Registered mapped ranges: start (0 = free) and end, written by the session thread and read
+/// by the signal handler without locks.
+static GUARD_START: [AtomicUsize; GUARD_SLOTS] = [const { AtomicUsize::new(0) }; GUARD_SLOTS];
+static GUARD_END: [AtomicUsize; GUARD_SLOTS] = [const { AtomicUsize::new(0) }; GUARD_SLOTS];
+/// The socket of the session to shut down when its memory faults (-1: none).
+static GUARD_SOCKET: AtomicI32 = AtomicI32::new(-1);
+/// Faults absorbed since start.
+static GUARD_FAULTS: AtomicU64 = AtomicU64::new(0);
+
+fn register(start: usize, end: usize) -> bool {
+    for i in 0..GUARD_SLOTS {
+        if GUARD_START[i].load(Ordering::Acquire) == 0 {
+            GUARD_END[i].store(end, Ordering::Release);
+            if GUARD_START[i].compare_exchange(0, start, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+fn unregister(start: usize) {
+    for slot in GUARD_START.iter() {
+        if slot.compare_exchange(start, 0, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            return;
+        }
+    }
+}
+
+/// Names the socket to shut down when guest memory faults (`None`: no session).
+pub fn guard_session(socket: Option<i32>) {
+    GUARD_SOCKET.store(socket.unwrap_or(-1), Ordering::Release);
+}
+
+/// Faults on guest memory absorbed so far (a frontend shrank a mapped file).
+pub fn guard_faults() -> u64 {
+    GUARD_FAULTS.load(Ordering::Relaxed)
+}
+
+extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    let inside = (0..GUARD_SLOTS).any(|i| {
+        let s = GUARD_START[i].load(Ordering::Acquire);
+        s != 0 && addr >= s && addr < GUARD_END[i].load(Ordering::Acquire)
+    });
+    if !inside {
+        // Not ours: restore the default action; returning re-runs the access, which faults
+        // again and terminates the process as it would have without us.
+        // SAFETY: signal() with SIG_DFL is async-signal-safe.
+        unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+        return;
+    }
+    // SAFETY: sysconf is a read of a constant (async-signal-safe in practice on Linux).
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    let base = addr & !(page - 1);
+    // SAFETY: the page lies inside a guest mapping of ours (checked above); replacing it with
+    // a private anonymous page keeps every pointer valid and only loses the frontend's view
+    // of that page, which its truncation already destroyed.
+    let r = unsafe {
+        libc::mmap(
+            base as *mut libc::c_void,
+            page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        // SAFETY: as above.
+        unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+        return;
+    }
+    GUARD_FAULTS.fetch_add(1, Ordering::Relaxed);
+    let sock = GUARD_SOCKET.load(Ordering::Acquire);
+    if sock >= 0 {
+        // SAFETY: shutdown is async-signal-safe; a stale fd number at worst shuts down
+        // nothing (the session clears it before closing its socket).
+        unsafe { libc::shutdown(sock, libc::SHUT_RDWR) };
+    }
+}
+
+/// Installs the SIGBUS handler for guest memory (once per process).
+pub fn install_sigbus_guard() -> std::io::Result<()> {
+    // SAFETY: sigaction is plain data, fully initialised below.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = on_sigbus as *const () as usize;
+    sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+    // SAFETY: sa_mask is a valid sigset_t inside `sa`.
+    unsafe { libc::sigemptyset(&mut sa.sa_mask) };
+    // SAFETY: installs a handler that only uses async-signal-safe operations.
+    if unsafe { libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn memfd(len: u64) -> File {
+        // SAFETY: the name is a valid C string; the returned fd is owned by the File.
+        let fd = unsafe { libc::memfd_create(c"thinblk-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd was just created and is owned by nobody else.
+        let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        f.set_len(len).expect("set_len");
+        f
+    }
+
+    fn region(guest_addr: u64, size: u64, offset: u64) -> Region {
+        Region { guest_addr, size, user_addr: 0x7000_0000u64.wrapping_add(guest_addr), mmap_offset: offset }
+    }
+
+    #[test]
+    fn regions_past_their_file_are_refused() {
+        let mut t = MemoryTable::default();
+        assert!(t.set(&[region(0, 8192, 0)], vec![memfd(4096)]).is_err());
+        assert!(t.set(&[region(0, 4096, 4096)], vec![memfd(4096)]).is_err());
+        assert!(t.set(&[region(0, 4096, u64::MAX - 10)], vec![memfd(4096)]).is_err());
+        assert!(t.set(&[region(u64::MAX - 10, 4096, 0)], vec![memfd(4096)]).is_err());
+        assert!(t.set(&[region(0, 0, 0)], vec![memfd(4096)]).is_err());
+        let dev = File::open("/dev/zero").expect("zero");
+        assert!(t.set(&[region(0, 4096, 0)], vec![dev]).is_err());
+        assert!(t.set(&[region(0, 4096, 0)], vec![]).is_err());
+        assert!(t.set(&[region(0, 4096, 0)], vec![memfd(4096)]).is_ok());
+        assert_eq!(t.to_guest(0x7000_0000 + 100), Some(100));
+        assert_eq!(t.to_guest(0x7000_0000 + 4096), None);
+    }
+
+    #[test]
+    fn overlapping_and_excess_regions_are_refused() {
+        let mut t = MemoryTable::default();
+        assert!(t.set(&[region(0, 8192, 0), region(4096, 4096, 0)], vec![memfd(8192), memfd(8192)]).is_err());
+        assert!(t.add(&region(0, 4096, 0), memfd(4096), 1).is_ok());
+        assert!(t.add(&region(8192, 4096, 0), memfd(4096), 1).is_err());
+        assert!(t.remove(&region(8192, 4096, 0)).is_err());
+        assert!(t.remove(&region(0, 4096, 0)).is_ok());
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_shrunk_file_does_not_kill_the_process() {
+        assert!(install_sigbus_guard().is_ok());
+        let f = memfd(2 * 4096);
+        let keep = f.try_clone().expect("clone");
+        let mut t = MemoryTable::default();
+        let mem = t.set(&[region(0, 2 * 4096, 0)], vec![f]).expect("mapped");
+        keep.set_len(0).expect("shrink");
+        let before = guard_faults();
+        use vm_memory::Bytes;
+        let mut buf = [1u8; 8];
+        mem.read_slice(&mut buf, GuestAddress(4096)).expect("read");
+        assert_eq!(buf, [0u8; 8]);
+        mem.write_slice(&[7u8; 8], GuestAddress(16)).expect("write");
+        assert!(guard_faults() >= before + 1);
+        let mut k = &keep;
+        let _ = k.write(&[0]);
+    }
+}

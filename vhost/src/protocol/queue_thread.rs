@@ -1,0 +1,104 @@
+//! One thread per queue: waits on the ring's kick, the io_uring completion eventfd, the park
+//! hub's wake-up and an exit eventfd, and hands each event to the device.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::BlkDevice;
+use crate::vring::Vring;
+
+/// Event tokens of a queue thread.
+const KICK: u64 = 0;
+const COMPLETION: u64 = 1;
+const RESUME: u64 = 2;
+const EXIT: u64 = 3;
+
+/// A running queue thread.
+pub struct QueueThread {
+    epoll: std::sync::Arc<Epoll>,
+    exit: EventFd,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl QueueThread {
+    /// Starts the thread of queue `q`.
+    pub fn spawn(device: BlkDevice, q: usize, vring: Vring) -> io::Result<QueueThread> {
+        let epoll = std::sync::Arc::new(Epoll::new()?);
+        let exit = EventFd::new(EFD_NONBLOCK)?;
+        let add = |fd: RawFd, token: u64| {
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+        };
+        add(exit.as_raw_fd(), EXIT)?;
+        if let Some(fd) = device.completion_fd(q) {
+            add(fd, COMPLETION)?;
+        }
+        if let Some(fd) = device.park_hub().wake_fd(q) {
+            add(fd, RESUME)?;
+        }
+        let ep = epoll.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("queue{q}"))
+            .spawn(move || run(&device, q, &vring, &ep))?;
+        Ok(QueueThread { epoll, exit, handle: Some(handle) })
+    }
+
+    /// Starts watching a kick eventfd.
+    pub fn watch(&self, fd: RawFd) -> io::Result<()> {
+        self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, KICK))
+    }
+
+    /// Stops watching a kick eventfd.
+    pub fn unwatch(&self, fd: RawFd) {
+        let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(mut self) {
+        let _ = self.exit.write(1);
+        if let Some(h) = self.handle.take() {
+            if h.join().is_err() {
+                tracing::error!("a queue thread panicked");
+            }
+        }
+    }
+}
+
+fn run(device: &BlkDevice, q: usize, vring: &Vring, epoll: &Epoll) {
+    let mut events = [EpollEvent::default(); 8];
+    let mut errors = 0u64;
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!(queue = q, error = %e, "queue thread cannot wait for events");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            let r = match ev.data() {
+                EXIT => return,
+                KICK => {
+                    if vring.read_kick() {
+                        device.on_kick(q, vring)
+                    } else {
+                        Ok(())
+                    }
+                }
+                COMPLETION => device.on_completion(q, vring),
+                RESUME => device.on_resume(q),
+                _ => Ok(()),
+            };
+            if let Err(e) = r {
+                errors += 1;
+                if errors <= 10 || errors % 1000 == 0 {
+                    tracing::error!(queue = q, error = %e, errors, "queue event failed");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,485 @@
+//! One frontend connection: every message validated against the specification and against
+//! what we offered, then applied to the rings, the memory table and the device.
+//!
+//! A message we refuse is logged with its reason. If the frontend asked for an
+//! acknowledgement (REPLY_ACK negotiated and NEED_REPLY set), it gets a failure ack and the
+//! connection goes on; otherwise (the specification has no way to say "no") the connection
+//! is closed. Nothing is acknowledged and then ignored.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+
+use crate::config::CONFIG_LEN;
+use crate::device::BlkDevice;
+use crate::error::ProtocolError;
+use crate::protocol::memory::{self, MemoryTable};
+use crate::protocol::message::*;
+use crate::protocol::queue_thread::QueueThread;
+use crate::protocol::wire::{read_message, send_reply, Message};
+use crate::vring::{accept_eventfd, Vring};
+use crate::worker::{AtomicMem, Mem};
+
+/// What a handled message answers.
+enum Reply {
+    /// Nothing (an ack if one was asked for).
+    Done,
+    /// A reply body.
+    Body(Vec<u8>),
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+pub enum End {
+    /// The frontend closed the connection (or we were asked to stop).
+    Disconnected,
+    /// We closed it: the frontend sent something we refuse and could not be told otherwise.
+    Refused(ProtocolError),
+}
+
+/// The state of one frontend connection.
+pub struct Session {
+    device: BlkDevice,
+    sock: UnixStream,
+    mem: AtomicMem,
+    table: MemoryTable,
+    vrings: Vec<Vring>,
+    threads: Vec<QueueThread>,
+    /// Kick fd registered with each queue thread.
+    registered: Vec<Option<RawFd>>,
+    owner: bool,
+    acked_features: u64,
+    acked_protocol: u64,
+    refused: u64,
+}
+
+impl Session {
+    /// Sets up the rings and queue threads for a connection on `sock`.
+    pub fn new(device: BlkDevice, sock: UnixStream) -> Result<Session, ProtocolError> {
+        let mem = AtomicMem::new(Mem::new());
+        device.update_memory(mem.clone());
+        let n = device.num_queues();
+        let mut vrings = Vec::with_capacity(n);
+        for _ in 0..n {
+            vrings.push(Vring::new(mem.clone(), device.max_queue_size()).map_err(|e| ProtocolError::Map(e.to_string()))?);
+        }
+        let mut threads = Vec::with_capacity(n);
+        for (q, v) in vrings.iter().enumerate() {
+            threads.push(QueueThread::spawn(device.clone(), q, v.clone()).map_err(ProtocolError::Socket)?);
+        }
+        memory::guard_session(Some(sock.as_raw_fd()));
+        Ok(Session {
+            device,
+            sock,
+            mem,
+            table: MemoryTable::default(),
+            vrings,
+            threads,
+            registered: vec![None; n],
+            owner: false,
+            acked_features: 0,
+            acked_protocol: 0,
+            refused: 0,
+        })
+    }
+
+    /// Serves messages until the frontend disconnects or is refused.
+    pub fn run(&mut self) -> End {
+        loop {
+            let msg = match read_message(&self.sock) {
+                Ok(Some(m)) => m,
+                Ok(None) => return End::Disconnected,
+                Err(ProtocolError::Socket(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return End::Disconnected;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "closing the connection: unreadable message");
+                    return End::Refused(e);
+                }
+            };
+            if memory::guard_faults() > 0 && self.faulted() {
+                let e = ProtocolError::MemoryFault;
+                tracing::error!(error = %e, "closing the connection");
+                return End::Refused(e);
+            }
+            let header = msg.header;
+            tracing::debug!(request = name(header.request), size = header.size, fds = msg.files.len(), flags = header.flags, "frontend message");
+            let answer = self.handle(msg);
+            self.table.reap();
+            let result = match answer {
+                Ok(Reply::Body(b)) => send_reply(&self.sock, &header, &b, None),
+                Ok(Reply::Done) if self.reply_ack() && header.need_reply() => {
+                    send_reply(&self.sock, &header, &0u64.to_le_bytes(), None)
+                }
+                Ok(Reply::Done) => Ok(()),
+                Err(e) => {
+                    self.refused += 1;
+                    if self.refused <= 20 || self.refused % 1000 == 0 {
+                        tracing::warn!(request = name(header.request), code = header.request, error = %e, refused = self.refused, "refused a frontend message");
+                    }
+                    if self.reply_ack() && header.need_reply() && !expects_body(header.request) {
+                        send_reply(&self.sock, &header, &1u64.to_le_bytes(), None)
+                    } else {
+                        tracing::warn!(request = name(header.request), "closing the connection: the refusal cannot be answered");
+                        return End::Refused(e);
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "sending a reply failed");
+                return End::Disconnected;
+            }
+        }
+    }
+
+    /// A clone of the socket, to shut the session down from another thread.
+    pub fn socket(&self) -> std::io::Result<UnixStream> {
+        self.sock.try_clone()
+    }
+
+    fn faulted(&self) -> bool {
+        static SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let now = memory::guard_faults();
+        SEEN.swap(now, std::sync::atomic::Ordering::Relaxed) != now
+    }
+
+    fn reply_ack(&self) -> bool {
+        self.acked_protocol & PF_REPLY_ACK != 0
+    }
+
+    fn need_protocol(&self, bit: u64, request: u32) -> Result<(), ProtocolError> {
+        if self.acked_protocol & bit == 0 {
+            return Err(ProtocolError::NotNegotiated(name(request)));
+        }
+        Ok(())
+    }
+
+    fn no_files(msg: &Message) -> Result<(), ProtocolError> {
+        if !msg.files.is_empty() {
+            return Err(ProtocolError::FdCount { want: 0, got: msg.files.len() });
+        }
+        Ok(())
+    }
+
+    fn vring(&self, index: u32) -> Result<&Vring, ProtocolError> {
+        self.vrings.get(index as usize).ok_or(ProtocolError::QueueIndex(index))
+    }
+
+    fn handle(&mut self, mut msg: Message) -> Result<Reply, ProtocolError> {
+        let h = msg.header;
+        let body = std::mem::take(&mut msg.body);
+        match h.request {
+            code::GET_FEATURES => {
+                Self::no_files(&msg)?;
+                expect_len(h.request, &body, 0)?;
+                Ok(Reply::Body(self.device.features().to_le_bytes().to_vec()))
+            }
+            code::SET_FEATURES => {
+                Self::no_files(&msg)?;
+                let f = u64_body(h.request, &body)?;
+                let offered = self.device.features();
+                if f & !offered != 0 {
+                    return Err(ProtocolError::NotOffered { what: "features", bits: f & !offered });
+                }
+                self.acked_features = f;
+                let event_idx = f & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
+                for v in &self.vrings {
+                    v.get_mut().get_queue_mut().set_event_idx(event_idx);
+                }
+                self.device.set_event_idx(event_idx);
+                if f & F_PROTOCOL_FEATURES == 0 {
+                    for q in 0..self.vrings.len() {
+                        self.vrings[q].set_enabled(true);
+                        self.sync_kick(q)?;
+                    }
+                }
+                Ok(Reply::Done)
+            }
+            code::SET_OWNER => {
+                Self::no_files(&msg)?;
+                expect_len(h.request, &body, 0)?;
+                if self.owner {
+                    return Err(ProtocolError::State("SET_OWNER: already owned"));
+                }
+                self.owner = true;
+                Ok(Reply::Done)
+            }
+            code::RESET_OWNER => {
+                Self::no_files(&msg)?;
+                expect_len(h.request, &body, 0)?;
+                self.owner = false;
+                Ok(Reply::Done)
+            }
+            code::GET_PROTOCOL_FEATURES => {
+                Self::no_files(&msg)?;
+                expect_len(h.request, &body, 0)?;
+                Ok(Reply::Body(self.device.protocol_features().to_le_bytes().to_vec()))
+            }
+            code::SET_PROTOCOL_FEATURES => {
+                Self::no_files(&msg)?;
+                let f = u64_body(h.request, &body)?;
+                let offered = self.device.protocol_features();
+                if f & !offered != 0 {
+                    return Err(ProtocolError::NotOffered { what: "protocol features", bits: f & !offered });
+                }
+                self.acked_protocol = f;
+                Ok(Reply::Done)
+            }
+            code::GET_QUEUE_NUM => {
+                Self::no_files(&msg)?;
+                self.need_protocol(PF_MQ, h.request)?;
+                expect_len(h.request, &body, 0)?;
+                Ok(Reply::Body((self.vrings.len() as u64).to_le_bytes().to_vec()))
+            }
+            code::GET_MAX_MEM_SLOTS => {
+                Self::no_files(&msg)?;
+                self.need_protocol(PF_CONFIGURE_MEM_SLOTS, h.request)?;
+                expect_len(h.request, &body, 0)?;
+                Ok(Reply::Body((MAX_MEM_SLOTS as u64).to_le_bytes().to_vec()))
+            }
+            code::SET_MEM_TABLE => {
+                let regions = Region::parse_table(&body)?;
+                let mem = self.table.set(&regions, std::mem::take(&mut msg.files))?;
+                self.install(mem);
+                Ok(Reply::Done)
+            }
+            code::ADD_MEM_REG => {
+                self.need_protocol(PF_CONFIGURE_MEM_SLOTS, h.request)?;
+                let r = Region::parse_single(h.request, &body)?;
+                if msg.files.len() != 1 {
+                    return Err(ProtocolError::FdCount { want: 1, got: msg.files.len() });
+                }
+                let Some(file) = msg.files.pop() else { return Err(ProtocolError::FdCount { want: 1, got: 0 }) };
+                let mem = self.table.add(&r, file, MAX_MEM_SLOTS)?;
+                self.install(mem);
+                Ok(Reply::Done)
+            }
+            code::REM_MEM_REG => {
+                self.need_protocol(PF_CONFIGURE_MEM_SLOTS, h.request)?;
+                // The specification lets a frontend pass one (useless) descriptor: it is closed.
+                if msg.files.len() > 1 {
+                    return Err(ProtocolError::FdCount { want: 0, got: msg.files.len() });
+                }
+                let r = Region::parse_single(h.request, &body)?;
+                let mem = self.table.remove(&r)?;
+                self.install(mem);
+                Ok(Reply::Done)
+            }
+            code::SET_VRING_NUM => {
+                Self::no_files(&msg)?;
+                let s = VringState::parse(h.request, &body)?;
+                let max = u32::from(self.device.max_queue_size());
+                let v = self.vring(s.index)?;
+                if v.get_mut().get_queue().ready() {
+                    return Err(ProtocolError::State("SET_VRING_NUM on a started ring"));
+                }
+                if s.num == 0 || s.num > max || !s.num.is_power_of_two() {
+                    return Err(ProtocolError::RingSize { size: s.num, max });
+                }
+                v.set_queue_size(s.num as u16);
+                Ok(Reply::Done)
+            }
+            code::SET_VRING_ADDR => {
+                Self::no_files(&msg)?;
+                let a = VringAddr::parse(h.request, &body)?;
+                let v = self.vring(a.index)?.clone();
+                if a.flags != 0 {
+                    return Err(ProtocolError::Flags(a.flags));
+                }
+                if v.get_mut().get_queue().ready() {
+                    return Err(ProtocolError::State("SET_VRING_ADDR on a started ring"));
+                }
+                let tr = |x: u64| self.table.to_guest(x).ok_or(ProtocolError::Unmapped(x));
+                let (desc, avail, used) = (tr(a.desc)?, tr(a.avail)?, tr(a.used)?);
+                v.set_queue_info(desc, avail, used).map_err(|e| ProtocolError::Ring(e.to_string()))?;
+                let mem = self.mem.memory();
+                let mut s = v.get_mut();
+                let q = s.get_queue_mut();
+                if let Ok(idx) = q.used_idx(&*mem, std::sync::atomic::Ordering::Acquire) {
+                    q.set_next_used(idx.0);
+                }
+                Ok(Reply::Done)
+            }
+            code::SET_VRING_BASE => {
+                Self::no_files(&msg)?;
+                let s = VringState::parse(h.request, &body)?;
+                let v = self.vring(s.index)?;
+                if s.num > 0xffff {
+                    return Err(ProtocolError::RingBase(s.num));
+                }
+                if v.get_mut().get_queue().ready() {
+                    return Err(ProtocolError::State("SET_VRING_BASE on a started ring"));
+                }
+                v.get_mut().get_queue_mut().set_next_avail(s.num as u16);
+                Ok(Reply::Done)
+            }
+            code::GET_VRING_BASE => {
+                Self::no_files(&msg)?;
+                let s = VringState::parse(h.request, &body)?;
+                let q = s.index as usize;
+                let v = self.vring(s.index)?.clone();
+                v.set_queue_ready(false);
+                self.sync_kick(q)?;
+                self.device.stop_vring(q);
+                let base = v.get_mut().get_queue().next_avail();
+                v.set_kick(None);
+                v.set_call(None);
+                Ok(Reply::Body(VringState { index: s.index, num: u32::from(base) }.bytes().to_vec()))
+            }
+            code::SET_VRING_KICK | code::SET_VRING_CALL | code::SET_VRING_ERR => {
+                let value = u64_body(h.request, &body)?;
+                if value & !(0xff | VRING_NOFD) != 0 {
+                    return Err(ProtocolError::Flags(value as u32));
+                }
+                let index = (value & 0xff) as u32;
+                let v = self.vring(index)?.clone();
+                let file = match (value & VRING_NOFD != 0, msg.files.len()) {
+                    (true, 0) => None,
+                    (false, 1) => msg.files.pop(),
+                    (nofd, got) => return Err(ProtocolError::FdCount { want: usize::from(!nofd), got }),
+                };
+                if let Some(f) = &file {
+                    accept_eventfd(f).map_err(ProtocolError::BadFd)?;
+                }
+                match h.request {
+                    code::SET_VRING_KICK => self.set_kick(index as usize, &v, file)?,
+                    code::SET_VRING_CALL => v.set_call(file),
+                    _ => v.set_err(file),
+                }
+                Ok(Reply::Done)
+            }
+            code::SET_VRING_ENABLE => {
+                Self::no_files(&msg)?;
+                let s = VringState::parse(h.request, &body)?;
+                if self.acked_features & F_PROTOCOL_FEATURES == 0 {
+                    return Err(ProtocolError::NotNegotiated("SET_VRING_ENABLE"));
+                }
+                let v = self.vring(s.index)?.clone();
+                let enable = match s.num {
+                    0 => false,
+                    1 => true,
+                    n => return Err(ProtocolError::RingBase(n)),
+                };
+                v.set_enabled(enable);
+                self.sync_kick(s.index as usize)?;
+                Ok(Reply::Done)
+            }
+            code::GET_CONFIG => {
+                Self::no_files(&msg)?;
+                self.need_protocol(PF_CONFIG, h.request)?;
+                let (c, _) = ConfigHeader::parse(h.request, &body)?;
+                let end = c.offset.checked_add(c.size).filter(|e| *e as usize <= CONFIG_LEN);
+                let mut reply = Vec::new();
+                match end {
+                    Some(_) => {
+                        reply.extend_from_slice(&c.bytes());
+                        reply.extend_from_slice(&self.device.config(c.offset, c.size));
+                    }
+                    None => {
+                        // The specification's error reply: an empty payload.
+                        tracing::warn!(offset = c.offset, size = c.size, "GET_CONFIG outside the config space");
+                        reply.extend_from_slice(&ConfigHeader { size: 0, ..c }.bytes());
+                    }
+                }
+                Ok(Reply::Body(reply))
+            }
+            code::SET_CONFIG => {
+                Self::no_files(&msg)?;
+                self.need_protocol(PF_CONFIG, h.request)?;
+                let (c, payload) = ConfigHeader::parse(h.request, &body)?;
+                self.device.set_config(c.offset, payload).map_err(ProtocolError::BadFd)?;
+                Ok(Reply::Done)
+            }
+            other => Err(ProtocolError::Unsupported(name(other), other)),
+        }
+    }
+
+    /// Installs a new memory table for the rings and workers.
+    fn install(&mut self, mem: Mem) {
+        match self.mem.lock() {
+            Ok(guard) => guard.replace(mem),
+            Err(e) => e.into_inner().replace(mem),
+        }
+    }
+
+    fn set_kick(&mut self, q: usize, v: &Vring, file: Option<File>) -> Result<(), ProtocolError> {
+        let Some(file) = file else {
+            return Err(ProtocolError::State("polling mode (no kick fd) is not supported"));
+        };
+        // Replacing the kick of a running ring: take the old one out of the loop first.
+        self.unregister(q);
+        v.set_kick(Some(file));
+        {
+            let mem = self.mem.memory();
+            let mut s = v.get_mut();
+            // (is_valid checks a ready queue only: mark it so, and undo if invalid.)
+            s.get_queue_mut().set_ready(true);
+            if !s.get_queue().is_valid(&*mem) {
+                s.get_queue_mut().set_ready(false);
+                drop(s);
+                v.set_kick(None);
+                return Err(ProtocolError::Ring("ring size or addresses invalid for the memory table".into()));
+            }
+        }
+        self.sync_kick(q)
+    }
+
+    fn unregister(&mut self, q: usize) {
+        if let (Some(fd), Some(t)) = (self.registered.get_mut(q).and_then(Option::take), self.threads.get(q)) {
+            t.unwatch(fd);
+        }
+    }
+
+    /// Watches the kick of ring `q` exactly when it is started and enabled.
+    fn sync_kick(&mut self, q: usize) -> Result<(), ProtocolError> {
+        self.unregister(q);
+        let Some(v) = self.vrings.get(q) else { return Ok(()) };
+        let fd = {
+            let s = v.get_mut();
+            if !(s.get_queue().ready() && s.is_enabled()) {
+                return Ok(());
+            }
+            match s.kick() {
+                Some(f) => f.as_raw_fd(),
+                None => return Ok(()),
+            }
+        };
+        if let Some(t) = self.threads.get(q) {
+            t.watch(fd).map_err(ProtocolError::Socket)?;
+            self.registered[q] = Some(fd);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        memory::guard_session(None);
+        for q in 0..self.registered.len() {
+            self.unregister(q);
+        }
+        for t in self.threads.drain(..) {
+            t.stop();
+        }
+        // The rings no longer run: drop our references to the memory before the table.
+        self.install(Mem::new());
+        self.device.update_memory(AtomicMem::new(Mem::new()));
+    }
+}
+
+/// Requests whose only answer is a reply body: a refusal cannot be acknowledged.
+fn expects_body(request: u32) -> bool {
+    matches!(
+        request,
+        code::GET_FEATURES
+            | code::GET_PROTOCOL_FEATURES
+            | code::GET_QUEUE_NUM
+            | code::GET_VRING_BASE
+            | code::GET_CONFIG
+            | code::GET_MAX_MEM_SLOTS
+            | code::GET_INFLIGHT_FD
+    )
+}
