@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod faultfs;
+pub mod frontend;
 pub mod metrics;
 
 use std::mem::MaybeUninit;

@@ -14,10 +14,14 @@ pub enum RequestError {
     /// The chain has more descriptors than `seg_max` allows.
     #[error("descriptor chain has {0} data segments, more than seg_max {1}")]
     TooManySegments(usize, u32),
-    /// The header descriptor is write-only or shorter than 16 bytes.
-    #[error("request header descriptor invalid (len {len}, write-only {write_only})")]
+    /// The chain ends on a descriptor that says "next": an index past the table, a loop, or
+    /// an unreadable indirect table.
+    #[error("descriptor chain broken after {0} descriptors (bad next index, loop or indirect table)")]
+    BrokenChain(usize),
+    /// The chain starts with fewer than 16 device-readable bytes.
+    #[error("request header invalid ({len} readable bytes before a write-only descriptor: {write_only})")]
     BadHeader {
-        /// Length of the first descriptor.
+        /// Readable header bytes found.
         len: u32,
         /// Whether it was device-writable.
         write_only: bool,

@@ -1,8 +1,9 @@
 //! Turning a virtqueue descriptor chain into a validated virtio-blk request.
 //!
-//! Framing is not assumed beyond what the spec requires: the 16-byte header starts the
-//! first (device-readable) descriptor, the status byte ends the last (device-writable)
-//! one, and everything in between is data, wherever the descriptor boundaries fall.
+//! Framing is not assumed beyond what the spec requires: the 16-byte header is the first
+//! device-readable bytes (over one descriptor or several), the status byte ends the last
+//! (device-writable) one, and everything in between is data, wherever the descriptor
+//! boundaries fall. A chain cut short (bad `next`, loop) is returned with nothing written.
 
 use std::ops::Deref;
 
@@ -123,12 +124,21 @@ where
     let max_descs = limits.seg_max as usize + 2;
     let mut descs: Vec<Desc> = Vec::with_capacity(4);
     let mut too_many = false;
+    let mut cut = false;
     for d in chain.clone() {
         if descs.len() == max_descs {
             too_many = true;
             break;
         }
+        // The iterator ends early, silently, on a `next` past the table, a loop (its TTL)
+        // or an unreadable indirect table: the last descriptor then still says "next".
+        cut = d.has_next();
         descs.push(Desc { addr: d.addr(), len: d.len(), writable: d.is_write_only() });
+    }
+    if cut && !too_many {
+        // Where the chain really ends is unknown: writing a status into what we saw last
+        // could land in a data buffer. The chain is returned with nothing written.
+        return Parsed { head, status: None, request: Err(RequestError::BrokenChain(descs.len())) };
     }
 
     let status = descs.last().and_then(|last| status_addr(mem, last, descs.len()));
@@ -158,13 +168,24 @@ fn build<G: GuestMemory + ?Sized>(
     if descs.len() < 2 {
         return Err(RequestError::ChainTooShort(descs.len()));
     }
-    let first = descs[0];
-    if first.writable || first.len < HEADER_LEN {
-        return Err(RequestError::BadHeader { len: first.len, write_only: first.writable });
-    }
+    // The header is the first 16 device-readable bytes, over as many descriptors as the
+    // driver chose (virtio does not fix the framing).
     let mut header = [0u8; HEADER_LEN as usize];
-    mem.read_slice(&mut header, first.addr)
-        .map_err(|_| outside(first.addr, u64::from(HEADER_LEN)))?;
+    let mut got = 0usize;
+    for d in descs {
+        if got == header.len() {
+            break;
+        }
+        if d.writable {
+            return Err(RequestError::BadHeader { len: got as u32, write_only: true });
+        }
+        let n = (header.len() - got).min(d.len as usize);
+        mem.read_slice(&mut header[got..got + n], d.addr).map_err(|_| outside(d.addr, n as u64))?;
+        got += n;
+    }
+    if got < header.len() {
+        return Err(RequestError::BadHeader { len: got as u32, write_only: false });
+    }
     let rtype = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let mut sector_bytes = [0u8; 8];
     sector_bytes.copy_from_slice(&header[8..16]);
@@ -226,12 +247,15 @@ fn build<G: GuestMemory + ?Sized>(
 fn data_segments(descs: &[Desc]) -> Result<Vec<(Segment, bool)>, RequestError> {
     let last_idx = descs.len() - 1;
     let mut out = Vec::with_capacity(descs.len());
+    let mut header_left = HEADER_LEN;
     for (i, d) in descs.iter().enumerate() {
         let mut start = d.addr;
         let mut len = d.len;
-        if i == 0 {
-            len -= HEADER_LEN;
-            start = start.checked_add(u64::from(HEADER_LEN)).ok_or(outside(d.addr, u64::from(d.len)))?;
+        if header_left > 0 {
+            let n = header_left.min(len);
+            len -= n;
+            header_left -= n;
+            start = start.checked_add(u64::from(n)).ok_or(outside(d.addr, u64::from(d.len)))?;
         }
         if i == last_idx {
             len = len.saturating_sub(1);
@@ -391,6 +415,11 @@ mod tests {
         // header too short
         let p = run(&m, &[d(HDR, 8, false), d(STATUS, 1, true)], &l);
         assert!(matches!(p.request, Err(RequestError::BadHeader { .. })));
+        // header split over two readable descriptors: framing is the driver's choice
+        let p = run(&m, &[d(HDR, 8, false), d(HDR + 8, 8, false), d(DATA, 512, true), d(STATUS, 1, true)], &l);
+        let r = p.request.expect("a split header is a header");
+        assert_eq!((r.kind, r.data_len), (RequestType::Read, 512));
+        assert_eq!(r.segments, vec![Segment { addr: GuestAddress(DATA), len: 512 }]);
         // header writable
         let p = run(&m, &[d(HDR, 16, true), d(STATUS, 1, true)], &l);
         assert!(matches!(p.request, Err(RequestError::BadHeader { .. })));
@@ -521,6 +550,25 @@ mod tests {
         let bad = RawDescriptor::from(SplitDesc::new(table, 47, VRING_DESC_F_INDIRECT as u16, 0));
         let p = run(&m, &[bad], &limits());
         assert!(p.request.is_err());
+        // A `next` past the table, and a loop: the chain is cut, nothing is written.
+        let broken = [
+            SplitDesc::new(HDR, 16, 1, 1),
+            SplitDesc::new(DATA, 512, (VRING_DESC_F_WRITE | 1) as u16, 7),
+            SplitDesc::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        let looping = [
+            SplitDesc::new(HDR, 16, 1, 1),
+            SplitDesc::new(DATA, 512, (VRING_DESC_F_WRITE | 1) as u16, 2),
+            SplitDesc::new(STATUS, 1, (VRING_DESC_F_WRITE | 1) as u16, 1),
+        ];
+        for table_entries in [broken, looping] {
+            for (i, e) in table_entries.iter().enumerate() {
+                m.write_obj(RawDescriptor::from(*e), GuestAddress(table + 16 * i as u64)).unwrap();
+            }
+            let p = run(&m, &[ind], &limits());
+            assert!(matches!(p.request, Err(RequestError::BrokenChain(_))), "{:?}", p.request);
+            assert_eq!(p.status, None);
+        }
         let _ = m.num_regions();
     }
 

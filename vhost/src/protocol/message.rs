@@ -9,8 +9,6 @@ use crate::error::ProtocolError;
 pub const HEADER_LEN: usize = 12;
 /// Largest body we accept. The largest legitimate one is a full GET/SET_CONFIG (268 bytes).
 pub const MAX_BODY: usize = 4096;
-/// Most file descriptors one message may carry (the size of SET_MEM_TABLE's table).
-pub const MAX_FDS: usize = 8;
 /// Regions one SET_MEM_TABLE may carry (`VHOST_MEMORY_BASELINE_NREGIONS`).
 pub const MAX_TABLE_REGIONS: usize = 8;
 /// Memory slots announced in GET_MAX_MEM_SLOTS and enforced on ADD_MEM_REG.

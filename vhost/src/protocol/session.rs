@@ -54,6 +54,8 @@ pub struct Session {
     acked_features: u64,
     acked_protocol: u64,
     refused: u64,
+    /// Guest-memory faults counted before this session began.
+    faults_at_start: u64,
 }
 
 impl Session {
@@ -83,11 +85,22 @@ impl Session {
             acked_features: 0,
             acked_protocol: 0,
             refused: 0,
+            faults_at_start: memory::guard_faults(),
         })
     }
 
     /// Serves messages until the frontend disconnects or is refused.
     pub fn run(&mut self) -> End {
+        let end = self.serve();
+        if self.faulted() {
+            let e = ProtocolError::MemoryFault;
+            tracing::error!(error = %e, "the connection was closed");
+            return End::Refused(e);
+        }
+        end
+    }
+
+    fn serve(&mut self) -> End {
         loop {
             let msg = match read_message(&self.sock) {
                 Ok(Some(m)) => m,
@@ -100,11 +113,6 @@ impl Session {
                     return End::Refused(e);
                 }
             };
-            if memory::guard_faults() > 0 && self.faulted() {
-                let e = ProtocolError::MemoryFault;
-                tracing::error!(error = %e, "closing the connection");
-                return End::Refused(e);
-            }
             let header = msg.header;
             tracing::debug!(request = name(header.request), size = header.size, fds = msg.files.len(), flags = header.flags, "frontend message");
             let answer = self.handle(msg);
@@ -140,10 +148,9 @@ impl Session {
         self.sock.try_clone()
     }
 
+    /// Whether guest memory faulted during this session (the guard then shut our socket).
     fn faulted(&self) -> bool {
-        static SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let now = memory::guard_faults();
-        SEEN.swap(now, std::sync::atomic::Ordering::Relaxed) != now
+        memory::guard_faults() != self.faults_at_start
     }
 
     fn reply_ack(&self) -> bool {

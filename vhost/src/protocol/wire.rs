@@ -4,7 +4,7 @@
 //! A frontend may send one message in several writes: the header, then the body, or any
 //! other cut. We read exactly the bytes the current message still needs, so a read never
 //! runs into the next message (whose descriptors would then be attributed to this one), and
-//! descriptors attached to any piece belong to the message. Descriptors beyond [`MAX_FDS`]
+//! descriptors attached to any piece belong to the message. More descriptors than we read
 //! or a truncated control message make the message invalid; received descriptors are always
 //! owned (closed on drop) and close-on-exec.
 
@@ -14,7 +14,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 
 use crate::error::ProtocolError;
-use crate::protocol::message::{Header, HEADER_LEN, MAX_FDS};
+use crate::protocol::message::{Header, HEADER_LEN};
 
 /// One received message.
 #[derive(Debug)]
@@ -27,8 +27,12 @@ pub struct Message {
     pub files: Vec<File>,
 }
 
-/// Space for the control message of up to `MAX_FDS` descriptors (plus slack for alignment).
-const CMSG_SPACE: usize = 128;
+/// Space for the control message of up to [`WIRE_FDS`] descriptors (plus slack for alignment).
+const CMSG_SPACE: usize = 256;
+/// Descriptors we take off the socket per message: more than any message may carry, so that
+/// a message with too many is still read whole (its descriptors closed) and refused by the
+/// session with a reason, rather than desynchronising the stream.
+const WIRE_FDS: usize = 32;
 
 /// Reads up to `buf.len()` bytes; appends received descriptors to `files`. Returns the byte
 /// count (0: the peer closed the connection).
@@ -86,7 +90,7 @@ fn recv_some(sock: &UnixStream, buf: &mut [u8], files: &mut Vec<File>) -> Result
     if bad_cmsg {
         return Err(ProtocolError::ControlMessage);
     }
-    if files.len() > MAX_FDS {
+    if files.len() > WIRE_FDS {
         return Err(ProtocolError::TooManyFds);
     }
     Ok(n)

@@ -1,0 +1,513 @@
+//! The hostile frontend: the daemon as a process, a raw frontend of our own on its socket.
+//! Every case runs on a fresh connection; after each, a normal libblkio session must still
+//! work. The daemon must never die, never hang, and never write guest memory outside the
+//! used ring and the device-writable buffers it was given.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::Duration;
+
+use common::frontend::*;
+use common::{sparse_file, stop_clean, Client, Daemon, TestDir};
+
+const MIB: u64 = 1 << 20;
+const SHORT: Duration = Duration::from_secs(10);
+
+type Case = (&'static str, fn(&Path) -> Result<(), String>);
+
+/// The message was refused: a failure ack, or the connection closed.
+fn refused(f: &Frontend, request: u32, body: &[u8], fds: &[i32]) -> Result<(), String> {
+    match f.ack(request, body, fds) {
+        Ok(0) => Err(format!("request {request} was accepted")),
+        Ok(_) => Ok(()),
+        Err(_) => Ok(()),
+    }
+}
+
+/// The message was refused with a failure ack and the connection goes on.
+fn nacked(f: &Frontend, request: u32, body: &[u8], fds: &[i32]) -> Result<(), String> {
+    match f.ack(request, body, fds) {
+        Ok(0) => Err(format!("request {request} was accepted")),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("request {request}: no ack ({e})")),
+    }
+}
+
+fn closed(f: &Frontend) -> Result<(), String> {
+    if f.closed_within(SHORT) {
+        Ok(())
+    } else {
+        Err("the connection stayed open".into())
+    }
+}
+
+fn vs(index: u32, num: u32) -> Vec<u8> {
+    Frontend::vring_state(index, num)
+}
+
+fn table(regions: &[Vec<u8>]) -> Vec<u8> {
+    let mut b = (regions.len() as u32).to_le_bytes().to_vec();
+    b.extend_from_slice(&[0; 4]);
+    for r in regions {
+        b.extend_from_slice(r);
+    }
+    b
+}
+
+fn single(r: Vec<u8>) -> Vec<u8> {
+    let mut b = vec![0u8; 8];
+    b.extend(r);
+    b
+}
+
+fn ready(sock: &Path) -> Frontend {
+    let mut f = Frontend::connect(sock);
+    f.negotiate();
+    f.start_queue();
+    f
+}
+
+/// A read of 4 KiB at sector 0: header, data, status in three descriptors.
+fn read_chain(f: &mut Frontend) {
+    let mut hdr = vec![0u8; 16];
+    hdr[0] = 0; // VIRTIO_BLK_T_IN
+    f.put(DATA, &hdr);
+    f.desc(DESC, 0, DATA, 16, F_NEXT, 1);
+    f.desc(DESC, 1, DATA + 0x1000, 4096, F_NEXT | F_WRITE, 2);
+    f.desc(DESC, 2, DATA + 0x3000, 1, F_WRITE, 0);
+}
+
+fn status_at(f: &Frontend, gpa: u64) -> u8 {
+    f.ram.bytes()[gpa as usize]
+}
+
+fn no_stray(f: &Frontend) -> Result<(), String> {
+    match f.stray_write() {
+        None => Ok(()),
+        Some(a) => Err(format!("the daemon wrote guest memory at {a:#x}, outside what it was given")),
+    }
+}
+
+fn completes(f: &mut Frontend, head: u16) -> Result<(), String> {
+    f.submit(head);
+    if f.wait_used(SHORT) {
+        Ok(())
+    } else {
+        Err("the chain was not returned".into())
+    }
+}
+
+const PROTOCOL: &[Case] = &[
+    ("ring sizes that are not a power of two or too large", |s| {
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        for n in [0, 3, 100, 257, 512, 65535, u32::MAX] {
+            nacked(&f, code::SET_VRING_NUM, &vs(0, n), &[])?;
+        }
+        // and the largest valid one is accepted
+        if f.ack(code::SET_VRING_NUM, &vs(0, 256), &[]).map_err(|e| e.to_string())? != 0 {
+            return Err("SET_VRING_NUM 256 refused".into());
+        }
+        Ok(())
+    }),
+    ("ring base above 0xffff", |s| {
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        nacked(&f, code::SET_VRING_BASE, &vs(0, 0x10000), &[])
+    }),
+    ("queue index out of range", |s| {
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        nacked(&f, code::SET_VRING_NUM, &vs(7, 16), &[])?;
+        nacked(&f, code::SET_VRING_ENABLE, &vs(200, 1), &[])?;
+        let k = eventfd(0);
+        nacked(&f, code::SET_VRING_KICK, &200u64.to_le_bytes(), &[k.as_raw_fd()])?;
+        nacked(&f, code::SET_VRING_CALL, &0x10000u64.to_le_bytes(), &[k.as_raw_fd()])
+    }),
+    ("features never offered", |s| {
+        let f = Frontend::connect(s);
+        let pf = f.get_u64(code::GET_PROTOCOL_FEATURES).map_err(|e| e.to_string())?;
+        f.send(code::SET_PROTOCOL_FEATURES, V1, &pf.to_le_bytes(), &[]).map_err(|e| e.to_string())?;
+        let feat = f.get_u64(code::GET_FEATURES).map_err(|e| e.to_string())?;
+        nacked(&f, code::SET_FEATURES, &(feat | 1 << 40).to_le_bytes(), &[])
+    }),
+    ("protocol features never offered", |s| {
+        let f = Frontend::connect(s);
+        let pf = f.get_u64(code::GET_PROTOCOL_FEATURES).map_err(|e| e.to_string())?;
+        refused(&f, code::SET_PROTOCOL_FEATURES, &(pf | 1 << 12 | 1 << 20).to_le_bytes(), &[])
+    }),
+    ("nine regions in one table", |s| {
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        let files: Vec<_> = (0..9).map(|_| memfd(4096)).collect();
+        let regions: Vec<_> = (0..9u64).map(|i| region(i * 4096, 4096, 0x1000_0000 + i * 4096, 0)).collect();
+        let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+        nacked(&f, code::SET_MEM_TABLE, &table(&regions), &fds)
+    }),
+    ("one descriptor too many or too few for the table", |s| {
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        let (a, b) = (memfd(4096), memfd(4096));
+        nacked(&f, code::SET_MEM_TABLE, &table(&[region(0, 4096, 0x1000_0000, 0)]), &[a.as_raw_fd(), b.as_raw_fd()])?;
+        nacked(&f, code::SET_MEM_TABLE, &table(&[region(0, 4096, 0x1000_0000, 0)]), &[])
+    }),
+    ("529 added regions against 509 slots", |s| {
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        let slots = f.get_u64(code::GET_MAX_MEM_SLOTS).map_err(|e| e.to_string())?;
+        let (mut ok, mut no) = (0u64, 0u64);
+        for i in 0..529u64 {
+            let m = memfd(4096);
+            let gpa = RAM + i * 4096;
+            match f.ack(code::ADD_MEM_REG, &single(region(gpa, 4096, USER_BASE + gpa, 0)), &[m.as_raw_fd()]) {
+                Ok(0) => ok += 1,
+                Ok(_) => no += 1,
+                Err(e) => return Err(format!("ADD_MEM_REG {i}: {e}")),
+            }
+        }
+        if ok != slots - 1 || no != 529 - ok {
+            return Err(format!("{ok} regions accepted, {no} refused, with {slots} slots and one region mapped"));
+        }
+        // Still a working device.
+        f.start_queue();
+        read_chain(&mut f);
+        completes(&mut f, 0)?;
+        if status_at(&f, DATA + 0x3000) != 0 {
+            return Err("read failed after the refused regions".into());
+        }
+        // and removing a region not there is refused, one that is there accepted
+        nacked(&f, code::REM_MEM_REG, &single(region(1 << 40, 4096, 0, 0)), &[])?;
+        let gpa = RAM;
+        match f.ack(code::REM_MEM_REG, &single(region(gpa, 4096, USER_BASE + gpa, 0)), &[]) {
+            Ok(0) => Ok(()),
+            other => Err(format!("REM_MEM_REG of a mapped region: {other:?}")),
+        }
+    }),
+    ("regions past their file, overflowing or not a file", |s| {
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        let m = memfd(4096);
+        let fd = m.as_raw_fd();
+        nacked(&f, code::ADD_MEM_REG, &single(region(RAM, 8192, USER_BASE + RAM, 0)), &[fd])?;
+        nacked(&f, code::ADD_MEM_REG, &single(region(RAM, 4096, USER_BASE + RAM, 4096)), &[fd])?;
+        nacked(&f, code::ADD_MEM_REG, &single(region(RAM, 4096, USER_BASE + RAM, u64::MAX - 100)), &[fd])?;
+        nacked(&f, code::ADD_MEM_REG, &single(region(u64::MAX - 100, 4096, 0, 0)), &[fd])?;
+        nacked(&f, code::ADD_MEM_REG, &single(region(RAM, 0, USER_BASE + RAM, 0)), &[fd])?;
+        nacked(&f, code::ADD_MEM_REG, &single(region(0, 4096, USER_BASE, 0)), &[fd])?; // overlaps RAM
+        let zero = std::fs::File::open("/dev/zero").map_err(|e| e.to_string())?;
+        nacked(&f, code::ADD_MEM_REG, &single(region(RAM, 4096, USER_BASE + RAM, 0)), &[zero.as_raw_fd()])
+    }),
+    ("rings outside guest memory", |s| {
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        nacked(&f, code::SET_VRING_NUM, &vs(0, 16), &[]).err();
+        nacked(&f, code::SET_VRING_ADDR, &f.addr_body(0, RAM + 0x1000, USED, AVAIL), &[])?;
+        // Addresses inside, but the descriptor table runs past the end of memory.
+        if f.ack(code::SET_VRING_ADDR, &f.addr_body(0, RAM - 16, USED, AVAIL), &[]).map_err(|e| e.to_string())? != 0 {
+            return Err("translatable ring addresses refused".into());
+        }
+        let k = eventfd(0);
+        nacked(&f, code::SET_VRING_KICK, &0u64.to_le_bytes(), &[k.as_raw_fd()])
+    }),
+    ("call and kick descriptors that are not eventfds, or missing", |s| {
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        let mut p = [0i32; 2];
+        // SAFETY: p is a valid out-array.
+        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+        let r = nacked(&f, code::SET_VRING_CALL, &0u64.to_le_bytes(), &[p[1]]);
+        // SAFETY: closing the pipe we created.
+        unsafe {
+            libc::close(p[0]);
+            libc::close(p[1]);
+        }
+        r?;
+        let null = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
+        nacked(&f, code::SET_VRING_KICK, &0u64.to_le_bytes(), &[null.as_raw_fd()])?;
+        nacked(&f, code::SET_VRING_KICK, &0u64.to_le_bytes(), &[])?;
+        nacked(&f, code::SET_VRING_KICK, &0x100u64.to_le_bytes(), &[]) // polling mode: not supported
+    }),
+    ("a call eventfd whose counter is full", |s| {
+        let mut f = ready(s);
+        let full = eventfd(u64::MAX - 1);
+        if f.ack(code::SET_VRING_CALL, &0u64.to_le_bytes(), &[full.as_raw_fd()]).map_err(|e| e.to_string())? != 0 {
+            return Err("call eventfd refused".into());
+        }
+        for _ in 0..3 {
+            read_chain(&mut f);
+            completes(&mut f, 0)?;
+        }
+        no_stray(&f)
+    }),
+    ("a message in pieces", |s| {
+        let mut f = Frontend::connect(s);
+        let m = message(code::GET_FEATURES, V1, &[]);
+        for piece in [&m[..3], &m[3..7], &m[7..]] {
+            f.send_raw(piece, &[]).map_err(|e| e.to_string())?;
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        f.reply().map_err(|e| format!("no reply to a split GET_FEATURES: {e}"))?;
+        f.negotiate();
+        // A table whose descriptor rides on the second piece.
+        let body = table(&[region(0, RAM, USER_BASE, 0)]);
+        let m = message(code::SET_MEM_TABLE, V1 | NEED_REPLY, &body);
+        f.send_raw(&m[..12], &[]).map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_millis(30));
+        f.send_raw(&m[12..40], &[f.ram.file.as_raw_fd()]).map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_millis(30));
+        f.send_raw(&m[40..], &[]).map_err(|e| e.to_string())?;
+        match f.reply() {
+            Ok((_, b)) if b == 0u64.to_le_bytes() => Ok(()),
+            other => Err(format!("split SET_MEM_TABLE: {other:?}")),
+        }
+    }),
+    ("a bad protocol version", |s| {
+        let f = Frontend::connect(s);
+        f.send_raw(&message(code::GET_FEATURES, 2, &[]), &[]).map_err(|e| e.to_string())?;
+        closed(&f)
+    }),
+    ("a body larger than any message", |s| {
+        let f = Frontend::connect(s);
+        let mut m = message(code::SET_FEATURES, V1, &[]);
+        m[8..12].copy_from_slice(&(1u32 << 30).to_le_bytes());
+        f.send_raw(&m, &[]).map_err(|e| e.to_string())?;
+        closed(&f)
+    }),
+    ("a reply flag from the frontend", |s| {
+        let f = Frontend::connect(s);
+        f.send_raw(&message(code::GET_FEATURES, V1 | 4, &[]), &[]).map_err(|e| e.to_string())?;
+        closed(&f)
+    }),
+    ("unknown and unoffered requests", |s| {
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        nacked(&f, 99, &[], &[])?;
+        nacked(&f, 6, &[0u8; 16], &[])?; // SET_LOG_BASE: logging not offered
+        nacked(&f, code::SET_CONFIG, &[0u8; 13], &[])?; // offset 0 is not writable
+        f.send(code::GET_INFLIGHT_FD, V1, &[0u8; 24], &[]).map_err(|e| e.to_string())?;
+        closed(&f)
+    }),
+    ("GET_VRING_BASE of a queue that does not exist", |s| {
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        f.send(code::GET_VRING_BASE, V1, &vs(9, 0), &[]).map_err(|e| e.to_string())?;
+        closed(&f)
+    }),
+    ("bodies of the wrong size", |s| {
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        nacked(&f, code::SET_VRING_NUM, &[0u8; 7], &[])?;
+        nacked(&f, code::SET_FEATURES, &[0u8; 9], &[])?;
+        nacked(&f, code::SET_VRING_ADDR, &[0u8; 39], &[])?;
+        nacked(&f, code::SET_OWNER, &[0u8; 1], &[])
+    }),
+    ("GET_CONFIG outside the config space", |s| {
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        let mut body = 50u32.to_le_bytes().to_vec();
+        body.extend_from_slice(&20u32.to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(&[0u8; 20]);
+        f.send(code::GET_CONFIG, V1, &body, &[]).map_err(|e| e.to_string())?;
+        match f.reply() {
+            Ok((_, b)) if b.len() == 12 && b[4..8] == [0; 4] => Ok(()),
+            other => Err(format!("GET_CONFIG past the end: {other:?}")),
+        }
+    }),
+    ("random bytes", |s| {
+        let f = Frontend::connect(s);
+        let mut rng = common::Rng(0xbad5eed);
+        let mut junk = vec![0u8; 300];
+        rng.fill(&mut junk);
+        let _ = f.send_raw(&junk, &[]);
+        let _ = f.closed_within(Duration::from_secs(2));
+        Ok(())
+    }),
+    ("a memfd shrunk while mapped", |s| {
+        let mut f = ready(s);
+        read_chain(&mut f);
+        f.ram.file.set_len(0).map_err(|e| e.to_string())?;
+        // Publish by hand (our own mapping would fault now): kick only.
+        if let Some(k) = &f.kick {
+            let mut k: &std::fs::File = k;
+            std::io::Write::write_all(&mut k, &1u64.to_ne_bytes()).map_err(|e| e.to_string())?;
+        }
+        closed(&f)
+    }),
+];
+
+const RINGS: &[Case] = &[
+    ("a valid read", |s| {
+        let mut f = ready(s);
+        read_chain(&mut f);
+        completes(&mut f, 0)?;
+        if status_at(&f, DATA + 0x3000) != 0 {
+            return Err(format!("status {}", status_at(&f, DATA + 0x3000)));
+        }
+        no_stray(&f)
+    }),
+    ("a header split over two descriptors", |s| {
+        let mut f = ready(s);
+        let mut hdr = [0u8; 16];
+        hdr[0] = 1; // VIRTIO_BLK_T_OUT
+        hdr[8] = 8; // sector 8
+        f.put(DATA, &hdr);
+        f.put(DATA + 0x1000, &[0x5au8; 512]);
+        f.desc(DESC, 0, DATA, 8, F_NEXT, 1);
+        f.desc(DESC, 1, DATA + 8, 8, F_NEXT, 2);
+        f.desc(DESC, 2, DATA + 0x1000, 512, F_NEXT, 3);
+        f.desc(DESC, 3, DATA + 0x3000, 1, F_WRITE, 0);
+        completes(&mut f, 0)?;
+        match status_at(&f, DATA + 0x3000) {
+            0 => no_stray(&f),
+            st => Err(format!("split header refused with status {st}")),
+        }
+    }),
+    ("a next index past the table", |s| {
+        let mut f = ready(s);
+        read_chain(&mut f);
+        f.desc(DESC, 1, DATA + 0x1000, 4096, F_NEXT | F_WRITE, 40);
+        completes(&mut f, 0)?;
+        let (id, len) = f.used(0);
+        if id != 0 || len != 0 {
+            return Err(format!("used entry ({id}, {len})"));
+        }
+        if status_at(&f, DATA + 0x3000) != PATTERN {
+            return Err("a status was written for a broken chain".into());
+        }
+        no_stray(&f)
+    }),
+    ("a looping indirect table", |s| {
+        let mut f = ready(s);
+        f.put(DATA, &[0u8; 16]);
+        f.desc(INDIRECT, 0, DATA, 16, F_NEXT, 1);
+        f.desc(INDIRECT, 1, DATA + 0x1000, 512, F_NEXT | F_WRITE, 2);
+        f.desc(INDIRECT, 2, DATA + 0x3000, 1, F_NEXT | F_WRITE, 1);
+        f.desc(DESC, 0, INDIRECT, 48, F_INDIRECT, 0);
+        completes(&mut f, 0)?;
+        if status_at(&f, DATA + 0x3000) != PATTERN {
+            return Err("a looping chain completed with a status".into());
+        }
+        no_stray(&f)
+    }),
+    ("a loop in the direct table", |s| {
+        let mut f = ready(s);
+        f.put(DATA, &[0u8; 16]);
+        f.desc(DESC, 0, DATA, 16, F_NEXT, 1);
+        f.desc(DESC, 1, DATA + 0x3000, 1, F_NEXT | F_WRITE, 0);
+        completes(&mut f, 0)?;
+        no_stray(&f)
+    }),
+    ("a data buffer outside guest memory", |s| {
+        let mut f = ready(s);
+        read_chain(&mut f);
+        f.desc(DESC, 1, 2 << 30, 4096, F_NEXT | F_WRITE, 2);
+        completes(&mut f, 0)?;
+        match status_at(&f, DATA + 0x3000) {
+            1 => no_stray(&f),
+            st => Err(format!("status {st} for a buffer outside memory")),
+        }
+    }),
+    ("a head index past the ring", |s| {
+        let mut f = ready(s);
+        read_chain(&mut f);
+        f.submit(200);
+        // Either returned or dropped, but the daemon stays well and writes nothing stray.
+        let _ = f.wait_used(Duration::from_secs(2));
+        no_stray(&f)
+    }),
+    ("random chains", |s| {
+        let mut f = ready(s);
+        let mut rng = common::Rng(0x1234_5678);
+        let types = [0u32, 1, 4, 8, 11, 13, 3, 0xffff_ffff];
+        for _ in 0..300 {
+            let mut hdr = [0u8; 16];
+            hdr[0..4].copy_from_slice(&types[rng.below(8) as usize].to_le_bytes());
+            hdr[8..16].copy_from_slice(&rng.below(1 << 16).to_le_bytes());
+            f.put(DATA, &hdr);
+            let n = 1 + rng.below(5) as u16;
+            for i in 0..n {
+                let table = if rng.below(6) == 0 { INDIRECT } else { DESC };
+                let addr = match rng.below(5) {
+                    0 => rng.next(),
+                    1 => RAM - rng.below(64),
+                    2 => INDIRECT,
+                    _ => DATA + 0x1000 * (1 + rng.below(8)),
+                };
+                let len = match rng.below(4) {
+                    0 => rng.next() as u32,
+                    1 => 0,
+                    _ => (rng.below(9) * 512 + rng.below(2) * 16) as u32,
+                };
+                let addr = if i == 0 && rng.below(2) == 0 { DATA } else { addr };
+                let flags = (rng.below(8) as u16) & (F_NEXT | F_WRITE | F_INDIRECT);
+                let flags = if i + 1 < n { flags | F_NEXT } else { flags };
+                let next = if rng.below(8) == 0 { rng.below(64) as u16 } else { i + 1 };
+                // Writable buffers outside our RAM cannot be checked (and are refused).
+                if flags & F_WRITE != 0 && addr.saturating_add(u64::from(len)) > RAM {
+                    f.desc(table, i, addr, len, flags & !F_WRITE, next);
+                } else if flags & F_WRITE != 0 && addr < DATA {
+                    f.desc(table, i, DATA + 0x1000, len.min(4096), flags, next);
+                } else {
+                    f.desc(table, i, addr, len, flags, next);
+                }
+            }
+            completes(&mut f, 0).map_err(|e| format!("random chain: {e}"))?;
+        }
+        no_stray(&f)
+    }),
+];
+
+fn serve(dir: &TestDir) -> Daemon {
+    let image = dir.path("disk.raw");
+    sparse_file(&image, 64 * MIB);
+    let sock = dir.path("sock");
+    Daemon::start(&sock, &["--image", image.to_str().unwrap_or_default(), "--format", "raw", "--num-queues", "1"])
+}
+
+/// A normal session still works: write, read back.
+fn still_serves(sock: &Path, n: usize) -> Result<(), String> {
+    let mut c = Client::connect(sock, 1).map_err(|e| format!("blkio connect: {e:?}"))?;
+    let data = vec![n as u8; 4096];
+    let off = (n as u64 % 1000) * 4096;
+    if c.write(0, off, &data) != 0 {
+        return Err("blkio write failed".into());
+    }
+    match c.read(0, off, 4096) {
+        Ok(back) if back == data => Ok(()),
+        other => Err(format!("blkio read back: {:?}", other.map(|b| b.len()))),
+    }
+}
+
+fn run_cases(name: &str, cases: &[Case]) {
+    let dir = TestDir::new(name);
+    let mut d = serve(&dir);
+    let sock = dir.path("sock");
+    let mut failures = Vec::new();
+    for (i, (what, case)) in cases.iter().enumerate() {
+        let r = case(&sock);
+        if let Ok(Some(st)) = d.child.try_wait() {
+            panic!("the daemon died during '{what}': {st}");
+        }
+        if let Err(e) = r {
+            failures.push(format!("{what}: {e}"));
+        }
+        if let Err(e) = still_serves(&sock, i) {
+            failures.push(format!("after '{what}': {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    stop_clean(d);
+}
+
+#[test]
+fn hostile_protocol_messages_are_refused_and_the_daemon_keeps_serving() {
+    run_cases("hostile-protocol", PROTOCOL);
+}
+
+#[test]
+fn hostile_rings_never_make_the_daemon_write_outside_its_buffers() {
+    run_cases("hostile-rings", RINGS);
+}
