@@ -164,6 +164,10 @@ struct Meta {
     cleared_gen: u64,
     /// Free clusters below the bump pointer, reused (lowest first) before it moves.
     free: BTreeSet<u64>,
+    /// Host clusters that lost a reference (a compressed cluster overwritten) by an L2 update
+    /// not durable yet: their refcounts drop only after the write-back that carries the
+    /// update, never before it (a crash in between leaks them, which is safe).
+    unref: Vec<u64>,
 }
 
 /// Dirty metadata copied at one instant under the lock, written back without it. Because
@@ -181,6 +185,8 @@ struct WriteBack {
     new_l2: bool,
     /// Releases this write-back makes durable.
     freed: Vec<(u64, u64)>,
+    /// References dropped by L2 updates in this write-back: decremented once it is durable.
+    unref: Vec<u64>,
     /// The journal segment to clear once it is durable, and its generation.
     journal_clear: Option<(usize, u64)>,
 }
@@ -343,6 +349,7 @@ impl Qcow2 {
             journal,
             freed: Vec::new(),
             limbo: Vec::new(),
+            unref: Vec::new(),
             free: BTreeSet::new(),
         };
         let img = Qcow2 {
@@ -991,7 +998,17 @@ impl Qcow2 {
                 }
                 let (host, finished, linked, in_place) = (p.host, p.writers == 0, p.linked, p.in_place);
                 if link {
+                    let old = self.l2_entry_locked(&mut m, ci)?;
                     self.set_l2_entry(&mut m, ci, host | COPIED)?;
+                    if let L2Entry::Compressed { host: data, len } = decode_l2(old, self.header.cluster_bits) {
+                        // Each host cluster the compressed bytes touch loses a reference.
+                        let cs = self.cluster_size;
+                        let mut c = data / cs * cs;
+                        while c < data + len.max(1) {
+                            m.unref.push(c);
+                            c += cs;
+                        }
+                    }
                 }
                 if finished {
                     m.pending.remove(&ci);
@@ -1324,6 +1341,7 @@ impl Qcow2 {
                 if wb.is_empty() {
                     // (A release always dirties its refcount block; keep the list regardless.)
                     m.freed.extend(wb.freed);
+                    m.unref.extend(wb.unref);
                     return Ok(());
                 }
                 wb
@@ -1364,6 +1382,18 @@ impl Qcow2 {
             m.cleared_gen = m.cleared_gen.max(gen);
         }
         m.limbo.extend(wb.freed.iter().copied());
+        // The updates that dropped these references are durable: drop the counts now (the
+        // next write-back writes them). A cluster reaching 0 is released like any other.
+        for &host in &wb.unref {
+            let Ok(rc) = self.refcount(m, host) else { continue };
+            if rc == 0 {
+                continue;
+            }
+            if self.set_refcount(m, host, (rc - 1) as u16).is_ok() && rc == 1 {
+                let gen = m.journal.as_ref().map(|j| j.generation()).unwrap_or(0);
+                m.freed.push((host, gen));
+            }
+        }
         let cleared = m.cleared_gen;
         let (ready, wait): (Vec<_>, Vec<_>) = m.limbo.drain(..).partition(|&(_, g)| g <= cleared);
         m.limbo = wait;
@@ -1377,7 +1407,7 @@ impl Qcow2 {
 
     /// Copies everything dirty and marks it clean (L2 tables: under write-back).
     fn take_writeback(&self, m: &mut Meta) -> Result<WriteBack> {
-        let mut wb = WriteBack { freed: std::mem::take(&mut m.freed), ..Default::default() };
+        let mut wb = WriteBack { freed: std::mem::take(&mut m.freed), unref: std::mem::take(&mut m.unref), ..Default::default() };
         let mut idxs: Vec<u64> = m.refblocks.iter().filter(|(_, b)| b.dirty).map(|(i, _)| *i).collect();
         idxs.sort_unstable();
         for idx in idxs {
@@ -1428,6 +1458,7 @@ impl Qcow2 {
     /// After a failed write-back, everything it carried is dirty again.
     fn restore_dirty(&self, m: &mut Meta, wb: WriteBack) {
         m.freed.extend(wb.freed);
+        m.unref.extend(wb.unref);
         for (idx, _, _) in &wb.refblocks {
             if let Some(b) = m.refblocks.get_mut(idx) {
                 b.dirty = true;

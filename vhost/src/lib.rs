@@ -7,6 +7,7 @@
 //! [`stats`] counts requests per queue and operation for the metrics endpoint.
 //! [`error`] maps every outcome to a virtio status.
 
+pub mod bounce;
 pub mod config;
 pub mod device;
 pub mod error;

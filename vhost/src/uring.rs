@@ -57,9 +57,20 @@ pub enum HostOp {
 }
 
 /// A worker's io_uring with its completion eventfd.
+///
+/// Back-pressure instead of spinning: at most as many entries are handed to the kernel as
+/// the completion queue holds, so completions never overflow; entries beyond that (or
+/// beyond a full submission queue) wait in a backlog, moved to the kernel by
+/// [`Ring::submit`] as completions are popped. The worker bounds the backlog by refusing
+/// new requests while [`Ring::in_flight`] is at its cap.
 pub struct Ring {
     ring: IoUring,
     eventfd: EventFd,
+    backlog: std::collections::VecDeque<squeue::Entry>,
+    /// Entries given to the submission queue and not yet popped as completions.
+    in_kernel: usize,
+    /// Completion queue size: the most entries the kernel may hold.
+    cq_cap: usize,
 }
 
 impl Ring {
@@ -76,7 +87,8 @@ impl Ring {
         restrictions.push(Restriction::sqe_flags_required(squeue::Flags::FIXED_FILE.bits()));
         submitter.register_restrictions(&mut restrictions)?;
         submitter.register_enable_rings()?;
-        Ok(Ring { ring, eventfd })
+        let cq_cap = ring.params().cq_entries() as usize;
+        Ok(Ring { ring, eventfd, backlog: std::collections::VecDeque::new(), in_kernel: 0, cq_cap })
     }
 
     /// The eventfd that becomes readable when completions arrive.
@@ -90,12 +102,13 @@ impl Ring {
         let _ = self.eventfd.read();
     }
 
-    /// Queues `op`, submitting queued entries first if the submission queue is full.
+    /// Queues `op` (into the submission queue, or the backlog when the kernel holds as many
+    /// entries as the completion queue can answer). Never blocks, never spins.
     ///
     /// # Safety
     /// Every buffer and iovec array `op` points to must stay valid and unaliased by Rust
     /// references until the completion carrying `user_data` has been popped.
-    pub unsafe fn push(&mut self, op: HostOp, user_data: u64) -> io::Result<()> {
+    pub unsafe fn push(&mut self, op: HostOp, user_data: u64) {
         let entry = match op {
             HostOp::Readv { file, iov, iov_len, offset } => {
                 opcode::Readv::new(types::Fixed(file), iov, iov_len).offset(offset).build()
@@ -115,22 +128,38 @@ impl Ring {
             }
         }
         .user_data(user_data);
-        loop {
-            // SAFETY: the caller guarantees the entry's pointers stay valid until completion.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                return Ok(());
+        self.backlog.push_back(entry);
+        self.fill();
+    }
+
+    /// Moves backlog entries into the submission queue while both it and the completion
+    /// queue have room.
+    fn fill(&mut self) {
+        while self.in_kernel < self.cq_cap {
+            let Some(entry) = self.backlog.front() else { return };
+            // SAFETY: the entry's pointers were guaranteed valid until completion by the
+            // caller of `push`.
+            if unsafe { self.ring.submission().push(entry) }.is_err() {
+                return;
             }
-            self.submit()?;
+            self.backlog.pop_front();
+            self.in_kernel += 1;
         }
     }
 
-    /// Hands queued entries to the kernel.
+    /// Host operations queued and not yet completed (in the kernel or the backlog).
+    pub fn in_flight(&self) -> usize {
+        self.in_kernel + self.backlog.len()
+    }
+
+    /// Hands queued entries to the kernel (and what the backlog can add).
     pub fn submit(&mut self) -> io::Result<()> {
+        self.fill();
         loop {
             match self.ring.submit() {
                 Ok(_) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                // The completion queue is full: the caller reaps and we retry later.
+                // The completion queue is busy: the caller reaps and we retry later.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
                 Err(e) => return Err(e),
             }
@@ -139,6 +168,7 @@ impl Ring {
 
     /// Submits and blocks until at least one completion is available.
     pub fn submit_and_wait_one(&mut self) -> io::Result<()> {
+        self.fill();
         loop {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => return Ok(()),
@@ -149,9 +179,27 @@ impl Ring {
         }
     }
 
+    /// Submits and waits up to `limit` for a completion; false if none came in time.
+    pub fn submit_and_wait_one_for(&mut self, limit: std::time::Duration) -> io::Result<bool> {
+        self.fill();
+        let ts = types::Timespec::new().sec(limit.as_secs()).nsec(limit.subsec_nanos());
+        let args = types::SubmitArgs::new().timespec(&ts);
+        loop {
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => return Ok(true),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => return Ok(!self.ring.completion().is_empty()),
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(true),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Pops one completion: (user_data, result).
     pub fn pop(&mut self) -> Option<(u64, i32)> {
-        self.ring.completion().next().map(|c| (c.user_data(), c.result()))
+        let c = self.ring.completion().next()?;
+        self.in_kernel = self.in_kernel.saturating_sub(1);
+        Some((c.user_data(), c.result()))
     }
 }
 
@@ -177,8 +225,7 @@ mod tests {
         let mut buf = [0u8; 10];
         let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
         // SAFETY: buf and iov outlive the completion, which we wait for below.
-        unsafe { ring.push(HostOp::Readv { file: 0, iov: iov.as_ptr(), iov_len: 1, offset: 0 }, 7) }
-            .unwrap();
+        unsafe { ring.push(HostOp::Readv { file: 0, iov: iov.as_ptr(), iov_len: 1, offset: 0 }, 7) };
         ring.submit_and_wait_one().unwrap();
         assert_eq!(ring.pop(), Some((7, 10)));
         assert_eq!(&buf, b"hello ring");

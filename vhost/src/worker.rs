@@ -2,7 +2,6 @@
 //! data lives, queues host IO on the worker's own io_uring straight into guest memory, and
 //! completes requests as the ring reports back.
 
-use std::alloc::{self, Layout};
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
@@ -11,6 +10,7 @@ use std::time::Instant;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::bounce::{copy_range_from_guest, copy_range_to_guest, AlignedBuf, BouncePool, Staged, CHUNK, POOL_CHUNKS};
 use crate::device::Context;
 use crate::error::{error_class, virtio_status, ImageError, Outcome};
 use crate::image::{Extent, HostZero, Target, WriteTicket, ZeroMode, ZeroRequest};
@@ -83,45 +83,6 @@ impl InflightCount {
     }
 }
 
-/// An aligned heap buffer for IO that cannot go zero-copy (unaligned guest buffers).
-struct AlignedBuf {
-    ptr: *mut u8,
-    layout: Layout,
-}
-
-impl AlignedBuf {
-    fn zeroed(len: usize, align: usize) -> io::Result<AlignedBuf> {
-        let layout = Layout::from_size_align(len.max(1), align.max(1))
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
-        }
-        Ok(AlignedBuf { ptr, layout })
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is a live allocation of layout.size() initialised bytes.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: ptr is a live allocation of layout.size() bytes, uniquely borrowed here.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: ptr was allocated with this layout and is freed once.
-        unsafe { alloc::dealloc(self.ptr, self.layout) }
-    }
-}
-
-// SAFETY: the buffer is plain owned memory, only touched by the worker that owns it.
-unsafe impl Send for AlignedBuf {}
-
 /// A request between submission and completion.
 struct Pending {
     head: u16,
@@ -131,8 +92,8 @@ struct Pending {
     ops: u32,
     /// First errno seen.
     errno: Option<i32>,
-    /// Data staged here instead of guest memory (unaligned buffers).
-    bounce: Option<AlignedBuf>,
+    /// Data staged through a bounce chunk instead of guest memory (unaligned buffers).
+    staged: Option<Staged>,
     /// Keeps the guest mapping alive while the kernel may access it.
     mem: Arc<Mem>,
     /// Allocations to report to the format when the host IO has ended.
@@ -152,6 +113,18 @@ struct Parked {
     /// When this stint in the parked list began (statistics only).
     entered: Option<Instant>,
 }
+
+/// A request waiting for a bounce chunk (the pool was empty when it arrived).
+struct Starved {
+    head: u16,
+    status: GuestAddress,
+    req: Request,
+    mem: Arc<Mem>,
+    clock: Clock,
+}
+
+/// Most iovecs one host op carries (the kernel's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
 
 /// When a request arrived and when it was first parked (set only while statistics are kept).
 #[derive(Clone, Copy, Debug, Default)]
@@ -268,6 +241,12 @@ pub struct Worker {
     /// that would park is reported instead, so a stop always ends. Cleared when the queue
     /// serves again.
     final_stop: bool,
+    /// Host ops in flight (kernel and backlog) beyond which no chain is popped.
+    op_cap: usize,
+    /// Bounce chunks for unaligned guest buffers.
+    pool: BouncePool,
+    /// Requests waiting for a bounce chunk, in arrival order (counted in flight).
+    starved: std::collections::VecDeque<Starved>,
 }
 
 impl Worker {
@@ -290,7 +269,16 @@ impl Worker {
             parked: std::collections::VecDeque::new(),
             stats,
             final_stop: false,
+            op_cap: ring_entries as usize * 4,
+            pool: BouncePool::new(POOL_CHUNKS),
+            starved: std::collections::VecDeque::new(),
         })
+    }
+
+    /// Back-pressure: host ops in flight are at their cap, so no new chain is popped until
+    /// completions free room (the completion handler pops again).
+    fn throttled(&self) -> bool {
+        self.ring.in_flight() >= self.op_cap
     }
 
     /// The ring's completion eventfd, to register with the vring epoll loop.
@@ -347,11 +335,16 @@ impl Worker {
                     (Ok(req), None) => self.finish_sync(vring, &mem, parsed.head, None, &Outcome::Ok, 0, Rec::of(&req, clock)),
                 }
             }
+            if self.throttled() {
+                // Chains stay in the ring; the completions that free room pop them.
+                break;
+            }
             if !event_idx || !vring.enable_notification().unwrap_or(false) {
                 break;
             }
         }
         self.flush_batch = None;
+        self.unstarve(ctx);
         self.ring.submit()?;
         self.signal(vring);
         Ok(())
@@ -378,6 +371,7 @@ impl Worker {
     pub fn on_completion(&mut self, ctx: &Context) -> io::Result<()> {
         self.ring.ack_eventfd();
         self.reap(ctx, true)?;
+        self.unstarve(ctx);
         self.ring.submit()?;
         if let Some(v) = self.vring.clone() {
             self.signal(&v);
@@ -388,12 +382,24 @@ impl Worker {
     /// Waits for every in-flight host op; `publish` says whether to complete requests to
     /// the guest (false after a disconnect: the frontend re-submits what it saw unfinished).
     pub fn drain(&mut self, ctx: &Context, publish: bool) -> io::Result<()> {
-        while self.ops.len() > 0 {
+        loop {
+            if publish {
+                self.unstarve(ctx);
+            }
+            if self.ops.len() == 0 {
+                break;
+            }
             self.ring.submit_and_wait_one()?;
             self.reap(ctx, publish)?;
         }
         if !publish {
             self.drop_parked(ctx);
+            let n = self.starved.len();
+            if n > 0 {
+                tracing::warn!(queue = self.queue, requests = n, "IO waiting for a bounce buffer dropped uncompleted (never acknowledged to the guest)");
+                self.starved.clear();
+                (0..n).for_each(|_| self.inflight.done());
+            }
         }
         if publish {
             if let Some(v) = self.vring.clone() {
@@ -418,6 +424,9 @@ impl Worker {
         vring: &Vring,
         stopping: bool,
     ) -> Option<(virtio_queue::DescriptorChain<Arc<Mem>>, Arc<Mem>)> {
+        if self.throttled() {
+            return None;
+        }
         let mut state = vring.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() || stopping {
             return None;
@@ -543,6 +552,14 @@ impl Worker {
     ) -> Result<(), (Option<usize>, Outcome)> {
         let image = &ctx.image;
         let align = image.io_alignment().max(1) as usize;
+        if matches!(req.kind, RequestType::Read | RequestType::Write)
+            && needs_bounce(mem, &req.segments, align)
+            && !self.pool.available()
+        {
+            // Waits for a chunk; completions that return one start it.
+            self.starved.push_back(Starved { head, status, req, mem: mem.clone(), clock });
+            return Ok(());
+        }
         let ranges = if matches!(req.kind, RequestType::Discard | RequestType::WriteZeroes) { req.ranges.clone() } else { Vec::new() };
         let (kind, offset, data_len) = (req.kind, req.offset, req.data_len);
         let slot = self.pending.insert(Pending {
@@ -551,7 +568,7 @@ impl Worker {
             req,
             ops: 0,
             errno: None,
-            bounce: None,
+            staged: None,
             mem: mem.clone(),
             tickets: Vec::new(),
             joined: Vec::new(),
@@ -651,26 +668,26 @@ impl Worker {
         align: usize,
     ) -> io::Result<()> {
         let Some(p) = self.pending.get_mut(slot) else { return Err(io::Error::from_raw_os_error(libc::EIO)) };
-        let host = host_iovecs(mem, &p.req.segments)?;
-        let aligned = host.iter().all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0);
-        let iovs = if aligned {
-            host
-        } else {
-            let mut buf = AlignedBuf::zeroed(p.req.data_len as usize, align)?;
-            if write {
-                copy_from_guest(mem, &p.req.segments, buf.as_mut_slice())?;
-            }
-            let v = vec![libc::iovec { iov_base: buf.ptr.cast(), iov_len: p.req.data_len as usize }];
-            p.bounce = Some(buf);
-            v
-        };
+        let iovs = host_iovecs(mem, &p.req.segments)?;
+        let dsync = write && !ctx.writeback.load(Ordering::Relaxed);
+        if !aligned_for(&iovs, align) {
+            let chunk = self.pool.take()?.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOBUFS))?;
+            p.staged = Some(Staged { chunk, extents: extents.to_vec(), write, dsync, pos: 0, len: 0 });
+            return self.next_chunk(slot);
+        }
         let dsync = write && !ctx.writeback.load(Ordering::Relaxed);
         for ext in extents {
             let sub = sub_iovecs(&iovs, ext.req_off, ext.len);
             match &ext.target {
                 Target::Host { file, offset } => {
                     let kind = if write { OpKind::Write { dsync } } else { OpKind::Read };
-                    self.queue_op(slot, Op { slot, kind, file: *file, offset: *offset, iov: sub })?;
+                    // A request over many memory regions may exceed what one op can carry.
+                    let mut at = *offset;
+                    for part in sub.chunks(IOV_MAX) {
+                        let bytes: u64 = part.iter().map(|v| v.iov_len as u64).sum();
+                        self.queue_op(slot, Op { slot, kind, file: *file, offset: at, iov: part.to_vec() })?;
+                        at += bytes;
+                    }
                 }
                 Target::Bytes { data, offset } if !write => {
                     let mut src = data.get(*offset..).unwrap_or(&[]);
@@ -693,6 +710,64 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Moves a staged request on by one chunk: hands the finished chunk of a read to the
+    /// guest, fills the next one (from the guest for a write, from zero or inline extents for
+    /// a read) and queues its host ops. Returns with no op queued when the request is done.
+    fn next_chunk(&mut self, slot: usize) -> io::Result<()> {
+        loop {
+            let Some(p) = self.pending.get_mut(slot) else { return Err(io::Error::from_raw_os_error(libc::EIO)) };
+            let Some(mut st) = p.staged.take() else { return Ok(()) };
+            let r = stage_next(p, &mut st);
+            let base = st.chunk.ptr();
+            let (write, dsync, pos, len) = (st.write, st.dsync, st.pos, st.len);
+            let mut ops = Vec::new();
+            if r.is_ok() && len > 0 {
+                for ext in &st.extents {
+                    let s = ext.req_off.max(pos);
+                    let e = (ext.req_off + ext.len).min(pos + len);
+                    if s >= e {
+                        continue;
+                    }
+                    let within = (s - pos) as usize;
+                    let n = (e - s) as usize;
+                    match &ext.target {
+                        Target::Host { file, offset } => {
+                            let kind = if write { OpKind::Write { dsync } } else { OpKind::Read };
+                            // SAFETY: within + n <= len <= CHUNK: inside the chunk.
+                            let at = unsafe { base.add(within) };
+                            let iov = vec![libc::iovec { iov_base: at.cast(), iov_len: n }];
+                            ops.push(Op { slot, kind, file: *file, offset: offset + (s - ext.req_off), iov });
+                        }
+                        Target::Bytes { data, offset } if !write => {
+                            let from = offset + (s - ext.req_off) as usize;
+                            let dst = &mut st.chunk.as_mut_slice()[within..within + n];
+                            let src = data.get(from..).unwrap_or(&[]);
+                            let k = src.len().min(n);
+                            dst[..k].copy_from_slice(&src[..k]);
+                            dst[k..].fill(0);
+                        }
+                        Target::Zero if !write => st.chunk.as_mut_slice()[within..within + n].fill(0),
+                        Target::Zero | Target::Bytes { .. } => return Err(io::Error::from_raw_os_error(libc::EIO)),
+                    }
+                }
+            }
+            if let Some(p) = self.pending.get_mut(slot) {
+                p.staged = Some(st);
+            }
+            r?;
+            if len == 0 {
+                return Ok(());
+            }
+            let issued = !ops.is_empty();
+            for op in ops {
+                self.queue_op(slot, op)?;
+            }
+            if issued {
+                return Ok(());
+            }
+        }
     }
 
     fn queue_op(&mut self, slot: usize, op: Op) -> io::Result<()> {
@@ -718,10 +793,7 @@ impl Worker {
         // SAFETY: the iovec array lives in `self.ops[id]` (heap storage that does not move) and
         // points into guest memory kept mapped by the request's `Pending::mem`, or into its
         // bounce buffer; both live until this op's completion is reaped.
-        if let Err(e) = unsafe { self.ring.push(host, id as u64) } {
-            self.ops.remove(id);
-            return Err(e);
-        }
+        unsafe { self.ring.push(host, id as u64) };
         if let Some(p) = self.pending.get_mut(slot) {
             p.ops += 1;
         }
@@ -810,7 +882,7 @@ impl Worker {
         if self.zero.is_none() {
             self.zero = Some(AlignedBuf::zeroed(ZERO_CHUNK, 4096)?);
         }
-        let base = self.zero.as_ref().map(|z| z.ptr).unwrap_or(std::ptr::null_mut());
+        let base = self.zero.as_ref().map(|z| z.ptr()).unwrap_or(std::ptr::null_mut());
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(ZERO_CHUNK as u64) as usize;
@@ -828,21 +900,42 @@ impl Worker {
     }
 
     fn op_finished(&mut self, ctx: &Context, slot: usize, publish: bool) {
-        let done = match self.pending.get_mut(slot) {
+        let (done, staged) = match self.pending.get_mut(slot) {
             Some(p) => {
                 p.ops = p.ops.saturating_sub(1);
-                p.ops == 0
+                (p.ops == 0, p.staged.is_some() && p.errno.is_none())
             }
-            None => false,
+            None => (false, false),
         };
+        if done && staged {
+            // A staged request moves on to its next chunk, if it has one.
+            if let Err(e) = self.next_chunk(slot) {
+                self.op_failed(slot, e.raw_os_error().unwrap_or(libc::EIO));
+            }
+            if self.pending.get_mut(slot).map(|p| p.ops > 0).unwrap_or(false) {
+                return;
+            }
+        }
         if done {
             self.complete(ctx, slot, publish);
         }
     }
 
     /// Completes a request whose host ops have all ended.
+    /// Starts requests that waited for a bounce chunk, while chunks are available. Called
+    /// from the entry points (kick, completion, resume, drain), never from inside a
+    /// completion, so a chain of instant completions cannot recurse.
+    fn unstarve(&mut self, ctx: &Context) {
+        while self.pool.available() {
+            let Some(r) = self.starved.pop_front() else { return };
+            self.start(ctx, &r.mem, r.head, r.status, r.req, r.clock);
+        }
+    }
+
     fn complete(&mut self, ctx: &Context, slot: usize, publish: bool) {
         let Some(mut p) = self.pending.remove(slot) else { return };
+        // The chunk goes back to the pool (its data, if any, was handed over already).
+        p.staged = None;
         let mut errno = p.errno;
         for ticket in p.tickets.drain(..) {
             if let Err(e) = ctx.image.write_done(ticket, errno.is_none()) {
@@ -882,13 +975,6 @@ impl Worker {
             if let Err(e) = ctx.image.prepare_flush() {
                 tracing::error!(queue = self.queue, error = %e, "write-through metadata flush failed");
                 errno = Some(libc::EIO);
-            }
-        }
-        if errno.is_none() && p.req.kind == RequestType::Read {
-            if let Some(b) = &p.bounce {
-                if copy_to_guest(&p.mem, &p.req.segments, b.as_slice()).is_err() {
-                    errno = Some(libc::EFAULT);
-                }
             }
         }
         let outcome = match errno {
@@ -981,6 +1067,7 @@ impl Worker {
         for r in parked {
             self.start(ctx, &r.mem, r.head, r.status, r.req, r.clock);
         }
+        self.unstarve(ctx);
         self.ring.submit()?;
         if let Some(v) = self.vring.clone() {
             self.signal(&v);
@@ -1082,6 +1169,36 @@ enum OpResult {
     FallbackWriteZeroes { offset: u64, len: u64 },
 }
 
+/// Whether every iovec meets the storage's O_DIRECT alignment (address and length).
+fn aligned_for(iovs: &[libc::iovec], align: usize) -> bool {
+    iovs.iter().all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0)
+}
+
+/// Whether a request's guest buffers must be staged through a bounce chunk.
+fn needs_bounce(mem: &Mem, segments: &[Segment], align: usize) -> bool {
+    match host_iovecs(mem, segments) {
+        Ok(iovs) => !aligned_for(&iovs, align),
+        // Unreachable memory fails later, with its own error; it needs no chunk.
+        Err(_) => false,
+    }
+}
+
+/// Advances a staged request's chunk: hands a finished read chunk to the guest, then
+/// selects the next range and, for a write, fills it from the guest. `st.len` is 0 when
+/// the request has no bytes left.
+fn stage_next(p: &Pending, st: &mut Staged) -> io::Result<()> {
+    if st.len > 0 && !st.write {
+        copy_range_to_guest(&p.mem, &p.req.segments, st.pos, &st.chunk.as_slice()[..st.len as usize])?;
+    }
+    st.pos += st.len;
+    st.len = p.req.data_len.saturating_sub(st.pos).min(CHUNK as u64);
+    if st.len > 0 && st.write {
+        let n = st.len as usize;
+        copy_range_from_guest(&p.mem, &p.req.segments, st.pos, &mut st.chunk.as_mut_slice()[..n])?;
+    }
+    Ok(())
+}
+
 /// Translates guest segments into host iovecs (a segment may span memory regions).
 fn host_iovecs(mem: &Mem, segments: &[Segment]) -> io::Result<Vec<libc::iovec>> {
     let mut out = Vec::with_capacity(segments.len());
@@ -1144,15 +1261,6 @@ fn copy_to_guest(mem: &Mem, segments: &[Segment], mut data: &[u8]) -> Result<(),
     Ok(())
 }
 
-fn copy_from_guest(mem: &Mem, segments: &[Segment], mut out: &mut [u8]) -> io::Result<()> {
-    for s in segments {
-        let n = (s.len as usize).min(out.len());
-        let (head, tail) = out.split_at_mut(n);
-        mem.read_slice(head, s.addr).map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
-        out = tail;
-    }
-    Ok(())
-}
 
 #[cfg(test)]
 mod tests {
@@ -1183,7 +1291,7 @@ mod tests {
             req: flush,
             ops: 1,
             errno: None,
-            bounce: None,
+            staged: None,
             mem: Arc::new(Mem::new()),
             tickets: Vec::new(),
             clock: Clock::default(),
