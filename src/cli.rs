@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// directory, regular files), `devices` (block devices too, for LVM storage), `any`.
     #[arg(long, value_enum, default_value_t = BackingFiles::Local)]
     pub backing_files: BackingFiles,
+    /// The queue threads' system-call allow-list: `on` (a call outside it fails with EPERM),
+    /// `strict` (it kills the daemon), `off`.
+    #[arg(long, value_enum, default_value_t = SeccompArg::On)]
+    pub seccomp: SeccompArg,
     /// Where the qcow2 metadata journal lives (a tmpfs directory: it must not survive a reboot
     /// unnoticed, and it keeps completed writes across a daemon crash), or `none` to keep
     /// metadata changes since the last write-back in memory only.
@@ -364,5 +368,29 @@ mod tests {
     fn fd_and_socket_conflict() {
         let r = Cli::try_parse_from(["thinblk", "--fd", "3", "--socket-path", "/x"]);
         assert!(r.is_err());
+    }
+}
+
+/// `--seccomp`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeccompArg {
+    /// Disallowed calls fail with EPERM.
+    #[default]
+    On,
+    /// Disallowed calls kill the process.
+    Strict,
+    /// No filter.
+    Off,
+}
+
+impl SeccompArg {
+    /// The device's mode.
+    pub fn mode(self) -> thinblk_vhost::seccomp::SeccompMode {
+        use thinblk_vhost::seccomp::SeccompMode;
+        match self {
+            SeccompArg::On => SeccompMode::On,
+            SeccompArg::Strict => SeccompMode::Strict,
+            SeccompArg::Off => SeccompMode::Off,
+        }
     }
 }

@@ -182,10 +182,27 @@ pub fn serve(
         }
     }
     // Metadata first, then the files: what the guest saw completed is durable, or we say so.
-    if let Err(e) = image.close() {
-        tracing::error!(error = %e, "final flush failed");
-        return Err(io::Error::other(format!("final flush: {e}")).into());
+    // Storage that hangs must not hang the exit: the flush gets CLOSE_LIMIT, then we exit
+    // with an error (the flush thread dies with the process).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let closing = image.clone();
+    std::thread::Builder::new().name("close".into()).spawn(move || {
+        let _ = tx.send(closing.close());
+    })?;
+    match rx.recv_timeout(CLOSE_LIMIT) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "final flush failed");
+            return Err(io::Error::other(format!("final flush: {e}")).into());
+        }
+        Err(_) => {
+            tracing::error!(limit_s = CLOSE_LIMIT.as_secs(), "final flush did not finish: storage does not answer");
+            return Err(io::Error::other("final flush did not finish in time").into());
+        }
     }
     tracing::info!("image flushed; exiting");
     Ok(())
 }
+
+/// How long the final flush may take before the daemon gives up on it.
+pub const CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);

@@ -171,6 +171,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         serial,
         park: Some(hub),
         stats,
+        seccomp: thinblk_vhost::seccomp::queue_filter(args.seccomp.mode()).map_err(Failure::Usage)?,
     };
     if image.capacity() < u64::from(cfg.logical_block_size) {
         return Err(Failure::Runtime(format!("{} is smaller than one logical block", image_path.display())));
@@ -401,6 +402,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         // The demo keeps everything in its directory, its journal too (the boot id guards it).
         journal_dir: dir.to_string_lossy().into_owned(),
         backing_files: Default::default(),
+        seccomp: Default::default(),
         discard: DiscardMode::Unmap,
         log_level: None,
         errors: Default::default(),

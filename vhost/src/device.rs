@@ -35,6 +35,8 @@ pub struct DeviceConfig {
     /// Request statistics to keep (kept across connections); `None`: none are kept and the
     /// data path reads no clock.
     pub stats: Option<Arc<DeviceStats>>,
+    /// The seccomp filter each queue thread installs first (None: no filter).
+    pub seccomp: Option<Arc<crate::seccomp::QueueFilter>>,
 }
 
 /// What every worker reads: the image, the limits, the guest memory, the cache mode.
@@ -77,6 +79,7 @@ impl Context {
 
 struct Inner {
     ctx: Context,
+    seccomp: Option<Arc<crate::seccomp::QueueFilter>>,
     workers: Vec<Mutex<Worker>>,
     inflight: Vec<Arc<InflightCount>>,
 }
@@ -137,7 +140,7 @@ impl BlkDevice {
             stopping: AtomicBool::new(false),
             mem: RwLock::new(None),
         };
-        Ok(BlkDevice { inner: Arc::new(Inner { ctx, workers, inflight }) })
+        Ok(BlkDevice { inner: Arc::new(Inner { ctx, seccomp: cfg.seccomp.clone(), workers, inflight }) })
     }
 
     /// The device's fixed properties.
@@ -145,15 +148,23 @@ impl BlkDevice {
         &self.inner.ctx.geometry
     }
 
-    /// Waits for all host IO of every queue; `publish` completes requests to the guest.
-    pub fn drain(&self, publish: bool) {
+    /// Waits (at most [`STOP_LIMIT`] in all) for the host IO of every queue; `publish`
+    /// completes requests to the guest. False if storage left IO in flight.
+    pub fn drain(&self, publish: bool) -> bool {
+        let deadline = std::time::Instant::now() + STOP_LIMIT;
+        let mut idle = true;
         for w in &self.inner.workers {
             if let Ok(mut w) = w.lock() {
-                if let Err(e) = w.drain(&self.inner.ctx, publish) {
-                    tracing::error!(error = %e, "draining a queue failed");
+                match w.drain(&self.inner.ctx, publish, deadline) {
+                    Ok(done) => idle &= done,
+                    Err(e) => {
+                        idle = false;
+                        tracing::error!(error = %e, "draining a queue failed");
+                    }
                 }
             }
         }
+        idle
     }
 
     /// Stops taking new requests, waits for in-flight ones and completes them to the guest.
@@ -188,6 +199,11 @@ impl BlkDevice {
 
 
 impl BlkDevice {
+    /// The seccomp filter for queue threads.
+    pub fn seccomp(&self) -> Option<Arc<crate::seccomp::QueueFilter>> {
+        self.inner.seccomp.clone()
+    }
+
     /// Number of request queues.
     pub fn num_queues(&self) -> usize {
         self.inner.workers.len()

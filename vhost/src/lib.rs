@@ -15,6 +15,7 @@ pub mod image;
 pub mod park;
 pub mod protocol;
 pub mod request;
+pub mod seccomp;
 pub mod stats;
 pub mod uring;
 pub mod vring;

@@ -230,6 +230,29 @@ mod tests {
         assert_eq!(ring.pop(), Some((7, 10)));
         assert_eq!(&buf, b"hello ring");
 
+        // More entries than the rings hold: the rest wait in the backlog, none is lost, the
+        // kernel never holds more than the completion queue can answer.
+        let bufs: Vec<[u8; 10]> = vec![[0u8; 10]; 40];
+        let iovs: Vec<libc::iovec> =
+            bufs.iter().map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() }).collect();
+        for (i, v) in iovs.iter().enumerate() {
+            // SAFETY: bufs and iovs outlive every completion, all waited for below.
+            unsafe { ring.push(HostOp::Readv { file: 0, iov: v, iov_len: 1, offset: 0 }, 100 + i as u64) };
+            assert!(ring.in_kernel <= ring.cq_cap);
+        }
+        assert_eq!(ring.in_flight(), 40);
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < 40 {
+            ring.submit_and_wait_one().unwrap();
+            while let Some((ud, res)) = ring.pop() {
+                assert_eq!(res, 10);
+                seen.insert(ud);
+            }
+            assert!(ring.in_kernel <= ring.cq_cap);
+        }
+        assert_eq!(ring.in_flight(), 0);
+        assert!(bufs.iter().all(|b| b == b"hello ring"));
+
         // A NOP is not on the allow-list: the kernel rejects it.
         let nop = opcode::Nop::new().build().user_data(9);
         // SAFETY: a NOP references no memory.

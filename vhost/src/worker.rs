@@ -381,7 +381,11 @@ impl Worker {
 
     /// Waits for every in-flight host op; `publish` says whether to complete requests to
     /// the guest (false after a disconnect: the frontend re-submits what it saw unfinished).
-    pub fn drain(&mut self, ctx: &Context, publish: bool) -> io::Result<()> {
+    ///
+    /// Waits at most until `deadline`: storage that does not answer leaves ops in flight
+    /// (`Ok(false)`); such a worker, once dropped, leaks their buffers rather than free memory
+    /// the kernel may still write.
+    pub fn drain(&mut self, ctx: &Context, publish: bool, deadline: Instant) -> io::Result<bool> {
         loop {
             if publish {
                 self.unstarve(ctx);
@@ -389,7 +393,11 @@ impl Worker {
             if self.ops.len() == 0 {
                 break;
             }
-            self.ring.submit_and_wait_one()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || !self.ring.submit_and_wait_one_for(left)? {
+                tracing::error!(queue = self.queue, ops = self.ops.len(), "storage does not answer: host IO still in flight after the drain limit");
+                return Ok(false);
+            }
             self.reap(ctx, publish)?;
         }
         if !publish {
@@ -406,7 +414,7 @@ impl Worker {
                 self.signal(&v);
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn pop(&mut self, ctx: &Context, vring: &Vring, stopping: bool) -> Option<(virtio_queue::DescriptorChain<Arc<Mem>>, Arc<Mem>)> {
@@ -1159,6 +1167,23 @@ impl Worker {
                 tracing::debug!(queue = self.queue, error = %e, "could not signal the guest");
             }
         }
+    }
+}
+
+impl Drop for Worker {
+    /// A worker dropped with host ops in flight (storage that never answered a drain) must
+    /// not free what the kernel may still read or write: the requests' buffers, bounce
+    /// chunks, iovec arrays and guest mappings are leaked instead, and said so.
+    fn drop(&mut self) {
+        let in_flight = self.ring.in_flight();
+        if self.ops.len() == 0 && in_flight == 0 {
+            return;
+        }
+        tracing::error!(queue = self.queue, ops = self.ops.len(), in_flight,
+            "worker dropped with host IO in flight: its buffers are leaked, not freed");
+        std::mem::forget(std::mem::replace(&mut self.ops, Slab::new()));
+        std::mem::forget(std::mem::replace(&mut self.pending, Slab::new()));
+        std::mem::forget(self.zero.take());
     }
 }
 

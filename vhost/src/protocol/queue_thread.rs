@@ -40,9 +40,15 @@ impl QueueThread {
             add(fd, RESUME)?;
         }
         let ep = epoll.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("queue{q}"))
-            .spawn(move || run(&device, q, &vring, &ep))?;
+        let filter = device.seccomp();
+        let handle = std::thread::Builder::new().name(format!("queue{q}")).spawn(move || {
+            if let Some(f) = filter {
+                if let Err(e) = crate::seccomp::apply(&f) {
+                    tracing::error!(queue = q, error = %e, "installing the seccomp filter failed; serving unfiltered");
+                }
+            }
+            run(&device, q, &vring, &ep)
+        })?;
         Ok(QueueThread { epoll, exit, handle: Some(handle) })
     }
 
