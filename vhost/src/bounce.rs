@@ -143,6 +143,11 @@ impl BouncePool {
         self.state.lock().map(|s| !s.idle.is_empty() || s.count < self.cap).unwrap_or(false)
     }
 
+    /// Chunks allocated and not lent.
+    pub fn idle(&self) -> usize {
+        self.state.lock().map(|s| s.idle.len()).unwrap_or(0)
+    }
+
     /// Bytes allocated for chunks (lent or idle).
     pub fn allocated_bytes(&self) -> usize {
         self.state.lock().map(|s| s.count * CHUNK).unwrap_or(0)

@@ -59,6 +59,29 @@ pub struct Context {
 }
 
 impl Context {
+    /// A context for in-process worker tests: `image`, guest memory `mem`, hub `park`.
+    #[cfg(test)]
+    pub(crate) fn for_test(image: Arc<dyn ImageFormat>, mem: AtomicMem, park: Arc<ParkHub>) -> Context {
+        let capacity = image.capacity();
+        Context {
+            image,
+            geometry: BlkGeometry {
+                capacity_bytes: capacity,
+                logical_block_size: 512,
+                physical_block_size: 512,
+                num_queues: 1,
+                queue_size: 16,
+                read_only: false,
+            },
+            serial: [0; ID_LEN],
+            writeback: AtomicBool::new(true),
+            event_idx: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            park,
+            mem: RwLock::new(Some(mem)),
+        }
+    }
+
     /// The current guest memory, pinned for as long as the returned Arc lives.
     pub fn memory(&self) -> Option<Arc<Mem>> {
         let guard = self.mem.read().ok()?;

@@ -10,6 +10,7 @@
 pub mod bounce;
 pub mod config;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod image;
 pub mod park;

@@ -5,56 +5,14 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{opcode, register::Restriction, squeue, types, IoUring};
+
+pub use crate::engine::HostOp;
+use crate::engine::Engine;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// The opcodes a worker ring may execute.
 const ALLOWED_OPCODES: [u8; 4] =
     [opcode::Readv::CODE, opcode::Writev::CODE, opcode::Fsync::CODE, opcode::Fallocate::CODE];
-
-/// One host operation, targeting a registered file.
-#[derive(Clone, Copy, Debug)]
-pub enum HostOp {
-    /// Vectored read.
-    Readv {
-        /// Registered file index.
-        file: u32,
-        /// iovec array; must stay valid until completion.
-        iov: *const libc::iovec,
-        /// Number of iovecs.
-        iov_len: u32,
-        /// Byte offset in the file.
-        offset: u64,
-    },
-    /// Vectored write.
-    Writev {
-        /// Registered file index.
-        file: u32,
-        /// iovec array; must stay valid until completion.
-        iov: *const libc::iovec,
-        /// Number of iovecs.
-        iov_len: u32,
-        /// Byte offset in the file.
-        offset: u64,
-        /// Write-through: the write is durable on completion.
-        dsync: bool,
-    },
-    /// fdatasync.
-    Fdatasync {
-        /// Registered file index.
-        file: u32,
-    },
-    /// fallocate (punch hole / zero range).
-    Fallocate {
-        /// Registered file index.
-        file: u32,
-        /// Byte offset.
-        offset: u64,
-        /// Byte length.
-        len: u64,
-        /// fallocate mode flags.
-        mode: i32,
-    },
-}
 
 /// A worker's io_uring with its completion eventfd.
 ///
@@ -91,24 +49,36 @@ impl Ring {
         Ok(Ring { ring, eventfd, backlog: std::collections::VecDeque::new(), in_kernel: 0, cq_cap })
     }
 
-    /// The eventfd that becomes readable when completions arrive.
-    pub fn eventfd(&self) -> RawFd {
+
+    /// Moves backlog entries into the submission queue while both it and the completion
+    /// queue have room.
+    fn fill(&mut self) {
+        while self.in_kernel < self.cq_cap {
+            let Some(entry) = self.backlog.front() else { return };
+            // SAFETY: the entry's pointers were guaranteed valid until completion by the
+            // caller of `push`.
+            if unsafe { self.ring.submission().push(entry) }.is_err() {
+                return;
+            }
+            self.backlog.pop_front();
+            self.in_kernel += 1;
+        }
+    }
+}
+
+impl Engine for Ring {
+    fn eventfd(&self) -> RawFd {
         self.eventfd.as_raw_fd()
     }
 
-    /// Clears the completion eventfd (completions are then read with [`Ring::pop`]).
-    pub fn ack_eventfd(&self) {
+    fn ack_eventfd(&self) {
         // EAGAIN just means nothing was pending.
         let _ = self.eventfd.read();
     }
 
     /// Queues `op` (into the submission queue, or the backlog when the kernel holds as many
     /// entries as the completion queue can answer). Never blocks, never spins.
-    ///
-    /// # Safety
-    /// Every buffer and iovec array `op` points to must stay valid and unaliased by Rust
-    /// references until the completion carrying `user_data` has been popped.
-    pub unsafe fn push(&mut self, op: HostOp, user_data: u64) {
+    unsafe fn push(&mut self, op: HostOp, user_data: u64) {
         let entry = match op {
             HostOp::Readv { file, iov, iov_len, offset } => {
                 opcode::Readv::new(types::Fixed(file), iov, iov_len).offset(offset).build()
@@ -132,28 +102,11 @@ impl Ring {
         self.fill();
     }
 
-    /// Moves backlog entries into the submission queue while both it and the completion
-    /// queue have room.
-    fn fill(&mut self) {
-        while self.in_kernel < self.cq_cap {
-            let Some(entry) = self.backlog.front() else { return };
-            // SAFETY: the entry's pointers were guaranteed valid until completion by the
-            // caller of `push`.
-            if unsafe { self.ring.submission().push(entry) }.is_err() {
-                return;
-            }
-            self.backlog.pop_front();
-            self.in_kernel += 1;
-        }
-    }
-
-    /// Host operations queued and not yet completed (in the kernel or the backlog).
-    pub fn in_flight(&self) -> usize {
+    fn in_flight(&self) -> usize {
         self.in_kernel + self.backlog.len()
     }
 
-    /// Hands queued entries to the kernel (and what the backlog can add).
-    pub fn submit(&mut self) -> io::Result<()> {
+    fn submit(&mut self) -> io::Result<()> {
         self.fill();
         loop {
             match self.ring.submit() {
@@ -166,8 +119,7 @@ impl Ring {
         }
     }
 
-    /// Submits and blocks until at least one completion is available.
-    pub fn submit_and_wait_one(&mut self) -> io::Result<()> {
+    fn submit_and_wait_one(&mut self) -> io::Result<()> {
         self.fill();
         loop {
             match self.ring.submit_and_wait(1) {
@@ -179,8 +131,7 @@ impl Ring {
         }
     }
 
-    /// Submits and waits up to `limit` for a completion; false if none came in time.
-    pub fn submit_and_wait_one_for(&mut self, limit: std::time::Duration) -> io::Result<bool> {
+    fn submit_and_wait_one_for(&mut self, limit: std::time::Duration) -> io::Result<bool> {
         self.fill();
         let ts = types::Timespec::new().sec(limit.as_secs()).nsec(limit.subsec_nanos());
         let args = types::SubmitArgs::new().timespec(&ts);
@@ -195,8 +146,7 @@ impl Ring {
         }
     }
 
-    /// Pops one completion: (user_data, result).
-    pub fn pop(&mut self) -> Option<(u64, i32)> {
+    fn pop(&mut self) -> Option<(u64, i32)> {
         let c = self.ring.completion().next()?;
         self.in_kernel = self.in_kernel.saturating_sub(1);
         Some((c.user_data(), c.result()))
@@ -206,6 +156,7 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Engine;
     use std::fs::File;
     use std::io::Write;
 

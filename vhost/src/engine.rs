@@ -1,0 +1,80 @@
+//! The seam between a worker and the kernel: an engine takes host operations, answers
+//! completions, and never blocks or spins when full (it queues, and tells how much is in
+//! flight so the worker can stop taking requests). [`crate::uring::Ring`] is the engine of
+//! the daemon; tests use a fake one to drive the worker through completions they choose.
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// One host operation, targeting a registered file.
+#[derive(Clone, Copy, Debug)]
+pub enum HostOp {
+    /// Vectored read.
+    Readv {
+        /// Registered file index.
+        file: u32,
+        /// iovec array; must stay valid until completion.
+        iov: *const libc::iovec,
+        /// Number of iovecs.
+        iov_len: u32,
+        /// Byte offset in the file.
+        offset: u64,
+    },
+    /// Vectored write.
+    Writev {
+        /// Registered file index.
+        file: u32,
+        /// iovec array; must stay valid until completion.
+        iov: *const libc::iovec,
+        /// Number of iovecs.
+        iov_len: u32,
+        /// Byte offset in the file.
+        offset: u64,
+        /// Write-through: the write is durable on completion.
+        dsync: bool,
+    },
+    /// fdatasync.
+    Fdatasync {
+        /// Registered file index.
+        file: u32,
+    },
+    /// fallocate (punch hole / zero range).
+    Fallocate {
+        /// Registered file index.
+        file: u32,
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+        /// fallocate mode flags.
+        mode: i32,
+    },
+}
+
+// SAFETY: a HostOp's pointers are only dereferenced by the kernel (or a test engine) while
+// the worker that owns the memory keeps it alive; the op itself is plain data.
+unsafe impl Send for HostOp {}
+
+/// Where a worker's host operations go.
+pub trait Engine: Send {
+    /// Queues `op`; it completes (in [`Engine::pop`]) with `user_data`. Never blocks.
+    ///
+    /// # Safety
+    /// Every buffer and iovec array `op` points to must stay valid and unaliased by Rust
+    /// references until the completion carrying `user_data` has been popped.
+    unsafe fn push(&mut self, op: HostOp, user_data: u64);
+    /// Hands queued operations on.
+    fn submit(&mut self) -> io::Result<()>;
+    /// Submits and blocks until at least one completion is available.
+    fn submit_and_wait_one(&mut self) -> io::Result<()>;
+    /// Submits and waits up to `limit` for a completion; false if none came in time.
+    fn submit_and_wait_one_for(&mut self, limit: std::time::Duration) -> io::Result<bool>;
+    /// One completion: (user_data, result: bytes or -errno).
+    fn pop(&mut self) -> Option<(u64, i32)>;
+    /// Operations queued and not yet popped.
+    fn in_flight(&self) -> usize;
+    /// An eventfd readable when completions are waiting.
+    fn eventfd(&self) -> RawFd;
+    /// Clears that eventfd.
+    fn ack_eventfd(&self);
+}
