@@ -14,7 +14,7 @@ use vm_memory::Bytes;
 
 use crate::image::Extent;
 use crate::request::Segment;
-use crate::worker::Mem;
+use crate::context::Mem;
 
 /// Bytes staged at a time for one request.
 pub const CHUNK: usize = 1 << 20;

@@ -5,16 +5,16 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use vm_memory::GuestAddressSpace;
 
 use crate::config::{config_slice, BlkGeometry, WRITEBACK_OFFSET};
 use crate::error::DeviceError;
 use crate::image::ImageFormat;
 use crate::park::ParkHub;
-use crate::request::{Limits, ID_LEN};
+use crate::request::ID_LEN;
 use crate::stats::DeviceStats;
 use crate::vring::Vring;
-use crate::worker::{AtomicMem, InflightCount, Mem, Worker};
+use crate::context::{AtomicMem, Context};
+use crate::worker::{InflightCount, Worker};
 
 /// Settings of one device instance.
 #[derive(Clone, Debug)]
@@ -37,67 +37,6 @@ pub struct DeviceConfig {
     pub stats: Option<Arc<DeviceStats>>,
     /// The seccomp filter each queue thread installs first (None: no filter).
     pub seccomp: Option<Arc<crate::seccomp::QueueFilter>>,
-}
-
-/// What every worker reads: the image, the limits, the guest memory, the cache mode.
-pub struct Context {
-    /// The image format serving this disk.
-    pub image: Arc<dyn ImageFormat>,
-    /// Fixed device properties.
-    pub geometry: BlkGeometry,
-    /// GET_ID payload, NUL padded.
-    pub serial: [u8; ID_LEN],
-    /// Write-back cache enabled (the guest may clear it through the config space).
-    pub writeback: AtomicBool,
-    /// VIRTIO_RING_F_EVENT_IDX negotiated.
-    pub event_idx: AtomicBool,
-    /// Set at shutdown: no new chains are popped.
-    pub stopping: AtomicBool,
-    /// Parked requests' hub.
-    pub park: Arc<ParkHub>,
-    mem: RwLock<Option<AtomicMem>>,
-}
-
-impl Context {
-    /// A context for in-process worker tests: `image`, guest memory `mem`, hub `park`.
-    #[cfg(test)]
-    pub(crate) fn for_test(image: Arc<dyn ImageFormat>, mem: AtomicMem, park: Arc<ParkHub>) -> Context {
-        let capacity = image.capacity();
-        Context {
-            image,
-            geometry: BlkGeometry {
-                capacity_bytes: capacity,
-                logical_block_size: 512,
-                physical_block_size: 512,
-                num_queues: 1,
-                queue_size: 16,
-                read_only: false,
-            },
-            serial: [0; ID_LEN],
-            writeback: AtomicBool::new(true),
-            event_idx: AtomicBool::new(false),
-            stopping: AtomicBool::new(false),
-            park,
-            mem: RwLock::new(Some(mem)),
-        }
-    }
-
-    /// The current guest memory, pinned for as long as the returned Arc lives.
-    pub fn memory(&self) -> Option<Arc<Mem>> {
-        let guard = self.mem.read().ok()?;
-        guard.as_ref().map(|m| m.memory().into_inner())
-    }
-
-    /// Validation limits for requests.
-    pub fn limits(&self) -> Limits {
-        Limits {
-            capacity: self.geometry.capacity_bytes,
-            logical_block_size: self.geometry.logical_block_size,
-            seg_max: self.geometry.seg_max(),
-            max_bytes: self.geometry.max_request_bytes(),
-            read_only: self.geometry.read_only,
-        }
-    }
 }
 
 struct Inner {
@@ -240,12 +179,6 @@ impl BlkDevice {
     /// The virtio feature bits offered.
     pub fn features(&self) -> u64 {
         self.inner.ctx.geometry.features()
-    }
-
-    /// The vhost-user protocol features offered.
-    pub fn protocol_features(&self) -> u64 {
-        use crate::protocol::message::{PF_CONFIG, PF_CONFIGURE_MEM_SLOTS, PF_MQ, PF_REPLY_ACK};
-        PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_CONFIGURE_MEM_SLOTS
     }
 
     /// Records whether VIRTIO_RING_F_EVENT_IDX was negotiated.

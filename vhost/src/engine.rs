@@ -1,7 +1,7 @@
 //! The seam between a worker and the kernel: an engine takes host operations, answers
 //! completions, and never blocks or spins when full (it queues, and tells how much is in
-//! flight so the worker can stop taking requests). [`crate::uring::Ring`] is the engine of
-//! the daemon; tests use a fake one to drive the worker through completions they choose.
+//! flight so the worker can stop taking requests). The io_uring `Ring` (`uring.rs`) is the
+//! daemon's engine; tests use a fake one to drive the worker through completions they choose.
 
 use std::io;
 use std::os::fd::RawFd;

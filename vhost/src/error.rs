@@ -2,7 +2,6 @@
 
 use std::io;
 
-use crate::stats::ErrorClass;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 
 /// Why a descriptor chain was not accepted as a request.
@@ -224,6 +223,51 @@ pub enum Outcome {
     HostIo(i32),
     /// The image layer failed.
     Image(ImageError),
+}
+
+/// Why a request completed with an error, coarsely (the `class` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The storage failed the IO (EIO and errnos not classed below).
+    Io,
+    /// No space: ENOSPC, EDQUOT, or a thin volume that did not grow in time.
+    NoSpace,
+    /// The storage went away: ENOTCONN, ETIMEDOUT, ENXIO, ENODEV, ESHUTDOWN, ECONNRESET.
+    Link,
+    /// The guest's buffers could not be accessed (EFAULT).
+    GuestMemory,
+    /// The request was malformed or out of range.
+    Invalid,
+    /// The request type or flags are not supported.
+    Unsupported,
+}
+
+impl ErrorClass {
+    /// Every class, in label order.
+    pub const ALL: [ErrorClass; 6] =
+        [ErrorClass::Io, ErrorClass::NoSpace, ErrorClass::Link, ErrorClass::GuestMemory, ErrorClass::Invalid, ErrorClass::Unsupported];
+
+    /// The `class` label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorClass::Io => "io",
+            ErrorClass::NoSpace => "no_space",
+            ErrorClass::Link => "link",
+            ErrorClass::GuestMemory => "guest_memory",
+            ErrorClass::Invalid => "invalid",
+            ErrorClass::Unsupported => "unsupported",
+        }
+    }
+
+    /// The class of a host errno.
+    pub fn of_errno(errno: i32) -> ErrorClass {
+        match errno {
+            libc::ENOSPC | libc::EDQUOT => ErrorClass::NoSpace,
+            libc::ENOTCONN | libc::ETIMEDOUT | libc::ENXIO | libc::ENODEV | libc::ESHUTDOWN | libc::ECONNRESET => ErrorClass::Link,
+            libc::EFAULT => ErrorClass::GuestMemory,
+            _ => ErrorClass::Io,
+        }
+    }
 }
 
 /// Maps an outcome to the virtio-blk status byte. This is the only such mapping.

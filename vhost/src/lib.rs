@@ -9,6 +9,7 @@
 
 pub mod bounce;
 pub mod config;
+pub mod context;
 pub mod device;
 pub mod engine;
 pub mod error;

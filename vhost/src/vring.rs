@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace};
 
-use crate::worker::AtomicMem;
+use crate::context::AtomicMem;
 
 /// The mutable state of one ring.
 pub struct VringState {
@@ -220,7 +220,7 @@ mod tests {
         // SAFETY: writes 8 bytes from a live buffer to our eventfd.
         assert_eq!(unsafe { libc::write(call.as_raw_fd(), full.as_ptr().cast(), 8) }, 8);
         assert!(accept_eventfd(&call).is_ok());
-        let v = Vring::new(AtomicMem::new(crate::worker::Mem::new()), 16).expect("vring");
+        let v = Vring::new(AtomicMem::new(crate::context::Mem::new()), 16).expect("vring");
         v.set_call(Some(call));
         assert!(v.signal_used_queue().is_ok());
         assert!(v.signal_used_queue().is_ok());

@@ -21,7 +21,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
 use crate::error::ProtocolError;
 use crate::protocol::message::Region;
-use crate::worker::Mem;
+use crate::context::Mem;
 
 /// One mapped region and where the frontend sees it.
 struct Mapped {

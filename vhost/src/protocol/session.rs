@@ -21,7 +21,11 @@ use crate::protocol::message::*;
 use crate::protocol::queue_thread::QueueThread;
 use crate::protocol::wire::{read_message, send_reply, Message};
 use crate::vring::{accept_eventfd, Vring};
-use crate::worker::{AtomicMem, Mem};
+use crate::context::{AtomicMem, Mem};
+
+/// The protocol features we offer: several queues, acknowledgements, the config space,
+/// memory slots.
+pub const OFFERED_PROTOCOL: u64 = PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_CONFIGURE_MEM_SLOTS;
 
 /// What a handled message answers.
 enum Reply {
@@ -223,12 +227,12 @@ impl Session {
             code::GET_PROTOCOL_FEATURES => {
                 Self::no_files(&msg)?;
                 expect_len(h.request, &body, 0)?;
-                Ok(Reply::Body(self.device.protocol_features().to_le_bytes().to_vec()))
+                Ok(Reply::Body(OFFERED_PROTOCOL.to_le_bytes().to_vec()))
             }
             code::SET_PROTOCOL_FEATURES => {
                 Self::no_files(&msg)?;
                 let f = u64_body(h.request, &body)?;
-                let offered = self.device.protocol_features();
+                let offered = OFFERED_PROTOCOL;
                 if f & !offered != 0 {
                     return Err(ProtocolError::NotOffered { what: "protocol features", bits: f & !offered });
                 }

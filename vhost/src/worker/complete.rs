@@ -1,0 +1,103 @@
+//! Step 5, completion: write-back of what the request linked, the status byte, the used
+//! ring and the notification.
+
+use super::*;
+
+impl Worker {
+    pub(super) fn complete(&mut self, ctx: &Context, slot: usize, publish: bool) {
+        let Some(mut p) = self.pending.remove(slot) else { return };
+        // The chunk goes back to the pool (its data, if any, was handed over already).
+        p.staged = None;
+        let mut errno = p.errno;
+        for ticket in p.tickets.drain(..) {
+            if let Err(e) = ctx.image.write_done(ticket, errno.is_none()) {
+                tracing::error!(queue = self.queue, error = %e, "metadata update after write failed");
+                errno.get_or_insert(libc::EIO);
+            }
+        }
+        match errno {
+            None => ctx.park.on_success(),
+            Some(e) if publish => match self.fate(ctx, &p.req, &Outcome::HostIo(e)) {
+                Fate::Park(cause) => {
+                    self.park(ctx, p, cause);
+                    return;
+                }
+                Fate::Ignore => errno = None,
+                Fate::Report => {}
+            },
+            // The frontend is gone: nothing to decide, the request is dropped below.
+            Some(_) => {}
+        }
+        if errno.is_none()
+            && matches!(p.req.kind, RequestType::Write | RequestType::Discard | RequestType::WriteZeroes)
+            && !ctx.writeback.load(Ordering::Relaxed)
+        {
+            // Write-through: the metadata that makes this write reachable is durable too.
+            if let Err(e) = ctx.image.prepare_flush() {
+                tracing::error!(queue = self.queue, error = %e, "write-through metadata flush failed");
+                errno = Some(libc::EIO);
+            }
+        }
+        let outcome = match errno {
+            None => Outcome::Ok,
+            Some(e) => {
+                tracing::warn!(queue = self.queue, kind = ?p.req.kind, offset = p.req.offset, errno = e, "request failed");
+                Outcome::HostIo(e)
+            }
+        };
+        let data = if p.req.kind == RequestType::Read && errno.is_none() { p.req.data_len as u32 } else { 0 };
+        let vring = if publish { self.vring.clone() } else { None };
+        let rec = Rec::of(&p.req, p.clock);
+        for (head, status) in std::iter::once((p.head, p.status)).chain(p.joined.iter().copied()) {
+            match &vring {
+                Some(v) => self.finish_sync(v, &p.mem, head, Some(status), &outcome, data, rec),
+                None => {
+                    self.flush_batch = None;
+                    self.inflight.done();
+                }
+            }
+        }
+    }
+
+    /// Writes the status byte, returns the chain to the guest and counts the request.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn finish_sync(
+        &mut self,
+        vring: &Vring,
+        mem: &Arc<Mem>,
+        head: u16,
+        status: Option<GuestAddress>,
+        outcome: &Outcome,
+        data_len: u32,
+        rec: Rec,
+    ) {
+        if let (Some(s), Some(t)) = (&self.stats, rec.started) {
+            s.record(rec.op, t, rec.bytes, error_class(outcome));
+        }
+        let mut used = 0;
+        if let Some(addr) = status {
+            if mem.write_obj(virtio_status(outcome), addr).is_ok() {
+                used = data_len.saturating_add(1);
+            }
+        }
+        if let Err(e) = vring.add_used(head, used) {
+            tracing::error!(queue = self.queue, error = ?e, "could not add to the used ring");
+        }
+        // A completion the guest can see: a later FLUSH may have to cover it.
+        self.flush_batch = None;
+        self.needs_signal = true;
+        self.inflight.done();
+    }
+
+    pub(super) fn signal(&mut self, vring: &Vring) {
+        if !self.needs_signal {
+            return;
+        }
+        self.needs_signal = false;
+        if vring.needs_notification().unwrap_or(true) {
+            if let Err(e) = vring.signal_used_queue() {
+                tracing::debug!(queue = self.queue, error = %e, "could not signal the guest");
+            }
+        }
+    }
+}
