@@ -19,7 +19,6 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
-pub use crate::format::{BackingFiles, Format};
 
 /// Options of the daemon.
 #[derive(Debug, Args, Clone)]
@@ -391,6 +390,46 @@ impl SeccompArg {
             SeccompArg::On => SeccompMode::On,
             SeccompArg::Strict => SeccompMode::Strict,
             SeccompArg::Off => SeccompMode::Off,
+        }
+    }
+}
+
+/// `--format`: image formats, always given explicitly, never probed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// The file is the disk.
+    Raw,
+    /// qcow2.
+    Qcow2,
+}
+
+impl From<Format> for thinblk_disk::qcow2::Format {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Raw => thinblk_disk::qcow2::Format::Raw,
+            Format::Qcow2 => thinblk_disk::qcow2::Format::Qcow2,
+        }
+    }
+}
+
+/// `--backing-files`: which backing file names a qcow2 image may give.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackingFiles {
+    /// Relative names inside the image's directory (no `..`), regular files only.
+    #[default]
+    Local,
+    /// As `local`, and block devices too (oVirt block domains).
+    Devices,
+    /// Any local path, absolute names included (trusted images only).
+    Any,
+}
+
+impl From<BackingFiles> for thinblk_disk::qcow2::BackingFiles {
+    fn from(b: BackingFiles) -> Self {
+        match b {
+            BackingFiles::Local => thinblk_disk::qcow2::BackingFiles::Local,
+            BackingFiles::Devices => thinblk_disk::qcow2::BackingFiles::Devices,
+            BackingFiles::Any => thinblk_disk::qcow2::BackingFiles::Any,
         }
     }
 }

@@ -109,14 +109,14 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         discard_unmap: args.discard == DiscardMode::Unmap,
         fixed_size: thin.is_some(),
         journal_dir: (args.journal_dir != "none").then(|| std::path::PathBuf::from(&args.journal_dir)),
-        backing_files: args.backing_files,
+        backing_files: args.backing_files.into(),
     };
     let hub = ParkHub::new(usize::from(args.num_queues)).map_err(|e| Failure::Runtime(e.to_string()))?;
     let faults = thinblk::fault::FaultState::new(fault_settings, hub.clone());
     hub.set_policy(faults.clone());
     let _retry_timer = faults.start_timer().map_err(|e| Failure::Runtime(e.to_string()))?;
     let (image, thin_handle): (Arc<dyn ImageFormat>, _) = match &thin {
-        None => (open_image(&image_path, format, &opts).map_err(|e| Failure::Runtime(e.to_string()))?, None),
+        None => (open_image(&image_path, format.into(), &opts).map_err(|e| Failure::Runtime(e.to_string()))?, None),
         Some(t) => {
             let qf = Arc::new(Qcow2Format::open(&image_path, &opts).map_err(|e| Failure::Runtime(e.to_string()))?);
             let signals = Signals::new().map_err(|e| Failure::Runtime(e.to_string()))?;

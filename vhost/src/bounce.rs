@@ -6,13 +6,13 @@
 //! queue has at most [`POOL_CHUNKS`] chunks. A request that finds the pool empty waits (the
 //! worker keeps it until a chunk is returned) instead of allocating.
 
-use std::alloc::{self, Layout};
 use std::io;
 use std::sync::{Arc, Mutex};
 
 use vm_memory::Bytes;
 
-use crate::image::Extent;
+pub use crate::disk::aligned::AlignedBuf;
+use crate::disk::image::Extent;
 use crate::request::Segment;
 use crate::context::Mem;
 
@@ -22,53 +22,6 @@ pub const CHUNK: usize = 1 << 20;
 pub const POOL_CHUNKS: usize = 8;
 /// Alignment of every chunk (covers any logical block size we serve).
 const CHUNK_ALIGN: usize = 4096;
-
-/// An aligned heap buffer, zeroed at allocation.
-pub struct AlignedBuf {
-    ptr: *mut u8,
-    layout: Layout,
-}
-
-impl AlignedBuf {
-    /// Allocates `len` zeroed bytes aligned to `align`.
-    pub fn zeroed(len: usize, align: usize) -> io::Result<AlignedBuf> {
-        let layout = Layout::from_size_align(len.max(1), align.max(1))
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
-        }
-        Ok(AlignedBuf { ptr, layout })
-    }
-
-    /// The start of the buffer (for iovecs handed to the kernel).
-    pub fn ptr(&self) -> *mut u8 {
-        self.ptr
-    }
-
-    /// The buffer.
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is a live allocation of layout.size() initialised bytes.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
-    }
-
-    /// The buffer, mutably.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: ptr is a live allocation of layout.size() bytes, uniquely borrowed here.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: ptr was allocated with this layout and is freed once.
-        unsafe { alloc::dealloc(self.ptr, self.layout) }
-    }
-}
-
-// SAFETY: the buffer is plain owned memory, only touched by the worker that owns it.
-unsafe impl Send for AlignedBuf {}
 
 /// Shared state of a pool: idle chunks and how many exist.
 struct PoolState {

@@ -11,17 +11,18 @@ pub mod bounce;
 pub mod config;
 pub mod context;
 pub mod device;
-pub mod engine;
 pub mod error;
-pub mod image;
 pub mod park;
 pub mod protocol;
 pub mod request;
 pub mod seccomp;
 pub mod stats;
-pub mod uring;
 pub mod vring;
 pub mod worker;
+
+/// The disk layer this device maps requests onto (re-exported: `image`, `engine`, `uring`).
+pub use thinblk_disk as disk;
+pub use thinblk_disk::{engine, image, uring};
 
 pub use device::{BlkDevice, DeviceConfig};
 pub use stats::DeviceStats;

@@ -14,15 +14,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use thinblk_qcow2::{BackingReader, FileStorage, Mapping, OpenOptions, Qcow2, Qcow2Error, Storage};
-use thinblk_vhost::error::ImageError;
-use thinblk_vhost::image::{Extent, HostZero, Target, WriteTicket, ZeroMode, ZeroRequest};
-use thinblk_vhost::{image_identity, open_direct, ImageFormat, OpenedFile, RawImage};
+use crate::error::ImageError;
+use crate::disk::{Extent, HostZero, ImageFormat, Target, WriteTicket, ZeroMode, ZeroRequest};
+use crate::raw::RawImage;
+use crate::sys::{image_identity, open_direct, OpenedFile};
 
 /// Deepest backing chain accepted.
 pub const MAX_CHAIN: usize = 16;
 
 /// Image formats; always given explicitly, never probed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     /// The file is the disk.
     Raw,
@@ -31,7 +32,7 @@ pub enum Format {
 }
 
 /// Which backing file names an image may give (`--backing-files`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BackingFiles {
     /// Relative names inside the image's directory (no `..`), regular files only.
     #[default]

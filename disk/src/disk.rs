@@ -1,0 +1,147 @@
+//! The format seam: a disk turns a guest byte range into host extents on its files.
+//!
+//! The virtio layer above knows nothing of formats; the ring below knows nothing of guest
+//! requests. A format maps a guest byte range to *extents*: pieces that live at some host
+//! offset of one of its files, or that read as zeroes. Raw images map one to one; qcow2
+//! maps through its L1/L2 tables and allocates on write.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use crate::error::ImageError;
+
+/// Where one stretch of a guest request lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// At `offset` of the format's file number `file` (index into [`ImageFormat::files`]).
+    Host {
+        /// Index of the file.
+        file: u32,
+        /// Byte offset in that file.
+        offset: u64,
+    },
+    /// Nothing is stored: reads return zeroes.
+    Zero,
+    /// The format produced the bytes itself (e.g. a decompressed cluster): the read
+    /// copies `data[offset..offset + len]`.
+    Bytes {
+        /// The bytes.
+        data: std::sync::Arc<Vec<u8>>,
+        /// Where the extent starts in `data`.
+        offset: usize,
+    },
+}
+
+/// A piece of a guest request: `len` bytes starting `req_off` bytes into its data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Offset within the request's data buffers.
+    pub req_off: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Where the bytes live.
+    pub target: Target,
+}
+
+/// How a host range is to be zeroed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroMode {
+    /// Deallocate if possible; reads return zeroes afterwards.
+    PunchHole,
+    /// Zero in place, keep the allocation.
+    ZeroRange,
+    /// Write zeroes (extends a file like any write; for small ranges of new clusters).
+    WriteZeroes,
+}
+
+/// A host-side zeroing operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostZero {
+    /// Index of the file.
+    pub file: u32,
+    /// Byte offset in that file.
+    pub offset: u64,
+    /// Byte length.
+    pub len: u64,
+    /// How.
+    pub mode: ZeroMode,
+}
+
+/// What kind of zeroing the guest asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroRequest {
+    /// DISCARD: contents become unspecified; host space may be released.
+    Discard,
+    /// WRITE_ZEROES: must read zeroes afterwards; `may_unmap` allows releasing space.
+    WriteZeroes {
+        /// The guest set the unmap flag.
+        may_unmap: bool,
+    },
+}
+
+impl ZeroRequest {
+    /// Whether host space may be released (when the operator allows it).
+    pub fn may_unmap(self) -> bool {
+        matches!(self, ZeroRequest::Discard | ZeroRequest::WriteZeroes { may_unmap: true })
+    }
+}
+
+/// What a mapped write (or zeroing) must report back once its host IO has ended: the
+/// format-private list of allocations it made. Empty (and free) for raw images.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct WriteTicket(pub Vec<u64>);
+
+/// A disk image format, shared by every queue's worker.
+///
+/// Implementations must be cheap to call from the data path and never block on another
+/// queue's IO. Mapping calls may do synchronous metadata IO; data IO is left to the ring.
+pub trait ImageFormat: Send + Sync {
+    /// Virtual disk size in bytes.
+    fn capacity(&self) -> u64;
+    /// Files that data IO targets, registered with every worker's ring in this order.
+    fn files(&self) -> Vec<RawFd>;
+    /// Required memory and offset alignment for zero-copy IO (O_DIRECT), in bytes.
+    fn io_alignment(&self) -> u32;
+    /// Physical block size of the storage, in bytes.
+    fn physical_block_size(&self) -> u32;
+    /// A stable identity, used to derive the default serial.
+    fn identity(&self) -> String;
+    /// Maps a read of `len` bytes at `offset` into `out`.
+    fn map_read(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), ImageError>;
+    /// Maps a write; the returned extents all have `Target::Host`.
+    fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<WriteTicket, ImageError>;
+    /// Called once the host IO of a mapped write or zeroing has ended, for metadata updates.
+    fn write_done(&self, _ticket: WriteTicket, _ok: bool) -> Result<(), ImageError> {
+        Ok(())
+    }
+    /// Maps a discard or write-zeroes to host zeroing operations.
+    fn map_zero(&self, offset: u64, len: u64, req: ZeroRequest, out: &mut Vec<HostZero>) -> Result<WriteTicket, ImageError>;
+    /// Writes dirty metadata before the files are synced by a FLUSH.
+    fn prepare_flush(&self) -> Result<(), ImageError> {
+        Ok(())
+    }
+    /// Moves whenever metadata that links completed writes changes: a FLUSH may share an
+    /// earlier FLUSH's metadata write-back only while this has not moved (0: no metadata).
+    fn metadata_epoch(&self) -> u64 {
+        0
+    }
+    /// At shutdown: writes every dirty table back and syncs every file; an error means the
+    /// image may lack completed writes (the daemon exits non-zero).
+    fn close(&self) -> Result<(), ImageError> {
+        for fd in self.files() {
+            // SAFETY: the fd belongs to the image, which is alive for this call.
+            if unsafe { libc::fdatasync(fd) } != 0 {
+                return Err(ImageError::Io(io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    }
+    /// One past the last host byte the image uses, for formats that allocate (None: raw).
+    fn allocation(&self) -> Option<u64> {
+        None
+    }
+    /// Metadata cache hits and misses, for formats that cache metadata (None: raw).
+    fn cache_stats(&self) -> Option<(u64, u64)> {
+        None
+    }
+}

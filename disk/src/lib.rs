@@ -1,0 +1,27 @@
+//! Where the bytes live: the [`disk::ImageFormat`] trait a virtio device maps requests
+//! through (extents, opaque write tickets), raw and qcow2 images behind it, opening files
+//! for O_DIRECT ([`sys`]), and the engine that runs host IO ([`engine`], [`uring`]).
+//!
+//! Dependencies run one way: the vhost-user device uses this crate; this crate uses the
+//! qcow2 format rules; nothing here knows about virtqueues or vhost-user.
+
+pub mod aligned;
+pub mod disk;
+pub mod engine;
+pub mod error;
+pub mod qcow2;
+pub mod raw;
+pub mod sys;
+pub mod uring;
+
+/// The format seam under its old path (the device code says `image::`).
+pub mod image {
+    pub use crate::disk::*;
+    pub use crate::raw::RawImage;
+    pub use crate::sys::{image_identity, open_direct, OpenedFile};
+}
+
+pub use disk::ImageFormat;
+pub use error::ImageError;
+pub use raw::RawImage;
+pub use sys::{image_identity, open_direct, OpenedFile};
