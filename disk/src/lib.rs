@@ -5,6 +5,9 @@
 //! Dependencies run one way: the vhost-user device uses this crate; this crate uses the
 //! qcow2 format rules; nothing here knows about virtqueues or vhost-user.
 
+#![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod aligned;
 pub mod disk;
 pub mod engine;

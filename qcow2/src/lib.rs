@@ -4,6 +4,9 @@
 //! the data itself (zero-copy), allocates clusters with an append-only bump pointer whose
 //! high-water mark is the image's *allocation*, and writes metadata in QEMU's order.
 
+#![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod check;
 pub mod create;
 pub mod error;

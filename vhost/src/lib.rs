@@ -7,6 +7,9 @@
 //! [`stats`] counts requests per queue and operation for the metrics endpoint.
 //! [`error`] maps every outcome to a virtio status.
 
+#![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod bounce;
 pub mod config;
 pub mod context;

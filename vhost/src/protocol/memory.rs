@@ -342,7 +342,7 @@ mod tests {
         mem.read_slice(&mut buf, GuestAddress(4096)).expect("read");
         assert_eq!(buf, [0u8; 8]);
         mem.write_slice(&[7u8; 8], GuestAddress(16)).expect("write");
-        assert!(guard_faults() >= before + 1);
+        assert!(guard_faults() > before);
         let mut k = &keep;
         let _ = k.write(&[0]);
     }
