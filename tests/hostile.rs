@@ -325,6 +325,43 @@ const PROTOCOL: &[Case] = &[
         let _ = f.closed_within(Duration::from_secs(2));
         Ok(())
     }),
+    ("protocol fuzz: 400 random messages", |s| {
+        // Random codes (known and unknown), flags, body sizes and contents, sometimes with a
+        // descriptor; after negotiation, so the handlers behind the checks run too. Whatever
+        // the daemon answers or closes, the next case checks it still serves.
+        let mut rng = common::Rng(0xf022);
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        let efd = eventfd(0);
+        let mfd = memfd(4096);
+        for _ in 0..400 {
+            let code = rng.below(42) as u32;
+            let flags = V1 | if rng.below(2) == 0 { NEED_REPLY } else { 0 };
+            let len = match rng.below(4) {
+                0 => 0,
+                1 => 8,
+                2 => 40,
+                _ => rng.below(300) as usize,
+            };
+            let mut body = vec![0u8; len];
+            rng.fill(&mut body);
+            if len >= 8 && rng.below(2) == 0 {
+                // Small values in the first word: queue indexes and counts that pass the
+                // first checks.
+                body[..8].copy_from_slice(&rng.below(4).to_le_bytes());
+            }
+            let fds: Vec<i32> = match rng.below(4) {
+                0 => vec![efd.as_raw_fd()],
+                1 => vec![mfd.as_raw_fd()],
+                _ => vec![],
+            };
+            if f.send(code, flags, &body, &fds).is_err() || f.closed_within(Duration::from_millis(5)) {
+                f = Frontend::connect(s);
+                f.negotiate();
+            }
+        }
+        Ok(())
+    }),
     ("a memfd shrunk while mapped", |s| {
         let mut f = ready(s);
         read_chain(&mut f);
