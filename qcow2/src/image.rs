@@ -547,12 +547,19 @@ impl Qcow2 {
             }
         }
         let mut block = vec![0u8; cs as usize];
+        // A crafted table may name one block many times: each is read once (a block read
+        // before held no count, or the scan would have stopped), so the scan reads at most
+        // what the file holds.
+        let mut scanned = std::collections::HashSet::new();
         for (i, e) in m.reftable.iter().enumerate().rev() {
             let off = e & REFTABLE_OFFSET_MASK;
             if off == 0 {
                 continue;
             }
             end = end.max(off + cs);
+            if !scanned.insert(off) {
+                continue;
+            }
             self.storage.read_at(&mut block, off)?;
             let last = (0..self.rb_entries as usize)
                 .rev()

@@ -56,3 +56,52 @@ fn refcount_blocks_cached_stay_bounded_on_an_image_without_copied_flags() {
     // (The crafted image stays what it was: `check` calls entries without COPIED errors, as QEMU.)
     img.flush_metadata().unwrap();
 }
+
+/// Counts reads, to see how much IO opening an image costs.
+struct Counting {
+    inner: MemStorage,
+    reads: std::sync::atomic::AtomicU64,
+}
+
+impl Storage for Counting {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.inner.size()
+    }
+}
+
+#[test]
+fn opening_reads_each_refcount_block_once_however_often_the_table_names_it() {
+    // A refcount table of 64 clusters (4096 entries) whose entries past the first all name
+    // one empty block: the scan for the end of allocation must not read it 4095 times.
+    let cs = 512u64;
+    let base = MemStorage::default();
+    create(&base, &CreateOptions { size: 64 << 20, cluster_size: cs }).unwrap();
+    let mut bytes = base.snapshot();
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let old_table = be64(&bytes, 48) as usize;
+    let first_block = be64(&bytes, old_table);
+    let table = bytes.len().div_ceil(cs as usize) * cs as usize;
+    let clusters = 64usize;
+    let zero_block = table + clusters * cs as usize;
+    bytes.resize(zero_block + cs as usize, 0);
+    bytes[table..table + 8].copy_from_slice(&first_block.to_be_bytes());
+    for i in 1..clusters * cs as usize / 8 {
+        bytes[table + i * 8..table + i * 8 + 8].copy_from_slice(&(zero_block as u64).to_be_bytes());
+    }
+    bytes[48..56].copy_from_slice(&(table as u64).to_be_bytes());
+    bytes[56..60].copy_from_slice(&(clusters as u32).to_be_bytes());
+    let st = Arc::new(Counting { inner: MemStorage::new(bytes), reads: Default::default() });
+    let img = Qcow2::open(st.clone(), OpenOptions { read_only: true, ..Default::default() });
+    let reads = st.reads.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(reads < 64, "opening read {reads} times (result: {:?})", img.as_ref().map(|_| ()));
+}
