@@ -320,6 +320,11 @@ impl Sources {
         for (q, s) in snaps.iter().enumerate() {
             parked.push(vec![("disk", self.disk.clone()), ("queue", q.to_string())], gauge_i(s.parked));
         }
+        let (connections, recoveries, resubmitted, first_io) = self.device.restarts();
+        b.counter("frontend_connections", "Frontend connections accepted (a QEMU reconnect after a daemon restart counts in the new daemon).", self.one(Value::Counter(connections)));
+        b.counter("inflight_recoveries", "Queue starts that found requests of a previous daemon or connection in the inflight region.", self.one(Value::Counter(recoveries)));
+        b.counter("resubmitted_requests", "Requests resubmitted from the inflight region after a restart or reconnect.", self.one(Value::Counter(resubmitted)));
+        b.gauge("connect_to_first_io_seconds", "Seconds from the last frontend connection to its first request.", self.one(Value::GaugeF(first_io)));
         b.gauge("parked_requests", "Requests parked now, waiting for storage to recover or the volume to grow.", parked);
         b.counter("parks", "Times a request was parked (a retry that parks again counts again).", self.one(Value::Counter(self.hub.parked_total())));
         b.counter("park_retries", "Times parked requests were retried (volume grown, retry timer, or cont).", self.one(Value::Counter(self.hub.resumes())));

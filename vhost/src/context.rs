@@ -34,6 +34,12 @@ pub struct Context {
     /// Parked requests' hub.
     pub park: Arc<ParkHub>,
     pub(crate) mem: RwLock<Option<AtomicMem>>,
+    /// When the frontend connected, until its first request arrives.
+    pub(crate) connected_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Set at a connection, cleared by its first request (keeps the lock off the data path).
+    pub(crate) awaiting_first_io: AtomicBool,
+    /// Statistics kept across connections (None: not kept).
+    pub(crate) stats: Option<Arc<crate::stats::DeviceStats>>,
 }
 
 impl Context {
@@ -57,6 +63,9 @@ impl Context {
             stopping: AtomicBool::new(false),
             park,
             mem: RwLock::new(Some(mem)),
+            connected_at: std::sync::Mutex::new(None),
+            awaiting_first_io: AtomicBool::new(false),
+            stats: None,
         }
     }
 
@@ -64,6 +73,23 @@ impl Context {
     pub fn memory(&self) -> Option<Arc<Mem>> {
         let guard = self.mem.read().ok()?;
         guard.as_ref().map(|m| m.memory().into_inner())
+    }
+
+    /// The first request since the frontend connected arrived: logged and counted once.
+    pub fn note_first_io(&self) {
+        if !self.awaiting_first_io.load(std::sync::atomic::Ordering::Relaxed)
+            || !self.awaiting_first_io.swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let Ok(mut at) = self.connected_at.lock() else { return };
+        if let Some(t) = at.take() {
+            let d = t.elapsed();
+            tracing::info!(ms = d.as_millis() as u64, "first request since the frontend connected");
+            if let Some(s) = &self.stats {
+                s.first_io(d);
+            }
+        }
     }
 
     /// Validation limits for requests.

@@ -101,6 +101,9 @@ impl BlkDevice {
             event_idx: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             mem: RwLock::new(None),
+            connected_at: Mutex::new(None),
+            awaiting_first_io: AtomicBool::new(false),
+            stats: cfg.stats.clone(),
         };
         Ok(BlkDevice { inner: Arc::new(Inner { ctx, seccomp: cfg.seccomp.clone(), workers, inflight }) })
     }
@@ -209,6 +212,25 @@ impl BlkDevice {
         match self.inner.ctx.mem.write() {
             Ok(mut slot) => *slot = Some(mem),
             Err(e) => *e.into_inner() = Some(mem),
+        }
+    }
+
+    /// A frontend connected to this device: counted, and its first request timed.
+    pub fn mark_connected(&self) {
+        if let Ok(mut at) = self.inner.ctx.connected_at.lock() {
+            *at = Some(std::time::Instant::now());
+        }
+        self.inner.ctx.awaiting_first_io.store(true, Ordering::Release);
+        if let Some(s) = &self.inner.ctx.stats {
+            s.connected();
+        }
+    }
+
+    /// Queue `q` started on a used inflight region and resubmits `n` requests.
+    pub fn count_recovery(&self, q: usize, n: usize) {
+        tracing::info!(queue = q, resubmitted = n, "restart recovered from the inflight region");
+        if let Some(s) = &self.inner.ctx.stats {
+            s.recovered(n);
         }
     }
 

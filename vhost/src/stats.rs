@@ -232,6 +232,14 @@ impl QueueStats {
 /// The statistics of every queue of a device.
 pub struct DeviceStats {
     queues: Vec<Arc<QueueStats>>,
+    /// Frontend connections accepted.
+    connections: std::sync::atomic::AtomicU64,
+    /// Queue starts that recovered a used inflight region (a restart or reconnect seen).
+    recoveries: std::sync::atomic::AtomicU64,
+    /// Requests resubmitted from recovered inflight regions.
+    resubmitted: std::sync::atomic::AtomicU64,
+    /// Nanoseconds from the last connection to its first request (0: none yet).
+    first_io_ns: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for DeviceStats {
@@ -241,10 +249,39 @@ impl std::fmt::Debug for DeviceStats {
 }
 
 impl DeviceStats {
+    /// A frontend connected.
+    pub fn connected(&self) {
+        self.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A queue started on a used inflight region, resubmitting `n` requests.
+    pub fn recovered(&self, n: usize) {
+        self.recoveries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.resubmitted.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The first request of the current connection arrived `d` after it connected.
+    pub fn first_io(&self, d: std::time::Duration) {
+        self.first_io_ns.store(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// (connections, recoveries, resubmitted requests, seconds from the last connection to
+    /// its first request).
+    pub fn restarts(&self) -> (u64, u64, u64, f64) {
+        let o = std::sync::atomic::Ordering::Relaxed;
+        (self.connections.load(o), self.recoveries.load(o), self.resubmitted.load(o), self.first_io_ns.load(o) as f64 / 1e9)
+    }
+
     /// Statistics for `num_queues` queues, all zero.
     pub fn new(num_queues: usize) -> Arc<DeviceStats> {
         let epoch = Instant::now();
-        Arc::new(DeviceStats { queues: (0..num_queues).map(|_| Arc::new(QueueStats::new(epoch))).collect() })
+        Arc::new(DeviceStats {
+            queues: (0..num_queues).map(|_| Arc::new(QueueStats::new(epoch))).collect(),
+            connections: Default::default(),
+            recoveries: Default::default(),
+            resubmitted: Default::default(),
+            first_io_ns: Default::default(),
+        })
     }
 
     /// Queue `q`'s statistics.

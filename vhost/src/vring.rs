@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace};
 
+use std::collections::VecDeque;
+
 use crate::context::AtomicMem;
+use crate::inflight::{InflightQueue, Recovery};
 
 /// The mutable state of one ring.
 pub struct VringState {
@@ -23,6 +26,11 @@ pub struct VringState {
     err: Option<File>,
     enabled: bool,
     mem: AtomicMem,
+    /// Inflight tracking for this ring (INFLIGHT_SHMFD negotiated and a region set).
+    inflight: Option<InflightQueue>,
+    /// Heads a recovered region still had in flight: served, oldest first, before any new
+    /// chain is popped.
+    resubmit: VecDeque<u16>,
 }
 
 impl VringState {
@@ -44,6 +52,23 @@ impl VringState {
     /// The kick eventfd, if set.
     pub fn kick(&self) -> Option<&File> {
         self.kick.as_ref()
+    }
+
+    /// Records that `head` was taken from the ring (inflight tracking, if any).
+    pub fn mark_taken(&mut self, head: u16) {
+        if let Some(i) = self.inflight.as_mut() {
+            i.mark(head);
+        }
+    }
+
+    /// The next head a recovered region asks to resubmit.
+    pub fn next_resubmit(&mut self) -> Option<u16> {
+        self.resubmit.pop_front()
+    }
+
+    /// Heads still waiting to be resubmitted.
+    pub fn resubmit_pending(&self) -> usize {
+        self.resubmit.len()
     }
 }
 
@@ -67,6 +92,8 @@ impl Vring {
                 err: None,
                 enabled: false,
                 mem,
+                inflight: None,
+                resubmit: VecDeque::new(),
             })),
         })
     }
@@ -76,11 +103,43 @@ impl Vring {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Puts a completed chain on the used ring.
+    /// Puts a completed chain on the used ring (and, with inflight tracking, records the
+    /// publication around it so a crash in between is recoverable).
     pub fn add_used(&self, head: u16, len: u32) -> Result<(), VringError> {
         let mut s = self.get_mut();
         let mem = s.mem.memory();
-        s.queue.add_used(&*mem, head, len)
+        if let Some(i) = s.inflight.as_mut() {
+            i.pre_put(head);
+        }
+        s.queue.add_used(&*mem, head, len)?;
+        let used = s.queue.next_used();
+        if let Some(i) = s.inflight.as_mut() {
+            i.post_put(head, used);
+        }
+        Ok(())
+    }
+
+    /// Attaches inflight tracking and applies its recovery: the ring's next available index
+    /// and the heads to resubmit. Call when the ring starts (its addresses and size set).
+    pub fn start_inflight(&self, mut q: InflightQueue) -> Result<Recovery, crate::error::ProtocolError> {
+        let mut s = self.get_mut();
+        let mem = s.mem.memory();
+        let used = s.queue.used_idx(&*mem, std::sync::atomic::Ordering::Acquire).map(|w| w.0).unwrap_or(0);
+        let avail = s.queue.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire).map(|w| w.0).unwrap_or(0);
+        let size = s.queue.size();
+        let rec = q.recover(size, used, avail)?;
+        s.queue.set_next_avail(rec.next_avail);
+        s.queue.set_next_used(used);
+        s.resubmit = rec.resubmit.iter().copied().collect();
+        s.inflight = Some(q);
+        Ok(rec)
+    }
+
+    /// Detaches inflight tracking (the ring stopped).
+    pub fn stop_inflight(&self) {
+        let mut s = self.get_mut();
+        s.inflight = None;
+        s.resubmit.clear();
     }
 
     /// Notifies the frontend (never blocks: a full counter already means "notified").

@@ -213,6 +213,17 @@ fn unregister(start: usize) {
     }
 }
 
+/// Puts a mapping of ours that the frontend's file backs (the inflight region) under the
+/// SIGBUS guard; false if the registry is full.
+pub(crate) fn guard_range(start: usize, len: usize) -> bool {
+    register(start, start + len)
+}
+
+/// Takes a mapping out of the guard (before unmapping it).
+pub(crate) fn unguard_range(start: usize) {
+    unregister(start)
+}
+
 /// Names the socket to shut down when guest memory faults (`None`: no session).
 pub fn guard_session(socket: Option<i32>) {
     GUARD_SOCKET.store(socket.unwrap_or(-1), Ordering::Release);

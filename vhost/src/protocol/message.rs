@@ -35,6 +35,8 @@ pub const PF_MQ: u64 = 1 << 0;
 pub const PF_REPLY_ACK: u64 = 1 << 3;
 /// Protocol feature: device config space access.
 pub const PF_CONFIG: u64 = 1 << 9;
+/// Protocol feature: inflight I/O tracking in a shared region (GET/SET_INFLIGHT_FD).
+pub const PF_INFLIGHT_SHMFD: u64 = 1 << 12;
 /// Protocol feature: ADD_MEM_REG / REM_MEM_REG.
 pub const PF_CONFIGURE_MEM_SLOTS: u64 = 1 << 15;
 

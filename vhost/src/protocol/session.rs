@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
@@ -16,6 +17,7 @@ use vm_memory::GuestAddressSpace;
 use crate::config::CONFIG_LEN;
 use crate::device::BlkDevice;
 use crate::error::ProtocolError;
+use crate::inflight::{InflightInfo, InflightRegion};
 use crate::protocol::memory::{self, MemoryTable};
 use crate::protocol::message::*;
 use crate::protocol::queue_thread::QueueThread;
@@ -24,8 +26,8 @@ use crate::vring::{accept_eventfd, Vring};
 use crate::context::{AtomicMem, Mem};
 
 /// The protocol features we offer: several queues, acknowledgements, the config space,
-/// memory slots.
-pub const OFFERED_PROTOCOL: u64 = PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_CONFIGURE_MEM_SLOTS;
+/// inflight tracking, memory slots.
+pub const OFFERED_PROTOCOL: u64 = PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_INFLIGHT_SHMFD | PF_CONFIGURE_MEM_SLOTS;
 
 /// What a handled message answers.
 enum Reply {
@@ -33,6 +35,8 @@ enum Reply {
     Done,
     /// A reply body.
     Body(Vec<u8>),
+    /// A reply body with a descriptor.
+    BodyFd(Vec<u8>, File),
 }
 
 /// Why a session ended.
@@ -58,6 +62,8 @@ pub struct Session {
     acked_features: u64,
     acked_protocol: u64,
     refused: u64,
+    /// The inflight region (INFLIGHT_SHMFD), shared with the frontend.
+    inflight: Option<Arc<InflightRegion>>,
     /// Guest-memory faults counted before this session began.
     faults_at_start: u64,
 }
@@ -67,6 +73,7 @@ impl Session {
     pub fn new(device: BlkDevice, sock: UnixStream) -> Result<Session, ProtocolError> {
         let mem = AtomicMem::new(Mem::new());
         device.update_memory(mem.clone());
+        device.mark_connected();
         let n = device.num_queues();
         let mut vrings = Vec::with_capacity(n);
         for _ in 0..n {
@@ -89,6 +96,7 @@ impl Session {
             acked_features: 0,
             acked_protocol: 0,
             refused: 0,
+            inflight: None,
             faults_at_start: memory::guard_faults(),
         })
     }
@@ -123,6 +131,7 @@ impl Session {
             self.table.reap();
             let result = match answer {
                 Ok(Reply::Body(b)) => send_reply(&self.sock, &header, &b, None),
+                Ok(Reply::BodyFd(b, f)) => send_reply(&self.sock, &header, &b, Some(&f)),
                 Ok(Reply::Done) if self.reply_ack() && header.need_reply() => {
                     send_reply(&self.sock, &header, &0u64.to_le_bytes(), None)
                 }
@@ -404,6 +413,27 @@ impl Session {
                 self.device.set_config(c.offset, payload).map_err(ProtocolError::BadFd)?;
                 Ok(Reply::Done)
             }
+            code::GET_INFLIGHT_FD => {
+                Self::no_files(&msg)?;
+                self.need_protocol(PF_INFLIGHT_SHMFD, h.request)?;
+                let info = InflightInfo::parse(&body)?;
+                let region = InflightRegion::create(info, self.vrings.len())?;
+                let file = region.file().try_clone().map_err(ProtocolError::Socket)?;
+                let reply = region.info().bytes().to_vec();
+                tracing::info!(queues = info.num_queues, queue_size = info.queue_size, "inflight region created");
+                self.inflight = Some(region);
+                Ok(Reply::BodyFd(reply, file))
+            }
+            code::SET_INFLIGHT_FD => {
+                self.need_protocol(PF_INFLIGHT_SHMFD, h.request)?;
+                let info = InflightInfo::parse(&body)?;
+                if msg.files.len() != 1 {
+                    return Err(ProtocolError::FdCount { want: 1, got: msg.files.len() });
+                }
+                let Some(file) = msg.files.pop() else { return Err(ProtocolError::FdCount { want: 1, got: 0 }) };
+                self.inflight = Some(InflightRegion::attach(file, info, self.vrings.len())?);
+                Ok(Reply::Done)
+            }
             other => Err(ProtocolError::Unsupported(name(other), other)),
         }
     }
@@ -433,6 +463,21 @@ impl Session {
                 drop(s);
                 v.set_kick(None);
                 return Err(ProtocolError::Ring("ring size or addresses invalid for the memory table".into()));
+            }
+        }
+        if let Some(iq) = self.inflight.as_ref().and_then(|r| r.queue(q)) {
+            match v.start_inflight(iq) {
+                Ok(rec) if !rec.fresh => {
+                    tracing::info!(queue = q, resubmit = rec.resubmit.len(), next_avail = rec.next_avail,
+                        "inflight region recovered: resubmitting what the previous daemon had not completed");
+                    self.device.count_recovery(q, rec.resubmit.len());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    v.set_queue_ready(false);
+                    v.set_kick(None);
+                    return Err(e);
+                }
             }
         }
         self.sync_kick(q)

@@ -18,6 +18,7 @@ impl Worker {
             // The memory map is fetched per chain: the frontend may add a region (acked)
             // and use it in its next request while this loop is still running.
             while let Some((chain, mem)) = self.pop(ctx, vring, stopping) {
+                ctx.note_first_io();
                 let clock = Clock { started: self.stats.as_ref().map(|_| Instant::now()), parked_since: None };
                 let parsed = parse(chain, &ctx.limits());
                 match (parsed.request, parsed.status) {
@@ -102,6 +103,20 @@ impl Worker {
         if !state.get_queue().ready() || !state.is_enabled() || stopping {
             return None;
         }
+        // A recovered inflight region: what the previous daemon had taken and not completed
+        // goes first, oldest first (still marked in flight; not counted again).
+        while let Some(head) = state.next_resubmit() {
+            let mem = memory()?;
+            match chain_at(state.get_queue(), &mem, head) {
+                Some((chain, mem)) => {
+                    self.inflight.add();
+                    self.final_stop = false;
+                    tracing::debug!(queue = self.queue, head, "resubmitting a request taken before the restart");
+                    return Some((chain, mem));
+                }
+                None => tracing::error!(queue = self.queue, head, "cannot resubmit a request taken before the restart"),
+            }
+        }
         let queue = state.get_queue_mut();
         {
             let probe = memory()?;
@@ -112,6 +127,7 @@ impl Worker {
         }
         let mem = memory()?;
         let chain = queue.pop_descriptor_chain(mem.clone())?;
+        state.mark_taken(chain.head_index());
         // Counted while the vring lock is held, so stop_vring never misses it.
         self.inflight.add();
         // Serving again: requests may park again.
@@ -155,4 +171,28 @@ impl Worker {
             self.start(ctx, &r.mem, r.head, r.status, r.req, r.clock);
         }
     }
+}
+
+/// Where [`chain_at`] puts its one-entry available ring: far above any guest memory.
+const RESUBMIT_RING: u64 = 1 << 62;
+
+/// The chain of descriptor `head` of `queue`, although `head` is not at the ring's next
+/// available slot (resubmission after a restart). virtio-queue builds chains only from the
+/// available ring, so a one-entry available ring naming `head` is placed in a private page
+/// added to (a copy of) the memory map; the descriptors themselves are the guest's. Returns
+/// the chain and the memory map it reads (the guest's plus that page).
+fn chain_at(queue: &virtio_queue::Queue, mem: &Arc<Mem>, head: u16) -> Option<(virtio_queue::DescriptorChain<Arc<Mem>>, Arc<Mem>)> {
+    use vm_memory::GuestRegionMmap;
+    let page = GuestRegionMmap::<()>::from_range(GuestAddress(RESUBMIT_RING), 4096, None).ok()?;
+    let aug = Arc::new(mem.insert_region(Arc::new(page)).ok()?);
+    aug.write_obj(1u16.to_le(), GuestAddress(RESUBMIT_RING + 2)).ok()?;
+    aug.write_obj(head.to_le(), GuestAddress(RESUBMIT_RING + 4)).ok()?;
+    let mut q = virtio_queue::Queue::new(queue.max_size()).ok()?;
+    q.set_size(queue.size());
+    q.try_set_desc_table_address(GuestAddress(queue.desc_table())).ok()?;
+    q.try_set_avail_ring_address(GuestAddress(RESUBMIT_RING)).ok()?;
+    q.try_set_used_ring_address(GuestAddress(RESUBMIT_RING + 2048)).ok()?;
+    q.set_ready(true);
+    let chain = q.pop_descriptor_chain(aug.clone())?;
+    Some((chain, aug))
 }
