@@ -26,6 +26,7 @@ pub mod code {
     pub const GET_CONFIG: u32 = 24;
     pub const SET_CONFIG: u32 = 25;
     pub const GET_INFLIGHT_FD: u32 = 31;
+    pub const SET_INFLIGHT_FD: u32 = 32;
     pub const GET_MAX_MEM_SLOTS: u32 = 36;
     pub const ADD_MEM_REG: u32 = 37;
     pub const REM_MEM_REG: u32 = 38;
@@ -243,6 +244,98 @@ impl Frontend {
         let mut body = vec![0u8; size];
         s.read_exact(&mut body)?;
         Ok((req, body))
+    }
+
+    /// Reads one reply that may carry a descriptor: (request, body, descriptor).
+    pub fn reply_fd(&self) -> io::Result<(u32, Vec<u8>, Option<File>)> {
+        let mut buf = vec![0u8; 12 + 64];
+        let mut cmsg = [0u64; 16];
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 12 + 24 };
+        // SAFETY: plain data, filled below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cmsg) as _;
+        // SAFETY: msg points at live buffers for the duration of the call.
+        let n = unsafe { libc::recvmsg(self.sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 12 {
+            return Err(io::Error::other(format!("short reply ({n})")));
+        }
+        let mut file = None;
+        // SAFETY: walking the control buffer recvmsg filled.
+        let c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+        if !c.is_null() {
+            // SAFETY: a header returned by CMSG_FIRSTHDR; SCM_RIGHTS data holds ints.
+            unsafe {
+                if (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let fd = libc::CMSG_DATA(c).cast::<i32>().read_unaligned();
+                    file = Some(File::from_raw_fd(fd));
+                }
+            }
+        }
+        let req = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        let size = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+        let mut body = buf[12..n as usize].to_vec();
+        if body.len() < size {
+            let mut rest = vec![0u8; size - body.len()];
+            let mut s = &self.sock;
+            s.read_exact(&mut rest)?;
+            body.extend(rest);
+        }
+        Ok((req, body, file))
+    }
+
+    /// GET_INFLIGHT_FD for one queue of [`QSIZE`]: the region's descriptor and its size.
+    pub fn get_inflight(&self) -> io::Result<(File, u64)> {
+        let mut body = vec![0u8; 24];
+        body[16..18].copy_from_slice(&1u16.to_le_bytes());
+        body[18..20].copy_from_slice(&QSIZE.to_le_bytes());
+        self.send(code::GET_INFLIGHT_FD, V1, &body, &[])?;
+        let (_, b, f) = self.reply_fd()?;
+        let f = f.ok_or_else(|| io::Error::other("no inflight descriptor"))?;
+        let mut size = [0u8; 8];
+        size.copy_from_slice(b.get(..8).ok_or_else(|| io::Error::other("short inflight reply"))?);
+        Ok((f, u64::from_le_bytes(size)))
+    }
+
+    /// SET_INFLIGHT_FD with a region from [`Frontend::get_inflight`].
+    pub fn set_inflight(&self, f: &File, size: u64) -> io::Result<u64> {
+        let mut body = vec![0u8; 24];
+        body[0..8].copy_from_slice(&size.to_le_bytes());
+        body[16..18].copy_from_slice(&1u16.to_le_bytes());
+        body[18..20].copy_from_slice(&QSIZE.to_le_bytes());
+        self.ack(code::SET_INFLIGHT_FD, &body, &[f.as_raw_fd()])
+    }
+
+    /// A new connection for the same guest (its RAM and rings as they are): what a VMM does
+    /// when the daemon comes back after a restart.
+    pub fn reconnect(self, socket: &Path) -> Frontend {
+        let fresh = Frontend::connect(socket);
+        Frontend { sock: fresh.sock, ram: self.ram, kick: None, call: None, avail_idx: self.avail_idx, writable: self.writable, own: self.own }
+    }
+
+    /// Restarts queue 0 on rings already in use: base = the used index, as QEMU sets it
+    /// after the backend went away (it cannot ask for the base).
+    pub fn restart_queue(&mut self) {
+        let used = u32::from(self.ram.u16_at(USED + 2));
+        assert_eq!(self.ack(code::SET_VRING_NUM, &two_u32(0, u32::from(QSIZE)), &[]).expect("num"), 0);
+        assert_eq!(self.ack(code::SET_VRING_BASE, &two_u32(0, used), &[]).expect("base"), 0);
+        assert_eq!(self.ack(code::SET_VRING_ADDR, &self.addr_body(0, DESC, USED, AVAIL), &[]).expect("addr"), 0);
+        let kick = eventfd(0);
+        let call = eventfd(0);
+        assert_eq!(self.ack(code::SET_VRING_KICK, &0u64.to_le_bytes(), &[kick.as_raw_fd()]).expect("kick"), 0);
+        assert_eq!(self.ack(code::SET_VRING_CALL, &0u64.to_le_bytes(), &[call.as_raw_fd()]).expect("call"), 0);
+        assert_eq!(self.ack(code::SET_VRING_ENABLE, &two_u32(0, 1), &[]).expect("enable"), 0);
+        self.kick = Some(kick);
+        self.call = Some(call);
+    }
+
+    /// Kicks queue 0.
+    pub fn kick(&mut self) {
+        if let Some(k) = &mut self.kick {
+            let _ = k.write_all(&1u64.to_ne_bytes());
+        }
     }
 
     /// Sends with NEED_REPLY and returns the ack (0 = accepted); Err if the connection closed.

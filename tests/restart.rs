@@ -1,0 +1,102 @@
+//! The daemon killed with requests in flight and started again: with the frontend's inflight
+//! region (INFLIGHT_SHMFD), every request completes exactly once.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::faultfs::FaultMount;
+use common::frontend::*;
+use common::{sparse_file, stop_clean, Client, Daemon, TestDir};
+
+const MIB: u64 = 1 << 20;
+
+/// Chain `n` (descriptors 3n..3n+2): a 4 KiB read or write of sector 8n.
+fn request(f: &mut Frontend, n: u16, write: bool) {
+    let hdr = DATA + 64 * u64::from(n);
+    let buf = DATA + 0x10000 + 0x1000 * u64::from(n);
+    let mut h = [0u8; 16];
+    h[0] = u8::from(write); // VIRTIO_BLK_T_OUT = 1, IN = 0
+    h[8..16].copy_from_slice(&(8 * u64::from(n)).to_le_bytes());
+    f.put(hdr, &h);
+    if write {
+        f.put(buf, &[0x40 + n as u8; 4096]);
+    }
+    f.put(hdr + 16, &[0xff]);
+    let head = 3 * n;
+    f.desc(DESC, head, hdr, 16, F_NEXT, head + 1);
+    f.desc(DESC, head + 1, buf, 4096, F_NEXT | if write { 0 } else { F_WRITE }, head + 2);
+    f.desc(DESC, head + 2, hdr + 16, 1, F_WRITE, 0);
+}
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_sigkill_with_requests_in_flight_completes_each_exactly_once_after_restart() {
+    let dir = TestDir::new("restart-inflight");
+    let backing = dir.path("backing.raw");
+    sparse_file(&backing, 64 * MIB);
+    let mount = FaultMount::new(&backing, &dir.path("mnt"));
+    let disk = mount.disk();
+    let sock = dir.path("sock");
+    let args = ["--image", disk.to_str().unwrap_or_default(), "--format", "raw", "--num-queues", "1",
+        "--werror", "retry", "--retry-interval", "200"];
+    let mut d = Daemon::start(&sock, &args);
+
+    let mut f = Frontend::connect(&sock);
+    f.negotiate();
+    let (region, size) = f.get_inflight().expect("GET_INFLIGHT_FD");
+    assert_eq!(f.set_inflight(&region, size).expect("SET_INFLIGHT_FD"), 0);
+    f.start_queue();
+    // Writes fail (and are parked under retry); reads succeed: the reads complete first,
+    // out of order with respect to the writes submitted before them.
+    mount.faults.fail_writes(libc::EIO);
+    let plan = [(0u16, true), (1, false), (2, true), (3, false), (4, true)];
+    for &(n, write) in &plan {
+        request(&mut f, n, write);
+        f.submit(3 * n);
+    }
+    wait_for("the two reads", Duration::from_secs(10), || f.ram.u16_at(USED + 2) == 2);
+    std::thread::sleep(Duration::from_millis(300)); // the writes fail and park at least once
+    let before: Vec<u32> = (0..2).map(|i| f.used(i).0).collect();
+    assert_eq!(before, vec![3, 9], "the reads completed first");
+
+    // The daemon dies with three writes in flight; the storage recovers meanwhile.
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    mount.faults.clear();
+    let t0 = Instant::now();
+    let d = Daemon::start(&sock, &args);
+    let mut f = f.reconnect(&sock);
+    f.negotiate();
+    assert_eq!(f.set_inflight(&region, size).expect("SET_INFLIGHT_FD again"), 0);
+    f.restart_queue();
+    f.kick();
+    wait_for("the resubmitted writes", Duration::from_secs(10), || f.ram.u16_at(USED + 2) == 5);
+    let took = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(300)); // nothing more may arrive
+    assert_eq!(f.ram.u16_at(USED + 2), 5, "a request completed twice");
+    let mut heads: Vec<u32> = (0..5).map(|i| f.used(i).0).collect();
+    heads.sort_unstable();
+    assert_eq!(heads, vec![0, 3, 6, 9, 12], "each request completes exactly once");
+    for &(n, _) in &plan {
+        assert_eq!(f.ram.bytes()[(DATA + 64 * u64::from(n) + 16) as usize], 0, "request {n} failed");
+    }
+    println!("restart to all requests completed: {took:?}");
+    drop(f);
+    // The writes landed.
+    let mut c = Client::connect(&sock, 1).expect("blkio");
+    for &(n, write) in &plan {
+        if write {
+            assert_eq!(c.read(0, 4096 * u64::from(n), 4096).expect("read back"), vec![0x40 + n as u8; 4096]);
+        }
+    }
+    drop(c);
+    stop_clean(d);
+}
