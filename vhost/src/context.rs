@@ -38,6 +38,9 @@ pub struct Context {
     pub(crate) connected_at: std::sync::Mutex<Option<std::time::Instant>>,
     /// Set at a connection, cleared by its first request (keeps the lock off the data path).
     pub(crate) awaiting_first_io: AtomicBool,
+    /// The frontend holds an inflight region: what is left uncompleted at a stop is
+    /// resubmitted by the next daemon.
+    pub(crate) inflight_tracked: AtomicBool,
     /// Statistics kept across connections (None: not kept).
     pub(crate) stats: Option<Arc<crate::stats::DeviceStats>>,
 }
@@ -65,6 +68,7 @@ impl Context {
             mem: RwLock::new(Some(mem)),
             connected_at: std::sync::Mutex::new(None),
             awaiting_first_io: AtomicBool::new(false),
+            inflight_tracked: AtomicBool::new(false),
             stats: None,
         }
     }

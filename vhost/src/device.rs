@@ -103,6 +103,7 @@ impl BlkDevice {
             mem: RwLock::new(None),
             connected_at: Mutex::new(None),
             awaiting_first_io: AtomicBool::new(false),
+            inflight_tracked: AtomicBool::new(false),
             stats: cfg.stats.clone(),
         };
         Ok(BlkDevice { inner: Arc::new(Inner { ctx, seccomp: cfg.seccomp.clone(), workers, inflight }) })
@@ -135,9 +136,25 @@ impl BlkDevice {
     /// Stops taking new requests, waits for in-flight ones and completes them to the guest.
     /// Parked requests keep being retried for [`PARKED_GRACE`]; those still parked then are
     /// completed with an IO error (never as success).
+    ///
+    /// When the frontend holds an inflight region, parked requests are not failed: they stay
+    /// marked in it, uncompleted, and the next daemon resubmits them (an upgrade in place).
     pub fn quiesce(&self) {
         self.inner.ctx.stopping.store(true, Ordering::SeqCst);
         self.drain(true);
+        if self.inner.ctx.inflight_tracked.load(Ordering::SeqCst) {
+            let parked: usize = self.inner.workers.iter().filter_map(|w| w.lock().ok().map(|w| w.parked())).sum();
+            if parked > 0 {
+                tracing::info!(parked, "stopping: parked requests stay in the frontend's inflight region for the next daemon");
+            }
+            for w in &self.inner.workers {
+                if let Ok(mut w) = w.lock() {
+                    w.drop_parked(&self.inner.ctx);
+                }
+            }
+            self.drain(true);
+            return;
+        }
         // Parked requests count as in flight, and so do their retries: wait for all of them.
         let deadline = std::time::Instant::now() + PARKED_GRACE;
         while self.inflight() > 0 && std::time::Instant::now() < deadline {
@@ -224,6 +241,11 @@ impl BlkDevice {
         if let Some(s) = &self.inner.ctx.stats {
             s.connected();
         }
+    }
+
+    /// The frontend set up an inflight region (INFLIGHT_SHMFD) for this connection.
+    pub fn set_inflight_tracked(&self) {
+        self.inner.ctx.inflight_tracked.store(true, Ordering::SeqCst);
     }
 
     /// Queue `q` started on a used inflight region and resubmits `n` requests.

@@ -422,6 +422,7 @@ impl Session {
                 let reply = region.info().bytes().to_vec();
                 tracing::info!(queues = info.num_queues, queue_size = info.queue_size, "inflight region created");
                 self.inflight = Some(region);
+                self.device.set_inflight_tracked();
                 Ok(Reply::BodyFd(reply, file))
             }
             code::SET_INFLIGHT_FD => {
@@ -432,6 +433,7 @@ impl Session {
                 }
                 let Some(file) = msg.files.pop() else { return Err(ProtocolError::FdCount { want: 1, got: 0 }) };
                 self.inflight = Some(InflightRegion::attach(file, info, self.vrings.len())?);
+                self.device.set_inflight_tracked();
                 Ok(Reply::Done)
             }
             other => Err(ProtocolError::Unsupported(name(other), other)),
