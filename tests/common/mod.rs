@@ -68,6 +68,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `thinblk` with `args` plus `--socket-path socket`, waiting for the socket.
     pub fn start(socket: &Path, args: &[&str]) -> Daemon {
+        Self::start_logging(socket, args, None)
+    }
+
+    /// Like [`Daemon::start`], its log appended to `log` if given (else to the test's stderr).
+    pub fn start_logging(socket: &Path, args: &[&str], log: Option<&Path>) -> Daemon {
         // A socket left by a killed daemon would satisfy the wait below too early.
         let _ = std::fs::remove_file(socket);
         // The qcow2 metadata journal goes beside the socket (the test's directory), not into
@@ -83,6 +88,10 @@ impl Daemon {
             .args(&args)
             .env("THINBLK_LOG", std::env::var("THINBLK_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
+            .stderr(match log {
+                Some(p) => Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(p).expect("daemon log")),
+                None => Stdio::inherit(),
+            })
             .spawn()
             .expect("spawn thinblk");
         let mut d = Daemon { child, socket: socket.to_path_buf() };
