@@ -253,7 +253,7 @@ fn guest_survives_restarts(name: &str, format: &str) {
             std::thread::sleep(Duration::from_millis(50));
         }
         for _ in 0..5 {
-            std::thread::sleep(Duration::from_millis(2000));
+            std::thread::sleep(Duration::from_millis(1500));
             if std::fs::read_to_string(&watch).unwrap_or_default().contains("guest: fio done") {
                 break;
             }
@@ -284,7 +284,9 @@ fn guest_survives_restarts(name: &str, format: &str) {
     assert_eq!(gaps.len(), kills.len(), "a restarted daemon never served a request");
     if format == "qcow2" {
         let check = std::process::Command::new("qemu-img").args(["check", image.to_str().expect("utf-8")]).output().expect("qemu-img");
-        assert!(check.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&check.stdout));
+        let text = format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+        eprintln!("qemu-img check after five kills (exit {:?}): {}", check.status.code(), text.trim());
+        assert!(check.status.success(), "qemu-img check: {text}");
     }
 }
 

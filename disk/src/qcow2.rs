@@ -211,6 +211,10 @@ impl Qcow2Format {
                 tracing::warn!(image = %path.display(), records = r.records, bytes = r.bytes,
                     "replayed the metadata journal of a daemon that did not stop clean: completed writes kept");
             }
+            if r.leaks_repaired > 0 {
+                tracing::warn!(image = %path.display(), clusters = r.leaks_repaired,
+                    "gave back clusters allocated for writes that never completed (the last stop was not clean)");
+            }
         }
         if let Some(reason) = top.read_only_reason() {
             if !opts.read_only {

@@ -24,7 +24,12 @@ pub struct CheckReport {
     pub allocated_clusters: u64,
     /// Guest clusters of the virtual disk.
     pub total_clusters: u64,
+    /// Leaked clusters (host offset, how many references it has), at most [`MAX_LEAKS_LISTED`].
+    pub leaked: Vec<(u64, u64)>,
 }
+
+/// Leaked clusters [`CheckReport::leaked`] lists at most.
+pub const MAX_LEAKS_LISTED: usize = 1 << 20;
 
 impl CheckReport {
     fn problem(&mut self, corruption: bool, msg: String) {
@@ -238,6 +243,9 @@ pub fn check(storage: &dyn Storage) -> Result<CheckReport> {
             report.problem(true, format!("cluster {:#x}: refcount {s}, referenced {e} times", c as u64 * cs));
         } else if s > e {
             report.problem(false, format!("cluster {:#x}: leaked (refcount {s}, referenced {e} times)", c as u64 * cs));
+            if report.leaked.len() < MAX_LEAKS_LISTED {
+                report.leaked.push((c as u64 * cs, e));
+            }
         }
     }
     for (host, guest, flag) in copied {

@@ -295,12 +295,47 @@ impl Qcow2 {
             _ => (None, None),
         };
         let held = journal.as_ref().map(|_| opts.journal.as_ref().map(|j| j.path.clone()));
-        Self::open_replayed(storage, opts, journal, replayed).inspect_err(|_| {
+        let mut img = Self::open_replayed(storage, opts, journal, replayed).inspect_err(|_| {
             // An image we cannot serve keeps no journal behind (it was replayed, or empty).
             if let Some(Some(p)) = &held {
                 let _ = std::fs::remove_file(p);
             }
-        })
+        })?;
+        // A journal was left behind: the last process did not stop clean. Allocations whose
+        // writes never completed hold clusters nothing references: give them back.
+        if img.replayed.is_some() && img.read_only.is_none() {
+            let n = img.repair_leaks()?;
+            if let Some(r) = img.replayed.as_mut() {
+                r.leaks_repaired = n;
+            }
+        }
+        Ok(img)
+    }
+
+    /// Recounts references (like `qemu-img check`) and lowers every refcount that is higher
+    /// than its references, releasing clusters that reach 0; writes the result back. Call
+    /// only with nothing in flight (at open). Returns the clusters repaired; an image the
+    /// check cannot walk is left as it is (0).
+    pub fn repair_leaks(&self) -> Result<u64> {
+        let report = match crate::check::check(self.storage.as_ref()) {
+            Ok(r) => r,
+            Err(_) => return Ok(0),
+        };
+        if report.corruptions > 0 || report.leaked.is_empty() {
+            return Ok(0);
+        }
+        {
+            let mut m = self.meta.write().map_err(|_| poisoned())?;
+            for &(host, refs) in &report.leaked {
+                if refs == 0 {
+                    self.release(&mut m, host)?;
+                } else {
+                    self.set_refcount(&mut m, host, refs as u16)?;
+                }
+            }
+        }
+        self.flush_metadata()?;
+        Ok(report.leaked.len() as u64)
     }
 
     /// The rest of [`Qcow2::open`], once the journal (if any) is replayed and held.

@@ -306,6 +306,9 @@ pub struct ReplayReport {
     pub bytes: u64,
     /// The journal came from an earlier boot (the host crashed): discarded, nothing replayed.
     pub stale_boot: bool,
+    /// Leaked clusters given back after the unclean stop (allocations whose writes never
+    /// completed).
+    pub leaks_repaired: u64,
 }
 
 struct Record {

@@ -400,3 +400,40 @@ fn an_image_that_fails_to_open_leaves_no_journal() {
     assert!(Qcow2::open(st, opts).is_err());
     assert!(!dir.0.join("j").exists());
 }
+
+#[test]
+fn allocations_whose_writes_never_completed_are_given_back_after_a_crash() {
+    let cs = 65536u64;
+    let dir = TempDir::new("crash-leak");
+    let size = 16 << 20;
+    let st = Arc::new(MemStorage::new(image(cs, size)));
+    let opts = || OpenOptions { journal: Some(journal(&dir.0)), ..Default::default() };
+    let img = Qcow2::open(st.clone(), opts()).unwrap();
+    let data = vec![0x77u8; 4096];
+    write(&img, st.as_ref(), 0, &data);
+    // Two writes in flight when the daemon dies: their clusters are allocated (and, after
+    // this write-back, counted on disk), never linked.
+    let mut ranges = Vec::new();
+    let _t1 = img.map_write(4 << 20, 4096, &mut ranges).unwrap();
+    let _t2 = img.map_write(8 << 20, 4096, &mut ranges).unwrap();
+    img.flush_metadata().unwrap();
+    // SIGKILL: no destructor runs, the journal file (empty after that write-back) stays. The
+    // dead process's file is copied: this process still holds the original's lock.
+    let after = TempDir::new("crash-leak-after");
+    std::fs::copy(dir.0.join("j"), after.0.join("j")).unwrap();
+    let crashed = Arc::new(MemStorage::new(st.snapshot()));
+    std::mem::forget(img);
+    assert!(check(&MemStorage::new(crashed.snapshot())).unwrap().leaks >= 2, "the crash leaves leaks to repair");
+    let back = Qcow2::open(crashed.clone(), OpenOptions { journal: Some(journal(&after.0)), ..Default::default() }).unwrap();
+    assert_eq!(back.replayed().map(|r| r.leaks_repaired), Some(2));
+    assert_eq!(read(&back, crashed.as_ref(), 0, 4096), data, "completed write kept");
+    let r = check(&MemStorage::new(crashed.snapshot())).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    // The clusters given back are used again before the image grows.
+    let end = back.allocation();
+    let mut ranges = Vec::new();
+    let t = back.map_write(12 << 20, 4096, &mut ranges).unwrap();
+    back.write_done(&t, true).unwrap();
+    assert_eq!(back.allocation(), end, "a freed cluster was reused");
+    back.close().unwrap();
+}
