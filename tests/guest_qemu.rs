@@ -223,9 +223,26 @@ fn log_time_ms(line: &str) -> Option<u64> {
 /// task, e2fsck is clean; the image checks clean. Reports the time from each SIGKILL to the
 /// first request the new daemon serves.
 fn guest_survives_restarts(name: &str, format: &str) {
+    guest_survives_restarts_with(name, format, false)
+}
+
+/// With `outage`, the image sits on the fault fixture and its writes fail (under `retry`)
+/// from just after fio starts until after the second restart: parked requests cross two
+/// restarts before the storage comes back.
+fn guest_survives_restarts_with(name: &str, format: &str, outage: bool) {
     let dir = TestDir::new(name);
-    let image = dir.path("disk.img");
-    if format == "qcow2" {
+    let backing = dir.path("backing.raw");
+    let mount = outage.then(|| {
+        sparse_file(&backing, 256 << 20);
+        common::faultfs::FaultMount::new(&backing, &dir.path("mnt"))
+    });
+    let image = match &mount {
+        Some(m) => m.disk(),
+        None => dir.path("disk.img"),
+    };
+    if outage {
+        // (the fixture serves the backing file)
+    } else if format == "qcow2" {
         let st = std::process::Command::new(env!("CARGO_BIN_EXE_thinblk"))
             .args(["create", image.to_str().expect("utf-8"), "256M"])
             .status()
@@ -237,10 +254,14 @@ fn guest_survives_restarts(name: &str, format: &str) {
     let assets = assets();
     let sock = dir.path("sock");
     let log = dir.path("daemon.log");
-    let args: Vec<String> = ["--image", image.to_str().expect("utf-8"), "--format", format, "--num-queues", "2", "--serial", "guest-disk-1"]
+    let mut args: Vec<String> = ["--image", image.to_str().expect("utf-8"), "--format", format, "--num-queues", "2", "--serial", "guest-disk-1"]
         .iter()
         .map(|s| s.to_string())
         .collect();
+    if outage {
+        args.extend(["--werror", "retry", "--retry-interval", "300"].iter().map(|s| s.to_string()));
+    }
+    let faults = mount.as_ref().map(|m| m.faults.clone());
     let first = Daemon::start_logging(&sock, &args.iter().map(String::as_str).collect::<Vec<_>>(), Some(&log));
     let console = dir.path("console.log");
     let watch = console.clone();
@@ -252,8 +273,17 @@ fn guest_survives_restarts(name: &str, format: &str) {
         while Instant::now() < deadline && !std::fs::read_to_string(&watch).unwrap_or_default().contains("guest: fio started") {
             std::thread::sleep(Duration::from_millis(50));
         }
-        for _ in 0..5 {
+        if let Some(f) = &faults {
+            std::thread::sleep(Duration::from_millis(300));
+            f.fail_writes(libc::EIO);
+        }
+        for i in 0..5 {
             std::thread::sleep(Duration::from_millis(1500));
+            if i == 2 {
+                if let Some(f) = &faults {
+                    f.clear();
+                }
+            }
             if std::fs::read_to_string(&watch).unwrap_or_default().contains("guest: fio done") {
                 break;
             }
@@ -282,6 +312,11 @@ fn guest_survives_restarts(name: &str, format: &str) {
     let resubmitted: usize = text.lines().filter(|l| l.contains("restart recovered from the inflight region")).count();
     eprintln!("{format}: SIGKILL → first request of the new daemon (ms): {gaps:?}, median {} ms; queue recoveries with requests to resubmit: {resubmitted}", gaps.get(gaps.len() / 2).copied().unwrap_or(0));
     assert_eq!(gaps.len(), kills.len(), "a restarted daemon never served a request");
+    if let Some(m) = &mount {
+        let failed = m.faults.writes_failed.load(std::sync::atomic::Ordering::SeqCst);
+        eprintln!("writes failed during the outage (parked across restarts, then done): {failed}");
+        assert!(failed > 0, "no write hit the outage");
+    }
     if format == "qcow2" {
         let check = std::process::Command::new("qemu-img").args(["check", image.to_str().expect("utf-8")]).output().expect("qemu-img");
         let text = format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
@@ -298,4 +333,9 @@ fn guest_fio_verifies_across_five_daemon_kills_on_raw() {
 #[test]
 fn guest_fio_verifies_across_five_daemon_kills_on_qcow2() {
     guest_survives_restarts("guest-restart-qcow2", "qcow2");
+}
+
+#[test]
+fn guest_fio_verifies_across_daemon_kills_during_a_write_outage() {
+    guest_survives_restarts_with("guest-restart-outage", "raw", true);
 }

@@ -56,8 +56,9 @@ fn restart_with_parked_writes(name: &str, graceful: bool) {
     let mount = FaultMount::new(&backing, &dir.path("mnt"));
     let disk = mount.disk();
     let sock = dir.path("sock");
+    let metrics = format!("unix:{}", dir.path("metrics.sock").display());
     let args = ["--image", disk.to_str().unwrap_or_default(), "--format", "raw", "--num-queues", "1",
-        "--werror", "retry", "--retry-interval", "60000"];
+        "--werror", "retry", "--retry-interval", "60000", "--metrics", &metrics];
     let mut d = Daemon::start(&sock, &args);
 
     let mut f = Frontend::connect(&sock);
@@ -110,6 +111,13 @@ fn restart_with_parked_writes(name: &str, graceful: bool) {
         assert_eq!(f.ram.bytes()[(DATA + 64 * u64::from(n) + 16) as usize], 0, "request {n} failed");
     }
     println!("restart to all requests completed: {took:?}");
+    // The new daemon counts what it saw.
+    let m = common::metrics::scrape(&metrics);
+    assert_eq!(m.one("thinblk_frontend_connections_total", &[]), 1.0);
+    assert_eq!(m.one("thinblk_inflight_recoveries_total", &[]), 1.0);
+    assert_eq!(m.one("thinblk_resubmitted_requests_total", &[]), 3.0);
+    let first = m.one("thinblk_connect_to_first_io_seconds", &[]);
+    assert!(first > 0.0 && first < 5.0, "connect to first IO: {first} s");
     drop(f);
     // The writes landed.
     let mut c = Client::connect(&sock, 1).expect("blkio");
@@ -120,4 +128,73 @@ fn restart_with_parked_writes(name: &str, graceful: bool) {
     }
     drop(c);
     stop_clean(d);
+}
+
+/// A child killed when dropped (the test may fail half-way).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Reaped {
+    /// SIGTERM, then the exit code.
+    fn term(&mut self) -> Option<i32> {
+        // SAFETY: kill on our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        self.0.wait().ok().and_then(|s| s.code())
+    }
+}
+
+/// Spawns the daemon on an inherited listening socket, as systemd socket activation does
+/// (`--fd 3`).
+fn spawn_on_fd(listener: &std::os::unix::net::UnixListener, args: &[&str]) -> Reaped {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = listener.as_raw_fd();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_thinblk"));
+    cmd.args(["--fd", "3"]).args(args).env("THINBLK_LOG", "info").stdin(std::process::Stdio::null());
+    // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl) are made.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::fcntl(3, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+    Reaped(cmd.spawn().expect("spawn thinblk --fd 3"))
+}
+
+/// The listening socket outlives the daemon (systemd holds it): a frontend that connects
+/// while no daemon runs is served by the next one, and nothing written is lost.
+#[test]
+fn a_socket_held_across_a_restart_serves_the_next_daemon() {
+    let dir = TestDir::new("restart-fd");
+    let image = dir.path("disk.raw");
+    sparse_file(&image, 16 * MIB);
+    let sock = dir.path("sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    let jdir = dir.0.to_str().unwrap_or_default().to_string();
+    let args = ["--image", image.to_str().unwrap_or_default(), "--format", "raw", "--journal-dir", &jdir];
+    let mut a = spawn_on_fd(&listener, &args);
+    let mut c = Client::connect(&sock, 1).expect("first daemon");
+    assert_eq!(c.write(0, 0, &[0x5a; 4096]), 0);
+    drop(c);
+    assert_eq!(a.term(), Some(0));
+    // No daemon now: the connection waits in the socket's backlog for the next one.
+    let sock2 = sock.clone();
+    let waiting = std::thread::spawn(move || {
+        let mut c = Client::connect(&sock2, 1).expect("served by the second daemon");
+        c.read(0, 0, 4096)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut b = spawn_on_fd(&listener, &args);
+    let back = waiting.join().expect("client thread");
+    assert_eq!(back.expect("read"), vec![0x5a; 4096]);
+    assert_eq!(b.term(), Some(0));
 }
