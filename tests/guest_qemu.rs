@@ -197,6 +197,58 @@ fn guest_fio_verifies_through_a_ten_second_write_outage_under_retry() {
     eprintln!("writes failed during the outage (and retried): {failed}");
 }
 
+/// Once `start` shows on the console, SIGKILLs the daemon and starts it again (same socket,
+/// arguments and log) five times, `interval` apart, stopping early if `done` shows. Calls
+/// `event(None)` 300 ms after `start`, and `event(Some(i))` before kill `i`. Returns the
+/// last daemon and the wall-clock millisecond of each kill.
+#[allow(clippy::too_many_arguments)]
+fn kill_and_restart(
+    first: Daemon,
+    sock: &Path,
+    args: &[String],
+    log: &Path,
+    console: &Path,
+    start: &'static str,
+    done: &'static str,
+    interval: Duration,
+    event: impl Fn(Option<usize>) + Send + 'static,
+) -> std::thread::JoinHandle<(Daemon, Vec<u64>)> {
+    let (sock, args, log, watch) = (sock.to_path_buf(), args.to_vec(), log.to_path_buf(), console.to_path_buf());
+    std::thread::spawn(move || {
+        let mut d = first;
+        let mut kills = Vec::new();
+        let deadline = Instant::now() + GUEST_LIMIT;
+        while Instant::now() < deadline && !std::fs::read_to_string(&watch).unwrap_or_default().contains(start) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        event(None);
+        for i in 0..5 {
+            std::thread::sleep(interval);
+            if std::fs::read_to_string(&watch).unwrap_or_default().contains(done) {
+                break;
+            }
+            event(Some(i));
+            let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+            let _ = d.child.kill();
+            let _ = d.child.wait();
+            kills.push(at);
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            d = Daemon::start_logging(&sock, &a, Some(&log));
+        }
+        (d, kills)
+    })
+}
+
+/// From each kill to the first request the next daemon served (its log), sorted.
+fn restart_gaps(log: &Path, kills: &[u64]) -> Vec<u64> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let firsts: Vec<u64> = text.lines().filter(|l| l.contains("first request since the frontend connected")).filter_map(log_time_ms).collect();
+    let mut gaps: Vec<u64> = kills.iter().filter_map(|&k| firsts.iter().find(|&&f| f > k).map(|f| f - k)).collect();
+    gaps.sort_unstable();
+    gaps
+}
+
 /// Milliseconds since the Unix epoch of a log line's RFC 3339 timestamp (UTC, as tracing
 /// prints it): `2026-12-01T21:29:12.782822Z ...`.
 fn log_time_ms(line: &str) -> Option<u64> {
@@ -264,37 +316,15 @@ fn guest_survives_restarts_with(name: &str, format: &str, outage: bool) {
     let faults = mount.as_ref().map(|m| m.faults.clone());
     let first = Daemon::start_logging(&sock, &args.iter().map(String::as_str).collect::<Vec<_>>(), Some(&log));
     let console = dir.path("console.log");
-    let watch = console.clone();
-    let (sock2, log2) = (sock.clone(), log.clone());
-    let killer = std::thread::spawn(move || {
-        let mut d = first;
-        let mut kills = Vec::new();
-        let deadline = Instant::now() + GUEST_LIMIT;
-        while Instant::now() < deadline && !std::fs::read_to_string(&watch).unwrap_or_default().contains("guest: fio started") {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    let killer = kill_and_restart(first, &sock, &args, &log, &console, "guest: fio started", "guest: fio done", Duration::from_millis(1500), move |i| {
         if let Some(f) = &faults {
-            std::thread::sleep(Duration::from_millis(300));
-            f.fail_writes(libc::EIO);
-        }
-        for i in 0..5 {
-            std::thread::sleep(Duration::from_millis(1500));
-            if i == 2 {
-                if let Some(f) = &faults {
-                    f.clear();
-                }
+            match i {
+                // Just after fio started, before the first kill.
+                None => f.fail_writes(libc::EIO),
+                Some(2) => f.clear(),
+                _ => {}
             }
-            if std::fs::read_to_string(&watch).unwrap_or_default().contains("guest: fio done") {
-                break;
-            }
-            let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-            let _ = d.child.kill();
-            let _ = d.child.wait();
-            kills.push(at);
-            let a: Vec<&str> = args.iter().map(String::as_str).collect();
-            d = Daemon::start_logging(&sock2, &a, Some(&log2));
         }
-        (d, kills)
     });
     let out = run_guest_with(&assets, &sock, &console, "restart", ",reconnect-ms=1000");
     let (mut daemon, kills) = killer.join().expect("killer");
@@ -306,9 +336,7 @@ fn guest_survives_restarts_with(name: &str, format: &str, outage: bool) {
     assert_eq!(daemon.wait_exit(Duration::from_secs(20)), Some(0));
     // SIGKILL to the first request served by the next daemon.
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let firsts: Vec<u64> = text.lines().filter(|l| l.contains("first request since the frontend connected")).filter_map(log_time_ms).collect();
-    let mut gaps: Vec<u64> = kills.iter().filter_map(|&k| firsts.iter().find(|&&f| f > k).map(|f| f - k)).collect();
-    gaps.sort_unstable();
+    let gaps = restart_gaps(&log, &kills);
     let resubmitted: usize = text.lines().filter(|l| l.contains("restart recovered from the inflight region")).count();
     eprintln!("{format}: SIGKILL → first request of the new daemon (ms): {gaps:?}, median {} ms; queue recoveries with requests to resubmit: {resubmitted}", gaps.get(gaps.len() / 2).copied().unwrap_or(0));
     assert_eq!(gaps.len(), kills.len(), "a restarted daemon never served a request");
@@ -338,4 +366,56 @@ fn guest_fio_verifies_across_five_daemon_kills_on_qcow2() {
 #[test]
 fn guest_fio_verifies_across_daemon_kills_during_a_write_outage() {
     guest_survives_restarts_with("guest-restart-outage", "raw", true);
+}
+
+/// The thin volume grows while the daemon is killed and started again: the guest writes 1 GiB
+/// onto a 256 MiB volume (`thinblk spm` extends it), the daemon dies five times on the way;
+/// parked writes (volume full) and those in flight cross the restarts, every byte verifies.
+#[test]
+fn guest_writes_1gib_onto_a_thin_volume_across_five_daemon_kills() {
+    const DOMAIN: &str = "8adbc85e-e554-4ae0-b318-8a5465fe5fe1";
+    const VOLUME: &str = "d772f1c6-3ebb-43c3-a42e-73fcd8255a5f";
+    let dir = TestDir::new("guest-thin-restart");
+    let (inbox, outbox) = (dir.path("inbox"), dir.path("outbox"));
+    sparse_file(&inbox, 16 << 20);
+    sparse_file(&outbox, 16 << 20);
+    let vols = dir.path("volumes");
+    std::fs::create_dir_all(vols.join(DOMAIN)).expect("volume dir");
+    let backing = vols.join(DOMAIN).join(VOLUME);
+    let created = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&backing).arg("1536M").output().expect("qemu-img");
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    std::fs::OpenOptions::new().write(true).open(&backing).and_then(|f| f.set_len(256 << 20)).expect("size volume");
+    let lv = LoopDev::attach(&backing);
+    let dev = lv.0.to_str().expect("utf-8 path").to_string();
+    let _spm = common::spm_process(&inbox, &outbox, &vols, &[], None);
+    let lock = dir.path("host-2.lock");
+    let args: Vec<String> = [
+        "--image", &dev, "--format", "qcow2", "--thin", "--chunk-mb", "128", "--utilization-percent", "50",
+        "--spm-inbox", inbox.to_str().expect("utf-8"), "--spm-outbox", outbox.to_str().expect("utf-8"),
+        "--host-id", "2", "--domain-uuid", DOMAIN, "--volume-uuid", VOLUME, "--mailbox-lock", lock.to_str().expect("utf-8"),
+        "--num-queues", "2", "--serial", "guest-disk-1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let sock = dir.path("sock");
+    let log = dir.path("daemon.log");
+    let console = dir.path("console.log");
+    let first = Daemon::start_logging(&sock, &args.iter().map(String::as_str).collect::<Vec<_>>(), Some(&log));
+    let killer = kill_and_restart(first, &sock, &args, &log, &console, "guest: bulk started", "guest: 1 GiB written", Duration::from_millis(4000), |_| {});
+    let out = run_guest_with(&assets(), &sock, &console, "bulk", ",reconnect-ms=1000");
+    let (mut daemon, kills) = killer.join().expect("killer");
+    eprintln!("{}", out.lines().filter(|l| l.starts_with("guest:") || l.contains(VERDICT)).collect::<Vec<_>>().join("\n"));
+    let verdict = out.lines().find_map(|l| l.trim().strip_prefix(VERDICT)).map(str::to_string);
+    assert_eq!(verdict.as_deref(), Some("PASS"), "guest verdict; console:\n{}", tail(&out));
+    assert_eq!(kills.len(), 5, "the guest finished before five restarts ({} done)", kills.len());
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(20)), Some(0));
+    let gaps = restart_gaps(&log, &kills);
+    let size = std::fs::metadata(&backing).expect("volume").len();
+    eprintln!("thin: SIGKILL → first request of the new daemon (ms): {gaps:?}; the volume grew to {} MiB", size >> 20);
+    assert!(size > (1024 << 20), "the volume only reached {} MiB", size >> 20);
+    let check = Command::new("qemu-img").args(["check", "-f", "qcow2", &dev]).output().expect("qemu-img check");
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success() && text.contains("No errors were found"), "{text}");
 }
