@@ -284,3 +284,34 @@ fn dashboard_and_alerts_use_documented_series() {
         }
     }
 }
+
+/// `promtool` (Prometheus's own checker) accepts a live scrape and the alert rules.
+#[test]
+fn promtool_accepts_a_live_scrape_and_the_alert_rules() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let dir = TestDir::new("metrics-promtool");
+    let image = dir.path("disk.qcow2");
+    qcow2(&image, 16 * MIB);
+    let addr = format!("unix:{}", dir.path("metrics.sock").display());
+    let d = Daemon::start(&dir.path("vhost.sock"), &["--image", image.to_str().unwrap(), "--format", "qcow2", "--metrics", &addr]);
+    let mut c = Client::connect(&d.socket, 1).unwrap();
+    assert_eq!(c.write(0, 0, &[1u8; 4096]), 0);
+    c.read(0, 0, 4096).expect("read");
+    drop(c);
+    let text = common::metrics::get(&addr, "/metrics", None).body;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install prometheus: .ci/run does)");
+    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(out.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/alerts.yml");
+    let out = Command::new("promtool").args(["check", "rules"]).arg(&rules).output().expect("promtool");
+    assert!(out.status.success(), "promtool check rules: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    common::stop_clean(d);
+}
