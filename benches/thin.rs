@@ -7,6 +7,10 @@
 //!    and request → volume refreshed (`duration_ms`). vdsm's measured round trip is 2.2–6.2 s.
 //! 2. Parked time at the defaults (20 % / 2560 MiB): 4k sequential allocating writes at QD32
 //!    over several extensions; the run reports how many requests ever parked (target 0).
+//! 3. A slow SPM (1100 ms per extension), 25 s of 1 MiB QD8 sequential writes at the defaults,
+//!    with the spec's sizing alone and with rate-aware sizing: rate, extensions, requests
+//!    parked (target 0), and the space allocated beyond what was written
+//!    (`THINBLK_BENCH_SLOW_SECS` changes the duration).
 //!
 //! Volumes are files (the file volume backend); `THINBLK_BENCH_DIR` picks the directory,
 //! `THINBLK_BENCH_THIN_GIB` the size of run 2 (default 6 GiB: three extensions).
@@ -67,9 +71,14 @@ fn setup(base: &Path, name: &str, capacity: u64, initial: u64) -> Setup {
 }
 
 fn start(s: &Setup, chunk_mb: u64, percent: u64) -> (Proc, Proc, PathBuf, PathBuf) {
+    start_with(s, chunk_mb, percent, 0, &[])
+}
+
+/// [`start`] with an SPM that takes `delay_ms` per extension and extra daemon arguments.
+fn start_with(s: &Setup, chunk_mb: u64, percent: u64, delay_ms: u64, extra: &[&str]) -> (Proc, Proc, PathBuf, PathBuf) {
     let bin = env!("CARGO_BIN_EXE_thinblk");
     let spm = Command::new(bin)
-        .args(["spm", "--backend", "file"])
+        .args(["spm", "--backend", "file", "--delay-ms", &delay_ms.to_string()])
         .env("THINBLK_LOG", "warn")
         .arg("--inbox")
         .arg(s.dir.join("inbox"))
@@ -96,6 +105,7 @@ fn start(s: &Setup, chunk_mb: u64, percent: u64) -> (Proc, Proc, PathBuf, PathBu
         .arg(s.dir.join("host-1.lock"))
         .arg("--socket-path")
         .arg(&sock)
+        .args(extra)
         .stdin(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
@@ -111,6 +121,11 @@ fn start(s: &Setup, chunk_mb: u64, percent: u64) -> (Proc, Proc, PathBuf, PathBu
 
 /// Sequential writes of `bs` at queue depth `qd` until `total` bytes; returns IOPS.
 fn seq_write(sock: &Path, bs: usize, qd: usize, total: u64) -> f64 {
+    seq_write_for(sock, bs, qd, total, Duration::MAX).0
+}
+
+/// [`seq_write`], stopping after `limit` too; returns (IOPS, bytes written).
+fn seq_write_for(sock: &Path, bs: usize, qd: usize, total: u64, limit: Duration) -> (f64, u64) {
     let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio");
     b.set_str("path", sock.to_str().unwrap_or_default()).expect("path");
     b.connect().expect("connect");
@@ -132,7 +147,15 @@ fn seq_write(sock: &Path, bs: usize, qd: usize, total: u64) -> f64 {
         q.write(next * bs as u64, unsafe { base.add(slot * bs) }, bs, slot, ReqFlags::empty());
         next += 1;
     }
+    let mut n = n;
     while done < n {
+        if t0.elapsed() >= limit && next < n {
+            // Time is up: finish what is in flight, submit nothing new.
+            n = next;
+            if done >= n {
+                break;
+            }
+        }
         let mut timeout = Duration::from_secs(60);
         let k = q.do_io(&mut comps, 1, Some(&mut timeout), None).expect("do_io");
         assert!(k > 0, "IO stalled for 60 s");
@@ -148,7 +171,7 @@ fn seq_write(sock: &Path, bs: usize, qd: usize, total: u64) -> f64 {
             }
         }
     }
-    n as f64 / t0.elapsed().as_secs_f64()
+    (done as f64 / t0.elapsed().as_secs_f64(), done * bs as u64)
 }
 
 /// Values of `key=` on log lines containing `marker`.
@@ -177,8 +200,17 @@ fn main() {
     }
     let base: PathBuf = std::env::var_os("THINBLK_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
 
+    let only_slow = std::env::var("THINBLK_BENCH_ONLY").map(|v| v == "slow").unwrap_or(false);
+    if !only_slow {
+        fast_rows(&base);
+    }
+    slow_spm_rows(&base);
+}
+
+/// Rows 1 and 2.
+fn fast_rows(base: &Path) {
     // 1. Reaction and round trip.
-    let s = setup(&base, "latency", 4096 * MIB, 128 * MIB);
+    let s = setup(base, "latency", 4096 * MIB, 128 * MIB);
     let (spm, daemon, sock, log) = start(&s, 64, 50);
     let iops = seq_write(&sock, 1 << 20, 8, 1024 * MIB);
     drop(daemon);
@@ -205,7 +237,7 @@ fn main() {
 
     // 2. Parked time at the defaults.
     let gib = std::env::var("THINBLK_BENCH_THIN_GIB").ok().and_then(|v| v.parse().ok()).unwrap_or(6u64);
-    let s = setup(&base, "defaults", 16 * 1024 * MIB, 2560 * MIB);
+    let s = setup(base, "defaults", 16 * 1024 * MIB, 2560 * MIB);
     let (spm, daemon, sock, log) = start(&s, 2560, 20);
     let iops = seq_write(&sock, 4096, 32, gib << 30);
     drop(daemon);
@@ -224,4 +256,36 @@ fn main() {
         parking_lines
     );
     println!("  threshold crossing -> request in the inbox there: median {} us over {} requests", median(&mut signal_us), signal_us.len());
+}
+
+/// Row 3.
+fn slow_spm_rows(base: &Path) {
+    // 3. A slow SPM (1.1 s per extension: vdsm's lvextend 0.92 s plus refresh 0.22 s), 25 s of
+    //    1 MiB sequential writes at QD8, default policy: the spec's sizes alone, then rate-aware.
+    let secs = std::env::var("THINBLK_BENCH_SLOW_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(25u64);
+    for (label, extra) in [("spec sizing", &["--spec-sizing"][..]), ("rate-aware", &[][..])] {
+        let s = setup(base, "slow-spm", 64 * 1024 * MIB, 2560 * MIB);
+        let (spm, daemon, sock, log) = start_with(&s, 2560, 20, 1100, extra);
+        let (iops, written) = seq_write_for(&sock, 1 << 20, 8, 64 * 1024 * MIB, Duration::from_secs(secs));
+        drop(daemon);
+        drop(spm);
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let extensions = log_values(&text, "outcome=\"extended\"", "duration_ms=").len();
+        let parked = log_values(&text, "outcome=\"extended\"", "parked_total=").into_iter().max().unwrap_or(0);
+        let volume = std::fs::metadata(&s.image).map(|m| m.len()).unwrap_or(0);
+        // When the parks happened: the running total after each extension.
+        let totals = log_values(&text, "outcome=\"extended\"", "parked_total=");
+        let sizes: Vec<u64> = log_values(&text, "outcome=\"extended\"", "physical=").into_iter().map(|p| p >> 20).collect();
+        println!(
+            "slow SPM (1100 ms), 1M seq write QD8 for {secs} s, 20 % / 2560 MiB, {label}: {:.0} MiB/s, {} extensions, {} requests parked (target 0), volume {} MiB for {} MiB written ({} MiB beyond)",
+            iops,
+            extensions,
+            parked,
+            volume >> 20,
+            written >> 20,
+            volume.saturating_sub(written) >> 20
+        );
+        println!("  parked so far after each extension: {totals:?}; volume sizes (MiB): {sizes:?}");
+        drop(s);
+    }
 }

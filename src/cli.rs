@@ -149,6 +149,15 @@ pub struct ThinArgs {
     /// (default /run/thinblk/mailbox-host-<ID>.lock).
     #[arg(long, value_name = "PATH", requires = "thin")]
     pub mailbox_lock: Option<PathBuf>,
+    /// Size extensions by the spec's percent and chunk only (no allocation-rate awareness).
+    #[arg(long, requires = "thin")]
+    pub spec_sizing: bool,
+    /// The extension round trip assumed until one is timed (milliseconds).
+    #[arg(long, default_value_t = 1500, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=600_000), requires = "thin")]
+    pub extend_guess_ms: u64,
+    /// The largest single extension rate-aware sizing may ask for (MiB).
+    #[arg(long, default_value_t = 10240, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=0xffff_ffff), requires = "thin")]
+    pub max_extend_mb: u64,
 }
 
 fn parse_uuid(s: &str) -> Result<crate::mailbox::wire::Uuid, String> {

@@ -240,6 +240,11 @@ fn thin_options(args: &ServeArgs, image: &Path, format: Format) -> Result<Option
         domain: t.domain_uuid.ok_or_else(|| missing("--domain-uuid"))?,
         volume_uuid: t.volume_uuid.ok_or_else(|| missing("--volume-uuid"))?,
         lock: t.mailbox_lock.clone().unwrap_or_else(|| PathBuf::from(format!("/run/thinblk/mailbox-host-{host_id}.lock"))),
+        rate: (!t.spec_sizing).then(|| thinblk::thin::monitor::RateSettings {
+            rtt_guess: std::time::Duration::from_millis(t.extend_guess_ms),
+            max_step: t.max_extend_mb.saturating_mul(1 << 20),
+            ..Default::default()
+        }),
     }))
 }
 
@@ -418,6 +423,9 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
             domain_uuid: Some(domain),
             volume_uuid: Some(volume),
             mailbox_lock: Some(dir.join("mailbox-host-1.lock")),
+            spec_sizing: false,
+            extend_guess_ms: 1500,
+            max_extend_mb: 10240,
         },
     };
     let r = run_daemon(serve_args);

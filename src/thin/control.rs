@@ -23,6 +23,8 @@ use crate::mailbox::wire::{Extend, Uuid};
 
 /// The periodic check of UNSET and EXCEEDED drives (`vm_watermark_interval`).
 pub const TICK: Duration = Duration::from_secs(2);
+/// Rate samples between ticks (rate-aware sizing).
+pub const SAMPLE: Duration = Duration::from_millis(250);
 /// How often replies are polled while a request is outstanding (`events_interval`).
 pub const REPLY_POLL: Duration = Duration::from_millis(500);
 /// Back-off after more than 9 consecutive failed mailbox polls.
@@ -176,6 +178,10 @@ pub struct ThinStats {
     pub duration_buckets: [u64; EXTENSION_BOUNDS_S.len() + 1],
     /// Sum of completed extension durations (seconds).
     pub duration_sum: f64,
+    /// The allocation rate rate-aware sizing sees (bytes/s; 0 without it).
+    pub rate_bps: f64,
+    /// The extension round trip rate-aware sizing assumes (seconds; 0 without it).
+    pub round_trip_s: f64,
 }
 
 impl ThinStats {
@@ -227,11 +233,19 @@ impl Control {
     pub fn run(mut self, stop: &EventFd) {
         raise_io_priority();
         let mut next_tick = Instant::now();
+        let mut next_sample = Instant::now();
         loop {
             let now = Instant::now();
             if now >= next_tick {
                 self.tick(now);
                 next_tick = now + TICK;
+            }
+            if now >= next_sample {
+                // Rate samples between ticks (an atomic read; nothing happens without
+                // rate-aware sizing).
+                let action = self.monitor.on_sample(now, self.volume.physical(), self.engine.allocation());
+                self.act(now, action, None);
+                next_sample = now + SAMPLE;
             }
             if let Some(signalled) = self.signals.take() {
                 self.exceeded(signalled);
@@ -240,7 +254,7 @@ impl Control {
                 self.poll_mailbox();
             }
             self.publish();
-            let deadline = if self.busy() { self.next_poll.min(next_tick) } else { next_tick };
+            let deadline = if self.busy() { self.next_poll.min(next_tick) } else { next_tick }.min(next_sample);
             let timeout = deadline.saturating_duration_since(Instant::now());
             match wait(self.signals.wake.as_raw_fd(), stop.as_raw_fd(), timeout) {
                 Ok(true) => break,
@@ -271,6 +285,9 @@ impl Control {
             s.max_size = super::policy::max_size(s.capacity);
             s.slots_in_use = self.client.active() as u64;
             s.queued = self.client.queued() as u64;
+            let (rate, rtt) = self.monitor.rate().unwrap_or((0.0, 0.0));
+            s.rate_bps = rate;
+            s.round_trip_s = rtt;
         }
     }
 
@@ -289,7 +306,7 @@ impl Control {
     fn exceeded(&mut self, signalled: Instant) {
         let now = Instant::now();
         tracing::debug!(allocation = self.engine.allocation(), physical = self.volume.physical(), "threshold crossed or volume full");
-        let action = self.monitor.on_exceeded(now, self.volume.physical());
+        let action = self.monitor.on_exceeded_at(now, self.volume.physical(), Some(self.engine.allocation()));
         self.act(now, action, Some(signalled));
     }
 

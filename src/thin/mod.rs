@@ -41,6 +41,8 @@ pub struct ThinOptions {
     pub volume_uuid: Uuid,
     /// Per-host lock file.
     pub lock: PathBuf,
+    /// Rate-aware sizing on top of the spec (None: the spec alone).
+    pub rate: Option<monitor::RateSettings>,
 }
 
 /// The running control thread.
@@ -108,7 +110,10 @@ pub fn start(
         "thin volume monitored"
     );
     let id = MailboxIdentity { domain: opts.domain, volume: opts.volume_uuid };
-    let monitor = Monitor::new(opts.policy, capacity);
+    let monitor = match opts.rate {
+        Some(r) => Monitor::new(opts.policy, capacity).with_rate(r),
+        None => Monitor::new(opts.policy, capacity),
+    };
     let control = Control::new(engine, volume, monitor, signals, hub, client, Box::new(io), id);
     let stats = control.stats();
     let stop = EventFd::new(EFD_NONBLOCK)?;
