@@ -319,8 +319,13 @@ impl Frontend {
     /// after the backend went away (it cannot ask for the base).
     pub fn restart_queue(&mut self) {
         let used = u32::from(self.ram.u16_at(USED + 2));
+        self.configure_queue(used);
+    }
+
+    /// Size, base, addresses, fresh kick and call eventfds, enable: queue 0 starts.
+    fn configure_queue(&mut self, base: u32) {
         assert_eq!(self.ack(code::SET_VRING_NUM, &two_u32(0, u32::from(QSIZE)), &[]).expect("num"), 0);
-        assert_eq!(self.ack(code::SET_VRING_BASE, &two_u32(0, used), &[]).expect("base"), 0);
+        assert_eq!(self.ack(code::SET_VRING_BASE, &two_u32(0, base), &[]).expect("base"), 0);
         assert_eq!(self.ack(code::SET_VRING_ADDR, &self.addr_body(0, DESC, USED, AVAIL), &[]).expect("addr"), 0);
         let kick = eventfd(0);
         let call = eventfd(0);
@@ -395,16 +400,7 @@ impl Frontend {
         self.put(AVAIL, &[0u8; 4 + 2 * QSIZE as usize + 2]);
         self.put(USED, &[0u8; 4 + 8 * QSIZE as usize + 2]);
         self.avail_idx = 0;
-        assert_eq!(self.ack(code::SET_VRING_NUM, &two_u32(0, u32::from(QSIZE)), &[]).expect("num"), 0);
-        assert_eq!(self.ack(code::SET_VRING_BASE, &two_u32(0, 0), &[]).expect("base"), 0);
-        assert_eq!(self.ack(code::SET_VRING_ADDR, &self.addr_body(0, DESC, USED, AVAIL), &[]).expect("addr"), 0);
-        let kick = eventfd(0);
-        let call = eventfd(0);
-        assert_eq!(self.ack(code::SET_VRING_KICK, &0u64.to_le_bytes(), &[kick.as_raw_fd()]).expect("kick"), 0);
-        assert_eq!(self.ack(code::SET_VRING_CALL, &0u64.to_le_bytes(), &[call.as_raw_fd()]).expect("call"), 0);
-        assert_eq!(self.ack(code::SET_VRING_ENABLE, &two_u32(0, 1), &[]).expect("enable"), 0);
-        self.kick = Some(kick);
-        self.call = Some(call);
+        self.configure_queue(0);
     }
 
     /// A SET_VRING_ADDR body for guest addresses (translated into the frontend's space).
