@@ -34,6 +34,45 @@ pub struct Target {
     pub hub: Arc<ParkHub>,
     /// The thin volume's status, when there is one.
     pub thin: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
+    /// The image (`freeze` writes its metadata back and syncs it).
+    pub image: Option<Arc<dyn thinblk_vhost::ImageFormat>>,
+}
+
+/// How long `freeze` waits for writes at the storage to finish.
+pub const FREEZE_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A freeze thaws by itself after this long unless the command says otherwise.
+pub const FREEZE_DEFAULT_TIMEOUT_MS: u64 = 60_000;
+
+/// `freeze`: holds new writes, waits for those at the storage, writes the image's metadata
+/// back and syncs its files, so the storage holds a clean image (e.g. for an LV snapshot);
+/// thaws by itself after `timeout_ms`.
+fn freeze(t: &Target, timeout_ms: u64) -> Result<u64, String> {
+    let n = t.hub.freeze(FREEZE_DRAIN_LIMIT)?;
+    let synced = (|| -> Result<(), String> {
+        if let Some(img) = &t.image {
+            img.prepare_flush().map_err(|e| format!("metadata write-back: {e}"))?;
+            for fd in img.files() {
+                // SAFETY: fdatasync on an fd the image keeps open for its lifetime.
+                if unsafe { libc::fdatasync(fd) } != 0 {
+                    return Err(format!("sync: {}", std::io::Error::last_os_error()));
+                }
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = synced {
+        t.hub.thaw();
+        return Err(e);
+    }
+    let hub = t.hub.clone();
+    let _ = std::thread::Builder::new().name("freeze-timeout".into()).spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(timeout_ms));
+        if hub.thaw_if(n) {
+            tracing::warn!(timeout_ms, "freeze timed out: thawed");
+        }
+    });
+    tracing::info!(timeout_ms, "disk frozen: writes held, image clean on the storage");
+    Ok(n)
 }
 
 /// The running server; removes its socket when dropped.
@@ -216,6 +255,23 @@ pub fn handle(line: &str, t: &Target) -> Value {
             t.faults.cont();
             json!({"return": {}})
         }
+        "freeze" => {
+            let timeout = match args.get("timeout-ms") {
+                None => Ok(FREEZE_DEFAULT_TIMEOUT_MS),
+                Some(v) => v.as_u64().filter(|&v| v > 0).ok_or("timeout-ms must be a positive number of milliseconds"),
+            };
+            match timeout {
+                Err(e) => error("GenericError", e),
+                Ok(ms) => match freeze(t, ms) {
+                    Ok(_) => json!({"return": {"frozen": true, "timeout-ms": ms}}),
+                    Err(e) => error("GenericError", &format!("freeze failed (thawed): {e}")),
+                },
+            }
+        }
+        "thaw" => {
+            t.hub.thaw();
+            json!({"return": {}})
+        }
         "set-policy" => match set_policy(&args, &t.faults) {
             Ok(s) => json!({"return": settings_json(&s)}),
             Err(e) => error("GenericError", &e),
@@ -319,7 +375,7 @@ mod tests {
 
     fn target() -> Target {
         let hub = ParkHub::new(1).unwrap();
-        Target { faults: FaultState::new(Settings::default(), hub.clone()), hub, thin: None }
+        Target { faults: FaultState::new(Settings::default(), hub.clone()), hub, thin: None, image: None }
     }
 
     #[test]

@@ -138,7 +138,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
                         "completed": s.completed, "failed": s.failed})
                 }) as Arc<dyn Fn() -> serde_json::Value + Send + Sync>
             });
-            let target = thinblk::ctl::Target { faults: faults.clone(), hub: hub.clone(), thin: thin_status };
+            let target = thinblk::ctl::Target { faults: faults.clone(), hub: hub.clone(), thin: thin_status, image: Some(image.clone()) };
             Some(thinblk::ctl::serve(path, target).map_err(|e| Failure::Runtime(format!("control socket {}: {e}", path.display())))?)
         }
     };

@@ -423,3 +423,60 @@ fn a_stopping_daemon_reports_a_retry_that_fails_again_instead_of_parking_it() {
     r.mount.faults.clear();
     assert!(r.daemon.wait_exit(Duration::from_secs(20)).is_some(), "the daemon did not exit");
 }
+
+/// `ctl freeze` (a backup by LV snapshot): writes are held, reads flow, the image on the
+/// storage is clean and holds every write completed before the freeze; `thaw` lets the held
+/// writes through. The storage copy stands in for `lvcreate -s`.
+#[test]
+fn freeze_holds_writes_leaves_a_clean_image_and_thaw_releases_them() {
+    let dir = TestDir::new("freeze");
+    let image = dir.path("disk.qcow2");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_thinblk"))
+        .args(["create", image.to_str().unwrap(), "64M"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let control = dir.path("control.sock");
+    let d = Daemon::start(
+        &dir.path("sock"),
+        &["--image", image.to_str().unwrap(), "--format", "qcow2", "--num-queues", "2", "--control", control.to_str().unwrap()],
+    );
+    let mut c = Client::connect(&d.socket, 2).unwrap();
+    let a = pattern(1, 256 * 1024);
+    assert_eq!(c.write(0, 0, &a), 0);
+    let frozen = ctl(&control, "freeze", json!({"timeout-ms": 30000}));
+    assert_eq!(frozen["frozen"], true, "{frozen}");
+    // A write while frozen is held (from another part of the client's buffer).
+    let b = pattern(7, 64 * 1024);
+    let base = c.region.addr as *mut u8;
+    // SAFETY: 4 MiB + 64 KiB is inside the client's 8 MiB region, which is ours.
+    let held = unsafe { base.add(4 << 20) };
+    // SAFETY: as above.
+    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), held, b.len()) };
+    c.queues[1].write(MIB, held, b.len(), 1, blkio::ReqFlags::empty());
+    let mut comp = [std::mem::MaybeUninit::<blkio::Completion>::uninit(); 1];
+    let mut t = Duration::from_millis(500);
+    assert_eq!(c.queues[1].do_io(&mut comp, 0, Some(&mut t), None).unwrap_or(0), 0, "a write completed while frozen");
+    // Reads flow.
+    assert_eq!(c.read(0, 0, a.len()).expect("read while frozen"), a);
+    // The storage now holds a clean image with A and without B: copy it ("snapshot").
+    let snap = dir.path("snapshot.qcow2");
+    std::fs::copy(&image, &snap).unwrap();
+    let check = std::process::Command::new("qemu-img").args(["check", snap.to_str().unwrap()]).output().unwrap();
+    assert!(check.status.success(), "snapshot check: {}", String::from_utf8_lossy(&check.stdout));
+    let raw = dir.path("snapshot.raw");
+    let conv = std::process::Command::new("qemu-img").args(["convert", "-O", "raw", snap.to_str().unwrap(), raw.to_str().unwrap()]).status().unwrap();
+    assert!(conv.success());
+    let bytes = std::fs::read(&raw).unwrap();
+    assert_eq!(&bytes[..a.len()], &a[..], "a write completed before the freeze is missing from the snapshot");
+    assert!(bytes[MIB as usize..MIB as usize + b.len()].iter().all(|&x| x == 0), "the held write reached the storage");
+    // Thaw: the held write completes.
+    ctl(&control, "thaw", json!({}));
+    let mut t = Duration::from_secs(10);
+    assert_eq!(c.queues[1].do_io(&mut comp, 1, Some(&mut t), None).unwrap(), 1, "the held write never completed");
+    // SAFETY: one completion was returned.
+    assert_eq!(unsafe { comp[0].assume_init_ref() }.ret, 0);
+    assert_eq!(c.read(0, MIB, b.len()).expect("read back"), b);
+    drop(c);
+    common::stop_clean(d);
+}

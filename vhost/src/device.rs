@@ -140,6 +140,8 @@ impl BlkDevice {
     /// When the frontend holds an inflight region, parked requests are not failed: they stay
     /// marked in it, uncompleted, and the next daemon resubmits them (an upgrade in place).
     pub fn quiesce(&self) {
+        // A frozen disk thaws: what it held is finished, not failed.
+        self.inner.ctx.park.thaw();
         self.inner.ctx.stopping.store(true, Ordering::SeqCst);
         self.drain(true);
         if self.inner.ctx.inflight_tracked.load(Ordering::SeqCst) {
@@ -263,6 +265,8 @@ impl BlkDevice {
 
     /// Waits, in bounded time, until queue `q` has nothing in flight (the frontend stopped it).
     pub fn stop_vring(&self, q: usize) {
+        // The frontend stops the ring (VM stop, migration): held writes go on.
+        self.inner.ctx.park.thaw();
         if let Some(c) = self.inner.inflight.get(q) {
             // Parked requests keep being retried for a grace period; what is still parked
             // then is completed with an IO error, so the frontend is never blocked forever.

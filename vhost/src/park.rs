@@ -42,6 +42,8 @@ pub enum ParkCause {
         /// The error.
         errno: i32,
     },
+    /// The disk is frozen (`ctl freeze`, for a backup): writes wait for the thaw.
+    Frozen,
 }
 
 impl ParkCause {
@@ -94,6 +96,12 @@ pub struct ParkHub {
     resumes: AtomicU64,
     listener: RwLock<Option<Arc<dyn ParkListener>>>,
     policy: std::sync::OnceLock<Arc<dyn FaultPolicy>>,
+    /// Frozen: writes are held (parked) as they arrive; reads flow.
+    frozen: std::sync::atomic::AtomicBool,
+    /// Write requests (write, discard, write-zeroes) at the storage now, over all queues.
+    writes: AtomicUsize,
+    /// Bumped at every freeze (a timeout thaws only the freeze it was armed for).
+    freezes: AtomicU64,
 }
 
 impl fmt::Debug for ParkHub {
@@ -109,6 +117,9 @@ impl ParkHub {
         Ok(Arc::new(ParkHub { wake, parked: AtomicUsize::new(0), total: AtomicU64::new(0), resumes: AtomicU64::new(0),
             listener: RwLock::new(None),
             policy: std::sync::OnceLock::new(),
+            frozen: std::sync::atomic::AtomicBool::new(false),
+            writes: AtomicUsize::new(0),
+            freezes: AtomicU64::new(0),
         }))
     }
 
@@ -153,6 +164,60 @@ impl ParkHub {
                 tracing::error!(error = %e, "waking a worker to resume parked IO failed");
             }
         }
+    }
+
+    /// Whether writes are held.
+    pub fn frozen(&self) -> bool {
+        self.frozen.load(Ordering::SeqCst)
+    }
+
+    /// A write request went to the storage.
+    pub(crate) fn write_begin(&self) {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A write request left the storage (completed, failed or parked).
+    pub(crate) fn write_end(&self) {
+        let _ = self.writes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| Some(w.saturating_sub(1)));
+    }
+
+    /// Write requests at the storage now.
+    pub fn writes_in_flight(&self) -> usize {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    /// Holds new writes and waits (at most `limit`) until none is at the storage; returns the
+    /// freeze's number, or an error (the freeze is undone) if writes did not drain in time.
+    pub fn freeze(&self, limit: std::time::Duration) -> Result<u64, String> {
+        let n = self.freezes.fetch_add(1, Ordering::SeqCst) + 1;
+        self.frozen.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + limit;
+        while self.writes_in_flight() > 0 {
+            if std::time::Instant::now() >= deadline {
+                let left = self.writes_in_flight();
+                self.thaw();
+                return Err(format!("{left} writes still at the storage after {} ms", limit.as_millis()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(n)
+    }
+
+    /// Releases held writes (they are retried now).
+    pub fn thaw(&self) {
+        if self.frozen.swap(false, Ordering::SeqCst) {
+            tracing::info!("disk thawed: held writes resume");
+            self.resume();
+        }
+    }
+
+    /// Thaws if freeze number `n` is still the current one (a freeze's timeout).
+    pub fn thaw_if(&self, n: u64) -> bool {
+        if self.freezes.load(Ordering::SeqCst) == n && self.frozen() {
+            self.thaw();
+            return true;
+        }
+        false
     }
 
     /// Requests parked now.

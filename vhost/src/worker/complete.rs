@@ -6,6 +6,9 @@ use super::*;
 impl Worker {
     pub(super) fn complete(&mut self, ctx: &Context, slot: usize, publish: bool) {
         let Some(mut p) = self.pending.remove(slot) else { return };
+        if super::pop::writes(p.req.kind) {
+            ctx.park.write_end();
+        }
         // The chunk goes back to the pool (its data, if any, was handed over already).
         p.staged = None;
         let mut errno = p.errno;

@@ -36,6 +36,9 @@ impl Worker {
             }
         }
         let Some(mut p) = self.pending.remove(slot) else { return };
+        if super::pop::writes(p.req.kind) {
+            ctx.park.write_end();
+        }
         match self.fate(ctx, &p.req, &outcome) {
             Fate::Park(cause) => self.park(ctx, p, cause),
             Fate::Ignore => {

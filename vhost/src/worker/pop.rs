@@ -154,12 +154,39 @@ impl Worker {
                 }
                 return;
             }
+            _ if writes(req.kind) => {
+                // Counted before the freeze flag is read: a freeze either sees this write
+                // at the storage (and waits for it) or this check sees the freeze (and holds).
+                ctx.park.write_begin();
+                if ctx.park.frozen() {
+                    ctx.park.write_end();
+                    self.hold(ctx, mem, head, status, req, clock);
+                    return;
+                }
+                self.submit_request(ctx, mem, head, status, req, clock)
+            }
             _ => self.submit_request(ctx, mem, head, status, req, clock),
         };
         if let Err((slot, outcome)) = result {
             self.submit_failed(ctx, mem, head, status, slot, outcome, rec);
         }
     }
+
+    /// Holds a write while the disk is frozen (parked, resumed by the thaw).
+    fn hold(&mut self, ctx: &Context, mem: &Arc<Mem>, head: u16, status: GuestAddress, req: Request, clock: Clock) {
+        if self.parked.is_empty() {
+            tracing::info!(queue = self.queue, "disk frozen: holding writes until the thaw");
+        }
+        let entered = self.stats.as_ref().map(|_| Instant::now());
+        let mut clock = clock;
+        if clock.parked_since.is_none() {
+            clock.parked_since = entered;
+        }
+        self.parked.push_back(Parked { head, status, req, mem: mem.clone(), clock, entered });
+        ctx.park.on_park(self.queue, ParkCause::Frozen);
+        self.publish_parked(0);
+    }
+
 
     /// Completes a request whose host ops have all ended.
     /// Starts requests that waited for a bounce chunk, while chunks are available. Called
@@ -195,4 +222,9 @@ fn chain_at(queue: &virtio_queue::Queue, mem: &Arc<Mem>, head: u16) -> Option<(v
     q.set_ready(true);
     let chain = q.pop_descriptor_chain(aug.clone())?;
     Some((chain, aug))
+}
+
+/// Requests that change the disk (what a freeze holds).
+pub(super) fn writes(kind: RequestType) -> bool {
+    matches!(kind, RequestType::Write | RequestType::Discard | RequestType::WriteZeroes)
 }

@@ -20,7 +20,10 @@ impl Worker {
             && needs_bounce(mem, &req.segments, align)
             && !self.pool.available()
         {
-            // Waits for a chunk; completions that return one start it.
+            // Waits for a chunk; completions that return one start it (and count it again).
+            if super::pop::writes(req.kind) {
+                ctx.park.write_end();
+            }
             self.starved.push_back(Starved { head, status, req, mem: mem.clone(), clock });
             return Ok(());
         }
