@@ -1,5 +1,5 @@
 //! In-process tests of the worker over a fake engine: the test decides when and how every
-//! host op completes.
+//! host op completes. Compiled only with `#[cfg(test)]` (declared so in `mod.rs`).
 
 use super::*;
 use crate::image::{ImageFormat, RawImage};
