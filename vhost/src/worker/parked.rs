@@ -28,18 +28,24 @@ impl Worker {
             tracing::info!(queue = self.queue, ?cause, kind = ?p.req.kind, offset = p.req.offset, "parking IO until resumed");
         }
         let flush = Request { kind: RequestType::Flush, offset: 0, segments: Vec::new(), data_len: 0, ranges: Vec::new() };
+        for (head, status) in p.joined.drain(..) {
+            self.enter_parked(ctx, head, status, flush.clone(), &p.mem, p.clock, cause);
+        }
+        self.enter_parked(ctx, p.head, p.status, p.req, &p.mem, p.clock, cause);
+        self.publish_parked(0);
+    }
+
+    /// Puts one request in the parked list (its first stint starts the parked clock) and
+    /// tells the hub why.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn enter_parked(&mut self, ctx: &Context, head: u16, status: GuestAddress, req: Request, mem: &Arc<Mem>, clock: Clock, cause: ParkCause) {
         let entered = self.stats.as_ref().map(|_| Instant::now());
-        let mut clock = p.clock;
+        let mut clock = clock;
         if clock.parked_since.is_none() {
             clock.parked_since = entered;
         }
-        for (head, status) in p.joined.drain(..) {
-            self.parked.push_back(Parked { head, status, req: flush.clone(), mem: p.mem.clone(), clock, entered });
-            ctx.park.on_park(self.queue, cause);
-        }
-        self.parked.push_back(Parked { head: p.head, status: p.status, req: p.req, mem: p.mem, clock, entered });
+        self.parked.push_back(Parked { head, status, req, mem: mem.clone(), clock, entered });
         ctx.park.on_park(self.queue, cause);
-        self.publish_parked(0);
     }
 
     /// Updates the parked gauges after requests whose stints add up to `stints_ns` left.

@@ -177,13 +177,7 @@ impl Worker {
         if self.parked.is_empty() {
             tracing::info!(queue = self.queue, "disk frozen: holding writes until the thaw");
         }
-        let entered = self.stats.as_ref().map(|_| Instant::now());
-        let mut clock = clock;
-        if clock.parked_since.is_none() {
-            clock.parked_since = entered;
-        }
-        self.parked.push_back(Parked { head, status, req, mem: mem.clone(), clock, entered });
-        ctx.park.on_park(self.queue, ParkCause::Frozen);
+        self.enter_parked(ctx, head, status, req, mem, clock, ParkCause::Frozen);
         self.publish_parked(0);
     }
 

@@ -17,8 +17,9 @@ impl Worker {
         let image = &ctx.image;
         let align = image.io_alignment().max(1) as usize;
         if matches!(req.kind, RequestType::Read | RequestType::Write)
-            && needs_bounce(mem, &req.segments, align)
+            // (The pool first: while it has a chunk, nothing walks the segments twice.)
             && !self.pool.available()
+            && needs_bounce(mem, &req.segments, align)
         {
             // Waits for a chunk; completions that return one start it (and count it again).
             if super::pop::writes(req.kind) {
