@@ -508,6 +508,14 @@ impl Session {
         if let Some(t) = self.threads.get(q) {
             t.watch(fd).map_err(ProtocolError::Socket)?;
             self.registered[q] = Some(fd);
+            // Look at the ring once now: after a restart the driver may be waiting for
+            // requests already in the ring (resubmitted ones, or chains published while no
+            // daemon ran) and never kick again, with EVENT_IDX especially. A spare kick costs
+            // one empty pass.
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a live buffer to the ring's kick eventfd, which the
+            // vring owns and keeps open while it is registered.
+            unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
         }
         Ok(())
     }
