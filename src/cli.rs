@@ -193,7 +193,7 @@ pub enum Command {
 pub struct CtlArgs {
     /// The daemon's control socket (`--control PATH`).
     pub socket: PathBuf,
-    /// query-status, query-parked, cont or set-policy.
+    /// query-status, query-parked, cont, set-policy, freeze or thaw.
     pub command: Option<String>,
     /// The command's arguments as a JSON object, e.g. '{"werror": "retry"}'.
     pub arguments: Option<String>,

@@ -8,29 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::vm::{assets, tail};
 use common::{sparse_file, Daemon, LoopDev, TestDir};
 
 const VERDICT: &str = "THINBLK-GUEST-RESULT: ";
 /// Upper bound for one guest run (boot + test + poweroff under TCG).
 const GUEST_LIMIT: Duration = Duration::from_secs(420);
-
-/// Builds the guest kernel and initramfs once per test process (the script also locks).
-fn assets() -> PathBuf {
-    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = root.join("target/vm-assets");
-        let st = Command::new("bash").arg(root.join("tests/vm/build-assets.sh")).arg(&out).status();
-        match st {
-            Ok(s) if s.success() => Ok(out),
-            other => Err(format!("{other:?}")),
-        }
-    });
-    match built {
-        Ok(p) => p.clone(),
-        Err(e) => panic!("building guest assets failed ({e}); needs busybox-static, e2fsprogs, cpio: see .ci/run"),
-    }
-}
 
 /// Runs QEMU until it exits or the limit passes; returns the console log.
 fn run_guest(assets: &Path, socket: &Path, console: &Path, mode: &str) -> String {
@@ -73,11 +56,6 @@ fn run_guest_with(assets: &Path, socket: &Path, console: &Path, mode: &str, char
     let log = std::fs::read_to_string(console).unwrap_or_default();
     assert!(status.is_some(), "guest did not finish within {GUEST_LIMIT:?}; console:\n{}", tail(&log));
     log
-}
-
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
 }
 
 /// Boots the guest against a daemon serving `image_args`; asserts the guest's verdict,

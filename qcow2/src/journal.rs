@@ -126,7 +126,10 @@ impl Journal {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
-            .map_err(|e| io_err(path, "open (a symbolic link is refused)", e))?;
+            .map_err(|e| {
+                let what = if e.raw_os_error() == Some(libc::ELOOP) { "open (a symbolic link is refused)" } else { "open" };
+                io_err(path, what, e)
+            })?;
         {
             use std::os::unix::fs::MetadataExt;
             let meta = file.metadata().map_err(|e| io_err(path, "stat", e))?;

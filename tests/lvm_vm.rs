@@ -1,0 +1,125 @@
+//! Real LVM, inside a VM: these machines have no device-mapper, a Debian guest kernel has.
+//! QEMU (TCG) boots that kernel with an initramfs carrying lvm2, qemu-img, thinblk and its
+//! verifying client (examples/vu_client.rs), and a virtio disk as the PV. tests/vm/lvm-init
+//! builds oVirt's layout (VG with 128 MiB extents, inbox/outbox LVs, a volume LV holding a
+//! qcow2), runs `thinblk spm --backend lvm` and the daemon with `--thin` on the LV, writes and
+//! verifies past several extensions, takes a backup by LV snapshot under `ctl freeze`, and
+//! checks the image and the snapshot with qemu-img. The guest prints facts and a verdict.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::vm::{assets, tail};
+use common::{sparse_file, TestDir};
+
+const VERDICT: &str = "THINBLK-GUEST-RESULT: ";
+/// Upper bound for the whole guest run (boot, LVM setup, writes, snapshot, checks) under TCG.
+const LIMIT: Duration = Duration::from_secs(1200);
+const INITIAL_MIB: u64 = 512;
+const CHUNK_MIB: u64 = 256;
+
+/// Appends to the base LVM initramfs an archive with thinblk, the client, the test's /init
+/// and its settings (the kernel unpacks concatenated archives in order).
+fn initrd(dir: &TestDir, assets: &Path, env: &str) -> std::path::PathBuf {
+    let root = dir.path("overlay");
+    std::fs::create_dir_all(root.join("opt")).expect("overlay dir");
+    std::fs::create_dir_all(root.join("etc")).expect("overlay etc");
+    let thinblk = env!("CARGO_BIN_EXE_thinblk");
+    let client = Path::new(thinblk).parent().expect("target dir").join("examples/vu_client");
+    assert!(client.exists(), "{} missing: cargo test builds the examples", client.display());
+    for (from, name) in [(Path::new(thinblk), "thinblk"), (client.as_path(), "vu_client")] {
+        // Debug info is most of a test build's size; the guest does not need it.
+        let st = Command::new("objcopy").arg("--strip-debug").arg(from).arg(root.join("opt").join(name)).status();
+        if !matches!(st, Ok(s) if s.success()) {
+            std::fs::copy(from, root.join("opt").join(name)).expect("copy binary");
+        }
+    }
+    let init = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vm/lvm-init");
+    std::fs::copy(init, root.join("init")).expect("copy init");
+    std::fs::set_permissions(root.join("init"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod init");
+    std::fs::write(root.join("etc/thinblk-test.env"), env).expect("env");
+    let overlay = dir.path("overlay.cpio.gz");
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'", root.display(), overlay.display()))
+        .status()
+        .expect("cpio");
+    assert!(st.success(), "packing the overlay failed");
+    let out = dir.path("initrd.cpio.gz");
+    let mut all = std::fs::read(assets.join("initramfs-lvm.cpio.gz")).expect("base initramfs");
+    all.extend(std::fs::read(&overlay).expect("overlay"));
+    std::fs::write(&out, all).expect("initrd");
+    out
+}
+
+#[test]
+fn lvm_volume_grows_by_lvextend_and_backs_up_by_snapshot() {
+    let assets = assets();
+    let dir = TestDir::new("lvm-vm");
+    let env = format!(
+        "DOMAIN=6c7a1e5e-1c5b-4b8e-9d1e-3f0b8f0e2a11\nVOLUME=0f2c9e4a-8d47-4a8f-b1a4-7e9c2d5b6a30\n\
+         INITIAL_MIB={INITIAL_MIB}\nCHUNK_MIB={CHUNK_MIB}\nVIRTUAL_MIB=4096\nWRITE_MIB=2048\n\
+         SNAPSHOT_AT_MIB=400\nSNAPSHOT_MIB=1536\n\
+         THIN_ARGS='--max-extend-mb {CHUNK_MIB}'\n"
+    );
+    let initrd = initrd(&dir, &assets, &env);
+    let pv = dir.path("pv.raw");
+    sparse_file(&pv, 12 << 30);
+    let console = dir.path("console.log");
+    let qemu = "qemu-system-x86_64";
+    let mut child = Command::new(qemu)
+        .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1536M"])
+        .args(["-display", "none", "-monitor", "none", "-nic", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(assets.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 panic=-1 loglevel=4"])
+        .arg("-drive")
+        .arg(format!("if=none,id=pv,file={},format=raw,cache=unsafe,discard=unmap", pv.display()))
+        .args(["-device", "virtio-blk-pci,drive=pv"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{qemu} not runnable ({e}): install qemu-system-x86 from bookworm-backports (.ci/run does)"));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait qemu") {
+            break Some(s);
+        }
+        if started.elapsed() > LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(status.is_some(), "guest did not finish within {LIMIT:?}; console:\n{}", tail(&log));
+    eprintln!(
+        "{}\nguest run: {:.0} s",
+        log.lines().filter(|l| l.starts_with("guest:") || l.contains(VERDICT)).collect::<Vec<_>>().join("\n"),
+        started.elapsed().as_secs_f64()
+    );
+    let verdict = log.lines().find_map(|l| l.trim().strip_prefix(VERDICT)).map(str::to_string);
+    assert_eq!(verdict.as_deref(), Some("PASS"), "guest verdict; console:\n{}", tail(&log));
+
+    // The LV grew by lvextend in whole chunks (whole 128 MiB extents), several times.
+    let sizes: Vec<u64> = log
+        .lines()
+        .find_map(|l| l.strip_prefix("guest: lv sizes MiB: "))
+        .expect("lv sizes line")
+        .split_whitespace()
+        .map(|s| s.parse().expect("size"))
+        .collect();
+    assert_eq!(sizes.first(), Some(&INITIAL_MIB), "sizes {sizes:?}");
+    for w in sizes.windows(2) {
+        assert!(w[1] > w[0] && (w[1] - w[0]) % CHUNK_MIB == 0, "LV sizes not in chunk steps: {sizes:?}");
+    }
+    assert!(sizes.len() >= 4, "fewer than 3 extensions seen by lvs: {sizes:?}");
+    assert!(log.contains("guest: snapshot vu_client: verify"), "snapshot not verified:\n{}", tail(&log));
+}
