@@ -318,3 +318,33 @@ impl Rng {
         }
     }
 }
+
+/// A thin volume for a guest: a 1.5 GiB qcow2 on a 256 MiB loop device whose backing file
+/// `thinblk spm` grows; returns the daemon's arguments, the loop device (detached on drop),
+/// the SPM (stopped on drop) and the volume's backing file.
+pub fn thin_volume(dir: &TestDir) -> (Vec<String>, LoopDev, Daemon, PathBuf) {
+    const DOMAIN: &str = "8adbc85e-e554-4ae0-b318-8a5465fe5fe1";
+    const VOLUME: &str = "d772f1c6-3ebb-43c3-a42e-73fcd8255a5f";
+    let (inbox, outbox) = (dir.path("inbox"), dir.path("outbox"));
+    sparse_file(&inbox, 16 << 20);
+    sparse_file(&outbox, 16 << 20);
+    let vols = dir.path("volumes");
+    std::fs::create_dir_all(vols.join(DOMAIN)).expect("volume dir");
+    let backing = vols.join(DOMAIN).join(VOLUME);
+    let created = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&backing).arg("1536M").output().expect("qemu-img");
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    std::fs::OpenOptions::new().write(true).open(&backing).and_then(|f| f.set_len(256 << 20)).expect("size volume");
+    let lv = LoopDev::attach(&backing);
+    let dev = lv.0.to_str().expect("utf-8 path").to_string();
+    let spm = spm_process(&inbox, &outbox, &vols, &[], None);
+    let lock = dir.path("host-2.lock");
+    let args = [
+        "--image", &dev, "--format", "qcow2", "--thin", "--chunk-mb", "128", "--utilization-percent", "50",
+        "--spm-inbox", inbox.to_str().expect("utf-8"), "--spm-outbox", outbox.to_str().expect("utf-8"),
+        "--host-id", "2", "--domain-uuid", DOMAIN, "--volume-uuid", VOLUME, "--mailbox-lock", lock.to_str().expect("utf-8"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    (args, lv, spm, backing)
+}

@@ -1,0 +1,175 @@
+//! libvirt, the way most users start VMs: the domain XML of docs/operating.md ("libvirt") is
+//! defined and started by a real libvirtd (the unprivileged session instance, private to the
+//! test: its config, sockets and logs live in the test's directory), with the guest kernel
+//! and initramfs of tests/guest_qemu.rs; the guest runs its verifying file-system workload on a
+//! thinblk disk (a qcow2 on a thin loop volume that `thinblk spm` grows).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::vm::{assets, tail};
+use common::{Daemon, TestDir};
+
+const VERDICT: &str = "THINBLK-GUEST-RESULT: ";
+/// Upper bound for the guest run (boot + workload + poweroff under TCG).
+const LIMIT: Duration = Duration::from_secs(420);
+/// The unprivileged user libvirtd and QEMU run as (nobody).
+const USER: u32 = 65534;
+
+/// The first ```xml block after "## libvirt" in docs/operating.md.
+fn documented_xml() -> String {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operating.md")).expect("docs/operating.md");
+    let section = doc.split("\n## libvirt").nth(1).expect("a libvirt section");
+    let block = section.split("```xml\n").nth(1).expect("an xml block");
+    block.split("\n```").next().expect("end of block").to_string()
+}
+
+/// Replaces `from` (which must occur once) by `to`.
+fn substitute(xml: &str, from: &str, to: &str) -> String {
+    assert_eq!(xml.matches(from).count(), 1, "the documented XML should hold `{from}` once");
+    xml.replacen(from, to, 1)
+}
+
+/// A session libvirtd of its own as an unprivileged user, killed (with its domain) on drop.
+struct Libvirt {
+    home: PathBuf,
+    daemon: Child,
+    domain: String,
+}
+
+impl Libvirt {
+    fn start(home: &Path, domain: &str) -> Libvirt {
+        let conf = home.join("config/libvirt");
+        std::fs::create_dir_all(&conf).expect("libvirt config dir");
+        // Console and QEMU logs to plain files (no virtlogd to spawn and clean up).
+        std::fs::write(conf.join("qemu.conf"), "stdio_handler = \"file\"\n").expect("qemu.conf");
+        chown_tree(home);
+        let daemon = Self::command(home, "libvirtd")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(home.join("libvirtd.log")).expect("libvirtd log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("libvirtd not runnable ({e}): install libvirt-daemon-driver-qemu (.ci/run does)"));
+        let lv = Libvirt { home: home.to_path_buf(), daemon, domain: domain.to_string() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !lv.virsh(&["version"]).status.success() {
+            assert!(Instant::now() < deadline, "libvirtd did not answer; log:\n{}", lv.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        lv
+    }
+
+    /// `program` as the unprivileged user with the session's private directories.
+    fn command(home: &Path, program: &str) -> Command {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid", &USER.to_string(), "--regid", &USER.to_string(), "--clear-groups", "env", "-i"])
+            .arg(format!("HOME={}", home.display()))
+            .arg(format!("XDG_CONFIG_HOME={}", home.join("config").display()))
+            .arg(format!("XDG_RUNTIME_DIR={}", home.join("run").display()))
+            .arg(format!("XDG_CACHE_HOME={}", home.join("cache").display()))
+            .arg(format!("XDG_DATA_HOME={}", home.join("data").display()))
+            .arg("PATH=/usr/sbin:/usr/bin:/sbin:/bin")
+            .arg(program)
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn virsh(&self, args: &[&str]) -> Output {
+        Self::command(&self.home, "virsh").args(["-c", "qemu:///session"]).args(args).output().expect("virsh")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.home.join("libvirtd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Libvirt {
+    fn drop(&mut self) {
+        let _ = self.virsh(&["destroy", &self.domain]);
+        let _ = self.virsh(&["undefine", &self.domain]);
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
+/// Hands `dir` and everything in it to the unprivileged user.
+fn chown_tree(dir: &Path) {
+    let st = Command::new("chown").args(["-R", &format!("{USER}:{USER}")]).arg(dir).status().expect("chown");
+    assert!(st.success(), "chown {}", dir.display());
+}
+
+#[test]
+fn libvirt_boots_the_documented_domain_on_a_thinblk_disk() {
+    let assets = assets();
+    let dir = TestDir::new("libvirt");
+    let (mut args, _lv, _spm, backing) = common::thin_volume(&dir);
+    args.extend(["--num-queues", "2", "--serial", "vm1-disk0"].iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let sock = dir.path("vm1-disk0.sock");
+    let mut daemon = Daemon::start(&sock, &args);
+    // QEMU runs as the unprivileged user (libvirt-qemu on a system instance): it must be able
+    // to connect (docs/operating.md, "libvirt").
+    let st = Command::new("chown").arg(format!("{USER}:{USER}")).arg(&sock).status().expect("chown socket");
+    assert!(st.success());
+
+    let home = dir.path("libvirt");
+    let console = home.join("console.log");
+    let name = format!("thinblk-test-{}", std::process::id());
+    let mut xml = documented_xml();
+    xml = substitute(&xml, "<domain type='kvm'>", "<domain type='qemu'>");
+    xml = substitute(&xml, "<name>vm1</name>", &format!("<name>{name}</name>"));
+    xml = substitute(&xml, "/run/thinblk/vm1-disk0.sock", sock.to_str().expect("utf-8"));
+    xml = substitute(
+        &xml,
+        "<boot dev='hd'/>",
+        &format!(
+            "<kernel>{}</kernel><initrd>{}</initrd><cmdline>console=ttyS0 panic=-1 loglevel=4 thinblk_test=fs</cmdline>",
+            assets.join("vmlinuz").display(),
+            assets.join("initramfs.cpio.gz").display()
+        ),
+    );
+    xml = substitute(&xml, "<serial type='pty'/>", &format!("<serial type='file'><source path='{}'/></serial>", console.display()));
+    std::fs::create_dir_all(&home).expect("libvirt home");
+    let xml_path = home.join("domain.xml");
+    std::fs::write(&xml_path, &xml).expect("domain xml");
+    // The test directory must be traversable by the unprivileged user.
+    let st = Command::new("chmod").arg("755").arg(&dir.0).status().expect("chmod");
+    assert!(st.success());
+
+    let libvirt = Libvirt::start(&home, &name);
+    let out = libvirt.virsh(&["define", xml_path.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "virsh define: {}\n{xml}", String::from_utf8_lossy(&out.stderr));
+    let started = Instant::now();
+    let out = libvirt.virsh(&["start", &name]);
+    assert!(out.status.success(), "virsh start: {}\nlibvirtd:\n{}", String::from_utf8_lossy(&out.stderr), libvirt.log());
+    // on_poweroff=destroy: the guest's poweroff ends the domain.
+    let finished = loop {
+        let out = libvirt.virsh(&["domstate", &name]);
+        let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if state == "shut off" {
+            break true;
+        }
+        if started.elapsed() > LIMIT {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(finished, "domain still running after {LIMIT:?}; console:\n{}", tail(&log));
+    eprintln!(
+        "{}\nlibvirt guest run: {:.0} s",
+        log.lines().filter(|l| l.starts_with("guest:") || l.contains(VERDICT)).collect::<Vec<_>>().join("\n"),
+        started.elapsed().as_secs_f64()
+    );
+    let verdict = log.lines().find_map(|l| l.trim().strip_prefix(VERDICT)).map(str::to_string);
+    assert_eq!(verdict.as_deref(), Some("PASS"), "guest verdict; console:\n{}", tail(&log));
+    assert!(log.contains("queues=2"), "guest did not see 2 queues:\n{}", tail(&log));
+    assert!(log.contains("serial=vm1-disk0"), "GET_ID serial not seen by the guest:\n{}", tail(&log));
+    drop(libvirt);
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(20)), Some(0));
+    let check = Command::new("qemu-img").arg("check").arg(&backing).output().expect("qemu-img check");
+    assert!(check.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&check.stdout));
+}
