@@ -32,6 +32,19 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
+        // A failing test keeps its logs (not its images) for the post-mortem:
+        // target/tmp/failed/<dir>/*.log.
+        if std::thread::panicking() {
+            if let (Some(name), Ok(entries)) = (self.0.file_name(), std::fs::read_dir(&self.0)) {
+                let keep = Path::new(env!("CARGO_TARGET_TMPDIR")).join("failed").join(name);
+                for e in entries.flatten() {
+                    if e.path().extension().is_some_and(|x| x == "log") && std::fs::create_dir_all(&keep).is_ok() {
+                        let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+                    }
+                }
+                eprintln!("logs of the failed test kept in {}", keep.display());
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
