@@ -9,13 +9,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::vm::{assets, tail};
+use common::vm::{assert_pass, assets, qemu_tcg, run_to_end, tail};
 use common::{sparse_file, TestDir};
 
-const VERDICT: &str = "THINBLK-GUEST-RESULT: ";
 /// Upper bound for the whole guest run (boot, LVM setup, writes, snapshot, checks) under TCG.
 const LIMIT: Duration = Duration::from_secs(1200);
 const INITIAL_MIB: u64 = 512;
@@ -69,44 +68,14 @@ fn lvm_volume_grows_by_lvextend_and_backs_up_by_snapshot() {
     let pv = dir.path("pv.raw");
     sparse_file(&pv, 12 << 30);
     let console = dir.path("console.log");
-    let qemu = "qemu-system-x86_64";
-    let mut child = Command::new(qemu)
-        .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1536M"])
-        .args(["-display", "none", "-monitor", "none", "-nic", "none", "-no-reboot"])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-kernel")
-        .arg(assets.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=ttyS0 panic=-1 loglevel=4"])
-        .arg("-drive")
+    let mut qemu = qemu_tcg(&assets, &initrd, "console=ttyS0 panic=-1 loglevel=4", &console);
+    qemu.args(["-m", "1536M", "-drive"])
         .arg(format!("if=none,id=pv,file={},format=raw,cache=unsafe,discard=unmap", pv.display()))
-        .args(["-device", "virtio-blk-pci,drive=pv"])
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{qemu} not runnable ({e}): install qemu-system-x86 from bookworm-backports (.ci/run does)"));
+        .args(["-device", "virtio-blk-pci,drive=pv"]);
     let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait qemu") {
-            break Some(s);
-        }
-        if started.elapsed() > LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    let log = std::fs::read_to_string(&console).unwrap_or_default();
-    assert!(status.is_some(), "guest did not finish within {LIMIT:?}; console:\n{}", tail(&log));
-    eprintln!(
-        "{}\nguest run: {:.0} s",
-        log.lines().filter(|l| l.starts_with("guest:") || l.contains(VERDICT)).collect::<Vec<_>>().join("\n"),
-        started.elapsed().as_secs_f64()
-    );
-    let verdict = log.lines().find_map(|l| l.trim().strip_prefix(VERDICT)).map(str::to_string);
-    assert_eq!(verdict.as_deref(), Some("PASS"), "guest verdict; console:\n{}", tail(&log));
+    let log = run_to_end(qemu, &console, LIMIT);
+    eprintln!("guest run: {:.0} s", started.elapsed().as_secs_f64());
+    assert_pass(&log);
 
     // The LV grew by lvextend in whole chunks (whole 128 MiB extents), several times.
     let sizes: Vec<u64> = log

@@ -366,7 +366,12 @@ impl Session {
                 }
                 match h.request {
                     code::SET_VRING_KICK => self.set_kick(index as usize, &v, file)?,
-                    code::SET_VRING_CALL => v.set_call(file),
+                    code::SET_VRING_CALL => {
+                        v.set_call(file);
+                        // A new call fd may come after a restart or with an interrupt moved:
+                        // notify once on it (see `notify_once`).
+                        Self::notify_once(&v);
+                    }
                     _ => v.set_err(file),
                 }
                 Ok(Reply::Done)
@@ -516,8 +521,21 @@ impl Session {
             // SAFETY: writes 8 bytes from a live buffer to the ring's kick eventfd, which the
             // vring owns and keeps open while it is registered.
             unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+            Self::notify_once(v);
         }
         Ok(())
+    }
+
+    /// Notifies the driver once, whatever the ring holds. The previous daemon may have died
+    /// after publishing used entries and before notifying; with EVENT_IDX the driver then
+    /// waits for an interrupt that our event-index arithmetic, which starts from the used
+    /// index we find, would never send (a guest hung after a restart during an outage). A
+    /// spare interrupt costs the driver one look at its used ring. libvhost-user does the
+    /// same on SET_VRING_CALL.
+    fn notify_once(v: &Vring) {
+        if let Err(e) = v.signal_used_queue() {
+            tracing::debug!(error = %e, "notifying the driver at ring start failed");
+        }
     }
 }
 
