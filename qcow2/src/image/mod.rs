@@ -1,0 +1,552 @@
+//! An open qcow2 image: mapping guest ranges, allocating clusters, writing metadata back.
+//!
+//! Data never passes through here. Reads are *mapped* to host offsets (or zeroes, backing,
+//! compressed clusters) and the caller moves the bytes; writes are mapped too, into the
+//! cluster a zero-flagged entry still owns (in place, as QEMU), else into a new cluster (a
+//! freed one whose release is durable, or one at the bump pointer), and linked into the L2
+//! tables only once the caller reports the data has landed ([`Qcow2::write_done`]).
+//! Metadata is cached and written back by [`Qcow2::flush_metadata`] in QEMU's order (the
+//! host-crash contract); every change is also recorded in the journal before it can make a
+//! completion visible (the daemon-crash contract, `journal.rs`). Both are stated in
+//! docs/qcow2.md.
+//!
+//! This module opens the image and holds its state; the work is split by concern:
+//! `cache` (L2 tables), `map` (reads), `write` (writes and linking), `zero` (zeroes and
+//! discard), `refcount` (allocation and room checks), `writeback` (metadata write-back
+//! order).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::error::{corrupt, Qcow2Error, Result};
+use crate::header::{Header, MAX_REFTABLE_BYTES};
+use crate::journal::{Class, Journal, ReplayReport};
+use crate::stats::{CacheStats, ShardedCounter};
+use crate::storage::Storage;
+use crate::table::{decode_l2, get_refcount, L2Entry, COPIED, OFFSET_MASK, REFTABLE_OFFSET_MASK, ZERO};
+
+mod cache;
+mod map;
+mod refcount;
+mod write;
+mod writeback;
+mod zero;
+
+/// How one piece of a guest range is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapping {
+    /// At this host offset of the image.
+    Data(u64),
+    /// Reads as zeroes.
+    Zero,
+    /// Not allocated in this image: read the backing file (zeroes without one).
+    Backing,
+    /// In a compressed cluster (raw L2 entry); decompress with [`Qcow2::read_compressed`].
+    Compressed(u64),
+}
+
+/// A guest range and where it lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MappedRange {
+    /// Guest byte offset.
+    pub guest: u64,
+    /// Byte length.
+    pub len: u64,
+    /// Where the bytes are. For `Compressed`, the range starts `guest % cluster_size`
+    /// bytes into the decompressed cluster.
+    pub mapping: Mapping,
+}
+
+/// Options for [`Qcow2::open`].
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Refuse every write.
+    pub read_only: bool,
+    /// L2 cache budget in bytes (None: enough for the whole disk, capped at 32 MiB).
+    pub l2_cache_bytes: Option<u64>,
+    /// Host offsets at or past this read as zeroes until written (a regular file's end).
+    /// `u64::MAX` when nothing is known (a block device).
+    pub zeroes_from: u64,
+    /// The metadata journal (daemon-crash contract); None: changes since the last write-back
+    /// live only in memory. Ignored when read-only.
+    pub journal: Option<JournalOptions>,
+}
+
+/// Where an image's metadata journal lives (a file on tmpfs: see `journal.rs`).
+#[derive(Clone, Debug)]
+pub struct JournalOptions {
+    /// The journal file; what an earlier process left there is replayed at open.
+    pub path: PathBuf,
+    /// Identifies the image (e.g. its device and inode): a journal of another image is refused.
+    pub key: u64,
+    /// Bytes per segment (the file is twice this).
+    pub segment_bytes: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions { read_only: false, l2_cache_bytes: None, zeroes_from: u64::MAX, journal: None }
+    }
+}
+
+/// Default L2 cache cap, as QEMU.
+pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+
+/// Refcount blocks kept in memory (besides dirty ones, which wait for their write-back).
+/// Allocation touches the last few; an image whose entries lack the COPIED flag makes every
+/// write look a refcount up, anywhere in the image: without a cap its blocks would all pile up.
+pub const MAX_CACHED_REFBLOCKS: usize = 64;
+
+/// Something that can fill bytes of a guest cluster that a partial write does not cover.
+pub trait BackingReader: Send + Sync {
+    /// Reads `buf.len()` bytes of the backing disk at guest offset `offset` (zeroes past its end).
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+}
+
+struct L2Table {
+    /// Shared with a write-back in progress (its snapshot); a change then copies it first.
+    entries: Arc<Vec<u64>>,
+    dirty: bool,
+    /// Its contents are being written back: it must not be evicted (the disk copy may
+    /// still be older than this one).
+    flushing: bool,
+    last_use: AtomicU64,
+}
+
+struct RefBlock {
+    counts: Vec<u16>,
+    dirty: bool,
+}
+
+/// A write target whose data is in flight and which is not yet linked into its L2 table.
+struct Pending {
+    host: u64,
+    writers: u32,
+    linked: bool,
+    /// The cluster is the one the zero-flagged entry already owns (written in place): linking
+    /// clears the flag; if nothing lands it stays as it was (no refcount change either way).
+    in_place: bool,
+    /// Its first writer is still filling the rest of the cluster (without the lock):
+    /// other writers wait, or the fill could overwrite their data.
+    filling: bool,
+}
+
+/// What a write to one guest cluster must do next.
+enum WriteTarget {
+    /// Write at this host cluster; `true` if it joined a pending allocation.
+    Ready(u64, bool),
+    /// Another writer is filling this new cluster: wait and retry.
+    Wait,
+    /// Fill the cluster `host` (old L2 entry `raw`) around the write, then publish it;
+    /// `fresh`: it comes from the bump pointer (never written since open).
+    Fill { host: u64, raw: u64, fresh: bool },
+}
+
+struct Meta {
+    l1: Vec<u64>,
+    l1_dirty: bool,
+    l2: HashMap<u64, L2Table>,
+    l2_capacity: usize,
+    reftable: Vec<u64>,
+    reftable_offset: u64,
+    reftable_clusters: u64,
+    reftable_dirty: bool,
+    /// Old table to release once the header points at the new one.
+    old_reftable: Option<(u64, u64)>,
+    header_dirty: bool,
+    autoclear: u64,
+    refblocks: HashMap<u64, RefBlock>,
+    next_free: u64,
+    pending: HashMap<u64, Pending>,
+    new_l2_since_flush: bool,
+    tick: u64,
+    /// Completed L2 write-backs: a table read without the lock is inserted only if none
+    /// completed since the read began (else the read may predate the disk's copy).
+    l2_writebacks: u64,
+    /// The metadata journal (None: not kept).
+    journal: Option<Journal>,
+    /// Clusters released (refcount 0) whose release is not durable yet, with the journal
+    /// generation they were released in.
+    freed: Vec<(u64, u64)>,
+    /// Released durably, but the journal may still hold records of their earlier use.
+    limbo: Vec<(u64, u64)>,
+    /// Journal generations up to this one have been cleared (u64::MAX without a journal).
+    cleared_gen: u64,
+    /// Free clusters below the bump pointer, reused (lowest first) before it moves.
+    free: BTreeSet<u64>,
+    /// Host clusters that lost a reference (a compressed cluster overwritten) by an L2 update
+    /// not durable yet: their refcounts drop only after the write-back that carries the
+    /// update, never before it (a crash in between leaks them, which is safe).
+    unref: Vec<u64>,
+}
+
+/// Told of the allocation mark's moves, inline in the allocator (keep it quick and lock-free:
+/// it runs under the metadata lock).
+pub trait AllocationObserver: Send + Sync {
+    /// The allocation mark moved up to `end`.
+    fn allocated(&self, end: u64);
+    /// An allocation that would end at `needed` was refused: it passes `limit`.
+    fn refused(&self, needed: u64, limit: u64);
+}
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    storage: Arc<dyn Storage>,
+    header: Header,
+    cluster_size: u64,
+    l2_entries: u64,
+    rb_entries: u64,
+    read_only: Option<String>,
+    zeroes_from: u64,
+    backing: Option<Arc<dyn BackingReader>>,
+    meta: RwLock<Meta>,
+    /// Serializes write-backs, so a later one never writes older copies than an earlier one.
+    flush_serial: std::sync::Mutex<()>,
+    /// Signalled when a cluster fill ends.
+    fill_done: (std::sync::Mutex<()>, std::sync::Condvar),
+    allocation: AtomicU64,
+    /// Allocations may not end past this host offset (the volume's size; `u64::MAX`: none).
+    limit: AtomicU64,
+    observer: std::sync::OnceLock<Arc<dyn AllocationObserver>>,
+    l2_hits: Box<ShardedCounter>,
+    l2_misses: Box<ShardedCounter>,
+    /// Bumped at every L1/L2 change: a FLUSH may share an earlier FLUSH's write-back only
+    /// while this has not moved.
+    epoch: AtomicU64,
+    /// What the journal replay at open did.
+    replayed: Option<ReplayReport>,
+    /// Set under the lock when the L2 cache overflowed or the journal passed half full: the
+    /// next writer to drop the lock writes metadata back (`relieve`).
+    relief: std::sync::atomic::AtomicBool,
+}
+
+/// Reads a table of big-endian offsets and checks every entry points at a whole cluster
+/// inside the image.
+fn read_table(st: &dyn Storage, what: &str, off: u64, bytes: u64, mask: u64, cs: u64, file_size: u64) -> Result<Vec<u64>> {
+    let mut raw = vec![0u8; bytes as usize];
+    st.read_at(&mut raw, off)?;
+    let table = be64s(&raw);
+    for (i, e) in table.iter().enumerate() {
+        let target = e & mask;
+        if target % cs != 0 {
+            return corrupt(format!("{what} entry {i} points to unaligned offset {target:#x}"));
+        }
+        if target != 0 && target.saturating_add(cs) > file_size {
+            return corrupt(format!("{what} entry {i} points past the end of the image ({target:#x})"));
+        }
+    }
+    Ok(table)
+}
+
+fn be64s(buf: &[u8]) -> Vec<u64> {
+    buf.chunks_exact(8)
+        .map(|c| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            u64::from_be_bytes(a)
+        })
+        .collect()
+}
+
+fn to_be64s(v: &[u64]) -> Vec<u8> {
+    v.iter().flat_map(|e| e.to_be_bytes()).collect()
+}
+
+fn poisoned() -> Qcow2Error {
+    Qcow2Error::Io(std::io::Error::other("qcow2 metadata lock poisoned"))
+}
+
+impl Qcow2 {
+    /// Opens and validates an image.
+    pub fn open(storage: Arc<dyn Storage>, opts: OpenOptions) -> Result<Qcow2> {
+        // Replay first: the header and tables read below must be the ones the records extend.
+        let (journal, replayed) = match (&opts.journal, opts.read_only) {
+            (Some(j), false) => {
+                // The image's geometry goes into the key: a journal is never replayed into
+                // another image that happens to sit at the same path and device.
+                // Magic and version, then cluster bits, size, encryption, L1 size and offset
+                // (bytes 20..48): nothing thinblk ever changes. FNV-1a, stable across builds.
+                let mut h = [0u8; 48];
+                storage.read_at(&mut h, 0)?;
+                let key = h[..8]
+                    .iter()
+                    .chain(&h[20..48])
+                    .fold(j.key, |k, b| (k ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
+                let (journal, report) = Journal::open(&j.path, key, j.segment_bytes, storage.as_ref())?;
+                (Some(journal), report)
+            }
+            _ => (None, None),
+        };
+        let held = journal.as_ref().map(|_| opts.journal.as_ref().map(|j| j.path.clone()));
+        let mut img = Self::open_replayed(storage, opts, journal, replayed).inspect_err(|_| {
+            // An image we cannot serve keeps no journal behind (it was replayed, or empty).
+            if let Some(Some(p)) = &held {
+                let _ = std::fs::remove_file(p);
+            }
+        })?;
+        // A journal was left behind: the last process did not stop clean. Allocations whose
+        // writes never completed hold clusters nothing references: give them back.
+        if img.replayed.is_some() && img.read_only.is_none() {
+            let n = img.repair_leaks()?;
+            if let Some(r) = img.replayed.as_mut() {
+                r.leaks_repaired = n;
+            }
+        }
+        Ok(img)
+    }
+
+    /// Recounts references (like `qemu-img check`) and lowers every refcount that is higher
+    /// than its references, releasing clusters that reach 0; writes the result back. Call
+    /// only with nothing in flight (at open). Returns the clusters repaired; an image the
+    /// check cannot walk is left as it is (0).
+    pub fn repair_leaks(&self) -> Result<u64> {
+        let report = match crate::check::check(self.storage.as_ref()) {
+            Ok(r) => r,
+            Err(_) => return Ok(0),
+        };
+        if report.corruptions > 0 || report.leaked.is_empty() {
+            return Ok(0);
+        }
+        {
+            let mut m = self.meta.write().map_err(|_| poisoned())?;
+            for &(host, refs) in &report.leaked {
+                if refs == 0 {
+                    self.release(&mut m, host)?;
+                } else {
+                    self.set_refcount(&mut m, host, refs as u16)?;
+                }
+            }
+        }
+        self.flush_metadata()?;
+        Ok(report.leaked.len() as u64)
+    }
+
+    /// The rest of [`Qcow2::open`], once the journal (if any) is replayed and held.
+    fn open_replayed(storage: Arc<dyn Storage>, opts: OpenOptions, journal: Option<Journal>, replayed: Option<ReplayReport>) -> Result<Qcow2> {
+        let file_size = storage.size()?;
+        let mut first = vec![0u8; 4096];
+        storage.read_at(&mut first, 0)?;
+        // Read the whole first cluster: extensions may use all of it.
+        let cluster_bits = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
+        if (crate::header::MIN_CLUSTER_BITS..=crate::header::MAX_CLUSTER_BITS).contains(&cluster_bits)
+            && cluster_bits > 12
+        {
+            first = vec![0u8; 1 << cluster_bits];
+            storage.read_at(&mut first, 0)?;
+        }
+        let header = Header::parse(&first, file_size)?;
+        let cs = header.cluster_size();
+        let l1 = read_table(storage.as_ref(), "L1", header.l1_table_offset, u64::from(header.l1_size) * 8, OFFSET_MASK, cs, file_size)?;
+        let rt_bytes = u64::from(header.refcount_table_clusters) * cs;
+        let reftable =
+            read_table(storage.as_ref(), "refcount table", header.refcount_table_offset, rt_bytes, REFTABLE_OFFSET_MASK, cs, file_size)?;
+        let l2_tables_for_disk = l1.len().max(1) as u64;
+        let cache_bytes = opts.l2_cache_bytes.unwrap_or((l2_tables_for_disk * cs).min(DEFAULT_L2_CACHE_MAX));
+        let l2_capacity = (cache_bytes / cs).max(2) as usize;
+        let read_only = if opts.read_only { Some("opened read-only".to_string()) } else { header.write_blocker() };
+        let rb_entries = cs * 8 / (1u64 << header.refcount_order);
+        let meta = Meta {
+            l1,
+            l1_dirty: false,
+            l2: HashMap::new(),
+            l2_capacity,
+            reftable,
+            reftable_offset: header.refcount_table_offset,
+            reftable_clusters: u64::from(header.refcount_table_clusters),
+            reftable_dirty: false,
+            old_reftable: None,
+            header_dirty: false,
+            autoclear: header.autoclear_features,
+            refblocks: HashMap::new(),
+            next_free: 0,
+            pending: HashMap::new(),
+            new_l2_since_flush: false,
+            tick: 0,
+            l2_writebacks: 0,
+            cleared_gen: if journal.is_some() { 0 } else { u64::MAX },
+            journal,
+            freed: Vec::new(),
+            limbo: Vec::new(),
+            unref: Vec::new(),
+            free: BTreeSet::new(),
+        };
+        let img = Qcow2 {
+            storage,
+            cluster_size: cs,
+            l2_entries: header.l2_entries(),
+            rb_entries,
+            read_only,
+            zeroes_from: opts.zeroes_from,
+            backing: None,
+            header,
+            meta: RwLock::new(meta),
+            flush_serial: std::sync::Mutex::new(()),
+            fill_done: (std::sync::Mutex::new(()), std::sync::Condvar::new()),
+            allocation: AtomicU64::new(0),
+            limit: AtomicU64::new(u64::MAX),
+            observer: std::sync::OnceLock::new(),
+            l2_hits: Box::default(),
+            l2_misses: Box::default(),
+            epoch: AtomicU64::new(0),
+            replayed,
+            relief: std::sync::atomic::AtomicBool::new(false),
+        };
+        let end = img.compute_end()?;
+        {
+            let mut m = img.meta.write().map_err(|_| poisoned())?;
+            m.next_free = end;
+        }
+        img.allocation.store(end, Ordering::SeqCst);
+        Ok(img)
+    }
+
+    /// What the journal replay at open did (None: no journal was kept or found).
+    pub fn replayed(&self) -> Option<&ReplayReport> {
+        self.replayed.as_ref()
+    }
+
+    /// Moves at every L1/L2 change (for deciding whether a FLUSH may share another's sync).
+    pub fn metadata_epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// L2 tables held in the cache now (bounded by the cache size, plus the tables of the
+    /// requests in progress).
+    pub fn cached_l2_tables(&self) -> usize {
+        self.meta.read().map(|m| m.l2.len()).unwrap_or(0)
+    }
+
+    /// Refcount blocks held in memory now (at most [`MAX_CACHED_REFBLOCKS`] clean ones).
+    pub fn cached_refblocks(&self) -> usize {
+        self.meta.read().map(|m| m.refblocks.len()).unwrap_or(0)
+    }
+
+    /// Closes the image clean: writes every dirty table back in order, syncs, and removes the
+    /// journal (nothing in it is needed any more). On error the journal stays, for the next open.
+    pub fn close(&self) -> Result<()> {
+        self.flush_metadata()?;
+        self.storage.flush()?;
+        if let Ok(mut m) = self.meta.write() {
+            if let Some(j) = m.journal.take() {
+                j.remove();
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches the reader used to fill partial writes of clusters the backing file provides.
+    pub fn set_backing(&mut self, backing: Arc<dyn BackingReader>) {
+        self.backing = Some(backing);
+    }
+
+    /// Attaches the observer of the allocation mark (once; later calls are ignored).
+    pub fn set_observer(&self, observer: Arc<dyn AllocationObserver>) {
+        let _ = self.observer.set(observer);
+    }
+
+    /// Sets the host offset no allocation may pass (the volume's size); `u64::MAX` lifts it.
+    /// A refused allocation fails with [`Qcow2Error::VolumeFull`] before any change.
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::SeqCst);
+    }
+
+    /// The current allocation limit.
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::SeqCst)
+    }
+
+    /// Publishes the allocation mark and tells the observer when it moved.
+    fn publish_allocation(&self, end: u64) {
+        let old = self.allocation.swap(end, Ordering::SeqCst);
+        if end != old {
+            if let Some(o) = self.observer.get() {
+                o.allocated(end);
+            }
+        }
+    }
+
+    /// The validated header as read at open.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Virtual disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
+    /// Why writes are refused, if they are.
+    pub fn read_only_reason(&self) -> Option<&str> {
+        self.read_only.as_deref()
+    }
+
+    /// L2 table cache hits and misses since open.
+    pub fn cache_stats(&self) -> CacheStats {
+        CacheStats { hits: self.l2_hits.get(), misses: self.l2_misses.get() }
+    }
+
+    /// The allocation high-water mark: one past the last host byte the image uses,
+    /// metadata included. Exact at every instant; recomputed at open.
+    pub fn allocation(&self) -> u64 {
+        self.allocation.load(Ordering::SeqCst)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(e) if e <= self.header.size => Ok(()),
+            _ => Err(Qcow2Error::OutOfRange { offset, len, size: self.header.size }),
+        }
+    }
+
+}
+
+/// The part of a guest range that falls in one cluster.
+struct Piece {
+    /// Guest byte offset of the piece.
+    pos: u64,
+    /// Guest cluster index.
+    ci: u64,
+    /// Offset of the piece inside its cluster.
+    in_off: u64,
+    /// Length of the piece.
+    n: u64,
+}
+
+/// Splits `[offset, offset+len)` at cluster boundaries.
+fn pieces(offset: u64, len: u64, cs: u64) -> impl Iterator<Item = Piece> {
+    let end = offset + len;
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let in_off = pos % cs;
+        let n = (cs - in_off).min(end - pos);
+        let piece = Piece { pos, ci: pos / cs, in_off, n };
+        pos += n;
+        Some(piece)
+    })
+}
+
+fn push_merged(out: &mut Vec<MappedRange>, r: MappedRange) {
+    if let Some(last) = out.last_mut() {
+        let contiguous = last.guest + last.len == r.guest;
+        let same = match (last.mapping, r.mapping) {
+            (Mapping::Data(a), Mapping::Data(b)) => a + last.len == b,
+            (Mapping::Zero, Mapping::Zero) | (Mapping::Backing, Mapping::Backing) => true,
+            _ => false,
+        };
+        if contiguous && same {
+            last.len += r.len;
+            return;
+        }
+    }
+    out.push(r);
+}

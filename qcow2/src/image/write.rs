@@ -1,0 +1,248 @@
+//! Write mapping: choosing the host cluster of a write, the pending/fill protocol, and linking
+//! clusters once their data landed (`write_done`).
+
+use super::*;
+
+impl Qcow2 {
+    pub(super) fn writable(&self) -> Result<()> {
+        match &self.read_only {
+            Some(r) => Err(Qcow2Error::ReadOnly(r.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Maps a guest write of `len` bytes at `offset` to host ranges, allocating clusters that
+    /// cannot be written in place. Returns the guest clusters whose allocation this write
+    /// joined: pass them to [`Qcow2::write_done`] once the data has landed (or failed).
+    pub fn map_write(&self, offset: u64, len: u64, out: &mut Vec<MappedRange>) -> Result<Vec<u64>> {
+        let mut ticket = Vec::new();
+        if !self.begin_update(offset, len)? {
+            return Ok(ticket);
+        }
+        let start = out.len();
+        match self.map_write_pieces(offset, len, out, &mut ticket) {
+            Ok(()) => Ok(ticket),
+            Err(e) => {
+                // Clusters this request allocated before the failure go back (unlinked).
+                out.truncate(start);
+                self.write_done(&ticket, false)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn map_write_pieces(&self, offset: u64, len: u64, out: &mut Vec<MappedRange>, ticket: &mut Vec<u64>) -> Result<()> {
+        let cs = self.cluster_size;
+        let last_ci = (offset + len - 1) / cs;
+        for Piece { pos, ci, in_off, n } in pieces(offset, len, cs) {
+            let (host, pending) = loop {
+                let target = {
+                    let mut m = self.meta.write().map_err(|_| poisoned())?;
+                    let t = self.cluster_for_write(&mut m, ci, in_off, n, last_ci - ci + 1)?;
+                    self.publish_allocation(m.next_free);
+                    t
+                };
+                match target {
+                    WriteTarget::Ready(host, pending) => break (host, pending),
+                    WriteTarget::Wait => self.wait_for_fill(),
+                    WriteTarget::Fill { host, raw, fresh } => {
+                        // The IO runs with no lock held; joiners wait on `filling`.
+                        let filled = self.fill_cluster(raw, ci, host, in_off, n, fresh);
+                        let mut m = self.meta.write().map_err(|_| poisoned())?;
+                        if let Err(e) = filled {
+                            // Nobody else can have joined: drop the allocation (a cluster
+                            // written in place stays with its zero-flagged entry).
+                            if let Some(p) = m.pending.remove(&ci) {
+                                if !p.in_place {
+                                    self.release(&mut m, host)?;
+                                }
+                            }
+                            drop(m);
+                            self.signal_fill();
+                            return Err(e);
+                        }
+                        if let Some(p) = m.pending.get_mut(&ci) {
+                            p.filling = false;
+                        }
+                        drop(m);
+                        self.signal_fill();
+                        break (host, true);
+                    }
+                }
+            };
+            if pending {
+                ticket.push(ci);
+            }
+            push_merged(out, MappedRange { guest: pos, len: n, mapping: Mapping::Data(host + in_off) });
+            // A request spanning many tables must not pile them up beyond the cache size.
+            self.relieve()?;
+        }
+        Ok(())
+    }
+
+    /// Checks a write-like request and caches its L2 tables; false if there is nothing to do.
+    pub(super) fn begin_update(&self, offset: u64, len: u64) -> Result<bool> {
+        self.writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(false);
+        }
+        self.preload_l2(offset, len, true)?;
+        Ok(true)
+    }
+
+    fn wait_for_fill(&self) {
+        let (mx, cv) = &self.fill_done;
+        if let Ok(g) = mx.lock() {
+            // Bounded: a fill that ends between our check and this wait is caught on retry.
+            let _ = cv.wait_timeout(g, std::time::Duration::from_millis(1));
+        }
+    }
+
+    fn signal_fill(&self) {
+        let (mx, cv) = &self.fill_done;
+        let _g = mx.lock();
+        cv.notify_all();
+    }
+
+    /// What a write to guest cluster `ci` must do: write in place, join a pending
+    /// allocation, wait for one being filled, or fill a fresh one.
+    /// `remaining` counts the guest clusters of the request from `ci` on: the first
+    /// allocation checks there is room for all of them, so a request is refused whole.
+    fn cluster_for_write(&self, m: &mut Meta, ci: u64, in_off: u64, n: u64, remaining: u64) -> Result<WriteTarget> {
+        if let Some(p) = m.pending.get_mut(&ci) {
+            if p.filling {
+                return Ok(WriteTarget::Wait);
+            }
+            p.writers += 1;
+            return Ok(WriteTarget::Ready(p.host, true));
+        }
+        let raw = self.l2_entry_locked(m, ci)?;
+        let old = decode_l2(raw, self.header.cluster_bits);
+        let partial = in_off > 0 || n < self.cluster_size;
+        match old {
+            L2Entry::Normal { host, copied } => {
+                if copied || self.refcount(m, host)? == 1 {
+                    return Ok(WriteTarget::Ready(host, false));
+                }
+                return Err(Qcow2Error::ReadOnly(format!(
+                    "guest cluster {ci} is shared (refcount > 1); copy-on-write of shared clusters is not implemented"
+                )));
+            }
+            // A zero-flagged entry that still owns its cluster (a discard, write-zeroes or
+            // preallocation): write into that cluster, as QEMU does. No allocation and no
+            // refcount change, so churn never grows the image, and no refcount ever drops
+            // while an L2 entry on disk may still point at its cluster. The rest of a partial
+            // write is zeroed (the cluster may hold data from before the discard).
+            L2Entry::Zero { host } if host != 0 && (raw & COPIED != 0 || self.refcount(m, host)? == 1) => {
+                m.pending.insert(ci, Pending { host, writers: 1, linked: false, in_place: true, filling: partial });
+                return Ok(if partial { WriteTarget::Fill { host, raw, fresh: false } } else { WriteTarget::Ready(host, true) });
+            }
+            _ => {}
+        }
+        self.check_room(m, self.worst_case(m, ci, remaining))?;
+        self.ensure_l2_table(m, ci)?;
+        let (host, fresh) = self.alloc_one(m)?;
+        // Bytes of the new cluster the write does not cover must hold the old contents,
+        // unless they are zeroes and the host is known to read zeroes there (a cluster from
+        // the bump pointer past the file's size at open; a reused one may hold anything).
+        let zero_known = fresh
+            && host >= self.zeroes_from
+            && (matches!(old, L2Entry::Zero { .. }) || (old == L2Entry::Unallocated && self.backing.is_none()));
+        let filling = partial && !zero_known;
+        m.pending.insert(ci, Pending { host, writers: 1, linked: false, in_place: false, filling });
+        Ok(if filling { WriteTarget::Fill { host, raw, fresh } } else { WriteTarget::Ready(host, true) })
+    }
+
+    /// Writes the old contents of guest cluster `ci` around `[in_off, in_off+n)` into `host`
+    /// (`fresh`: from the bump pointer, so zeroes past `zeroes_from` need no writing).
+    fn fill_cluster(&self, raw: u64, ci: u64, host: u64, in_off: u64, n: u64, fresh: bool) -> Result<()> {
+        let cs = self.cluster_size;
+        let mut buf = match decode_l2(raw, self.header.cluster_bits) {
+            L2Entry::Compressed { .. } => self.read_compressed(raw)?,
+            L2Entry::Unallocated if self.backing.is_some() => {
+                let mut b = vec![0u8; cs as usize];
+                if let Some(bk) = &self.backing {
+                    bk.read(&mut b, ci * cs)?;
+                }
+                b
+            }
+            _ => {
+                // Zeroes: nothing to write where the host is known to read zeroes; elsewhere
+                // the storage zeroes without moving data where it can.
+                if fresh && host >= self.zeroes_from {
+                    return Ok(());
+                }
+                if in_off > 0 {
+                    self.storage.write_zeroes(host, in_off)?;
+                }
+                if in_off + n < cs {
+                    self.storage.write_zeroes(host + in_off + n, cs - in_off - n)?;
+                }
+                return Ok(());
+            }
+        };
+        let (a, b) = (in_off as usize, (in_off + n) as usize);
+        if a > 0 {
+            self.storage.write_at(&buf[..a], host)?;
+        }
+        if b < cs as usize {
+            self.storage.write_at(&buf[b..], host + b as u64)?;
+        }
+        buf.clear();
+        Ok(())
+    }
+
+    /// Reports that the data of a mapped write (its `ticket`) has landed (`ok`) or failed:
+    /// new clusters are linked into their L2 tables only now.
+    ///
+    /// The link is recorded in the journal before this returns, so once the caller publishes
+    /// the completion, a daemon crash cannot lose it (the daemon-crash contract).
+    pub fn write_done(&self, ticket: &[u64], ok: bool) -> Result<()> {
+        if ticket.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut m = self.meta.write().map_err(|_| poisoned())?;
+            for &ci in ticket {
+                let Some(p) = m.pending.get_mut(&ci) else { continue };
+                p.writers = p.writers.saturating_sub(1);
+                let link = ok && !p.linked;
+                if link {
+                    p.linked = true;
+                }
+                let (host, finished, linked, in_place) = (p.host, p.writers == 0, p.linked, p.in_place);
+                if link {
+                    let old = self.l2_entry_locked(&mut m, ci)?;
+                    self.set_l2_entry(&mut m, ci, host | COPIED)?;
+                    if let L2Entry::Compressed { host: data, len } = decode_l2(old, self.header.cluster_bits) {
+                        // Each host cluster the compressed bytes touch loses a reference.
+                        let cs = self.cluster_size;
+                        let mut c = data / cs * cs;
+                        while c < data + len.max(1) {
+                            m.unref.push(c);
+                            c += cs;
+                        }
+                    }
+                }
+                if finished {
+                    m.pending.remove(&ci);
+                    if !linked && !in_place {
+                        // Nothing landed: the new cluster is free again (reused once that is durable).
+                        self.release(&mut m, host)?;
+                    }
+                }
+            }
+        }
+        self.relieve()
+    }
+
+    /// Sets the refcount of an unreferenced cluster to 0; it is reused once the release is
+    /// durable and the journal no longer holds records of its earlier use.
+    pub(super) fn release(&self, m: &mut Meta, host: u64) -> Result<()> {
+        self.set_refcount(m, host, 0)?;
+        let gen = m.journal.as_ref().map(|j| j.generation()).unwrap_or(0);
+        m.freed.push((host, gen));
+        Ok(())
+    }
+}
