@@ -35,7 +35,7 @@ pub struct Target {
     /// The thin volume's status, when there is one.
     pub thin: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
     /// The image (`freeze` writes its metadata back and syncs it).
-    pub image: Option<Arc<dyn thinblk_vhost::ImageFormat>>,
+    pub image: Option<Arc<dyn thinblk_vhost::Disk>>,
 }
 
 /// How long `freeze` waits for writes at the storage to finish.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::os::unix::net::{UnixListener, UnixStream};
 
 use thinblk_vhost::protocol::{install_sigbus_guard, End, Session};
-use thinblk_vhost::{BlkDevice, DeviceConfig, ImageFormat};
+use thinblk_vhost::{BlkDevice, DeviceConfig, Disk};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Errors that end the daemon.
@@ -141,7 +141,7 @@ fn wait_for_connection(fd: RawFd, shutdown: &Shutdown) -> io::Result<bool> {
 
 /// Serves frontends on `listener` one after another until shutdown, then flushes the image.
 pub fn serve(
-    image: Arc<dyn ImageFormat>,
+    image: Arc<dyn Disk>,
     cfg: &DeviceConfig,
     listener: UnixListener,
     shutdown: &Arc<Shutdown>,

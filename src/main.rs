@@ -16,7 +16,7 @@ use thinblk::format::{open_image, ImageOptions, Qcow2Format};
 use thinblk::thin::control::Signals;
 use thinblk::thin::policy::Policy;
 use thinblk::thin::ThinOptions;
-use thinblk_vhost::{DeviceConfig, ImageFormat, ParkHub};
+use thinblk_vhost::{DeviceConfig, Disk, ParkHub};
 use std::os::unix::net::UnixListener as Listener;
 
 /// Exit code for a wrong command line.
@@ -115,7 +115,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
     let faults = thinblk::fault::FaultState::new(fault_settings, hub.clone());
     hub.set_policy(faults.clone());
     let _retry_timer = faults.start_timer().map_err(|e| Failure::Runtime(e.to_string()))?;
-    let (image, thin_handle): (Arc<dyn ImageFormat>, _) = match &thin {
+    let (image, thin_handle): (Arc<dyn Disk>, _) = match &thin {
         None => (open_image(&image_path, format.into(), &opts).map_err(|e| Failure::Runtime(e.to_string()))?, None),
         Some(t) => {
             let qf = Arc::new(Qcow2Format::open(&image_path, &opts).map_err(|e| Failure::Runtime(e.to_string()))?);

@@ -13,7 +13,7 @@ use crate::error::ImageError;
 /// Where one stretch of a guest request lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
-    /// At `offset` of the format's file number `file` (index into [`ImageFormat::files`]).
+    /// At `offset` of the format's file number `file` (index into [`Disk::files`]).
     Host {
         /// Index of the file.
         file: u32,
@@ -95,7 +95,7 @@ pub struct WriteTicket(pub Vec<u64>);
 ///
 /// Implementations must be cheap to call from the data path and never block on another
 /// queue's IO. Mapping calls may do synchronous metadata IO; data IO is left to the ring.
-pub trait ImageFormat: Send + Sync {
+pub trait Disk: Send + Sync {
     /// Virtual disk size in bytes.
     fn capacity(&self) -> u64;
     /// Files that data IO targets, registered with every worker's ring in this order.

@@ -1,4 +1,4 @@
-//! Where the bytes live: the [`disk::ImageFormat`] trait a virtio device maps requests
+//! Where the bytes live: the [`disk::Disk`] trait a virtio device maps requests
 //! through (extents, opaque write tickets), raw and qcow2 images behind it, opening files
 //! for O_DIRECT ([`sys`]), and the engine that runs host IO ([`engine`], [`uring`]).
 //!
@@ -24,7 +24,7 @@ pub mod image {
     pub use crate::sys::{image_identity, open_direct, OpenedFile};
 }
 
-pub use disk::ImageFormat;
+pub use disk::Disk;
 pub use error::ImageError;
 pub use raw::RawImage;
 pub use sys::{image_identity, open_direct, OpenedFile};

@@ -1,5 +1,5 @@
 //! Engine glue: opening an image by its (explicit) format, and the qcow2 engine behind the
-//! vhost crate's `ImageFormat`, with its backing chain.
+//! vhost crate's `Disk`, with its backing chain.
 //!
 //! Backing policy: a qcow2 image's backing file is opened read-only, with the format recorded
 //! in the image (`qemu-img create -F` / `rebase -F`). An image whose backing format is not
@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use thinblk_qcow2::{BackingReader, FileStorage, Mapping, OpenOptions, Qcow2, Qcow2Error, Storage};
 use crate::error::ImageError;
-use crate::disk::{Extent, HostZero, ImageFormat, Target, WriteTicket, ZeroMode, ZeroRequest};
+use crate::disk::{Extent, HostZero, Disk, Target, WriteTicket, ZeroMode, ZeroRequest};
 use crate::raw::RawImage;
 use crate::sys::{image_identity, open_direct, OpenedFile};
 
@@ -99,12 +99,12 @@ fn open_err(path: &Path) -> impl Fn(ImageError) -> FormatError + '_ {
 }
 
 /// Opens `path` as `format`.
-pub fn open_image(path: &Path, format: Format, opts: &ImageOptions) -> Result<Arc<dyn ImageFormat>, FormatError> {
+pub fn open_image(path: &Path, format: Format, opts: &ImageOptions) -> Result<Arc<dyn Disk>, FormatError> {
     match format {
         Format::Raw => RawImage::open(path, opts.read_only, opts.discard_unmap)
-            .map(|r| Arc::new(r) as Arc<dyn ImageFormat>)
+            .map(|r| Arc::new(r) as Arc<dyn Disk>)
             .map_err(|source| FormatError::Open { path: path.to_path_buf(), source }),
-        Format::Qcow2 => Qcow2Format::open(path, opts).map(|q| Arc::new(q) as Arc<dyn ImageFormat>),
+        Format::Qcow2 => Qcow2Format::open(path, opts).map(|q| Arc::new(q) as Arc<dyn Disk>),
     }
 }
 
@@ -412,7 +412,7 @@ fn check_backing(name: &str, resolved: &Path, policy: BackingFiles) -> Result<()
     Ok(())
 }
 
-impl ImageFormat for Qcow2Format {
+impl Disk for Qcow2Format {
     fn capacity(&self) -> u64 {
         self.top.size()
     }

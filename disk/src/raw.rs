@@ -35,7 +35,7 @@ impl RawImage {
     }
 }
 
-impl ImageFormat for RawImage {
+impl Disk for RawImage {
     fn capacity(&self) -> u64 {
         self.capacity
     }

@@ -14,7 +14,7 @@ use fastmetrics::raw::bucket::Bucket;
 use fastmetrics::raw::{MetricLabelSet, MetricType, TypedMetric};
 use fastmetrics::registry::{Registry, Unit};
 use thinblk_vhost::stats::{ErrorClass, QueueSnapshot, StatOp, LATENCY_BOUNDS_NS};
-use thinblk_vhost::{DeviceStats, ImageFormat, ParkHub};
+use thinblk_vhost::{DeviceStats, Disk, ParkHub};
 
 use crate::fault::FaultState;
 use crate::thin::control::{ThinStats, EXTENSION_BOUNDS_S};
@@ -117,7 +117,7 @@ pub struct Sources {
     /// Per-queue request statistics.
     pub device: Arc<DeviceStats>,
     /// The served image (allocation, cache counters, capacity).
-    pub image: Arc<dyn ImageFormat>,
+    pub image: Arc<dyn Disk>,
     /// Parked-IO counters.
     pub hub: Arc<ParkHub>,
     /// Error-policy counters.

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::BlkGeometry;
-use crate::image::ImageFormat;
+use crate::image::Disk;
 use crate::park::ParkHub;
 use crate::request::{Limits, ID_LEN};
 
@@ -20,7 +20,7 @@ pub type AtomicMem = GuestMemoryAtomic<Mem>;
 /// What every worker reads: the image, the limits, the guest memory, the cache mode.
 pub struct Context {
     /// The image format serving this disk.
-    pub image: Arc<dyn ImageFormat>,
+    pub image: Arc<dyn Disk>,
     /// Fixed device properties.
     pub geometry: BlkGeometry,
     /// GET_ID payload, NUL padded.
@@ -48,7 +48,7 @@ pub struct Context {
 impl Context {
     /// A context for in-process worker tests: `image`, guest memory `mem`, hub `park`.
     #[cfg(test)]
-    pub(crate) fn for_test(image: Arc<dyn ImageFormat>, mem: AtomicMem, park: Arc<ParkHub>) -> Context {
+    pub(crate) fn for_test(image: Arc<dyn Disk>, mem: AtomicMem, park: Arc<ParkHub>) -> Context {
         let capacity = image.capacity();
         Context {
             image,

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::config::{config_slice, BlkGeometry, WRITEBACK_OFFSET};
 use crate::error::DeviceError;
-use crate::image::ImageFormat;
+use crate::image::Disk;
 use crate::park::ParkHub;
 use crate::request::ID_LEN;
 use crate::stats::DeviceStats;
@@ -63,7 +63,7 @@ pub const STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl BlkDevice {
     /// Builds a device over `image`, creating one worker (and io_uring) per queue.
-    pub fn new(image: Arc<dyn ImageFormat>, cfg: &DeviceConfig) -> Result<BlkDevice, DeviceError> {
+    pub fn new(image: Arc<dyn Disk>, cfg: &DeviceConfig) -> Result<BlkDevice, DeviceError> {
         let lbs = cfg.logical_block_size;
         let capacity = image.capacity() / u64::from(lbs) * u64::from(lbs);
         let geometry = BlkGeometry {

@@ -31,4 +31,4 @@ pub use thinblk_disk::{engine, image, uring};
 pub use device::{BlkDevice, DeviceConfig};
 pub use stats::DeviceStats;
 pub use park::{FaultAction, FaultOp, FaultPolicy, ParkCause, ParkHub, ParkListener};
-pub use image::{image_identity, open_direct, ImageFormat, OpenedFile, RawImage};
+pub use image::{image_identity, open_direct, Disk, OpenedFile, RawImage};

@@ -2,7 +2,7 @@
 //! host op completes. Compiled only with `#[cfg(test)]` (declared so in `mod.rs`).
 
 use super::*;
-use crate::image::{ImageFormat, RawImage};
+use crate::image::{Disk, RawImage};
 use crate::park::{FaultPolicy, ParkHub};
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -77,7 +77,7 @@ impl Rig {
         let _ = std::fs::create_dir_all(&dir);
         let path = dir.join("disk");
         std::fs::File::create(&path).and_then(|f| f.set_len(1 << 20)).expect("image");
-        let image: Arc<dyn ImageFormat> = Arc::new(RawImage::open(&path, false, false).expect("raw image"));
+        let image: Arc<dyn Disk> = Arc::new(RawImage::open(&path, false, false).expect("raw image"));
         let mem = Arc::new(Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory"));
         let atomic = AtomicMem::new((*mem).clone());
         let park = ParkHub::new(1).expect("hub");
