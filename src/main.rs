@@ -206,6 +206,12 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
     };
     let shutdown = Shutdown::new().map_err(|e| Failure::Runtime(e.to_string()))?;
     install_signal_thread(shutdown.clone()).map_err(|e| Failure::Runtime(e.to_string()))?;
+    // The thread that parses frontend messages may not run programs, debug processes or
+    // touch mounts, credentials or the kernel; queue threads it starts inherit this on top of
+    // their own allow-list. Helper threads started above (thin control runs lvchange) do not.
+    if let Some(f) = thinblk_vhost::seccomp::protocol_filter(args.seccomp.mode()).map_err(Failure::Usage)? {
+        thinblk_vhost::seccomp::apply(&f).map_err(|e| Failure::Runtime(format!("seccomp: {e}")))?;
+    }
     let result = serve(image, &cfg, listener, &shutdown).map_err(|e| Failure::Runtime(e.to_string()));
     if let Some(t) = thin_handle {
         t.stop();

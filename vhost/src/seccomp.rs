@@ -1,8 +1,12 @@
-//! The queue threads' seccomp allow-list, in Firecracker's spirit: a queue thread touches
-//! guest memory and storage, so it gets only the system calls that serving needs (ring
-//! submission, epoll, metadata IO on already-open files, memory management, logging).
+//! seccomp filters. The queue threads get an allow-list, in Firecracker's spirit: a queue
+//! thread touches guest memory and storage, so it gets only the system calls that serving
+//! needs (ring submission, epoll, metadata IO on already-open files, memory management,
+//! logging). The protocol (main) thread, which parses every frontend message, does varied
+//! work (memory tables, inflight regions, threads, the final flush), so it gets a deny-list
+//! instead: nothing that runs programs, debugs processes, changes mounts, namespaces,
+//! credentials, modules, the clock or the kernel ([`protocol_filter`]).
 //!
-//! Anything else fails with EPERM ([`SeccompMode::On`]) or kills the process
+//! A filtered call fails with EPERM ([`SeccompMode::On`]) or kills the process
 //! ([`SeccompMode::Strict`]); [`SeccompMode::Off`] installs nothing.
 
 use std::collections::BTreeMap;
@@ -82,6 +86,69 @@ fn allowed() -> Vec<i64> {
     v
 }
 
+/// The system calls the protocol thread (and the threads it starts) must never make.
+fn denied_to_protocol() -> Vec<i64> {
+    let mut v = vec![
+        // Running programs, reading or writing other processes.
+        libc::SYS_execve,
+        libc::SYS_execveat,
+        libc::SYS_ptrace,
+        libc::SYS_process_vm_readv,
+        libc::SYS_process_vm_writev,
+        // Mounts, namespaces, root.
+        libc::SYS_mount,
+        libc::SYS_umount2,
+        libc::SYS_pivot_root,
+        libc::SYS_chroot,
+        libc::SYS_setns,
+        libc::SYS_unshare,
+        libc::SYS_open_tree,
+        libc::SYS_move_mount,
+        libc::SYS_fsopen,
+        libc::SYS_fsconfig,
+        libc::SYS_fsmount,
+        libc::SYS_fspick,
+        libc::SYS_open_by_handle_at,
+        // Credentials.
+        libc::SYS_setuid,
+        libc::SYS_setgid,
+        libc::SYS_setreuid,
+        libc::SYS_setregid,
+        libc::SYS_setresuid,
+        libc::SYS_setresgid,
+        libc::SYS_setgroups,
+        libc::SYS_capset,
+        // The kernel: modules, kexec, BPF, perf, keys, userfaultfd, reboot, swap, accounting.
+        libc::SYS_init_module,
+        libc::SYS_finit_module,
+        libc::SYS_delete_module,
+        libc::SYS_kexec_load,
+        libc::SYS_kexec_file_load,
+        libc::SYS_bpf,
+        libc::SYS_perf_event_open,
+        libc::SYS_keyctl,
+        libc::SYS_add_key,
+        libc::SYS_request_key,
+        libc::SYS_userfaultfd,
+        libc::SYS_reboot,
+        libc::SYS_swapon,
+        libc::SYS_swapoff,
+        libc::SYS_acct,
+        libc::SYS_quotactl,
+        libc::SYS_personality,
+        // The clock.
+        libc::SYS_settimeofday,
+        libc::SYS_clock_settime,
+        libc::SYS_clock_adjtime,
+        libc::SYS_adjtimex,
+    ];
+    #[cfg(target_arch = "x86_64")]
+    v.extend_from_slice(&[libc::SYS_fork, libc::SYS_vfork, libc::SYS_iopl, libc::SYS_ioperm]);
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
 /// System calls refused with EPERM even under [`SeccompMode::Strict`]: glibc opens
 /// `/proc/sys/vm/overcommit_memory` when a thread's malloc arena shrinks at thread exit, and
 /// copes with the failure.
@@ -127,6 +194,18 @@ pub fn queue_filter(mode: SeccompMode) -> Result<Option<Arc<QueueFilter>>, Strin
     Ok(Some(Arc::new(filters)))
 }
 
+/// Builds the protocol thread's deny-list for `mode` (None: off). Install it on the thread
+/// that serves frontends once the helper threads (thin control, metrics, control socket,
+/// which run `lvchange` and friends) are started: threads it starts later inherit it.
+pub fn protocol_filter(mode: SeccompMode) -> Result<Option<Arc<QueueFilter>>, String> {
+    let verdict = match mode {
+        SeccompMode::Off => return Ok(None),
+        SeccompMode::On => SeccompAction::Errno(libc::EPERM as u32),
+        SeccompMode::Strict => SeccompAction::KillProcess,
+    };
+    Ok(Some(Arc::new(vec![compile(&denied_to_protocol(), verdict, SeccompAction::Allow)?])))
+}
+
 /// Applies `filter` to the calling thread (and the threads it spawns).
 pub fn apply(filter: &QueueFilter) -> Result<(), String> {
     for f in filter {
@@ -163,5 +242,25 @@ mod tests {
         // Other threads are not affected.
         assert!(std::fs::File::open("/dev/null").is_ok());
         assert!(queue_filter(SeccompMode::Off).ok().flatten().is_none());
+    }
+
+    #[test]
+    fn the_protocol_thread_cannot_run_programs_but_works_otherwise() {
+        let filter = protocol_filter(SeccompMode::On).ok().flatten().expect("a filter");
+        let r = std::thread::spawn(move || {
+            apply(&filter).expect("apply");
+            let exec = std::process::Command::new("/bin/true").status().map_err(|e| e.raw_os_error());
+            // A thread started afterwards inherits the filter.
+            let child = std::thread::spawn(|| std::process::Command::new("/bin/true").status().is_err()).join().unwrap_or(false);
+            let file = std::fs::File::open("/dev/null").is_ok();
+            let mem = std::fs::File::options().read(true).write(true).create(true).truncate(true).open(std::env::temp_dir().join(format!("seccomp-{}", std::process::id()))).is_ok();
+            (exec.err().flatten(), child, file, mem)
+        })
+        .join()
+        .expect("thread");
+        let _ = std::fs::remove_file(std::env::temp_dir().join(format!("seccomp-{}", std::process::id())));
+        assert_eq!(r, (Some(libc::EPERM), true, true, true));
+        assert!(std::process::Command::new("/bin/true").status().is_ok(), "other threads are not affected");
+        assert!(protocol_filter(SeccompMode::Off).ok().flatten().is_none());
     }
 }
