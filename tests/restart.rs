@@ -62,10 +62,7 @@ fn restart_with_parked_writes(name: &str, graceful: bool) {
     let mut d = Daemon::start(&sock, &args);
 
     let mut f = Frontend::connect(&sock);
-    f.negotiate();
-    let (region, size) = f.get_inflight().expect("GET_INFLIGHT_FD");
-    assert_eq!(f.set_inflight(&region, size).expect("SET_INFLIGHT_FD"), 0);
-    f.start_queue();
+    let (region, size) = f.start_tracked();
     // Writes fail (and are parked under retry); reads succeed: the reads complete first,
     // out of order with respect to the writes submitted before them.
     mount.faults.fail_writes(libc::EIO);
@@ -96,9 +93,7 @@ fn restart_with_parked_writes(name: &str, graceful: bool) {
     let t0 = Instant::now();
     let d = Daemon::start(&sock, &args);
     let mut f = f.reconnect(&sock);
-    f.negotiate();
-    assert_eq!(f.set_inflight(&region, size).expect("SET_INFLIGHT_FD again"), 0);
-    f.restart_queue();
+    f.resume_tracked(&region, size);
     // No kick: a driver whose requests are all in flight has nothing new to kick with (and
     // with EVENT_IDX may not kick at all); the new daemon must look at the ring by itself.
     wait_for("the resubmitted writes", Duration::from_secs(10), || f.ram.u16_at(USED + 2) == 5);
@@ -152,10 +147,7 @@ fn a_restarted_ring_notifies_the_driver_once_without_new_completions() {
     let args = ["--image", image.to_str().unwrap_or_default(), "--format", "raw"];
     let mut d = Daemon::start(&sock, &args);
     let mut f = Frontend::connect(&sock);
-    f.negotiate();
-    let (region, size) = f.get_inflight().expect("GET_INFLIGHT_FD");
-    assert_eq!(f.set_inflight(&region, size).expect("SET_INFLIGHT_FD"), 0);
-    f.start_queue();
+    let (region, size) = f.start_tracked();
     request(&mut f, 0, false);
     f.submit(0);
     wait_for("the read", Duration::from_secs(10), || f.ram.u16_at(USED + 2) == 1);
@@ -163,9 +155,7 @@ fn a_restarted_ring_notifies_the_driver_once_without_new_completions() {
     let _ = d.child.wait();
     let d = Daemon::start(&sock, &args);
     let mut f = f.reconnect(&sock);
-    f.negotiate();
-    assert_eq!(f.set_inflight(&region, size).expect("SET_INFLIGHT_FD again"), 0);
-    f.restart_queue();
+    f.resume_tracked(&region, size);
     let call = f.call.as_ref().expect("call eventfd");
     assert!(readable_within(call, Duration::from_secs(5)), "the restarted ring never notified the driver");
     drop(f);

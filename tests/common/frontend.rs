@@ -336,6 +336,24 @@ impl Frontend {
         self.call = Some(call);
     }
 
+    /// Negotiates, takes an inflight region from the daemon and starts queue 0 tracked by it;
+    /// returns the region (what QEMU keeps across daemon restarts).
+    pub fn start_tracked(&mut self) -> (File, u64) {
+        self.negotiate();
+        let (region, size) = self.get_inflight().expect("GET_INFLIGHT_FD");
+        assert_eq!(self.set_inflight(&region, size).expect("SET_INFLIGHT_FD"), 0);
+        self.start_queue();
+        (region, size)
+    }
+
+    /// After [`Frontend::reconnect`]: negotiates, hands the region back and restarts queue 0
+    /// at the used index.
+    pub fn resume_tracked(&mut self, region: &File, size: u64) {
+        self.negotiate();
+        assert_eq!(self.set_inflight(region, size).expect("SET_INFLIGHT_FD again"), 0);
+        self.restart_queue();
+    }
+
     /// Kicks queue 0.
     pub fn kick(&mut self) {
         if let Some(k) = &mut self.kick {
