@@ -162,6 +162,45 @@ fn a_restarted_ring_notifies_the_driver_once_without_new_completions() {
     stop_clean(d);
 }
 
+/// `--retry-timeout` bounds how long the guest waits for a failing write, restarts or not:
+/// the first failure's instant lives in the frontend's inflight region, so the next daemon
+/// reports at the deadline the first one set, not a full timeout after it started.
+#[test]
+fn the_retry_deadline_survives_a_restart() {
+    let dir = TestDir::new("restart-deadline");
+    let backing = dir.path("backing.raw");
+    sparse_file(&backing, 16 * MIB);
+    let mount = FaultMount::new(&backing, &dir.path("mnt"));
+    let disk = mount.disk();
+    let sock = dir.path("sock");
+    let args = ["--image", disk.to_str().unwrap_or_default(), "--format", "raw",
+        "--werror", "retry", "--retry-interval", "200", "--retry-timeout", "4000"];
+    let mut d = Daemon::start(&sock, &args);
+    let mut f = Frontend::connect(&sock);
+    let (region, size) = f.start_tracked();
+    mount.faults.fail_writes(libc::EIO);
+    let t0 = Instant::now();
+    request(&mut f, 0, true);
+    f.submit(0);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(f.ram.u16_at(USED + 2), 0, "the write is parked, not reported, before its deadline");
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    let d = Daemon::start(&sock, &args);
+    let restarted = Instant::now();
+    let mut f = f.reconnect(&sock);
+    f.resume_tracked(&region, size);
+    wait_for("the write's report", Duration::from_secs(10), || f.ram.u16_at(USED + 2) == 1);
+    let (since_first, since_restart) = (t0.elapsed(), restarted.elapsed());
+    println!("reported {since_first:?} after the first failure, {since_restart:?} after the restart");
+    assert_eq!(f.ram.bytes()[(DATA + 16) as usize], 1, "VIRTIO_BLK_S_IOERR");
+    assert!(since_first >= Duration::from_millis(3900), "reported before the deadline: {since_first:?}");
+    assert!(since_restart < Duration::from_millis(3000), "the deadline restarted with the daemon: {since_restart:?}");
+    drop(f);
+    mount.faults.clear();
+    stop_clean(d);
+}
+
 /// A child killed when dropped (the test may fail half-way).
 struct Reaped(std::process::Child);
 

@@ -8,6 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use thinblk_vhost::inflight::{boottime_ns, FailureClock};
 use thinblk_vhost::{FaultAction, FaultOp, FaultPolicy, ParkHub};
 
 use super::policy::{decide, ErrorPolicy, Settings};
@@ -72,6 +73,8 @@ pub struct FaultState {
     limiter: Mutex<Limiter>,
     /// Event channels, each with the liveness of its [`Subscription`] (pruned when it is gone).
     subscribers: Mutex<Vec<(SyncSender<IoErrorEvent>, std::sync::Weak<()>)>>,
+    /// The first failure as the frontend keeps it across our restarts (its inflight region).
+    carried: Mutex<Option<FailureClock>>,
 }
 
 /// Keeps the retry timer thread; stops it when dropped.
@@ -116,6 +119,7 @@ impl FaultState {
             parked: AtomicU64::new(0),
             limiter: Mutex::new(Limiter { last: [(None, 0); 8] }),
             subscribers: Mutex::new(Vec::new()),
+            carried: Mutex::new(None),
         })
     }
 
@@ -194,6 +198,17 @@ impl FaultState {
         match self.first_failure.load(Ordering::SeqCst) {
             0 => None,
             ns => Some(Duration::from_nanos(self.now_ns().saturating_sub(ns))),
+        }
+    }
+
+    /// Records the first failure (`since_first` ago) in the carried clock if it holds none.
+    fn carry_out(&self, since_first: Duration) {
+        if let Ok(c) = self.carried.lock() {
+            if let Some(c) = c.as_ref() {
+                if c.load() == 0 {
+                    c.store(boottime_ns().saturating_sub(since_first.as_nanos() as u64).max(1));
+                }
+            }
         }
     }
 
@@ -300,6 +315,9 @@ impl FaultPolicy for FaultState {
         } else {
             Duration::ZERO
         };
+        if policy == ErrorPolicy::Retry {
+            self.carry_out(since_first);
+        }
         let action = decide(policy, errno, since_first, s.timeout);
         match action {
             FaultAction::Report => self.reported.fetch_add(1, Ordering::Relaxed),
@@ -316,7 +334,33 @@ impl FaultPolicy for FaultState {
     fn on_success(&self) {
         if self.first_failure.load(Ordering::Relaxed) != 0 {
             self.first_failure.store(0, Ordering::SeqCst);
+            if let Ok(c) = self.carried.lock() {
+                if let Some(c) = c.as_ref() {
+                    c.store(0);
+                }
+            }
         }
+    }
+
+    fn carry(&self, clock: Option<FailureClock>) {
+        let Ok(mut slot) = self.carried.lock() else { return };
+        if let Some(c) = &clock {
+            let (at, now) = (c.load(), boottime_ns());
+            // An instant in the future is not ours (a frontend may write anything): ignore it.
+            if at != 0 && at <= now {
+                let ago = now - at;
+                let local = self.now_ns().saturating_sub(ago).max(1);
+                // Keep the older of the two first failures.
+                let mine = self.first_failure.load(Ordering::SeqCst);
+                if mine == 0 || local < mine {
+                    self.first_failure.store(local, Ordering::SeqCst);
+                }
+                tracing::info!(first_failure_ms_ago = ago / 1_000_000, "retry deadline carried over from the previous daemon");
+            } else if at != 0 {
+                c.store(0);
+            }
+        }
+        *slot = clock;
     }
 }
 
@@ -365,6 +409,30 @@ mod tests {
         assert_eq!(st.first_failure(), None);
         assert_eq!(fail_at(0), FaultAction::Park, "a success restarted the clock");
         assert_eq!(st.counters(), FaultCounters { errors: 9, reported: 2, ignored: 0, parked: 7 });
+    }
+
+    #[test]
+    fn the_retry_deadline_counts_from_a_first_failure_carried_over_a_restart() {
+        use thinblk_vhost::inflight::{InflightInfo, InflightRegion};
+        let info = InflightInfo { mmap_size: 0, mmap_offset: 0, num_queues: 1, queue_size: 16 };
+        let region = InflightRegion::create(info, 1).unwrap();
+        let clock = || region.failure_clock().unwrap();
+        // The previous daemon's first failure was 6 s ago; timeout 5 s: report at once.
+        clock().store(boottime_ns() - 6_000_000_000);
+        let st = state(Retry, Report, 1000, 5000);
+        st.carry(Some(clock()));
+        assert!(st.first_failure().is_some_and(|d| d >= Duration::from_secs(6)));
+        assert_eq!(st.on_error(FaultOp::Write, libc::EIO), FaultAction::Report);
+        // A success clears both clocks; the next failure starts them again.
+        st.on_success();
+        assert_eq!((st.first_failure(), clock().load()), (None, 0));
+        assert_eq!(st.on_error(FaultOp::Write, libc::EIO), FaultAction::Park);
+        assert!(clock().load() > 0, "the new first failure is carried out");
+        // An instant in the future (a frontend wrote it) is ignored and cleared.
+        let st = state(Retry, Report, 1000, 5000);
+        clock().store(boottime_ns() + 60_000_000_000);
+        st.carry(Some(clock()));
+        assert_eq!((st.first_failure(), clock().load()), (None, 0));
     }
 
     #[test]

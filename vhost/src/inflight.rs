@@ -16,6 +16,12 @@
 //! it is resubmitted oldest first (by `counter`), and the ring's next available index is the
 //! used index plus their number. Our used elements are published one at a time, so a
 //! "batch" is always one descriptor.
+//!
+//! After the queues, regions we create carry a 64-byte trailer of our own (the frontend keeps
+//! whatever size we announce): a magic and the `CLOCK_BOOTTIME` instant of the first storage
+//! failure not yet followed by a success ([`FailureClock`]), so that `--retry-timeout` counts
+//! from the first failure even across daemon restarts. A region without it (another backend's
+//! layout) is still accepted.
 
 use std::fs::File;
 use std::io;
@@ -31,6 +37,10 @@ const DESC_LEN: usize = 16;
 const HEADER_LEN: usize = 16;
 /// The version we write into a fresh queue region.
 const VERSION: u16 = 1;
+/// Bytes of our trailer after the queues.
+const TRAILER_LEN: usize = 64;
+/// First bytes of the trailer.
+const TRAILER_MAGIC: [u8; 8] = *b"thinblk1";
 
 /// Bytes one queue takes in the region (libvhost-user's formula, header included).
 pub fn queue_region_size(queue_size: u16) -> usize {
@@ -97,6 +107,8 @@ pub struct InflightRegion {
     info: InflightInfo,
     /// The memfd (kept for GET_INFLIGHT_FD's reply and so the mapping's file stays).
     file: File,
+    /// Offset of our trailer, if the region has one.
+    trailer: Option<usize>,
 }
 
 // SAFETY: the mapping is plain shared memory; every access goes through the accessors of
@@ -108,7 +120,7 @@ unsafe impl Sync for InflightRegion {}
 impl InflightRegion {
     /// Creates a zeroed region for `info`'s geometry (GET_INFLIGHT_FD).
     pub fn create(info: InflightInfo, max_queues: usize) -> Result<Arc<InflightRegion>, ProtocolError> {
-        let len = info.check(max_queues)?;
+        let len = info.check(max_queues)? + TRAILER_LEN;
         // SAFETY: the name is a valid C string; the new fd is owned by the File below.
         let fd = unsafe { libc::memfd_create(c"thinblk-inflight".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         if fd < 0 {
@@ -121,20 +133,27 @@ impl InflightRegion {
         // SAFETY: F_ADD_SEALS on our own memfd.
         unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) };
         let info = InflightInfo { mmap_size: len as u64, mmap_offset: 0, ..info };
-        Self::map(file, info, max_queues)
+        let region = Self::map(file, info, max_queues)?;
+        if let Some(at) = region.trailer {
+            // SAFETY: the trailer lies inside the mapping (map() checked mmap_size).
+            unsafe { std::ptr::write_volatile(region.base.add(at).cast::<[u8; 8]>(), TRAILER_MAGIC) };
+        }
+        Ok(region)
     }
 
     /// Maps a region the frontend hands back (SET_INFLIGHT_FD), after checking it.
     pub fn attach(file: File, info: InflightInfo, max_queues: usize) -> Result<Arc<InflightRegion>, ProtocolError> {
         let len = info.check(max_queues)?;
-        if info.mmap_size != len as u64 {
+        if info.mmap_size != len as u64 && info.mmap_size != (len + TRAILER_LEN) as u64 {
             return Err(ProtocolError::State("inflight region: size does not match its queues"));
         }
         Self::map(file, info, max_queues)
     }
 
     fn map(file: File, info: InflightInfo, max_queues: usize) -> Result<Arc<InflightRegion>, ProtocolError> {
-        let len = info.check(max_queues)?;
+        let queues = info.check(max_queues)?;
+        let with_trailer = info.mmap_size == (queues + TRAILER_LEN) as u64;
+        let len = if with_trailer { queues + TRAILER_LEN } else { queues };
         let meta = file.metadata().map_err(ProtocolError::Socket)?;
         let end = info.mmap_offset.checked_add(len as u64).ok_or(ProtocolError::State("inflight region: offset overflows"))?;
         if !meta.file_type().is_file() || meta.len() < end || info.mmap_offset % 4096 != 0 {
@@ -156,7 +175,8 @@ impl InflightRegion {
             return Err(ProtocolError::Socket(io::Error::last_os_error()));
         }
         crate::protocol::memory::guard_range(base as usize, len);
-        Ok(Arc::new(InflightRegion { base: base.cast(), len, info, file }))
+        let trailer = with_trailer.then_some(queues);
+        Ok(Arc::new(InflightRegion { base: base.cast(), len, info, file, trailer }))
     }
 
     /// The geometry (for GET_INFLIGHT_FD's reply).
@@ -167,6 +187,21 @@ impl InflightRegion {
     /// The memfd (for GET_INFLIGHT_FD's reply).
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// The first-failure clock in our trailer, if the region has one (its magic is set if a
+    /// frontend cleared it: the region is ours from now on).
+    pub fn failure_clock(self: &Arc<Self>) -> Option<FailureClock> {
+        let at = self.trailer?;
+        // SAFETY: the trailer lies inside the mapping; volatile: shared with the frontend.
+        let magic = unsafe { std::ptr::read_volatile(self.base.add(at).cast::<[u8; 8]>()) };
+        let clock = FailureClock { region: self.clone(), at: at + 8 };
+        if magic != TRAILER_MAGIC {
+            // SAFETY: as above.
+            unsafe { std::ptr::write_volatile(self.base.add(at).cast::<[u8; 8]>(), TRAILER_MAGIC) };
+            clock.store(0);
+        }
+        Some(clock)
     }
 
     /// Queue `q`'s part, if the region covers it.
@@ -185,6 +220,41 @@ impl Drop for InflightRegion {
         // SAFETY: unmaps exactly what map() mapped; no InflightQueue outlives the Arc.
         unsafe { libc::munmap(self.base.cast(), self.len) };
     }
+}
+
+/// The `CLOCK_BOOTTIME` nanosecond of the first storage failure not yet followed by a
+/// success (0: none), kept in the inflight region so it outlives the daemon.
+#[derive(Clone)]
+pub struct FailureClock {
+    region: Arc<InflightRegion>,
+    at: usize,
+}
+
+impl FailureClock {
+    fn cell(&self) -> &std::sync::atomic::AtomicU64 {
+        // SAFETY: `at` is 8-byte aligned (the trailer starts on a 64-byte boundary of a
+        // page-aligned mapping) and 8 bytes inside it; the mapping lives as long as `region`.
+        unsafe { &*self.region.base.add(self.at).cast::<std::sync::atomic::AtomicU64>() }
+    }
+
+    /// The stored instant (0: none). A frontend may have written anything: callers ignore
+    /// instants in the future.
+    pub fn load(&self) -> u64 {
+        self.cell().load(Ordering::SeqCst)
+    }
+
+    /// Stores an instant (0: clear).
+    pub fn store(&self, boottime_ns: u64) {
+        self.cell().store(boottime_ns, Ordering::SeqCst)
+    }
+}
+
+/// `CLOCK_BOOTTIME` now, in nanoseconds (it counts across processes and suspends).
+pub fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
 }
 
 /// One queue's inflight state (serialised by the vring lock that owns it).
@@ -343,7 +413,7 @@ mod tests {
     fn sizes_follow_libvhost_user() {
         assert_eq!(queue_region_size(256), 4160);
         assert_eq!(queue_region_size(1), 64);
-        assert_eq!(region(2, 128).info().mmap_size, 2 * 2112);
+        assert_eq!(region(2, 128).info().mmap_size, 2 * 2112 + TRAILER_LEN as u64, "queues, then our trailer");
         let info = InflightInfo { mmap_size: 1, mmap_offset: 2, num_queues: 3, queue_size: 4 };
         assert_eq!(InflightInfo::parse(&info.bytes()).ok(), Some(info));
     }
@@ -413,5 +483,21 @@ mod tests {
         let wrong = InflightInfo { mmap_size: 4096, ..r.info() };
         assert!(InflightRegion::attach(f, wrong, 8).is_err());
         assert!(r.queue(1).is_none());
+    }
+
+    #[test]
+    fn the_failure_clock_outlives_the_mapping_and_other_layouts_have_none() {
+        let r = region(1, 16);
+        let clock = r.failure_clock().expect("our regions have a trailer");
+        assert_eq!(clock.load(), 0);
+        clock.store(12345);
+        // The next daemon maps the same file (SET_INFLIGHT_FD) and finds it.
+        let again = InflightRegion::attach(r.file().try_clone().expect("fd"), r.info(), 8).expect("attach");
+        assert_eq!(again.failure_clock().map(|c| c.load()), Some(12345));
+        // A region in the specification's size only (another backend made it): accepted, no clock.
+        let plain = InflightInfo { mmap_size: queue_region_size(16) as u64, ..r.info() };
+        let other = InflightRegion::attach(r.file().try_clone().expect("fd"), plain, 8).expect("attach plain");
+        assert!(other.failure_clock().is_none());
+        assert!(boottime_ns() > 0);
     }
 }

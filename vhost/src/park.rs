@@ -70,6 +70,10 @@ pub trait FaultPolicy: Send + Sync {
     fn on_error(&self, op: FaultOp, errno: i32) -> FaultAction;
     /// A request completed successfully (resets retry timeouts).
     fn on_success(&self);
+    /// Where the first-failure instant outlives this process (the frontend's inflight
+    /// region), or None when the connection that had one ends. The policy adopts an instant
+    /// it finds there and keeps it current.
+    fn carry(&self, _clock: Option<crate::inflight::FailureClock>) {}
 }
 
 /// Until a policy is installed: every failure is reported.
@@ -153,6 +157,14 @@ impl ParkHub {
     pub fn on_success(&self) {
         if let Some(p) = self.policy.get() {
             p.on_success();
+        }
+    }
+
+    /// Hands the policy the first-failure clock of the connection's inflight region (None:
+    /// the connection ended).
+    pub fn carry_failure_clock(&self, clock: Option<crate::inflight::FailureClock>) {
+        if let Some(p) = self.policy.get() {
+            p.carry(clock);
         }
     }
 

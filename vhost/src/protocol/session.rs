@@ -437,7 +437,9 @@ impl Session {
                     return Err(ProtocolError::FdCount { want: 1, got: msg.files.len() });
                 }
                 let Some(file) = msg.files.pop() else { return Err(ProtocolError::FdCount { want: 1, got: 0 }) };
-                self.inflight = Some(InflightRegion::attach(file, info, self.vrings.len())?);
+                let region = InflightRegion::attach(file, info, self.vrings.len())?;
+                self.device.park_hub().carry_failure_clock(region.failure_clock());
+                self.inflight = Some(region);
                 self.device.set_inflight_tracked();
                 Ok(Reply::Done)
             }
@@ -542,6 +544,9 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         memory::guard_session(None);
+        if self.inflight.is_some() {
+            self.device.park_hub().carry_failure_clock(None);
+        }
         for q in 0..self.registered.len() {
             self.unregister(q);
         }
