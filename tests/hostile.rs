@@ -601,3 +601,102 @@ fn maximal_misaligned_requests_keep_memory_bounded() {
     assert!(grew < 64 << 10, "peak RSS grew by {grew} kB under misaligned requests");
     stop_clean(d);
 }
+
+/// Which server a side-by-side run measures.
+#[derive(Clone, Copy, PartialEq)]
+enum Target {
+    Thinblk,
+    Qsd,
+}
+
+/// Starts `target` on a fresh 64 MiB raw image in `dir` (socket `dir/sock`).
+fn start_target(dir: &TestDir, target: Target) -> std::process::Child {
+    let image = dir.path("disk.raw");
+    sparse_file(&image, 64 * MIB);
+    let sock = dir.path("sock");
+    let _ = std::fs::remove_file(&sock);
+    let child = match target {
+        Target::Thinblk => std::process::Command::new(env!("CARGO_BIN_EXE_thinblk"))
+            .args(["--socket-path", sock.to_str().unwrap_or_default(), "--image", image.to_str().unwrap_or_default()])
+            .args(["--format", "raw", "--num-queues", "1", "--journal-dir", "none"])
+            .env("THINBLK_LOG", "off")
+            .stdin(std::process::Stdio::null())
+            .spawn(),
+        Target::Qsd => std::process::Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!("driver=file,node-name=file0,filename={}", image.display()))
+            .args(["--blockdev", "driver=raw,node-name=disk0,file=file0", "--export"])
+            .arg(format!("type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues=1", sock.display()))
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn(),
+    };
+    let child = child.expect("start the server");
+    let deadline = std::time::Instant::now() + SHORT;
+    while !sock.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// Runs `f` on a thread; None if it did not finish within `limit` (the thread is left behind,
+/// blocked on a server that will be killed) or panicked.
+fn bounded<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if let Ok(v) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            let _ = tx.send(v);
+        }
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// The hostile cases against thinblk and qemu-storage-daemon side by side: a measurement for
+/// docs/security.md, not a gate (the cases' own expectations are thinblk's way of refusing;
+/// qemu-storage-daemon may refuse differently). Per case: the server died, hung (the case did
+/// not finish in 25 s), stopped serving (the libblkio session after it failed or took over
+/// 10 s), or did not refuse the way the case expects. A broken server is restarted for the next case.
+/// `cargo test --test hostile -- --ignored side_by_side --nocapture`
+#[test]
+#[ignore = "a measurement run by hand; results in docs/security.md"]
+fn side_by_side_with_qemu_storage_daemon() {
+    let cases: Vec<Case> = PROTOCOL.iter().chain(RINGS.iter()).copied().collect();
+    let mut table = Vec::new();
+    for target in [Target::Thinblk, Target::Qsd] {
+        let name = if target == Target::Thinblk { "thinblk" } else { "qemu-storage-daemon" };
+        let dir = TestDir::new(&format!("side-by-side-{name}"));
+        let sock = dir.path("sock");
+        let mut server = start_target(&dir, target);
+        let (mut died, mut hung, mut stopped, mut not_refused) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, (what, case)) in cases.iter().enumerate() {
+            let (s, c) = (sock.clone(), *case);
+            // A case may itself wait up to SHORT for an answer: hung means well past that.
+            let outcome = bounded(2 * SHORT + Duration::from_secs(5), move || c(&s));
+            let alive = matches!(server.try_wait(), Ok(None));
+            let (s2, n) = (sock.clone(), i);
+            let serves = alive && bounded(SHORT, move || still_serves(&s2, n)).is_some_and(|r| r.is_ok());
+            match (alive, &outcome, serves) {
+                (false, _, _) => died.push(*what),
+                (true, None, _) => hung.push(*what),
+                (true, Some(_), false) => stopped.push(*what),
+                (true, Some(Err(_)), true) => not_refused.push(*what),
+                (true, Some(Ok(())), true) => {}
+            }
+            if !serves {
+                let _ = server.kill();
+                let _ = server.wait();
+                server = start_target(&dir, target);
+            }
+        }
+        let _ = server.kill();
+        let _ = server.wait();
+        println!("{name}: {} cases; died {}, hung {}, stopped serving {}, refused otherwise or accepted {}", cases.len(), died.len(), hung.len(), stopped.len(), not_refused.len());
+        for (label, list) in [("died", &died), ("hung", &hung), ("stopped serving", &stopped), ("refused otherwise or accepted", &not_refused)] {
+            for w in list.iter() {
+                println!("  {label}: {w}");
+            }
+        }
+        table.push((name, died.len() + hung.len() + stopped.len()));
+    }
+    println!("broken (died, hung or stopped serving): {table:?}");
+}
