@@ -42,8 +42,10 @@ impl Qcow2 {
             return Ok(());
         }
         let _serial = self.flush_serial.lock().map_err(|_| poisoned())?;
-        // A pass that moved the refcount table frees the old one: one more pass writes that.
-        for _ in 0..3 {
+        // A pass that moved the refcount table frees the old one, and a pass that carried
+        // unlinks of compressed clusters drops their counts only once it is durable: one more
+        // pass writes each (so a FLUSH or close leaves nothing of its own writes dirty).
+        for _ in 0..4 {
             let wb = {
                 let mut m = self.meta.write().map_err(|_| poisoned())?;
                 let wb = self.take_writeback(&mut m)?;
@@ -76,6 +78,7 @@ impl Qcow2 {
                         self.release(&mut m, off + i * self.cluster_size)?;
                     }
                 }
+                None if !wb.unref.is_empty() => {}
                 None => return Ok(()),
             }
         }
