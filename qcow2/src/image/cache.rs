@@ -1,5 +1,14 @@
 //! The L2 table cache: reading tables in, inserting them without losing a write-back race,
 //! trimming, and relief when it overflows.
+//!
+//! Invariants (all under the metadata lock):
+//! - a table that is `dirty` or `flushing` (a copy of it is being written back) is never
+//!   evicted: read again from disk it could be older than the copy in flight, and a failed
+//!   write-back must find it to mark it dirty again (`restore_dirty`);
+//! - a table read without the lock is inserted only if no L2 write-back completed while the
+//!   read was in flight (`l2_writebacks`), else it is read again;
+//! - the cache holds at most its capacity of clean tables; over it, only dirty or flushing
+//!   ones, and `relief` makes the next writer write them back.
 
 use super::*;
 

@@ -34,6 +34,9 @@ mod write;
 mod writeback;
 mod zero;
 
+#[cfg(test)]
+mod tests;
+
 /// How one piece of a guest range is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mapping {
@@ -118,6 +121,9 @@ struct L2Table {
 struct RefBlock {
     counts: Vec<u16>,
     dirty: bool,
+    /// A copy of it is being written back: it must not be evicted (re-read from disk it
+    /// could be older than that copy, and a failed write-back must find it to re-dirty it).
+    flushing: bool,
 }
 
 /// A write target whose data is in flight and which is not yet linked into its L2 table.

@@ -1,5 +1,13 @@
 //! Refcount blocks and allocation: the bump pointer, free clusters, room checks against the
 //! volume limit, and L2 tables allocated on the way.
+//!
+//! Refcount-block cache invariants (under the metadata lock), the same as the L2 cache's:
+//! - a block that is `dirty` or `flushing` (a copy of it is being written back) is never
+//!   evicted, so it is never read again from disk while the disk may be older than memory,
+//!   and a failed write-back re-dirties exactly the blocks it carried
+//!   (`a_refcount_block_in_write_back_is_never_evicted_and_reread_stale`,
+//!   `a_failed_write_back_re_dirties_the_refcount_blocks_it_carried`);
+//! - at most [`MAX_CACHED_REFBLOCKS`] clean blocks stay cached; the lowest go first.
 
 use super::*;
 
@@ -173,16 +181,20 @@ impl Qcow2 {
             self.storage.read_at(&mut raw, off)?;
             let counts = raw.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
             if m.refblocks.len() >= MAX_CACHED_REFBLOCKS {
-                let clean: Vec<u64> = m.refblocks.iter().filter(|(_, b)| !b.dirty).map(|(i, _)| *i).take(m.refblocks.len() / 2 + 1).collect();
+                // Only blocks that are clean *and* not in a write-back may go (as L2 tables);
+                // the lowest first (allocation works at the end of the image).
+                let mut clean: Vec<u64> = m.refblocks.iter().filter(|(_, b)| !b.dirty && !b.flushing).map(|(i, _)| *i).collect();
+                clean.sort_unstable();
+                clean.truncate(m.refblocks.len() / 2 + 1);
                 if clean.is_empty() {
-                    // All dirty: the next writer writes them back, then they can go.
+                    // All dirty or in write-back: the next writer writes them back, then they can go.
                     self.relief.store(true, Ordering::Release);
                 }
                 for i in clean {
                     m.refblocks.remove(&i);
                 }
             }
-            m.refblocks.insert(idx, RefBlock { counts, dirty: false });
+            m.refblocks.insert(idx, RefBlock { counts, dirty: false, flushing: false });
         }
         m.refblocks.get_mut(&idx).ok_or_else(|| Qcow2Error::Corrupt("refcount block cache".into()))
     }
@@ -297,7 +309,7 @@ impl Qcow2 {
                 m.next_free += cs;
                 m.reftable[i as usize] = off;
                 m.reftable_dirty = true;
-                m.refblocks.insert(i, RefBlock { counts: vec![0u16; self.rb_entries as usize], dirty: true });
+                m.refblocks.insert(i, RefBlock { counts: vec![0u16; self.rb_entries as usize], dirty: true, flushing: false });
                 let entry_at = m.reftable_offset + i * 8;
                 if let Some(j) = m.journal.as_mut() {
                     j.record_zero(Class::Refcount, off, cs);

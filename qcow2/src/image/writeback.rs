@@ -64,6 +64,11 @@ impl Qcow2 {
                     t.flushing = false;
                 }
             }
+            for (idx, _, _) in &wb.refblocks {
+                if let Some(b) = m.refblocks.get_mut(idx) {
+                    b.flushing = false;
+                }
+            }
             if let Err(e) = result {
                 self.restore_dirty(&mut m, wb);
                 return Err(e);
@@ -130,6 +135,7 @@ impl Qcow2 {
             if let Some(b) = m.refblocks.get_mut(&idx) {
                 wb.refblocks.push((idx, off, b.counts.iter().flat_map(|c| c.to_be_bytes()).collect()));
                 b.dirty = false;
+                b.flushing = true;
             }
         }
         if m.reftable_dirty {
