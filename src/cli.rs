@@ -70,6 +70,11 @@ pub struct ServeArgs {
     /// metadata changes since the last write-back in memory only.
     #[arg(long, value_name = "DIR|none", default_value = "/dev/shm")]
     pub journal_dir: String,
+    /// Size of each of the journal's two segments, in KiB (the file is twice this,
+    /// preallocated in the journal directory). Past half a segment, metadata is written back;
+    /// a full one makes completions wait for write-backs until the next one.
+    #[arg(long, value_name = "KIB", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(16..=1048576))]
+    pub journal_segment_kib: u32,
     /// Serial number returned by GET_ID (at most 20 bytes); default derived from the image path.
     #[arg(long, value_parser = parse_serial)]
     pub serial: Option<String>,

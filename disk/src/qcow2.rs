@@ -45,7 +45,7 @@ pub enum BackingFiles {
 }
 
 /// Options for opening an image.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ImageOptions {
     /// Open read-only.
     pub read_only: bool,
@@ -57,8 +57,24 @@ pub struct ImageOptions {
     pub fixed_size: bool,
     /// Directory of the qcow2 metadata journal (None: no journal).
     pub journal_dir: Option<PathBuf>,
+    /// Bytes per journal segment (the file is twice this, preallocated).
+    pub journal_segment_bytes: usize,
     /// Which backing file names images may give.
     pub backing_files: BackingFiles,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        ImageOptions {
+            read_only: false,
+            l2_cache_bytes: None,
+            discard_unmap: false,
+            fixed_size: false,
+            journal_dir: None,
+            journal_segment_bytes: thinblk_qcow2::DEFAULT_SEGMENT_BYTES,
+            backing_files: BackingFiles::default(),
+        }
+    }
 }
 
 /// Errors opening an image.
@@ -196,7 +212,19 @@ impl Qcow2Format {
         };
         let zeroes_from = if info.is_block { u64::MAX } else { info.size };
         let journal = match &opts.journal_dir {
-            Some(dir) if !opts.read_only => Some(journal_options(dir, path, top_storage.file()).map_err(open_err(path))?),
+            Some(dir) if !opts.read_only => {
+                let legacy = legacy_journal_path(dir, path, top_storage.file()).map_err(open_err(path))?;
+                if thinblk_qcow2::legacy_journal_pending(&legacy) {
+                    return Err(FormatError::Qcow2 {
+                        path: path.to_path_buf(),
+                        source: Qcow2Error::JournalMismatch(format!(
+                            "{} is the metadata journal of an earlier thinblk version that did not stop clean; start that version once on this image (it replays the journal and stops clean on SIGTERM), then this one",
+                            legacy.display()
+                        )),
+                    });
+                }
+                Some(thinblk_qcow2::JournalOptions { dir: dir.clone(), segment_bytes: opts.journal_segment_bytes })
+            }
             _ => None,
         };
         let mut top = Qcow2::open(
@@ -211,10 +239,19 @@ impl Qcow2Format {
                 tracing::warn!(image = %path.display(), records = r.records, bytes = r.bytes,
                     "replayed the metadata journal of a daemon that did not stop clean: completed writes kept");
             }
+            if r.skipped_segments > 0 {
+                tracing::info!(image = %path.display(), segments = r.skipped_segments, "journal segments the image already held were not replayed");
+            }
+            if r.unclean && r.records == 0 && !r.stale_boot {
+                tracing::warn!(image = %path.display(), "the image was not closed clean and no journal was found (host crash, or no journal kept)");
+            }
             if r.leaks_repaired > 0 {
                 tracing::warn!(image = %path.display(), clusters = r.leaks_repaired,
                     "gave back clusters allocated for writes that never completed (the last stop was not clean)");
             }
+        }
+        if let (Some(why), Some(dir)) = (top.journal_unavailable(), &opts.journal_dir) {
+            tracing::warn!(image = %path.display(), dir = %dir.display(), "no metadata journal for this image: {why}; completed writes are durable only after a FLUSH");
         }
         if let Some(reason) = top.read_only_reason() {
             if !opts.read_only {
@@ -325,11 +362,11 @@ impl Qcow2Format {
     }
 }
 
-/// The journal of the image at `path`, open as `file`: `DIR/thinblk-<key>.journal`. The key
-/// hashes (FNV-1a, stable across builds) the path as given and the file's device and inode
-/// (a block device's own number): device numbers of loop devices and LVs are reused, their
-/// names (oVirt's volume UUIDs) are not. The engine mixes in the image's geometry too.
-fn journal_options(dir: &Path, path: &Path, file: &File) -> Result<thinblk_qcow2::JournalOptions, ImageError> {
+/// Where the journal of the image at `path` (open as `file`) lived before journals were
+/// named by the image's uuid: `DIR/thinblk-<key>.journal`, the key hashing (FNV-1a) the path
+/// as given and the file's device and inode (a block device's own number). Only looked at to
+/// refuse starting over such a journal with records in it.
+fn legacy_journal_path(dir: &Path, path: &Path, file: &File) -> Result<PathBuf, ImageError> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let meta = file.metadata().map_err(ImageError::Io)?;
     let (dev, ino) = if meta.file_type().is_block_device() { (meta.rdev(), 0) } else { (meta.dev(), meta.ino()) };
@@ -337,11 +374,7 @@ fn journal_options(dir: &Path, path: &Path, file: &File) -> Result<thinblk_qcow2
     for b in path.as_os_str().as_encoded_bytes().iter().chain(&dev.to_le_bytes()).chain(&ino.to_le_bytes()) {
         key = (key ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
     }
-    Ok(thinblk_qcow2::JournalOptions {
-        path: dir.join(format!("thinblk-{key:016x}.journal")),
-        key,
-        segment_bytes: thinblk_qcow2::DEFAULT_SEGMENT_BYTES,
-    })
+    Ok(dir.join(format!("thinblk-{key:016x}.journal")))
 }
 
 fn to_image_error(e: Qcow2Error) -> ImageError {

@@ -39,6 +39,10 @@ pub enum Qcow2Error {
         /// The current limit (the volume's size, bytes).
         limit: u64,
     },
+    /// A metadata journal of an unclean stop exists but does not belong to the image's
+    /// present state: refused, never replayed or dropped silently (the text says what to do).
+    #[error("journal refused: {0}")]
+    JournalMismatch(String),
     /// The image cannot grow any further (refcount table or offset limits).
     #[error("image full: {0}")]
     NoSpace(String),

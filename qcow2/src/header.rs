@@ -38,6 +38,62 @@ pub mod incompat {
     pub const KNOWN: u64 = DIRTY | CORRUPT | EXTERNAL_DATA | COMPRESSION_TYPE | EXTENDED_L2;
 }
 
+/// Autoclear feature bits: a writer that does not know one clears it (QEMU does at every
+/// read-write open), which marks the data the bit guards as stale.
+pub mod autoclear {
+    /// The persistent bitmaps extension is consistent.
+    pub const BITMAPS: u64 = 1 << 0;
+    /// thinblk's owner extension ([`super::Owner`]) is current: no other program has opened
+    /// the image for writing since thinblk last wrote it.
+    pub const THINBLK: u64 = 1 << 62;
+}
+
+/// thinblk's own header extension: the image's identity, its write-back generation, and
+/// whether a thinblk process has it open for writing (not closed clean).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// File offset of the extension's data (the generation is at +16, the flags at +24).
+    pub offset: u64,
+    /// Random identity given at the first read-write open by thinblk; names the journal.
+    pub uuid: [u8; 16],
+    /// Write-back generation: bumped at every read-write open and every journalled write-back.
+    pub generation: u64,
+    /// [`Owner::IN_USE`].
+    pub flags: u64,
+}
+
+impl Owner {
+    /// Open for writing by thinblk and not closed clean since.
+    pub const IN_USE: u64 = 1;
+    /// Bytes of extension data.
+    pub const LEN: usize = 40;
+
+    /// The extension's data bytes.
+    pub fn encode(&self) -> [u8; Owner::LEN] {
+        let mut d = [0u8; Owner::LEN];
+        d[..16].copy_from_slice(&self.uuid);
+        d[16..24].copy_from_slice(&self.generation.to_be_bytes());
+        d[24..32].copy_from_slice(&self.flags.to_be_bytes());
+        d
+    }
+
+    /// The uuid as 32 hex digits.
+    pub fn uuid_hex(&self) -> String {
+        self.uuid.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Where the persistent bitmaps are described (the bitmaps extension).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bitmaps {
+    /// Number of bitmaps.
+    pub count: u32,
+    /// Size of the bitmap directory in bytes.
+    pub directory_size: u64,
+    /// Host offset of the bitmap directory.
+    pub directory_offset: u64,
+}
+
 /// Compatible feature bits.
 pub mod compat {
     /// Lazy refcounts may be used by writers.
@@ -52,6 +108,8 @@ mod ext {
     pub const BITMAPS: u32 = 0x2385_2875;
     pub const ENCRYPTION: u32 = 0x0537_be77;
     pub const EXTERNAL_DATA_FILE: u32 = 0x4441_5441;
+    /// thinblk's owner extension ("thnb").
+    pub const THINBLK: u32 = 0x7468_6e62;
 }
 
 /// A parsed, validated header.
@@ -89,6 +147,10 @@ pub struct Header {
     pub backing_file: Option<String>,
     /// Backing file format from the header extension, if any.
     pub backing_format: Option<String>,
+    /// thinblk's owner extension, if present (current only while [`autoclear::THINBLK`] is set).
+    pub owner: Option<Owner>,
+    /// The persistent bitmaps extension, if present.
+    pub bitmaps: Option<Bitmaps>,
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -163,6 +225,8 @@ impl Header {
             header_length: V2_HEADER_LEN,
             backing_file: None,
             backing_format: None,
+            owner: None,
+            bitmaps: None,
         };
         let mut compression_type = 0u8;
         if version == 3 {
@@ -307,12 +371,65 @@ impl Header {
                 }
                 ext::EXTERNAL_DATA_FILE => return unsupported("external data file"),
                 ext::ENCRYPTION => return unsupported("encryption"),
-                ext::FEATURE_NAMES | ext::BITMAPS => {}
+                ext::THINBLK if len >= Owner::LEN => {
+                    let mut uuid = [0u8; 16];
+                    uuid.copy_from_slice(&data[..16]);
+                    self.owner = Some(Owner { offset: at as u64, uuid, generation: be64(data, 16), flags: be64(data, 24) });
+                }
+                ext::BITMAPS if len >= 24 => {
+                    self.bitmaps =
+                        Some(Bitmaps { count: be32(data, 0), directory_size: be64(data, 8), directory_offset: be64(data, 16) });
+                }
+                ext::FEATURE_NAMES => {}
                 _ => {}
             }
             at = end.div_ceil(8) * 8;
         }
         Ok(())
+    }
+
+    /// The start of the first cluster (`first`, as read) rewritten with `owner` as thinblk's
+    /// extension (replacing an earlier one, every other extension kept in order), the
+    /// autoclear bits set to `autoclear`, and the backing file name moved after the end
+    /// marker. Returns the bytes to write at offset 0 and the owner's new data offset, or
+    /// None when it does not fit in the first cluster (or the image is version 2, which has
+    /// no autoclear bits to guard it).
+    pub fn with_owner(&self, first: &[u8], owner: &Owner, autoclear: u64) -> Option<(Vec<u8>, u64)> {
+        if self.version < 3 {
+            return None;
+        }
+        let cs = (self.cluster_size() as usize).min(first.len());
+        let backing_offset = be64(first, 8) as usize;
+        let limit = if backing_offset > 0 { cs.min(backing_offset) } else { cs };
+        let mut out = first.get(..self.header_length as usize)?.to_vec();
+        out[88..96].copy_from_slice(&autoclear.to_be_bytes());
+        let mut at = self.header_length as usize;
+        while at + 8 <= limit {
+            let kind = be32(first, at);
+            let len = be32(first, at + 4) as usize;
+            if kind == ext::END {
+                break;
+            }
+            let end = (at + 8).checked_add(len).filter(|&e| e <= limit)?;
+            let padded = (end - at).div_ceil(8) * 8;
+            if kind != ext::THINBLK {
+                let mut e = first[at..end].to_vec();
+                e.resize(padded, 0);
+                out.extend_from_slice(&e);
+            }
+            at += padded;
+        }
+        out.extend_from_slice(&ext::THINBLK.to_be_bytes());
+        out.extend_from_slice(&(Owner::LEN as u32).to_be_bytes());
+        let data_at = out.len() as u64;
+        out.extend_from_slice(&owner.encode());
+        out.extend_from_slice(&[0u8; 8]);
+        if let Some(name) = &self.backing_file {
+            let name_at = out.len() as u64;
+            out[8..16].copy_from_slice(&name_at.to_be_bytes());
+            out.extend_from_slice(name.as_bytes());
+        }
+        (out.len() <= cs).then_some((out, data_at))
     }
 
     /// Why this image cannot be written by this engine, if it cannot.

@@ -233,7 +233,12 @@ fn l2_cache_stays_within_its_size_without_any_flush() {
 }
 
 fn journal(dir: &std::path::Path) -> JournalOptions {
-    JournalOptions { path: dir.join("j"), key: 1, segment_bytes: 1 << 20 }
+    JournalOptions { dir: dir.to_path_buf(), segment_bytes: 1 << 20 }
+}
+
+/// The journal file in `dir` (named by the image's uuid), if there is one.
+fn jfile(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "journal"))
 }
 
 struct TempDir(std::path::PathBuf);
@@ -288,7 +293,7 @@ fn completed_writes_survive_a_daemon_crash_through_the_journal() {
         let r = check(&MemStorage::new(crashed.snapshot())).unwrap();
         assert_eq!(r.corruptions, 0, "cs {cs}: {:?}", r.messages);
         back.close().unwrap();
-        assert!(!dir.0.join("j").exists(), "a clean close removes the journal");
+        assert!(jfile(&dir.0).is_none(), "a clean close removes the journal");
     }
 }
 
@@ -398,7 +403,7 @@ fn an_image_that_fails_to_open_leaves_no_journal() {
     let st = Arc::new(MemStorage::new(vec![0x5a; 1 << 16]));
     let opts = OpenOptions { journal: Some(journal(&dir.0)), ..Default::default() };
     assert!(Qcow2::open(st, opts).is_err());
-    assert!(!dir.0.join("j").exists());
+    assert!(jfile(&dir.0).is_none());
 }
 
 #[test]
@@ -420,7 +425,8 @@ fn allocations_whose_writes_never_completed_are_given_back_after_a_crash() {
     // SIGKILL: no destructor runs, the journal file (empty after that write-back) stays. The
     // dead process's file is copied: this process still holds the original's lock.
     let after = TempDir::new("crash-leak-after");
-    std::fs::copy(dir.0.join("j"), after.0.join("j")).unwrap();
+    let j = jfile(&dir.0).unwrap();
+    std::fs::copy(&j, after.0.join(j.file_name().unwrap())).unwrap();
     let crashed = Arc::new(MemStorage::new(st.snapshot()));
     std::mem::forget(img);
     assert!(check(&MemStorage::new(crashed.snapshot())).unwrap().leaks >= 2, "the crash leaves leaks to repair");

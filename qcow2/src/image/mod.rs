@@ -17,11 +17,11 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::error::{corrupt, Qcow2Error, Result};
-use crate::header::{Header, MAX_REFTABLE_BYTES};
+use crate::header::{autoclear, Header, Owner, MAX_REFTABLE_BYTES};
 use crate::journal::{Class, Journal, ReplayReport};
 use crate::stats::{CacheStats, ShardedCounter};
 use crate::storage::Storage;
@@ -80,11 +80,10 @@ pub struct OpenOptions {
 /// Where an image's metadata journal lives (a file on tmpfs: see `journal.rs`).
 #[derive(Clone, Debug)]
 pub struct JournalOptions {
-    /// The journal file; what an earlier process left there is replayed at open.
-    pub path: PathBuf,
-    /// Identifies the image (e.g. its device and inode): a journal of another image is refused.
-    pub key: u64,
-    /// Bytes per segment (the file is twice this).
+    /// The directory; the file is named by the image's uuid (`thinblk-<uuid>.journal`), and
+    /// what an earlier process left there is replayed at open if it belongs to the image.
+    pub dir: PathBuf,
+    /// Bytes per segment (the file is twice this, preallocated).
     pub segment_bytes: usize,
 }
 
@@ -96,6 +95,12 @@ impl Default for OpenOptions {
 
 /// Default L2 cache cap, as QEMU.
 pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+
+/// Releases (clusters given back) waiting for a durable write-back before the next
+/// allocating request must first write metadata back: while write-backs keep failing
+/// (storage down), retried writes would otherwise take a new cluster at every attempt and
+/// move the allocation mark (and a thin volume's extensions) for nothing.
+pub const MAX_PENDING_RELEASES: usize = 4096;
 
 /// Refcount blocks kept in memory (besides dirty ones, which wait for their write-back).
 /// Allocation touches the last few; an image whose entries lack the COPIED flag makes every
@@ -159,10 +164,15 @@ struct Meta {
     reftable_offset: u64,
     reftable_clusters: u64,
     reftable_dirty: bool,
-    /// Old table to release once the header points at the new one.
-    old_reftable: Option<(u64, u64)>,
+    /// Earlier tables the header on disk may still name (a header write naming them was
+    /// made or attempted): released only once a header naming the current one is durable.
+    old_reftables: Vec<(u64, u64)>,
+    /// A header write naming the current table was made or attempted (true at open).
+    reftable_published: bool,
+    /// Completions wait (write through) until the image's durable generation reaches this:
+    /// records after a journal seal are replayable only over it.
+    need_gen: u64,
     header_dirty: bool,
-    autoclear: u64,
     refblocks: HashMap<u64, RefBlock>,
     next_free: u64,
     pending: HashMap<u64, Pending>,
@@ -226,6 +236,15 @@ pub struct Qcow2 {
     /// Set under the lock when the L2 cache overflowed or the journal passed half full: the
     /// next writer to drop the lock writes metadata back (`relieve`).
     relief: std::sync::atomic::AtomicBool,
+    /// thinblk's owner extension as this open wrote it (None: read-only, or no room).
+    owner: Option<Owner>,
+    /// Why the journal could not be kept for this image, if it could not.
+    journal_off: Option<String>,
+    /// The image's durable write-back generation (the owner extension's).
+    gen: AtomicU64,
+    /// The journal was sealed (a record did not fit) or completions wait for a generation:
+    /// every completion first waits for a write-back that started after its change.
+    gate: AtomicBool,
 }
 
 /// Reads a table of big-endian offsets and checks every entry points at a whole cluster
@@ -260,47 +279,151 @@ fn to_be64s(v: &[u64]) -> Vec<u8> {
     v.iter().flat_map(|e| e.to_be_bytes()).collect()
 }
 
+/// Reads the first cluster (at least 4 KiB) and parses the header in it.
+fn read_header(storage: &dyn Storage) -> Result<(Vec<u8>, Header)> {
+    let file_size = storage.size()?;
+    let mut first = vec![0u8; 4096];
+    storage.read_at(&mut first, 0)?;
+    // Read the whole first cluster: extensions may use all of it.
+    let cluster_bits = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
+    if (crate::header::MIN_CLUSTER_BITS..=crate::header::MAX_CLUSTER_BITS).contains(&cluster_bits) && cluster_bits > 12 {
+        first = vec![0u8; 1 << cluster_bits];
+        storage.read_at(&mut first, 0)?;
+    }
+    let header = Header::parse(&first, file_size)?;
+    Ok((first, header))
+}
+
+/// 16 random bytes (an image's identity).
+fn random_uuid() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // No entropy source: the time and pid still make it unique on this host.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        b.copy_from_slice(&(t ^ (u128::from(std::process::id()) << 96)).to_le_bytes());
+    }
+    b
+}
+
 fn poisoned() -> Qcow2Error {
     Qcow2Error::Io(std::io::Error::other("qcow2 metadata lock poisoned"))
 }
 
 impl Qcow2 {
-    /// Opens and validates an image.
+    /// Opens and validates an image. A read-write open marks the image as in use by
+    /// thinblk (its owner extension: identity, a new write-back generation, the in-use flag,
+    /// durable before anything else is written) after replaying the journal an unclean stop
+    /// left, if the replay rules allow (`journal.rs`), and gives back the clusters an unclean
+    /// stop leaked.
     pub fn open(storage: Arc<dyn Storage>, opts: OpenOptions) -> Result<Qcow2> {
-        // Replay first: the header and tables read below must be the ones the records extend.
-        let (journal, replayed) = match (&opts.journal, opts.read_only) {
-            (Some(j), false) => {
-                // The image's geometry goes into the key: a journal is never replayed into
-                // another image that happens to sit at the same path and device.
-                // Magic and version, then cluster bits, size, encryption, L1 size and offset
-                // (bytes 20..48): nothing thinblk ever changes. FNV-1a, stable across builds.
-                let mut h = [0u8; 48];
-                storage.read_at(&mut h, 0)?;
-                let key = h[..8]
-                    .iter()
-                    .chain(&h[20..48])
-                    .fold(j.key, |k, b| (k ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
-                let (journal, report) = Journal::open(&j.path, key, j.segment_bytes, storage.as_ref())?;
-                (Some(journal), report)
+        let mut replayed = None;
+        let mut journal = None;
+        let mut owner = None;
+        let mut journal_off = None;
+        if !opts.read_only {
+            let (first, header) = read_header(storage.as_ref())?;
+            if header.write_blocker().is_none() {
+                let state = Self::take_ownership(storage.as_ref(), &opts, &first, &header)?;
+                (journal, replayed, owner, journal_off) = state;
             }
-            _ => (None, None),
-        };
-        let held = journal.as_ref().map(|_| opts.journal.as_ref().map(|j| j.path.clone()));
-        let mut img = Self::open_replayed(storage, opts, journal, replayed).inspect_err(|_| {
-            // An image we cannot serve keeps no journal behind (it was replayed, or empty).
-            if let Some(Some(p)) = &held {
-                let _ = std::fs::remove_file(p);
-            }
-        })?;
-        // A journal was left behind: the last process did not stop clean. Allocations whose
-        // writes never completed hold clusters nothing references: give them back.
-        if img.replayed.is_some() && img.read_only.is_none() {
+        }
+        let mut img = Self::open_replayed(storage, opts, journal, replayed)?;
+        img.owner = owner;
+        img.journal_off = journal_off;
+        if let Some(o) = owner {
+            img.gen.store(o.generation, Ordering::SeqCst);
+        }
+        // The last process did not stop clean (a journal was left behind, or the in-use flag
+        // says so after a host crash): allocations whose writes never completed, or whose
+        // counts a power loss kept, hold clusters nothing references. Give them back.
+        if img.replayed.as_ref().is_some_and(|r| r.unclean || r.records > 0 || r.stale_boot) && img.read_only.is_none() {
             let n = img.repair_leaks()?;
             if let Some(r) = img.replayed.as_mut() {
                 r.leaks_repaired = n;
             }
         }
         Ok(img)
+    }
+
+    /// The read-write open's first steps: the journal (found by the image's uuid, replayed
+    /// if it belongs to the image's present state, refused if not), then the owner extension
+    /// rewritten with a new generation and the in-use flag (and every other autoclear bit
+    /// cleared: persistent bitmaps are not kept up to date), synced.
+    #[allow(clippy::type_complexity)]
+    fn take_ownership(
+        storage: &dyn Storage,
+        opts: &OpenOptions,
+        first: &[u8],
+        header: &Header,
+    ) -> Result<(Option<Journal>, Option<ReplayReport>, Option<Owner>, Option<String>)> {
+        let trusted = header.version >= 3 && header.autoclear_features & autoclear::THINBLK != 0 && header.owner.is_some();
+        let old = header.owner;
+        let uuid = old.map(|o| o.uuid).unwrap_or_else(random_uuid);
+        let image_gen = old.map(|o| o.generation).unwrap_or(0);
+        let unclean = trusted && old.is_some_and(|o| o.flags & Owner::IN_USE != 0);
+        let hex = Owner { offset: 0, uuid, generation: 0, flags: 0 }.uuid_hex();
+        let (mut journal, mut report) = match &opts.journal {
+            Some(j) => {
+                let path = j.dir.join(crate::journal::journal_file_name(&hex));
+                let mark = crate::journal::ImageMark { trusted, generation: image_gen };
+                let (jn, rep) = Journal::open(&path, uuid, mark, j.segment_bytes, storage)?;
+                (Some(jn), rep)
+            }
+            None => (None, None),
+        };
+        // The replay may have rewritten header fields: build on what the image holds now.
+        let reread;
+        let (first, header) = if report.as_ref().is_some_and(|r| r.records > 0) {
+            reread = read_header(storage)?;
+            (&reread.0[..], &reread.1)
+        } else {
+            (first, header)
+        };
+        let head = journal.as_ref().map(|j| j.head_seen()).unwrap_or(0);
+        let mut owner = Owner { offset: 0, uuid, generation: image_gen.max(head) + 1, flags: Owner::IN_USE };
+        let mut journal_off = None;
+        let current = trusted && header.autoclear_features == autoclear::THINBLK;
+        match (current, old) {
+            (true, Some(o)) => {
+                // Only the generation and the flags change: two aligned words in one sector.
+                owner.offset = o.offset;
+                storage.write_at(&owner.encode()[16..32], o.offset + 16)?;
+            }
+            _ => match header.with_owner(first, &owner, autoclear::THINBLK) {
+                Some((bytes, at)) => {
+                    owner.offset = at;
+                    storage.write_at(&bytes, 0)?;
+                }
+                None => {
+                    if header.version >= 3 && header.autoclear_features != 0 {
+                        storage.write_at(&0u64.to_be_bytes(), 88)?;
+                    }
+                    journal_off = Some(if header.version < 3 {
+                        "a version 2 image has no autoclear bits to guard thinblk's owner extension (qemu-img amend -o compat=1.1 upgrades it)".to_string()
+                    } else {
+                        "no room for thinblk's owner extension in the first cluster".to_string()
+                    });
+                    if let Some(j) = journal.take() {
+                        j.remove();
+                    }
+                    storage.flush()?;
+                    if let Some(r) = report.as_mut() {
+                        r.unclean |= unclean;
+                    }
+                    return Ok((None, report, None, journal_off));
+                }
+            },
+        }
+        storage.flush()?;
+        if let Some(j) = journal.as_mut() {
+            j.begin(owner.generation);
+        }
+        if unclean {
+            report.get_or_insert_with(ReplayReport::default).unclean = true;
+        }
+        Ok((journal, report, Some(owner), journal_off))
     }
 
     /// Recounts references (like `qemu-img check`) and lowers every refcount that is higher
@@ -332,17 +455,7 @@ impl Qcow2 {
     /// The rest of [`Qcow2::open`], once the journal (if any) is replayed and held.
     fn open_replayed(storage: Arc<dyn Storage>, opts: OpenOptions, journal: Option<Journal>, replayed: Option<ReplayReport>) -> Result<Qcow2> {
         let file_size = storage.size()?;
-        let mut first = vec![0u8; 4096];
-        storage.read_at(&mut first, 0)?;
-        // Read the whole first cluster: extensions may use all of it.
-        let cluster_bits = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
-        if (crate::header::MIN_CLUSTER_BITS..=crate::header::MAX_CLUSTER_BITS).contains(&cluster_bits)
-            && cluster_bits > 12
-        {
-            first = vec![0u8; 1 << cluster_bits];
-            storage.read_at(&mut first, 0)?;
-        }
-        let header = Header::parse(&first, file_size)?;
+        let (_, header) = read_header(storage.as_ref())?;
         let cs = header.cluster_size();
         let l1 = read_table(storage.as_ref(), "L1", header.l1_table_offset, u64::from(header.l1_size) * 8, OFFSET_MASK, cs, file_size)?;
         let rt_bytes = u64::from(header.refcount_table_clusters) * cs;
@@ -362,9 +475,10 @@ impl Qcow2 {
             reftable_offset: header.refcount_table_offset,
             reftable_clusters: u64::from(header.refcount_table_clusters),
             reftable_dirty: false,
-            old_reftable: None,
+            old_reftables: Vec::new(),
+            reftable_published: true,
+            need_gen: 0,
             header_dirty: false,
-            autoclear: header.autoclear_features,
             refblocks: HashMap::new(),
             next_free: 0,
             pending: HashMap::new(),
@@ -398,6 +512,10 @@ impl Qcow2 {
             epoch: AtomicU64::new(0),
             replayed,
             relief: std::sync::atomic::AtomicBool::new(false),
+            owner: None,
+            journal_off: None,
+            gen: AtomicU64::new(0),
+            gate: AtomicBool::new(false),
         };
         let end = img.compute_end()?;
         {
@@ -406,6 +524,54 @@ impl Qcow2 {
         }
         img.allocation.store(end, Ordering::SeqCst);
         Ok(img)
+    }
+
+    /// Why no journal is kept for this image although one was asked for (a version 2 image,
+    /// or no room for the owner extension).
+    pub fn journal_unavailable(&self) -> Option<&str> {
+        self.journal_off.as_deref()
+    }
+
+    /// The image's identity (thinblk's owner extension), once opened read-write.
+    pub fn owner(&self) -> Option<Owner> {
+        self.owner
+    }
+
+    /// Completions are waiting for write-backs: the journal filled (sealed), or its records
+    /// since are replayable only once the next write-back is durable.
+    pub fn write_through_active(&self) -> bool {
+        self.gate.load(Ordering::SeqCst)
+    }
+
+    /// The image's durable write-back generation.
+    pub fn generation(&self) -> u64 {
+        self.gen.load(Ordering::SeqCst)
+    }
+
+    /// Records a metadata change in the journal (if one is kept). A record that cannot be
+    /// made (the journal is sealed) closes the gate: completions then write through.
+    fn jrecord(&self, m: &mut Meta, class: Class, offset: u64, bytes: Option<&[u8]>, len: u64) {
+        if let Some(j) = m.journal.as_mut() {
+            let ok = match bytes {
+                Some(b) => j.record(class, offset, b),
+                None => j.record_zero(class, offset, len),
+            };
+            if !ok {
+                self.gate.store(true, Ordering::SeqCst);
+            }
+            if j.pressure() {
+                self.relief.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// While the gate is closed, a completion waits for a write-back that starts after its
+    /// change (the journal may not hold it). One atomic load otherwise.
+    pub(super) fn write_through_if_gated(&self) -> Result<()> {
+        if self.gate.load(Ordering::SeqCst) {
+            self.flush_metadata()?;
+        }
+        Ok(())
     }
 
     /// What the journal replay at open did (None: no journal was kept or found).
@@ -429,11 +595,16 @@ impl Qcow2 {
         self.meta.read().map(|m| m.refblocks.len()).unwrap_or(0)
     }
 
-    /// Closes the image clean: writes every dirty table back in order, syncs, and removes the
-    /// journal (nothing in it is needed any more). On error the journal stays, for the next open.
+    /// Closes the image clean: writes every dirty table back in order, syncs, clears the
+    /// in-use flag, and removes the journal (nothing in it is needed any more). On error the
+    /// journal stays, for the next open.
     pub fn close(&self) -> Result<()> {
         self.flush_metadata()?;
         self.storage.flush()?;
+        if let Some(o) = self.owner {
+            self.storage.write_at(&0u64.to_be_bytes(), o.offset + 24)?;
+            self.storage.flush()?;
+        }
         if let Ok(mut m) = self.meta.write() {
             if let Some(j) = m.journal.take() {
                 j.remove();

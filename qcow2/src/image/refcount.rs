@@ -136,10 +136,8 @@ impl Qcow2 {
         m.l1_dirty = true;
         m.new_l2_since_flush = true;
         let l1_at = self.header.l1_table_offset + l1_idx as u64 * 8;
-        if let Some(j) = m.journal.as_mut() {
-            j.record_zero(Class::L2, off, self.cluster_size);
-            j.record(Class::L1, l1_at, &(off | COPIED).to_be_bytes());
-        }
+        self.jrecord(m, Class::L2, off, None, self.cluster_size);
+        self.jrecord(m, Class::L1, l1_at, Some(&(off | COPIED).to_be_bytes()), 8);
         self.epoch.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -160,12 +158,7 @@ impl Qcow2 {
         if let Some(e) = Arc::make_mut(&mut t.entries).get_mut(idx as usize) {
             *e = value;
             t.dirty = true;
-            if let Some(j) = m.journal.as_mut() {
-                j.record(Class::L2, off + idx * 8, &value.to_be_bytes());
-                if j.pressure() {
-                    self.relief.store(true, Ordering::Release);
-                }
-            }
+            self.jrecord(m, Class::L2, off + idx * 8, Some(&value.to_be_bytes()), 8);
             self.epoch.fetch_add(1, Ordering::SeqCst);
         }
         Ok(())
@@ -219,12 +212,7 @@ impl Qcow2 {
             *v = value;
             rb.dirty = true;
             let block = m.reftable.get(idx as usize).map(|e| e & REFTABLE_OFFSET_MASK).unwrap_or(0);
-            if let Some(j) = m.journal.as_mut() {
-                j.record(Class::Refcount, block + at * 2, &value.to_be_bytes());
-                if j.pressure() {
-                    self.relief.store(true, Ordering::Release);
-                }
-            }
+            self.jrecord(m, Class::Refcount, block + at * 2, Some(&value.to_be_bytes()), 2);
         }
         Ok(())
     }
@@ -279,25 +267,27 @@ impl Qcow2 {
                 table.resize((new_clusters * cs / 8) as usize, 0);
                 m.reftable = table;
                 let old = (m.reftable_offset, m.reftable_clusters);
-                if m.old_reftable.is_none() {
-                    m.old_reftable = Some(old);
+                if m.reftable_published {
+                    // The header on disk may name it (a header write naming it was made or
+                    // attempted): it goes only once a header naming a newer one is durable.
+                    m.old_reftables.push(old);
                 } else {
-                    // Grown twice before a flush: the intermediate table was never published.
+                    // Grown twice before any header write named it: nothing points at it.
                     for i in 0..old.1 {
                         self.release(m, old.0 + i * cs)?;
                     }
                 }
+                m.reftable_published = false;
                 m.reftable_offset = off;
                 m.reftable_clusters = new_clusters;
                 m.reftable_dirty = true;
                 m.header_dirty = true;
-                if let Some(j) = m.journal.as_mut() {
-                    j.record(Class::RefTable, off, &to_be64s(&m.reftable));
-                    let mut f = [0u8; 12];
-                    f[..8].copy_from_slice(&off.to_be_bytes());
-                    f[8..].copy_from_slice(&(new_clusters as u32).to_be_bytes());
-                    j.record(Class::Header, 48, &f);
-                }
+                let table = to_be64s(&m.reftable);
+                self.jrecord(m, Class::RefTable, off, Some(&table), table.len() as u64);
+                let mut f = [0u8; 12];
+                f[..8].copy_from_slice(&off.to_be_bytes());
+                f[8..].copy_from_slice(&(new_clusters as u32).to_be_bytes());
+                self.jrecord(m, Class::Header, 48, Some(&f), 12);
                 for i in 0..new_clusters {
                     extra.push(off + i * cs);
                 }
@@ -311,10 +301,8 @@ impl Qcow2 {
                 m.reftable_dirty = true;
                 m.refblocks.insert(i, RefBlock { counts: vec![0u16; self.rb_entries as usize], dirty: true, flushing: false });
                 let entry_at = m.reftable_offset + i * 8;
-                if let Some(j) = m.journal.as_mut() {
-                    j.record_zero(Class::Refcount, off, cs);
-                    j.record(Class::RefTable, entry_at, &off.to_be_bytes());
-                }
+                self.jrecord(m, Class::Refcount, off, None, cs);
+                self.jrecord(m, Class::RefTable, entry_at, Some(&off.to_be_bytes()), 8);
                 extra.push(off);
                 continue;
             }

@@ -87,6 +87,13 @@ impl Qcow2 {
         if len == 0 {
             return Ok(false);
         }
+        // Metadata owed a write-back (dirty over the bounds, releases piling up while
+        // write-backs fail) is written before anything new is allocated: a failure here
+        // fails the request before it changed anything, and the error policy parks it.
+        self.relieve()?;
+        // A sealed journal may lack the link this write depends on (an in-place write into
+        // a cluster linked since the seal): the image gets it first.
+        self.write_through_if_gated()?;
         self.preload_l2(offset, len, true)?;
         Ok(true)
     }
@@ -234,7 +241,11 @@ impl Qcow2 {
                 }
             }
         }
-        self.relieve()
+        self.relieve()?;
+        // The journal could not record a change (sealed): the completion waits for a
+        // write-back that started after it, so the guest is never told of a change that
+        // neither the image nor the journal holds.
+        self.write_through_if_gated()
     }
 
     /// Sets the refcount of an unreferenced cluster to 0; it is reused once the release is
@@ -243,6 +254,9 @@ impl Qcow2 {
         self.set_refcount(m, host, 0)?;
         let gen = m.journal.as_ref().map(|j| j.generation()).unwrap_or(0);
         m.freed.push((host, gen));
+        if m.freed.len() >= MAX_PENDING_RELEASES {
+            self.relief.store(true, Ordering::Release);
+        }
         Ok(())
     }
 }

@@ -11,7 +11,8 @@ struct WriteBack {
     refblocks: Vec<(u64, u64, Vec<u8>)>,
     reftable: Option<(u64, Vec<u8>)>,
     header: Option<(u64, u32)>,
-    old_reftable: Option<(u64, u64)>,
+    /// Tables the header on disk may have named: released once this write-back is durable.
+    old_reftables: Vec<(u64, u64)>,
     /// L2 tables: snapshots shared with the cache (no copy unless changed meanwhile).
     l2s: Vec<(u64, Arc<Vec<u64>>)>,
     l1: Option<Vec<u8>>,
@@ -22,6 +23,9 @@ struct WriteBack {
     unref: Vec<u64>,
     /// The journal segment to clear once it is durable, and its generation.
     journal_clear: Option<(usize, u64)>,
+    /// The image generation this write-back writes into the owner extension once durable
+    /// (with a journal only: the journal's replay rules key on it).
+    gen: Option<u64>,
 }
 
 impl WriteBack {
@@ -76,15 +80,23 @@ impl Qcow2 {
             if !wb.l2s.is_empty() {
                 m.l2_writebacks += 1;
             }
+            if let Some(g) = wb.gen {
+                self.gen.store(g, Ordering::SeqCst);
+            }
             self.written_back(&mut m, &wb);
-            match wb.old_reftable {
-                Some((off, n)) => {
-                    for i in 0..n {
-                        self.release(&mut m, off + i * self.cluster_size)?;
-                    }
+            if self.gate.load(Ordering::SeqCst) {
+                let sealed = m.journal.as_ref().is_some_and(|j| j.sealed());
+                if !sealed && m.need_gen <= self.gen.load(Ordering::SeqCst) {
+                    self.gate.store(false, Ordering::SeqCst);
                 }
-                None if !wb.unref.is_empty() => {}
-                None => return Ok(()),
+            }
+            if wb.old_reftables.is_empty() && wb.unref.is_empty() {
+                return Ok(());
+            }
+            for &(off, n) in &wb.old_reftables {
+                for i in 0..n {
+                    self.release(&mut m, off + i * self.cluster_size)?;
+                }
             }
         }
         Ok(())
@@ -142,13 +154,10 @@ impl Qcow2 {
             wb.reftable = Some((m.reftable_offset, to_be64s(&m.reftable)));
             m.reftable_dirty = false;
         }
-        if self.header.version >= 3 && m.autoclear != 0 {
-            m.autoclear = 0;
-            m.header_dirty = true;
-        }
         if m.header_dirty {
             wb.header = Some((m.reftable_offset, m.reftable_clusters as u32));
-            wb.old_reftable = m.old_reftable.take();
+            wb.old_reftables = std::mem::take(&mut m.old_reftables);
+            m.reftable_published = true;
             m.header_dirty = false;
         }
         let mut keys: Vec<u64> = m.l2.iter().filter(|(_, t)| t.dirty).map(|(k, _)| *k).collect();
@@ -168,7 +177,19 @@ impl Qcow2 {
         }
         // Everything recorded so far is in this copy: its segment may go once it is durable.
         if !wb.is_empty() {
-            wb.journal_clear = m.journal.as_mut().map(|j| j.rotate());
+            let next = self.gen.load(Ordering::SeqCst) + 1;
+            if let Some(j) = m.journal.as_mut() {
+                let (seg, seq, unsealed) = j.rotate(next);
+                wb.journal_clear = Some((seg, seq));
+                if self.owner.is_some() {
+                    wb.gen = Some(next);
+                }
+                if unsealed {
+                    // Records from here on are replayable only over `next`: completions wait
+                    // for it (the gate stays closed until it is durable).
+                    m.need_gen = m.need_gen.max(next);
+                }
+            }
         }
         Ok(wb)
     }
@@ -187,9 +208,7 @@ impl Qcow2 {
         }
         if wb.header.is_some() {
             m.header_dirty = true;
-            if m.old_reftable.is_none() {
-                m.old_reftable = wb.old_reftable;
-            }
+            m.old_reftables.extend(wb.old_reftables);
         }
         for (off, _) in &wb.l2s {
             if let Some(t) = m.l2.get_mut(off) {
@@ -228,10 +247,6 @@ impl Qcow2 {
             f[..8].copy_from_slice(&rt_off.to_be_bytes());
             f[8..].copy_from_slice(&rt_clusters.to_be_bytes());
             self.storage.write_at(&f, 48)?;
-            if self.header.version >= 3 {
-                // Autoclear features we do not maintain are dropped (as the spec requires).
-                self.storage.write_at(&0u64.to_be_bytes(), 88)?;
-            }
             self.storage.flush()?;
         }
         // 3. L2 tables, then the L1 entries that point at them (each serialized into one
@@ -250,6 +265,11 @@ impl Qcow2 {
         }
         if !wb.l2s.is_empty() || wb.l1.is_some() {
             self.storage.flush()?;
+        }
+        // 4. The generation, once everything above is durable (no sync of its own: a daemon
+        // crash keeps it, and after a host crash the journal is gone anyway).
+        if let (Some(g), Some(o)) = (wb.gen, self.owner) {
+            self.storage.write_at(&g.to_be_bytes(), o.offset + 16)?;
         }
         Ok(())
     }

@@ -21,7 +21,7 @@ impl Qcow2 {
             return Ok(ticket);
         }
         let start = partial.len();
-        match self.zero_pieces(offset, len, partial, flagged, &mut ticket).and_then(|()| self.relieve()) {
+        match self.zero_pieces(offset, len, partial, flagged, &mut ticket).and_then(|()| self.relieve()).and_then(|()| self.write_through_if_gated()) {
             Ok(()) => Ok(ticket),
             Err(e) => {
                 partial.truncate(start);
