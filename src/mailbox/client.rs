@@ -152,6 +152,8 @@ struct Plan {
     done: Vec<Completion>,
     /// Slots whose reply did not match the request.
     mismatched: Vec<usize>,
+    /// Requests of ours overwritten before they were answered: queued again.
+    resend: Vec<(Extend, [u8; MESSAGE_LEN])>,
 }
 
 impl Client {
@@ -335,8 +337,16 @@ impl Client {
         self.observe(&block, now);
         self.check_ours(&block, intents, now);
         let mut new = block;
-        let mut plan = Plan { commits: Vec::new(), placed: Vec::new(), reclaimed: Vec::new(), done: Vec::new(), mismatched: Vec::new() };
+        let mut plan = Plan { commits: Vec::new(), placed: Vec::new(), reclaimed: Vec::new(), done: Vec::new(), mismatched: Vec::new(), resend: Vec::new() };
         self.plan_intents(&block, &mut new, intents, now, &mut plan)?;
+        // What the block shows, whatever becomes of the write: queued again.
+        for (req, msg) in std::mem::take(&mut plan.resend) {
+            tracing::warn!(size_mib = req.size_mib, "our mailbox request was overwritten before the SPM answered it (another writer of this host's block?); sending it again");
+            self.stats.resent += 1;
+            if !self.queue.iter().any(|(_, q)| *q == msg) {
+                self.queue.push_front((req, msg));
+            }
+        }
         for i in 0..SLOTS {
             if self.slots[i] != Slot::Free || plan.commits.iter().any(|(j, _)| *j == i) {
                 continue;
@@ -388,6 +398,7 @@ impl Client {
             self.slots[i] = Slot::Waiting { msg, req, since: now };
             self.queue.pop_front();
         }
+
         for (i, why) in plan.reclaimed {
             tracing::info!(slot = i, held = %why, "stale mailbox slot of this host reclaimed");
             self.stats.reclaimed += 1;
@@ -445,11 +456,10 @@ impl Client {
             match (self.slots[i], intent) {
                 (Slot::Waiting { msg, req, .. }, Intent::Ack(reply)) => {
                     // Ack it whatever it says; complete only if it matches.
-                    if reply[..HEADER_LEN] == msg[..HEADER_LEN] {
+                    let matches = reply[..HEADER_LEN] == msg[..HEADER_LEN];
+                    if matches {
                         let reply_mib = Extend::decode(&reply).map(|r| r.size_mib).unwrap_or(0);
                         plan.done.push(Completion { request: req, reply_mib });
-                    } else {
-                        plan.mismatched.push(i);
                     }
                     if m == msg {
                         put_slot(new, i, &CLEAN).map_err(io::Error::other)?;
@@ -457,8 +467,16 @@ impl Client {
                     } else if m == CLEAN {
                         plan.commits.push((i, Slot::Acked { since: now }));
                     } else {
-                        // Erased after the SPM answered: the slot is no longer ours to ack.
+                        // Our request was overwritten (the reply is then someone else's): the
+                        // slot is not ours to ack; an unanswered request is sent again.
                         plan.commits.push((i, Slot::Free));
+                        if !matches {
+                            plan.resend.push((req, msg));
+                        }
+                        continue;
+                    }
+                    if !matches {
+                        plan.mismatched.push(i);
                     }
                 }
                 (Slot::Acked { .. }, Intent::Free) => {
@@ -930,6 +948,25 @@ mod tests {
         assert_eq!(a.active(), 0);
         assert_eq!(io.inbox_slot(0), req(vol_b, 20).encode().unwrap(), "a freed over b's request");
         assert_eq!(complete(&mut b, &mut io, &mut spm).len(), 1);
+    }
+
+    #[test]
+    fn a_request_overwritten_and_answered_for_another_is_not_acked_and_is_sent_again() {
+        let clock = Clock::new();
+        let mut io = MemIo::new();
+        let mut spm = Spm::new();
+        let mut c = client_on(ours(), &clock);
+        let r = req(ours(), 700);
+        c.submit(r).unwrap();
+        c.poll(&mut io).unwrap();
+        // A vdsm on the same host id writes its own request over slot 0; the SPM answers it.
+        let theirs = req(other(7), 5).encode().unwrap();
+        io.set_inbox_slot(0, &theirs);
+        assert_eq!(spm_poll(&mut spm, &io), 1);
+        assert!(c.poll(&mut io).unwrap().is_empty(), "someone else's reply completed our request");
+        assert_eq!(io.inbox_slot(0), theirs, "we acked into a slot that is not ours");
+        assert_eq!(io.holding(&r.encode().unwrap()), 1, "our request was not sent again");
+        assert_eq!(complete(&mut c, &mut io, &mut spm), vec![Completion { request: r, reply_mib: 700 }]);
     }
 
     #[test]
