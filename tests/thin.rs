@@ -259,6 +259,47 @@ fn requests_survive_the_spm_being_down() {
 }
 
 #[test]
+fn a_failed_mailbox_write_is_retried_and_parked_io_completes() {
+    // The SPM's inbox lives on the fault fixture: the daemon's first writes of its block fail
+    // with EIO (a multipath failover). The request must stay queued and reach the SPM once
+    // writes work again; a phantom slot would fold every re-send and park the writes forever.
+    use std::sync::atomic::Ordering;
+    let mut s = Setup::new("thin-mbox-eio");
+    let capacity = 512 * MIB;
+    let (file, lv) = s.volume(VOLUME, 64 * MIB, capacity);
+    let mount = common::faultfs::FaultMount::new(&s.inbox, &s.dir.path("mnt"));
+    s.inbox = mount.disk();
+    let _spm = s.spm(&[]);
+    let addr = format!("unix:{}", s.dir.path("metrics.sock").display());
+    let d = s.daemon_with("disk", &lv.0, VOLUME, 14, 64, 50, &["--serial", "eio", "--metrics", &addr]);
+    mount.faults.fail_writes(libc::EIO);
+    let writer = background_writer(d.socket.clone(), capacity, 100 * MIB);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mount.faults.writes_failed.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the daemon never tried to write its mailbox block");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A second of refused writes (the client retries every 0.5 s meanwhile).
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(file_size(&file), 64 * MIB, "extended although no request could be written");
+    assert!(!writer.is_finished(), "100 MiB fitted in a 64 MiB volume?");
+    let failed = scrape_until(&addr, "a write error", |m| m.one("thinblk_mailbox_write_errors_total", &[("disk", "eio")]) >= 1.0);
+    assert_eq!(failed.one("thinblk_extensions_completed_total", &[("disk", "eio")]), 0.0);
+    mount.faults.fail_writes(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !writer.is_finished() {
+        assert!(Instant::now() < deadline, "parked IO did not complete after mailbox writes worked again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    writer.join().expect("writer failed");
+    assert!(file_size(&file) > 100 * MIB);
+    let log = std::fs::read_to_string(s.dir.path("spm.log")).unwrap();
+    assert!(log.contains("extended"), "{log}");
+    stop(d);
+    qemu_img_check(&lv.0);
+}
+
+#[test]
 fn two_daemons_share_one_host_block() {
     let s = Setup::new("thin-two");
     let capacity = 512 * MIB;

@@ -5,16 +5,21 @@
 //! The lock file is ours alone: created 0600 in a directory created 0700, refused when another
 //! user owns it, and taken with a timeout, so no local user can hold every extension (or a
 //! shutdown) hostage by locking it.
+//!
+//! Next to it, each process holds a per-volume lock file (`<host lock>.<volume uuid>`) for its
+//! whole life: the kernel drops the `flock` when the process dies, so another process of the
+//! host can tell a request of a live process from one a dead process left (docs/mailbox.md,
+//! "Stale slots"). The files are never removed (removing a lock file races with its takers).
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::client::MailboxIo;
-use super::wire::{block_offset, BLOCK_LEN};
+use super::client::{MailboxIo, Owner};
+use super::wire::{block_offset, Uuid, BLOCK_LEN};
 
 /// A 4 KiB block aligned for O_DIRECT.
 #[repr(C, align(4096))]
@@ -66,6 +71,39 @@ pub(crate) fn lock_with_timeout(lock: &File, timeout: Duration) -> io::Result<()
     }
 }
 
+/// How long a volume claim waits for its lock (another process probing it holds it for
+/// microseconds; a live process serving the same volume holds it for good).
+const CLAIM_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// The per-volume lock file next to the host lock `lock_path`.
+pub fn volume_lock_path(lock_path: &Path, volume: Uuid) -> PathBuf {
+    let mut p = lock_path.as_os_str().to_owned();
+    p.push(format!(".{volume}"));
+    PathBuf::from(p)
+}
+
+/// Whether the per-volume lock at `path` is held: [`Owner::Gone`] when it exists, is ours and
+/// nobody holds it; [`Owner::Unknown`] when there is none (or it is not ours).
+pub(crate) fn probe_owner(path: &Path) -> Owner {
+    let Ok(file) = OpenOptions::new().read(true).write(true).open(path) else { return Owner::Unknown };
+    // SAFETY: geteuid has no failure mode and no memory effects.
+    let me = unsafe { libc::geteuid() };
+    if file.metadata().map(|m| m.uid() != me).unwrap_or(true) {
+        return Owner::Unknown;
+    }
+    // SAFETY: flock on a file we opened.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        // SAFETY: as above (closing the file would release it too).
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+        return Owner::Gone;
+    }
+    if io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Owner::Alive
+    } else {
+        Owner::Unknown
+    }
+}
+
 /// One host's view of the two mailbox volumes.
 pub struct FileMailbox {
     /// The SPM's inbox: we write our requests (and the doorbell) here.
@@ -74,6 +112,9 @@ pub struct FileMailbox {
     spm_outbox: File,
     host: u16,
     lock: File,
+    lock_path: PathBuf,
+    /// Our volume's lock, held while this process lives.
+    claimed: Option<File>,
     buf: Box<AlignedBlock>,
 }
 
@@ -101,6 +142,8 @@ impl FileMailbox {
             spm_outbox: open_volume(spm_outbox, false)?,
             host,
             lock: open_lock(lock_path)?,
+            lock_path: lock_path.to_path_buf(),
+            claimed: None,
             buf: Box::new(AlignedBlock([0; BLOCK_LEN])),
         })
     }
@@ -144,6 +187,27 @@ impl MailboxIo for FileMailbox {
     fn unlock(&mut self) {
         // SAFETY: flock on a file we own.
         unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_UN) };
+    }
+
+    fn claim(&mut self, volume: Uuid) -> io::Result<()> {
+        if self.claimed.is_some() {
+            return Ok(());
+        }
+        let path = volume_lock_path(&self.lock_path, volume);
+        let file = open_lock(&path)?;
+        lock_with_timeout(&file, CLAIM_TIMEOUT).map_err(|e| match e.kind() {
+            io::ErrorKind::TimedOut => io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("another live process serves volume {volume} on this host (it holds {})", path.display()),
+            ),
+            _ => e,
+        })?;
+        self.claimed = Some(file);
+        Ok(())
+    }
+
+    fn owner(&mut self, volume: Uuid) -> Owner {
+        probe_owner(&volume_lock_path(&self.lock_path, volume))
     }
 }
 
@@ -196,6 +260,35 @@ mod tests {
         assert_eq!(&region[5 * 4096..5 * 4096 + 64], &CLEAN[..]);
         assert_eq!(&region[5 * 4096 + 64..5 * 4096 + 128], &CLEAN[..]);
         assert_eq!(&region[..4], &[0, b'e', b'v', b't'][..], "doorbell");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn volume_locks_tell_live_processes_from_gone_ones() {
+        let dir = std::env::temp_dir().join(format!("thinblk-mbvol-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (inbox, outbox) = (dir.join("inbox"), dir.join("outbox"));
+        std::fs::write(&inbox, vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(&outbox, vec![0u8; 1 << 20]).unwrap();
+        let lock = dir.join("run/host-2.lock");
+        let a = Uuid::parse("d772f1c6-3ebb-43c3-a42e-73fcd8255a5f").unwrap();
+        let b = Uuid::parse("11111111-2222-3333-4444-555555555555").unwrap();
+        let mut pa = FileMailbox::open(&inbox, &outbox, 2, &lock).unwrap();
+        let mut pb = FileMailbox::open(&inbox, &outbox, 2, &lock).unwrap();
+        pa.claim(a).unwrap();
+        assert_eq!(pa.owner(b), Owner::Unknown, "b never ran here");
+        pb.claim(b).unwrap();
+        pb.claim(b).unwrap();
+        assert!(volume_lock_path(&lock, b).ends_with("host-2.lock.11111111-2222-3333-4444-555555555555"));
+        assert_eq!(pa.owner(b), Owner::Alive);
+        // A second process for the same volume is refused while the first lives.
+        let mut pb2 = FileMailbox::open(&inbox, &outbox, 2, &lock).unwrap();
+        assert_eq!(pb2.claim(b).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        drop(pb);
+        assert_eq!(pa.owner(b), Owner::Gone, "the lock died with its process");
+        pb2.claim(b).unwrap();
+        assert_eq!(pa.owner(b), Owner::Alive);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -376,6 +376,8 @@ impl Sources {
         );
         b.gauge("mailbox_slots_in_use", "Mailbox slots holding our requests.", self.one(gauge_i(s.slots_in_use)));
         b.gauge("mailbox_queued_requests", "Extension requests waiting for a free mailbox slot.", self.one(gauge_i(s.queued)));
+        b.counter("mailbox_write_errors", "Writes of this host's mailbox block that failed (each attempt; retried at the next poll).", self.one(Value::Counter(s.mailbox_write_errors)));
+        b.counter("mailbox_slots_reclaimed", "Stale slots of this host's mailbox block this process freed (markers and requests of gone processes).", self.one(Value::Counter(s.mailbox_slots_reclaimed)));
         b.gauge("allocation_rate_bytes_per_second", "The allocation rate rate-aware sizing sees (average over a few seconds; 0 with --spec-sizing).", self.one(Value::GaugeF(s.rate_bps)));
         b.gauge("extension_round_trip_seconds", "The extension round trip rate-aware sizing assumes (0 with --spec-sizing).", self.one(Value::GaugeF(s.round_trip_s)));
     }

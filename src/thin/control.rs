@@ -173,6 +173,10 @@ pub struct ThinStats {
     pub slots_in_use: u64,
     /// Requests waiting for a free mailbox slot.
     pub queued: u64,
+    /// Writes of the host's mailbox block that failed (retried at the next poll).
+    pub mailbox_write_errors: u64,
+    /// Stale slots of the host's mailbox block this process freed.
+    pub mailbox_slots_reclaimed: u64,
     /// Completed extensions per duration bucket of [`EXTENSION_BOUNDS_S`] and an unbounded
     /// one (not cumulative); the duration runs from the first request to the grown volume.
     pub duration_buckets: [u64; EXTENSION_BOUNDS_S.len() + 1],
@@ -285,6 +289,9 @@ impl Control {
             s.max_size = super::policy::max_size(s.capacity);
             s.slots_in_use = self.client.active() as u64;
             s.queued = self.client.queued() as u64;
+            let c = self.client.stats();
+            s.mailbox_write_errors = c.write_errors;
+            s.mailbox_slots_reclaimed = c.reclaimed;
             let (rate, rtt) = self.monitor.rate().unwrap_or((0.0, 0.0));
             s.rate_bps = rate;
             s.round_trip_s = rtt;
@@ -358,6 +365,11 @@ impl Control {
         }
         let written = match self.client.place(self.io.as_mut()) {
             Ok(w) => w,
+            Err(e) if self.client.writes_failing() => {
+                // The client logged the episode; the request stays queued.
+                tracing::debug!(error = %e, "writing the extend request failed; retrying at the next poll");
+                false
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "writing the extend request failed; retrying at the next poll");
                 false
@@ -393,6 +405,9 @@ impl Control {
                     self.refresh(now, Some(c.reply_mib));
                 }
             }
+            // A block write that failed (a path failover) is retried at the normal pace, not
+            // after vdsm's 60 s back-off for failed reads; the client logs the episode.
+            Err(e) if self.client.writes_failing() => tracing::debug!(error = %e, "mailbox block write failed"),
             Err(e) => {
                 self.failures += 1;
                 if self.failures <= 10 || self.failures % 100 == 0 {
