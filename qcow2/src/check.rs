@@ -151,6 +151,45 @@ impl Walker<'_> {
         Ok(copied_checks)
     }
 
+    /// Counts the persistent bitmaps' clusters (directory, tables, data) as references, as
+    /// QEMU does while their autoclear bit says they are consistent: a repair must never free
+    /// them.
+    fn walk_bitmaps(&mut self, b: crate::header::Bitmaps) -> Result<()> {
+        let file_end = self.file_clusters * self.cs;
+        if b.directory_size == 0 || b.directory_size > 64 << 20 || b.directory_offset.saturating_add(b.directory_size) > file_end {
+            self.report.problem(true, format!("bitmap directory {:#x} ({} bytes) out of the image", b.directory_offset, b.directory_size));
+            return Ok(());
+        }
+        self.add("bitmap directory", b.directory_offset, b.directory_size);
+        let mut dir = vec![0u8; b.directory_size as usize];
+        self.storage.read_at(&mut dir, b.directory_offset)?;
+        let be32 = |d: &[u8], at: usize| u32::from_be_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]);
+        let mut at = 0usize;
+        for n in 0..b.count {
+            if at + 24 > dir.len() {
+                self.report.problem(true, format!("bitmap {n}: directory entry past the directory"));
+                break;
+            }
+            let table = u64::from_be_bytes(dir[at..at + 8].try_into().unwrap_or([0; 8]));
+            let entries = u64::from(be32(&dir, at + 8));
+            let name = u64::from(u16::from_be_bytes([dir[at + 18], dir[at + 19]]));
+            let extra = u64::from(be32(&dir, at + 20));
+            if table % self.cs != 0 || table.saturating_add(entries * 8) > file_end {
+                self.report.problem(true, format!("bitmap {n}: bad table {table:#x} ({entries} entries)"));
+            } else if entries > 0 {
+                self.add("bitmap table", table, entries * 8);
+                for e in read_u64s(self.storage, table, entries * 8)? {
+                    let data = e & 0x00ff_ffff_ffff_fe00;
+                    if data != 0 {
+                        self.add("bitmap data", data, self.cs);
+                    }
+                }
+            }
+            at += (24 + extra + name).div_ceil(8) as usize * 8;
+        }
+        Ok(())
+    }
+
     fn walk_snapshots(&mut self) -> Result<()> {
         let mut off = self.h.snapshots_offset;
         let start = off;
@@ -204,6 +243,9 @@ pub fn check(storage: &dyn Storage) -> Result<CheckReport> {
     let copied = w.walk_l1(h.l1_table_offset, u64::from(h.l1_size), true)?;
     if h.nb_snapshots > 0 {
         w.walk_snapshots()?;
+    }
+    if let Some(b) = h.bitmaps.filter(|_| h.autoclear_features & crate::header::autoclear::BITMAPS != 0) {
+        w.walk_bitmaps(b)?;
     }
     let rt_len = u64::from(h.refcount_table_clusters) * cs;
     w.add("refcount table", h.refcount_table_offset, rt_len);

@@ -550,4 +550,37 @@ mod tests {
         assert_eq!(h.backing_file.as_deref(), Some("base.img"));
         assert_eq!(h.backing_format.as_deref(), Some("qcow2"));
     }
+
+    #[test]
+    fn the_owner_extension_goes_in_keeping_every_other_one_and_the_backing_name() {
+        let mut b = sample();
+        set64(&mut b, 8, 1024);
+        set32(&mut b, 16, 8);
+        b[1024..1032].copy_from_slice(b"base.img");
+        set32(&mut b, 112, 0xe279_2aca);
+        set32(&mut b, 116, 5);
+        b[120..125].copy_from_slice(b"qcow2");
+        set64(&mut b, 88, autoclear::BITMAPS);
+        let h = Header::parse(&b, FILE).unwrap();
+        let owner = Owner { offset: 0, uuid: [9; 16], generation: 7, flags: Owner::IN_USE };
+        let (bytes, at) = h.with_owner(&b, &owner, autoclear::THINBLK).expect("fits");
+        let mut c = b.clone();
+        c[..bytes.len()].copy_from_slice(&bytes);
+        let h2 = Header::parse(&c, FILE).unwrap();
+        assert_eq!(h2.backing_file.as_deref(), Some("base.img"));
+        assert_eq!(h2.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(h2.autoclear_features, autoclear::THINBLK);
+        assert_eq!(h2.owner, Some(Owner { offset: at, ..owner }));
+        // Again over itself: replaced, not added twice.
+        let (again, at2) = h2.with_owner(&c, &Owner { generation: 8, ..owner }, autoclear::THINBLK).expect("fits");
+        assert_eq!((again.len(), at2), (bytes.len(), at));
+        // No room in a 512-byte first cluster with a long backing name; version 2: none.
+        let mut small = h.clone();
+        small.cluster_bits = 9;
+        small.backing_file = Some("x".repeat(400));
+        assert!(small.with_owner(&b, &owner, autoclear::THINBLK).is_none());
+        let mut v2 = h.clone();
+        v2.version = 2;
+        assert!(v2.with_owner(&b, &owner, autoclear::THINBLK).is_none());
+    }
 }

@@ -1,0 +1,154 @@
+//! The metadata journal at the daemon's level (issue 19): found by the image's identity, not
+//! its device number; refused, never replayed or dropped silently, when another program
+//! changed the image after a kill; a journal directory too small refuses the start instead of
+//! killing the daemon with SIGBUS later.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Client, Daemon, LoopDev, TestDir};
+
+const MIB: u64 = 1 << 20;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+fn ok(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().expect("run");
+    assert!(out.status.success(), "{cmd} {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs the daemon expecting it to refuse to start; returns its stderr.
+fn refused(dir: &TestDir, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_thinblk"))
+        .arg("--socket-path")
+        .arg(dir.path("refused.sock"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run thinblk");
+    assert_eq!(out.status.code(), Some(1), "thinblk {args:?} should refuse to start: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!dir.path("refused.sock").exists(), "no socket after a refused start");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Writes `n` MiB of distinct blocks without a FLUSH, then SIGKILLs the daemon: only the
+/// journal holds the links of those writes.
+fn write_then_kill(mut d: Daemon, n: u64) -> Vec<u8> {
+    let mut c = Client::connect(&d.socket, 1).expect("connect");
+    let data: Vec<u8> = (0..n * MIB).map(|i| (i / 4096 % 251) as u8 | 1).collect();
+    for k in 0..n {
+        assert_eq!(c.write(0, k * MIB, &data[(k * MIB) as usize..((k + 1) * MIB) as usize]), 0);
+    }
+    d.signal(libc::SIGKILL);
+    let _ = d.wait_exit(Duration::from_secs(10));
+    drop(c);
+    data
+}
+
+#[test]
+fn the_journal_is_found_again_after_the_loop_device_changes_its_minor() {
+    // An LV reactivated gets another dm minor; here a loop device re-attached under another
+    // number. The journal is named by the image's uuid: found, replayed, nothing lost.
+    let dir = TestDir::new("journal-minor");
+    let backing = dir.path("lv.img");
+    std::fs::write(&backing, vec![0u8; (48 * MIB) as usize]).unwrap();
+    let lv = LoopDev::attach(&backing);
+    let dev = s(&lv.0).to_string();
+    ok(env!("CARGO_BIN_EXE_thinblk"), &["create", &dev, "32M"]);
+    let jdir = dir.path("shm");
+    std::fs::create_dir_all(&jdir).unwrap();
+    let args = ["--image", dev.as_str(), "--format", "qcow2", "--journal-dir", s(&jdir)];
+    let d = Daemon::start_logging(&dir.path("sock"), &args, Some(&dir.path("first.log")));
+    let data = write_then_kill(d, 4);
+    drop(lv);
+    // The old number is taken by another device; the "LV" comes back under a new one.
+    let other = dir.path("other.img");
+    std::fs::write(&other, vec![0u8; MIB as usize]).unwrap();
+    let _taken = LoopDev::attach(&other);
+    let lv2 = LoopDev::attach(&backing);
+    assert_ne!(lv2.0.to_str(), Some(dev.as_str()), "the loop device came back under the same number");
+    let dev2 = s(&lv2.0).to_string();
+    let args = ["--image", dev2.as_str(), "--format", "qcow2", "--journal-dir", s(&jdir)];
+    let log = dir.path("second.log");
+    let d = Daemon::start_logging(&dir.path("sock"), &args, Some(&log));
+    let mut c = Client::connect(&dir.path("sock"), 1).expect("connect");
+    let back = c.read(0, 0, data.len()).expect("read");
+    assert!(back == data, "completed writes lost after the device number changed");
+    drop(c);
+    common::stop_clean(d);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("replayed the metadata journal"), "{text}");
+    let check = ok("qemu-img", &["check", "-f", "qcow2", &dev2]);
+    assert!(check.contains("No errors were found"), "{check}");
+}
+
+#[test]
+fn a_journal_is_refused_after_qemu_img_changed_the_image_between_kill_and_restart() {
+    let dir = TestDir::new("journal-foreign");
+    let img = dir.path("disk.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    let args = ["--image", s(&img), "--format", "qcow2", "--journal-dir", s(&dir.0)];
+    let d = Daemon::start_logging(&dir.path("sock"), &args, Some(&dir.path("first.log")));
+    write_then_kill(d, 2);
+    ok("qemu-img", &["check", "-r", "leaks", s(&img)]);
+    let err = refused(&dir, &args);
+    assert!(err.contains("journal refused") && err.contains("another program") && err.contains("qemu-img check -r all"), "{err}");
+    let journals: Vec<_> = std::fs::read_dir(&dir.0).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "journal")).collect();
+    assert_eq!(journals.len(), 1, "the refused journal is kept");
+    // The operator's way out, as the error says: check, remove the journal, start.
+    ok("qemu-img", &["check", "-r", "all", s(&img)]);
+    std::fs::remove_file(journals[0].path()).unwrap();
+    let d = Daemon::start(&dir.path("sock"), &args);
+    common::stop_clean(d);
+}
+
+/// A tmpfs mounted for the test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        ok("mount", &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", s(at)]);
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_journal_dir_too_small_refuses_the_start_instead_of_dying_later() {
+    // Before: the journal was a sparse file; on a 2 MiB tmpfs the daemon started and died of
+    // SIGBUS under 4k writes (and so did every restart).
+    let dir = TestDir::new("journal-tmpfs");
+    let img = dir.path("disk.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", s(&img), "64M"]);
+    let shm = Tmpfs::mount(&dir.path("shm"), "2m");
+    let args = ["--image", s(&img), "--format", "qcow2", "--journal-dir", s(&shm.0)];
+    let err = refused(&dir, &args);
+    assert!(err.contains("cannot reserve 16 MiB") && err.contains(s(&shm.0)), "{err}");
+    assert_eq!(std::fs::read_dir(&shm.0).unwrap().count(), 0, "nothing left in the tmpfs");
+    // A journal that fits (two 512 KiB segments) serves, and 4k writes at 512 B clusters fill
+    // and rotate it many times without a fault.
+    let mut args = args.to_vec();
+    args.extend_from_slice(&["--journal-segment-kib", "512"]);
+    let d = Daemon::start_logging(&dir.path("sock"), &args, Some(&dir.path("small.log")));
+    let mut c = Client::connect(&dir.path("sock"), 1).expect("connect");
+    for i in 0..2048u64 {
+        assert_eq!(c.write(0, i * 8192, &[i as u8 | 1; 4096]), 0);
+    }
+    assert_eq!(c.read(0, 2047 * 8192, 4096).expect("read"), vec![(2047u64 as u8) | 1; 4096]);
+    drop(c);
+    common::stop_clean(d);
+    let check = ok("qemu-img", &["check", s(&img)]);
+    assert!(check.contains("No errors were found"), "{check}");
+}
