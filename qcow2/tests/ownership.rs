@@ -426,3 +426,78 @@ fn failing_write_backs_stop_allocation_instead_of_moving_the_mark_for_nothing() 
     let r = check(&MemStorage::new(st.mem.snapshot())).unwrap();
     assert_eq!(r.corruptions, 0, "{:?}", r.messages);
 }
+
+/// Fails, while armed, the first write after the header's refcount-table fields (offset 48)
+/// were written, or that header write itself.
+struct FailAfterHeader {
+    mem: MemStorage,
+    /// 0 off, 1 fail the write after the header, 2 fail the header write.
+    mode: AtomicU64,
+    saw_header: AtomicBool,
+}
+
+impl Storage for FailAfterHeader {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.mem.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        match self.mode.load(Ordering::SeqCst) {
+            1 if self.saw_header.load(Ordering::SeqCst) => {
+                self.mode.store(0, Ordering::SeqCst);
+                return Err(io::Error::from_raw_os_error(5));
+            }
+            1 if offset == 48 => self.saw_header.store(true, Ordering::SeqCst),
+            2 if offset == 48 => {
+                self.mode.store(0, Ordering::SeqCst);
+                return Err(io::Error::from_raw_os_error(5));
+            }
+            _ => {}
+        }
+        self.mem.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn size(&self) -> io::Result<u64> {
+        self.mem.size()
+    }
+}
+
+#[test]
+fn a_refcount_table_the_header_on_disk_may_name_is_never_released() {
+    // 512 B clusters: the first refcount table (one cluster, 64 blocks) covers 8 MiB of host,
+    // the next (3 clusters) 24 MiB. A write-back that wrote the header naming the second table
+    // fails after it; a second growth then must not release the second table, which the
+    // header on disk names: a crash after the next write-back's refcount blocks and before its
+    // header would leave the header pointing at clusters counted free.
+    let cs = 512u64;
+    let mem = MemStorage::default();
+    create(&mem, &CreateOptions { size: 64 << 20, cluster_size: cs }).unwrap();
+    let st = Arc::new(FailAfterHeader { mem, mode: AtomicU64::new(0), saw_header: AtomicBool::new(false) });
+    let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
+    let t0 = img.header().refcount_table_offset;
+    let fill = |img: &Qcow2, from: u64, to: u64| {
+        for off in (from..to).step_by(1 << 16) {
+            write(img, st.as_ref(), off, &[1; 1 << 16]).unwrap();
+        }
+    };
+    // Past 8 MiB of host: the table grows (in memory) to a second one.
+    fill(&img, 0, 9 << 20);
+    st.mode.store(1, Ordering::SeqCst);
+    assert!(img.flush_metadata().is_err(), "the write after the header must fail");
+    let on_disk = thinblk_qcow2::Header::parse(&st.mem.snapshot()[..4096], st.mem.size().unwrap()).unwrap();
+    let t1 = on_disk.refcount_table_offset;
+    assert_ne!(t1, t0, "the header on disk names the second table");
+    // Past 24 MiB: the table grows again; then a write-back whose header write fails.
+    fill(&img, 9 << 20, 26 << 20);
+    st.mode.store(2, Ordering::SeqCst);
+    assert!(img.flush_metadata().is_err(), "the header write must fail");
+    // The crash: the header still names the second table; its clusters must still count.
+    let r = check(&MemStorage::new(st.mem.snapshot())).unwrap();
+    assert_eq!(r.corruptions, 0, "{:?}", r.messages);
+    // And once a header naming the newest table is durable, the old ones go.
+    img.flush_metadata().unwrap();
+    img.flush_metadata().unwrap();
+    let r = check(&MemStorage::new(st.mem.snapshot())).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+}
