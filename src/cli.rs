@@ -75,6 +75,10 @@ pub struct ServeArgs {
     /// a full one makes completions wait for write-backs until the next one.
     #[arg(long, value_name = "KIB", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(16..=1048576))]
     pub journal_segment_kib: u32,
+    /// Clean qcow2 refcount blocks kept in memory (each one cluster); fewer saves memory on
+    /// images with large refcount tables at the cost of re-reading them.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1048576))]
+    pub refcount_cache_blocks: u32,
     /// Serial number returned by GET_ID (at most 20 bytes); default derived from the image path.
     #[arg(long, value_parser = parse_serial)]
     pub serial: Option<String>,

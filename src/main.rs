@@ -110,6 +110,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         fixed_size: thin.is_some(),
         journal_dir: (args.journal_dir != "none").then(|| std::path::PathBuf::from(&args.journal_dir)),
         journal_segment_bytes: args.journal_segment_kib as usize * 1024,
+        refcount_cache_blocks: Some(args.refcount_cache_blocks as usize),
         backing_files: args.backing_files.into(),
     };
     let hub = ParkHub::new(usize::from(args.num_queues)).map_err(|e| Failure::Runtime(e.to_string()))?;
@@ -414,6 +415,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         // The demo keeps everything in its directory, its journal too (the boot id guards it).
         journal_dir: dir.to_string_lossy().into_owned(),
         journal_segment_kib: 8192,
+        refcount_cache_blocks: 64,
         backing_files: Default::default(),
         seccomp: Default::default(),
         discard: DiscardMode::Unmap,

@@ -59,6 +59,8 @@ pub struct ImageOptions {
     pub journal_dir: Option<PathBuf>,
     /// Bytes per journal segment (the file is twice this, preallocated).
     pub journal_segment_bytes: usize,
+    /// Clean qcow2 refcount blocks kept in memory (None: the engine's default).
+    pub refcount_cache_blocks: Option<usize>,
     /// Which backing file names images may give.
     pub backing_files: BackingFiles,
 }
@@ -72,6 +74,7 @@ impl Default for ImageOptions {
             fixed_size: false,
             journal_dir: None,
             journal_segment_bytes: thinblk_qcow2::DEFAULT_SEGMENT_BYTES,
+            refcount_cache_blocks: None,
             backing_files: BackingFiles::default(),
         }
     }
@@ -229,7 +232,13 @@ impl Qcow2Format {
         };
         let mut top = Qcow2::open(
             top_storage.clone(),
-            OpenOptions { read_only: opts.read_only, l2_cache_bytes: opts.l2_cache_bytes, zeroes_from, journal },
+            OpenOptions {
+                read_only: opts.read_only,
+                l2_cache_bytes: opts.l2_cache_bytes,
+                zeroes_from,
+                journal,
+                refcount_cache_blocks: opts.refcount_cache_blocks,
+            },
         )
         .map_err(qerr(path))?;
         if let Some(r) = top.replayed() {
@@ -525,6 +534,8 @@ impl Disk for Qcow2Format {
     }
 
     fn close(&self) -> Result<(), ImageError> {
+        let (read, evicted) = self.top.refcount_cache_stats();
+        tracing::info!(refcount_blocks_read = read, refcount_blocks_evicted = evicted, "closing the qcow2 image");
         self.top.close().map_err(to_image_error)
     }
 }

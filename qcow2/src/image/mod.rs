@@ -75,6 +75,8 @@ pub struct OpenOptions {
     /// The metadata journal (daemon-crash contract); None: changes since the last write-back
     /// live only in memory. Ignored when read-only.
     pub journal: Option<JournalOptions>,
+    /// Clean refcount blocks kept in memory (None: [`MAX_CACHED_REFBLOCKS`]).
+    pub refcount_cache_blocks: Option<usize>,
 }
 
 /// Where an image's metadata journal lives (a file on tmpfs: see `journal.rs`).
@@ -89,7 +91,7 @@ pub struct JournalOptions {
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { read_only: false, l2_cache_bytes: None, zeroes_from: u64::MAX, journal: None }
+        OpenOptions { read_only: false, l2_cache_bytes: None, zeroes_from: u64::MAX, journal: None, refcount_cache_blocks: None }
     }
 }
 
@@ -245,6 +247,11 @@ pub struct Qcow2 {
     /// The journal was sealed (a record did not fit) or completions wait for a generation:
     /// every completion first waits for a write-back that started after its change.
     gate: AtomicBool,
+    /// Clean refcount blocks kept cached at most.
+    refblock_cap: usize,
+    /// Refcount blocks read from disk, and evicted, since open.
+    refblock_reads: AtomicU64,
+    refblock_evictions: AtomicU64,
 }
 
 /// Reads a table of big-endian offsets and checks every entry points at a whole cluster
@@ -516,6 +523,9 @@ impl Qcow2 {
             journal_off: None,
             gen: AtomicU64::new(0),
             gate: AtomicBool::new(false),
+            refblock_cap: opts.refcount_cache_blocks.unwrap_or(MAX_CACHED_REFBLOCKS).max(1),
+            refblock_reads: AtomicU64::new(0),
+            refblock_evictions: AtomicU64::new(0),
         };
         let end = img.compute_end()?;
         {
@@ -588,6 +598,11 @@ impl Qcow2 {
     /// requests in progress).
     pub fn cached_l2_tables(&self) -> usize {
         self.meta.read().map(|m| m.l2.len()).unwrap_or(0)
+    }
+
+    /// Refcount blocks read from disk and evicted from the cache since open.
+    pub fn refcount_cache_stats(&self) -> (u64, u64) {
+        (self.refblock_reads.load(Ordering::Relaxed), self.refblock_evictions.load(Ordering::Relaxed))
     }
 
     /// Refcount blocks held in memory now (at most [`MAX_CACHED_REFBLOCKS`] clean ones).

@@ -7,7 +7,9 @@
 //!   and a failed write-back re-dirties exactly the blocks it carried
 //!   (`a_refcount_block_in_write_back_is_never_evicted_and_reread_stale`,
 //!   `a_failed_write_back_re_dirties_the_refcount_blocks_it_carried`);
-//! - at most [`MAX_CACHED_REFBLOCKS`] clean blocks stay cached; the lowest go first.
+//! - at most `refblock_cap` ([`MAX_CACHED_REFBLOCKS`] unless the open asks otherwise) blocks
+//!   stay cached, besides dirty and flushing ones; clean ones go lowest first, on a miss and
+//!   when a new block is made.
 
 use super::*;
 
@@ -172,24 +174,35 @@ impl Qcow2 {
             }
             let mut raw = vec![0u8; self.cluster_size as usize];
             self.storage.read_at(&mut raw, off)?;
+            self.refblock_reads.fetch_add(1, Ordering::Relaxed);
             let counts = raw.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
-            if m.refblocks.len() >= MAX_CACHED_REFBLOCKS {
-                // Only blocks that are clean *and* not in a write-back may go (as L2 tables);
-                // the lowest first (allocation works at the end of the image).
-                let mut clean: Vec<u64> = m.refblocks.iter().filter(|(_, b)| !b.dirty && !b.flushing).map(|(i, _)| *i).collect();
-                clean.sort_unstable();
-                clean.truncate(m.refblocks.len() / 2 + 1);
-                if clean.is_empty() {
-                    // All dirty or in write-back: the next writer writes them back, then they can go.
-                    self.relief.store(true, Ordering::Release);
-                }
-                for i in clean {
-                    m.refblocks.remove(&i);
-                }
+            if m.refblocks.len() >= self.refblock_cap {
+                // Room for half the cache at once: a scan of many blocks does not evict at
+                // every miss.
+                self.trim_refblocks(m, self.refblock_cap / 2);
             }
             m.refblocks.insert(idx, RefBlock { counts, dirty: false, flushing: false });
         }
         m.refblocks.get_mut(&idx).ok_or_else(|| Qcow2Error::Corrupt("refcount block cache".into()))
+    }
+
+    /// Evicts clean refcount blocks that are not in a write-back, lowest first (allocation
+    /// works at the end of the image), until at most `keep` are cached; if only dirty or
+    /// flushing ones are left above it, the next writer writes them back (`relief`).
+    fn trim_refblocks(&self, m: &mut Meta, keep: usize) {
+        if m.refblocks.len() <= keep {
+            return;
+        }
+        let mut clean: Vec<u64> = m.refblocks.iter().filter(|(_, b)| !b.dirty && !b.flushing).map(|(i, _)| *i).collect();
+        clean.sort_unstable();
+        clean.truncate(m.refblocks.len() - keep);
+        if clean.len() < m.refblocks.len() - keep {
+            self.relief.store(true, Ordering::Release);
+        }
+        self.refblock_evictions.fetch_add(clean.len() as u64, Ordering::Relaxed);
+        for i in clean {
+            m.refblocks.remove(&i);
+        }
     }
 
     pub(super) fn refcount(&self, m: &mut Meta, host: u64) -> Result<u64> {
@@ -300,6 +313,7 @@ impl Qcow2 {
                 m.reftable[i as usize] = off;
                 m.reftable_dirty = true;
                 m.refblocks.insert(i, RefBlock { counts: vec![0u16; self.rb_entries as usize], dirty: true, flushing: false });
+                self.trim_refblocks(m, self.refblock_cap);
                 let entry_at = m.reftable_offset + i * 8;
                 self.jrecord(m, Class::Refcount, off, None, cs);
                 self.jrecord(m, Class::RefTable, entry_at, Some(&off.to_be_bytes()), 8);
