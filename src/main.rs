@@ -110,6 +110,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         fixed_size: thin.is_some(),
         journal_dir: (args.journal_dir != "none").then(|| std::path::PathBuf::from(&args.journal_dir)),
         backing_files: args.backing_files.into(),
+        locking: args.image_locking.into(),
     };
     let hub = ParkHub::new(usize::from(args.num_queues)).map_err(|e| Failure::Runtime(e.to_string()))?;
     let faults = thinblk::fault::FaultState::new(fault_settings, hub.clone());
@@ -413,6 +414,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         // The demo keeps everything in its directory, its journal too (the boot id guards it).
         journal_dir: dir.to_string_lossy().into_owned(),
         backing_files: Default::default(),
+        image_locking: Default::default(),
         seccomp: Default::default(),
         discard: DiscardMode::Unmap,
         log_level: None,
