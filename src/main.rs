@@ -291,9 +291,16 @@ fn create(args: CreateArgs) -> Result<(), Failure> {
         .read(true)
         .write(true)
         .create(!matches!(is_block, Ok(true)))
-        .truncate(!matches!(is_block, Ok(true)))
+        .truncate(false)
         .open(&args.image)
         .map_err(|e| rt(e.to_string()))?;
+    // A writer like any other: never over an image someone uses (QEMU's locks), and only
+    // then emptied.
+    let _lock = thinblk_disk::lock::lock_image(&file, &args.image, thinblk_disk::lock::Access::qcow2(true), Default::default())
+        .map_err(|e| rt(e.to_string()))?;
+    if !matches!(is_block, Ok(true)) {
+        file.set_len(0).map_err(|e| rt(e.to_string()))?;
+    }
     let storage = std::sync::Arc::new(FileStorage::new(file, 1));
     let opts = CreateOptions { size: args.size, cluster_size: args.cluster_size };
     let mut end = create(storage.as_ref(), &opts).map_err(|e| rt(e.to_string()))?;

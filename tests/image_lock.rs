@@ -95,6 +95,13 @@ fn a_second_daemon_through_a_symlink_is_refused_and_the_first_keeps_serving() {
     assert_eq!(c.flush(0), 0);
     assert_eq!(c.read(0, 1 << 20, 4096).expect("read"), vec![0x5au8; 4096]);
     drop(c);
+    // `thinblk create` is a writer too: it leaves the served image alone.
+    let (code, text) = tool(&dir, env!("CARGO_BIN_EXE_thinblk"), &["create", s(&link), "16M"]);
+    assert!(code == Some(1) && text.contains("Failed to get \"write\" lock"), "thinblk create: {text}");
+    let mut c = Client::connect(&first.socket, 1).expect("reconnect to the first daemon");
+    assert_eq!(c.capacity, 64 << 20);
+    assert_eq!(c.read(0, 1 << 20, 4096).expect("read"), vec![0x5au8; 4096], "thinblk create wrote");
+    drop(c);
     common::stop_clean(first);
     // Once the first is gone, the same image opens through the link.
     let again = Daemon::start(&dir.path("b.sock"), &["--image", s(&link), "--format", "qcow2"]);
