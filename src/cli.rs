@@ -61,6 +61,11 @@ pub struct ServeArgs {
     /// directory, regular files), `devices` (block devices too, for LVM storage), `any`.
     #[arg(long, value_enum, default_value_t = BackingFiles::Local)]
     pub backing_files: BackingFiles,
+    /// QEMU-compatible image locks on every file of the chain (`on`: a process using the image
+    /// in a way ours excludes makes the start fail; `off`: QEMU's `locking=off`, for file
+    /// systems whose locks cannot be trusted). Without OFD lock support: a warning, no locks.
+    #[arg(long, value_enum, default_value_t = ImageLocking::On)]
+    pub image_locking: ImageLocking,
     /// The queue threads' system-call allow-list: `on` (a call outside it fails with EPERM),
     /// `strict` (it kills the daemon), `off`.
     #[arg(long, value_enum, default_value_t = SeccompArg::On)]
@@ -385,6 +390,25 @@ mod tests {
     fn fd_and_socket_conflict() {
         let r = Cli::try_parse_from(["thinblk", "--fd", "3", "--socket-path", "/x"]);
         assert!(r.is_err());
+    }
+}
+
+/// `--image-locking`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImageLocking {
+    /// Take QEMU's locks.
+    #[default]
+    On,
+    /// Take none.
+    Off,
+}
+
+impl From<ImageLocking> for thinblk_disk::lock::Locking {
+    fn from(l: ImageLocking) -> Self {
+        match l {
+            ImageLocking::On => thinblk_disk::lock::Locking::On,
+            ImageLocking::Off => thinblk_disk::lock::Locking::Off,
+        }
     }
 }
 

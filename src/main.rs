@@ -112,6 +112,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         journal_segment_bytes: args.journal_segment_kib as usize * 1024,
         refcount_cache_blocks: Some(args.refcount_cache_blocks as usize),
         backing_files: args.backing_files.into(),
+        locking: args.image_locking.into(),
     };
     let hub = ParkHub::new(usize::from(args.num_queues)).map_err(|e| Failure::Runtime(e.to_string()))?;
     let faults = thinblk::fault::FaultState::new(fault_settings, hub.clone());
@@ -292,9 +293,16 @@ fn create(args: CreateArgs) -> Result<(), Failure> {
         .read(true)
         .write(true)
         .create(!matches!(is_block, Ok(true)))
-        .truncate(!matches!(is_block, Ok(true)))
+        .truncate(false)
         .open(&args.image)
         .map_err(|e| rt(e.to_string()))?;
+    // A writer like any other: never over an image someone uses (QEMU's locks), and only
+    // then emptied.
+    let _lock = thinblk_disk::lock::lock_image(&file, &args.image, thinblk_disk::lock::Access::qcow2(true), Default::default())
+        .map_err(|e| rt(e.to_string()))?;
+    if !matches!(is_block, Ok(true)) {
+        file.set_len(0).map_err(|e| rt(e.to_string()))?;
+    }
     let storage = std::sync::Arc::new(FileStorage::new(file, 1));
     let opts = CreateOptions { size: args.size, cluster_size: args.cluster_size };
     let mut end = create(storage.as_ref(), &opts).map_err(|e| rt(e.to_string()))?;
@@ -417,6 +425,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         journal_segment_kib: 8192,
         refcount_cache_blocks: 64,
         backing_files: Default::default(),
+        image_locking: Default::default(),
         seccomp: Default::default(),
         discard: DiscardMode::Unmap,
         log_level: None,

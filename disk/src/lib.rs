@@ -12,6 +12,7 @@ pub mod aligned;
 pub mod disk;
 pub mod engine;
 pub mod error;
+pub mod lock;
 pub mod qcow2;
 pub mod raw;
 pub mod sys;

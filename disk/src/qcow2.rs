@@ -16,6 +16,7 @@ use std::sync::Arc;
 use thinblk_qcow2::{BackingReader, FileStorage, Mapping, OpenOptions, Qcow2, Qcow2Error, Storage};
 use crate::error::ImageError;
 use crate::disk::{Extent, HostZero, Disk, Target, WriteTicket, ZeroMode, ZeroRequest};
+use crate::lock::{lock_image, Access, ImageLock, LockError, Locking};
 use crate::raw::RawImage;
 use crate::sys::{image_identity, open_direct, OpenedFile};
 
@@ -63,6 +64,8 @@ pub struct ImageOptions {
     pub refcount_cache_blocks: Option<usize>,
     /// Which backing file names images may give.
     pub backing_files: BackingFiles,
+    /// QEMU-compatible image locks on every file of the chain (`--image-locking`).
+    pub locking: Locking,
 }
 
 impl Default for ImageOptions {
@@ -99,6 +102,14 @@ pub enum FormatError {
         /// Why.
         source: Qcow2Error,
     },
+    /// Another process uses the image (or a file of its chain) in a way ours excludes.
+    #[error("{path}: {source}")]
+    Lock {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: LockError,
+    },
     /// The backing chain cannot be followed.
     #[error("{path}: {reason}")]
     Backing {
@@ -117,12 +128,19 @@ fn open_err(path: &Path) -> impl Fn(ImageError) -> FormatError + '_ {
     move |source| FormatError::Open { path: path.to_path_buf(), source }
 }
 
+/// Locks an opened file of the chain for `want` (see [`crate::lock`]).
+fn lock_file(file: &File, path: &Path, want: Access, mode: Locking) -> Result<Option<ImageLock>, FormatError> {
+    lock_image(file, path, want, mode).map_err(|source| FormatError::Lock { path: path.to_path_buf(), source })
+}
+
 /// Opens `path` as `format`.
 pub fn open_image(path: &Path, format: Format, opts: &ImageOptions) -> Result<Arc<dyn Disk>, FormatError> {
     match format {
-        Format::Raw => RawImage::open(path, opts.read_only, opts.discard_unmap)
-            .map(|r| Arc::new(r) as Arc<dyn Disk>)
-            .map_err(|source| FormatError::Open { path: path.to_path_buf(), source }),
+        Format::Raw => {
+            let mut raw = RawImage::open(path, opts.read_only, opts.discard_unmap).map_err(open_err(path))?;
+            raw.lock(path, opts.locking).map_err(|source| FormatError::Lock { path: path.to_path_buf(), source })?;
+            Ok(Arc::new(raw))
+        }
         Format::Qcow2 => Qcow2Format::open(path, opts).map(|q| Arc::new(q) as Arc<dyn Disk>),
     }
 }
@@ -198,6 +216,8 @@ pub struct Qcow2Format {
     physical_block_size: u32,
     identity: String,
     discard_unmap: bool,
+    /// Image locks of the chain's files, top first: held while the image is open.
+    _locks: Vec<ImageLock>,
 }
 
 fn storage_for(file: File, info: &OpenedFile) -> Arc<FileStorage> {
@@ -208,6 +228,8 @@ impl Qcow2Format {
     /// Opens a qcow2 image and its backing chain.
     pub fn open(path: &Path, opts: &ImageOptions) -> Result<Qcow2Format, FormatError> {
         let (file, info) = open_direct(path, opts.read_only).map_err(open_err(path))?;
+        // Locked before the first read (and the journal replay's writes).
+        let mut locks: Vec<ImageLock> = lock_file(&file, path, Access::qcow2(!opts.read_only), opts.locking)?.into_iter().collect();
         let top_storage = if opts.fixed_size {
             Arc::new(FileStorage::new(file, info.alignment as usize).fixed_size())
         } else {
@@ -276,6 +298,7 @@ impl Qcow2Format {
                 return Err(FormatError::Backing { path: path.to_path_buf(), reason: format!("backing chain deeper than {MAX_CHAIN}") });
             }
             let (bfile, binfo) = open_direct(&bpath, true).map_err(open_err(&bpath))?;
+            locks.extend(lock_file(&bfile, &bpath, Access::backing(), opts.locking)?);
             alignment = alignment.max(binfo.alignment);
             files.push(bfile.as_raw_fd());
             let st = storage_for(bfile, &binfo);
@@ -317,6 +340,7 @@ impl Qcow2Format {
             physical_block_size: info.physical_block_size,
             identity: image_identity(path),
             discard_unmap: opts.discard_unmap,
+            _locks: locks,
         })
     }
 

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use crate::disk::*;
 use crate::error::ImageError;
+use crate::lock::{lock_image, Access, ImageLock, LockError, Locking};
 use crate::sys::{image_identity, open_direct};
 
 /// A raw image.
@@ -17,6 +18,9 @@ pub struct RawImage {
     physical_block_size: u32,
     identity: String,
     discard_unmap: bool,
+    read_only: bool,
+    /// QEMU-compatible locks, once [`RawImage::lock`] took them.
+    lock: Option<ImageLock>,
 }
 
 impl RawImage {
@@ -31,7 +35,16 @@ impl RawImage {
             physical_block_size: info.physical_block_size,
             identity: image_identity(path),
             discard_unmap,
+            read_only,
+            lock: None,
         })
+    }
+
+    /// Takes the locks QEMU takes on a raw image under a virtio-blk device
+    /// ([`Access::raw`]), for as long as the image stays open.
+    pub fn lock(&mut self, path: &Path, mode: Locking) -> Result<(), LockError> {
+        self.lock = lock_image(&self.file, path, Access::raw(!self.read_only), mode)?;
+        Ok(())
     }
 }
 
