@@ -79,6 +79,7 @@ impl Default for ImageOptions {
             journal_segment_bytes: thinblk_qcow2::DEFAULT_SEGMENT_BYTES,
             refcount_cache_blocks: None,
             backing_files: BackingFiles::default(),
+            locking: Locking::default(),
         }
     }
 }
