@@ -310,6 +310,8 @@ fn create(args: CreateArgs) -> Result<(), Failure> {
         let img = Qcow2::open(storage.clone(), OpenOptions::default()).map_err(|e| rt(e.to_string()))?;
         img.preallocate_l2_tables().map_err(|e| rt(e.to_string()))?;
         end = img.allocation();
+        // Closed clean: not marked in use for the first start.
+        img.close().map_err(|e| rt(e.to_string()))?;
     }
     println!(
         "Formatting '{}', fmt=qcow2 cluster_size={} size={} (image end offset {end})",

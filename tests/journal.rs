@@ -152,3 +152,21 @@ fn a_journal_dir_too_small_refuses_the_start_instead_of_dying_later() {
     let check = ok("qemu-img", &["check", s(&img)]);
     assert!(check.contains("No errors were found"), "{check}");
 }
+
+#[test]
+fn a_refused_start_leaves_the_image_as_it_was() {
+    // The backing policy refuses an absolute backing name: nothing of the image may change
+    // (its persistent bitmaps stay valid, it is not marked in use).
+    let dir = TestDir::new("journal-refused-untouched");
+    let base = dir.path("base.qcow2");
+    let top = dir.path("top.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "16M"]);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", s(&base), "-F", "qcow2", s(&top)]);
+    ok("qemu-img", &["bitmap", "--add", s(&top), "b0"]);
+    let before = std::fs::read(&top).unwrap();
+    let err = refused(&dir, &["--image", s(&top), "--format", "qcow2", "--journal-dir", s(&dir.0)]);
+    assert!(err.contains("absolute name"), "{err}");
+    assert!(std::fs::read(&top).unwrap() == before, "a refused start changed the image");
+    let info = ok("qemu-img", &["info", s(&top)]);
+    assert!(info.contains("b0"), "{info}");
+}

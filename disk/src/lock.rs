@@ -9,9 +9,13 @@
 //! takes the same bytes, so QEMU, qemu-img, qemu-io, qemu-storage-daemon and other thinblk
 //! processes see it as one of their own, in both directions.
 //!
-//! The locks belong to the open file description: [`ImageLock`] keeps a duplicate of the
-//! image's descriptor, and the locks last until the last descriptor of that description is
-//! closed (dropping an `ImageLock` never unlocks while the image file is still open).
+//! The locks belong to an open file description: [`ImageLock`] opens the image's file again
+//! (through `/proc/self/fd`, so the very same inode, whatever happened to the path) and keeps
+//! that description, which nothing else uses, for as long as the image is served. Not the
+//! image's own description: io_uring holds that one through its registered files, and after
+//! the daemon dies the kernel drops it only once the ring is torn down, asynchronously; the
+//! locks would outlive the process for a moment, and a `qemu-img check` run right after a
+//! SIGKILL would be refused (seen in `concurrent_flushes_all_complete_and_persist`).
 //! [`ImageLock::change`] moves from one [`Access`] to another the way QEMU changes a node's
 //! permissions (take the union, check, then drop what is no longer needed): an open that
 //! starts with read-only access can later ask for write access (what an incoming live
@@ -244,7 +248,7 @@ fn conflict_message(perm: Perm, conflict: Conflict, holders: &[Holder]) -> Strin
 /// QEMU-compatible locks held on one image file (see the module doc).
 #[derive(Debug)]
 pub struct ImageLock {
-    /// A duplicate of the image's descriptor: the same open file description.
+    /// The image's file opened again: an open file description of its own.
     file: File,
     /// The access in force.
     access: Access,
@@ -260,7 +264,7 @@ impl ImageLock {
     /// Locks `file` (an open image) for `want`, as QEMU opens a file node. A conflict with a
     /// lock that no running process holds is waited out for up to [`LINGER_LIMIT`].
     pub fn acquire(file: &File, want: Access) -> Result<ImageLock, LockError> {
-        let dup = file.try_clone().map_err(|source| LockError::Io { byte: PERM_BASE, source })?;
+        let dup = reopen(file).map_err(|source| LockError::Io { byte: PERM_BASE, source })?;
         let mut lock = ImageLock {
             file: dup,
             access: Access::NONE,
@@ -342,6 +346,26 @@ impl ImageLock {
             }
         }
         Ok(())
+    }
+}
+
+/// The file open as `file` opened again, read-only: a new open file description of the same
+/// inode (checked), or, where `/proc` is missing, a duplicate of `file`'s.
+fn reopen(file: &File) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let reopened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    match reopened {
+        Ok(f) => {
+            let (a, b) = (file.metadata()?, f.metadata()?);
+            if (a.dev(), a.ino(), a.rdev()) != (b.dev(), b.ino(), b.rdev()) {
+                return Err(io::Error::other("the image's file changed while it was opened again for locking"));
+            }
+            Ok(f)
+        }
+        Err(_) => file.try_clone(),
     }
 }
 
@@ -527,10 +551,11 @@ mod tests {
             .expect("force-share reader");
         drop(c);
         drop(fc);
-        // The writer's locks go with its description (both descriptors closed), not before.
-        drop(a);
-        assert!(matches!(ImageLock::acquire(&fb, Access::backing()), Err(LockError::Refused { .. })));
+        // The writer's locks live on a description of their own: they go with the lock (the
+        // served image keeps it as long as it is open), whatever happens to `fa`.
         drop(fa);
+        assert!(matches!(ImageLock::acquire(&fb, Access::backing()), Err(LockError::Refused { .. })));
+        drop(a);
         let b = ImageLock::acquire(&fb, Access::qcow2(true)).expect("writer after the first closed");
         assert_eq!(b.access(), Access::qcow2(true));
     }

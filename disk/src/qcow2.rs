@@ -253,6 +253,49 @@ impl Qcow2Format {
             }
             _ => None,
         };
+        // Everything that can refuse the image is checked on a read-only open first (its
+        // backing chain, the policy, the alignment): a refused start leaves the image as it
+        // was. Only then does the read-write open mark it in use (and replay a journal).
+        let peek = Qcow2::open(top_storage.clone(), OpenOptions { read_only: true, ..Default::default() }).map_err(qerr(path))?;
+        let mut files = vec![top_storage.file().as_raw_fd()];
+        let mut alignment = info.alignment;
+        let mut layers = Vec::new();
+        let mut next = backing_of(path, peek.header(), opts.backing_files)?;
+        while let Some((bpath, bformat)) = next.take() {
+            if layers.len() + 1 >= MAX_CHAIN {
+                return Err(FormatError::Backing { path: path.to_path_buf(), reason: format!("backing chain deeper than {MAX_CHAIN}") });
+            }
+            let (bfile, binfo) = open_direct(&bpath, true).map_err(open_err(&bpath))?;
+            locks.extend(lock_file(&bfile, &bpath, Access::backing(), opts.locking)?);
+            alignment = alignment.max(binfo.alignment);
+            files.push(bfile.as_raw_fd());
+            let st = storage_for(bfile, &binfo);
+            match bformat {
+                Format::Raw => layers.push(Layer::Raw(st, binfo.size)),
+                Format::Qcow2 => {
+                    let img = Qcow2::open(st.clone(), OpenOptions { read_only: true, ..Default::default() })
+                        .map_err(qerr(&bpath))?;
+                    next = backing_of(&bpath, img.header(), opts.backing_files)?;
+                    layers.push(Layer::Qcow2(img, st));
+                }
+            }
+        }
+        // Clusters start wherever the cluster size puts them: below the storage's O_DIRECT
+        // alignment, data IO into them would fail with EINVAL.
+        for cs in std::iter::once(peek.cluster_size()).chain(layers.iter().filter_map(|l| match l {
+            Layer::Qcow2(img, _) => Some(img.cluster_size()),
+            Layer::Raw(..) => None,
+        })) {
+            if cs < u64::from(alignment) {
+                return Err(FormatError::Qcow2 {
+                    path: path.to_path_buf(),
+                    source: Qcow2Error::Unsupported(format!(
+                        "cluster size {cs} is below the storage's O_DIRECT alignment {alignment}: recreate the image with clusters of at least {alignment} bytes"
+                    )),
+                });
+            }
+        }
+        drop(peek);
         let mut top = Qcow2::open(
             top_storage.clone(),
             OpenOptions {
@@ -288,44 +331,6 @@ impl Qcow2Format {
         if let Some(reason) = top.read_only_reason() {
             if !opts.read_only {
                 return Err(FormatError::Qcow2 { path: path.to_path_buf(), source: Qcow2Error::ReadOnly(reason.to_string()) });
-            }
-        }
-        let mut files = vec![top_storage.file().as_raw_fd()];
-        let mut alignment = info.alignment;
-        let mut layers = Vec::new();
-        let mut next = backing_of(path, top.header(), opts.backing_files)?;
-        while let Some((bpath, bformat)) = next.take() {
-            if layers.len() + 1 >= MAX_CHAIN {
-                return Err(FormatError::Backing { path: path.to_path_buf(), reason: format!("backing chain deeper than {MAX_CHAIN}") });
-            }
-            let (bfile, binfo) = open_direct(&bpath, true).map_err(open_err(&bpath))?;
-            locks.extend(lock_file(&bfile, &bpath, Access::backing(), opts.locking)?);
-            alignment = alignment.max(binfo.alignment);
-            files.push(bfile.as_raw_fd());
-            let st = storage_for(bfile, &binfo);
-            match bformat {
-                Format::Raw => layers.push(Layer::Raw(st, binfo.size)),
-                Format::Qcow2 => {
-                    let img = Qcow2::open(st.clone(), OpenOptions { read_only: true, ..Default::default() })
-                        .map_err(qerr(&bpath))?;
-                    next = backing_of(&bpath, img.header(), opts.backing_files)?;
-                    layers.push(Layer::Qcow2(img, st));
-                }
-            }
-        }
-        // Clusters start wherever the cluster size puts them: below the storage's O_DIRECT
-        // alignment, data IO into them would fail with EINVAL.
-        for cs in std::iter::once(top.cluster_size()).chain(layers.iter().filter_map(|l| match l {
-            Layer::Qcow2(img, _) => Some(img.cluster_size()),
-            Layer::Raw(..) => None,
-        })) {
-            if cs < u64::from(alignment) {
-                return Err(FormatError::Qcow2 {
-                    path: path.to_path_buf(),
-                    source: Qcow2Error::Unsupported(format!(
-                        "cluster size {cs} is below the storage's O_DIRECT alignment {alignment}: recreate the image with clusters of at least {alignment} bytes"
-                    )),
-                });
             }
         }
         let backing = Arc::new(Chain { layers });
@@ -568,7 +573,8 @@ impl Disk for Qcow2Format {
 impl Drop for Qcow2Format {
     fn drop(&mut self) {
         // Normally a no-op after `close`; an image dropped without it (a failed start) still
-        // writes its metadata back. The journal stays unless `close` succeeded.
+        // writes its metadata back. The journal goes with it once that leaves it empty (the
+        // image is marked in use until a `close`, so the next open still repairs leaks).
         if let Err(e) = self.top.flush_metadata() {
             tracing::error!(error = %e, "flushing qcow2 metadata at close failed");
         }

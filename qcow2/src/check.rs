@@ -26,6 +26,9 @@ pub struct CheckReport {
     pub total_clusters: u64,
     /// Leaked clusters (host offset, how many references it has), at most [`MAX_LEAKS_LISTED`].
     pub leaked: Vec<(u64, u64)>,
+    /// Clusters referenced more often than their refcount says (among the corruptions): an
+    /// allocator trusting the counts would hand them out while still in use.
+    pub undercounted: u64,
 }
 
 /// Leaked clusters [`CheckReport::leaked`] lists at most.
@@ -165,7 +168,10 @@ impl Walker<'_> {
         self.storage.read_at(&mut dir, b.directory_offset)?;
         let be32 = |d: &[u8], at: usize| u32::from_be_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]);
         let mut at = 0usize;
-        for n in 0..b.count {
+        // QEMU's bounds: 65535 bitmaps, 2^27 table entries each; and at most 2^27 entries read
+        // in all, so a crafted directory cannot make the check read (or allocate) without end.
+        let mut budget: u64 = 1 << 27;
+        for n in 0..b.count.min(65535) {
             if at + 24 > dir.len() {
                 self.report.problem(true, format!("bitmap {n}: directory entry past the directory"));
                 break;
@@ -174,6 +180,11 @@ impl Walker<'_> {
             let entries = u64::from(be32(&dir, at + 8));
             let name = u64::from(u16::from_be_bytes([dir[at + 18], dir[at + 19]]));
             let extra = u64::from(be32(&dir, at + 20));
+            if entries > budget.min(0x800_0000) {
+                self.report.problem(true, format!("bitmap {n}: table of {entries} entries"));
+                break;
+            }
+            budget -= entries;
             if table % self.cs != 0 || table.saturating_add(entries * 8) > file_end {
                 self.report.problem(true, format!("bitmap {n}: bad table {table:#x} ({entries} entries)"));
             } else if entries > 0 {
@@ -282,6 +293,7 @@ pub fn check(storage: &dyn Storage) -> Result<CheckReport> {
     for (c, (&s, &e)) in stored.iter().zip(w.expected.iter()).enumerate() {
         let e = u64::from(e);
         if s < e {
+            report.undercounted += 1;
             report.problem(true, format!("cluster {:#x}: refcount {s}, referenced {e} times", c as u64 * cs));
         } else if s > e {
             report.problem(false, format!("cluster {:#x}: leaked (refcount {s}, referenced {e} times)", c as u64 * cs));

@@ -137,6 +137,8 @@ pub(crate) struct Journal {
     head_seen: u64,
     /// `remove` unlinked the file (Drop must not unlink a successor's).
     removed: bool,
+    /// The segment a write-back in progress (or failed) will clear once one is durable.
+    pending: Option<usize>,
 }
 
 // SAFETY: the mapping is owned by the journal and only touched through `&mut self`
@@ -182,6 +184,21 @@ fn word(h: &[u8], at: usize) -> u64 {
 /// Journal file name for the image with this uuid.
 pub fn journal_file_name(uuid_hex: &str) -> String {
     format!("thinblk-{uuid_hex}.journal")
+}
+
+/// Whether `path` holds a journal (of this format) with records in it.
+pub fn journal_has_records(path: &Path) -> bool {
+    let Ok(f) = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path) else {
+        return false;
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len < 2 * SEG_HEADER as u64 || len % 2 != 0 {
+        return false;
+    }
+    (0..2).any(|s| {
+        let mut h = [0u8; SEG_HEADER];
+        f.read_exact_at(&mut h, s * (len / 2)).is_ok() && word(&h, H_MAGIC) == MAGIC && word(&h, H_USED) != 0
+    })
 }
 
 /// Whether `path` holds a journal of the earlier format (before identity and generations)
@@ -285,6 +302,7 @@ impl Journal {
             sealed: false,
             head_seen,
             removed: false,
+            pending: None,
         };
         j.write_header(0, 1, 0, 0);
         j.write_header(1, 0, 0, 0);
@@ -403,8 +421,9 @@ impl Journal {
             self.put(s, H_HEAD, next);
         }
         let other = 1 - self.active;
-        if self.used[other] == 0 {
+        if self.pending.is_none() {
             let old = (self.active, self.seq);
+            self.pending = Some(old.0);
             self.put(old.0, H_COVERED, next);
             let unsealed = self.sealed;
             self.seq += 1;
@@ -424,6 +443,9 @@ impl Journal {
 
     /// After a durable write-back: empties segment `s`.
     pub(crate) fn clear(&mut self, s: usize) {
+        if self.pending == Some(s) {
+            self.pending = None;
+        }
         if self.used[s] == 0 {
             return;
         }
@@ -483,6 +505,9 @@ pub struct ReplayReport {
     /// Segments skipped because the image already held them (or, opened after a seal, no
     /// completion depended on them).
     pub skipped_segments: u64,
+    /// Records replacing a whole region (a new refcount block or table, the header's table)
+    /// not written because a write-back had already published a newer state of it.
+    pub superseded: u64,
     /// The image was not closed clean (its owner extension says so), journal or not.
     pub unclean: bool,
     /// Leaked clusters given back after the unclean stop (allocations whose writes never
@@ -599,10 +624,15 @@ fn replay_file(file: &File, path: &Path, uuid: [u8; 16], image: ImageMark, stora
             eff = eff.max(seg.covered);
         }
     }
+    let disk = OnDisk::read(storage)?;
     let zeroes = vec![0u8; 1 << 16];
     for class in [Class::Refcount, Class::RefTable, Class::Header, Class::L2, Class::L1] {
         let mut any = false;
         for r in recs.iter().filter(|r| r.class == class) {
+            if disk.supersedes(r, &buf) {
+                report.superseded += 1;
+                continue;
+            }
             match &r.data {
                 Some(range) => storage.write_at(&buf[range.clone()], r.offset)?,
                 None => {
@@ -624,6 +654,64 @@ fn replay_file(file: &File, path: &Path, uuid: [u8; 16], image: ImageMark, stora
         }
     }
     Ok((Some(report), head))
+}
+
+/// What the image on disk says before a replay, for the records that replace a whole region.
+/// Such a record (a new refcount block's zeroes, a new refcount table, the header's table
+/// fields) is needed only while no write-back has published that region; once one has, the
+/// disk holds the region as that write-back wrote it, possibly with changes a sealed journal
+/// never recorded, and writing the record again would take them back.
+struct OnDisk {
+    /// The refcount table the header names.
+    table_offset: u64,
+    /// The refcount blocks that table names.
+    blocks: std::collections::HashSet<u64>,
+}
+
+impl OnDisk {
+    fn read(storage: &dyn Storage) -> Result<OnDisk> {
+        let mut h = [0u8; 64];
+        storage.read_at(&mut h, 0)?;
+        let be32 = |at: usize| u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+        let mut o = [0u8; 8];
+        o.copy_from_slice(&h[48..56]);
+        let table_offset = u64::from_be_bytes(o);
+        let bits = be32(20);
+        let mut blocks = std::collections::HashSet::new();
+        if (9..=21).contains(&bits) {
+            let bytes = (u64::from(be32(56)) << bits).min(crate::header::MAX_REFTABLE_BYTES);
+            let mut t = vec![0u8; bytes as usize];
+            if storage.read_at(&mut t, table_offset).is_ok() {
+                for e in t.chunks_exact(8) {
+                    o.copy_from_slice(e);
+                    let b = u64::from_be_bytes(o) & crate::table::REFTABLE_OFFSET_MASK;
+                    if b != 0 {
+                        blocks.insert(b);
+                    }
+                }
+            }
+        }
+        Ok(OnDisk { table_offset, blocks })
+    }
+
+    /// Whether the disk already holds a newer state of the region `r` replaces whole.
+    fn supersedes(&self, r: &Record, buf: &[u8]) -> bool {
+        match (r.class, &r.data) {
+            // A new refcount block's zeroes: the table on disk names it, so a write-back
+            // wrote the block before it (and synced).
+            (Class::Refcount, None) => self.blocks.contains(&r.offset),
+            // A whole new refcount table: the header on disk names it or a newer one (tables
+            // only ever move up, to the bump pointer).
+            (Class::RefTable, Some(_)) if r.len > 8 => self.table_offset >= r.offset,
+            // The header's table fields: older than the table the header names.
+            (Class::Header, Some(d)) if r.offset == 48 && r.len >= 8 => {
+                let mut o = [0u8; 8];
+                o.copy_from_slice(&buf[d.start..d.start + 8]);
+                u64::from_be_bytes(o) < self.table_offset
+            }
+            _ => false,
+        }
+    }
 }
 
 fn parse_records(buf: &[u8], path: &Path, start: usize, used: usize, recs: &mut Vec<Record>) -> Result<()> {
@@ -895,5 +983,63 @@ mod tests {
         }
         let _ = std::fs::remove_file(&p);
         let _ = std::fs::remove_file(&victim);
+    }
+
+    #[test]
+    fn a_failed_write_back_after_a_seal_keeps_the_segment_it_must_clear() {
+        // A record larger than a segment seals a fresh one (nothing used); the write-back that
+        // unseals fails; its retry must clear the same segment, not reopen the other.
+        let p = tmp("pending");
+        let mut j = fresh(&p, U);
+        assert!(!j.record(Class::RefTable, 0, &vec![1u8; 16384]), "larger than a segment");
+        assert!(j.sealed());
+        let (s1, _, unsealed) = j.rotate(2);
+        assert!(unsealed);
+        assert!(j.record(Class::L2, 8, &[2]));
+        // Failed: nothing cleared. The retry covers the same segment and keeps the active one.
+        let (s2, _, again) = j.rotate(2);
+        assert_eq!((s2, again), (s1, false));
+        j.crash();
+        // Not durable: the sealed (empty) segment and the one after the seal; nothing refused.
+        let st = MemStorage::new(vec![0; 64]);
+        let (j, rep) = Journal::open(&p, U, mark(1), 8192, &st).expect("no refusal");
+        assert_eq!(rep.expect("report").skipped_segments, 1);
+        j.remove();
+    }
+
+    #[test]
+    fn records_of_regions_a_write_back_published_are_not_written_again() {
+        // 512 B clusters; the header names a refcount table at 4096 (one cluster) that names a
+        // block at 8192. A journal (a sealed prefix) holds that block's zeroes, the whole table
+        // as it was at its growth, and the header's fields for an older table: a write-back
+        // published newer states of all three, which the records must not take back.
+        let mut img = vec![0u8; 16384];
+        img[20..24].copy_from_slice(&9u32.to_be_bytes());
+        img[48..56].copy_from_slice(&4096u64.to_be_bytes());
+        img[56..60].copy_from_slice(&1u32.to_be_bytes());
+        img[4096..4104].copy_from_slice(&8192u64.to_be_bytes());
+        img[4104..4112].copy_from_slice(&12288u64.to_be_bytes());
+        img[8192..8704].fill(0xab);
+        let p = tmp("superseded");
+        let mut j = fresh(&p, U);
+        j.record_zero(Class::Refcount, 8192, 512);
+        j.record(Class::RefTable, 4096, &{
+            let mut t = vec![0u8; 512];
+            t[..8].copy_from_slice(&8192u64.to_be_bytes());
+            t
+        });
+        let mut f = [0u8; 12];
+        f[..8].copy_from_slice(&2048u64.to_be_bytes());
+        j.record(Class::Header, 48, &f);
+        // A block the table does not name yet: its zeroes are needed.
+        j.record_zero(Class::Refcount, 12800, 512);
+        j.crash();
+        let st = MemStorage::new(img.clone());
+        let (j, rep) = Journal::open(&p, U, mark(1), 8192, &st).expect("replay");
+        let rep = rep.expect("report");
+        assert_eq!((rep.records, rep.superseded), (1, 3));
+        let after = st.snapshot();
+        assert_eq!(after[..12288], img[..12288], "a published region was taken back");
+        j.remove();
     }
 }

@@ -367,18 +367,32 @@ impl Qcow2 {
     ) -> Result<(Option<Journal>, Option<ReplayReport>, Option<Owner>, Option<String>)> {
         let trusted = header.version >= 3 && header.autoclear_features & autoclear::THINBLK != 0 && header.owner.is_some();
         let old = header.owner;
-        let uuid = old.map(|o| o.uuid).unwrap_or_else(random_uuid);
         let image_gen = old.map(|o| o.generation).unwrap_or(0);
         let unclean = trusted && old.is_some_and(|o| o.flags & Owner::IN_USE != 0);
+        // A clean image gets a new identity at every open, so copies of it (cp, dd, an LV
+        // copy, a template) never share a journal. One that was not closed clean, or that
+        // another program changed, keeps its own: its journal must be found.
+        let fresh_identity = trusted && !unclean && !opts.journal.as_ref().is_some_and(|j| {
+            let hex = old.map(|o| o.uuid_hex()).unwrap_or_default();
+            crate::journal::journal_has_records(&j.dir.join(crate::journal::journal_file_name(&hex)))
+        });
+        let uuid = match old {
+            Some(o) if !fresh_identity => o.uuid,
+            _ => random_uuid(),
+        };
         let hex = Owner { offset: 0, uuid, generation: 0, flags: 0 }.uuid_hex();
+        // Where the extension cannot go (version 2, no room), no journal is kept: decided
+        // before one is made.
+        let probe = Owner { offset: 0, uuid, generation: 0, flags: 0 };
+        let fits = old.is_some() || header.with_owner(first, &probe, autoclear::THINBLK).is_some();
         let (mut journal, mut report) = match &opts.journal {
-            Some(j) => {
+            Some(j) if fits => {
                 let path = j.dir.join(crate::journal::journal_file_name(&hex));
                 let mark = crate::journal::ImageMark { trusted, generation: image_gen };
                 let (jn, rep) = Journal::open(&path, uuid, mark, j.segment_bytes, storage)?;
                 (Some(jn), rep)
             }
-            None => (None, None),
+            _ => (None, None),
         };
         // The replay may have rewritten header fields: build on what the image holds now.
         let reread;
@@ -394,9 +408,15 @@ impl Qcow2 {
         let current = trusted && header.autoclear_features == autoclear::THINBLK;
         match (current, old) {
             (true, Some(o)) => {
-                // Only the generation and the flags change: two aligned words in one sector.
+                // The uuid, generation and flags change in place: the generation and the flags
+                // each as one aligned 8-byte word (never across a sector).
                 owner.offset = o.offset;
-                storage.write_at(&owner.encode()[16..32], o.offset + 16)?;
+                let d = owner.encode();
+                if owner.uuid != o.uuid {
+                    storage.write_at(&d[..16], o.offset)?;
+                }
+                storage.write_at(&d[16..24], o.offset + 16)?;
+                storage.write_at(&d[24..32], o.offset + 24)?;
             }
             _ => match header.with_owner(first, &owner, autoclear::THINBLK) {
                 Some((bytes, at)) => {
@@ -436,12 +456,22 @@ impl Qcow2 {
     /// Recounts references (like `qemu-img check`) and lowers every refcount that is higher
     /// than its references, releasing clusters that reach 0; writes the result back. Call
     /// only with nothing in flight (at open). Returns the clusters repaired; an image the
-    /// check cannot walk is left as it is (0).
+    /// check cannot walk is left as it is (0); one with corruptions is refused.
     pub fn repair_leaks(&self) -> Result<u64> {
         let report = match crate::check::check(self.storage.as_ref()) {
             Ok(r) => r,
             Err(_) => return Ok(0),
         };
+        if report.undercounted > 0 {
+            // Never served as it is: an allocation could hand out a cluster something still
+            // references.
+            return Err(Qcow2Error::Corrupt(format!(
+                "{} cluster(s) referenced more often than counted after the unclean stop (first: {}); repair it with qemu-img check -r all before serving it",
+                report.undercounted,
+                report.messages.iter().find(|m| m.contains("referenced")).cloned().unwrap_or_default()
+            )));
+        }
+        // Other findings (a COPIED flag a tool left out, ...) are left alone, as before.
         if report.corruptions > 0 || report.leaked.is_empty() {
             return Ok(0);
         }

@@ -92,7 +92,8 @@ impl Qcow2 {
         // fails the request before it changed anything, and the error policy parks it.
         self.relieve()?;
         // A sealed journal may lack the link this write depends on (an in-place write into
-        // a cluster linked since the seal): the image gets it first.
+        // a cluster linked since the seal): the image gets it first. (`write_done` looks
+        // again, for a seal between this and the write's completion.)
         self.write_through_if_gated()?;
         self.preload_l2(offset, len, true)?;
         Ok(true)
@@ -207,7 +208,9 @@ impl Qcow2 {
     /// the completion, a daemon crash cannot lose it (the daemon-crash contract).
     pub fn write_done(&self, ticket: &[u64], ok: bool) -> Result<()> {
         if ticket.is_empty() {
-            return Ok(());
+            // A write in place: the journal may have sealed between its mapping and now,
+            // before recording the link it depends on.
+            return self.write_through_if_gated();
         }
         {
             let mut m = self.meta.write().map_err(|_| poisoned())?;
