@@ -3,7 +3,8 @@
 //!
 //! `cargo bench --bench vs_qsd` (env: THINBLK_BENCH_SECS per workload, default 5;
 //! THINBLK_BENCH_SIZE_MIB file size, default 1024; THINBLK_BENCH_DIR, default $TMPDIR;
-//! THINBLK_BENCH_ONLY, a substring of the workload names to run; THINBLK_BENCH_ARGS, extra
+//! THINBLK_BENCH_ONLY, a substring of the workload names to run; THINBLK_BENCH_BIN, another
+//! thinblk binary for an A/B against an earlier build; THINBLK_BENCH_ARGS, extra
 //! thinblk options for A/B runs; THINBLK_BENCH_L2_CACHE, thinblk's L2 cache in the sparse row).
 //! Prints IOPS, p50/p99 latency, server CPU and the ratios.
 

@@ -62,7 +62,8 @@ pub fn wait_socket(sock: &Path, child: &mut Child) {
 /// Starts thinblk; THINBLK_BENCH_ARGS (space-separated) is appended to every start, for A/B
 /// runs of one option (e.g. `--journal-dir none`).
 pub fn start_thinblk(image: &Path, format: &str, sock: &Path, extra: &[&str]) -> Server {
-    let bin = env!("CARGO_BIN_EXE_thinblk");
+    // THINBLK_BENCH_BIN: another thinblk binary (an A/B against an earlier build).
+    let bin = std::env::var("THINBLK_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_thinblk").to_string());
     let ab = std::env::var("THINBLK_BENCH_ARGS").unwrap_or_default();
     let ab: Vec<&str> = ab.split_whitespace().collect();
     let queues = if extra.contains(&"--num-queues") { &[][..] } else { &["--num-queues", "1"][..] };
