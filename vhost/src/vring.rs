@@ -445,7 +445,7 @@ mod tests {
         v.set_call(Some(call)).expect("notifier");
         let v2 = v.clone();
         let done = within(std::time::Duration::from_secs(5), move || {
-            (0..100).map(|_| v2.signal_used_queue().is_ok()).all(|ok| ok)
+            (0..100).all(|_| v2.signal_used_queue().is_ok())
         });
         assert_eq!(done, Some(true), "a notification waited on a full, blocking call eventfd");
         // The lock is free and the counter still reads (saturated, never wrapped to zero).
