@@ -817,6 +817,23 @@ fn a_call_eventfd_made_blocking_and_full_never_wedges_the_daemon() {
     drop(call);
 }
 
+/// Whether a queue thread of process `pid` sits in read(2) (system call 0) now and still does
+/// 20 ms later: waiting on an empty kick eventfd (its own eventfds are non-blocking).
+fn queue_thread_in_read(pid: u32) -> bool {
+    let in_read = || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+        tasks.flatten().any(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let call = std::fs::read_to_string(t.path().join("syscall")).unwrap_or_default();
+            comm.starts_with("queue") && call.split(' ').next() == Some("0")
+        })
+    };
+    in_read() && {
+        std::thread::sleep(Duration::from_millis(20));
+        in_read()
+    }
+}
+
 /// Issue 20: the kick eventfd made blocking. (1) Full and blocking when the ring is enabled:
 /// the daemon looks at the ring through an eventfd of its own, never by writing the kick
 /// (which waited forever on the protocol thread). (2) Empty and blocking, with spurious
@@ -845,15 +862,27 @@ fn a_kick_eventfd_made_blocking_never_wedges_the_daemon() {
     f.kick = Some(kick);
     read_completes(&mut f, 0).expect("a read with a blocking kick eventfd");
 
-    // Spurious wake-ups on an empty, blocking kick.
+    // Spurious wake-ups on an empty, blocking kick: kick, wait a varying few microseconds,
+    // take the kick back, for up to 3 s. Whenever the take-back lands between the queue
+    // thread's wake-up and its read, that read finds the counter empty. A read that waits
+    // there (the queue thread found parked in read(2)) is released only by the next kick, so
+    // the rounds stop at once: the messages below then meet the wedged ring.
     let kick = f.kick.as_ref().expect("kick eventfd");
     let one = 1u64.to_ne_bytes();
-    let mut taken_back = 0;
-    for _ in 0..20_000 {
+    let (mut rounds, mut taken_back, mut wedged) = (0u32, 0u32, false);
+    let mut rng = common::Rng(seed(0x5b0_0c1c));
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until && !wedged {
+        rounds += 1;
         // SAFETY: writes 8 bytes from a live buffer to our eventfd (its counter is small).
         assert_eq!(unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), 8) }, 8);
+        let spin = std::time::Instant::now() + Duration::from_nanos(rng.below(40_000));
+        while std::time::Instant::now() < spin {
+            std::hint::spin_loop();
+        }
         if take_counter(kick).is_some() {
             taken_back += 1;
+            wedged = queue_thread_in_read(d.child.id());
         }
     }
     // No kick after the last one taken back: a queue thread waiting in its read would keep
@@ -864,5 +893,5 @@ fn a_kick_eventfd_made_blocking_never_wedges_the_daemon() {
     drop(f);
     still_serves_within(&sock, 2).expect("a new session after the hostile one");
     let took = sigterm_within(d);
-    println!("blocking kick eventfd: {taken_back} of 20000 kicks taken back before the daemon read them; SIGTERM exit in {took:?}, whole case {:?}", start.elapsed());
+    println!("blocking kick eventfd: {taken_back} of {rounds} kicks taken back before the daemon read them; SIGTERM exit in {took:?}, whole case {:?}", start.elapsed());
 }
