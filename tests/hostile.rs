@@ -836,10 +836,11 @@ fn queue_thread_in_read(pid: u32) -> bool {
 
 /// Issue 20: the kick eventfd made blocking. (1) Full and blocking when the ring is enabled:
 /// the daemon looks at the ring through an eventfd of its own, never by writing the kick
-/// (which waited forever on the protocol thread). (2) Empty and blocking, with spurious
-/// wake-ups: the frontend kicks and takes the kick back at once, so the queue thread is often
-/// woken for a counter that is zero again when it reads; a read that waited would hold the
-/// ring until the next kick.
+/// (that write waited on the protocol thread until the queue thread happened to drain the
+/// kick). (2) Empty and blocking, with spurious wake-ups: the frontend kicks and takes the
+/// kick back, so the queue thread is sometimes woken for a counter that is zero again when it
+/// reads; a read that waited there held the ring's lock until the next kick, which a
+/// frontend need never send (the case failed within its 3 s of rounds before the fix).
 #[test]
 fn a_kick_eventfd_made_blocking_never_wedges_the_daemon() {
     let dir = TestDir::new("hostile-kick-blocking");
