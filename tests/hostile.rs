@@ -700,3 +700,199 @@ fn side_by_side_with_qemu_storage_daemon() {
     }
     println!("broken (died, hung or stopped serving): {table:?}");
 }
+
+/// How long a message, a completion or a libblkio session may take in the blocking-eventfd
+/// cases before it counts as a hang (each is answered in milliseconds when it works).
+const HANG: Duration = Duration::from_secs(5);
+
+/// Sets or clears O_NONBLOCK on the open file description we share with the daemon.
+fn set_nonblocking(f: &std::fs::File, on: bool) {
+    // SAFETY: F_GETFL/F_SETFL on an fd we own.
+    let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+    assert!(flags >= 0, "F_GETFL");
+    let flags = if on { flags | libc::O_NONBLOCK } else { flags & !libc::O_NONBLOCK };
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags) }, 0, "F_SETFL");
+}
+
+/// Takes an eventfd's counter without waiting, whatever its flags (None: it was zero).
+fn take_counter(f: &std::fs::File) -> Option<u64> {
+    let mut buf = [0u8; 8];
+    let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 8 };
+    // SAFETY: one iovec over a live 8-byte buffer; offset -1: the file position.
+    let r = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
+    (r == 8).then(|| u64::from_ne_bytes(buf))
+}
+
+/// The frontend's attack: the counter at its maximum (any further write of ours would wait)
+/// and O_NONBLOCK cleared on the description it shares with the daemon.
+fn fill_and_block(f: &std::fs::File) {
+    take_counter(f);
+    let full = (u64::MAX - 1).to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer to our eventfd (still non-blocking here).
+    assert_eq!(unsafe { libc::write(f.as_raw_fd(), full.as_ptr().cast(), 8) }, 8, "fill the counter");
+    set_nonblocking(f, false);
+}
+
+/// Sends `request` with NEED_REPLY and waits at most [`HANG`] for its ack.
+fn ack_within(f: &Frontend, request: u32, body: &[u8]) -> Result<u64, String> {
+    let _ = f.sock.set_read_timeout(Some(HANG));
+    let t = std::time::Instant::now();
+    f.ack(request, body, &[]).map_err(|e| format!("request {request} not answered within {HANG:?} ({e}, after {:?})", t.elapsed()))
+}
+
+/// GET_VRING_BASE of queue 0 (the ring stops), answered within [`HANG`].
+fn base_within(f: &Frontend) -> Result<u32, String> {
+    let _ = f.sock.set_read_timeout(Some(HANG));
+    f.send(code::GET_VRING_BASE, V1, &vs(0, 0), &[]).map_err(|e| e.to_string())?;
+    match f.reply() {
+        Ok((_, b)) if b.len() == 8 => Ok(u32::from_le_bytes([b[4], b[5], b[6], b[7]])),
+        other => Err(format!("GET_VRING_BASE not answered within {HANG:?}: {other:?}")),
+    }
+}
+
+/// Publishes a read of sector 0 as `head` and waits at most [`HANG`] for it.
+fn read_completes(f: &mut Frontend, head: u16) -> Result<(), String> {
+    read_chain(f);
+    f.submit(head);
+    if f.wait_used(HANG) {
+        Ok(())
+    } else {
+        Err(format!("a request was not completed within {HANG:?}"))
+    }
+}
+
+/// A libblkio session, bounded: a wedged daemon fails it instead of hanging the test.
+fn still_serves_within(sock: &Path, n: usize) -> Result<(), String> {
+    let s = sock.to_path_buf();
+    bounded(2 * HANG, move || still_serves(&s, n)).unwrap_or_else(|| Err(format!("no libblkio session within {:?}", 2 * HANG)))
+}
+
+/// SIGTERM, and the daemon exits 0 within a bound (no thread of it wedged).
+fn sigterm_within(mut d: Daemon) -> Duration {
+    let t = std::time::Instant::now();
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit(2 * HANG), Some(0), "the daemon did not exit cleanly within {:?} of SIGTERM", 2 * HANG);
+    t.elapsed()
+}
+
+/// Issue 20: the frontend fills its call eventfd and clears O_NONBLOCK on the description it
+/// shares with us. Completions must go on being notified without any thread of ours waiting:
+/// later messages are answered, the ring stops, a new session works, SIGTERM ends the
+/// daemon. (Before the notifier ring, the first notification blocked the queue thread
+/// forever while it held the vring and worker locks.)
+#[test]
+fn a_call_eventfd_made_blocking_and_full_never_wedges_the_daemon() {
+    let dir = TestDir::new("hostile-call-blocking");
+    let d = serve(&dir);
+    let sock = dir.path("sock");
+    let start = std::time::Instant::now();
+    let mut f = ready(&sock);
+    let call = f.call.take().expect("call eventfd");
+    // Completions are notified (through the notifier ring) while the frontend behaves.
+    take_counter(&call);
+    read_completes(&mut f, 0).expect("a read on a well-behaved ring");
+    assert!(take_counter(&call).is_some(), "a completion did not signal the call eventfd");
+
+    fill_and_block(&call);
+    for _ in 0..3 {
+        read_completes(&mut f, 0).expect("a read after the call eventfd was filled and made blocking");
+    }
+    assert_eq!(ack_within(&f, code::SET_VRING_ENABLE, &vs(0, 1)), Ok(0), "a vring message after the attack");
+    read_completes(&mut f, 0).expect("a read after SET_VRING_ENABLE");
+    let stop = std::time::Instant::now();
+    assert_eq!(base_within(&f), Ok(5), "the ring did not stop");
+    let stopped = stop.elapsed();
+    drop(f);
+    still_serves_within(&sock, 1).expect("a new session after the hostile one");
+
+    // Again, and SIGTERM while the hostile frontend is still connected.
+    let mut f = ready(&sock);
+    let call2 = f.call.take().expect("call eventfd");
+    fill_and_block(&call2);
+    read_completes(&mut f, 0).expect("a read on a full, blocking call eventfd");
+    let took = sigterm_within(d);
+    drop(f);
+    println!("full blocking call eventfd: GET_VRING_BASE answered in {stopped:?}, SIGTERM exit in {took:?}, whole case {:?}", start.elapsed());
+    drop(call);
+}
+
+/// Whether a queue thread of process `pid` sits in read(2) (system call 0) now and still does
+/// 20 ms later: waiting on an empty kick eventfd (its own eventfds are non-blocking).
+fn queue_thread_in_read(pid: u32) -> bool {
+    let in_read = || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+        tasks.flatten().any(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let call = std::fs::read_to_string(t.path().join("syscall")).unwrap_or_default();
+            comm.starts_with("queue") && call.split(' ').next() == Some("0")
+        })
+    };
+    in_read() && {
+        std::thread::sleep(Duration::from_millis(20));
+        in_read()
+    }
+}
+
+/// Issue 20: the kick eventfd made blocking. (1) Full and blocking when the ring is enabled:
+/// the daemon looks at the ring through an eventfd of its own, never by writing the kick
+/// (that write waited on the protocol thread until the queue thread happened to drain the
+/// kick). (2) Empty and blocking, with spurious wake-ups: the frontend kicks and takes the
+/// kick back, so the queue thread is sometimes woken for a counter that is zero again when it
+/// reads; a read that waited there held the ring's lock until the next kick, which a
+/// frontend need never send (the case failed within its 3 s of rounds before the fix).
+#[test]
+fn a_kick_eventfd_made_blocking_never_wedges_the_daemon() {
+    let dir = TestDir::new("hostile-kick-blocking");
+    let d = serve(&dir);
+    let sock = dir.path("sock");
+    let start = std::time::Instant::now();
+    let mut f = ready(&sock);
+    // Disabled, the daemon no longer reads the kick: fill it and make it blocking.
+    assert_eq!(ack_within(&f, code::SET_VRING_ENABLE, &vs(0, 0)), Ok(0));
+    let kick = f.kick.take().expect("kick eventfd");
+    fill_and_block(&kick);
+    assert_eq!(ack_within(&f, code::SET_VRING_ENABLE, &vs(0, 1)), Ok(0), "enabling a ring whose kick is full and blocking");
+    // The queue thread drains the kick (the read of a non-zero counter never waits).
+    let deadline = std::time::Instant::now() + HANG;
+    let mut p = libc::pollfd { fd: kick.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one pollfd in a live local; timeout 0.
+    while unsafe { libc::poll(&mut p, 1, 0) } == 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    f.kick = Some(kick);
+    read_completes(&mut f, 0).expect("a read with a blocking kick eventfd");
+
+    // Spurious wake-ups on an empty, blocking kick: kick, wait a varying few microseconds,
+    // take the kick back, for up to 3 s. Whenever the take-back lands between the queue
+    // thread's wake-up and its read, that read finds the counter empty. A read that waits
+    // there (the queue thread found parked in read(2)) is released only by the next kick, so
+    // the rounds stop at once: the messages below then meet the wedged ring.
+    let kick = f.kick.as_ref().expect("kick eventfd");
+    let one = 1u64.to_ne_bytes();
+    let (mut rounds, mut taken_back, mut wedged) = (0u32, 0u32, false);
+    let mut rng = common::Rng(seed(0x5b0_0c1c));
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until && !wedged {
+        rounds += 1;
+        // SAFETY: writes 8 bytes from a live buffer to our eventfd (its counter is small).
+        assert_eq!(unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), 8) }, 8);
+        let spin = std::time::Instant::now() + Duration::from_nanos(rng.below(40_000));
+        while std::time::Instant::now() < spin {
+            std::hint::spin_loop();
+        }
+        if take_counter(kick).is_some() {
+            taken_back += 1;
+            wedged = queue_thread_in_read(d.child.id());
+        }
+    }
+    // No kick after the last one taken back: a queue thread waiting in its read would keep
+    // the ring locked now.
+    assert_eq!(ack_within(&f, code::SET_VRING_ENABLE, &vs(0, 1)), Ok(0), "a vring message after spurious wake-ups");
+    read_completes(&mut f, 0).expect("a read after spurious wake-ups");
+    assert_eq!(base_within(&f), Ok(2), "the ring did not stop");
+    drop(f);
+    still_serves_within(&sock, 2).expect("a new session after the hostile one");
+    let took = sigterm_within(d);
+    println!("blocking kick eventfd: {taken_back} of {rounds} kicks taken back before the daemon read them; SIGTERM exit in {took:?}, whole case {:?}", start.elapsed());
+}

@@ -128,6 +128,9 @@ pub enum ProtocolError {
     /// A descriptor of the wrong kind.
     #[error("bad file descriptor: {0}")]
     BadFd(io::Error),
+    /// The call eventfd could not be attached to its notifier ring (see `vring::CallNotifier`).
+    #[error("cannot set up notifications on the call eventfd: {0}")]
+    Notifier(io::Error),
     /// A request we do not implement (or did not offer).
     #[error("unsupported request {0} ({1})")]
     Unsupported(&'static str, u32),

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch};
 
 /// What a queue thread's disallowed system call does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,6 +154,17 @@ fn denied_to_protocol() -> Vec<i64> {
 /// copes with the failure.
 const REFUSED_GENTLY: [i64; 1] = [libc::SYS_openat];
 
+/// System calls a queue thread may make with these arguments only.
+///
+/// `fcntl(fd, F_GETFD)`: Rust's standard library checks that a descriptor is open this way
+/// before it closes it (debug builds), and a queue thread may close the last handle on a kick
+/// or call eventfd the frontend has just replaced: it reads and signals them from handles of
+/// its own, without the ring lock (vring.rs).
+fn allowed_with_args() -> Result<Vec<(i64, Vec<SeccompRule>)>, String> {
+    let getfd = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::F_GETFD as u64).map_err(|e| e.to_string())?;
+    Ok(vec![(libc::SYS_fcntl, vec![SeccompRule::new(vec![getfd]).map_err(|e| e.to_string())?])])
+}
+
 /// The filters a queue thread installs, in order (seccomp stacks them: the strictest
 /// verdict wins, so an EPERM filter over a kill filter turns those calls into EPERM).
 pub type QueueFilter = Vec<BpfProgram>;
@@ -168,8 +179,9 @@ fn arch() -> Result<TargetArch, String> {
     }
 }
 
-fn compile(calls: &[i64], on_match: SeccompAction, otherwise: SeccompAction) -> Result<BpfProgram, String> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = calls.iter().map(|&s| (s, Vec::new())).collect();
+fn compile(calls: &[i64], with_args: &[(i64, Vec<SeccompRule>)], on_match: SeccompAction, otherwise: SeccompAction) -> Result<BpfProgram, String> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = calls.iter().map(|&s| (s, Vec::new())).collect();
+    rules.extend(with_args.iter().cloned());
     let filter = SeccompFilter::new(rules, otherwise, on_match, arch()?).map_err(|e| e.to_string())?;
     BpfProgram::try_from(filter).map_err(|e| e.to_string())
 }
@@ -179,15 +191,15 @@ pub fn queue_filter(mode: SeccompMode) -> Result<Option<Arc<QueueFilter>>, Strin
     let eperm = SeccompAction::Errno(libc::EPERM as u32);
     let filters = match mode {
         SeccompMode::Off => return Ok(None),
-        SeccompMode::On => vec![compile(&allowed(), SeccompAction::Allow, eperm)?],
+        SeccompMode::On => vec![compile(&allowed(), &allowed_with_args()?, SeccompAction::Allow, eperm)?],
         SeccompMode::Strict => {
             let mut calls = allowed();
             calls.extend_from_slice(&REFUSED_GENTLY);
             // The EPERM filter goes first: installing the kill filter after it needs prctl
             // and seccomp, which the kill filter itself would not allow.
             vec![
-                compile(&REFUSED_GENTLY, eperm, SeccompAction::Allow)?,
-                compile(&calls, SeccompAction::Allow, SeccompAction::KillProcess)?,
+                compile(&REFUSED_GENTLY, &[], eperm, SeccompAction::Allow)?,
+                compile(&calls, &allowed_with_args()?, SeccompAction::Allow, SeccompAction::KillProcess)?,
             ]
         }
     };
@@ -203,7 +215,7 @@ pub fn protocol_filter(mode: SeccompMode) -> Result<Option<Arc<QueueFilter>>, St
         SeccompMode::On => SeccompAction::Errno(libc::EPERM as u32),
         SeccompMode::Strict => SeccompAction::KillProcess,
     };
-    Ok(Some(Arc::new(vec![compile(&denied_to_protocol(), verdict, SeccompAction::Allow)?])))
+    Ok(Some(Arc::new(vec![compile(&denied_to_protocol(), &[], verdict, SeccompAction::Allow)?])))
 }
 
 /// Applies `filter` to the calling thread (and the threads it spawns).
@@ -225,11 +237,17 @@ mod tests {
             apply(&filter).expect("apply");
             let open = std::fs::File::open("/dev/null").map_err(|e| e.raw_os_error());
             let alloc = vec![1u8; 1 << 22].iter().map(|&b| b as u64).sum::<u64>();
-            (open.err(), alloc)
+            // fcntl only as F_GETFD (std's check before a close), nothing else.
+            let errno = |r: i32| (r < 0).then(|| std::io::Error::last_os_error().raw_os_error()).flatten();
+            // SAFETY: fcntl queries on stdin; nothing is changed.
+            let getfd = errno(unsafe { libc::fcntl(0, libc::F_GETFD) });
+            // SAFETY: as above.
+            let getfl = errno(unsafe { libc::fcntl(0, libc::F_GETFL) });
+            (open.err(), alloc, getfd != Some(libc::EPERM), getfl)
         })
         .join()
         .expect("thread");
-        assert_eq!(r, (Some(Some(libc::EPERM)), 1 << 22));
+        assert_eq!(r, (Some(Some(libc::EPERM)), 1 << 22, true, Some(libc::EPERM)));
         // Strict: opening is still refused gently (glibc does it at thread exit).
         let strict = queue_filter(SeccompMode::Strict).ok().flatten().expect("a filter");
         let r = std::thread::spawn(move || {

@@ -1,14 +1,33 @@
 //! One virtqueue's state as the frontend configured it: the split ring, its kick, call and
 //! error eventfds, and whether it is enabled.
 //!
-//! The call eventfd is non-blocking: a frontend that never reads it (its counter full) or
-//! passes something that is not an eventfd cannot wedge a worker in a notification write.
+//! The kick and call eventfds are shared with the frontend, and so is their open file
+//! description: the O_NONBLOCK we set when we accept them ([`accept_eventfd`]) is a flag the
+//! frontend can clear again with `fcntl`. So nothing here relies on it, and no lock is held
+//! while the kernel touches either descriptor:
+//!
+//! - the call eventfd is never written by us. It is the completion eventfd of a one-slot
+//!   io_uring of our own ([`CallNotifier`]); a notification is a NOP submitted to that ring,
+//!   and the kernel signals the eventfd from the completion with `eventfd_signal`, which adds
+//!   to the counter under its spinlock and never waits, whatever the file's flags and counter
+//!   (a full counter stays full: the frontend is "notified" already).
+//! - the kick eventfd is read with `preadv2(RWF_NOWAIT)` ([`read_nowait`]): a per-call
+//!   non-blocking read, whatever the file's flags; an empty counter (a spurious wake-up, or a
+//!   frontend that drained it first) is EAGAIN.
+//!
+//! Proof: `tests/hostile.rs` `a_call_eventfd_made_blocking_and_full_never_wedges_the_daemon`
+//! and `a_kick_eventfd_made_blocking_never_wedges_the_daemon`; the unit tests below
+//! (`a_blocking_full_call_eventfd_is_signalled_without_waiting`,
+//! `a_blocking_empty_kick_is_read_without_waiting`).
+//!
 //! Only eventfds are accepted for kick, call and err.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use io_uring::{opcode, register::Restriction, IoUring};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace};
@@ -21,8 +40,10 @@ use crate::inflight::{InflightQueue, Recovery};
 /// The mutable state of one ring.
 pub struct VringState {
     queue: Queue,
-    kick: Option<File>,
-    call: Option<File>,
+    /// Shared so a reader can hold it without the lock (see [`Vring::read_kick`]).
+    kick: Option<Arc<File>>,
+    /// Shared so a notification is sent without the lock (see [`Vring::signal_used_queue`]).
+    call: Option<Arc<CallNotifier>>,
     err: Option<File>,
     enabled: bool,
     mem: AtomicMem,
@@ -51,7 +72,7 @@ impl VringState {
 
     /// The kick eventfd, if set.
     pub fn kick(&self) -> Option<&File> {
-        self.kick.as_ref()
+        self.kick.as_deref()
     }
 
     /// Records that `head` was taken from the ring (inflight tracking, if any).
@@ -142,21 +163,14 @@ impl Vring {
         s.resubmit.clear();
     }
 
-    /// Notifies the frontend (never blocks: a full counter already means "notified").
+    /// Notifies the frontend. Never blocks, whatever the frontend did to its call eventfd
+    /// (see [`CallNotifier`]); the ring lock is not held while the kernel signals it.
     pub fn signal_used_queue(&self) -> io::Result<()> {
-        let s = self.get_mut();
-        let Some(call) = s.call.as_ref() else { return Ok(()) };
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live local buffer to an fd we own.
-        let r = unsafe { libc::write(call.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                return Ok(());
-            }
-            return Err(e);
+        let call = self.get_mut().call.clone();
+        match call {
+            Some(c) => c.notify(),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Asks the driver for kicks again; true if chains arrived meanwhile.
@@ -205,12 +219,15 @@ impl Vring {
 
     /// Sets the kick eventfd.
     pub fn set_kick(&self, f: Option<File>) {
-        self.get_mut().kick = f;
+        self.get_mut().kick = f.map(Arc::new);
     }
 
-    /// Sets the call eventfd.
-    pub fn set_call(&self, f: Option<File>) {
-        self.get_mut().call = f;
+    /// Sets the call eventfd (an accepted eventfd), attaching it to a notifier ring of its
+    /// own first; on failure the previous one stays.
+    pub fn set_call(&self, f: Option<File>) -> io::Result<()> {
+        let notifier = f.map(CallNotifier::new).transpose()?.map(Arc::new);
+        self.get_mut().call = notifier;
+        Ok(())
     }
 
     /// Sets the error eventfd.
@@ -218,25 +235,116 @@ impl Vring {
         self.get_mut().err = f;
     }
 
-    /// Drains the kick eventfd; true if the ring is enabled.
+    /// Drains the kick eventfd without waiting and without the ring lock held (a frontend
+    /// may have made it blocking and emptied it: see [`read_nowait`]); true if the ring is
+    /// enabled. An empty counter is not an error: the caller looks at the ring anyway.
     pub fn read_kick(&self) -> bool {
-        let s = self.get_mut();
-        if let Some(k) = s.kick.as_ref() {
-            let mut buf = [0u8; 8];
-            // SAFETY: reads at most 8 bytes into a live local buffer from an fd we own
-            // (non-blocking: made so when it was accepted).
-            unsafe { libc::read(k.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let (kick, enabled) = {
+            let s = self.get_mut();
+            (s.kick.clone(), s.enabled)
+        };
+        if let Some(k) = kick {
+            if let Err(e) = read_nowait(&k) {
+                tracing::debug!(error = %e, "reading the kick eventfd failed");
+            }
         }
-        s.enabled
+        enabled
     }
 }
 
-/// Accepts `f` as a ring eventfd: it must be an eventfd; it is made non-blocking.
-pub fn accept_eventfd(f: &File) -> io::Result<()> {
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
-    if link.as_os_str() != "anon_inode:[eventfd]" {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("not an eventfd: {}", link.display())));
+/// Slots of a notifier ring: one NOP at a time is all it ever holds.
+const NOTIFIER_ENTRIES: u32 = 1;
+
+/// A call eventfd that is never written by us: it is the registered completion eventfd of a
+/// one-slot io_uring that may execute only NOPs and accepts no further registration. A
+/// notification submits a NOP; its completion makes the kernel signal the eventfd with
+/// `eventfd_signal` (as KVM's irqfds and vhost-net are signalled), which never waits: the
+/// counter is raised under a spinlock (and stays at its maximum if the frontend filled it).
+/// A plain `write` would wait on a full counter as soon as the frontend clears O_NONBLOCK on
+/// the description it shares with us, and `pwritev2(RWF_NOWAIT)` is refused on eventfds
+/// (no `write_iter`): docs/decisions.md.
+pub struct CallNotifier {
+    /// Taken only for a NOP's push, submission and reaping: none of them waits (the
+    /// submission asks for no completion), so the lock is never held across anything the
+    /// frontend can stall.
+    ring: Mutex<IoUring>,
+    /// The frontend's eventfd (the ring holds its own reference to the eventfd as well).
+    _call: File,
+}
+
+impl CallNotifier {
+    /// Attaches `call` to a new notifier ring.
+    pub fn new(call: File) -> io::Result<CallNotifier> {
+        let ring = IoUring::builder().setup_r_disabled().build(NOTIFIER_ENTRIES)?;
+        let submitter = ring.submitter();
+        // Registered before the restrictions, which then forbid every register call.
+        submitter.register_eventfd(call.as_raw_fd())?;
+        let mut only_nop = [Restriction::sqe_op(opcode::Nop::CODE)];
+        submitter.register_restrictions(&mut only_nop)?;
+        submitter.register_enable_rings()?;
+        Ok(CallNotifier { ring: Mutex::new(ring), _call: call })
     }
+
+    /// Signals the eventfd once. Never blocks: the NOP completes inline in the submission,
+    /// which waits for nothing.
+    pub fn notify(&self) -> io::Result<()> {
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let nop = opcode::Nop::new().build();
+        // SAFETY: a NOP carries no pointer for the kernel to follow.
+        if unsafe { ring.submission().push(&nop) }.is_err() {
+            // An earlier submission failed (EINTR, EAGAIN) and left its NOP queued: send it.
+            ring.submit()?;
+            // SAFETY: as above.
+            unsafe { ring.submission().push(&nop) }
+                .map_err(|_| io::Error::new(io::ErrorKind::WouldBlock, "notifier submission queue full"))?;
+        }
+        ring.submit()?;
+        let mut failed = None;
+        for cqe in ring.completion() {
+            if cqe.result() < 0 {
+                failed = Some(io::Error::from_raw_os_error(-cqe.result()));
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+}
+
+/// Reads an eventfd's counter without ever waiting: `preadv2` with `RWF_NOWAIT` is
+/// non-blocking for this one call whatever the description's O_NONBLOCK (Linux ≥ 5.12 for
+/// eventfds). `Ok(None)`: the counter was zero. On older kernels (`EOPNOTSUPP`) it reads
+/// only if `poll` says the counter is non-zero: a frontend that cleared O_NONBLOCK and
+/// drains the counter between those two calls could still make that read wait there, until
+/// its next kick (docs/security.md). (No `fcntl` here: queue threads may not call it.)
+pub fn read_nowait(f: &File) -> io::Result<Option<u64>> {
+    let mut buf = [0u8; 8];
+    let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: one iovec over a live local buffer of 8 bytes; offset -1 is the file position
+    // (eventfds have none); the fd is open for the duration of the call.
+    let r = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
+    if r == 8 {
+        return Ok(Some(u64::from_ne_bytes(buf)));
+    }
+    if r >= 0 {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("eventfd read of {r} bytes")));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) => Ok(None),
+        Some(libc::EOPNOTSUPP) => {
+            let mut p = libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one pollfd in a live local; timeout 0 (never waits).
+            if unsafe { libc::poll(&mut p, 1, 0) } != 1 || p.revents & libc::POLLIN == 0 {
+                return Ok(None);
+            }
+            // SAFETY: reads at most 8 bytes into a live local buffer from an open fd.
+            let r = unsafe { libc::read(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            Ok((r == 8).then(|| u64::from_ne_bytes(buf)))
+        }
+        _ => Err(e),
+    }
+}
+
+fn set_nonblocking(f: &File) -> io::Result<()> {
     // SAFETY: F_GETFL/F_SETFL on an fd we own.
     let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
     // SAFETY: as above.
@@ -244,6 +352,17 @@ pub fn accept_eventfd(f: &File) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Accepts `f` as a ring eventfd: it must be an eventfd. It is also made non-blocking, as a
+/// courtesy and for the fallback of [`read_nowait`] on old kernels only: the frontend shares
+/// the flag and may clear it, so no path depends on it (see the module documentation).
+pub fn accept_eventfd(f: &File) -> io::Result<()> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
+    if link.as_os_str() != "anon_inode:[eventfd]" {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("not an eventfd: {}", link.display())));
+    }
+    set_nonblocking(f)
 }
 
 #[cfg(test)]
@@ -272,6 +391,20 @@ mod tests {
         drop(r);
     }
 
+    /// Runs `f` on a thread and gives its result if it returns within `limit` (a thread
+    /// that blocks is left behind; the test fails instead of hanging).
+    fn within<T: Send + 'static>(limit: std::time::Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(limit).ok()
+    }
+
+    fn counter(f: &File) -> Option<u64> {
+        read_nowait(f).expect("read the counter")
+    }
+
     #[test]
     fn a_full_call_counter_does_not_block() {
         let call = eventfd(0);
@@ -280,8 +413,60 @@ mod tests {
         assert_eq!(unsafe { libc::write(call.as_raw_fd(), full.as_ptr().cast(), 8) }, 8);
         assert!(accept_eventfd(&call).is_ok());
         let v = Vring::new(AtomicMem::new(crate::context::Mem::new()), 16).expect("vring");
-        v.set_call(Some(call));
+        v.set_call(Some(call)).expect("notifier");
         assert!(v.signal_used_queue().is_ok());
         assert!(v.signal_used_queue().is_ok());
+    }
+
+    #[test]
+    fn a_notification_raises_the_call_counter_by_one() {
+        let call = eventfd(0);
+        let mine = call.try_clone().expect("dup");
+        let n = CallNotifier::new(call).expect("notifier");
+        n.notify().expect("notify");
+        assert_eq!(counter(&mine), Some(1));
+        for _ in 0..3 {
+            n.notify().expect("notify");
+        }
+        assert_eq!(counter(&mine), Some(3));
+        assert_eq!(counter(&mine), None);
+    }
+
+    /// The frontend's attack: the counter at its maximum (a write of 1 would wait) and
+    /// O_NONBLOCK cleared on the description we share (our eventfd() here never had it).
+    #[test]
+    fn a_blocking_full_call_eventfd_is_signalled_without_waiting() {
+        let call = eventfd(0);
+        let full = (u64::MAX - 1).to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to our eventfd.
+        assert_eq!(unsafe { libc::write(call.as_raw_fd(), full.as_ptr().cast(), 8) }, 8);
+        let mine = call.try_clone().expect("dup");
+        let v = Vring::new(AtomicMem::new(crate::context::Mem::new()), 16).expect("vring");
+        v.set_call(Some(call)).expect("notifier");
+        let v2 = v.clone();
+        let done = within(std::time::Duration::from_secs(5), move || {
+            (0..100).all(|_| v2.signal_used_queue().is_ok())
+        });
+        assert_eq!(done, Some(true), "a notification waited on a full, blocking call eventfd");
+        // The lock is free and the counter still reads (saturated, never wrapped to zero).
+        assert!(v.get_mut().get_queue().size() > 0);
+        assert!(counter(&mine).is_some_and(|c| c >= u64::MAX - 1));
+    }
+
+    #[test]
+    fn a_blocking_empty_kick_is_read_without_waiting() {
+        let kick = eventfd(0);
+        let mine = kick.try_clone().expect("dup");
+        let v = Vring::new(AtomicMem::new(crate::context::Mem::new()), 16).expect("vring");
+        v.set_kick(Some(kick));
+        v.set_enabled(true);
+        let v2 = v.clone();
+        assert_eq!(within(std::time::Duration::from_secs(5), move || v2.read_kick()), Some(true), "an empty, blocking kick eventfd was waited on");
+        // A kick is still drained.
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to our eventfd.
+        assert_eq!(unsafe { libc::write(mine.as_raw_fd(), one.as_ptr().cast(), 8) }, 8);
+        assert!(v.read_kick());
+        assert_eq!(counter(&mine), None);
     }
 }

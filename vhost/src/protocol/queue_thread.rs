@@ -1,5 +1,8 @@
 //! One thread per queue: waits on the ring's kick, the io_uring completion eventfd, the park
-//! hub's wake-up and an exit eventfd, and hands each event to the device.
+//! hub's wake-up, a poke of our own (look at the ring once) and an exit eventfd, and hands
+//! each event to the device. The kick eventfd is the frontend's and is only ever read
+//! without waiting ([`Vring::read_kick`]); the poke, exit and completion eventfds are ours
+//! alone, so nobody else can make them blocking.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -16,11 +19,14 @@ const KICK: u64 = 0;
 const COMPLETION: u64 = 1;
 const RESUME: u64 = 2;
 const EXIT: u64 = 3;
+const POKE: u64 = 4;
 
 /// A running queue thread.
 pub struct QueueThread {
     epoll: std::sync::Arc<Epoll>,
     exit: EventFd,
+    /// Ours alone (never shared with the frontend): a write of 1 never waits.
+    poke: EventFd,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -33,6 +39,9 @@ impl QueueThread {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
         };
         add(exit.as_raw_fd(), EXIT)?;
+        let poke = EventFd::new(EFD_NONBLOCK)?;
+        add(poke.as_raw_fd(), POKE)?;
+        let poked = poke.try_clone()?;
         if let Some(fd) = device.completion_fd(q) {
             add(fd, COMPLETION)?;
         }
@@ -47,9 +56,17 @@ impl QueueThread {
                     tracing::error!(queue = q, error = %e, "installing the seccomp filter failed; serving unfiltered");
                 }
             }
-            run(&device, q, &vring, &ep)
+            run(&device, q, &vring, &ep, &poked)
         })?;
-        Ok(QueueThread { epoll, exit, handle: Some(handle) })
+        Ok(QueueThread { epoll, exit, poke, handle: Some(handle) })
+    }
+
+    /// Makes the thread look at its ring once, as a kick would (without touching the
+    /// frontend's kick eventfd).
+    pub fn poke(&self) {
+        if let Err(e) = self.poke.write(1) {
+            tracing::debug!(error = %e, "poking a queue thread failed");
+        }
     }
 
     /// Starts watching a kick eventfd.
@@ -73,7 +90,7 @@ impl QueueThread {
     }
 }
 
-fn run(device: &BlkDevice, q: usize, vring: &Vring, epoll: &Epoll) {
+fn run(device: &BlkDevice, q: usize, vring: &Vring, epoll: &Epoll, poke: &EventFd) {
     let mut events = [EpollEvent::default(); 8];
     let mut errors = 0u64;
     loop {
@@ -88,7 +105,11 @@ fn run(device: &BlkDevice, q: usize, vring: &Vring, epoll: &Epoll) {
         for ev in &events[..n] {
             let r = match ev.data() {
                 EXIT => return,
-                KICK => {
+                KICK | POKE => {
+                    if ev.data() == POKE {
+                        // Our own non-blocking eventfd: EAGAIN just means it was read already.
+                        let _ = poke.read();
+                    }
                     if vring.read_kick() {
                         device.on_kick(q, vring)
                     } else {

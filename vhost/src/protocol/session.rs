@@ -346,7 +346,7 @@ impl Session {
                 self.device.stop_vring(q);
                 let base = v.get_mut().get_queue().next_avail();
                 v.set_kick(None);
-                v.set_call(None);
+                v.set_call(None).map_err(ProtocolError::Notifier)?;
                 Ok(Reply::Body(VringState { index: s.index, num: u32::from(base) }.bytes().to_vec()))
             }
             code::SET_VRING_KICK | code::SET_VRING_CALL | code::SET_VRING_ERR => {
@@ -367,7 +367,7 @@ impl Session {
                 match h.request {
                     code::SET_VRING_KICK => self.set_kick(index as usize, &v, file)?,
                     code::SET_VRING_CALL => {
-                        v.set_call(file);
+                        v.set_call(file).map_err(ProtocolError::Notifier)?;
                         // A new call fd may come after a restart or with an interrupt moved:
                         // notify once on it (see `notify_once`).
                         Self::notify_once(&v);
@@ -518,11 +518,9 @@ impl Session {
             // Look at the ring once now: after a restart the driver may be waiting for
             // requests already in the ring (resubmitted ones, or chains published while no
             // daemon ran) and never kick again, with EVENT_IDX especially. A spare kick costs
-            // one empty pass.
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: writes 8 bytes from a live buffer to the ring's kick eventfd, which the
-            // vring owns and keeps open while it is registered.
-            unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+            // one empty pass. It goes to the queue thread's own eventfd, not to the kick
+            // eventfd: the frontend may have filled that one and made it blocking.
+            t.poke();
             Self::notify_once(v);
         }
         Ok(())
