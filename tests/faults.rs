@@ -4,38 +4,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::faultfs::FaultMount;
 use common::metrics::scrape;
-use common::{sparse_file, Client, Daemon, TestDir};
+use common::{ctl, sparse_file, Client, Daemon, TestDir};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
-
-/// Sends one control command and returns the reply's `return` (panics on an error reply).
-fn ctl(socket: &Path, command: &str, args: Value) -> Value {
-    let conn = UnixStream::connect(socket).expect("connect to the control socket");
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut r = BufReader::new(conn.try_clone().unwrap());
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    assert!(line.contains("QMP"), "greeting: {line}");
-    writeln!(&conn, "{}", json!({"execute": command, "arguments": args})).unwrap();
-    loop {
-        line.clear();
-        r.read_line(&mut line).unwrap();
-        let v: Value = serde_json::from_str(line.trim()).unwrap();
-        if v.get("event").is_some() {
-            continue;
-        }
-        assert!(v.get("error").is_none(), "{command}: {v}");
-        return v["return"].clone();
-    }
-}
 
 struct Rig {
     // Field order is drop order: the daemon goes before the mount it uses.

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::frontend::*;
-use common::{sparse_file, stop_clean, Client, Daemon, TestDir};
+use common::{ctl, sparse_file, stop_clean, Client, Daemon, TestDir};
 
 const MIB: u64 = 1 << 20;
 const SHORT: Duration = Duration::from_secs(10);
@@ -599,6 +599,103 @@ fn maximal_misaligned_requests_keep_memory_bounded() {
     let grew = peak.saturating_sub(before);
     println!("peak RSS {peak} kB (before the requests: {before} kB, growth {grew} kB) for 672 MiB of misaligned reads in flight");
     assert!(grew < 64 << 10, "peak RSS grew by {grew} kB under misaligned requests");
+    stop_clean(d);
+}
+
+/// Publications of the one held write in the flood below (the ring has 16 entries).
+const FLOOD: usize = 20_000;
+
+/// A guest that republishes one write, still held, far more often than its ring has entries.
+/// During a `ctl freeze` every write is held (no host op, so the engine's back-pressure never
+/// stops it): one valid 250-segment write chain published 20,000 times, a full ring (16) at
+/// a time, each batch once the daemon has taken the last (EVENT_IDX's avail_event). Held each
+/// time, this grew the daemon by ~6 KiB a publication (peak RSS 9.6 → 128 MiB here, measured
+/// 2026-12-05, linearly with the flood). Now the second publication of a head still in hand breaks the ring: nothing more
+/// is taken, the held write completes at the thaw, the frontend's reset serves again, and a
+/// new connection too.
+#[test]
+fn a_head_republished_during_a_freeze_keeps_memory_bounded() {
+    let dir = TestDir::new("hostile-budget");
+    let image = dir.path("disk.raw");
+    sparse_file(&image, 64 * MIB);
+    let sock = dir.path("sock");
+    let control = dir.path("control.sock");
+    let args = ["--image", image.to_str().unwrap_or_default(), "--format", "raw", "--num-queues", "1", "--seccomp", "strict",
+        "--control", control.to_str().unwrap_or_default()];
+    let mut d = Daemon::start(&sock, &args);
+    let pid = d.child.id();
+    let frozen = ctl(&control, "freeze", serde_json::json!({"timeout-ms": 60000}));
+    assert_eq!(frozen["frozen"], true, "{frozen}");
+    let mut f = Frontend::connect(&sock);
+    f.negotiate_with(true);
+    f.start_queue();
+    let err = eventfd(0);
+    assert_eq!(f.ack(code::SET_VRING_ERR, &0u64.to_le_bytes(), &[err.as_raw_fd()]).expect("SET_VRING_ERR"), 0);
+    // A write of 250 × 512 bytes at sector 0 (every segment the same guest bytes), in an
+    // indirect table: header, 250 segments, status.
+    const SEGS: u16 = 250;
+    let mut hdr = [0u8; 16];
+    hdr[0] = 1; // VIRTIO_BLK_T_OUT
+    f.put(DATA, &hdr);
+    f.put(DATA + 0x1000, &[0x5a; 512]);
+    f.desc(INDIRECT, 0, DATA, 16, F_NEXT, 1);
+    for i in 1..=SEGS {
+        f.desc(INDIRECT, i, DATA + 0x1000, 512, F_NEXT, i + 1);
+    }
+    f.desc(INDIRECT, SEGS + 1, DATA + 0x3000, 1, F_WRITE, 0);
+    f.desc(DESC, 0, INDIRECT, 16 * (u32::from(SEGS) + 2), F_INDIRECT, 0);
+    let before = peak_rss_kb(pid);
+    let t0 = std::time::Instant::now();
+    let mut taken = 0;
+    let mut refused = false;
+    for _ in 0..FLOOD / usize::from(QSIZE) {
+        f.publish(&[0; QSIZE as usize]);
+        if refused {
+            continue;
+        }
+        // Wait until the daemon took the batch, or evidently takes no more.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while f.avail_event() != f.avail_idx() && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        if f.avail_event() == f.avail_idx() {
+            taken += usize::from(QSIZE);
+        } else {
+            refused = true;
+        }
+    }
+    // Let the last kicks be handled.
+    std::thread::sleep(Duration::from_millis(200));
+    let flood = t0.elapsed();
+    let peak = peak_rss_kb(pid);
+    if let Ok(Some(st)) = d.child.try_wait() {
+        panic!("the daemon died during the flood: {st}");
+    }
+    println!("peak RSS {peak} kB (before the flood {before} kB) after {FLOOD} publications of one held 250-segment write \
+        in {flood:?}; taken in whole batches before the daemon stopped taking: {taken}");
+    assert!(peak < 64 << 10, "peak RSS {peak} kB: the daemon grew with what the guest published");
+    assert!(refused, "the daemon took every one of {FLOOD} publications of a head it already held");
+    let mut signalled = [0u8; 8];
+    assert_eq!(std::io::Read::read(&mut &err, &mut signalled).ok(), Some(8), "the broken ring was not signalled on the error eventfd");
+    // The thaw completes the held write, once.
+    ctl(&control, "thaw", serde_json::json!({}));
+    let deadline = std::time::Instant::now() + SHORT;
+    while f.ram.u16_at(USED + 2) == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(f.ram.u16_at(USED + 2), 1, "the held write did not complete exactly once");
+    assert_eq!(f.used(0), (0, 1), "used element of the held write");
+    assert_eq!(status_at(&f, DATA + 0x3000), 0, "the held write failed");
+    no_stray(&f).unwrap_or_else(|e| panic!("{e}"));
+    // The frontend resets the queue (GET_VRING_BASE, a fresh ring): it serves again.
+    f.send(code::GET_VRING_BASE, V1, &vs(0, 0), &[]).expect("GET_VRING_BASE");
+    f.reply().expect("GET_VRING_BASE reply");
+    f.start_queue();
+    read_chain(&mut f);
+    completes(&mut f, 0).unwrap_or_else(|e| panic!("after the reset: {e}"));
+    assert_eq!(status_at(&f, DATA + 0x3000), 0, "a read after the reset failed");
+    drop(f);
+    still_serves(&sock, 1).unwrap_or_else(|e| panic!("after the flood: {e}"));
     stop_clean(d);
 }
 

@@ -20,6 +20,7 @@ pub mod code {
     pub const GET_VRING_BASE: u32 = 11;
     pub const SET_VRING_KICK: u32 = 12;
     pub const SET_VRING_CALL: u32 = 13;
+    pub const SET_VRING_ERR: u32 = 14;
     pub const GET_PROTOCOL_FEATURES: u32 = 15;
     pub const SET_PROTOCOL_FEATURES: u32 = 16;
     pub const SET_VRING_ENABLE: u32 = 18;
@@ -400,12 +401,20 @@ impl Frontend {
 
     /// Owner, features, protocol features (with REPLY_ACK), the memory table.
     pub fn negotiate(&mut self) {
+        // No EVENT_IDX: every completion notifies, which keeps the tests simple.
+        self.negotiate_with(false);
+    }
+
+    /// [`Frontend::negotiate`], with VIRTIO_RING_F_EVENT_IDX if `event_idx`: the daemon then
+    /// writes its next available index into the used ring ([`Frontend::avail_event`]) each
+    /// time it has taken every chain it will take.
+    pub fn negotiate_with(&mut self, event_idx: bool) {
         self.send(code::SET_OWNER, V1, &[], &[]).expect("owner");
         let f = self.get_u64(code::GET_FEATURES).expect("features");
         let pf = self.get_u64(code::GET_PROTOCOL_FEATURES).expect("protocol features");
         self.send(code::SET_PROTOCOL_FEATURES, V1, &pf.to_le_bytes(), &[]).expect("set pf");
-        // No EVENT_IDX: every completion notifies, which keeps the tests simple.
-        assert_eq!(self.ack(code::SET_FEATURES, &(f & !(1 << 29)).to_le_bytes(), &[]).expect("set f"), 0);
+        let f = if event_idx { f } else { f & !(1 << 29) };
+        assert_eq!(self.ack(code::SET_FEATURES, &f.to_le_bytes(), &[]).expect("set f"), 0);
         let mut body = 1u32.to_le_bytes().to_vec();
         body.extend_from_slice(&[0; 4]);
         body.extend(region(0, RAM, USER_BASE, 0));
@@ -463,6 +472,34 @@ impl Frontend {
         if let Some(k) = &mut self.kick {
             let _ = k.write_all(&1u64.to_ne_bytes());
         }
+    }
+
+    /// Publishes `heads` in one go (one avail index update, one kick), recording the avail
+    /// ring once rather than each entry (for floods of many thousand publications).
+    pub fn publish(&mut self, heads: &[u16]) {
+        for &head in heads {
+            let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % QSIZE);
+            self.ram.write(slot, &head.to_le_bytes());
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.ram.write(AVAIL + 2, &self.avail_idx.to_le_bytes());
+        if !self.own.contains(&(AVAIL, 4 + 2 * u64::from(QSIZE))) {
+            self.own.push((AVAIL, 4 + 2 * u64::from(QSIZE)));
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.kick();
+    }
+
+    /// The available index published so far.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// The daemon's avail_event (EVENT_IDX): its next available index when it last asked
+    /// for kicks, i.e. after taking every chain it would take.
+    pub fn avail_event(&self) -> u16 {
+        self.ram.u16_at(USED + 4 + 8 * u64::from(QSIZE))
     }
 
     /// Waits until the used index reaches what was submitted.

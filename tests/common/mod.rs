@@ -361,3 +361,26 @@ pub fn thin_volume(dir: &TestDir) -> (Vec<String>, LoopDev, Daemon, PathBuf) {
     .collect();
     (args, lv, spm, backing)
 }
+
+/// Sends one command to the control socket (`--control`) and returns the reply's `return`
+/// (panics on an error reply).
+pub fn ctl(socket: &Path, command: &str, args: serde_json::Value) -> serde_json::Value {
+    use std::io::{BufRead, BufReader, Write};
+    let conn = std::os::unix::net::UnixStream::connect(socket).expect("connect to the control socket");
+    conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut r = BufReader::new(conn.try_clone().expect("clone"));
+    let mut line = String::new();
+    r.read_line(&mut line).expect("greeting");
+    assert!(line.contains("QMP"), "greeting: {line}");
+    writeln!(&conn, "{}", serde_json::json!({"execute": command, "arguments": args})).expect("send");
+    loop {
+        line.clear();
+        r.read_line(&mut line).expect("reply");
+        let v: serde_json::Value = serde_json::from_str(line.trim()).expect("json");
+        if v.get("event").is_some() {
+            continue;
+        }
+        assert!(v.get("error").is_none(), "{command}: {v}");
+        return v["return"].clone();
+    }
+}

@@ -52,6 +52,9 @@ pub struct VringState {
     /// Heads a recovered region still had in flight: served, oldest first, before any new
     /// chain is popped.
     resubmit: VecDeque<u16>,
+    /// The driver broke the ring's rules (worker/budget.rs): nothing more is popped until
+    /// the frontend stops the ring.
+    broken: bool,
 }
 
 impl VringState {
@@ -91,6 +94,23 @@ impl VringState {
     pub fn resubmit_pending(&self) -> usize {
         self.resubmit.len()
     }
+
+    /// Whether the driver broke the ring's rules since the ring last started.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Marks the ring broken (nothing more is popped until the frontend stops it) and
+    /// signals the frontend's error eventfd, if it set one (never blocks).
+    pub fn mark_broken(&mut self) {
+        self.broken = true;
+        if let Some(err) = self.err.as_ref() {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a live local buffer to an eventfd we own (made
+            // non-blocking when it was accepted: a full counter already means "signalled").
+            unsafe { libc::write(err.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        }
+    }
 }
 
 /// A shared handle on one ring's state.
@@ -115,6 +135,7 @@ impl Vring {
                 mem,
                 inflight: None,
                 resubmit: VecDeque::new(),
+                broken: false,
             })),
         })
     }
@@ -207,9 +228,14 @@ impl Vring {
         s.queue.try_set_used_ring_address(GuestAddress(used))
     }
 
-    /// Marks the ring ready (started) or not.
+    /// Marks the ring ready (started) or not. A ring stopped by the frontend is no longer
+    /// broken: the driver starts it afresh.
     pub fn set_queue_ready(&self, ready: bool) {
-        self.get_mut().queue.set_ready(ready);
+        let mut s = self.get_mut();
+        s.queue.set_ready(ready);
+        if !ready {
+            s.broken = false;
+        }
     }
 
     /// Enables or disables the ring.

@@ -56,7 +56,7 @@ impl Worker {
                 Some(v) => self.finish_sync(v, &p.mem, head, Some(status), &outcome, data, rec),
                 None => {
                     self.flush_batch = None;
-                    self.inflight.done();
+                    self.release(head);
                 }
             }
         }
@@ -89,7 +89,7 @@ impl Worker {
         // A completion the guest can see: a later FLUSH may have to cover it.
         self.flush_batch = None;
         self.needs_signal = true;
-        self.inflight.done();
+        self.release(head);
     }
 
     pub(super) fn signal(&mut self, vring: &Vring) {

@@ -122,6 +122,49 @@ impl Rig {
         status
     }
 
+    /// Builds a 4 KiB read of sector `8 × head` as chain `head`: one ring descriptor naming an
+    /// indirect table (so any of the ring's 16 heads can carry a read); `data` is the buffer's
+    /// address. Not published. Returns the status byte's address.
+    fn read_at(&mut self, head: u16, data: u64) -> u64 {
+        let hdr = 0x9000 + 32 * u64::from(head);
+        let status = hdr + 16;
+        let table = 0x40000 + 0x100 * u64::from(head);
+        let mut h = [0u8; 16];
+        h[8..16].copy_from_slice(&(u64::from(head) * 8).to_le_bytes());
+        self.mem.write_slice(&h, GuestAddress(hdr)).expect("header");
+        self.mem.write_slice(&[0xff], GuestAddress(status)).expect("status");
+        let d = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&addr.to_le_bytes());
+            b[8..12].copy_from_slice(&len.to_le_bytes());
+            b[12..14].copy_from_slice(&flags.to_le_bytes());
+            b[14..16].copy_from_slice(&next.to_le_bytes());
+            self.mem.write_slice(&b, GuestAddress(table + 16 * i)).expect("indirect descriptor");
+        };
+        d(0, hdr, 16, 1, 1);
+        d(1, data, 4096, 1 | 2, 2);
+        d(2, status, 1, 2, 0);
+        self.desc(head, table, 48, 4, 0);
+        status
+    }
+
+    /// Publishes chain `head` (without kicking).
+    fn publish(&mut self, head: u16) {
+        let slot = AVAIL + 4 + 2 * u64::from(self.avail % 16);
+        self.mem.write_slice(&head.to_le_bytes(), GuestAddress(slot)).expect("avail ring");
+        self.avail = self.avail.wrapping_add(1);
+        self.mem.write_slice(&self.avail.to_le_bytes(), GuestAddress(AVAIL + 2)).expect("avail idx");
+    }
+
+    /// The ring's next available index (what the worker has taken).
+    fn next_avail(&self) -> u16 {
+        self.vring.get_mut().get_queue().next_avail()
+    }
+
+    fn broken(&self) -> bool {
+        self.vring.get_mut().is_broken()
+    }
+
     fn kick(&mut self) {
         self.w.on_kick(&self.ctx, &self.vring).expect("kick");
     }
@@ -246,4 +289,127 @@ fn a_worker_dropped_with_ops_in_flight_leaks_their_buffers() {
     let pool = r.w.pool.clone();
     assert_eq!(r.used(), 1);
     assert_eq!(pool.idle(), 1);
+}
+
+#[test]
+fn a_spent_budget_leaves_chains_in_the_ring_until_a_completion_returns_a_unit() {
+    let mut r = Rig::new("budget", 64);
+    // A lawful driver (6 outstanding on a 16-entry ring) against a budget lowered to 4.
+    r.w.budget.set_cap(4);
+    let statuses: Vec<u64> = (0..6).map(|h| r.read_at(h, 0x20000 + 4096 * u64::from(h))).collect();
+    (0..6).for_each(|h| r.publish(h));
+    r.kick();
+    assert_eq!((r.pushed(), r.next_avail(), r.w.budget.held()), (4, 4, 4), "popping stops at the budget; the rest stay in the ring");
+    assert_eq!(r.w.inflight.get(), 4);
+    assert!(!r.broken(), "a spent budget is back-pressure, not misbehaviour");
+    r.kick();
+    assert_eq!(r.next_avail(), 4, "a kick pops nothing while the budget is spent");
+    r.answer(1, op_len);
+    assert_eq!((r.used(), r.next_avail(), r.pushed()), (1, 5, 4), "a completion returns a unit: one more chain popped");
+    while r.used() < 6 {
+        r.answer(1, op_len);
+    }
+    assert_eq!((r.w.budget.held(), r.w.inflight.get()), (0, 0));
+    assert!(statuses.iter().all(|&s| r.byte(s) == 0));
+}
+
+#[test]
+fn a_head_in_hand_published_again_breaks_the_ring_until_it_is_reset() {
+    let mut r = Rig::new("same-head", 64);
+    let first = r.read_at(0, 0x20000);
+    r.publish(0);
+    r.kick();
+    assert_eq!(r.pushed(), 1);
+    // The same head again while its read is at the storage, then a lawful one.
+    r.publish(0);
+    let second = r.read_at(1, 0x21000);
+    r.publish(1);
+    r.kick();
+    assert!(r.broken(), "a head in hand published again must break the ring");
+    assert_eq!((r.pushed(), r.next_avail(), r.w.budget.held(), r.w.budget.breaks()), (1, 1, 1, 1), "nothing more is taken; the repeat stays in the ring");
+    // What was in hand still completes; the broken ring takes nothing more.
+    r.answer(1, op_len);
+    assert_eq!((r.used(), r.byte(first), r.pushed(), r.next_avail()), (1, 0, 0, 1));
+    assert!(r.broken());
+    // The frontend stops and restarts the ring (the driver's reset): it serves again, from
+    // where it stopped taking (head 0 is no longer in hand).
+    r.vring.set_queue_ready(false);
+    r.vring.set_queue_ready(true);
+    r.kick();
+    assert!(!r.broken());
+    assert_eq!((r.pushed(), r.next_avail()), (2, 3));
+    r.answer(2, op_len);
+    assert_eq!((r.used(), r.byte(second), r.w.budget.held()), (3, 0, 0));
+}
+
+#[test]
+fn more_heads_outstanding_than_the_ring_has_break_it() {
+    let mut r = Rig::new("overrun", 64);
+    for h in 0..16 {
+        r.read_at(h, 0x20000 + 4096 * u64::from(h));
+    }
+    // 17 published, none returned, on a 16-entry ring.
+    (0..16).for_each(|h| r.publish(h));
+    r.publish(0);
+    r.kick();
+    assert!(r.broken());
+    assert_eq!((r.pushed(), r.next_avail(), r.w.budget.held()), (0, 0, 0), "nothing is taken from an overrun ring");
+    // Kicks of a broken ring take nothing (and log at most once per interval).
+    for _ in 0..100 {
+        r.kick();
+    }
+    assert_eq!((r.pushed(), r.next_avail()), (0, 0));
+}
+
+#[test]
+fn a_parked_request_returns_its_unit_when_it_completes() {
+    let mut r = Rig::new("parked-budget", 64);
+    r.ctx.park.set_policy(Arc::new(AlwaysPark));
+    r.w.budget.set_cap(1);
+    let a = r.read_at(0, 0x20000);
+    r.publish(0);
+    r.kick();
+    r.answer(1, |_| -libc::EIO);
+    assert_eq!((r.w.parked(), r.w.budget.held()), (1, 1), "a parked request holds its unit");
+    let b = r.read_at(1, 0x21000);
+    r.publish(1);
+    r.kick();
+    assert_eq!((r.pushed(), r.next_avail()), (0, 1), "no pop while the parked request holds the budget");
+    // Resumed, the parked read succeeds: its unit returns and the waiting chain is popped.
+    r.w.on_resume(&r.ctx).expect("resume");
+    assert_eq!(r.pushed(), 1);
+    r.answer(1, op_len);
+    assert_eq!((r.used(), r.byte(a), r.next_avail(), r.pushed()), (1, 0, 2, 1));
+    r.answer(1, op_len);
+    assert_eq!((r.used(), r.byte(b), r.w.budget.held()), (2, 0, 0));
+}
+
+#[test]
+fn resubmissions_after_a_restart_count_against_the_budget() {
+    use crate::inflight::{InflightInfo, InflightRegion};
+    let mut r = Rig::new("resubmit-budget", 64);
+    // The previous daemon took three reads (heads 0, 1, 2) and completed none.
+    let statuses: Vec<u64> = (0..3).map(|h| r.read_at(h, 0x20000 + 4096 * u64::from(h))).collect();
+    (0..3).for_each(|h| r.publish(h));
+    let info = InflightInfo { mmap_size: 0, mmap_offset: 0, num_queues: 1, queue_size: 16 };
+    let region = InflightRegion::create(info, 1).expect("inflight region");
+    let mut old = region.queue(0).expect("queue 0");
+    assert!(old.recover(16, 0, 0).is_ok());
+    (0..3).for_each(|h| old.mark(h));
+    let rec = r.vring.start_inflight(region.queue(0).expect("queue 0")).expect("recovery");
+    assert_eq!(rec.resubmit, vec![0, 1, 2]);
+    // The new daemon's budget is lowered to 2: the third resubmission waits for a unit.
+    r.w.budget.set_cap(2);
+    r.kick();
+    assert_eq!((r.pushed(), r.w.budget.held(), r.vring.get_mut().resubmit_pending()), (2, 2, 1));
+    r.answer(1, op_len);
+    assert_eq!((r.used(), r.pushed(), r.w.budget.held()), (1, 2, 2), "a completion let the third resubmission in");
+    // A resubmitted head in hand, published again, breaks the ring like any head in hand.
+    r.w.budget.set_cap(16);
+    r.publish(1);
+    r.kick();
+    assert!(r.broken(), "head 1, resubmitted and in hand, was published again");
+    r.answer(2, op_len);
+    assert_eq!((r.used(), r.w.budget.held(), r.w.inflight.get()), (3, 0, 0));
+    assert!(statuses.iter().all(|&s| r.byte(s) == 0));
 }

@@ -5,9 +5,10 @@
 //! One request reads top-down through the submodules: [`pop`] (virtqueue → request) →
 //! [`submit`] (extents → engine ops) → [`reap`] (completions) → [`dispose`] (the one place a
 //! failure is reported, ignored or parked) → [`complete`] (status, used ring, notify);
-//! [`parked`] holds requests that wait, [`iov`] the iovec arithmetic. This file holds the
-//! worker's state.
+//! [`parked`] holds requests that wait, [`iov`] the iovec arithmetic, [`budget`] what every
+//! request in our hands holds from pop to used ring. This file holds the worker's state.
 
+mod budget;
 mod complete;
 mod dispose;
 mod iov;
@@ -16,6 +17,7 @@ mod pop;
 mod reap;
 mod submit;
 
+use budget::{Budget, Misbehaviour};
 use dispose::Fate;
 use iov::{advance_iovecs, aligned_for, copy_to_guest, host_iovecs, needs_bounce, stage_next, sub_iovecs};
 
@@ -262,6 +264,11 @@ pub struct Worker {
     pool: BouncePool,
     /// Requests waiting for a bounce chunk, in arrival order (counted in flight).
     starved: std::collections::VecDeque<Starved>,
+    /// Requests in our hands, by head: at most the ring's size (checked before popping).
+    budget: Budget,
+    /// The last pop found the budget spent or the ring broken: the kick loop stops (the
+    /// chains stay in the ring until a completion returns budget).
+    held_back: bool,
 }
 
 impl Worker {
@@ -293,6 +300,8 @@ impl Worker {
             op_cap,
             pool: BouncePool::new(POOL_CHUNKS),
             starved: std::collections::VecDeque::new(),
+            budget: Budget::new(),
+            held_back: false,
         }
     }
 

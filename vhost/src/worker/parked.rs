@@ -20,7 +20,7 @@ impl Worker {
                     }
                     self.signal(&v);
                 }
-                None => heads.iter().for_each(|_| self.inflight.done()),
+                None => heads.into_iter().for_each(|(head, _)| self.release(head)),
             }
             return;
         }
@@ -79,12 +79,15 @@ impl Worker {
         for r in parked {
             self.start(ctx, &r.mem, r.head, r.status, r.req, r.clock);
         }
-        self.unstarve(ctx);
-        self.ring.submit()?;
-        if let Some(v) = self.vring.clone() {
-            self.signal(&v);
+        match self.vring.clone() {
+            // Requests that completed at once returned their budget: pop what waits behind
+            // them (the kick also starts starved requests, submits and signals).
+            Some(v) => self.on_kick(ctx, &v),
+            None => {
+                self.unstarve(ctx);
+                self.ring.submit()
+            }
         }
-        Ok(())
     }
 
     /// Requests parked on this queue.
@@ -111,8 +114,8 @@ impl Worker {
             }
             self.signal(&v);
         } else {
-            for _ in 0..n {
-                self.inflight.done();
+            for r in parked {
+                self.release(r.head);
             }
         }
     }
@@ -123,10 +126,9 @@ impl Worker {
         let n = self.parked.len();
         if n > 0 {
             tracing::warn!(queue = self.queue, requests = n, "parked IO dropped uncompleted (never acknowledged to the guest)");
-            for _ in 0..n {
-                self.inflight.done();
+            for r in self.take_parked() {
+                self.release(r.head);
             }
-            self.take_parked();
             ctx.park.on_unpark(n);
         }
     }

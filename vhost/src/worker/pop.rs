@@ -49,8 +49,9 @@ impl Worker {
                     (Ok(req), None) => self.finish_sync(vring, &mem, parsed.head, None, &Outcome::Ok, 0, Rec::of(&req, clock)),
                 }
             }
-            if self.throttled() {
-                // Chains stay in the ring; the completions that free room pop them.
+            if self.throttled() || self.held_back {
+                // Chains stay in the ring; the completions that free room (host ops, or
+                // budget) pop them. A broken ring pops nothing until the frontend resets it.
                 break;
             }
             if !event_idx || !vring.enable_notification().unwrap_or(false) {
@@ -96,6 +97,7 @@ impl Worker {
         vring: &Vring,
         stopping: bool,
     ) -> Option<(virtio_queue::DescriptorChain<Arc<Mem>>, Arc<Mem>)> {
+        self.held_back = false;
         if self.throttled() {
             return None;
         }
@@ -103,13 +105,29 @@ impl Worker {
         if !state.get_queue().ready() || !state.is_enabled() || stopping {
             return None;
         }
+        if state.is_broken() {
+            self.held_back = true;
+            self.kicked_while_broken();
+            return None;
+        }
+        // The budget is checked before anything is taken from the ring: resubmissions after
+        // a restart count against it like any pop.
+        let size = state.get_queue().size();
+        if !self.budget.room(size) {
+            self.held_back = true;
+            return None;
+        }
         // A recovered inflight region: what the previous daemon had taken and not completed
-        // goes first, oldest first (still marked in flight; not counted again).
+        // goes first, oldest first (still marked in flight in the region).
         while let Some(head) = state.next_resubmit() {
+            if self.budget.holds(head) {
+                tracing::error!(queue = self.queue, head, "cannot resubmit a request taken before the restart: its head is in hand already");
+                continue;
+            }
             let mem = memory()?;
             match chain_at(state.get_queue(), &mem, head) {
                 Some((chain, mem)) => {
-                    self.inflight.add();
+                    self.take(head);
                     self.final_stop = false;
                     tracing::debug!(queue = self.queue, head, "resubmitting a request taken before the restart");
                     return Some((chain, mem));
@@ -117,19 +135,35 @@ impl Worker {
                 None => tracing::error!(queue = self.queue, head, "cannot resubmit a request taken before the restart"),
             }
         }
-        let queue = state.get_queue_mut();
         {
             let probe = memory()?;
+            let queue = state.get_queue();
             let avail = queue.avail_idx(probe.as_ref(), Ordering::Acquire).ok()?;
             if avail.0 == queue.next_avail() {
                 return None;
             }
+            // More heads published and not yet returned than the ring has descriptors.
+            let outstanding = avail.0.wrapping_sub(queue.next_used());
+            if outstanding > size {
+                self.held_back = true;
+                self.ring_broken(&mut state, Misbehaviour::Overrun { outstanding, size });
+                return None;
+            }
         }
         let mem = memory()?;
-        let chain = queue.pop_descriptor_chain(mem.clone())?;
-        state.mark_taken(chain.head_index());
+        let chain = state.get_queue_mut().pop_descriptor_chain(mem.clone())?;
+        let head = chain.head_index();
+        if self.budget.holds(head) {
+            // The same head twice: left in the ring (no completion could be right for it).
+            let queue = state.get_queue_mut();
+            queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+            self.held_back = true;
+            self.ring_broken(&mut state, Misbehaviour::HeadInHand(head));
+            return None;
+        }
+        state.mark_taken(head);
         // Counted while the vring lock is held, so stop_vring never misses it.
-        self.inflight.add();
+        self.take(head);
         // Serving again: requests may park again.
         self.final_stop = false;
         Some((chain, mem))

@@ -43,8 +43,9 @@ impl Worker {
             let n = self.starved.len();
             if n > 0 {
                 tracing::warn!(queue = self.queue, requests = n, "IO waiting for a bounce buffer dropped uncompleted (never acknowledged to the guest)");
-                self.starved.clear();
-                (0..n).for_each(|_| self.inflight.done());
+                for r in std::mem::take(&mut self.starved) {
+                    self.release(r.head);
+                }
             }
         }
         if publish {
