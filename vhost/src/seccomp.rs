@@ -165,9 +165,14 @@ fn allowed_with_args() -> Result<Vec<(i64, Vec<SeccompRule>)>, String> {
     Ok(vec![(libc::SYS_fcntl, vec![SeccompRule::new(vec![getfd]).map_err(|e| e.to_string())?])])
 }
 
-/// The filters a queue thread installs, in order (seccomp stacks them: the strictest
-/// verdict wins, so an EPERM filter over a kill filter turns those calls into EPERM).
-pub type QueueFilter = Vec<BpfProgram>;
+/// The filters a thread installs, in order (seccomp stacks them: the strictest verdict
+/// wins, so an EPERM filter over a kill filter turns those calls into EPERM).
+#[derive(Debug)]
+pub struct QueueFilter {
+    programs: Vec<BpfProgram>,
+    /// `--seccomp strict`: a thread whose filter cannot be installed must not serve.
+    fail_closed: bool,
+}
 
 fn arch() -> Result<TargetArch, String> {
     if cfg!(target_arch = "x86_64") {
@@ -189,7 +194,7 @@ fn compile(calls: &[i64], with_args: &[(i64, Vec<SeccompRule>)], on_match: Secco
 /// Builds the filters for `mode` (None: off).
 pub fn queue_filter(mode: SeccompMode) -> Result<Option<Arc<QueueFilter>>, String> {
     let eperm = SeccompAction::Errno(libc::EPERM as u32);
-    let filters = match mode {
+    let programs = match mode {
         SeccompMode::Off => return Ok(None),
         SeccompMode::On => vec![compile(&allowed(), &allowed_with_args()?, SeccompAction::Allow, eperm)?],
         SeccompMode::Strict => {
@@ -203,7 +208,7 @@ pub fn queue_filter(mode: SeccompMode) -> Result<Option<Arc<QueueFilter>>, Strin
             ]
         }
     };
-    Ok(Some(Arc::new(filters)))
+    Ok(Some(Arc::new(QueueFilter { programs, fail_closed: mode == SeccompMode::Strict })))
 }
 
 /// Builds the protocol thread's deny-list for `mode` (None: off). Install it on the thread
@@ -215,15 +220,32 @@ pub fn protocol_filter(mode: SeccompMode) -> Result<Option<Arc<QueueFilter>>, St
         SeccompMode::On => SeccompAction::Errno(libc::EPERM as u32),
         SeccompMode::Strict => SeccompAction::KillProcess,
     };
-    Ok(Some(Arc::new(vec![compile(&denied_to_protocol(), &[], verdict, SeccompAction::Allow)?])))
+    Ok(Some(Arc::new(QueueFilter {
+        programs: vec![compile(&denied_to_protocol(), &[], verdict, SeccompAction::Allow)?],
+        fail_closed: mode == SeccompMode::Strict,
+    })))
 }
 
 /// Applies `filter` to the calling thread (and the threads it spawns).
 pub fn apply(filter: &QueueFilter) -> Result<(), String> {
-    for f in filter {
+    for f in &filter.programs {
         seccompiler::apply_filter(f).map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Installs a queue thread's filter. Under `--seccomp on` a failure is logged and the thread
+/// serves unfiltered; under `strict` it is an error: the thread must not serve (the caller
+/// stops the daemon, as a violation would).
+pub fn install_or_refuse(filter: &QueueFilter) -> Result<(), String> {
+    match apply(filter) {
+        Ok(()) => Ok(()),
+        Err(e) if filter.fail_closed => Err(format!("installing the seccomp filter failed under --seccomp strict: {e}")),
+        Err(e) => {
+            tracing::error!(error = %e, "installing the seccomp filter failed; serving unfiltered (--seccomp strict refuses instead)");
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -280,5 +302,24 @@ mod tests {
         assert_eq!(r, (Some(libc::EPERM), true, true, true));
         assert!(std::process::Command::new("/bin/true").status().is_ok(), "other threads are not affected");
         assert!(protocol_filter(SeccompMode::Off).ok().flatten().is_none());
+    }
+
+    #[test]
+    fn strict_never_fails_open() {
+        // A thread where installing filters is itself refused (a filter that answers EPERM to
+        // seccomp and prctl): `on` serves unfiltered, `strict` refuses to serve.
+        let blocker = compile(&[libc::SYS_seccomp, libc::SYS_prctl], &[], SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow)
+            .expect("blocker");
+        let (on, strict) = (
+            queue_filter(SeccompMode::On).ok().flatten().expect("on"),
+            queue_filter(SeccompMode::Strict).ok().flatten().expect("strict"),
+        );
+        let r = std::thread::spawn(move || {
+            seccompiler::apply_filter(&blocker).expect("blocker");
+            (install_or_refuse(&on).is_ok(), install_or_refuse(&strict).map_err(|e| e.contains("strict")))
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(r, (true, Err(true)));
     }
 }

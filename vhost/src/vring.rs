@@ -177,13 +177,6 @@ impl Vring {
         Ok(rec)
     }
 
-    /// Detaches inflight tracking (the ring stopped).
-    pub fn stop_inflight(&self) {
-        let mut s = self.get_mut();
-        s.inflight = None;
-        s.resubmit.clear();
-    }
-
     /// Notifies the frontend. Never blocks, whatever the frontend did to its call eventfd
     /// (see [`CallNotifier`]); the ring lock is not held while the kernel signals it.
     pub fn signal_used_queue(&self) -> io::Result<()> {

@@ -52,8 +52,11 @@ impl QueueThread {
         let filter = device.seccomp();
         let handle = std::thread::Builder::new().name(format!("queue{q}")).spawn(move || {
             if let Some(f) = filter {
-                if let Err(e) = crate::seccomp::apply(&f) {
-                    tracing::error!(queue = q, error = %e, "installing the seccomp filter failed; serving unfiltered");
+                if let Err(e) = crate::seccomp::install_or_refuse(&f) {
+                    // Never fail open: the daemon stops, as a violation under strict would
+                    // (the journal and the frontend's inflight region keep what it acknowledged).
+                    tracing::error!(queue = q, error = %e, "stopping");
+                    std::process::exit(1);
                 }
             }
             run(&device, q, &vring, &ep, &poked)
