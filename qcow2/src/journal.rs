@@ -186,35 +186,32 @@ pub fn journal_file_name(uuid_hex: &str) -> String {
     format!("thinblk-{uuid_hex}.journal")
 }
 
-/// Whether `path` holds a journal (of this format) with records in it.
-pub fn journal_has_records(path: &Path) -> bool {
+/// Whether `path` holds a journal of the format `magic` (segment headers of `header` bytes,
+/// the bytes used at `used_at`) with records in either segment.
+fn has_records(path: &Path, magic: u64, header: usize, used_at: usize) -> bool {
     let Ok(f) = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path) else {
         return false;
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if len < 2 * SEG_HEADER as u64 || len % 2 != 0 {
+    if len < 2 * header as u64 || len % 2 != 0 {
         return false;
     }
     (0..2).any(|s| {
-        let mut h = [0u8; SEG_HEADER];
-        f.read_exact_at(&mut h, s * (len / 2)).is_ok() && word(&h, H_MAGIC) == MAGIC && word(&h, H_USED) != 0
+        let mut h = vec![0u8; header];
+        f.read_exact_at(&mut h, s * (len / 2)).is_ok() && word(&h, H_MAGIC) == magic && word(&h, used_at) != 0
     })
 }
 
-/// Whether `path` holds a journal of the earlier format (before identity and generations)
-/// with records in it: such a journal is never replayed by this version.
+/// Whether `path` holds a journal (of this format) with records in it.
+pub fn journal_has_records(path: &Path) -> bool {
+    has_records(path, MAGIC, SEG_HEADER, H_USED)
+}
+
+/// Whether `path` holds a journal of the earlier format (before identity and generations:
+/// 64-byte segment headers, bytes used at 24) with records in it: such a journal is never
+/// replayed by this version.
 pub fn legacy_journal_pending(path: &Path) -> bool {
-    let Ok(f) = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path) else {
-        return false;
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if len < 128 || len % 2 != 0 {
-        return false;
-    }
-    (0..2).any(|s| {
-        let mut h = [0u8; 32];
-        f.read_exact_at(&mut h, s * (len / 2)).is_ok() && word(&h, 0) == LEGACY_MAGIC && word(&h, 24) != 0
-    })
+    has_records(path, LEGACY_MAGIC, 64, 24)
 }
 
 impl Journal {
