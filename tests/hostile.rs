@@ -294,6 +294,22 @@ const PROTOCOL: &[Case] = &[
         f.send(code::GET_INFLIGHT_FD, V1, &[0u8; 24], &[]).map_err(|e| e.to_string())?;
         closed(&f)
     }),
+    ("an inflight region after the ring started", |s| {
+        // Requests taken before it would be in no region: a stop would drop them.
+        let f = ready(s);
+        let mut body = vec![0u8; 24];
+        body[16..18].copy_from_slice(&1u16.to_le_bytes());
+        body[18..20].copy_from_slice(&QSIZE.to_le_bytes());
+        let region = memfd(1 << 16);
+        body[0..8].copy_from_slice(&(1u64 << 16).to_le_bytes());
+        nacked(&f, code::SET_INFLIGHT_FD, &body, &[region.as_raw_fd()])?;
+        // GET_INFLIGHT_FD has a reply body: refused, the connection closes.
+        f.send(code::GET_INFLIGHT_FD, V1, &body, &[]).map_err(|e| e.to_string())?;
+        match f.reply_fd() {
+            Ok((_, _, Some(_))) => Err("GET_INFLIGHT_FD with a ring started gave a region".into()),
+            _ => closed(&f),
+        }
+    }),
     ("GET_VRING_BASE of a queue that does not exist", |s| {
         let mut f = Frontend::connect(s);
         f.negotiate();
@@ -453,11 +469,57 @@ const RINGS: &[Case] = &[
         }
     }),
     ("a head index past the ring", |s| {
+        // No descriptor has index 200 on a ring of 16: the ring is broken (error eventfd),
+        // the slot is left unconsumed, no used entry is made up.
         let mut f = ready(s);
+        let err = eventfd(0);
+        if f.ack(code::SET_VRING_ERR, &0u64.to_le_bytes(), &[err.as_raw_fd()]).map_err(|e| e.to_string())? != 0 {
+            return Err("SET_VRING_ERR refused".into());
+        }
         read_chain(&mut f);
         f.submit(200);
-        // Either returned or dropped, but the daemon stays well and writes nothing stray.
-        let _ = f.wait_used(Duration::from_secs(2));
+        if f.wait_used(Duration::from_millis(500)) {
+            return Err(format!("a used entry {:?} for head 200", f.used(0)));
+        }
+        if take_counter(&err).is_none() {
+            return Err("the broken ring was not signalled on the error eventfd".into());
+        }
+        match base_within(&f)? {
+            0 => no_stray(&f),
+            b => Err(format!("the slot of head 200 was consumed (base {b})")),
+        }
+    }),
+    ("a fresh inflight region keeps the ring's base", |s| {
+        // The frontend says three chains behind base 3 are done (a migrated or restarted
+        // ring) and hands a fresh region: only the chain at slot 3 may run.
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        let (region, size) = f.get_inflight().map_err(|e| e.to_string())?;
+        if f.set_inflight(&region, size).map_err(|e| e.to_string())? != 0 {
+            return Err("SET_INFLIGHT_FD refused".into());
+        }
+        f.put(AVAIL, &[0u8; 4 + 2 * QSIZE as usize + 2]);
+        f.put(USED, &[0u8; 4 + 8 * QSIZE as usize + 2]);
+        read_chain(&mut f);
+        // Head 3: a read into its own buffer, which must stay untouched.
+        f.put(DATA + 0x5000, &[0u8; 16]);
+        f.desc(DESC, 3, DATA + 0x5000, 16, F_NEXT, 4);
+        f.desc(DESC, 4, DATA + 0x6000, 4096, F_NEXT | F_WRITE, 5);
+        f.desc(DESC, 5, DATA + 0x8000, 1, F_WRITE, 0);
+        f.publish(&[3, 3, 3, 0]);
+        f.configure_queue(3);
+        let deadline = std::time::Instant::now() + SHORT;
+        while f.ram.u16_at(USED + 2) == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        match (f.ram.u16_at(USED + 2), f.used(0).0, status_at(&f, DATA + 0x8000)) {
+            (1, 0, PATTERN) => {}
+            other => return Err(format!("(used index, first head, status of head 3) = {other:?}: chains behind the base ran")),
+        }
+        if status_at(&f, DATA + 0x3000) != 0 {
+            return Err("the chain at the base failed".into());
+        }
         no_stray(&f)
     }),
     ("random chains", |s| {
@@ -992,4 +1054,63 @@ fn a_kick_eventfd_made_blocking_never_wedges_the_daemon() {
     still_serves_within(&sock, 2).expect("a new session after the hostile one");
     let took = sigterm_within(d);
     println!("blocking kick eventfd: {taken_back} of {rounds} kicks taken back before the daemon read them; SIGTERM exit in {took:?}, whole case {:?}", start.elapsed());
+}
+
+/// A write chain at head 0: 512 bytes of 0x5a at sector 0, status at `DATA + 0x3000`.
+fn write_chain(f: &mut Frontend) {
+    let mut hdr = [0u8; 16];
+    hdr[0] = 1; // VIRTIO_BLK_T_OUT
+    f.put(DATA, &hdr);
+    f.put(DATA + 0x1000, &[0x5a; 512]);
+    f.desc(DESC, 0, DATA, 16, F_NEXT, 1);
+    f.desc(DESC, 1, DATA + 0x1000, 512, F_NEXT, 2);
+    f.desc(DESC, 2, DATA + 0x3000, 1, F_WRITE, 0);
+}
+
+/// SET_VRING_KICK on a ring that runs (a frontend moving its notifier) swaps the eventfd and
+/// nothing else: no second inflight recovery lists the request still held for resubmission.
+#[test]
+fn a_new_kick_on_a_started_ring_changes_only_the_kick() {
+    let dir = TestDir::new("hostile-kick-swap");
+    let image = dir.path("disk.raw");
+    sparse_file(&image, 64 * MIB);
+    let sock = dir.path("sock");
+    let control = dir.path("control.sock");
+    let metrics = format!("unix:{}", dir.path("metrics.sock").display());
+    let args = ["--image", image.to_str().unwrap_or_default(), "--format", "raw", "--num-queues", "1", "--seccomp", "strict",
+        "--control", control.to_str().unwrap_or_default(), "--metrics", &metrics];
+    let d = Daemon::start(&sock, &args);
+    let frozen = ctl(&control, "freeze", serde_json::json!({"timeout-ms": 60000}));
+    assert_eq!(frozen["frozen"], true, "{frozen}");
+    let mut f = Frontend::connect(&sock);
+    let (_region, _size) = f.start_tracked();
+    write_chain(&mut f);
+    f.submit(0);
+    let deadline = std::time::Instant::now() + SHORT;
+    while common::metrics::scrape(&metrics).sum("thinblk_inflight_requests", &[]) != 1.0 {
+        assert!(std::time::Instant::now() < deadline, "the write was not held by the freeze");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The frontend moves its notifier while the write is held.
+    let kick = eventfd(0);
+    assert_eq!(f.ack(code::SET_VRING_KICK, &0u64.to_le_bytes(), &[kick.as_raw_fd()]).expect("SET_VRING_KICK"), 0);
+    f.kick = Some(kick);
+    let m = common::metrics::scrape(&metrics);
+    assert_eq!(m.one("thinblk_inflight_recoveries_total", &[]), 0.0, "a new kick re-ran the inflight recovery");
+    assert_eq!(m.one("thinblk_resubmitted_requests_total", &[]), 0.0, "a running request was listed for resubmission");
+    ctl(&control, "thaw", serde_json::json!({}));
+    let deadline = std::time::Instant::now() + SHORT;
+    while f.ram.u16_at(USED + 2) == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(f.ram.u16_at(USED + 2), 1, "the held write did not complete exactly once");
+    assert_eq!((f.used(0), status_at(&f, DATA + 0x3000)), ((0, 1), 0), "the held write");
+    // The new kick eventfd is the one the daemon listens to.
+    f.put(DATA + 0x3000, &[PATTERN]);
+    read_chain(&mut f);
+    completes(&mut f, 0).unwrap_or_else(|e| panic!("after the new kick: {e}"));
+    no_stray(&f).unwrap_or_else(|e| panic!("{e}"));
+    drop(f);
+    stop_clean(d);
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::faultfs::FaultMount;
 use common::frontend::*;
+use common::frontend::region as region_body;
 use common::{sparse_file, stop_clean, Client, Daemon, TestDir};
 
 const MIB: u64 = 1 << 20;
@@ -268,4 +269,49 @@ fn a_socket_held_across_a_restart_serves_the_next_daemon() {
     let back = waiting.join().expect("client thread");
     assert_eq!(back.expect("read"), vec![0x5a; 4096]);
     assert_eq!(b.term(), Some(0));
+}
+
+/// A request resubmitted after a restart completes whatever memory the frontend maps: here
+/// also a region at 1 << 62, where the resubmission's private avail page used to be placed
+/// (building the chain failed there, and the request was dropped while still marked).
+#[test]
+fn a_resubmission_completes_whatever_the_memory_layout() {
+    let dir = TestDir::new("restart-high-region");
+    let image = dir.path("disk.raw");
+    sparse_file(&image, 64 * MIB);
+    let sock = dir.path("sock");
+    let control = dir.path("control.sock");
+    let metrics = format!("unix:{}", dir.path("metrics.sock").display());
+    let args = ["--image", image.to_str().unwrap_or_default(), "--format", "raw", "--num-queues", "1",
+        "--control", control.to_str().unwrap_or_default(), "--metrics", &metrics];
+    let mut d = Daemon::start(&sock, &args);
+    let frozen = common::ctl(&control, "freeze", serde_json::json!({"timeout-ms": 60000}));
+    assert_eq!(frozen["frozen"], true, "{frozen}");
+    let mut f = Frontend::connect(&sock);
+    let (region, size) = f.start_tracked();
+    request(&mut f, 0, true);
+    f.submit(0);
+    wait_for("the write held by the freeze", Duration::from_secs(10), || {
+        common::metrics::scrape(&metrics).sum("thinblk_inflight_requests", &[]) == 1.0
+    });
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    let d = Daemon::start(&sock, &args);
+    let mut f = f.reconnect(&sock);
+    f.negotiate();
+    let high = memfd(4096);
+    let mut body = vec![0u8; 8];
+    body.extend(region_body(1 << 62, 4096, USER_BASE + (1 << 40), 0));
+    assert_eq!(f.ack(code::ADD_MEM_REG, &body, &[std::os::fd::AsRawFd::as_raw_fd(&high)]).expect("ADD_MEM_REG"), 0);
+    assert_eq!(f.set_inflight(&region, size).expect("SET_INFLIGHT_FD again"), 0);
+    f.restart_queue();
+    wait_for("the resubmitted write", Duration::from_secs(10), || f.ram.u16_at(USED + 2) == 1);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(f.ram.u16_at(USED + 2), 1, "the write completed twice");
+    assert_eq!(f.used(0).0, 0);
+    assert_eq!(f.ram.bytes()[(DATA + 16) as usize], 0, "the resubmitted write failed");
+    let m = common::metrics::scrape(&metrics);
+    assert_eq!(m.one("thinblk_resubmitted_requests_total", &[]), 1.0);
+    drop(f);
+    stop_clean(d);
 }

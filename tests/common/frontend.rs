@@ -323,8 +323,9 @@ impl Frontend {
         self.configure_queue(used);
     }
 
-    /// Size, base, addresses, fresh kick and call eventfds, enable: queue 0 starts.
-    fn configure_queue(&mut self, base: u32) {
+    /// Size, base, addresses, fresh kick and call eventfds, enable: queue 0 starts on the
+    /// rings as they are in guest memory.
+    pub fn configure_queue(&mut self, base: u32) {
         assert_eq!(self.ack(code::SET_VRING_NUM, &two_u32(0, u32::from(QSIZE)), &[]).expect("num"), 0);
         assert_eq!(self.ack(code::SET_VRING_BASE, &two_u32(0, base), &[]).expect("base"), 0);
         assert_eq!(self.ack(code::SET_VRING_ADDR, &self.addr_body(0, DESC, USED, AVAIL), &[]).expect("addr"), 0);

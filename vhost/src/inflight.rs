@@ -272,7 +272,8 @@ pub struct Recovery {
     pub resubmit: Vec<u16>,
     /// The ring's next available index: used index + descriptors still in flight.
     pub next_avail: u16,
-    /// The region was fresh (first start): nothing to recover.
+    /// The region was fresh (first start): nothing to recover, and `next_avail` is only the
+    /// used index (the ring's own base, SET_VRING_BASE, applies).
     pub fresh: bool,
 }
 

@@ -85,14 +85,14 @@ impl VringState {
         }
     }
 
-    /// The next head a recovered region asks to resubmit.
-    pub fn next_resubmit(&mut self) -> Option<u16> {
-        self.resubmit.pop_front()
+    /// The next head a recovered region asks to resubmit (left listed).
+    pub fn peek_resubmit(&self) -> Option<u16> {
+        self.resubmit.front().copied()
     }
 
-    /// Heads still waiting to be resubmitted.
-    pub fn resubmit_pending(&self) -> usize {
-        self.resubmit.len()
+    /// Takes the next head a recovered region asks to resubmit off the list.
+    pub fn next_resubmit(&mut self) -> Option<u16> {
+        self.resubmit.pop_front()
     }
 
     /// Whether the driver broke the ring's rules since the ring last started.
@@ -170,7 +170,12 @@ impl Vring {
         let avail = s.queue.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire).map(|w| w.0).unwrap_or(0);
         let size = s.queue.size();
         let rec = q.recover(size, used, avail)?;
-        s.queue.set_next_avail(rec.next_avail);
+        if !rec.fresh {
+            s.queue.set_next_avail(rec.next_avail);
+        }
+        // A fresh region knows nothing of this ring: where to start is SET_VRING_BASE's
+        // (a migrated or restarted ring may have chains behind its base that are done).
+        // tests/hostile.rs case "a fresh inflight region keeps the ring's base".
         s.queue.set_next_used(used);
         s.resubmit = rec.resubmit.iter().copied().collect();
         s.inflight = Some(q);

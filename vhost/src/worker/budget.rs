@@ -116,6 +116,10 @@ pub(super) enum Misbehaviour {
     HeadInHand(u16),
     /// More heads published and not yet returned than the ring has descriptors.
     Overrun { outstanding: u16, size: u16 },
+    /// A head with no descriptor of that index (≥ the ring's size) was published.
+    HeadOutOfRange { head: u16, size: u16 },
+    /// A request recovered from the inflight region whose chain cannot be built again.
+    Unresubmittable(u16),
 }
 
 impl std::fmt::Display for Misbehaviour {
@@ -124,6 +128,10 @@ impl std::fmt::Display for Misbehaviour {
             Misbehaviour::HeadInHand(head) => write!(f, "head {head}, still in our hands, published again"),
             Misbehaviour::Overrun { outstanding, size } => {
                 write!(f, "{outstanding} heads outstanding on a ring of {size}")
+            }
+            Misbehaviour::HeadOutOfRange { head, size } => write!(f, "head {head} published on a ring of {size}"),
+            Misbehaviour::Unresubmittable(head) => {
+                write!(f, "head {head}, in flight before the restart, has no chain to resubmit")
             }
         }
     }

@@ -401,7 +401,7 @@ fn resubmissions_after_a_restart_count_against_the_budget() {
     // The new daemon's budget is lowered to 2: the third resubmission waits for a unit.
     r.w.budget.set_cap(2);
     r.kick();
-    assert_eq!((r.pushed(), r.w.budget.held(), r.vring.get_mut().resubmit_pending()), (2, 2, 1));
+    assert_eq!((r.pushed(), r.w.budget.held(), r.vring.get_mut().peek_resubmit()), (2, 2, Some(2)));
     r.answer(1, op_len);
     assert_eq!((r.used(), r.pushed(), r.w.budget.held()), (1, 2, 2), "a completion let the third resubmission in");
     // A resubmitted head in hand, published again, breaks the ring like any head in hand.
@@ -412,4 +412,35 @@ fn resubmissions_after_a_restart_count_against_the_budget() {
     r.answer(2, op_len);
     assert_eq!((r.used(), r.w.budget.held(), r.w.inflight.get()), (3, 0, 0));
     assert!(statuses.iter().all(|&s| r.byte(s) == 0));
+}
+
+#[test]
+fn a_head_past_the_ring_breaks_it_and_stays_in_the_ring() {
+    let mut r = Rig::new("head-past-ring", 64);
+    let status = r.read_at(0, 0x20000);
+    r.publish(0);
+    r.publish(200);
+    r.kick();
+    // The valid chain before it is served; the one past the ring is neither taken nor
+    // answered (no used entry can name head 200), and nothing more is popped.
+    r.answer(1, op_len);
+    assert_eq!((r.used(), r.byte(status), r.next_avail()), (1, 0, 1));
+    assert!(r.broken(), "head 200 on a ring of 16 was accepted");
+    assert_eq!((r.w.budget.held(), r.w.inflight.get()), (0, 0));
+}
+
+#[test]
+fn a_resubmission_is_built_even_where_guest_memory_reaches_high() {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+    let r = Rig::new("resubmit-high", 64);
+    r.desc(5, 0x8000, 16, 0, 0);
+    // The frontend may place a region anywhere, also where an earlier version put the private
+    // avail page of a resubmission (1 << 62): the chain is still built, above every region.
+    let high = GuestRegionMmap::<()>::from_range(GuestAddress(1 << 62), 4096, None).expect("high region");
+    let mem = Arc::new(r.mem.insert_region(Arc::new(high)).expect("insert"));
+    let state = r.vring.get_mut();
+    let (chain, aug) = super::pop::chain_at(state.get_queue(), &mem, 5).expect("a chain for head 5");
+    assert_eq!(chain.head_index(), 5);
+    assert_eq!(aug.num_regions(), 3);
+    assert!(aug.iter().any(|g| g.start_addr().0 > 1 << 62));
 }

@@ -118,21 +118,32 @@ impl Worker {
             return None;
         }
         // A recovered inflight region: what the previous daemon had taken and not completed
-        // goes first, oldest first (still marked in flight in the region).
-        while let Some(head) = state.next_resubmit() {
+        // goes first, oldest first (still marked in flight in the region). A head leaves the
+        // list only once its chain is in hand: a missing memory table keeps it queued.
+        while let Some(head) = state.peek_resubmit() {
             if self.budget.holds(head) {
+                // Only a recovery re-run on a running ring could list it (it no longer is:
+                // session.rs swaps the kick of a started ring without recovering again).
+                state.next_resubmit();
                 tracing::error!(queue = self.queue, head, "cannot resubmit a request taken before the restart: its head is in hand already");
                 continue;
             }
             let mem = memory()?;
             match chain_at(state.get_queue(), &mem, head) {
                 Some((chain, mem)) => {
+                    state.next_resubmit();
                     self.take(head);
                     self.final_stop = false;
                     tracing::debug!(queue = self.queue, head, "resubmitting a request taken before the restart");
                     return Some((chain, mem));
                 }
-                None => tracing::error!(queue = self.queue, head, "cannot resubmit a request taken before the restart"),
+                None => {
+                    // Left listed and marked in the region: the guest is told the ring is
+                    // broken (error eventfd) rather than left waiting for a head we dropped.
+                    self.held_back = true;
+                    self.ring_broken(&mut state, Misbehaviour::Unresubmittable(head));
+                    return None;
+                }
             }
         }
         {
@@ -153,6 +164,15 @@ impl Worker {
         let mem = memory()?;
         let chain = state.get_queue_mut().pop_descriptor_chain(mem.clone())?;
         let head = chain.head_index();
+        if head >= size {
+            // No descriptor has this index: there is no chain to answer and no used entry
+            // could name it. Left in the ring, as a republished head is.
+            let queue = state.get_queue_mut();
+            queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+            self.held_back = true;
+            self.ring_broken(&mut state, Misbehaviour::HeadOutOfRange { head, size });
+            return None;
+        }
         if self.budget.holds(head) {
             // The same head twice: left in the ring (no completion could be right for it).
             let queue = state.get_queue_mut();
@@ -228,25 +248,28 @@ impl Worker {
     }
 }
 
-/// Where [`chain_at`] puts its one-entry available ring: far above any guest memory.
-const RESUBMIT_RING: u64 = 1 << 62;
-
 /// The chain of descriptor `head` of `queue`, although `head` is not at the ring's next
 /// available slot (resubmission after a restart). virtio-queue builds chains only from the
 /// available ring, so a one-entry available ring naming `head` is placed in a private page
-/// added to (a copy of) the memory map; the descriptors themselves are the guest's. Returns
-/// the chain and the memory map it reads (the guest's plus that page).
-fn chain_at(queue: &virtio_queue::Queue, mem: &Arc<Mem>, head: u16) -> Option<(virtio_queue::DescriptorChain<Arc<Mem>>, Arc<Mem>)> {
-    use vm_memory::GuestRegionMmap;
-    let page = GuestRegionMmap::<()>::from_range(GuestAddress(RESUBMIT_RING), 4096, None).ok()?;
+/// added to (a copy of) the memory map, above every region of the guest (the frontend chooses
+/// where its regions lie, so no fixed address is free for certain); the descriptors themselves
+/// are the guest's. Returns the chain and the memory map it reads (the guest's plus that page);
+/// `None` only if the guest's memory reaches the top of the address space.
+pub(super) fn chain_at(queue: &virtio_queue::Queue, mem: &Arc<Mem>, head: u16) -> Option<(virtio_queue::DescriptorChain<Arc<Mem>>, Arc<Mem>)> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+    const PAGE: u64 = 4096;
+    let top = mem.iter().map(|r| r.start_addr().0.saturating_add(r.len())).max().unwrap_or(0);
+    let at = top.checked_add(PAGE - 1)? & !(PAGE - 1);
+    at.checked_add(PAGE)?;
+    let page = GuestRegionMmap::<()>::from_range(GuestAddress(at), PAGE as usize, None).ok()?;
     let aug = Arc::new(mem.insert_region(Arc::new(page)).ok()?);
-    aug.write_obj(1u16.to_le(), GuestAddress(RESUBMIT_RING + 2)).ok()?;
-    aug.write_obj(head.to_le(), GuestAddress(RESUBMIT_RING + 4)).ok()?;
+    aug.write_obj(1u16.to_le(), GuestAddress(at + 2)).ok()?;
+    aug.write_obj(head.to_le(), GuestAddress(at + 4)).ok()?;
     let mut q = virtio_queue::Queue::new(queue.max_size()).ok()?;
     q.set_size(queue.size());
     q.try_set_desc_table_address(GuestAddress(queue.desc_table())).ok()?;
-    q.try_set_avail_ring_address(GuestAddress(RESUBMIT_RING)).ok()?;
-    q.try_set_used_ring_address(GuestAddress(RESUBMIT_RING + 2048)).ok()?;
+    q.try_set_avail_ring_address(GuestAddress(at)).ok()?;
+    q.try_set_used_ring_address(GuestAddress(at + PAGE / 2)).ok()?;
     q.set_ready(true);
     let chain = q.pop_descriptor_chain(aug.clone())?;
     Some((chain, aug))
