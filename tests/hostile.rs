@@ -294,6 +294,19 @@ const PROTOCOL: &[Case] = &[
         f.send(code::GET_INFLIGHT_FD, V1, &[0u8; 24], &[]).map_err(|e| e.to_string())?;
         closed(&f)
     }),
+    ("memory tables refused after mapping, over and over", |s| {
+        // Each table maps its first region and is refused at the second (its file is too
+        // short): more refusals than the SIGBUS guard has slots, then a session must map.
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        let ok = memfd(RAM);
+        let short = memfd(4096);
+        let body = table(&[region(0, RAM, USER_BASE, 0), region(RAM, 2 * 4096, USER_BASE + RAM, 0)]);
+        for _ in 0..1100 {
+            nacked(&f, code::SET_MEM_TABLE, &body, &[ok.as_raw_fd(), short.as_raw_fd()])?;
+        }
+        Ok(())
+    }),
     ("an inflight region after the ring started", |s| {
         // Requests taken before it would be in no region: a stop would drop them.
         let f = ready(s);

@@ -174,7 +174,12 @@ impl InflightRegion {
         if base == libc::MAP_FAILED {
             return Err(ProtocolError::Socket(io::Error::last_os_error()));
         }
-        crate::protocol::memory::guard_range(base as usize, len);
+        let page = crate::protocol::memory::page_size_of(&file).unwrap_or(4096);
+        if !crate::protocol::memory::guard_range(base as usize, len, page) {
+            // SAFETY: unmaps exactly what was just mapped; nothing refers to it yet.
+            unsafe { libc::munmap(base, len) };
+            return Err(ProtocolError::State("inflight region: the SIGBUS guard's registry is full"));
+        }
         let trailer = with_trailer.then_some(queues);
         Ok(Arc::new(InflightRegion { base: base.cast(), len, info, file, trailer }))
     }

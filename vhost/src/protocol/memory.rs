@@ -6,8 +6,8 @@
 //! `mmap_offset + size` bytes long. A memfd sealed against shrinking (QEMU seals its memfd
 //! backend by default) cannot fail us later. An unsealed file can still be truncated by the
 //! frontend while mapped; touching the lost pages raises SIGBUS. [`install_sigbus_guard`]
-//! handles that signal for addresses inside mapped guest regions: the page is replaced by a
-//! private zero page (the access completes, reading zeros or writing into a page nobody
+//! handles that signal for addresses inside mapped guest regions: the page (a huge page on
+//! hugetlbfs) is replaced by private zero pages (the access completes, reading zeros or writing into a page nobody
 //! sees), the connection of the session that owns the memory is shut down, and the fault is
 //! counted. A SIGBUS anywhere else keeps its default effect.
 
@@ -58,10 +58,16 @@ impl MemoryTable {
         }
         let mut mapped = Vec::with_capacity(regions.len());
         for (r, f) in regions.iter().zip(files) {
-            mapped.push(Mapped { desc: *r, region: map(r, f)? });
+            match map(r, f) {
+                Ok(region) => mapped.push(Mapped { desc: *r, region }),
+                Err(e) => return Err(self.refuse(mapped, e)),
+            }
         }
         mapped.sort_by_key(|m| m.desc.guest_addr);
-        let mem = build(&mapped)?;
+        let mem = match build(&mapped) {
+            Ok(mem) => mem,
+            Err(e) => return Err(self.refuse(mapped, e)),
+        };
         let old = std::mem::replace(&mut self.regions, mapped);
         self.retired.extend(old.into_iter().map(|m| m.region));
         self.reap();
@@ -76,9 +82,15 @@ impl MemoryTable {
         let region = map(r, file)?;
         let mut next: Vec<Mapped> =
             self.regions.iter().map(|m| Mapped { desc: m.desc, region: m.region.clone() }).collect();
-        next.push(Mapped { desc: *r, region });
+        next.push(Mapped { desc: *r, region: region.clone() });
         next.sort_by_key(|m| m.desc.guest_addr);
-        let mem = build(&next)?;
+        let mem = match build(&next) {
+            Ok(mem) => mem,
+            Err(e) => {
+                drop(next);
+                return Err(self.refuse(vec![Mapped { desc: *r, region }], e));
+            }
+        };
         self.regions = next;
         self.reap();
         Ok(mem)
@@ -96,6 +108,15 @@ impl MemoryTable {
         self.retired.push(gone.region);
         self.reap();
         Ok(mem)
+    }
+
+    /// A refused message's fresh mappings leave the guard with them (every error path after
+    /// [`map`] comes here; a registry slot is released exactly when its mapping goes).
+    /// Test: `refused_tables_release_their_guard_slots`.
+    fn refuse(&mut self, fresh: Vec<Mapped>, e: ProtocolError) -> ProtocolError {
+        self.retired.extend(fresh.into_iter().map(|m| m.region));
+        self.reap();
+        e
     }
 
     /// Translates a frontend virtual address to a guest physical address.
@@ -164,11 +185,12 @@ fn map(r: &Region, file: File) -> Result<Arc<GuestRegionMmap<()>>, ProtocolError
     // SAFETY: F_GET_SEALS reads a property of our own fd.
     let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
     let sealed = seals >= 0 && seals & libc::F_SEAL_SHRINK != 0;
+    let page = page_size_of(&file).map_err(ProtocolError::Socket)?;
     let mapping = MmapRegion::<()>::from_file(FileOffset::new(file, r.mmap_offset), size)
         .map_err(|e| ProtocolError::Map(e.to_string()))?;
     let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or(bad("guest range overflows"))?;
     let start = region.as_ptr() as usize;
-    if !register(start, start + size) {
+    if !register(start, start + size, page) {
         return Err(bad("too many regions mapped"));
     }
     tracing::debug!(guest_addr = r.guest_addr, size = r.size, sealed, "mapped a memory region");
@@ -181,22 +203,46 @@ fn build(regions: &[Mapped]) -> Result<Mem, ProtocolError> {
         .map_err(|e| ProtocolError::Map(format!("memory table: {e}")))
 }
 
-/// Slots of the SIGBUS guard's registry: more than the regions one session may hold.
+/// The page size of mappings of `file`: a hugetlbfs file's huge page size, else the base page.
+pub(crate) fn page_size_of(file: &File) -> std::io::Result<usize> {
+    // SAFETY: statfs is plain data filled by fstatfs on success.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is owned by `file`; `fs` is a valid out-pointer.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: sysconf reads a constant.
+    let base = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    if fs.f_type == libc::HUGETLBFS_MAGIC as _ {
+        let huge = usize::try_from(fs.f_bsize).unwrap_or(0);
+        if huge.is_power_of_two() && huge >= base {
+            return Ok(huge);
+        }
+    }
+    Ok(base)
+}
+
+/// Slots of the SIGBUS guard's registry: the regions of one session (at most
+/// `MAX_MEM_SLOTS`), its inflight region, and regions of earlier sessions still held by a
+/// memory snapshot. Slots are released with their mappings, on every path.
 const GUARD_SLOTS: usize = 1024;
 
 /// Registered mapped ranges: start (0 = free) and end, written by the session thread and read
 /// by the signal handler without locks.
 static GUARD_START: [AtomicUsize; GUARD_SLOTS] = [const { AtomicUsize::new(0) }; GUARD_SLOTS];
 static GUARD_END: [AtomicUsize; GUARD_SLOTS] = [const { AtomicUsize::new(0) }; GUARD_SLOTS];
+/// The page size of each registered range (what a lost page is replaced in units of).
+static GUARD_PAGE: [AtomicUsize; GUARD_SLOTS] = [const { AtomicUsize::new(0) }; GUARD_SLOTS];
 /// The socket of the session to shut down when its memory faults (-1: none).
 static GUARD_SOCKET: AtomicI32 = AtomicI32::new(-1);
 /// Faults absorbed since start.
 static GUARD_FAULTS: AtomicU64 = AtomicU64::new(0);
 
-fn register(start: usize, end: usize) -> bool {
+fn register(start: usize, end: usize, page: usize) -> bool {
     for i in 0..GUARD_SLOTS {
         if GUARD_START[i].load(Ordering::Acquire) == 0 {
             GUARD_END[i].store(end, Ordering::Release);
+            GUARD_PAGE[i].store(page, Ordering::Release);
             if GUARD_START[i].compare_exchange(0, start, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                 return true;
             }
@@ -214,9 +260,15 @@ fn unregister(start: usize) {
 }
 
 /// Puts a mapping of ours that the frontend's file backs (the inflight region) under the
-/// SIGBUS guard; false if the registry is full.
-pub(crate) fn guard_range(start: usize, len: usize) -> bool {
-    register(start, start + len)
+/// SIGBUS guard, lost pages replaced in units of `page`; false if the registry is full.
+pub(crate) fn guard_range(start: usize, len: usize, page: usize) -> bool {
+    register(start, start + len, page)
+}
+
+/// Ranges registered with the guard now (tests).
+#[cfg(test)]
+pub(crate) fn guarded() -> usize {
+    GUARD_START.iter().filter(|s| s.load(Ordering::Acquire) != 0).count()
 }
 
 /// Takes a mapping out of the guard (before unmapping it).
@@ -237,19 +289,20 @@ pub fn guard_faults() -> u64 {
 extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let addr = unsafe { (*info).si_addr() } as usize;
-    let inside = (0..GUARD_SLOTS).any(|i| {
+    let slot = (0..GUARD_SLOTS).find(|&i| {
         let s = GUARD_START[i].load(Ordering::Acquire);
         s != 0 && addr >= s && addr < GUARD_END[i].load(Ordering::Acquire)
     });
-    if !inside {
+    let Some(slot) = slot else {
         // Not ours: restore the default action; returning re-runs the access, which faults
         // again and terminates the process as it would have without us.
         // SAFETY: signal() with SIG_DFL is async-signal-safe.
         unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
         return;
-    }
-    // SAFETY: sysconf is a read of a constant (async-signal-safe in practice on Linux).
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    };
+    // The mapping's own page size: a hugetlbfs mapping can only be split at huge-page
+    // boundaries (a 4 KiB replacement would fail there and the fault would be fatal).
+    let page = GUARD_PAGE[slot].load(Ordering::Acquire).max(4096);
     let base = addr & !(page - 1);
     // SAFETY: the page lies inside a guest mapping of ours (checked above); replacing it with
     // a private anonymous page keeps every pointer valid and only loses the frontend's view
@@ -356,5 +409,72 @@ mod tests {
         assert!(guard_faults() > before);
         let mut k = &keep;
         let _ = k.write(&[0]);
+    }
+
+    #[test]
+    fn refused_tables_release_their_guard_slots() {
+        // Twice the registry's size of refusals, each after a region was mapped: a table whose
+        // second file is too short, a table whose regions overlap, an added region overlapping.
+        let mut t = MemoryTable::default();
+        assert!(t.add(&region(0, 4096, 0), memfd(4096), 8).is_ok());
+        for _ in 0..GUARD_SLOTS {
+            assert!(t.set(&[region(0, 4096, 0), region(8192, 8192, 0)], vec![memfd(4096), memfd(4096)]).is_err());
+            assert!(t.set(&[region(0, 8192, 0), region(4096, 4096, 0)], vec![memfd(8192), memfd(8192)]).is_err());
+            assert!(t.add(&region(0, 4096, 0), memfd(4096), 8).is_err());
+        }
+        // Slots are still free: a table maps, and so does an inflight region.
+        assert!(t.set(&[region(0, 4096, 0), region(8192, 4096, 0)], vec![memfd(4096), memfd(4096)]).is_ok());
+        assert!(guarded() < GUARD_SLOTS / 2, "{} guard slots taken", guarded());
+        let info = crate::inflight::InflightInfo { mmap_size: 0, mmap_offset: 0, num_queues: 1, queue_size: 16 };
+        assert!(crate::inflight::InflightRegion::create(info, 1).is_ok());
+    }
+
+    /// Huge pages for one test: reserves `n` more if none are free (root; restored after).
+    struct HugePages {
+        restore: Option<u64>,
+    }
+
+    impl HugePages {
+        const KNOB: &'static str = "/proc/sys/vm/nr_hugepages";
+
+        fn reserve(n: u64) -> HugePages {
+            let now: u64 = std::fs::read_to_string(Self::KNOB).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+            let written = std::fs::write(Self::KNOB, format!("{}", now + n)).is_ok();
+            HugePages { restore: written.then_some(now) }
+        }
+    }
+
+    impl Drop for HugePages {
+        fn drop(&mut self) {
+            if let Some(n) = self.restore {
+                let _ = std::fs::write(Self::KNOB, format!("{n}"));
+            }
+        }
+    }
+
+    #[test]
+    fn a_shrunk_hugetlbfs_file_does_not_kill_the_process() {
+        const HUGE: u64 = 2 << 20;
+        assert!(install_sigbus_guard().is_ok());
+        let _pages = HugePages::reserve(2);
+        // SAFETY: the name is a valid C string; the returned fd is owned by the File below.
+        let fd = unsafe { libc::memfd_create(c"thinblk-huge".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB) };
+        assert!(fd >= 0, "no 2 MiB hugetlbfs memfd: {} (reserving huge pages needs root)", std::io::Error::last_os_error());
+        // SAFETY: fd was just created and is owned by nobody else.
+        let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        f.set_len(2 * HUGE).expect("size the hugetlbfs file");
+        assert_eq!(page_size_of(&f).expect("page size"), HUGE as usize);
+        let keep = f.try_clone().expect("clone");
+        let mut t = MemoryTable::default();
+        let mem = t.set(&[region(0, 2 * HUGE, 0)], vec![f]).expect("mapped");
+        use vm_memory::Bytes;
+        mem.write_slice(&[3u8; 8], GuestAddress(HUGE + 64)).expect("write before the shrink");
+        keep.set_len(0).expect("shrink");
+        let before = guard_faults();
+        let mut buf = [1u8; 8];
+        mem.read_slice(&mut buf, GuestAddress(HUGE + 64)).expect("read a lost huge page");
+        assert_eq!(buf, [0u8; 8]);
+        mem.write_slice(&[7u8; 8], GuestAddress(16)).expect("write a lost huge page");
+        assert!(guard_faults() >= before + 2);
     }
 }
