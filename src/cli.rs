@@ -84,6 +84,15 @@ pub struct ServeArgs {
     /// images with large refcount tables at the cost of re-reading them.
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1048576))]
     pub refcount_cache_blocks: u32,
+    /// How long a stop (the frontend stopping a queue, a disconnect, SIGTERM) keeps retrying
+    /// parked requests before failing them, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub stop_grace: u64,
+    /// How long a stop then waits for storage that does not answer, in milliseconds; what is
+    /// still at the storage is then fenced and the stop answers (the final flush at exit gets
+    /// twice this).
+    #[arg(long, value_name = "MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub stop_limit: u64,
     /// Serial number returned by GET_ID (at most 20 bytes); default derived from the image path.
     #[arg(long, value_parser = parse_serial)]
     pub serial: Option<String>,

@@ -148,8 +148,21 @@ pub fn serve(
 ) -> Result<(), DaemonError> {
     install_sigbus_guard()?;
     let mut connection = 0u64;
+    // The previous connection's device while its stop left requests at the storage.
+    let mut behind: Option<BlkDevice> = None;
     loop {
         let device = BlkDevice::new(image.clone(), cfg)?;
+        if let Some(prev) = behind.take() {
+            // Its requests were fenced; the new connection's queues hold everything (also
+            // what the frontend resubmits) until they have ended, so no stale write lands
+            // after a newer one. A thread of its own keeps reaping them.
+            device.serve_after(&prev);
+            let reaper = prev.clone();
+            std::thread::Builder::new().name("reap-stale".into()).spawn(move || {
+                while !reaper.drain(false) {}
+                tracing::info!("requests left at the storage by an earlier connection have ended");
+            })?;
+        }
         if !wait_for_connection(listener.as_raw_fd(), shutdown)? {
             break;
         }
@@ -176,27 +189,32 @@ pub fn serve(
         // Stops the queue threads; then finish host IO, but do not complete requests the
         // frontend will resubmit.
         drop(session);
-        device.drain(false);
+        if !device.drain(false) {
+            device.fence();
+            tracing::error!(inflight = device.inflight(), "storage does not answer: requests of the closed connection are still at the storage; the next connection waits for them");
+            behind = Some(device.clone());
+        }
         if shutdown.requested() {
             break;
         }
     }
     // Metadata first, then the files: what the guest saw completed is durable, or we say so.
-    // Storage that hangs must not hang the exit: the flush gets CLOSE_LIMIT, then we exit
+    // Storage that hangs must not hang the exit: the flush gets twice the stop limit (`--stop-limit`), then we exit
     // with an error (the flush thread dies with the process).
     let (tx, rx) = std::sync::mpsc::channel();
     let closing = image.clone();
     std::thread::Builder::new().name("close".into()).spawn(move || {
         let _ = tx.send(closing.close());
     })?;
-    match rx.recv_timeout(CLOSE_LIMIT) {
+    let close_limit = cfg.stop.limit.saturating_mul(2);
+    match rx.recv_timeout(close_limit) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::error!(error = %e, "final flush failed");
             return Err(io::Error::other(format!("final flush: {e}")).into());
         }
         Err(_) => {
-            tracing::error!(limit_s = CLOSE_LIMIT.as_secs(), "final flush did not finish: storage does not answer");
+            tracing::error!(limit_ms = close_limit.as_millis() as u64, "final flush did not finish: storage does not answer");
             return Err(io::Error::other("final flush did not finish in time").into());
         }
     }
@@ -204,5 +222,3 @@ pub fn serve(
     Ok(())
 }
 
-/// How long the final flush may take before the daemon gives up on it.
-pub const CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);

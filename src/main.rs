@@ -175,6 +175,10 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         park: Some(hub),
         stats,
         seccomp: thinblk_vhost::seccomp::queue_filter(args.seccomp.mode()).map_err(Failure::Usage)?,
+        stop: thinblk_vhost::device::StopLimits {
+            parked_grace: std::time::Duration::from_millis(args.stop_grace),
+            limit: std::time::Duration::from_millis(args.stop_limit),
+        },
     };
     if image.capacity() < u64::from(cfg.logical_block_size) {
         return Err(Failure::Runtime(format!("{} is smaller than one logical block", image_path.display())));
@@ -426,6 +430,8 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         journal_dir: dir.to_string_lossy().into_owned(),
         journal_segment_kib: 8192,
         refcount_cache_blocks: 64,
+        stop_grace: 10_000,
+        stop_limit: 30_000,
         backing_files: Default::default(),
         image_locking: Default::default(),
         seccomp: Default::default(),

@@ -30,6 +30,16 @@ fn request(f: &mut Frontend, n: u16, write: bool) {
     f.desc(DESC, head + 2, hdr + 16, 1, F_WRITE, 0);
 }
 
+/// Clears the fixture's faults when dropped: a failing test must not leave the daemon (and the
+/// unmount after it) waiting for storage that hangs. Declare it after the daemon.
+struct Unhang(std::sync::Arc<common::faultfs::Faults>);
+
+impl Drop for Unhang {
+    fn drop(&mut self) {
+        self.0.clear();
+    }
+}
+
 fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !ok() {
@@ -314,4 +324,167 @@ fn a_resubmission_completes_whatever_the_memory_layout() {
     assert_eq!(m.one("thinblk_resubmitted_requests_total", &[]), 1.0);
     drop(f);
     stop_clean(d);
+}
+
+/// Storage hangs with a write at it; the frontend stops the ring (GET_VRING_BASE) and starts
+/// it again, with the inflight region, and publishes a newer write to the same sector. The
+/// stop answers within its limit; the stale write is fenced (its late completion writes
+/// nothing into the ring); the resubmission and the newer write wait until it has ended; the
+/// newer write's data is what the disk keeps, and each request completes exactly once.
+#[test]
+fn a_stop_gives_up_on_hung_storage_and_no_write_overtakes_the_stale_one() {
+    let dir = TestDir::new("restart-stop-hung");
+    let backing = dir.path("backing.raw");
+    sparse_file(&backing, 64 * MIB);
+    let mount = FaultMount::new(&backing, &dir.path("mnt"));
+    let disk = mount.disk();
+    let sock = dir.path("sock");
+    let metrics = format!("unix:{}", dir.path("metrics.sock").display());
+    let args = ["--image", disk.to_str().unwrap_or_default(), "--format", "raw", "--num-queues", "1",
+        "--stop-grace", "200", "--stop-limit", "1000", "--metrics", &metrics];
+    let d = Daemon::start(&sock, &args);
+    let _unhang = Unhang(mount.faults.clone());
+    let inflight = || common::metrics::scrape(&metrics).sum("thinblk_inflight_requests", &[]);
+    let mut f = Frontend::connect(&sock);
+    let (region, size) = f.start_tracked();
+    mount.faults.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    request(&mut f, 0, true); // 0x40 at sector 0
+    f.submit(0);
+    wait_for("the write at the hung storage", Duration::from_secs(10), || inflight() == 1.0);
+    let t = Instant::now();
+    f.send(code::GET_VRING_BASE, V1, &Frontend::vring_state(0, 0), &[]).expect("GET_VRING_BASE");
+    let (_, b) = f.reply().expect("GET_VRING_BASE answered");
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(5), "the stop took {took:?} (grace 0.2 s + limit 1 s)");
+    assert_eq!(u32::from_le_bytes([b[4], b[5], b[6], b[7]]), 1, "base");
+    // The frontend starts the ring again (as QEMU does on `cont`) with the region, and the
+    // guest writes the same sector anew.
+    assert_eq!(f.set_inflight(&region, size).expect("SET_INFLIGHT_FD"), 0);
+    f.restart_queue();
+    request(&mut f, 1, true); // 0x41 ...
+    f.put(DATA + 64 + 8, &0u64.to_le_bytes()); // ... at sector 0 as well
+    f.submit(3);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(inflight(), 1.0, "a resubmitted or newer write was started while the stale one is at the storage");
+    assert_eq!(f.ram.u16_at(USED + 2), 0, "a used element while the storage hangs");
+    mount.faults.clear();
+    wait_for("both writes", Duration::from_secs(10), || f.ram.u16_at(USED + 2) == 2);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(f.ram.u16_at(USED + 2), 2, "a request completed twice");
+    let mut heads: Vec<u32> = (0..2).map(|i| f.used(i).0).collect();
+    heads.sort_unstable();
+    assert_eq!(heads, vec![0, 3]);
+    for n in 0..2u64 {
+        assert_eq!(f.ram.bytes()[(DATA + 64 * n + 16) as usize], 0, "request {n} failed");
+    }
+    drop(f);
+    stop_clean(d);
+    let data = std::fs::read(&backing).expect("backing");
+    assert!(data[..4096].iter().all(|&b| b == 0x41), "the stale write landed after the newer one");
+}
+
+/// A queue thread inside a metadata write-back that hung storage never answers (a FLUSH of a
+/// qcow2 image) holds its worker: SIGTERM still ends serving within its limits (the stop gives
+/// up on the queue, the thread is left behind, the final flush gets twice the limit, and the
+/// exit status says it did not finish).
+#[test]
+fn sigterm_ends_a_daemon_whose_queue_thread_is_stuck_in_storage() {
+    let dir = TestDir::new("restart-term-stuck");
+    let backing = dir.path("backing.qcow2");
+    let out = std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&backing).arg("64M").output();
+    assert!(out.is_ok_and(|o| o.status.success()), "qemu-img create");
+    let mount = FaultMount::new(&backing, &dir.path("mnt"));
+    let disk = mount.disk();
+    let sock = dir.path("sock");
+    let journal = dir.path("journal");
+    std::fs::create_dir_all(&journal).expect("journal dir");
+    let args = ["--image", disk.to_str().unwrap_or_default(), "--format", "qcow2", "--num-queues", "1",
+        "--journal-dir", journal.to_str().unwrap_or_default(), "--stop-grace", "200", "--stop-limit", "1000"];
+    let mut d = Daemon::start(&sock, &args);
+    let _unhang = Unhang(mount.faults.clone());
+    let mut f = Frontend::connect(&sock);
+    f.negotiate();
+    f.start_queue();
+    // An allocating write (dirty metadata), then a FLUSH that writes it back into hung storage.
+    request(&mut f, 0, true);
+    f.submit(0);
+    wait_for("the allocating write", Duration::from_secs(10), || f.ram.u16_at(USED + 2) == 1);
+    mount.faults.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut h = [0u8; 16];
+    h[0] = 4; // VIRTIO_BLK_T_FLUSH
+    f.put(DATA + 0x800, &h);
+    f.desc(DESC, 9, DATA + 0x800, 16, F_NEXT, 10);
+    f.desc(DESC, 10, DATA + 0x810, 1, F_WRITE, 0);
+    f.submit(9);
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    d.signal(libc::SIGTERM);
+    // The daemon gives up on the stuck queue and its final flush, and its main thread
+    // returns (it removes its socket). The process itself cannot end before the storage
+    // answers: a thread inside a FUSE request the server has taken waits uninterruptibly.
+    let mut gave_up = None;
+    while t.elapsed() < Duration::from_secs(20) {
+        if !sock.exists() {
+            gave_up = Some(t.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    mount.faults.clear();
+    let code = d.wait_exit(Duration::from_secs(10));
+    assert!(gave_up.is_some(), "SIGTERM did not end serving within 20 s with a queue thread stuck in storage");
+    println!("SIGTERM with a stuck queue thread: gave up after {gave_up:?}, exit {code:?} once the storage answered");
+    assert_eq!(code, Some(1), "the daemon must say the final flush did not finish");
+    drop(f);
+}
+
+/// The frontend disconnects while storage hangs with a write at it, and reconnects with its
+/// inflight region (QEMU's reconnect): the new connection resubmits that write and the guest
+/// writes the same sector anew. Nothing of the new connection starts while the old write is
+/// still at the storage (the gate), so the newer data is what the disk keeps.
+#[test]
+fn a_reconnect_waits_for_writes_the_previous_connection_left_at_the_storage() {
+    let dir = TestDir::new("restart-gate");
+    let backing = dir.path("backing.raw");
+    sparse_file(&backing, 64 * MIB);
+    let mount = FaultMount::new(&backing, &dir.path("mnt"));
+    let disk = mount.disk();
+    let sock = dir.path("sock");
+    let metrics = format!("unix:{}", dir.path("metrics.sock").display());
+    let args = ["--image", disk.to_str().unwrap_or_default(), "--format", "raw", "--num-queues", "1",
+        "--stop-grace", "200", "--stop-limit", "1000", "--metrics", &metrics];
+    let d = Daemon::start(&sock, &args);
+    let _unhang = Unhang(mount.faults.clone());
+    let inflight = || common::metrics::scrape(&metrics).sum("thinblk_inflight_requests", &[]);
+    let mut f = Frontend::connect(&sock);
+    let (region, size) = f.start_tracked();
+    mount.faults.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    request(&mut f, 0, true); // 0x40 at sector 0
+    f.submit(0);
+    wait_for("the write at the hung storage", Duration::from_secs(10), || inflight() == 1.0);
+    // The frontend goes and comes back (the daemon gives up on the old connection's queue
+    // within its limits and accepts the new one).
+    let t = Instant::now();
+    let mut f = f.reconnect(&sock);
+    f.resume_tracked(&region, size);
+    println!("reconnected after {:?}", t.elapsed());
+    request(&mut f, 1, true); // 0x41 ...
+    f.put(DATA + 64 + 8, &0u64.to_le_bytes()); // ... at sector 0 as well
+    f.submit(3);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(inflight(), 1.0, "the new connection started requests while the old write is at the storage");
+    mount.faults.clear();
+    wait_for("the resubmitted and the newer write", Duration::from_secs(10), || f.ram.u16_at(USED + 2) == 2);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(f.ram.u16_at(USED + 2), 2, "a request completed twice");
+    let mut heads: Vec<u32> = (0..2).map(|i| f.used(i).0).collect();
+    heads.sort_unstable();
+    assert_eq!(heads, vec![0, 3]);
+    for n in 0..2u64 {
+        assert_eq!(f.ram.bytes()[(DATA + 64 * n + 16) as usize], 0, "request {n} failed");
+    }
+    drop(f);
+    stop_clean(d);
+    let data = std::fs::read(&backing).expect("backing");
+    assert!(data[..4096].iter().all(|&b| b == 0x41), "the stale write landed after the newer one");
 }

@@ -43,6 +43,45 @@ pub struct Context {
     pub(crate) inflight_tracked: AtomicBool,
     /// Statistics kept across connections (None: not kept).
     pub(crate) stats: Option<Arc<crate::stats::DeviceStats>>,
+    /// Closed while an earlier connection's requests are still at the storage.
+    pub(crate) gate: Gate,
+    /// How long stops wait (parked grace, storage).
+    pub(crate) limits: crate::device::StopLimits,
+}
+
+/// Holds a new connection's queues while requests of the previous connection, which its stop
+/// gave up on, are still at the storage: nothing is resubmitted or popped before they end, so
+/// a resubmitted or newer write never lands before a stale one. Open by default.
+#[derive(Default)]
+pub struct Gate {
+    closed: AtomicBool,
+    /// True once the previous connection's requests have all ended.
+    behind: std::sync::Mutex<Option<Box<dyn Fn() -> bool + Send + Sync>>>,
+}
+
+impl Gate {
+    /// Closes the gate until `ended()` says the earlier requests have all ended.
+    pub fn close_until(&self, ended: Box<dyn Fn() -> bool + Send + Sync>) {
+        if let Ok(mut b) = self.behind.lock() {
+            *b = Some(ended);
+            self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Whether requests may run (one atomic load while open).
+    pub fn open(&self) -> bool {
+        if !self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return true;
+        }
+        let Ok(mut b) = self.behind.lock() else { return false };
+        if b.as_ref().is_none_or(|ended| ended()) {
+            *b = None;
+            self.closed.store(false, std::sync::atomic::Ordering::SeqCst);
+            tracing::info!("the previous connection's requests have ended: serving");
+            return true;
+        }
+        false
+    }
 }
 
 impl Context {
@@ -70,6 +109,8 @@ impl Context {
             awaiting_first_io: AtomicBool::new(false),
             inflight_tracked: AtomicBool::new(false),
             stats: None,
+            gate: Gate::default(),
+            limits: crate::device::StopLimits::default(),
         }
     }
 

@@ -3,7 +3,8 @@
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
+use std::time::Instant;
 
 
 use crate::config::{config_slice, BlkGeometry, WRITEBACK_OFFSET};
@@ -37,6 +38,26 @@ pub struct DeviceConfig {
     pub stats: Option<Arc<DeviceStats>>,
     /// The seccomp filter each queue thread installs first (None: no filter).
     pub seccomp: Option<Arc<crate::seccomp::QueueFilter>>,
+    /// How long stops wait.
+    pub stop: StopLimits,
+}
+
+/// How long a stop (GET_VRING_BASE, a disconnect, SIGTERM) waits before it gives up on what
+/// storage has not answered. A stop never waits longer than `parked_grace + limit` (plus the
+/// final flush at exit); what it gives up on is fenced (`InflightCount::fence`).
+#[derive(Clone, Copy, Debug)]
+pub struct StopLimits {
+    /// Parked requests keep being retried this long, then are completed with an IO error.
+    pub parked_grace: std::time::Duration,
+    /// Requests at the storage (and a queue thread inside a metadata read or write) are
+    /// waited for this long after the grace.
+    pub limit: std::time::Duration,
+}
+
+impl Default for StopLimits {
+    fn default() -> StopLimits {
+        StopLimits { parked_grace: PARKED_GRACE, limit: STOP_LIMIT }
+    }
 }
 
 struct Inner {
@@ -53,12 +74,13 @@ pub struct BlkDevice {
 }
 
 /// How long parked requests keep being retried once the frontend stops a queue or the daemon
-/// stops, before they are completed with an IO error.
+/// stops, before they are completed with an IO error (default of [`StopLimits`]).
 pub const PARKED_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// How long `stop_vring` waits, after the grace, for requests still at the storage (a retry
-/// in flight completes, and is reported). Storage that hangs past this leaves them in flight;
-/// the stop answers anyway, logged, rather than hang the frontend.
+/// How long a stop waits, after the grace, for requests still at the storage (a retry in
+/// flight completes, and is reported). Storage that hangs past this leaves them in flight:
+/// the stop answers anyway, logged, rather than hang the frontend, and fences them (default
+/// of [`StopLimits`]).
 pub const STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl BlkDevice {
@@ -105,6 +127,8 @@ impl BlkDevice {
             awaiting_first_io: AtomicBool::new(false),
             inflight_tracked: AtomicBool::new(false),
             stats: cfg.stats.clone(),
+            gate: crate::context::Gate::default(),
+            limits: cfg.stop,
         };
         Ok(BlkDevice { inner: Arc::new(Inner { ctx, seccomp: cfg.seccomp.clone(), workers, inflight }) })
     }
@@ -114,60 +138,118 @@ impl BlkDevice {
         &self.inner.ctx.geometry
     }
 
-    /// Waits (at most [`STOP_LIMIT`] in all) for the host IO of every queue; `publish`
-    /// completes requests to the guest. False if storage left IO in flight.
+    /// Waits (at most the stop limit in all) for the host IO of every queue; `publish`
+    /// completes requests to the guest. False if storage left IO in flight, or a queue's
+    /// thread stayed inside a storage call.
     pub fn drain(&self, publish: bool) -> bool {
-        let deadline = std::time::Instant::now() + STOP_LIMIT;
+        self.drain_until(publish, Instant::now() + self.inner.ctx.limits.limit)
+    }
+
+    fn drain_until(&self, publish: bool, deadline: Instant) -> bool {
         let mut idle = true;
-        for w in &self.inner.workers {
-            if let Ok(mut w) = w.lock() {
-                match w.drain(&self.inner.ctx, publish, deadline) {
-                    Ok(done) => idle &= done,
-                    Err(e) => {
-                        idle = false;
-                        tracing::error!(error = %e, "draining a queue failed");
-                    }
+        for q in 0..self.inner.workers.len() {
+            let Some(mut w) = self.lock_within(q, deadline) else {
+                idle = false;
+                continue;
+            };
+            match w.drain(&self.inner.ctx, publish, deadline) {
+                Ok(done) => idle &= done,
+                Err(e) => {
+                    idle = false;
+                    tracing::error!(error = %e, "draining a queue failed");
                 }
             }
         }
         idle
     }
 
+    /// Queue `q`'s worker, waited for until `deadline` at most: its thread holds it across
+    /// a metadata read or write, which hung storage may never answer. `None`: the stop gives
+    /// up on that queue (logged).
+    fn lock_within(&self, q: usize, deadline: Instant) -> Option<MutexGuard<'_, Worker>> {
+        let w = self.inner.workers.get(q)?;
+        loop {
+            match w.try_lock() {
+                Ok(g) => return Some(g),
+                Err(TryLockError::Poisoned(e)) => return Some(e.into_inner()),
+                Err(TryLockError::WouldBlock) if Instant::now() >= deadline => {
+                    tracing::error!(queue = q, "storage does not answer: the queue's thread is inside a metadata read or write; the stop gives up on it");
+                    return None;
+                }
+                Err(TryLockError::WouldBlock) => std::thread::sleep(std::time::Duration::from_millis(2)),
+            }
+        }
+    }
+
+    /// Fences every queue's requests still in hand (see [`InflightCount::fence`]); true if
+    /// any was.
+    pub fn fence(&self) -> bool {
+        self.inner.inflight.iter().fold(false, |any, c| c.fence() | any)
+    }
+
+    /// Holds this device's queues until `previous` has no request in hand (its stop gave up
+    /// on requests still at the storage): see [`crate::context::Gate`].
+    pub fn serve_after(&self, previous: &BlkDevice) {
+        let prev = previous.clone();
+        self.inner.ctx.gate.close_until(Box::new(move || prev.inflight() == 0));
+    }
+
+    /// Whether the queues wait for a previous connection's requests (queue threads then
+    /// look again periodically).
+    pub fn gated(&self) -> bool {
+        !self.inner.ctx.gate.open()
+    }
+
+    /// The stop limits this device was built with.
+    pub fn stop_limits(&self) -> StopLimits {
+        self.inner.ctx.limits
+    }
+
     /// Stops taking new requests, waits for in-flight ones and completes them to the guest.
-    /// Parked requests keep being retried for [`PARKED_GRACE`]; those still parked then are
+    /// Parked requests keep being retried for the parked grace; those still parked then are
     /// completed with an IO error (never as success).
     ///
     /// When the frontend holds an inflight region, parked requests are not failed: they stay
     /// marked in it, uncompleted, and the next daemon resubmits them (an upgrade in place).
+    ///
+    /// Bounded: at most grace + limit. What storage has not answered by then is fenced and
+    /// left in flight (never completed to the guest; the inflight region, if any, keeps it).
     pub fn quiesce(&self) {
         // A frozen disk thaws: what it held is finished, not failed.
         self.inner.ctx.park.thaw();
         self.inner.ctx.stopping.store(true, Ordering::SeqCst);
-        self.drain(true);
-        if self.inner.ctx.inflight_tracked.load(Ordering::SeqCst) {
-            let parked: usize = self.inner.workers.iter().filter_map(|w| w.lock().ok().map(|w| w.parked())).sum();
-            if parked > 0 {
-                tracing::info!(parked, "stopping: parked requests stay in the frontend's inflight region for the next daemon");
-            }
-            for w in &self.inner.workers {
-                if let Ok(mut w) = w.lock() {
+        let limits = self.inner.ctx.limits;
+        let start = Instant::now();
+        let end = start + limits.parked_grace + limits.limit;
+        let n = self.inner.workers.len();
+        let idle = if self.inner.ctx.inflight_tracked.load(Ordering::SeqCst) {
+            let mut parked = 0;
+            for q in 0..n {
+                if let Some(mut w) = self.lock_within(q, start + limits.limit) {
+                    parked += w.parked();
                     w.drop_parked(&self.inner.ctx);
                 }
             }
-            self.drain(true);
-            return;
-        }
-        // Parked requests count as in flight, and so do their retries: wait for all of them.
-        let deadline = std::time::Instant::now() + PARKED_GRACE;
-        while self.inflight() > 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        for w in &self.inner.workers {
-            if let Ok(mut w) = w.lock() {
-                w.fail_parked(&self.inner.ctx);
+            if parked > 0 {
+                tracing::info!(parked, "stopping: parked requests stay in the frontend's inflight region for the next daemon");
             }
+            self.drain_until(true, start + limits.limit)
+        } else {
+            // Parked requests count as in flight, and so do their retries: wait for all of them.
+            let grace = start + limits.parked_grace;
+            while self.inflight() > 0 && Instant::now() < grace {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            for q in 0..n {
+                if let Some(mut w) = self.lock_within(q, end) {
+                    w.fail_parked(&self.inner.ctx);
+                }
+            }
+            self.drain_until(true, end)
+        };
+        if !idle && self.fence() {
+            tracing::error!(inflight = self.inflight(), "stopping with requests still at the storage: fenced (never completed to the guest)");
         }
-        self.drain(true);
     }
 
     /// The hub parked requests wait in.
@@ -263,23 +345,28 @@ impl BlkDevice {
         self.inner.workers.get(q).and_then(|w| w.lock().ok().map(|w| w.completion_fd()))
     }
 
-    /// Waits, in bounded time, until queue `q` has nothing in flight (the frontend stopped it).
+    /// Waits, in bounded time (grace + limit), until queue `q` has nothing in flight (the
+    /// frontend stopped it). Storage that does not answer by then leaves requests at the
+    /// storage: they are fenced (never completed into the ring, which the frontend may now
+    /// reconfigure; the queue takes nothing new until they ended), and the stop answers.
+    /// tests/restart.rs `a_stop_gives_up_on_hung_storage_and_no_write_overtakes_the_stale_one`.
     pub fn stop_vring(&self, q: usize) {
         // The frontend stops the ring (VM stop, migration): held writes go on.
         self.inner.ctx.park.thaw();
+        let limits = self.inner.ctx.limits;
+        let end = Instant::now() + limits.parked_grace + limits.limit;
         if let Some(c) = self.inner.inflight.get(q) {
             // Parked requests keep being retried for a grace period; what is still parked
             // then is completed with an IO error, so the frontend is never blocked forever.
-            if !c.wait_idle_for(q, PARKED_GRACE) {
-                if let Some(w) = self.inner.workers.get(q) {
-                    if let Ok(mut w) = w.lock() {
-                        w.fail_parked(&self.inner.ctx);
-                    }
+            if !c.wait_idle_for(q, limits.parked_grace) {
+                if let Some(mut w) = self.lock_within(q, end) {
+                    w.fail_parked(&self.inner.ctx);
                 }
             }
-            if !c.wait_idle_for(q, STOP_LIMIT) {
+            if !c.wait_idle_for(q, end.saturating_duration_since(Instant::now())) {
+                c.fence();
                 tracing::error!(queue = q, inflight = c.get(),
-                    "storage does not answer: stop answered with requests still at the storage (should it answer later, they complete into a ring the frontend has stopped)");
+                    "storage does not answer: the stop answers with requests still at the storage; they are fenced: never completed into the ring, resubmitted from the inflight region once they ended, and the queue takes nothing new before");
                 return;
             }
         }

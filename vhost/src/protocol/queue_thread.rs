@@ -21,6 +21,9 @@ const RESUME: u64 = 2;
 const EXIT: u64 = 3;
 const POKE: u64 = 4;
 
+/// How often a gated queue looks whether the previous connection's requests have ended.
+const GATED_POLL_MS: i32 = 50;
+
 /// A running queue thread.
 pub struct QueueThread {
     epoll: std::sync::Arc<Epoll>,
@@ -28,6 +31,21 @@ pub struct QueueThread {
     /// Ours alone (never shared with the frontend): a write of 1 never waits.
     poke: EventFd,
     handle: Option<JoinHandle<()>>,
+    /// Set by the thread as it ends (also by unwinding): a stop waits for it with a deadline.
+    ended: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+/// Sets the thread's `ended` flag when dropped: at its return or its unwinding.
+struct EndSignal(std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+impl Drop for EndSignal {
+    fn drop(&mut self) {
+        let (flag, cv) = &*self.0;
+        if let Ok(mut f) = flag.lock() {
+            *f = true;
+        }
+        cv.notify_all();
+    }
 }
 
 impl QueueThread {
@@ -50,7 +68,10 @@ impl QueueThread {
         }
         let ep = epoll.clone();
         let filter = device.seccomp();
+        let ended = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let signal = EndSignal(ended.clone());
         let handle = std::thread::Builder::new().name(format!("queue{q}")).spawn(move || {
+            let _signal = signal;
             if let Some(f) = filter {
                 if let Err(e) = crate::seccomp::install_or_refuse(&f) {
                     // Never fail open: the daemon stops, as a violation under strict would
@@ -61,7 +82,7 @@ impl QueueThread {
             }
             run(&device, q, &vring, &ep, &poked)
         })?;
-        Ok(QueueThread { epoll, exit, poke, handle: Some(handle) })
+        Ok(QueueThread { epoll, exit, poke, handle: Some(handle), ended })
     }
 
     /// Makes the thread look at its ring once, as a kick would (without touching the
@@ -82,14 +103,33 @@ impl QueueThread {
         let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
     }
 
-    /// Stops the thread and waits for it.
-    pub fn stop(mut self) {
+    /// Stops the thread and waits for it, at most `limit`: a thread inside a storage call
+    /// that does not return is left behind (logged; it ends when the call returns, and its
+    /// requests were fenced by the caller, so it writes nothing into guest memory). False if
+    /// it was left.
+    pub fn stop(mut self, limit: std::time::Duration) -> bool {
         let _ = self.exit.write(1);
+        let deadline = std::time::Instant::now() + limit;
+        let (flag, cv) = &*self.ended;
+        let mut ended = flag.lock().unwrap_or_else(|e| e.into_inner());
+        while !*ended {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::error!("storage does not answer: a queue thread is inside a storage call; left behind");
+                return false;
+            }
+            ended = match cv.wait_timeout(ended, left) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        drop(ended);
         if let Some(h) = self.handle.take() {
             if h.join().is_err() {
                 tracing::error!("a queue thread panicked");
             }
         }
+        true
     }
 }
 
@@ -97,7 +137,16 @@ fn run(device: &BlkDevice, q: usize, vring: &Vring, epoll: &Epoll, poke: &EventF
     let mut events = [EpollEvent::default(); 8];
     let mut errors = 0u64;
     loop {
-        let n = match epoll.wait(-1, &mut events) {
+        // While an earlier connection's requests are still at the storage, the rings are
+        // looked at periodically: the gate opens without an event of ours.
+        let gated = device.gated();
+        let n = match epoll.wait(if gated { GATED_POLL_MS } else { -1 }, &mut events) {
+            Ok(0) if gated => {
+                if let Err(e) = device.on_kick(q, vring) {
+                    tracing::debug!(queue = q, error = %e, "looking at the ring failed");
+                }
+                continue;
+            }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {

@@ -572,8 +572,16 @@ impl Drop for Session {
         for q in 0..self.registered.len() {
             self.unregister(q);
         }
+        // The rings end with the connection: nothing more is popped, and requests still in
+        // hand are fenced, so a queue thread left inside a storage call writes nothing into
+        // guest memory when it returns (the frontend resubmits from its inflight region).
+        for v in &self.vrings {
+            v.set_queue_ready(false);
+        }
+        self.device.fence();
+        let limit = self.device.stop_limits().limit;
         for t in self.threads.drain(..) {
-            t.stop();
+            t.stop(limit);
         }
         // The rings no longer run: drop our references to the memory before the table.
         self.install(Mem::new());

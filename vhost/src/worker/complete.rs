@@ -77,6 +77,14 @@ impl Worker {
         if let (Some(s), Some(t)) = (&self.stats, rec.started) {
             s.record(rec.op, t, rec.bytes, error_class(outcome));
         }
+        if self.inflight.is_stale() {
+            // A stop answered without this request: its ring may be another ring now.
+            // Nothing of it reaches guest memory; the frontend resubmits it (inflight
+            // region) once every stale request has ended.
+            tracing::debug!(queue = self.queue, head, "a request the stop gave up on ended: released without a completion");
+            self.release(head);
+            return;
+        }
         let mut used = 0;
         if let Some(addr) = status {
             if mem.write_obj(virtio_status(outcome), addr).is_ok() {

@@ -444,3 +444,25 @@ fn a_resubmission_is_built_even_where_guest_memory_reaches_high() {
     assert_eq!(aug.num_regions(), 3);
     assert!(aug.iter().any(|g| g.start_addr().0 > 1 << 62));
 }
+
+#[test]
+fn a_fenced_request_ends_silently_and_holds_the_queue_until_it_has() {
+    let mut r = Rig::new("fenced", 64);
+    let stale = r.read_at(0, 0x20000);
+    r.publish(0);
+    r.kick();
+    assert_eq!(r.pushed(), 1);
+    // The stop gave up on it (the ring may be reconfigured now).
+    assert!(r.w.inflight.fence());
+    let newer = r.read_at(3, 0x22000);
+    r.publish(3);
+    r.kick();
+    assert_eq!((r.pushed(), r.next_avail()), (1, 1), "a chain was taken while a fenced request is at the storage");
+    // Its host IO ends: no status byte, no used element; the queue serves again.
+    r.answer(1, op_len);
+    assert_eq!((r.used(), r.byte(stale)), (0, 0xff), "a fenced request reached guest memory");
+    assert!(!r.w.inflight.is_stale());
+    assert_eq!(r.pushed(), 1, "the waiting chain was taken once the fenced request had ended");
+    r.answer(1, op_len);
+    assert_eq!((r.used(), r.byte(newer)), (1, 0));
+}

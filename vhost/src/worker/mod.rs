@@ -50,6 +50,10 @@ const ZERO_CHUNK: usize = 1 << 20;
 pub struct InflightCount {
     count: Mutex<usize>,
     idle: Condvar,
+    /// A stop gave up waiting for the requests in hand ([`InflightCount::fence`]): they are
+    /// released without a word to the guest when they end, and nothing new is taken until
+    /// the last of them has. Cleared when the count reaches zero.
+    stale: std::sync::atomic::AtomicBool,
     /// Mirrors the count for the metrics thread (which takes no lock of the data path).
     stats: Option<Arc<QueueStats>>,
 }
@@ -71,9 +75,28 @@ impl InflightCount {
                 s.retired();
             }
             if *c == 0 {
+                self.stale.store(false, Ordering::SeqCst);
                 self.idle.notify_all();
             }
         }
+    }
+
+    /// Marks every request in hand stale (a stop answered without them): each is released
+    /// silently when its host IO ends (no status byte, no used element: the ring it came
+    /// from is stopped and may be reconfigured), and the queue takes nothing new, neither a
+    /// resubmission nor a chain, until the last has ended: a resubmitted or newer write never
+    /// overtakes one still at the storage. True if any was in hand.
+    pub fn fence(&self) -> bool {
+        let Ok(c) = self.count.lock() else { return false };
+        if *c > 0 {
+            self.stale.store(true, Ordering::SeqCst);
+        }
+        *c > 0
+    }
+
+    /// Whether the requests in hand are stale (see [`InflightCount::fence`]).
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::SeqCst)
     }
 
     /// Requests popped from the ring and not yet completed.
@@ -418,13 +441,13 @@ mod tests {
             calls.set(calls.get() + 1);
             Some(if calls.get() == 1 { old.clone() } else { new.clone() })
         };
-        let (chain, mem) = w.pop_with(memory, &vring, false).expect("a chain");
+        let (chain, mem) = w.pop_with(memory, &vring, false, &Default::default()).expect("a chain");
         assert!(Arc::ptr_eq(&mem, &new), "the chain was checked against a table taken before its index was read");
         let limits = crate::request::Limits { capacity: 1 << 20, logical_block_size: 512, seg_max: 126, max_bytes: 1 << 20, read_only: false };
         let parsed = parse(chain, &limits);
         assert!(parsed.request.is_ok(), "{:?}", parsed.request.err());
         // Nothing more to pop, whatever the table.
-        assert!(w.pop_with(|| Some(new.clone()), &vring, false).is_none());
+        assert!(w.pop_with(|| Some(new.clone()), &vring, false, &Default::default()).is_none());
     }
 
 }

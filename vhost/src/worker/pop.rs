@@ -83,7 +83,7 @@ impl Worker {
     }
 
     pub(super) fn pop(&mut self, ctx: &Context, vring: &Vring, stopping: bool) -> Option<(virtio_queue::DescriptorChain<Arc<Mem>>, Arc<Mem>)> {
-        self.pop_with(|| ctx.memory(), vring, stopping)
+        self.pop_with(|| ctx.memory(), vring, stopping, &ctx.gate)
     }
 
     /// Pops the next chain. The avail index is read first; the memory table the chain is
@@ -96,9 +96,16 @@ impl Worker {
         memory: impl Fn() -> Option<Arc<Mem>>,
         vring: &Vring,
         stopping: bool,
+        gate: &crate::context::Gate,
     ) -> Option<(virtio_queue::DescriptorChain<Arc<Mem>>, Arc<Mem>)> {
         self.held_back = false;
         if self.throttled() {
+            return None;
+        }
+        if self.inflight.is_stale() || !gate.open() {
+            // Requests a stop gave up on (this connection's or the previous one's) are still
+            // at the storage: nothing new runs before they end (their completion pops).
+            self.held_back = true;
             return None;
         }
         let mut state = vring.get_mut();
