@@ -114,6 +114,10 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         backing_files: args.backing_files.into(),
         locking: args.image_locking.into(),
     };
+    // Before the first thread starts, so that every thread inherits it (docs/security.md).
+    if let Some(f) = thinblk_vhost::seccomp::process_filter(args.seccomp.mode()).map_err(Failure::Usage)? {
+        thinblk_vhost::seccomp::apply(&f).map_err(|e| Failure::Runtime(format!("seccomp: {e}")))?;
+    }
     let hub = ParkHub::new(usize::from(args.num_queues)).map_err(|e| Failure::Runtime(e.to_string()))?;
     let faults = thinblk::fault::FaultState::new(fault_settings, hub.clone());
     hub.set_policy(faults.clone());
@@ -213,9 +217,9 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
     };
     let shutdown = Shutdown::new().map_err(|e| Failure::Runtime(e.to_string()))?;
     install_signal_thread(shutdown.clone()).map_err(|e| Failure::Runtime(e.to_string()))?;
-    // The thread that parses frontend messages may not run programs, debug processes or
-    // touch mounts, credentials or the kernel; queue threads it starts inherit this on top of
-    // their own allow-list. Helper threads started above (thin control runs lvchange) do not.
+    // The thread that parses frontend messages may not run programs either (on top of the
+    // process filter every thread has); queue threads it starts inherit this on top of their
+    // own allow-list. Helper threads started above (thin control runs lvchange) may.
     if let Some(f) = thinblk_vhost::seccomp::protocol_filter(args.seccomp.mode()).map_err(Failure::Usage)? {
         thinblk_vhost::seccomp::apply(&f).map_err(|e| Failure::Runtime(format!("seccomp: {e}")))?;
     }

@@ -6,6 +6,15 @@
 //! instead: nothing that runs programs, debugs processes, changes mounts, namespaces,
 //! credentials, modules, the clock or the kernel ([`protocol_filter`]).
 //!
+//! Every other thread of the daemon (control socket, metrics, signals, thin-volume control,
+//! timers) runs under [`process_filter`], installed before any thread starts and inherited by
+//! all: the protocol deny-list without what running `lvchange` needs (programs may be run;
+//! the programs inherit the filter too).
+//!
+//! Namespaces cannot be made by `clone` either: its namespace flags are refused like
+//! `unshare`, and `clone3`, whose flags a filter cannot read (they are behind a pointer),
+//! answers ENOSYS, so that the C library falls back to `clone` (for threads and for `posix_spawn`).
+//!
 //! A filtered call fails with EPERM ([`SeccompMode::On`]) or kills the process
 //! ([`SeccompMode::Strict`]); [`SeccompMode::Off`] installs nothing.
 
@@ -86,12 +95,22 @@ fn allowed() -> Vec<i64> {
     v
 }
 
-/// The system calls the protocol thread (and the threads it starts) must never make.
+/// The system calls the protocol thread (and the threads it starts) must never make: no
+/// thread may ([`denied_to_all`]), and it may not run programs either.
 fn denied_to_protocol() -> Vec<i64> {
+    let mut v = denied_to_all();
+    v.extend_from_slice(&[libc::SYS_execve, libc::SYS_execveat, libc::SYS_personality]);
+    #[cfg(target_arch = "x86_64")]
+    v.extend_from_slice(&[libc::SYS_fork, libc::SYS_vfork]);
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// The system calls no thread of the daemon makes (nor the programs it runs: `lvchange`).
+fn denied_to_all() -> Vec<i64> {
     let mut v = vec![
-        // Running programs, reading or writing other processes.
-        libc::SYS_execve,
-        libc::SYS_execveat,
+        // Reading or writing other processes.
         libc::SYS_ptrace,
         libc::SYS_process_vm_readv,
         libc::SYS_process_vm_writev,
@@ -135,7 +154,6 @@ fn denied_to_protocol() -> Vec<i64> {
         libc::SYS_swapoff,
         libc::SYS_acct,
         libc::SYS_quotactl,
-        libc::SYS_personality,
         // The clock.
         libc::SYS_settimeofday,
         libc::SYS_clock_settime,
@@ -143,10 +161,44 @@ fn denied_to_protocol() -> Vec<i64> {
         libc::SYS_adjtimex,
     ];
     #[cfg(target_arch = "x86_64")]
-    v.extend_from_slice(&[libc::SYS_fork, libc::SYS_vfork, libc::SYS_iopl, libc::SYS_ioperm]);
+    v.extend_from_slice(&[libc::SYS_iopl, libc::SYS_ioperm]);
     v.sort_unstable();
     v.dedup();
     v
+}
+
+/// The namespace flags `clone` must not carry (CLONE_NEWTIME is not among them: in `clone`'s
+/// flags that bit belongs to the exit signal; it is only accepted by `clone3` and `unshare`).
+const CLONE_NAMESPACES: [u64; 7] = [
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWCGROUP as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+];
+
+/// `clone` with any namespace flag (its first argument on x86_64 and aarch64).
+fn clone_into_namespaces() -> Result<(i64, Vec<SeccompRule>), String> {
+    let rules = CLONE_NAMESPACES
+        .iter()
+        .map(|&flag| {
+            let c = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag), flag).map_err(|e| e.to_string())?;
+            SeccompRule::new(vec![c]).map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok((libc::SYS_clone, rules))
+}
+
+/// `clone3` answers ENOSYS (the C library then uses `clone`, whose flags the deny-lists read).
+fn no_clone3() -> Result<BpfProgram, String> {
+    compile(&[libc::SYS_clone3], &[], SeccompAction::Errno(libc::ENOSYS as u32), SeccompAction::Allow)
+}
+
+/// A deny-list program: `calls`, and `clone` into namespaces, get `verdict`.
+fn deny(calls: &[i64], verdict: SeccompAction) -> Result<Vec<BpfProgram>, String> {
+    Ok(vec![no_clone3()?, compile(calls, &[clone_into_namespaces()?], verdict, SeccompAction::Allow)?])
 }
 
 /// System calls refused with EPERM even under [`SeccompMode::Strict`]: glibc opens
@@ -220,10 +272,18 @@ pub fn protocol_filter(mode: SeccompMode) -> Result<Option<Arc<QueueFilter>>, St
         SeccompMode::On => SeccompAction::Errno(libc::EPERM as u32),
         SeccompMode::Strict => SeccompAction::KillProcess,
     };
-    Ok(Some(Arc::new(QueueFilter {
-        programs: vec![compile(&denied_to_protocol(), &[], verdict, SeccompAction::Allow)?],
-        fail_closed: mode == SeccompMode::Strict,
-    })))
+    Ok(Some(Arc::new(QueueFilter { programs: deny(&denied_to_protocol(), verdict)?, fail_closed: mode == SeccompMode::Strict })))
+}
+
+/// Builds the filter every thread of the daemon runs under (None: off): install it before the
+/// first thread starts, so that all inherit it. Programs (`lvchange`) may still be run.
+pub fn process_filter(mode: SeccompMode) -> Result<Option<Arc<QueueFilter>>, String> {
+    let verdict = match mode {
+        SeccompMode::Off => return Ok(None),
+        SeccompMode::On => SeccompAction::Errno(libc::EPERM as u32),
+        SeccompMode::Strict => SeccompAction::KillProcess,
+    };
+    Ok(Some(Arc::new(QueueFilter { programs: deny(&denied_to_all(), verdict)?, fail_closed: mode == SeccompMode::Strict })))
 }
 
 /// Applies `filter` to the calling thread (and the threads it spawns).
@@ -321,5 +381,54 @@ mod tests {
         .join()
         .expect("thread");
         assert_eq!(r, (true, Err(true)));
+    }
+
+    /// `clone` into a namespace, from this thread (a child that is made exits at once).
+    fn clone_errno(flags: libc::c_int) -> Option<i32> {
+        // SAFETY: a raw clone without CLONE_VM: the child gets a copy of the address space
+        // and exits at once through the raw system call; the parent reaps it.
+        let pid = unsafe { libc::syscall(libc::SYS_clone, (flags | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize) };
+        if pid == 0 {
+            // SAFETY: the child leaves without running anything of the parent's.
+            unsafe { libc::syscall(libc::SYS_exit, 0) };
+        }
+        if pid < 0 {
+            return std::io::Error::last_os_error().raw_os_error();
+        }
+        // SAFETY: reaps the child made above.
+        unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0) };
+        None
+    }
+
+    #[test]
+    fn no_thread_makes_namespaces_and_clone3_falls_back() {
+        for (name, filter) in [("process", process_filter(SeccompMode::On)), ("protocol", protocol_filter(SeccompMode::On))] {
+            let filter = filter.ok().flatten().expect("a filter");
+            let r = std::thread::spawn(move || {
+                apply(&filter).expect("apply");
+                // SAFETY: clone3 with a null argument: refused before it is read.
+                let clone3 = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };
+                let clone3 = (clone3 < 0).then(|| std::io::Error::last_os_error().raw_os_error()).flatten();
+                // SAFETY: unshare changes nothing when refused.
+                let unshare = unsafe { libc::unshare(libc::CLONE_NEWUSER) };
+                let unshare = (unshare < 0).then(|| std::io::Error::last_os_error().raw_os_error()).flatten();
+                let threads = std::thread::spawn(|| 7).join().unwrap_or(0);
+                (clone3, unshare, clone_errno(libc::CLONE_NEWUSER), clone_errno(libc::CLONE_NEWNET), clone_errno(0), threads)
+            })
+            .join()
+            .expect("thread");
+            let e = Some(libc::EPERM);
+            assert_eq!(r, (Some(libc::ENOSYS), e, e, e, None, 7), "{name} filter");
+        }
+        // The process filter lets programs run (thin control runs lvchange).
+        let filter = process_filter(SeccompMode::On).ok().flatten().expect("a filter");
+        let ran = std::thread::spawn(move || {
+            apply(&filter).expect("apply");
+            std::process::Command::new("/bin/true").status().map(|s| s.success()).unwrap_or(false)
+        })
+        .join()
+        .expect("thread");
+        assert!(ran);
+        assert!(process_filter(SeccompMode::Off).ok().flatten().is_none());
     }
 }

@@ -381,10 +381,28 @@ fn set_nonblocking(f: &File) -> io::Result<()> {
 /// Accepts `f` as a ring eventfd: it must be an eventfd. It is also made non-blocking, as a
 /// courtesy and for the fallback of [`read_nowait`] on old kernels only: the frontend shares
 /// the flag and may clear it, so no path depends on it (see the module documentation).
+///
+/// Without `/proc` (a sandbox may have none): an eventfd is an anonymous inode that takes an
+/// 8-byte write of 0 (which changes nothing and never waits); no other kind of anonymous
+/// inode (signalfd, timerfd, epoll, io_uring, inotify, userfaultfd) accepts such a write, and
+/// pipes and sockets, which would, are not anonymous inodes.
 pub fn accept_eventfd(f: &File) -> io::Result<()> {
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
-    if link.as_os_str() != "anon_inode:[eventfd]" {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("not an eventfd: {}", link.display())));
+    const ANON_INODE_FS_MAGIC: i64 = 0x0904_1934;
+    let not = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("not an eventfd: {what}"));
+    // SAFETY: statfs is plain data, filled by fstatfs on success.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `fs` is a valid out-pointer; the fd is open.
+    if unsafe { libc::fstatfs(f.as_raw_fd(), &mut fs) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if fs.f_type as i64 != ANON_INODE_FS_MAGIC {
+        return Err(not(&format!("file system {:#x}", fs.f_type)));
+    }
+    let zero = 0u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live local buffer; an eventfd adds 0 (never waits: the
+    // counter cannot overflow by 0), other anonymous inodes refuse.
+    if unsafe { libc::write(f.as_raw_fd(), zero.as_ptr().cast(), zero.len()) } != 8 {
+        return Err(not(&format!("an anonymous inode refusing an eventfd write ({})", io::Error::last_os_error())));
     }
     set_nonblocking(f)
 }
@@ -413,6 +431,28 @@ mod tests {
         let (r, w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
         assert!(accept_eventfd(&w).is_err());
         drop(r);
+        // Other anonymous inodes.
+        // SAFETY: each call creates a new fd, owned by the File.
+        let others = unsafe {
+            let mut mask: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut mask);
+            [
+                libc::signalfd(-1, &mask, libc::SFD_CLOEXEC),
+                libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC),
+                libc::epoll_create1(libc::EPOLL_CLOEXEC),
+                libc::inotify_init1(libc::IN_CLOEXEC),
+            ]
+        };
+        for fd in others {
+            assert!(fd >= 0);
+            // SAFETY: fd was just created.
+            let f = unsafe { File::from_raw_fd(fd) };
+            assert!(accept_eventfd(&f).is_err(), "fd {fd} taken for an eventfd");
+        }
+        // An eventfd keeps its counter.
+        let e = eventfd(3);
+        assert!(accept_eventfd(&e).is_ok());
+        assert_eq!(counter(&e), Some(3));
     }
 
     /// Runs `f` on a thread and gives its result if it returns within `limit` (a thread
