@@ -191,7 +191,7 @@ pub fn serve(
         drop(session);
         if !device.drain(false) {
             device.fence();
-            tracing::error!(inflight = device.inflight(), "storage does not answer: requests of the closed connection are still at the storage; the next connection waits for them");
+            tracing::error!(inflight = device.in_hand(), "storage does not answer: requests of the closed connection are still at the storage; the next connection waits for them");
             behind = Some(device.clone());
         }
         if shutdown.requested() {

@@ -46,7 +46,7 @@ pub struct Context {
     /// Closed while an earlier connection's requests are still at the storage.
     pub(crate) gate: Gate,
     /// How long stops wait (parked grace, storage).
-    pub(crate) limits: crate::device::StopLimits,
+    pub(crate) limits: StopLimits,
 }
 
 /// Holds a new connection's queues while requests of the previous connection, which its stop
@@ -110,7 +110,7 @@ impl Context {
             inflight_tracked: AtomicBool::new(false),
             stats: None,
             gate: Gate::default(),
-            limits: crate::device::StopLimits::default(),
+            limits: StopLimits::default(),
         }
     }
 
@@ -146,5 +146,33 @@ impl Context {
             max_bytes: self.geometry.max_request_bytes(),
             read_only: self.geometry.read_only,
         }
+    }
+}
+
+/// How long parked requests keep being retried once the frontend stops a queue or the daemon
+/// stops, before they are completed with an IO error (default of [`StopLimits`]).
+pub const PARKED_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a stop waits, after the grace, for requests still at the storage (a retry in
+/// flight completes, and is reported). Storage that hangs past this leaves them in flight:
+/// the stop answers anyway, logged, rather than hang the frontend, and fences them (default
+/// of [`StopLimits`]).
+pub const STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long a stop (GET_VRING_BASE, a disconnect, SIGTERM) waits before it gives up on what
+/// storage has not answered. A stop never waits longer than `parked_grace + limit` (plus the
+/// final flush at exit); what it gives up on is fenced (`InHand::fence`).
+#[derive(Clone, Copy, Debug)]
+pub struct StopLimits {
+    /// Parked requests keep being retried this long, then are completed with an IO error.
+    pub parked_grace: std::time::Duration,
+    /// Requests at the storage (and a queue thread inside a metadata read or write) are
+    /// waited for this long after the grace.
+    pub limit: std::time::Duration,
+}
+
+impl Default for StopLimits {
+    fn default() -> StopLimits {
+        StopLimits { parked_grace: PARKED_GRACE, limit: STOP_LIMIT }
     }
 }

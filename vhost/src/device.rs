@@ -15,7 +15,7 @@ use crate::request::ID_LEN;
 use crate::stats::DeviceStats;
 use crate::vring::Vring;
 use crate::context::{AtomicMem, Context};
-use crate::worker::{InflightCount, Worker};
+use crate::worker::{InHand, Worker};
 
 /// Settings of one device instance.
 #[derive(Clone, Debug)]
@@ -42,29 +42,12 @@ pub struct DeviceConfig {
     pub stop: StopLimits,
 }
 
-/// How long a stop (GET_VRING_BASE, a disconnect, SIGTERM) waits before it gives up on what
-/// storage has not answered. A stop never waits longer than `parked_grace + limit` (plus the
-/// final flush at exit); what it gives up on is fenced (`InflightCount::fence`).
-#[derive(Clone, Copy, Debug)]
-pub struct StopLimits {
-    /// Parked requests keep being retried this long, then are completed with an IO error.
-    pub parked_grace: std::time::Duration,
-    /// Requests at the storage (and a queue thread inside a metadata read or write) are
-    /// waited for this long after the grace.
-    pub limit: std::time::Duration,
-}
-
-impl Default for StopLimits {
-    fn default() -> StopLimits {
-        StopLimits { parked_grace: PARKED_GRACE, limit: STOP_LIMIT }
-    }
-}
 
 struct Inner {
     ctx: Context,
     seccomp: Option<Arc<crate::seccomp::QueueFilter>>,
     workers: Vec<Mutex<Worker>>,
-    inflight: Vec<Arc<InflightCount>>,
+    in_hand: Vec<Arc<InHand>>,
 }
 
 /// The vhost-user-blk device. Cheap to clone; each queue thread holds a clone.
@@ -73,15 +56,7 @@ pub struct BlkDevice {
     inner: Arc<Inner>,
 }
 
-/// How long parked requests keep being retried once the frontend stops a queue or the daemon
-/// stops, before they are completed with an IO error (default of [`StopLimits`]).
-pub const PARKED_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// How long a stop waits, after the grace, for requests still at the storage (a retry in
-/// flight completes, and is reported). Storage that hangs past this leaves them in flight:
-/// the stop answers anyway, logged, rather than hang the frontend, and fences them (default
-/// of [`StopLimits`]).
-pub const STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+pub use crate::context::{StopLimits, PARKED_GRACE, STOP_LIMIT};
 
 impl BlkDevice {
     /// Builds a device over `image`, creating one worker (and io_uring) per queue.
@@ -103,11 +78,11 @@ impl BlkDevice {
         let files = image.files();
         let ring_entries = u32::from(cfg.queue_size).next_power_of_two().max(8) * 2;
         let mut workers = Vec::new();
-        let mut inflight = Vec::new();
+        let mut in_hand = Vec::new();
         for q in 0..cfg.num_queues as usize {
             let stats = cfg.stats.as_ref().and_then(|s| s.queue(q));
             let w = Worker::new(q, ring_entries, &files, stats).map_err(DeviceError::Ring)?;
-            inflight.push(w.inflight());
+            in_hand.push(w.in_hand());
             workers.push(Mutex::new(w));
         }
         let park = match &cfg.park {
@@ -130,7 +105,7 @@ impl BlkDevice {
             gate: crate::context::Gate::default(),
             limits: cfg.stop,
         };
-        Ok(BlkDevice { inner: Arc::new(Inner { ctx, seccomp: cfg.seccomp.clone(), workers, inflight }) })
+        Ok(BlkDevice { inner: Arc::new(Inner { ctx, seccomp: cfg.seccomp.clone(), workers, in_hand }) })
     }
 
     /// The device's fixed properties.
@@ -181,17 +156,17 @@ impl BlkDevice {
         }
     }
 
-    /// Fences every queue's requests still in hand (see [`InflightCount::fence`]); true if
+    /// Fences every queue's requests still in hand (see [`InHand::fence`]); true if
     /// any was.
     pub fn fence(&self) -> bool {
-        self.inner.inflight.iter().fold(false, |any, c| c.fence() | any)
+        self.inner.in_hand.iter().fold(false, |any, c| c.fence() | any)
     }
 
     /// Holds this device's queues until `previous` has no request in hand (its stop gave up
     /// on requests still at the storage): see [`crate::context::Gate`].
     pub fn serve_after(&self, previous: &BlkDevice) {
         let prev = previous.clone();
-        self.inner.ctx.gate.close_until(Box::new(move || prev.inflight() == 0));
+        self.inner.ctx.gate.close_until(Box::new(move || prev.in_hand() == 0));
     }
 
     /// Whether the queues wait for a previous connection's requests (queue threads then
@@ -237,7 +212,7 @@ impl BlkDevice {
         } else {
             // Parked requests count as in flight, and so do their retries: wait for all of them.
             let grace = start + limits.parked_grace;
-            while self.inflight() > 0 && Instant::now() < grace {
+            while self.in_hand() > 0 && Instant::now() < grace {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             for q in 0..n {
@@ -248,7 +223,7 @@ impl BlkDevice {
             self.drain_until(true, end)
         };
         if !idle && self.fence() {
-            tracing::error!(inflight = self.inflight(), "stopping with requests still at the storage: fenced (never completed to the guest)");
+            tracing::error!(inflight = self.in_hand(), "stopping with requests still at the storage: fenced (never completed to the guest)");
         }
     }
 
@@ -258,8 +233,8 @@ impl BlkDevice {
     }
 
     /// Requests popped and not yet completed, over all queues.
-    pub fn inflight(&self) -> usize {
-        self.inner.inflight.iter().map(|c| c.get()).sum()
+    pub fn in_hand(&self) -> usize {
+        self.inner.in_hand.iter().map(|c| c.get()).sum()
     }
 }
 
@@ -355,7 +330,7 @@ impl BlkDevice {
         self.inner.ctx.park.thaw();
         let limits = self.inner.ctx.limits;
         let end = Instant::now() + limits.parked_grace + limits.limit;
-        if let Some(c) = self.inner.inflight.get(q) {
+        if let Some(c) = self.inner.in_hand.get(q) {
             // Parked requests keep being retried for a grace period; what is still parked
             // then is completed with an IO error, so the frontend is never blocked forever.
             if !c.wait_idle_for(q, limits.parked_grace) {

@@ -84,6 +84,13 @@ pub enum ProtocolError {
     /// The socket failed.
     #[error("socket: {0}")]
     Socket(io::Error),
+    /// A host resource a message needs failed (a file's status, a mapping, a memfd, a
+    /// queue thread or its epoll).
+    #[error("host: {0}")]
+    Host(io::Error),
+    /// A config-space write (SET_CONFIG) was refused.
+    #[error("config space: {0}")]
+    Config(io::Error),
     /// The connection ended inside a message.
     #[error("message cut short: {got} of {want} bytes")]
     Truncated {
@@ -156,9 +163,12 @@ pub enum ProtocolError {
         /// Maximum.
         max: u32,
     },
-    /// A ring base or enable value out of range.
-    #[error("value {0} out of range")]
+    /// A ring base (SET_VRING_BASE) above 0xffff.
+    #[error("ring base {0} above 0xffff")]
     RingBase(u32),
+    /// A SET_VRING_ENABLE value other than 0 or 1.
+    #[error("ring enable value {0} (0 or 1)")]
+    EnableValue(u32),
     /// Ring addresses the memory table does not cover, or a ring that does not fit.
     #[error("ring: {0}")]
     Ring(String),

@@ -124,11 +124,11 @@ impl InflightRegion {
         // SAFETY: the name is a valid C string; the new fd is owned by the File below.
         let fd = unsafe { libc::memfd_create(c"thinblk-inflight".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         if fd < 0 {
-            return Err(ProtocolError::Socket(io::Error::last_os_error()));
+            return Err(ProtocolError::Host(io::Error::last_os_error()));
         }
         // SAFETY: fd was just created and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(len as u64).map_err(ProtocolError::Socket)?;
+        file.set_len(len as u64).map_err(ProtocolError::Host)?;
         // The frontend cannot shrink what we map (it may still write anything into it).
         // SAFETY: F_ADD_SEALS on our own memfd.
         unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) };
@@ -154,7 +154,7 @@ impl InflightRegion {
         let queues = info.check(max_queues)?;
         let with_trailer = info.mmap_size == (queues + TRAILER_LEN) as u64;
         let len = if with_trailer { queues + TRAILER_LEN } else { queues };
-        let meta = file.metadata().map_err(ProtocolError::Socket)?;
+        let meta = file.metadata().map_err(ProtocolError::Host)?;
         let end = info.mmap_offset.checked_add(len as u64).ok_or(ProtocolError::State("inflight region: offset overflows"))?;
         if !meta.file_type().is_file() || meta.len() < end || info.mmap_offset % 4096 != 0 {
             return Err(ProtocolError::State("inflight region: not a file of the announced size"));
@@ -172,10 +172,10 @@ impl InflightRegion {
             )
         };
         if base == libc::MAP_FAILED {
-            return Err(ProtocolError::Socket(io::Error::last_os_error()));
+            return Err(ProtocolError::Host(io::Error::last_os_error()));
         }
-        let page = crate::protocol::memory::page_size_of(&file).unwrap_or(4096);
-        if !crate::protocol::memory::guard_range(base as usize, len, page) {
+        let page = crate::guard::page_size_of(&file).unwrap_or(4096);
+        if !crate::guard::guard_range(base as usize, len, page) {
             // SAFETY: unmaps exactly what was just mapped; nothing refers to it yet.
             unsafe { libc::munmap(base, len) };
             return Err(ProtocolError::State("inflight region: the SIGBUS guard's registry is full"));
@@ -221,7 +221,7 @@ impl InflightRegion {
 
 impl Drop for InflightRegion {
     fn drop(&mut self) {
-        crate::protocol::memory::unguard_range(self.base as usize);
+        crate::guard::unguard_range(self.base as usize);
         // SAFETY: unmaps exactly what map() mapped; no InflightQueue outlives the Arc.
         unsafe { libc::munmap(self.base.cast(), self.len) };
     }

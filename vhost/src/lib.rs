@@ -15,6 +15,7 @@ pub mod config;
 pub mod context;
 pub mod device;
 pub mod error;
+pub mod guard;
 pub mod inflight;
 pub mod park;
 pub mod protocol;

@@ -48,7 +48,7 @@ pub struct VringState {
     enabled: bool,
     mem: AtomicMem,
     /// Inflight tracking for this ring (INFLIGHT_SHMFD negotiated and a region set).
-    inflight: Option<InflightQueue>,
+    tracking: Option<InflightQueue>,
     /// Heads a recovered region still had in flight: served, oldest first, before any new
     /// chain is popped.
     resubmit: VecDeque<u16>,
@@ -80,7 +80,7 @@ impl VringState {
 
     /// Records that `head` was taken from the ring (inflight tracking, if any).
     pub fn mark_taken(&mut self, head: u16) {
-        if let Some(i) = self.inflight.as_mut() {
+        if let Some(i) = self.tracking.as_mut() {
             i.mark(head);
         }
     }
@@ -133,7 +133,7 @@ impl Vring {
                 err: None,
                 enabled: false,
                 mem,
-                inflight: None,
+                tracking: None,
                 resubmit: VecDeque::new(),
                 broken: false,
             })),
@@ -141,21 +141,21 @@ impl Vring {
     }
 
     /// Locks the state (a poisoned lock is taken over: the state stays consistent per call).
-    pub fn get_mut(&self) -> MutexGuard<'_, VringState> {
+    pub fn lock(&self) -> MutexGuard<'_, VringState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Puts a completed chain on the used ring (and, with inflight tracking, records the
     /// publication around it so a crash in between is recoverable).
     pub fn add_used(&self, head: u16, len: u32) -> Result<(), VringError> {
-        let mut s = self.get_mut();
+        let mut s = self.lock();
         let mem = s.mem.memory();
-        if let Some(i) = s.inflight.as_mut() {
+        if let Some(i) = s.tracking.as_mut() {
             i.pre_put(head);
         }
         s.queue.add_used(&*mem, head, len)?;
         let used = s.queue.next_used();
-        if let Some(i) = s.inflight.as_mut() {
+        if let Some(i) = s.tracking.as_mut() {
             i.post_put(head, used);
         }
         Ok(())
@@ -163,8 +163,8 @@ impl Vring {
 
     /// Attaches inflight tracking and applies its recovery: the ring's next available index
     /// and the heads to resubmit. Call when the ring starts (its addresses and size set).
-    pub fn start_inflight(&self, mut q: InflightQueue) -> Result<Recovery, crate::error::ProtocolError> {
-        let mut s = self.get_mut();
+    pub fn start_tracking(&self, mut q: InflightQueue) -> Result<Recovery, crate::error::ProtocolError> {
+        let mut s = self.lock();
         let mem = s.mem.memory();
         let used = s.queue.used_idx(&*mem, std::sync::atomic::Ordering::Acquire).map(|w| w.0).unwrap_or(0);
         let avail = s.queue.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire).map(|w| w.0).unwrap_or(0);
@@ -178,14 +178,14 @@ impl Vring {
         // tests/hostile.rs case "a fresh inflight region keeps the ring's base".
         s.queue.set_next_used(used);
         s.resubmit = rec.resubmit.iter().copied().collect();
-        s.inflight = Some(q);
+        s.tracking = Some(q);
         Ok(rec)
     }
 
     /// Notifies the frontend. Never blocks, whatever the frontend did to its call eventfd
     /// (see [`CallNotifier`]); the ring lock is not held while the kernel signals it.
     pub fn signal_used_queue(&self) -> io::Result<()> {
-        let call = self.get_mut().call.clone();
+        let call = self.lock().call.clone();
         match call {
             Some(c) => c.notify(),
             None => Ok(()),
@@ -194,33 +194,33 @@ impl Vring {
 
     /// Asks the driver for kicks again; true if chains arrived meanwhile.
     pub fn enable_notification(&self) -> Result<bool, VringError> {
-        let mut s = self.get_mut();
+        let mut s = self.lock();
         let mem = s.mem.memory();
         s.queue.enable_notification(&*mem)
     }
 
     /// Asks the driver not to kick.
     pub fn disable_notification(&self) -> Result<(), VringError> {
-        let mut s = self.get_mut();
+        let mut s = self.lock();
         let mem = s.mem.memory();
         s.queue.disable_notification(&*mem)
     }
 
     /// Whether the driver wants to be notified of the latest used entries.
     pub fn needs_notification(&self) -> Result<bool, VringError> {
-        let mut s = self.get_mut();
+        let mut s = self.lock();
         let mem = s.mem.memory();
         s.queue.needs_notification(&*mem)
     }
 
     /// Sets the ring size (the caller checked it: a power of two within the maximum).
     pub fn set_queue_size(&self, size: u16) {
-        self.get_mut().queue.set_size(size);
+        self.lock().queue.set_size(size);
     }
 
     /// Sets the ring addresses (guest physical).
     pub fn set_queue_info(&self, desc: u64, avail: u64, used: u64) -> Result<(), VringError> {
-        let mut s = self.get_mut();
+        let mut s = self.lock();
         s.queue.try_set_desc_table_address(GuestAddress(desc))?;
         s.queue.try_set_avail_ring_address(GuestAddress(avail))?;
         s.queue.try_set_used_ring_address(GuestAddress(used))
@@ -229,7 +229,7 @@ impl Vring {
     /// Marks the ring ready (started) or not. A ring stopped by the frontend is no longer
     /// broken: the driver starts it afresh.
     pub fn set_queue_ready(&self, ready: bool) {
-        let mut s = self.get_mut();
+        let mut s = self.lock();
         s.queue.set_ready(ready);
         if !ready {
             s.broken = false;
@@ -238,25 +238,25 @@ impl Vring {
 
     /// Enables or disables the ring.
     pub fn set_enabled(&self, enabled: bool) {
-        self.get_mut().enabled = enabled;
+        self.lock().enabled = enabled;
     }
 
     /// Sets the kick eventfd.
     pub fn set_kick(&self, f: Option<File>) {
-        self.get_mut().kick = f.map(Arc::new);
+        self.lock().kick = f.map(Arc::new);
     }
 
     /// Sets the call eventfd (an accepted eventfd), attaching it to a notifier ring of its
     /// own first; on failure the previous one stays.
     pub fn set_call(&self, f: Option<File>) -> io::Result<()> {
         let notifier = f.map(CallNotifier::new).transpose()?.map(Arc::new);
-        self.get_mut().call = notifier;
+        self.lock().call = notifier;
         Ok(())
     }
 
     /// Sets the error eventfd.
     pub fn set_err(&self, f: Option<File>) {
-        self.get_mut().err = f;
+        self.lock().err = f;
     }
 
     /// Drains the kick eventfd without waiting and without the ring lock held (a frontend
@@ -264,7 +264,7 @@ impl Vring {
     /// enabled. An empty counter is not an error: the caller looks at the ring anyway.
     pub fn read_kick(&self) -> bool {
         let (kick, enabled) = {
-            let s = self.get_mut();
+            let s = self.lock();
             (s.kick.clone(), s.enabled)
         };
         if let Some(k) = kick {
@@ -513,7 +513,7 @@ mod tests {
         });
         assert_eq!(done, Some(true), "a notification waited on a full, blocking call eventfd");
         // The lock is free and the counter still reads (saturated, never wrapped to zero).
-        assert!(v.get_mut().get_queue().size() > 0);
+        assert!(v.lock().get_queue().size() > 0);
         assert!(counter(&mine).is_some_and(|c| c >= u64::MAX - 1));
     }
 

@@ -5,7 +5,7 @@
 //! A region is mapped only if its file is a regular file (memfd, tmpfs, hugetlbfs) at least
 //! `mmap_offset + size` bytes long. A memfd sealed against shrinking (QEMU seals its memfd
 //! backend by default) cannot fail us later. An unsealed file can still be truncated by the
-//! frontend while mapped; touching the lost pages raises SIGBUS. [`install_sigbus_guard`]
+//! frontend while mapped; touching the lost pages raises SIGBUS. The guard (`crate::guard`)
 //! handles that signal for addresses inside mapped guest regions: the page (a huge page on
 //! hugetlbfs) is replaced by private zero pages (the access completes, reading zeros or writing into a page nobody
 //! sees), the connection of the session that owns the memory is shut down, and the fault is
@@ -13,7 +13,6 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegion;
@@ -22,6 +21,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 use crate::error::ProtocolError;
 use crate::protocol::message::Region;
 use crate::context::Mem;
+use crate::guard::{page_size_of, register, unregister};
 
 /// One mapped region and where the frontend sees it.
 struct Mapped {
@@ -174,7 +174,7 @@ fn map(r: &Region, file: File) -> Result<Arc<GuestRegionMmap<()>>, ProtocolError
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: the fd is owned by `file`; `st` is a valid out-pointer.
     if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0 {
-        return Err(ProtocolError::Socket(std::io::Error::last_os_error()));
+        return Err(ProtocolError::Host(std::io::Error::last_os_error()));
     }
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(bad("not a regular file (memfd, tmpfs or hugetlbfs expected)"));
@@ -185,7 +185,7 @@ fn map(r: &Region, file: File) -> Result<Arc<GuestRegionMmap<()>>, ProtocolError
     // SAFETY: F_GET_SEALS reads a property of our own fd.
     let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
     let sealed = seals >= 0 && seals & libc::F_SEAL_SHRINK != 0;
-    let page = page_size_of(&file).map_err(ProtocolError::Socket)?;
+    let page = page_size_of(&file).map_err(ProtocolError::Host)?;
     let mapping = MmapRegion::<()>::from_file(FileOffset::new(file, r.mmap_offset), size)
         .map_err(|e| ProtocolError::Map(e.to_string()))?;
     let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or(bad("guest range overflows"))?;
@@ -203,152 +203,10 @@ fn build(regions: &[Mapped]) -> Result<Mem, ProtocolError> {
         .map_err(|e| ProtocolError::Map(format!("memory table: {e}")))
 }
 
-/// The page size of mappings of `file`: a hugetlbfs file's huge page size, else the base page.
-pub(crate) fn page_size_of(file: &File) -> std::io::Result<usize> {
-    // SAFETY: statfs is plain data filled by fstatfs on success.
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: the fd is owned by `file`; `fs` is a valid out-pointer.
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: sysconf reads a constant.
-    let base = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-    if fs.f_type == libc::HUGETLBFS_MAGIC as _ {
-        let huge = usize::try_from(fs.f_bsize).unwrap_or(0);
-        if huge.is_power_of_two() && huge >= base {
-            return Ok(huge);
-        }
-    }
-    Ok(base)
-}
-
-/// Slots of the SIGBUS guard's registry: the regions of one session (at most
-/// `MAX_MEM_SLOTS`), its inflight region, and regions of earlier sessions still held by a
-/// memory snapshot. Slots are released with their mappings, on every path.
-const GUARD_SLOTS: usize = 1024;
-
-/// Registered mapped ranges: start (0 = free) and end, written by the session thread and read
-/// by the signal handler without locks.
-static GUARD_START: [AtomicUsize; GUARD_SLOTS] = [const { AtomicUsize::new(0) }; GUARD_SLOTS];
-static GUARD_END: [AtomicUsize; GUARD_SLOTS] = [const { AtomicUsize::new(0) }; GUARD_SLOTS];
-/// The page size of each registered range (what a lost page is replaced in units of).
-static GUARD_PAGE: [AtomicUsize; GUARD_SLOTS] = [const { AtomicUsize::new(0) }; GUARD_SLOTS];
-/// The socket of the session to shut down when its memory faults (-1: none).
-static GUARD_SOCKET: AtomicI32 = AtomicI32::new(-1);
-/// Faults absorbed since start.
-static GUARD_FAULTS: AtomicU64 = AtomicU64::new(0);
-
-fn register(start: usize, end: usize, page: usize) -> bool {
-    for i in 0..GUARD_SLOTS {
-        if GUARD_START[i].load(Ordering::Acquire) == 0 {
-            GUARD_END[i].store(end, Ordering::Release);
-            GUARD_PAGE[i].store(page, Ordering::Release);
-            if GUARD_START[i].compare_exchange(0, start, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                return true;
-            }
-        }
-    }
-    false
-}
-
-fn unregister(start: usize) {
-    for slot in GUARD_START.iter() {
-        if slot.compare_exchange(start, 0, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            return;
-        }
-    }
-}
-
-/// Puts a mapping of ours that the frontend's file backs (the inflight region) under the
-/// SIGBUS guard, lost pages replaced in units of `page`; false if the registry is full.
-pub(crate) fn guard_range(start: usize, len: usize, page: usize) -> bool {
-    register(start, start + len, page)
-}
-
-/// Ranges registered with the guard now (tests).
-#[cfg(test)]
-pub(crate) fn guarded() -> usize {
-    GUARD_START.iter().filter(|s| s.load(Ordering::Acquire) != 0).count()
-}
-
-/// Takes a mapping out of the guard (before unmapping it).
-pub(crate) fn unguard_range(start: usize) {
-    unregister(start)
-}
-
-/// Names the socket to shut down when guest memory faults (`None`: no session).
-pub fn guard_session(socket: Option<i32>) {
-    GUARD_SOCKET.store(socket.unwrap_or(-1), Ordering::Release);
-}
-
-/// Faults on guest memory absorbed so far (a frontend shrank a mapped file).
-pub fn guard_faults() -> u64 {
-    GUARD_FAULTS.load(Ordering::Relaxed)
-}
-
-extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
-    let addr = unsafe { (*info).si_addr() } as usize;
-    let slot = (0..GUARD_SLOTS).find(|&i| {
-        let s = GUARD_START[i].load(Ordering::Acquire);
-        s != 0 && addr >= s && addr < GUARD_END[i].load(Ordering::Acquire)
-    });
-    let Some(slot) = slot else {
-        // Not ours: restore the default action; returning re-runs the access, which faults
-        // again and terminates the process as it would have without us.
-        // SAFETY: signal() with SIG_DFL is async-signal-safe.
-        unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
-        return;
-    };
-    // The mapping's own page size: a hugetlbfs mapping can only be split at huge-page
-    // boundaries (a 4 KiB replacement would fail there and the fault would be fatal).
-    let page = GUARD_PAGE[slot].load(Ordering::Acquire).max(4096);
-    let base = addr & !(page - 1);
-    // SAFETY: the page lies inside a guest mapping of ours (checked above); replacing it with
-    // a private anonymous page keeps every pointer valid and only loses the frontend's view
-    // of that page, which its truncation already destroyed.
-    let r = unsafe {
-        libc::mmap(
-            base as *mut libc::c_void,
-            page,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if r == libc::MAP_FAILED {
-        // SAFETY: as above.
-        unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
-        return;
-    }
-    GUARD_FAULTS.fetch_add(1, Ordering::Relaxed);
-    let sock = GUARD_SOCKET.load(Ordering::Acquire);
-    if sock >= 0 {
-        // SAFETY: shutdown is async-signal-safe; a stale fd number at worst shuts down
-        // nothing (the session clears it before closing its socket).
-        unsafe { libc::shutdown(sock, libc::SHUT_RDWR) };
-    }
-}
-
-/// Installs the SIGBUS handler for guest memory (once per process).
-pub fn install_sigbus_guard() -> std::io::Result<()> {
-    // SAFETY: sigaction is plain data, fully initialised below.
-    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-    sa.sa_sigaction = on_sigbus as *const () as usize;
-    sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
-    // SAFETY: sa_mask is a valid sigset_t inside `sa`.
-    unsafe { libc::sigemptyset(&mut sa.sa_mask) };
-    // SAFETY: installs a handler that only uses async-signal-safe operations.
-    if unsafe { libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guard::{guard_faults, guarded, install_sigbus_guard, GUARD_SLOTS};
     use std::io::Write;
 
     fn memfd(len: u64) -> File {

@@ -13,5 +13,5 @@ pub mod queue_thread;
 pub mod session;
 pub mod wire;
 
-pub use memory::install_sigbus_guard;
+pub use crate::guard::install_sigbus_guard;
 pub use session::{End, Session};

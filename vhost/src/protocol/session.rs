@@ -18,7 +18,7 @@ use crate::config::CONFIG_LEN;
 use crate::device::BlkDevice;
 use crate::error::ProtocolError;
 use crate::inflight::{InflightInfo, InflightRegion};
-use crate::protocol::memory::{self, MemoryTable};
+use crate::protocol::memory::MemoryTable;
 use crate::protocol::message::*;
 use crate::protocol::queue_thread::QueueThread;
 use crate::protocol::wire::{read_message, send_reply, Message};
@@ -63,7 +63,7 @@ pub struct Session {
     acked_protocol: u64,
     refused: u64,
     /// The inflight region (INFLIGHT_SHMFD), shared with the frontend.
-    inflight: Option<Arc<InflightRegion>>,
+    region: Option<Arc<InflightRegion>>,
     /// Guest-memory faults counted before this session began.
     faults_at_start: u64,
 }
@@ -81,9 +81,9 @@ impl Session {
         }
         let mut threads = Vec::with_capacity(n);
         for (q, v) in vrings.iter().enumerate() {
-            threads.push(QueueThread::spawn(device.clone(), q, v.clone()).map_err(ProtocolError::Socket)?);
+            threads.push(QueueThread::spawn(device.clone(), q, v.clone()).map_err(ProtocolError::Host)?);
         }
-        memory::guard_session(Some(sock.as_raw_fd()));
+        crate::guard::guard_session(Some(sock.as_raw_fd()));
         Ok(Session {
             device,
             sock,
@@ -96,8 +96,8 @@ impl Session {
             acked_features: 0,
             acked_protocol: 0,
             refused: 0,
-            inflight: None,
-            faults_at_start: memory::guard_faults(),
+            region: None,
+            faults_at_start: crate::guard::guard_faults(),
         })
     }
 
@@ -163,7 +163,7 @@ impl Session {
 
     /// Whether guest memory faulted during this session (the guard then shut our socket).
     fn faulted(&self) -> bool {
-        memory::guard_faults() != self.faults_at_start
+        crate::guard::guard_faults() != self.faults_at_start
     }
 
     fn reply_ack(&self) -> bool {
@@ -182,7 +182,7 @@ impl Session {
     /// and cloud-hypervisor send both messages before the first ring starts.
     /// tests/hostile.rs case "an inflight region after the ring started".
     fn no_ring_started(&self, request: u32) -> Result<(), ProtocolError> {
-        if self.vrings.iter().any(|v| v.get_mut().get_queue().ready()) {
+        if self.vrings.iter().any(|v| v.lock().get_queue().ready()) {
             return Err(ProtocolError::State(match request {
                 code::GET_INFLIGHT_FD => "GET_INFLIGHT_FD with a ring started",
                 _ => "SET_INFLIGHT_FD with a ring started",
@@ -221,7 +221,7 @@ impl Session {
                 self.acked_features = f;
                 let event_idx = f & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
                 for v in &self.vrings {
-                    v.get_mut().get_queue_mut().set_event_idx(event_idx);
+                    v.lock().get_queue_mut().set_event_idx(event_idx);
                 }
                 self.device.set_event_idx(event_idx);
                 if f & F_PROTOCOL_FEATURES == 0 {
@@ -307,7 +307,7 @@ impl Session {
                 let s = VringState::parse(h.request, &body)?;
                 let max = u32::from(self.device.max_queue_size());
                 let v = self.vring(s.index)?;
-                if v.get_mut().get_queue().ready() {
+                if v.lock().get_queue().ready() {
                     return Err(ProtocolError::State("SET_VRING_NUM on a started ring"));
                 }
                 if s.num == 0 || s.num > max || !s.num.is_power_of_two() {
@@ -323,14 +323,14 @@ impl Session {
                 if a.flags != 0 {
                     return Err(ProtocolError::Flags(a.flags));
                 }
-                if v.get_mut().get_queue().ready() {
+                if v.lock().get_queue().ready() {
                     return Err(ProtocolError::State("SET_VRING_ADDR on a started ring"));
                 }
                 let tr = |x: u64| self.table.to_guest(x).ok_or(ProtocolError::Unmapped(x));
                 let (desc, avail, used) = (tr(a.desc)?, tr(a.avail)?, tr(a.used)?);
                 v.set_queue_info(desc, avail, used).map_err(|e| ProtocolError::Ring(e.to_string()))?;
                 let mem = self.mem.memory();
-                let mut s = v.get_mut();
+                let mut s = v.lock();
                 let q = s.get_queue_mut();
                 if let Ok(idx) = q.used_idx(&*mem, std::sync::atomic::Ordering::Acquire) {
                     q.set_next_used(idx.0);
@@ -344,10 +344,10 @@ impl Session {
                 if s.num > 0xffff {
                     return Err(ProtocolError::RingBase(s.num));
                 }
-                if v.get_mut().get_queue().ready() {
+                if v.lock().get_queue().ready() {
                     return Err(ProtocolError::State("SET_VRING_BASE on a started ring"));
                 }
-                v.get_mut().get_queue_mut().set_next_avail(s.num as u16);
+                v.lock().get_queue_mut().set_next_avail(s.num as u16);
                 Ok(Reply::Done)
             }
             code::GET_VRING_BASE => {
@@ -358,7 +358,7 @@ impl Session {
                 v.set_queue_ready(false);
                 self.sync_kick(q)?;
                 self.device.stop_vring(q);
-                let base = v.get_mut().get_queue().next_avail();
+                let base = v.lock().get_queue().next_avail();
                 v.set_kick(None);
                 v.set_call(None).map_err(ProtocolError::Notifier)?;
                 Ok(Reply::Body(VringState { index: s.index, num: u32::from(base) }.bytes().to_vec()))
@@ -400,7 +400,7 @@ impl Session {
                 let enable = match s.num {
                     0 => false,
                     1 => true,
-                    n => return Err(ProtocolError::RingBase(n)),
+                    n => return Err(ProtocolError::EnableValue(n)),
                 };
                 v.set_enabled(enable);
                 self.sync_kick(s.index as usize)?;
@@ -429,7 +429,7 @@ impl Session {
                 Self::no_files(&msg)?;
                 self.need_protocol(PF_CONFIG, h.request)?;
                 let (c, payload) = ConfigHeader::parse(h.request, &body)?;
-                self.device.set_config(c.offset, payload).map_err(ProtocolError::BadFd)?;
+                self.device.set_config(c.offset, payload).map_err(ProtocolError::Config)?;
                 Ok(Reply::Done)
             }
             code::GET_INFLIGHT_FD => {
@@ -438,10 +438,10 @@ impl Session {
                 self.no_ring_started(h.request)?;
                 let info = InflightInfo::parse(&body)?;
                 let region = InflightRegion::create(info, self.vrings.len())?;
-                let file = region.file().try_clone().map_err(ProtocolError::Socket)?;
+                let file = region.file().try_clone().map_err(ProtocolError::Host)?;
                 let reply = region.info().bytes().to_vec();
                 tracing::info!(queues = info.num_queues, queue_size = info.queue_size, "inflight region created");
-                self.inflight = Some(region);
+                self.region = Some(region);
                 self.device.set_inflight_tracked();
                 Ok(Reply::BodyFd(reply, file))
             }
@@ -455,7 +455,7 @@ impl Session {
                 let Some(file) = msg.files.pop() else { return Err(ProtocolError::FdCount { want: 1, got: 0 }) };
                 let region = InflightRegion::attach(file, info, self.vrings.len())?;
                 self.device.park_hub().carry_failure_clock(region.failure_clock());
-                self.inflight = Some(region);
+                self.region = Some(region);
                 self.device.set_inflight_tracked();
                 Ok(Reply::Done)
             }
@@ -477,7 +477,7 @@ impl Session {
         };
         // Replacing the kick of a running ring: take the old one out of the loop first.
         self.unregister(q);
-        if v.get_mut().get_queue().ready() {
+        if v.lock().get_queue().ready() {
             // The ring runs: only the eventfd changes. Validating and recovering again would
             // list for resubmission requests that are still running (the same head twice,
             // an old write after a newer one). libvhost-user swaps the fd the same way.
@@ -488,7 +488,7 @@ impl Session {
         v.set_kick(Some(file));
         {
             let mem = self.mem.memory();
-            let mut s = v.get_mut();
+            let mut s = v.lock();
             // (is_valid checks a ready queue only: mark it so, and undo if invalid.)
             s.get_queue_mut().set_ready(true);
             if !s.get_queue().is_valid(&*mem) {
@@ -498,8 +498,8 @@ impl Session {
                 return Err(ProtocolError::Ring("ring size or addresses invalid for the memory table".into()));
             }
         }
-        if let Some(iq) = self.inflight.as_ref().and_then(|r| r.queue(q)) {
-            match v.start_inflight(iq) {
+        if let Some(iq) = self.region.as_ref().and_then(|r| r.queue(q)) {
+            match v.start_tracking(iq) {
                 Ok(rec) if !rec.fresh => {
                     tracing::info!(queue = q, resubmit = rec.resubmit.len(), next_avail = rec.next_avail,
                         "inflight region recovered: resubmitting what the previous daemon had not completed");
@@ -527,7 +527,7 @@ impl Session {
         self.unregister(q);
         let Some(v) = self.vrings.get(q) else { return Ok(()) };
         let fd = {
-            let s = v.get_mut();
+            let s = v.lock();
             if !(s.get_queue().ready() && s.is_enabled()) {
                 return Ok(());
             }
@@ -537,7 +537,7 @@ impl Session {
             }
         };
         if let Some(t) = self.threads.get(q) {
-            t.watch(fd).map_err(ProtocolError::Socket)?;
+            t.watch(fd).map_err(ProtocolError::Host)?;
             self.registered[q] = Some(fd);
             // Look at the ring once now: after a restart the driver may be waiting for
             // requests already in the ring (resubmitted ones, or chains published while no
@@ -565,8 +565,8 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        memory::guard_session(None);
-        if self.inflight.is_some() {
+        crate::guard::guard_session(None);
+        if self.region.is_some() {
             self.device.park_hub().carry_failure_clock(None);
         }
         for q in 0..self.registered.len() {

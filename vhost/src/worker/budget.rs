@@ -142,14 +142,14 @@ impl Worker {
     /// `stop_vring` never misses it).
     pub(super) fn take(&mut self, head: u16) {
         self.budget.take(head);
-        self.inflight.add();
+        self.in_hand.add();
     }
 
     /// `head` left our hands (its used element is published, or it was dropped): its unit
     /// returns to the budget.
     pub(super) fn release(&mut self, head: u16) {
         self.budget.release(head);
-        self.inflight.done();
+        self.in_hand.done();
     }
 
     /// The driver broke the ring's rules: the ring is marked broken (nothing more is popped

@@ -77,7 +77,7 @@ impl Worker {
         if let (Some(s), Some(t)) = (&self.stats, rec.started) {
             s.record(rec.op, t, rec.bytes, error_class(outcome));
         }
-        if self.inflight.is_stale() {
+        if self.in_hand.is_stale() {
             // A stop answered without this request: its ring may be another ring now.
             // Nothing of it reaches guest memory; the frontend resubmits it (inflight
             // region) once every stale request has ended.

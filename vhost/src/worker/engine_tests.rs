@@ -158,11 +158,11 @@ impl Rig {
 
     /// The ring's next available index (what the worker has taken).
     fn next_avail(&self) -> u16 {
-        self.vring.get_mut().get_queue().next_avail()
+        self.vring.lock().get_queue().next_avail()
     }
 
     fn broken(&self) -> bool {
-        self.vring.get_mut().is_broken()
+        self.vring.lock().is_broken()
     }
 
     fn kick(&mut self) {
@@ -300,7 +300,7 @@ fn a_spent_budget_leaves_chains_in_the_ring_until_a_completion_returns_a_unit() 
     (0..6).for_each(|h| r.publish(h));
     r.kick();
     assert_eq!((r.pushed(), r.next_avail(), r.w.budget.held()), (4, 4, 4), "popping stops at the budget; the rest stay in the ring");
-    assert_eq!(r.w.inflight.get(), 4);
+    assert_eq!(r.w.in_hand.get(), 4);
     assert!(!r.broken(), "a spent budget is back-pressure, not misbehaviour");
     r.kick();
     assert_eq!(r.next_avail(), 4, "a kick pops nothing while the budget is spent");
@@ -309,7 +309,7 @@ fn a_spent_budget_leaves_chains_in_the_ring_until_a_completion_returns_a_unit() 
     while r.used() < 6 {
         r.answer(1, op_len);
     }
-    assert_eq!((r.w.budget.held(), r.w.inflight.get()), (0, 0));
+    assert_eq!((r.w.budget.held(), r.w.in_hand.get()), (0, 0));
     assert!(statuses.iter().all(|&s| r.byte(s) == 0));
 }
 
@@ -396,12 +396,12 @@ fn resubmissions_after_a_restart_count_against_the_budget() {
     let mut old = region.queue(0).expect("queue 0");
     assert!(old.recover(16, 0, 0).is_ok());
     (0..3).for_each(|h| old.mark(h));
-    let rec = r.vring.start_inflight(region.queue(0).expect("queue 0")).expect("recovery");
+    let rec = r.vring.start_tracking(region.queue(0).expect("queue 0")).expect("recovery");
     assert_eq!(rec.resubmit, vec![0, 1, 2]);
     // The new daemon's budget is lowered to 2: the third resubmission waits for a unit.
     r.w.budget.set_cap(2);
     r.kick();
-    assert_eq!((r.pushed(), r.w.budget.held(), r.vring.get_mut().peek_resubmit()), (2, 2, Some(2)));
+    assert_eq!((r.pushed(), r.w.budget.held(), r.vring.lock().peek_resubmit()), (2, 2, Some(2)));
     r.answer(1, op_len);
     assert_eq!((r.used(), r.pushed(), r.w.budget.held()), (1, 2, 2), "a completion let the third resubmission in");
     // A resubmitted head in hand, published again, breaks the ring like any head in hand.
@@ -410,7 +410,7 @@ fn resubmissions_after_a_restart_count_against_the_budget() {
     r.kick();
     assert!(r.broken(), "head 1, resubmitted and in hand, was published again");
     r.answer(2, op_len);
-    assert_eq!((r.used(), r.w.budget.held(), r.w.inflight.get()), (3, 0, 0));
+    assert_eq!((r.used(), r.w.budget.held(), r.w.in_hand.get()), (3, 0, 0));
     assert!(statuses.iter().all(|&s| r.byte(s) == 0));
 }
 
@@ -426,7 +426,7 @@ fn a_head_past_the_ring_breaks_it_and_stays_in_the_ring() {
     r.answer(1, op_len);
     assert_eq!((r.used(), r.byte(status), r.next_avail()), (1, 0, 1));
     assert!(r.broken(), "head 200 on a ring of 16 was accepted");
-    assert_eq!((r.w.budget.held(), r.w.inflight.get()), (0, 0));
+    assert_eq!((r.w.budget.held(), r.w.in_hand.get()), (0, 0));
 }
 
 #[test]
@@ -438,7 +438,7 @@ fn a_resubmission_is_built_even_where_guest_memory_reaches_high() {
     // avail page of a resubmission (1 << 62): the chain is still built, above every region.
     let high = GuestRegionMmap::<()>::from_range(GuestAddress(1 << 62), 4096, None).expect("high region");
     let mem = Arc::new(r.mem.insert_region(Arc::new(high)).expect("insert"));
-    let state = r.vring.get_mut();
+    let state = r.vring.lock();
     let (chain, aug) = super::pop::chain_at(state.get_queue(), &mem, 5).expect("a chain for head 5");
     assert_eq!(chain.head_index(), 5);
     assert_eq!(aug.num_regions(), 3);
@@ -453,7 +453,7 @@ fn a_fenced_request_ends_silently_and_holds_the_queue_until_it_has() {
     r.kick();
     assert_eq!(r.pushed(), 1);
     // The stop gave up on it (the ring may be reconfigured now).
-    assert!(r.w.inflight.fence());
+    assert!(r.w.in_hand.fence());
     let newer = r.read_at(3, 0x22000);
     r.publish(3);
     r.kick();
@@ -461,7 +461,7 @@ fn a_fenced_request_ends_silently_and_holds_the_queue_until_it_has() {
     // Its host IO ends: no status byte, no used element; the queue serves again.
     r.answer(1, op_len);
     assert_eq!((r.used(), r.byte(stale)), (0, 0xff), "a fenced request reached guest memory");
-    assert!(!r.w.inflight.is_stale());
+    assert!(!r.w.in_hand.is_stale());
     assert_eq!(r.pushed(), 1, "the waiting chain was taken once the fenced request had ended");
     r.answer(1, op_len);
     assert_eq!((r.used(), r.byte(newer)), (1, 0));

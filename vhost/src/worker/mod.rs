@@ -45,12 +45,13 @@ pub use crate::vring::Vring;
 /// Size of the zero buffer used when a host cannot zero a range itself.
 const ZERO_CHUNK: usize = 1 << 20;
 
-/// In-flight accounting shared between a queue's worker and `stop_vring`.
+/// The requests in a queue's hands (popped, not yet completed), shared between its worker and
+/// the stop paths. ("Inflight" elsewhere names the frontend's SHMFD region: `crate::inflight`.)
 #[derive(Default)]
-pub struct InflightCount {
+pub struct InHand {
     count: Mutex<usize>,
     idle: Condvar,
-    /// A stop gave up waiting for the requests in hand ([`InflightCount::fence`]): they are
+    /// A stop gave up waiting for the requests in hand ([`InHand::fence`]): they are
     /// released without a word to the guest when they end, and nothing new is taken until
     /// the last of them has. Cleared when the count reaches zero.
     stale: std::sync::atomic::AtomicBool,
@@ -58,7 +59,7 @@ pub struct InflightCount {
     stats: Option<Arc<QueueStats>>,
 }
 
-impl InflightCount {
+impl InHand {
     fn add(&self) {
         if let Ok(mut c) = self.count.lock() {
             *c += 1;
@@ -94,7 +95,7 @@ impl InflightCount {
         *c > 0
     }
 
-    /// Whether the requests in hand are stale (see [`InflightCount::fence`]).
+    /// Whether the requests in hand are stale (see [`InHand::fence`]).
     pub fn is_stale(&self) -> bool {
         self.stale.load(Ordering::SeqCst)
     }
@@ -261,7 +262,7 @@ pub struct Worker {
     ring: Box<dyn Engine>,
     pending: Slab<Pending>,
     ops: Slab<Op>,
-    inflight: Arc<InflightCount>,
+    in_hand: Arc<InHand>,
     vring: Option<Vring>,
     zero: Option<AlignedBuf>,
     needs_signal: bool,
@@ -309,7 +310,7 @@ impl Worker {
             ring,
             pending: Slab::new(),
             ops: Slab::new(),
-            inflight: Arc::new(InflightCount { stats: stats.clone(), ..Default::default() }),
+            in_hand: Arc::new(InHand { stats: stats.clone(), ..Default::default() }),
             vring: None,
             zero: None,
             needs_signal: false,
@@ -340,8 +341,8 @@ impl Worker {
     }
 
     /// The in-flight counter `stop_vring` waits on.
-    pub fn inflight(&self) -> Arc<InflightCount> {
-        self.inflight.clone()
+    pub fn in_hand(&self) -> Arc<InHand> {
+        self.in_hand.clone()
     }
 
 }

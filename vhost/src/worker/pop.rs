@@ -102,13 +102,13 @@ impl Worker {
         if self.throttled() {
             return None;
         }
-        if self.inflight.is_stale() || !gate.open() {
+        if self.in_hand.is_stale() || !gate.open() {
             // Requests a stop gave up on (this connection's or the previous one's) are still
             // at the storage: nothing new runs before they end (their completion pops).
             self.held_back = true;
             return None;
         }
-        let mut state = vring.get_mut();
+        let mut state = vring.lock();
         if !state.get_queue().ready() || !state.is_enabled() || stopping {
             return None;
         }
