@@ -5,6 +5,9 @@
 //! [`CHUNK`] bytes however large it is (its data moves through the chunk in turn), and a
 //! queue has at most [`POOL_CHUNKS`] chunks. A request that finds the pool empty waits (the
 //! worker keeps it until a chunk is returned) instead of allocating.
+//!
+//! Proof: `the_pool_lends_at_most_its_cap_and_takes_chunks_back_on_drop` (below); `tests/blkio_qcow2.rs`
+//! `large_unaligned_requests_move_through_bounded_chunks`.
 
 use std::io;
 use std::sync::{Arc, Mutex};

@@ -5,6 +5,9 @@
 //! completes, reading zeros or writing into a page nobody sees), shutting down the connection
 //! of the session that owns the memory, and counting the fault. A SIGBUS anywhere else keeps
 //! its default effect. A leaf module: it imports nothing of the crate.
+//!
+//! Proof: `protocol/memory.rs` `a_shrunk_file_does_not_kill_the_process`,
+//! `a_shrunk_hugetlbfs_file_does_not_kill_the_process`, `refused_tables_release_their_guard_slots`.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

@@ -22,6 +22,10 @@
 //! failure not yet followed by a success ([`FailureClock`]), so that `--retry-timeout` counts
 //! from the first failure even across daemon restarts. A region without it (another backend's
 //! layout) is still accepted.
+//!
+//! Proof: `out_of_order_completions_resubmit_exactly_the_rest_oldest_first`,
+//! `a_crash_between_the_used_ring_and_the_clear_completes_once` (below); `tests/restart.rs` (every
+//! request exactly once after SIGKILL, SIGTERM, and whatever the memory layout).
 
 use std::fs::File;
 use std::io;

@@ -4,6 +4,10 @@
 //! device-readable bytes (over one descriptor or several), the status byte ends the last
 //! (device-writable) one, and everything in between is data, wherever the descriptor
 //! boundaries fall. A chain cut short (bad `next`, loop) is returned with nothing written.
+//!
+//! Proof: `malformed_chains_get_the_right_status`, `indirect_table_is_followed_and_bad_one_rejected`,
+//! `random_chains_never_panic` (below); `tests/hostile.rs` ring cases (nothing written outside what
+//! was lent).
 
 use std::ops::Deref;
 

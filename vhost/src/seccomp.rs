@@ -17,6 +17,11 @@
 //!
 //! A filtered call fails with EPERM ([`SeccompMode::On`]) or kills the process
 //! ([`SeccompMode::Strict`]); [`SeccompMode::Off`] installs nothing.
+//!
+//! Proof: `a_filtered_thread_cannot_open_files_but_can_serve`,
+//! `the_protocol_thread_cannot_run_programs_but_works_otherwise`, `strict_never_fails_open`,
+//! `no_thread_makes_namespaces_and_clone3_falls_back` (below); `tests/hostile.rs` serves under
+//! `--seccomp strict`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -10,6 +10,10 @@
 //! hugetlbfs) is replaced by private zero pages (the access completes, reading zeros or writing into a page nobody
 //! sees), the connection of the session that owns the memory is shut down, and the fault is
 //! counted. A SIGBUS anywhere else keeps its default effect.
+//!
+//! Proof: `regions_past_their_file_are_refused`, `overlapping_and_excess_regions_are_refused`,
+//! `refused_tables_release_their_guard_slots`, `a_shrunk_file_does_not_kill_the_process`,
+//! `a_shrunk_hugetlbfs_file_does_not_kill_the_process` (below).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

@@ -7,6 +7,9 @@
 //! descriptors attached to any piece belong to the message. More descriptors than we read
 //! or a truncated control message make the message invalid; received descriptors are always
 //! owned (closed on drop) and close-on-exec.
+//!
+//! Proof: `a_message_in_pieces_is_one_message`, `descriptors_on_a_later_piece_belong_to_the_message`,
+//! `a_cut_message_is_an_error_not_a_hang` (below).
 
 use std::fs::File;
 use std::io::{self, Write};

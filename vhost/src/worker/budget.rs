@@ -11,6 +11,12 @@
 //! rules: the queue is marked broken (QEMU's `virtio_error`, libvhost-user's `vu_panic`:
 //! DEVICE_NEEDS_RESET in spirit) and pops nothing more until the frontend stops the ring.
 //! Requests already in hand still complete. See docs/decisions.md.
+//!
+//! Proof: `engine_tests.rs` `a_spent_budget_leaves_chains_in_the_ring_until_a_completion_returns_a_unit`,
+//! `a_head_in_hand_published_again_breaks_the_ring_until_it_is_reset`,
+//! `more_heads_outstanding_than_the_ring_has_break_it`, `a_head_past_the_ring_breaks_it_and_stays_in_the_ring`,
+//! `resubmissions_after_a_restart_count_against_the_budget`; `tests/hostile.rs`
+//! `a_head_republished_during_a_freeze_keeps_memory_bounded`.
 
 use super::*;
 
