@@ -210,6 +210,10 @@ CHAIN = {
                                        desc(STATUS, 1, WRITE)], layout=1, blobs=[hdr(T_IN)]),
     "data_into_hole": chain_seed([desc(HDR, 16, NEXT, 1), desc(0xF000, 0x2000, WRITE | NEXT, 2),
                                   desc(STATUS, 1, WRITE)], layout=2, blobs=[hdr(T_IN)]),
+    # Queue size 4: seg_max 2, max_bytes 2 MiB; two 1.5 MiB buffers in the 2 MiB region.
+    "read_too_large": chain_seed([desc(HDR, 16, NEXT, 1), desc(0x14000, 0x180000, WRITE | NEXT, 2),
+                                  desc(0x14000, 0x180000, WRITE | NEXT, 3), desc(STATUS, 1, WRITE)],
+                                 qexp=2, layout=2, blobs=[hdr(T_IN)]),
     "status_at_top": chain_seed([desc(HDR, 16, NEXT, 1), desc(0xFFFF_FFFF_FFFE_F000, 0x1000, WRITE | NEXT, 2),
                                  desc(0xFFFF_FFFF_FFFE_FFFF, 1, WRITE)], layout=3, blobs=[hdr(T_IN)]),
     "status_past_top": chain_seed([desc(HDR, 16, NEXT, 1), desc(0xFFFF_FFFF_FFFF_FFF0, 0x20, WRITE)],

@@ -35,17 +35,18 @@ const USED: u64 = 0xb000;
 /// Largest queue size (`BlkGeometry::seg_max` allows up to 1024).
 const MAX_QUEUE: u16 = 1024;
 
-/// The guest memory layouts: one region, or a second one adjacent, past a hole, or near the
-/// top of the address space (a region may not end at 2^64). Mapped once: an input rewrites
-/// all of the first region, and nothing writes the second.
+/// The guest memory layouts: one region, or a second one adjacent, past a hole (2 MiB, so
+/// that one buffer can exceed `max_bytes`), or near the top of the address space (a region
+/// may not end at 2^64). Mapped once: an input rewrites all of the first region, and nothing
+/// writes the second.
 fn memory(layout: u8) -> Arc<Mem> {
     static LAYOUTS: OnceLock<Vec<Arc<Mem>>> = OnceLock::new();
     let all = LAYOUTS.get_or_init(|| {
-        [None, Some(REGION as u64), Some(REGION as u64 + 0x4000), Some(0xffff_ffff_fffe_0000)]
+        [None, Some((REGION as u64, REGION)), Some((REGION as u64 + 0x4000, 2 << 20)), Some((0xffff_ffff_fffe_0000, REGION))]
             .into_iter()
             .map(|second| {
                 let mut ranges = vec![(GuestAddress(0), REGION)];
-                ranges.extend(second.map(|a| (GuestAddress(a), REGION)));
+                ranges.extend(second.map(|(a, len)| (GuestAddress(a), len)));
                 Arc::new(Mem::from_ranges(&ranges).unwrap())
             })
             .collect()
