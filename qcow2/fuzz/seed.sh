@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Seeds the fuzz corpus with small real images (plain, compressed, with a snapshot), then
-# fuzzes the open path. Stable Rust works: cargo-fuzz with RUSTC_BOOTSTRAP=1 and -s none.
+# fuzzes the open path. Stable Rust works: cargo-fuzz with RUSTC_BOOTSTRAP=1 and -s none
+# (FUZZ_SANITIZER=address for AddressSanitizer, as CI runs it).
 #   cargo install cargo-fuzz && bash qcow2/fuzz/seed.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,4 +13,4 @@ cp "$t/a.qcow2" corpus/plain.qcow2
 head -c 300000 /dev/zero | tr '\0' a > "$t/r"
 qemu-img convert -c -f raw -O qcow2 -o cluster_size=4096 "$t/r" corpus/compressed.qcow2
 qemu-img snapshot -c s1 "$t/a.qcow2" && cp "$t/a.qcow2" corpus/snapshot.qcow2
-RUSTC_BOOTSTRAP=1 cargo fuzz run open -s none corpus -- -max_total_time="${1:-60}" -max_len=80000
+RUSTC_BOOTSTRAP=1 cargo fuzz run open -s "${FUZZ_SANITIZER:-none}" corpus -- -max_total_time="${1:-60}" -max_len=80000

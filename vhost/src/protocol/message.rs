@@ -4,6 +4,7 @@
 //! every decoder checks the exact length the specification gives for its message.
 
 use crate::error::ProtocolError;
+use crate::inflight::InflightInfo;
 
 /// Size of the message header: request code, flags, body size (u32 each).
 pub const HEADER_LEN: usize = 12;
@@ -321,6 +322,113 @@ impl ConfigHeader {
     }
 }
 
+/// The body of SET_VRING_KICK / CALL / ERR: a queue index and whether a descriptor comes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VringFd {
+    /// Queue index.
+    pub index: u32,
+    /// The frontend says no descriptor is attached (polling, or no notifications).
+    pub nofd: bool,
+}
+
+impl VringFd {
+    /// Decodes the u64 body: the index in the low byte, the no-descriptor bit, nothing else.
+    pub fn parse(request: u32, body: &[u8]) -> Result<VringFd, ProtocolError> {
+        let value = u64_body(request, body)?;
+        if value & !(0xff | VRING_NOFD) != 0 {
+            return Err(ProtocolError::Flags(value as u32));
+        }
+        Ok(VringFd { index: (value & 0xff) as u32, nofd: value & VRING_NOFD != 0 })
+    }
+}
+
+/// A frontend request with its body decoded and size-checked. Descriptors, feature
+/// negotiation and the session's state are the session's to check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    /// GET_FEATURES.
+    GetFeatures,
+    /// SET_FEATURES: the feature bits the driver accepts.
+    SetFeatures(u64),
+    /// SET_OWNER.
+    SetOwner,
+    /// RESET_OWNER.
+    ResetOwner,
+    /// GET_PROTOCOL_FEATURES.
+    GetProtocolFeatures,
+    /// SET_PROTOCOL_FEATURES: the protocol feature bits the frontend accepts.
+    SetProtocolFeatures(u64),
+    /// GET_QUEUE_NUM.
+    GetQueueNum,
+    /// GET_MAX_MEM_SLOTS.
+    GetMaxMemSlots,
+    /// SET_MEM_TABLE: one to eight regions.
+    SetMemTable(Vec<Region>),
+    /// ADD_MEM_REG.
+    AddMemReg(Region),
+    /// REM_MEM_REG.
+    RemMemReg(Region),
+    /// SET_VRING_NUM.
+    SetVringNum(VringState),
+    /// SET_VRING_ADDR.
+    SetVringAddr(VringAddr),
+    /// SET_VRING_BASE.
+    SetVringBase(VringState),
+    /// GET_VRING_BASE.
+    GetVringBase(VringState),
+    /// SET_VRING_KICK.
+    SetVringKick(VringFd),
+    /// SET_VRING_CALL.
+    SetVringCall(VringFd),
+    /// SET_VRING_ERR.
+    SetVringErr(VringFd),
+    /// SET_VRING_ENABLE.
+    SetVringEnable(VringState),
+    /// GET_CONFIG (its payload, which only sizes the request, is not kept).
+    GetConfig(ConfigHeader),
+    /// SET_CONFIG with the bytes to write.
+    SetConfig(ConfigHeader, &'a [u8]),
+    /// GET_INFLIGHT_FD.
+    GetInflightFd(InflightInfo),
+    /// SET_INFLIGHT_FD.
+    SetInflightFd(InflightInfo),
+}
+
+/// Decodes the body of `request` by the rules of its message; a request we do not serve is
+/// refused here. The one entry point from received bytes to a typed request.
+pub fn decode(request: u32, body: &[u8]) -> Result<Decoded<'_>, ProtocolError> {
+    let empty = |d: Decoded<'static>| expect_len(request, body, 0).map(|()| d);
+    Ok(match request {
+        code::GET_FEATURES => empty(Decoded::GetFeatures)?,
+        code::SET_FEATURES => Decoded::SetFeatures(u64_body(request, body)?),
+        code::SET_OWNER => empty(Decoded::SetOwner)?,
+        code::RESET_OWNER => empty(Decoded::ResetOwner)?,
+        code::GET_PROTOCOL_FEATURES => empty(Decoded::GetProtocolFeatures)?,
+        code::SET_PROTOCOL_FEATURES => Decoded::SetProtocolFeatures(u64_body(request, body)?),
+        code::GET_QUEUE_NUM => empty(Decoded::GetQueueNum)?,
+        code::GET_MAX_MEM_SLOTS => empty(Decoded::GetMaxMemSlots)?,
+        code::SET_MEM_TABLE => Decoded::SetMemTable(Region::parse_table(body)?),
+        code::ADD_MEM_REG => Decoded::AddMemReg(Region::parse_single(request, body)?),
+        code::REM_MEM_REG => Decoded::RemMemReg(Region::parse_single(request, body)?),
+        code::SET_VRING_NUM => Decoded::SetVringNum(VringState::parse(request, body)?),
+        code::SET_VRING_ADDR => Decoded::SetVringAddr(VringAddr::parse(request, body)?),
+        code::SET_VRING_BASE => Decoded::SetVringBase(VringState::parse(request, body)?),
+        code::GET_VRING_BASE => Decoded::GetVringBase(VringState::parse(request, body)?),
+        code::SET_VRING_KICK => Decoded::SetVringKick(VringFd::parse(request, body)?),
+        code::SET_VRING_CALL => Decoded::SetVringCall(VringFd::parse(request, body)?),
+        code::SET_VRING_ERR => Decoded::SetVringErr(VringFd::parse(request, body)?),
+        code::SET_VRING_ENABLE => Decoded::SetVringEnable(VringState::parse(request, body)?),
+        code::GET_CONFIG => Decoded::GetConfig(ConfigHeader::parse(request, body)?.0),
+        code::SET_CONFIG => {
+            let (c, payload) = ConfigHeader::parse(request, body)?;
+            Decoded::SetConfig(c, payload)
+        }
+        code::GET_INFLIGHT_FD => Decoded::GetInflightFd(InflightInfo::parse(body)?),
+        code::SET_INFLIGHT_FD => Decoded::SetInflightFd(InflightInfo::parse(body)?),
+        other => return Err(ProtocolError::Unsupported(name(other), other)),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,5 +473,24 @@ mod tests {
         assert!(ConfigHeader::parse(code::GET_CONFIG, &body).is_ok());
         body[4] = 5;
         assert!(ConfigHeader::parse(code::GET_CONFIG, &body).is_err());
+    }
+
+    #[test]
+    fn decode_checks_each_body_by_its_request() {
+        assert_eq!(decode(code::GET_FEATURES, &[]).ok(), Some(Decoded::GetFeatures));
+        assert!(matches!(decode(code::GET_FEATURES, &[0]), Err(ProtocolError::BodySize { .. })));
+        assert_eq!(decode(code::SET_FEATURES, &7u64.to_le_bytes()).ok(), Some(Decoded::SetFeatures(7)));
+        assert_eq!(
+            decode(code::SET_VRING_KICK, &(VRING_NOFD | 3).to_le_bytes()).ok(),
+            Some(Decoded::SetVringKick(VringFd { index: 3, nofd: true }))
+        );
+        assert!(matches!(decode(code::SET_VRING_CALL, &0x200u64.to_le_bytes()), Err(ProtocolError::Flags(0x200))));
+        let mut cfg = vec![0u8; CONFIG_HEADER_LEN + 2];
+        cfg[4] = 2;
+        cfg[CONFIG_HEADER_LEN] = 9;
+        assert!(matches!(decode(code::SET_CONFIG, &cfg), Ok(Decoded::SetConfig(_, [9, 0]))));
+        assert!(matches!(decode(code::GET_INFLIGHT_FD, &[0; 24]), Ok(Decoded::GetInflightFd(_))));
+        assert!(matches!(decode(code::SET_LOG_BASE, &[0; 8]), Err(ProtocolError::Unsupported("SET_LOG_BASE", 6))));
+        assert!(matches!(decode(99, &[]), Err(ProtocolError::Unsupported("unknown", 99))));
     }
 }

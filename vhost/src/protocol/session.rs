@@ -17,7 +17,7 @@ use vm_memory::GuestAddressSpace;
 use crate::config::CONFIG_LEN;
 use crate::device::BlkDevice;
 use crate::error::ProtocolError;
-use crate::inflight::{InflightInfo, InflightRegion};
+use crate::inflight::InflightRegion;
 use crate::protocol::memory::MemoryTable;
 use crate::protocol::message::*;
 use crate::protocol::queue_thread::QueueThread;
@@ -205,15 +205,13 @@ impl Session {
     fn handle(&mut self, mut msg: Message) -> Result<Reply, ProtocolError> {
         let h = msg.header;
         let body = std::mem::take(&mut msg.body);
-        match h.request {
-            code::GET_FEATURES => {
+        match decode(h.request, &body)? {
+            Decoded::GetFeatures => {
                 Self::no_files(&msg)?;
-                expect_len(h.request, &body, 0)?;
                 Ok(Reply::Body(self.device.features().to_le_bytes().to_vec()))
             }
-            code::SET_FEATURES => {
+            Decoded::SetFeatures(f) => {
                 Self::no_files(&msg)?;
-                let f = u64_body(h.request, &body)?;
                 let offered = self.device.features();
                 if f & !offered != 0 {
                     return Err(ProtocolError::NotOffered { what: "features", bits: f & !offered });
@@ -232,29 +230,25 @@ impl Session {
                 }
                 Ok(Reply::Done)
             }
-            code::SET_OWNER => {
+            Decoded::SetOwner => {
                 Self::no_files(&msg)?;
-                expect_len(h.request, &body, 0)?;
                 if self.owner {
                     return Err(ProtocolError::State("SET_OWNER: already owned"));
                 }
                 self.owner = true;
                 Ok(Reply::Done)
             }
-            code::RESET_OWNER => {
+            Decoded::ResetOwner => {
                 Self::no_files(&msg)?;
-                expect_len(h.request, &body, 0)?;
                 self.owner = false;
                 Ok(Reply::Done)
             }
-            code::GET_PROTOCOL_FEATURES => {
+            Decoded::GetProtocolFeatures => {
                 Self::no_files(&msg)?;
-                expect_len(h.request, &body, 0)?;
                 Ok(Reply::Body(OFFERED_PROTOCOL.to_le_bytes().to_vec()))
             }
-            code::SET_PROTOCOL_FEATURES => {
+            Decoded::SetProtocolFeatures(f) => {
                 Self::no_files(&msg)?;
-                let f = u64_body(h.request, &body)?;
                 let offered = OFFERED_PROTOCOL;
                 if f & !offered != 0 {
                     return Err(ProtocolError::NotOffered { what: "protocol features", bits: f & !offered });
@@ -262,27 +256,23 @@ impl Session {
                 self.acked_protocol = f;
                 Ok(Reply::Done)
             }
-            code::GET_QUEUE_NUM => {
+            Decoded::GetQueueNum => {
                 Self::no_files(&msg)?;
                 self.need_protocol(PF_MQ, h.request)?;
-                expect_len(h.request, &body, 0)?;
                 Ok(Reply::Body((self.vrings.len() as u64).to_le_bytes().to_vec()))
             }
-            code::GET_MAX_MEM_SLOTS => {
+            Decoded::GetMaxMemSlots => {
                 Self::no_files(&msg)?;
                 self.need_protocol(PF_CONFIGURE_MEM_SLOTS, h.request)?;
-                expect_len(h.request, &body, 0)?;
                 Ok(Reply::Body((MAX_MEM_SLOTS as u64).to_le_bytes().to_vec()))
             }
-            code::SET_MEM_TABLE => {
-                let regions = Region::parse_table(&body)?;
+            Decoded::SetMemTable(regions) => {
                 let mem = self.table.set(&regions, std::mem::take(&mut msg.files))?;
                 self.install(mem);
                 Ok(Reply::Done)
             }
-            code::ADD_MEM_REG => {
+            Decoded::AddMemReg(r) => {
                 self.need_protocol(PF_CONFIGURE_MEM_SLOTS, h.request)?;
-                let r = Region::parse_single(h.request, &body)?;
                 if msg.files.len() != 1 {
                     return Err(ProtocolError::FdCount { want: 1, got: msg.files.len() });
                 }
@@ -291,20 +281,18 @@ impl Session {
                 self.install(mem);
                 Ok(Reply::Done)
             }
-            code::REM_MEM_REG => {
+            Decoded::RemMemReg(r) => {
                 self.need_protocol(PF_CONFIGURE_MEM_SLOTS, h.request)?;
                 // The specification lets a frontend pass one (useless) descriptor: it is closed.
                 if msg.files.len() > 1 {
                     return Err(ProtocolError::FdCount { want: 0, got: msg.files.len() });
                 }
-                let r = Region::parse_single(h.request, &body)?;
                 let mem = self.table.remove(&r)?;
                 self.install(mem);
                 Ok(Reply::Done)
             }
-            code::SET_VRING_NUM => {
+            Decoded::SetVringNum(s) => {
                 Self::no_files(&msg)?;
-                let s = VringState::parse(h.request, &body)?;
                 let max = u32::from(self.device.max_queue_size());
                 let v = self.vring(s.index)?;
                 if v.lock().get_queue().ready() {
@@ -316,9 +304,8 @@ impl Session {
                 v.set_queue_size(s.num as u16);
                 Ok(Reply::Done)
             }
-            code::SET_VRING_ADDR => {
+            Decoded::SetVringAddr(a) => {
                 Self::no_files(&msg)?;
-                let a = VringAddr::parse(h.request, &body)?;
                 let v = self.vring(a.index)?.clone();
                 if a.flags != 0 {
                     return Err(ProtocolError::Flags(a.flags));
@@ -337,9 +324,8 @@ impl Session {
                 }
                 Ok(Reply::Done)
             }
-            code::SET_VRING_BASE => {
+            Decoded::SetVringBase(s) => {
                 Self::no_files(&msg)?;
-                let s = VringState::parse(h.request, &body)?;
                 let v = self.vring(s.index)?;
                 if s.num > 0xffff {
                     return Err(ProtocolError::RingBase(s.num));
@@ -350,9 +336,8 @@ impl Session {
                 v.lock().get_queue_mut().set_next_avail(s.num as u16);
                 Ok(Reply::Done)
             }
-            code::GET_VRING_BASE => {
+            Decoded::GetVringBase(s) => {
                 Self::no_files(&msg)?;
-                let s = VringState::parse(h.request, &body)?;
                 let q = s.index as usize;
                 let v = self.vring(s.index)?.clone();
                 v.set_queue_ready(false);
@@ -363,14 +348,11 @@ impl Session {
                 v.set_call(None).map_err(ProtocolError::Notifier)?;
                 Ok(Reply::Body(VringState { index: s.index, num: u32::from(base) }.bytes().to_vec()))
             }
-            code::SET_VRING_KICK | code::SET_VRING_CALL | code::SET_VRING_ERR => {
-                let value = u64_body(h.request, &body)?;
-                if value & !(0xff | VRING_NOFD) != 0 {
-                    return Err(ProtocolError::Flags(value as u32));
-                }
-                let index = (value & 0xff) as u32;
+            Decoded::SetVringKick(VringFd { index, nofd })
+            | Decoded::SetVringCall(VringFd { index, nofd })
+            | Decoded::SetVringErr(VringFd { index, nofd }) => {
                 let v = self.vring(index)?.clone();
-                let file = match (value & VRING_NOFD != 0, msg.files.len()) {
+                let file = match (nofd, msg.files.len()) {
                     (true, 0) => None,
                     (false, 1) => msg.files.pop(),
                     (nofd, got) => return Err(ProtocolError::FdCount { want: usize::from(!nofd), got }),
@@ -390,9 +372,8 @@ impl Session {
                 }
                 Ok(Reply::Done)
             }
-            code::SET_VRING_ENABLE => {
+            Decoded::SetVringEnable(s) => {
                 Self::no_files(&msg)?;
-                let s = VringState::parse(h.request, &body)?;
                 if self.acked_features & F_PROTOCOL_FEATURES == 0 {
                     return Err(ProtocolError::NotNegotiated("SET_VRING_ENABLE"));
                 }
@@ -406,10 +387,9 @@ impl Session {
                 self.sync_kick(s.index as usize)?;
                 Ok(Reply::Done)
             }
-            code::GET_CONFIG => {
+            Decoded::GetConfig(c) => {
                 Self::no_files(&msg)?;
                 self.need_protocol(PF_CONFIG, h.request)?;
-                let (c, _) = ConfigHeader::parse(h.request, &body)?;
                 let end = c.offset.checked_add(c.size).filter(|e| *e as usize <= CONFIG_LEN);
                 let mut reply = Vec::new();
                 match end {
@@ -425,18 +405,16 @@ impl Session {
                 }
                 Ok(Reply::Body(reply))
             }
-            code::SET_CONFIG => {
+            Decoded::SetConfig(c, payload) => {
                 Self::no_files(&msg)?;
                 self.need_protocol(PF_CONFIG, h.request)?;
-                let (c, payload) = ConfigHeader::parse(h.request, &body)?;
                 self.device.set_config(c.offset, payload).map_err(ProtocolError::Config)?;
                 Ok(Reply::Done)
             }
-            code::GET_INFLIGHT_FD => {
+            Decoded::GetInflightFd(info) => {
                 Self::no_files(&msg)?;
                 self.need_protocol(PF_INFLIGHT_SHMFD, h.request)?;
                 self.no_ring_started(h.request)?;
-                let info = InflightInfo::parse(&body)?;
                 let region = InflightRegion::create(info, self.vrings.len())?;
                 let file = region.file().try_clone().map_err(ProtocolError::Host)?;
                 let reply = region.info().bytes().to_vec();
@@ -445,10 +423,9 @@ impl Session {
                 self.device.set_inflight_tracked();
                 Ok(Reply::BodyFd(reply, file))
             }
-            code::SET_INFLIGHT_FD => {
+            Decoded::SetInflightFd(info) => {
                 self.need_protocol(PF_INFLIGHT_SHMFD, h.request)?;
                 self.no_ring_started(h.request)?;
-                let info = InflightInfo::parse(&body)?;
                 if msg.files.len() != 1 {
                     return Err(ProtocolError::FdCount { want: 1, got: msg.files.len() });
                 }
@@ -459,7 +436,6 @@ impl Session {
                 self.device.set_inflight_tracked();
                 Ok(Reply::Done)
             }
-            other => Err(ProtocolError::Unsupported(name(other), other)),
         }
     }
 
