@@ -159,7 +159,11 @@ pub fn serve(
             device.serve_after(&prev);
             let reaper = prev.clone();
             std::thread::Builder::new().name("reap-stale".into()).spawn(move || {
-                while !reaper.drain(false) {}
+                // Each pass waits up to the stop limit; one that fails at once (an io_uring
+                // error) does not spin.
+                while !reaper.drain(false) {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
                 tracing::info!("requests left at the storage by an earlier connection have ended");
             })?;
         }
@@ -192,6 +196,9 @@ pub fn serve(
         if !device.drain(false) {
             device.fence();
             tracing::error!(inflight = device.in_hand(), "storage does not answer: requests of the closed connection are still at the storage; the next connection waits for them");
+            behind = Some(device.clone());
+        } else if device.gated() {
+            // It was still waiting for an earlier connection: so does the next one.
             behind = Some(device.clone());
         }
         if shutdown.requested() {

@@ -116,7 +116,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
     };
     // Before the first thread starts, so that every thread inherits it (docs/security.md).
     if let Some(f) = thinblk_vhost::seccomp::process_filter(args.seccomp.mode()).map_err(Failure::Usage)? {
-        thinblk_vhost::seccomp::apply(&f).map_err(|e| Failure::Runtime(format!("seccomp: {e}")))?;
+        thinblk_vhost::seccomp::apply_keeping_privileges(&f).map_err(|e| Failure::Runtime(format!("seccomp: {e}")))?;
     }
     let hub = ParkHub::new(usize::from(args.num_queues)).map_err(|e| Failure::Runtime(e.to_string()))?;
     let faults = thinblk::fault::FaultState::new(fault_settings, hub.clone());

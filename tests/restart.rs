@@ -444,7 +444,18 @@ fn sigterm_ends_a_daemon_whose_queue_thread_is_stuck_in_storage() {
 /// still at the storage (the gate), so the newer data is what the disk keeps.
 #[test]
 fn a_reconnect_waits_for_writes_the_previous_connection_left_at_the_storage() {
-    let dir = TestDir::new("restart-gate");
+    reconnect_behind_a_stale_write("restart-gate", 0);
+}
+
+/// The same with one more connection in between, which ends while still gated (QEMU trying
+/// again): the third connection waits for the first one's write too.
+#[test]
+fn a_gate_is_handed_on_to_the_connection_after_a_gated_one() {
+    reconnect_behind_a_stale_write("restart-gate-twice", 1);
+}
+
+fn reconnect_behind_a_stale_write(name: &str, gated_in_between: usize) {
+    let dir = TestDir::new(name);
     let backing = dir.path("backing.raw");
     sparse_file(&backing, 64 * MIB);
     let mount = FaultMount::new(&backing, &dir.path("mnt"));
@@ -467,6 +478,13 @@ fn a_reconnect_waits_for_writes_the_previous_connection_left_at_the_storage() {
     let t = Instant::now();
     let mut f = f.reconnect(&sock);
     f.resume_tracked(&region, size);
+    for _ in 0..gated_in_between {
+        // This connection is held by the gate and goes again; the daemon must hand the
+        // gate on, not forget it because this one had nothing in hand.
+        std::thread::sleep(Duration::from_millis(200));
+        f = f.reconnect(&sock);
+        f.resume_tracked(&region, size);
+    }
     println!("reconnected after {:?}", t.elapsed());
     request(&mut f, 1, true); // 0x41 ...
     f.put(DATA + 64 + 8, &0u64.to_le_bytes()); // ... at sector 0 as well

@@ -3,7 +3,8 @@
 //! frontend or the daemon set.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -11,6 +12,7 @@ use crate::config::BlkGeometry;
 use crate::image::Disk;
 use crate::park::ParkHub;
 use crate::request::{Limits, ID_LEN};
+use crate::stats::QueueStats;
 
 /// Guest memory as we map it (no dirty-page log).
 pub type Mem = GuestMemoryMmap<()>;
@@ -49,23 +51,32 @@ pub struct Context {
     pub(crate) limits: StopLimits,
 }
 
-/// Holds a new connection's queues while requests of the previous connection, which its stop
+/// Holds a new connection's queues while requests of earlier connections, which their stops
 /// gave up on, are still at the storage: nothing is resubmitted or popped before they end, so
-/// a resubmitted or newer write never lands before a stale one. Open by default.
+/// a resubmitted or newer write never lands before a stale one. Open by default. It holds only
+/// the earlier devices' request counts (a `reap-stale` thread owns the devices).
 #[derive(Default)]
 pub struct Gate {
     closed: AtomicBool,
-    /// True once the previous connection's requests have all ended.
-    behind: std::sync::Mutex<Option<Box<dyn Fn() -> bool + Send + Sync>>>,
+    /// The request counts of the earlier connections' queues still to reach zero.
+    behind: std::sync::Mutex<Vec<Arc<InHand>>>,
 }
 
 impl Gate {
-    /// Closes the gate until `ended()` says the earlier requests have all ended.
-    pub fn close_until(&self, ended: Box<dyn Fn() -> bool + Send + Sync>) {
-        if let Ok(mut b) = self.behind.lock() {
-            *b = Some(ended);
-            self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    /// Closes the gate until every count in `behind` is zero.
+    pub fn close_until(&self, behind: Vec<Arc<InHand>>) {
+        let mut b = self.behind.lock().unwrap_or_else(|e| e.into_inner());
+        b.extend(behind);
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The counts still waited for (empty when open): a gated device hands them on to the
+    /// next connection's, so a gate never opens before an older one would have.
+    pub fn waiting_for(&self) -> Vec<Arc<InHand>> {
+        if self.open() {
+            return Vec::new();
         }
+        self.behind.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Whether requests may run (one atomic load while open).
@@ -73,11 +84,11 @@ impl Gate {
         if !self.closed.load(std::sync::atomic::Ordering::SeqCst) {
             return true;
         }
-        let Ok(mut b) = self.behind.lock() else { return false };
-        if b.as_ref().is_none_or(|ended| ended()) {
-            *b = None;
+        let mut b = self.behind.lock().unwrap_or_else(|e| e.into_inner());
+        b.retain(|c| c.get() > 0);
+        if b.is_empty() {
             self.closed.store(false, std::sync::atomic::Ordering::SeqCst);
-            tracing::info!("the previous connection's requests have ended: serving");
+            tracing::info!("the previous connections' requests have ended: serving");
             return true;
         }
         false
@@ -174,5 +185,89 @@ pub struct StopLimits {
 impl Default for StopLimits {
     fn default() -> StopLimits {
         StopLimits { parked_grace: PARKED_GRACE, limit: STOP_LIMIT }
+    }
+}
+
+/// The requests in a queue's hands (popped, not yet completed), shared between its worker and
+/// the stop paths. ("Inflight" elsewhere names the frontend's SHMFD region: `crate::inflight`.)
+#[derive(Default)]
+pub struct InHand {
+    count: Mutex<usize>,
+    idle: Condvar,
+    /// A stop gave up waiting for the requests in hand ([`InHand::fence`]): they are
+    /// released without a word to the guest when they end, and nothing new is taken until
+    /// the last of them has. Cleared when the count reaches zero.
+    stale: std::sync::atomic::AtomicBool,
+    /// Mirrors the count for the metrics thread (which takes no lock of the data path).
+    stats: Option<Arc<QueueStats>>,
+}
+
+impl InHand {
+    /// An empty count mirrored into `stats` (None: not kept).
+    pub(crate) fn with_stats(stats: Option<Arc<QueueStats>>) -> InHand {
+        InHand { stats, ..Default::default() }
+    }
+
+    pub(crate) fn add(&self) {
+        if let Ok(mut c) = self.count.lock() {
+            *c += 1;
+            if let Some(s) = &self.stats {
+                s.started();
+            }
+        }
+    }
+
+    pub(crate) fn done(&self) {
+        if let Ok(mut c) = self.count.lock() {
+            *c = c.saturating_sub(1);
+            if let Some(s) = &self.stats {
+                s.retired();
+            }
+            if *c == 0 {
+                self.stale.store(false, Ordering::SeqCst);
+                self.idle.notify_all();
+            }
+        }
+    }
+
+    /// Marks every request in hand stale (a stop answered without them): each is released
+    /// silently when its host IO ends (no status byte, no used element: the ring it came
+    /// from is stopped and may be reconfigured), and the queue takes nothing new, neither a
+    /// resubmission nor a chain, until the last has ended: a resubmitted or newer write never
+    /// overtakes one still at the storage. True if any was in hand.
+    pub fn fence(&self) -> bool {
+        let Ok(c) = self.count.lock() else { return false };
+        if *c > 0 {
+            self.stale.store(true, Ordering::SeqCst);
+        }
+        *c > 0
+    }
+
+    /// Whether the requests in hand are stale (see [`InHand::fence`]).
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::SeqCst)
+    }
+
+    /// Requests popped from the ring and not yet completed.
+    pub fn get(&self) -> usize {
+        self.count.lock().map(|c| *c).unwrap_or(0)
+    }
+
+    /// Waits up to `limit` for no request to be in flight; true if none is.
+    pub fn wait_idle_for(&self, queue: usize, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let Ok(mut c) = self.count.lock() else { return true };
+        while *c > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::warn!(queue, inflight = *c, "still waiting for in-flight IO");
+                return false;
+            }
+            match self.idle.wait_timeout(c, left) {
+                Ok((guard, _)) => c = guard,
+                Err(_) => return true,
+            }
+        }
+        true
     }
 }

@@ -163,10 +163,12 @@ impl BlkDevice {
     }
 
     /// Holds this device's queues until `previous` has no request in hand (its stop gave up
-    /// on requests still at the storage): see [`crate::context::Gate`].
+    /// on requests still at the storage), nor any connection `previous` itself waited for:
+    /// see [`crate::context::Gate`].
     pub fn serve_after(&self, previous: &BlkDevice) {
-        let prev = previous.clone();
-        self.inner.ctx.gate.close_until(Box::new(move || prev.in_hand() == 0));
+        let mut behind: Vec<_> = previous.inner.in_hand.clone();
+        behind.extend(previous.inner.ctx.gate.waiting_for());
+        self.inner.ctx.gate.close_until(behind);
     }
 
     /// Whether the queues wait for a previous connection's requests (queue threads then
@@ -338,8 +340,7 @@ impl BlkDevice {
                     w.fail_parked(&self.inner.ctx);
                 }
             }
-            if !c.wait_idle_for(q, end.saturating_duration_since(Instant::now())) {
-                c.fence();
+            if !c.wait_idle_for(q, end.saturating_duration_since(Instant::now())) && c.fence() {
                 tracing::error!(queue = q, inflight = c.get(),
                     "storage does not answer: the stop answers with requests still at the storage; they are fenced: never completed into the ring, resubmitted from the inflight region once they ended, and the queue takes nothing new before");
                 return;

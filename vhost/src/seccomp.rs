@@ -299,6 +299,29 @@ pub fn apply(filter: &QueueFilter) -> Result<(), String> {
     Ok(())
 }
 
+/// Applies `filter` to the calling thread (and the threads it spawns) without setting
+/// no_new_privs where the process may (CAP_SYS_ADMIN): the programs it runs (`lvchange`) then
+/// keep their set-id and security-module transitions (an SELinux domain change to lvm's
+/// domain needs `nnp_transition` under no_new_privs). Without the capability: as [`apply`].
+pub fn apply_keeping_privileges(filter: &QueueFilter) -> Result<(), String> {
+    for (i, f) in filter.programs.iter().enumerate() {
+        let len = u16::try_from(f.len()).map_err(|_| "seccomp program too long".to_string())?;
+        // seccompiler's sock_filter has the kernel's layout (code, jt, jf, k), as libc's has.
+        let prog = libc::sock_fprog { len, filter: f.as_ptr() as *mut libc::sock_filter };
+        // SAFETY: `prog` points at `len` instructions that live until the call returns (the
+        // kernel copies them); flags 0.
+        let r = unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &prog as *const libc::sock_fprog) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if i == 0 && e.raw_os_error() == Some(libc::EACCES) {
+                return apply(filter);
+            }
+            return Err(format!("installing a seccomp program: {e}"));
+        }
+    }
+    Ok(())
+}
+
 /// Installs a queue thread's filter. Under `--seccomp on` a failure is logged and the thread
 /// serves unfiltered; under `strict` it is an error: the thread must not serve (the caller
 /// stops the daemon, as a violation would).
@@ -435,5 +458,23 @@ mod tests {
         .expect("thread");
         assert!(ran);
         assert!(process_filter(SeccompMode::Off).ok().flatten().is_none());
+    }
+
+    #[test]
+    fn the_process_filter_keeps_privileges_where_it_may() {
+        let filter = process_filter(SeccompMode::On).ok().flatten().expect("a filter");
+        let nnp = std::thread::spawn(move || {
+            apply_keeping_privileges(&filter).expect("apply");
+            // SAFETY: reads a flag of this thread.
+            let nnp = unsafe { libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) };
+            // SAFETY: unshare changes nothing when refused.
+            let unshare = unsafe { libc::unshare(libc::CLONE_NEWUSER) };
+            (nnp, unshare)
+        })
+        .join()
+        .expect("thread");
+        // SAFETY: reads whether this process may install filters without no_new_privs.
+        let admin = unsafe { libc::prctl(libc::PR_CAPBSET_READ, 21 /* CAP_SYS_ADMIN */, 0, 0, 0) } == 1 && unsafe { libc::geteuid() } == 0;
+        assert_eq!(nnp, (if admin { 0 } else { 1 }, -1), "(no_new_privs, unshare)");
     }
 }

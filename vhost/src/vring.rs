@@ -78,6 +78,22 @@ impl VringState {
         self.kick.as_deref()
     }
 
+    /// Puts a completed chain on the used ring (and, with inflight tracking, records the
+    /// publication around it so a crash in between is recoverable), under the lock the
+    /// caller holds.
+    pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), VringError> {
+        let mem = self.mem.memory();
+        if let Some(i) = self.tracking.as_mut() {
+            i.pre_put(head);
+        }
+        self.queue.add_used(&*mem, head, len)?;
+        let used = self.queue.next_used();
+        if let Some(i) = self.tracking.as_mut() {
+            i.post_put(head, used);
+        }
+        Ok(())
+    }
+
     /// Records that `head` was taken from the ring (inflight tracking, if any).
     pub fn mark_taken(&mut self, head: u16) {
         if let Some(i) = self.tracking.as_mut() {
@@ -148,17 +164,7 @@ impl Vring {
     /// Puts a completed chain on the used ring (and, with inflight tracking, records the
     /// publication around it so a crash in between is recoverable).
     pub fn add_used(&self, head: u16, len: u32) -> Result<(), VringError> {
-        let mut s = self.lock();
-        let mem = s.mem.memory();
-        if let Some(i) = s.tracking.as_mut() {
-            i.pre_put(head);
-        }
-        s.queue.add_used(&*mem, head, len)?;
-        let used = s.queue.next_used();
-        if let Some(i) = s.tracking.as_mut() {
-            i.post_put(head, used);
-        }
-        Ok(())
+        self.lock().add_used(head, len)
     }
 
     /// Attaches inflight tracking and applies its recovery: the ring's next available index
@@ -383,9 +389,11 @@ fn set_nonblocking(f: &File) -> io::Result<()> {
 /// the flag and may clear it, so no path depends on it (see the module documentation).
 ///
 /// Without `/proc` (a sandbox may have none): an eventfd is an anonymous inode that takes an
-/// 8-byte write of 0 (which changes nothing and never waits); no other kind of anonymous
-/// inode (signalfd, timerfd, epoll, io_uring, inotify, userfaultfd) accepts such a write, and
-/// pipes and sockets, which would, are not anonymous inodes.
+/// 8-byte write of 0 (which changes nothing and never waits). The other anonymous inodes a
+/// process usually has (signalfd, timerfd, epoll, io_uring, inotify, userfaultfd) refuse such
+/// a write, and pipes and sockets, which would take it, are not anonymous inodes. A few device
+/// descriptors (vfio, IIO buffers) would pass: the frontend owns those, and we only ever read
+/// and signal what it gave us, so it gains nothing by it.
 pub fn accept_eventfd(f: &File) -> io::Result<()> {
     const ANON_INODE_FS_MAGIC: i64 = 0x0904_1934;
     let not = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("not an eventfd: {what}"));

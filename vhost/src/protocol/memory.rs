@@ -190,6 +190,10 @@ fn map(r: &Region, file: File) -> Result<Arc<GuestRegionMmap<()>>, ProtocolError
     let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
     let sealed = seals >= 0 && seals & libc::F_SEAL_SHRINK != 0;
     let page = page_size_of(&file).map_err(ProtocolError::Host)?;
+    if page > 4096 && (r.mmap_offset % page as u64 != 0 || r.size % page as u64 != 0) {
+        // hugetlbfs maps and the guard replaces whole huge pages only.
+        return Err(bad("offset or size not a multiple of the file's huge page size"));
+    }
     let mapping = MmapRegion::<()>::from_file(FileOffset::new(file, r.mmap_offset), size)
         .map_err(|e| ProtocolError::Map(e.to_string()))?;
     let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or(bad("guest range overflows"))?;
@@ -326,6 +330,10 @@ mod tests {
         let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         f.set_len(2 * HUGE).expect("size the hugetlbfs file");
         assert_eq!(page_size_of(&f).expect("page size"), HUGE as usize);
+        // Regions of a hugetlbfs file are whole huge pages.
+        let mut t = MemoryTable::default();
+        assert!(t.set(&[region(0, HUGE / 2, 0)], vec![f.try_clone().expect("clone")]).is_err());
+        assert!(t.set(&[region(0, HUGE, 4096)], vec![f.try_clone().expect("clone")]).is_err());
         let keep = f.try_clone().expect("clone");
         let mut t = MemoryTable::default();
         let mem = t.set(&[region(0, 2 * HUGE, 0)], vec![f]).expect("mapped");

@@ -60,6 +60,10 @@ impl QueueThread {
         let poke = EventFd::new(EFD_NONBLOCK)?;
         add(poke.as_raw_fd(), POKE)?;
         let poked = poke.try_clone()?;
+        // The thread keeps a descriptor of the exit eventfd of its own: a thread left behind
+        // by a stop (see `stop`) must still find the exit event when its storage call returns
+        // (closing the last descriptor would take it out of the epoll set).
+        let exited = exit.try_clone()?;
         if let Some(fd) = device.completion_fd(q) {
             add(fd, COMPLETION)?;
         }
@@ -72,6 +76,7 @@ impl QueueThread {
         let signal = EndSignal(ended.clone());
         let handle = std::thread::Builder::new().name(format!("queue{q}")).spawn(move || {
             let _signal = signal;
+            let _exited = exited;
             if let Some(f) = filter {
                 if let Err(e) = crate::seccomp::install_or_refuse(&f) {
                     // Never fail open: the daemon stops, as a violation under strict would
@@ -103,13 +108,17 @@ impl QueueThread {
         let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
     }
 
-    /// Stops the thread and waits for it, at most `limit`: a thread inside a storage call
-    /// that does not return is left behind (logged; it ends when the call returns, and its
-    /// requests were fenced by the caller, so it writes nothing into guest memory). False if
-    /// it was left.
-    pub fn stop(mut self, limit: std::time::Duration) -> bool {
+    /// Tells the thread to end (it ends at its next event loop pass).
+    pub fn signal_exit(&self) {
         let _ = self.exit.write(1);
-        let deadline = std::time::Instant::now() + limit;
+    }
+
+    /// Stops the thread and waits for it until `deadline` at most: a thread inside a storage
+    /// call that does not return is left behind (logged; it ends when the call returns, and
+    /// its requests were fenced by the caller, so it writes nothing into guest memory). False
+    /// if it was left.
+    pub fn stop(mut self, deadline: std::time::Instant) -> bool {
+        self.signal_exit();
         let (flag, cv) = &*self.ended;
         let mut ended = flag.lock().unwrap_or_else(|e| e.into_inner());
         while !*ended {
@@ -136,10 +145,19 @@ impl QueueThread {
 fn run(device: &BlkDevice, q: usize, vring: &Vring, epoll: &Epoll, poke: &EventFd) {
     let mut events = [EpollEvent::default(); 8];
     let mut errors = 0u64;
+    let mut was_gated = false;
     loop {
         // While an earlier connection's requests are still at the storage, the rings are
-        // looked at periodically: the gate opens without an event of ours.
+        // looked at periodically: the gate opens without an event of ours. Whoever sees it
+        // open first, the ring is looked at once after it opened (what waits behind it may
+        // never be kicked again).
         let gated = device.gated();
+        if was_gated && !gated {
+            if let Err(e) = device.on_kick(q, vring) {
+                tracing::debug!(queue = q, error = %e, "looking at the ring failed");
+            }
+        }
+        was_gated = gated;
         let n = match epoll.wait(if gated { GATED_POLL_MS } else { -1 }, &mut events) {
             Ok(0) if gated => {
                 if let Err(e) = device.on_kick(q, vring) {

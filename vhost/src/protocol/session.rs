@@ -465,10 +465,13 @@ impl Session {
         {
             let mem = self.mem.memory();
             let mut s = v.lock();
-            // (is_valid checks a ready queue only: mark it so, and undo if invalid.)
+            // (is_valid checks a ready queue only: mark it so for the check; it is marked
+            // ready for good only once inflight tracking is attached, so that no pop can run
+            // untracked or ahead of the resubmissions.)
             s.get_queue_mut().set_ready(true);
-            if !s.get_queue().is_valid(&*mem) {
-                s.get_queue_mut().set_ready(false);
+            let valid = s.get_queue().is_valid(&*mem);
+            s.get_queue_mut().set_ready(false);
+            if !valid {
                 drop(s);
                 v.set_kick(None);
                 return Err(ProtocolError::Ring("ring size or addresses invalid for the memory table".into()));
@@ -489,6 +492,7 @@ impl Session {
                 }
             }
         }
+        v.lock().get_queue_mut().set_ready(true);
         self.sync_kick(q)
     }
 
@@ -555,9 +559,13 @@ impl Drop for Session {
             v.set_queue_ready(false);
         }
         self.device.fence();
-        let limit = self.device.stop_limits().limit;
+        // One deadline for all: every thread is told first, then each is waited for.
+        let deadline = std::time::Instant::now() + self.device.stop_limits().limit;
+        for t in &self.threads {
+            t.signal_exit();
+        }
         for t in self.threads.drain(..) {
-            t.stop(limit);
+            t.stop(deadline);
         }
         // The rings no longer run: drop our references to the memory before the table.
         self.install(Mem::new());

@@ -20,7 +20,8 @@ impl Worker {
         }
         match errno {
             None => ctx.park.on_success(),
-            Some(e) if publish => match self.fate(ctx, &p.req, &Outcome::HostIo(e)) {
+            // A fenced request is never parked again: it ends, so the fence can clear.
+            Some(e) if publish && !self.in_hand.is_stale() => match self.fate(ctx, &p.req, &Outcome::HostIo(e)) {
                 Fate::Park(cause) => {
                     self.park(ctx, p, cause);
                     return;
@@ -77,10 +78,14 @@ impl Worker {
         if let (Some(s), Some(t)) = (&self.stats, rec.started) {
             s.record(rec.op, t, rec.bytes, error_class(outcome));
         }
+        // The fence is read under the ring lock, which GET_VRING_BASE takes after fencing:
+        // a completion either is published before the stop answers, or sees the fence.
+        let mut ring = vring.lock();
         if self.in_hand.is_stale() {
             // A stop answered without this request: its ring may be another ring now.
             // Nothing of it reaches guest memory; the frontend resubmits it (inflight
             // region) once every stale request has ended.
+            drop(ring);
             tracing::debug!(queue = self.queue, head, "a request the stop gave up on ended: released without a completion");
             self.release(head);
             return;
@@ -91,7 +96,9 @@ impl Worker {
                 used = data_len.saturating_add(1);
             }
         }
-        if let Err(e) = vring.add_used(head, used) {
+        let published = ring.add_used(head, used);
+        drop(ring);
+        if let Err(e) = published {
             tracing::error!(queue = self.queue, error = ?e, "could not add to the used ring");
         }
         // A completion the guest can see: a later FLUSH may have to cover it.

@@ -23,7 +23,7 @@ use iov::{advance_iovecs, aligned_for, copy_to_guest, host_iovecs, needs_bounce,
 
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use virtio_queue::QueueT;
@@ -39,90 +39,12 @@ use crate::stats::{QueueStats, StatOp};
 use crate::engine::{Engine, HostOp};
 use crate::uring::Ring;
 
-pub use crate::context::{AtomicMem, Mem};
+pub use crate::context::{AtomicMem, InHand, Mem};
 pub use crate::vring::Vring;
 
 /// Size of the zero buffer used when a host cannot zero a range itself.
 const ZERO_CHUNK: usize = 1 << 20;
 
-/// The requests in a queue's hands (popped, not yet completed), shared between its worker and
-/// the stop paths. ("Inflight" elsewhere names the frontend's SHMFD region: `crate::inflight`.)
-#[derive(Default)]
-pub struct InHand {
-    count: Mutex<usize>,
-    idle: Condvar,
-    /// A stop gave up waiting for the requests in hand ([`InHand::fence`]): they are
-    /// released without a word to the guest when they end, and nothing new is taken until
-    /// the last of them has. Cleared when the count reaches zero.
-    stale: std::sync::atomic::AtomicBool,
-    /// Mirrors the count for the metrics thread (which takes no lock of the data path).
-    stats: Option<Arc<QueueStats>>,
-}
-
-impl InHand {
-    fn add(&self) {
-        if let Ok(mut c) = self.count.lock() {
-            *c += 1;
-            if let Some(s) = &self.stats {
-                s.started();
-            }
-        }
-    }
-
-    fn done(&self) {
-        if let Ok(mut c) = self.count.lock() {
-            *c = c.saturating_sub(1);
-            if let Some(s) = &self.stats {
-                s.retired();
-            }
-            if *c == 0 {
-                self.stale.store(false, Ordering::SeqCst);
-                self.idle.notify_all();
-            }
-        }
-    }
-
-    /// Marks every request in hand stale (a stop answered without them): each is released
-    /// silently when its host IO ends (no status byte, no used element: the ring it came
-    /// from is stopped and may be reconfigured), and the queue takes nothing new, neither a
-    /// resubmission nor a chain, until the last has ended: a resubmitted or newer write never
-    /// overtakes one still at the storage. True if any was in hand.
-    pub fn fence(&self) -> bool {
-        let Ok(c) = self.count.lock() else { return false };
-        if *c > 0 {
-            self.stale.store(true, Ordering::SeqCst);
-        }
-        *c > 0
-    }
-
-    /// Whether the requests in hand are stale (see [`InHand::fence`]).
-    pub fn is_stale(&self) -> bool {
-        self.stale.load(Ordering::SeqCst)
-    }
-
-    /// Requests popped from the ring and not yet completed.
-    pub fn get(&self) -> usize {
-        self.count.lock().map(|c| *c).unwrap_or(0)
-    }
-
-    /// Waits up to `limit` for no request to be in flight; true if none is.
-    pub fn wait_idle_for(&self, queue: usize, limit: std::time::Duration) -> bool {
-        let deadline = std::time::Instant::now() + limit;
-        let Ok(mut c) = self.count.lock() else { return true };
-        while *c > 0 {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                tracing::warn!(queue, inflight = *c, "still waiting for in-flight IO");
-                return false;
-            }
-            match self.idle.wait_timeout(c, left) {
-                Ok((guard, _)) => c = guard,
-                Err(_) => return true,
-            }
-        }
-        true
-    }
-}
 
 /// A request between submission and completion.
 struct Pending {
@@ -310,7 +232,7 @@ impl Worker {
             ring,
             pending: Slab::new(),
             ops: Slab::new(),
-            in_hand: Arc::new(InHand { stats: stats.clone(), ..Default::default() }),
+            in_hand: Arc::new(InHand::with_stats(stats.clone())),
             vring: None,
             zero: None,
             needs_signal: false,

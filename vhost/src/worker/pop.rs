@@ -9,6 +9,13 @@ impl Worker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
+        if self.in_hand.is_stale() {
+            // Requests a stop gave up on that hold no host IO (parked, waiting for a bounce
+            // chunk) end here, uncompleted (the inflight region keeps them), so the fence
+            // clears as soon as the storage answers what is at it.
+            self.drop_parked(ctx);
+            self.drop_starved();
+        }
         let event_idx = ctx.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
@@ -102,13 +109,14 @@ impl Worker {
         if self.throttled() {
             return None;
         }
+        let mut state = vring.lock();
+        // Read under the ring lock (see `finish_sync`).
         if self.in_hand.is_stale() || !gate.open() {
             // Requests a stop gave up on (this connection's or the previous one's) are still
             // at the storage: nothing new runs before they end (their completion pops).
             self.held_back = true;
             return None;
         }
-        let mut state = vring.lock();
         if !state.get_queue().ready() || !state.is_enabled() || stopping {
             return None;
         }

@@ -40,13 +40,7 @@ impl Worker {
         }
         if !publish {
             self.drop_parked(ctx);
-            let n = self.starved.len();
-            if n > 0 {
-                tracing::warn!(queue = self.queue, requests = n, "IO waiting for a bounce buffer dropped uncompleted (never acknowledged to the guest)");
-                for r in std::mem::take(&mut self.starved) {
-                    self.release(r.head);
-                }
-            }
+            self.drop_starved();
         }
         if publish {
             if let Some(v) = self.vring.clone() {
@@ -158,6 +152,17 @@ impl Worker {
         }
         if done {
             self.complete(ctx, slot, publish);
+        }
+    }
+
+    /// Drops the requests waiting for a bounce chunk, uncompleted (they hold no host IO).
+    pub(super) fn drop_starved(&mut self) {
+        let n = self.starved.len();
+        if n > 0 {
+            tracing::warn!(queue = self.queue, requests = n, "IO waiting for a bounce buffer dropped uncompleted (never acknowledged to the guest)");
+            for r in std::mem::take(&mut self.starved) {
+                self.release(r.head);
+            }
         }
     }
 }
