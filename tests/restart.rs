@@ -331,56 +331,90 @@ fn a_resubmission_completes_whatever_the_memory_layout() {
 /// stop answers within its limit; the stale write is fenced (its late completion writes
 /// nothing into the ring); the resubmission and the newer write wait until it has ended; the
 /// newer write's data is what the disk keeps, and each request completes exactly once.
+/// A daemon on hung storage with one write (0x40 at sector 0, head 0) at it, tracked by an
+/// inflight region. Fields drop in order: the faults clear, the daemon goes, then the mount.
+struct StaleWrite {
+    _unhang: Unhang,
+    daemon: Option<Daemon>,
+    mount: FaultMount,
+    metrics: String,
+    sock: std::path::PathBuf,
+    backing: std::path::PathBuf,
+    region: std::fs::File,
+    size: u64,
+    _dir: TestDir,
+}
+
+impl StaleWrite {
+    fn start(name: &str) -> (StaleWrite, Frontend) {
+        let dir = TestDir::new(name);
+        let backing = dir.path("backing.raw");
+        sparse_file(&backing, 64 * MIB);
+        let mount = FaultMount::new(&backing, &dir.path("mnt"));
+        let disk = mount.disk();
+        let sock = dir.path("sock");
+        let metrics = format!("unix:{}", dir.path("metrics.sock").display());
+        let args = ["--image", disk.to_str().unwrap_or_default(), "--format", "raw", "--num-queues", "1",
+            "--stop-grace", "200", "--stop-limit", "1000", "--metrics", &metrics];
+        let daemon = Daemon::start(&sock, &args);
+        let unhang = Unhang(mount.faults.clone());
+        let mut f = Frontend::connect(&sock);
+        let (region, size) = f.start_tracked();
+        mount.faults.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+        request(&mut f, 0, true);
+        f.submit(0);
+        let rig = StaleWrite { _unhang: unhang, daemon: Some(daemon), mount, metrics, sock, backing, region, size, _dir: dir };
+        wait_for("the write at the hung storage", Duration::from_secs(10), || rig.inflight() == 1.0);
+        (rig, f)
+    }
+
+    /// Requests in the daemon's hands.
+    fn inflight(&self) -> f64 {
+        common::metrics::scrape(&self.metrics).sum("thinblk_inflight_requests", &[])
+    }
+
+    /// Publishes the newer write (0x41 at sector 0, head 3) and checks that nothing new
+    /// starts while the stale write is at the storage; then the storage answers, and the
+    /// resubmitted write and the newer one each complete once, the newer data kept.
+    fn newer_write_waits(mut self, mut f: Frontend) {
+        request(&mut f, 1, true);
+        f.put(DATA + 64 + 8, &0u64.to_le_bytes()); // sector 0 as well
+        f.submit(3);
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(self.inflight(), 1.0, "a resubmitted or newer write was started while the stale one is at the storage");
+        assert_eq!(f.ram.u16_at(USED + 2), 0, "a used element while the storage hangs");
+        self.mount.faults.clear();
+        wait_for("the resubmitted and the newer write", Duration::from_secs(10), || f.ram.u16_at(USED + 2) == 2);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(f.ram.u16_at(USED + 2), 2, "a request completed twice");
+        let mut heads: Vec<u32> = (0..2).map(|i| f.used(i).0).collect();
+        heads.sort_unstable();
+        assert_eq!(heads, vec![0, 3]);
+        for n in 0..2u64 {
+            assert_eq!(f.ram.bytes()[(DATA + 64 * n + 16) as usize], 0, "request {n} failed");
+        }
+        drop(f);
+        if let Some(d) = self.daemon.take() {
+            stop_clean(d);
+        }
+        let data = std::fs::read(&self.backing).expect("backing");
+        assert!(data[..4096].iter().all(|&b| b == 0x41), "the stale write landed after the newer one");
+    }
+}
+
 #[test]
 fn a_stop_gives_up_on_hung_storage_and_no_write_overtakes_the_stale_one() {
-    let dir = TestDir::new("restart-stop-hung");
-    let backing = dir.path("backing.raw");
-    sparse_file(&backing, 64 * MIB);
-    let mount = FaultMount::new(&backing, &dir.path("mnt"));
-    let disk = mount.disk();
-    let sock = dir.path("sock");
-    let metrics = format!("unix:{}", dir.path("metrics.sock").display());
-    let args = ["--image", disk.to_str().unwrap_or_default(), "--format", "raw", "--num-queues", "1",
-        "--stop-grace", "200", "--stop-limit", "1000", "--metrics", &metrics];
-    let d = Daemon::start(&sock, &args);
-    let _unhang = Unhang(mount.faults.clone());
-    let inflight = || common::metrics::scrape(&metrics).sum("thinblk_inflight_requests", &[]);
-    let mut f = Frontend::connect(&sock);
-    let (region, size) = f.start_tracked();
-    mount.faults.hang.store(true, std::sync::atomic::Ordering::SeqCst);
-    request(&mut f, 0, true); // 0x40 at sector 0
-    f.submit(0);
-    wait_for("the write at the hung storage", Duration::from_secs(10), || inflight() == 1.0);
+    let (rig, mut f) = StaleWrite::start("restart-stop-hung");
     let t = Instant::now();
     f.send(code::GET_VRING_BASE, V1, &Frontend::vring_state(0, 0), &[]).expect("GET_VRING_BASE");
     let (_, b) = f.reply().expect("GET_VRING_BASE answered");
     let took = t.elapsed();
     assert!(took < Duration::from_secs(5), "the stop took {took:?} (grace 0.2 s + limit 1 s)");
     assert_eq!(u32::from_le_bytes([b[4], b[5], b[6], b[7]]), 1, "base");
-    // The frontend starts the ring again (as QEMU does on `cont`) with the region, and the
-    // guest writes the same sector anew.
-    assert_eq!(f.set_inflight(&region, size).expect("SET_INFLIGHT_FD"), 0);
+    // The frontend starts the ring again (as QEMU does on `cont`) with the region.
+    assert_eq!(f.set_inflight(&rig.region, rig.size).expect("SET_INFLIGHT_FD"), 0);
     f.restart_queue();
-    request(&mut f, 1, true); // 0x41 ...
-    f.put(DATA + 64 + 8, &0u64.to_le_bytes()); // ... at sector 0 as well
-    f.submit(3);
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(inflight(), 1.0, "a resubmitted or newer write was started while the stale one is at the storage");
-    assert_eq!(f.ram.u16_at(USED + 2), 0, "a used element while the storage hangs");
-    mount.faults.clear();
-    wait_for("both writes", Duration::from_secs(10), || f.ram.u16_at(USED + 2) == 2);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(f.ram.u16_at(USED + 2), 2, "a request completed twice");
-    let mut heads: Vec<u32> = (0..2).map(|i| f.used(i).0).collect();
-    heads.sort_unstable();
-    assert_eq!(heads, vec![0, 3]);
-    for n in 0..2u64 {
-        assert_eq!(f.ram.bytes()[(DATA + 64 * n + 16) as usize], 0, "request {n} failed");
-    }
-    drop(f);
-    stop_clean(d);
-    let data = std::fs::read(&backing).expect("backing");
-    assert!(data[..4096].iter().all(|&b| b == 0x41), "the stale write landed after the newer one");
+    rig.newer_write_waits(f);
 }
 
 /// A queue thread inside a metadata write-back that hung storage never answers (a FLUSH of a
@@ -455,54 +489,19 @@ fn a_gate_is_handed_on_to_the_connection_after_a_gated_one() {
 }
 
 fn reconnect_behind_a_stale_write(name: &str, gated_in_between: usize) {
-    let dir = TestDir::new(name);
-    let backing = dir.path("backing.raw");
-    sparse_file(&backing, 64 * MIB);
-    let mount = FaultMount::new(&backing, &dir.path("mnt"));
-    let disk = mount.disk();
-    let sock = dir.path("sock");
-    let metrics = format!("unix:{}", dir.path("metrics.sock").display());
-    let args = ["--image", disk.to_str().unwrap_or_default(), "--format", "raw", "--num-queues", "1",
-        "--stop-grace", "200", "--stop-limit", "1000", "--metrics", &metrics];
-    let d = Daemon::start(&sock, &args);
-    let _unhang = Unhang(mount.faults.clone());
-    let inflight = || common::metrics::scrape(&metrics).sum("thinblk_inflight_requests", &[]);
-    let mut f = Frontend::connect(&sock);
-    let (region, size) = f.start_tracked();
-    mount.faults.hang.store(true, std::sync::atomic::Ordering::SeqCst);
-    request(&mut f, 0, true); // 0x40 at sector 0
-    f.submit(0);
-    wait_for("the write at the hung storage", Duration::from_secs(10), || inflight() == 1.0);
+    let (rig, f) = StaleWrite::start(name);
     // The frontend goes and comes back (the daemon gives up on the old connection's queue
     // within its limits and accepts the new one).
     let t = Instant::now();
-    let mut f = f.reconnect(&sock);
-    f.resume_tracked(&region, size);
+    let mut f = f.reconnect(&rig.sock);
+    f.resume_tracked(&rig.region, rig.size);
     for _ in 0..gated_in_between {
         // This connection is held by the gate and goes again; the daemon must hand the
         // gate on, not forget it because this one had nothing in hand.
         std::thread::sleep(Duration::from_millis(200));
-        f = f.reconnect(&sock);
-        f.resume_tracked(&region, size);
+        f = f.reconnect(&rig.sock);
+        f.resume_tracked(&rig.region, rig.size);
     }
     println!("reconnected after {:?}", t.elapsed());
-    request(&mut f, 1, true); // 0x41 ...
-    f.put(DATA + 64 + 8, &0u64.to_le_bytes()); // ... at sector 0 as well
-    f.submit(3);
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(inflight(), 1.0, "the new connection started requests while the old write is at the storage");
-    mount.faults.clear();
-    wait_for("the resubmitted and the newer write", Duration::from_secs(10), || f.ram.u16_at(USED + 2) == 2);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(f.ram.u16_at(USED + 2), 2, "a request completed twice");
-    let mut heads: Vec<u32> = (0..2).map(|i| f.used(i).0).collect();
-    heads.sort_unstable();
-    assert_eq!(heads, vec![0, 3]);
-    for n in 0..2u64 {
-        assert_eq!(f.ram.bytes()[(DATA + 64 * n + 16) as usize], 0, "request {n} failed");
-    }
-    drop(f);
-    stop_clean(d);
-    let data = std::fs::read(&backing).expect("backing");
-    assert!(data[..4096].iter().all(|&b| b == 0x41), "the stale write landed after the newer one");
+    rig.newer_write_waits(f);
 }
