@@ -60,14 +60,20 @@ fn a_sigterm_with_parked_io_hands_it_to_the_next_daemon() {
     restart_with_parked_writes("restart-term", true);
 }
 
-fn restart_with_parked_writes(name: &str, graceful: bool) {
-    let dir = TestDir::new(name);
+/// A 64 MiB raw image served through the fault-injection FUSE mount in `dir`: the mount, the
+/// backing file, the socket path and a metrics endpoint for the daemon.
+fn fuse_raw(dir: &TestDir) -> (FaultMount, std::path::PathBuf, std::path::PathBuf, String) {
     let backing = dir.path("backing.raw");
     sparse_file(&backing, 64 * MIB);
     let mount = FaultMount::new(&backing, &dir.path("mnt"));
-    let disk = mount.disk();
-    let sock = dir.path("sock");
     let metrics = format!("unix:{}", dir.path("metrics.sock").display());
+    (mount, backing, dir.path("sock"), metrics)
+}
+
+fn restart_with_parked_writes(name: &str, graceful: bool) {
+    let dir = TestDir::new(name);
+    let (mount, _backing, sock, metrics) = fuse_raw(&dir);
+    let disk = mount.disk();
     let args = ["--image", disk.to_str().unwrap_or_default(), "--format", "raw", "--num-queues", "1",
         "--werror", "retry", "--retry-interval", "60000", "--metrics", &metrics];
     let mut d = Daemon::start(&sock, &args);
@@ -348,12 +354,8 @@ struct StaleWrite {
 impl StaleWrite {
     fn start(name: &str) -> (StaleWrite, Frontend) {
         let dir = TestDir::new(name);
-        let backing = dir.path("backing.raw");
-        sparse_file(&backing, 64 * MIB);
-        let mount = FaultMount::new(&backing, &dir.path("mnt"));
+        let (mount, backing, sock, metrics) = fuse_raw(&dir);
         let disk = mount.disk();
-        let sock = dir.path("sock");
-        let metrics = format!("unix:{}", dir.path("metrics.sock").display());
         let args = ["--image", disk.to_str().unwrap_or_default(), "--format", "raw", "--num-queues", "1",
             "--stop-grace", "200", "--stop-limit", "1000", "--metrics", &metrics];
         let daemon = Daemon::start(&sock, &args);

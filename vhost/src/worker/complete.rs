@@ -75,9 +75,6 @@ impl Worker {
         data_len: u32,
         rec: Rec,
     ) {
-        if let (Some(s), Some(t)) = (&self.stats, rec.started) {
-            s.record(rec.op, t, rec.bytes, error_class(outcome));
-        }
         // The fence is read under the ring lock, which GET_VRING_BASE takes after fencing:
         // a completion either is published before the stop answers, or sees the fence.
         let mut ring = vring.lock();
@@ -98,6 +95,10 @@ impl Worker {
         }
         let published = ring.add_used(head, used);
         drop(ring);
+        // Counted once the guest can see it (a fenced request is not a completion).
+        if let (Some(s), Some(t)) = (&self.stats, rec.started) {
+            s.record(rec.op, t, rec.bytes, error_class(outcome));
+        }
         if let Err(e) = published {
             tracing::error!(queue = self.queue, error = ?e, "could not add to the used ring");
         }

@@ -179,21 +179,21 @@ impl Worker {
         let mem = memory()?;
         let chain = state.get_queue_mut().pop_descriptor_chain(mem.clone())?;
         let head = chain.head_index();
-        if head >= size {
-            // No descriptor has this index: there is no chain to answer and no used entry
-            // could name it. Left in the ring, as a republished head is.
+        // No descriptor has an index past the ring (no chain to answer, no used entry could
+        // name it), and a head in hand cannot be taken twice (no completion could be right
+        // for it): either is left in the ring and breaks it.
+        let wrong = if head >= size {
+            Some(Misbehaviour::HeadOutOfRange { head, size })
+        } else if self.budget.holds(head) {
+            Some(Misbehaviour::HeadInHand(head))
+        } else {
+            None
+        };
+        if let Some(what) = wrong {
             let queue = state.get_queue_mut();
             queue.set_next_avail(queue.next_avail().wrapping_sub(1));
             self.held_back = true;
-            self.ring_broken(&mut state, Misbehaviour::HeadOutOfRange { head, size });
-            return None;
-        }
-        if self.budget.holds(head) {
-            // The same head twice: left in the ring (no completion could be right for it).
-            let queue = state.get_queue_mut();
-            queue.set_next_avail(queue.next_avail().wrapping_sub(1));
-            self.held_back = true;
-            self.ring_broken(&mut state, Misbehaviour::HeadInHand(head));
+            self.ring_broken(&mut state, what);
             return None;
         }
         state.mark_taken(head);
