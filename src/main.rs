@@ -179,6 +179,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         park: Some(hub),
         stats,
         seccomp: thinblk_vhost::seccomp::queue_filter(args.seccomp.mode()).map_err(Failure::Usage)?,
+        ownership: None,
         stop: thinblk_vhost::device::StopLimits {
             parked_grace: std::time::Duration::from_millis(args.stop_grace),
             limit: std::time::Duration::from_millis(args.stop_limit),

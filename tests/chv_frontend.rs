@@ -444,7 +444,9 @@ impl Chv {
     /// `setup_vhost_user` without saved bases: every ring starts at its available index.
     fn activate(&mut self, g: &Guest, queues: &[Vq]) {
         assert_eq!(queues.len(), self.num_queues);
-        self.vu.set_features(self.acked_features & self.backend_features).expect("SET_FEATURES");
+        // The guest never acks LOG_ALL: cloud-hypervisor sets it only while it logs dirty
+        // pages for a migration (`start_dirty_log`).
+        self.vu.set_features(self.acked_features & self.backend_features & !VhostUserVirtioFeatures::LOG_ALL.bits()).expect("SET_FEATURES");
         self.vu.set_mem_table(&g.regions()).expect("SET_MEM_TABLE");
         for q in queues {
             self.vu.set_vring_num(usize::from(q.index), QUEUE_SIZE).expect("SET_VRING_NUM");
@@ -550,18 +552,21 @@ fn cloud_hypervisor_two_queues_negotiate_serve_and_survive_a_device_reset() {
     let want = bits(&[
         BLK_F_SIZE_MAX, BLK_F_SEG_MAX, BLK_F_BLK_SIZE, BLK_F_FLUSH, BLK_F_TOPOLOGY, BLK_F_CONFIG_WCE, BLK_F_MQ,
         BLK_F_DISCARD, BLK_F_WRITE_ZEROES, F_INDIRECT_DESC, F_EVENT_IDX, F_VERSION_1,
-    ]) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    ]) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | VhostUserVirtioFeatures::LOG_ALL.bits();
     assert_eq!(chv.acked_features, want, "negotiated virtio features");
-    // What cloud-hypervisor asks for and we do not offer: LOG_SHMFD (dirty logging for live
-    // migration), DEVICE_STATE (state transfer for snapshots); nor LOG_ALL, IN_ORDER,
-    // NOTIFICATION_DATA, ORDER_PLATFORM, GEOMETRY, RO (a writable image) among the virtio bits.
+    // What cloud-hypervisor asks for and we do not offer: DEVICE_STATE (state transfer for
+    // snapshots); nor IN_ORDER, NOTIFICATION_DATA, ORDER_PLATFORM, GEOMETRY, RO (a writable
+    // image) among the virtio bits. LOG_ALL and LOG_SHMFD (dirty logging for live migration)
+    // are offered since issue 21.
     assert_eq!(
         chv.acked_protocol,
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD,
         "negotiated protocol features"
     );
     let c = chv.config.clone();

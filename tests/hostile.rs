@@ -407,6 +407,60 @@ const PROTOCOL: &[Case] = &[
         }
         closed(&f)
     }),
+    ("dirty logging: bad logs, log addresses and moved rings", |s| {
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        let log = memfd(4096);
+        let base = |size: u64, offset: u64| [size.to_le_bytes(), offset.to_le_bytes()].concat();
+        nacked(&f, code::SET_LOG_BASE, &base(64, 0), &[])?;
+        nacked(&f, code::SET_LOG_BASE, &base(0, 0), &[log.as_raw_fd()])?;
+        nacked(&f, code::SET_LOG_BASE, &base(4096, 4096), &[log.as_raw_fd()])?;
+        nacked(&f, code::SET_LOG_BASE, &base(64, 1), &[log.as_raw_fd()])?;
+        // A used ring logged somewhere else than where it is.
+        let mut addr = f.addr_body(0, DESC, USED, AVAIL);
+        addr[4..8].copy_from_slice(&1u32.to_le_bytes());
+        addr[32..40].copy_from_slice(&(USED + 0x1000).to_le_bytes());
+        nacked(&f, code::SET_VRING_ADDR, &addr, &[])?;
+        f.start_queue();
+        // A started ring may turn its log flag on (same addresses), not move.
+        addr[32..40].copy_from_slice(&USED.to_le_bytes());
+        if f.ack(code::SET_VRING_ADDR, &addr, &[]).map_err(|e| e.to_string())? != 0 {
+            return Err("the log flag on a started ring was refused".into());
+        }
+        nacked(&f, code::SET_VRING_ADDR, &f.addr_body(0, DESC, USED + 0x100, AVAIL), &[])?;
+        read_chain(&mut f);
+        completes(&mut f, 0)?;
+        no_stray(&f)
+    }),
+    ("dirty logging marks the pages the daemon wrote", |s| {
+        let mut f = Frontend::connect(s);
+        f.negotiate();
+        let log = memfd(4096);
+        let bits = (RAM / 4096 / 8) as usize;
+        let body = [(bits as u64).to_le_bytes(), 0u64.to_le_bytes()].concat();
+        // With LOG_SHMFD the frontend waits for a reply (a u64) before it goes on.
+        f.send(code::SET_LOG_BASE, 1, &body, &[log.as_raw_fd()]).map_err(|e| e.to_string())?;
+        let (code_back, _) = f.reply().map_err(|e| format!("no SET_LOG_BASE reply: {e}"))?;
+        if code_back != code::SET_LOG_BASE {
+            return Err(format!("reply to SET_LOG_BASE carries request {code_back}"));
+        }
+        let feats = f.get_u64(code::GET_FEATURES).map_err(|e| e.to_string())? & !(1 << 29);
+        if f.ack(code::SET_FEATURES, &feats.to_le_bytes(), &[]).map_err(|e| e.to_string())? != 0 {
+            return Err("SET_FEATURES with VHOST_F_LOG_ALL refused".into());
+        }
+        f.start_queue();
+        read_chain(&mut f);
+        completes(&mut f, 0)?;
+        let mut map = vec![0u8; bits];
+        std::os::unix::fs::FileExt::read_exact_at(&log, &mut map, 0).map_err(|e| e.to_string())?;
+        let marked: Vec<u64> = (0..RAM / 4096).filter(|p| map[(p / 8) as usize] & (1 << (p % 8)) != 0).collect();
+        // The used ring, the data buffer and the status byte: nothing else.
+        let want = vec![USED / 4096, (DATA + 0x1000) / 4096, (DATA + 0x3000) / 4096];
+        if marked != want {
+            return Err(format!("pages marked {marked:x?}, want {want:x?}"));
+        }
+        no_stray(&f)
+    }),
 ];
 
 const RINGS: &[Case] = &[

@@ -14,8 +14,9 @@ use crate::park::ParkHub;
 use crate::request::{Limits, ID_LEN};
 use crate::stats::QueueStats;
 
-/// Guest memory as we map it (no dirty-page log).
-pub type Mem = GuestMemoryMmap<()>;
+/// Guest memory as we map it: every region logs the writes made through it into the
+/// session's dirty log ([`crate::guest_write`]).
+pub type Mem = GuestMemoryMmap<crate::guest_write::LogBitmap>;
 /// The shared, swappable guest memory handle.
 pub type AtomicMem = GuestMemoryAtomic<Mem>;
 

@@ -18,7 +18,7 @@ use crate::context::{AtomicMem, Context};
 use crate::worker::{InHand, Worker};
 
 /// Settings of one device instance.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DeviceConfig {
     /// Number of request queues (one worker thread and ring each).
     pub num_queues: u16,
@@ -40,11 +40,14 @@ pub struct DeviceConfig {
     pub seccomp: Option<Arc<crate::seccomp::QueueFilter>>,
     /// How long stops wait.
     pub stop: StopLimits,
+    /// Takes and hands over the image around live migration (None: always active).
+    pub ownership: Option<Arc<dyn crate::ownership::Ownership>>,
 }
 
 
 struct Inner {
     ctx: Context,
+    ownership: Arc<dyn crate::ownership::Ownership>,
     seccomp: Option<Arc<crate::seccomp::QueueFilter>>,
     workers: Vec<Mutex<Worker>>,
     in_hand: Vec<Arc<InHand>>,
@@ -105,7 +108,8 @@ impl BlkDevice {
             gate: crate::context::Gate::default(),
             limits: cfg.stop,
         };
-        Ok(BlkDevice { inner: Arc::new(Inner { ctx, seccomp: cfg.seccomp.clone(), workers, in_hand }) })
+        let ownership = cfg.ownership.clone().unwrap_or_else(|| Arc::new(crate::ownership::AlwaysActive));
+        Ok(BlkDevice { inner: Arc::new(Inner { ctx, ownership, seccomp: cfg.seccomp.clone(), workers, in_hand }) })
     }
 
     /// The device's fixed properties.
@@ -257,9 +261,14 @@ impl BlkDevice {
         self.inner.ctx.geometry.queue_size
     }
 
-    /// The virtio feature bits offered.
+    /// The virtio feature bits offered (the device's, and dirty logging for migration).
     pub fn features(&self) -> u64 {
-        self.inner.ctx.geometry.features()
+        self.inner.ctx.geometry.features() | crate::protocol::message::F_LOG_ALL
+    }
+
+    /// Who may write the image (see [`crate::ownership`]).
+    pub fn ownership(&self) -> &Arc<dyn crate::ownership::Ownership> {
+        &self.inner.ownership
     }
 
     /// Records whether VIRTIO_RING_F_EVENT_IDX was negotiated.

@@ -195,6 +195,18 @@ pub enum ProtocolError {
     /// A message not allowed in the current state.
     #[error("{0}")]
     State(&'static str),
+    /// A used ring whose log address is not where the ring is: the log would miss its writes.
+    #[error("used ring at guest address {used:#x} but its log address is {log:#x}")]
+    LogAddress {
+        /// The used ring's guest-physical address (translated from the frontend's).
+        used: u64,
+        /// The log address the frontend gave.
+        log: u64,
+    },
+    /// The image could not be taken over before a ring started (another process still
+    /// holds it, or its metadata cannot be read).
+    #[error("cannot take over the image: {0}")]
+    Activate(String),
     /// The frontend shrank a file backing guest memory while it was mapped.
     #[error("guest memory vanished under us (a backing file was truncated)")]
     MemoryFault,

@@ -87,6 +87,7 @@ fn check(d: &Decoded<'_>, body: &[u8]) {
             assert_eq!(body.len(), 24);
             assert_eq!(body[..20], i.bytes()[..20]);
         }
+        Decoded::SetLogBase(l) => assert_eq!(body, l.bytes()),
     }
 }
 

@@ -26,25 +26,33 @@ use crate::error::ProtocolError;
 use crate::protocol::message::Region;
 use crate::context::Mem;
 use crate::guard::{page_size_of, register, unregister};
+use crate::guest_write::{DirtyLog, LogBitmap};
 
 /// One mapped region and where the frontend sees it.
 struct Mapped {
     /// The frontend's description.
     desc: Region,
     /// Our mapping (shared with memory snapshots).
-    region: Arc<GuestRegionMmap<()>>,
+    region: Arc<GuestRegionMmap<LogBitmap>>,
 }
 
 /// The regions of one session.
 #[derive(Default)]
 pub struct MemoryTable {
     regions: Vec<Mapped>,
+    /// The session's dirty log, which every region mapped here logs into.
+    log: Arc<DirtyLog>,
     /// Regions removed from the table but possibly still in a worker's memory snapshot: they
     /// stay registered with the SIGBUS guard until we hold the last reference.
-    retired: Vec<Arc<GuestRegionMmap<()>>>,
+    retired: Vec<Arc<GuestRegionMmap<LogBitmap>>>,
 }
 
 impl MemoryTable {
+    /// An empty table whose regions will log into `log`.
+    pub fn new(log: Arc<DirtyLog>) -> MemoryTable {
+        MemoryTable { regions: Vec::new(), log, retired: Vec::new() }
+    }
+
     /// Number of regions mapped.
     pub fn len(&self) -> usize {
         self.regions.len()
@@ -62,7 +70,7 @@ impl MemoryTable {
         }
         let mut mapped = Vec::with_capacity(regions.len());
         for (r, f) in regions.iter().zip(files) {
-            match map(r, f) {
+            match map(r, f, &self.log) {
                 Ok(region) => mapped.push(Mapped { desc: *r, region }),
                 Err(e) => return Err(self.refuse(mapped, e)),
             }
@@ -83,7 +91,7 @@ impl MemoryTable {
         if self.regions.len() >= max {
             return Err(ProtocolError::RegionCount(self.regions.len() + 1));
         }
-        let region = map(r, file)?;
+        let region = map(r, file, &self.log)?;
         let mut next: Vec<Mapped> =
             self.regions.iter().map(|m| Mapped { desc: m.desc, region: m.region.clone() }).collect();
         next.push(Mapped { desc: *r, region: region.clone() });
@@ -142,10 +150,10 @@ impl MemoryTable {
 
 /// Regions of ended sessions still referenced by a memory snapshot somewhere: kept
 /// registered with the guard until the last reference is ours.
-static ORPHANS: std::sync::Mutex<Vec<Arc<GuestRegionMmap<()>>>> = std::sync::Mutex::new(Vec::new());
+static ORPHANS: std::sync::Mutex<Vec<Arc<GuestRegionMmap<LogBitmap>>>> = std::sync::Mutex::new(Vec::new());
 
 /// False (after unregistering it) when `r` is held by nobody but us.
-fn still_held(r: &Arc<GuestRegionMmap<()>>) -> bool {
+fn still_held(r: &Arc<GuestRegionMmap<LogBitmap>>) -> bool {
     if Arc::strong_count(r) > 1 {
         return true;
     }
@@ -165,7 +173,7 @@ impl Drop for MemoryTable {
 }
 
 /// Checks a region against its file and maps it.
-fn map(r: &Region, file: File) -> Result<Arc<GuestRegionMmap<()>>, ProtocolError> {
+fn map(r: &Region, file: File, log: &Arc<DirtyLog>) -> Result<Arc<GuestRegionMmap<LogBitmap>>, ProtocolError> {
     let bad = |why: &'static str| ProtocolError::BadRegion { guest_addr: r.guest_addr, why };
     if r.size == 0 {
         return Err(bad("size 0"));
@@ -194,9 +202,11 @@ fn map(r: &Region, file: File) -> Result<Arc<GuestRegionMmap<()>>, ProtocolError
         // hugetlbfs maps and the guard replaces whole huge pages only.
         return Err(bad("offset or size not a multiple of the file's huge page size"));
     }
-    let mapping = MmapRegion::<()>::from_file(FileOffset::new(file, r.mmap_offset), size)
+    let mapping = MmapRegion::<LogBitmap>::from_file(FileOffset::new(file, r.mmap_offset), size)
         .map_err(|e| ProtocolError::Map(e.to_string()))?;
     let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or(bad("guest range overflows"))?;
+    // Every write vm-memory makes into this region now marks the log (crate::guest_write).
+    region.bitmap().bind(r.guest_addr, log.clone());
     let start = region.as_ptr() as usize;
     if !register(start, start + size, page) {
         return Err(bad("too many regions mapped"));

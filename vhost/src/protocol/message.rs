@@ -24,14 +24,19 @@ pub const FLAG_NEED_REPLY: u32 = 0x8;
 
 /// Payload bit of SET_VRING_KICK/CALL/ERR: no file descriptor is attached.
 pub const VRING_NOFD: u64 = 0x100;
-/// SET_VRING_ADDR flag: log writes to the used ring (only with VHOST_F_LOG_ALL, not offered).
+/// SET_VRING_ADDR flag: log writes to the used ring at the given log address (dirty logging).
 pub const VRING_ADDR_F_LOG: u32 = 0x1;
+
+/// Virtio feature bit 26 (`VHOST_F_LOG_ALL`): log every write into guest memory (migration).
+pub const F_LOG_ALL: u64 = 1 << 26;
 
 /// Virtio feature bit 30: vhost-user protocol features are supported.
 pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
 /// Protocol feature: several queues (GET_QUEUE_NUM).
 pub const PF_MQ: u64 = 1 << 0;
+/// Protocol feature: the dirty log is shared memory passed with SET_LOG_BASE.
+pub const PF_LOG_SHMFD: u64 = 1 << 1;
 /// Protocol feature: acknowledgements on request.
 pub const PF_REPLY_ACK: u64 = 1 << 3;
 /// Protocol feature: device config space access.
@@ -211,7 +216,7 @@ pub struct VringAddr {
     pub used: u64,
     /// Available ring.
     pub avail: u64,
-    /// Log address (unused: no logging offered).
+    /// Guest-physical address of the used ring in the dirty log (with [`VRING_ADDR_F_LOG`]).
     pub log: u64,
 }
 
@@ -227,6 +232,31 @@ impl VringAddr {
             avail: le64(body, 24),
             log: le64(body, 32),
         })
+    }
+}
+
+/// The body of SET_LOG_BASE: where the dirty log lies in the file passed with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogBase {
+    /// Bytes of the log to map (one bit per 4 KiB page of guest-physical memory).
+    pub size: u64,
+    /// Offset of the log in its file.
+    pub offset: u64,
+}
+
+impl LogBase {
+    /// Decodes the 16-byte body.
+    pub fn parse(request: u32, body: &[u8]) -> Result<LogBase, ProtocolError> {
+        expect_len(request, body, 16)?;
+        Ok(LogBase { size: le64(body, 0), offset: le64(body, 8) })
+    }
+
+    /// The body's bytes.
+    pub fn bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.size.to_le_bytes());
+        b[8..].copy_from_slice(&self.offset.to_le_bytes());
+        b
     }
 }
 
@@ -392,6 +422,8 @@ pub enum Decoded<'a> {
     GetInflightFd(InflightInfo),
     /// SET_INFLIGHT_FD.
     SetInflightFd(InflightInfo),
+    /// SET_LOG_BASE.
+    SetLogBase(LogBase),
 }
 
 /// Decodes the body of `request` by the rules of its message; a request we do not serve is
@@ -425,6 +457,7 @@ pub fn decode(request: u32, body: &[u8]) -> Result<Decoded<'_>, ProtocolError> {
         }
         code::GET_INFLIGHT_FD => Decoded::GetInflightFd(InflightInfo::parse(body)?),
         code::SET_INFLIGHT_FD => Decoded::SetInflightFd(InflightInfo::parse(body)?),
+        code::SET_LOG_BASE => Decoded::SetLogBase(LogBase::parse(request, body)?),
         other => return Err(ProtocolError::Unsupported(name(other), other)),
     })
 }
@@ -490,7 +523,10 @@ mod tests {
         cfg[CONFIG_HEADER_LEN] = 9;
         assert!(matches!(decode(code::SET_CONFIG, &cfg), Ok(Decoded::SetConfig(_, [9, 0]))));
         assert!(matches!(decode(code::GET_INFLIGHT_FD, &[0; 24]), Ok(Decoded::GetInflightFd(_))));
-        assert!(matches!(decode(code::SET_LOG_BASE, &[0; 8]), Err(ProtocolError::Unsupported("SET_LOG_BASE", 6))));
+        assert!(matches!(decode(code::SET_LOG_BASE, &[0; 8]), Err(ProtocolError::BodySize { .. })));
+        assert_eq!(decode(code::SET_LOG_BASE, &LogBase { size: 4096, offset: 8 }.bytes()).ok(),
+            Some(Decoded::SetLogBase(LogBase { size: 4096, offset: 8 })));
+        assert!(matches!(decode(code::SET_LOG_FD, &[0; 8]), Err(ProtocolError::Unsupported("SET_LOG_FD", 7))));
         assert!(matches!(decode(99, &[]), Err(ProtocolError::Unsupported("unknown", 99))));
     }
 }

@@ -24,10 +24,15 @@ use crate::protocol::queue_thread::QueueThread;
 use crate::protocol::wire::{read_message, send_reply, Message};
 use crate::vring::{accept_eventfd, Vring};
 use crate::context::{AtomicMem, Mem};
+use crate::guest_write::DirtyLog;
 
-/// The protocol features we offer: several queues, acknowledgements, the config space,
-/// inflight tracking, memory slots.
-pub const OFFERED_PROTOCOL: u64 = PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_INFLIGHT_SHMFD | PF_CONFIGURE_MEM_SLOTS;
+/// The protocol features we offer: several queues, a shared dirty log (live migration),
+/// acknowledgements, the config space, inflight tracking, memory slots.
+pub const OFFERED_PROTOCOL: u64 = PF_MQ | PF_LOG_SHMFD | PF_REPLY_ACK | PF_CONFIG | PF_INFLIGHT_SHMFD | PF_CONFIGURE_MEM_SLOTS;
+
+/// How long a ring start waits for the previous owner of the image (the source of a live
+/// migration, which lets go before it answers its last GET_VRING_BASE) to drop its lock.
+pub const ACTIVATE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a handled message answers.
 enum Reply {
@@ -66,6 +71,8 @@ pub struct Session {
     region: Option<Arc<InflightRegion>>,
     /// Guest-memory faults counted before this session began.
     faults_at_start: u64,
+    /// The dirty log every mapped region writes into (live migration).
+    log: Arc<DirtyLog>,
 }
 
 impl Session {
@@ -84,11 +91,13 @@ impl Session {
             threads.push(QueueThread::spawn(device.clone(), q, v.clone()).map_err(ProtocolError::Host)?);
         }
         crate::guard::guard_session(Some(sock.as_raw_fd()));
+        let log = DirtyLog::new();
         Ok(Session {
             device,
             sock,
             mem,
-            table: MemoryTable::default(),
+            table: MemoryTable::new(log.clone()),
+            log,
             vrings,
             threads,
             registered: vec![None; n],
@@ -216,7 +225,13 @@ impl Session {
                 if f & !offered != 0 {
                     return Err(ProtocolError::NotOffered { what: "features", bits: f & !offered });
                 }
+                if f & F_LOG_ALL != 0 && self.acked_protocol & PF_LOG_SHMFD == 0 {
+                    // The log would be an address in the frontend's process: we cannot log.
+                    return Err(ProtocolError::NotNegotiated("VHOST_F_LOG_ALL (LOG_SHMFD)"));
+                }
                 self.acked_features = f;
+                // QEMU sets it when a migration starts and clears it when one ends, rings running.
+                self.log.set_enabled(f & F_LOG_ALL != 0);
                 let event_idx = f & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
                 for v in &self.vrings {
                     v.lock().get_queue_mut().set_event_idx(event_idx);
@@ -307,14 +322,30 @@ impl Session {
             Decoded::SetVringAddr(a) => {
                 Self::no_files(&msg)?;
                 let v = self.vring(a.index)?.clone();
-                if a.flags != 0 {
+                if a.flags & !VRING_ADDR_F_LOG != 0 {
                     return Err(ProtocolError::Flags(a.flags));
-                }
-                if v.lock().get_queue().ready() {
-                    return Err(ProtocolError::State("SET_VRING_ADDR on a started ring"));
                 }
                 let tr = |x: u64| self.table.to_guest(x).ok_or(ProtocolError::Unmapped(x));
                 let (desc, avail, used) = (tr(a.desc)?, tr(a.avail)?, tr(a.used)?);
+                // The used ring is logged where it is (crate::guest_write): a log address
+                // elsewhere would leave the destination with a stale ring. QEMU gives the
+                // ring's own guest address.
+                if a.flags & VRING_ADDR_F_LOG != 0 && a.log != used {
+                    return Err(ProtocolError::LogAddress { used, log: a.log });
+                }
+                {
+                    let s = v.lock();
+                    let q = s.get_queue();
+                    if q.ready() {
+                        // A migration turns the log flag on and off while the ring runs: the
+                        // same addresses are fine, new ones are not.
+                        // tests/hostile.rs case "SET_VRING_ADDR moving a started ring".
+                        if (q.desc_table(), q.avail_ring(), q.used_ring()) != (desc, avail, used) {
+                            return Err(ProtocolError::State("SET_VRING_ADDR moving a started ring"));
+                        }
+                        return Ok(Reply::Done);
+                    }
+                }
                 v.set_queue_info(desc, avail, used).map_err(|e| ProtocolError::Ring(e.to_string()))?;
                 let mem = self.mem.memory();
                 let mut s = v.lock();
@@ -346,6 +377,12 @@ impl Session {
                 let base = v.lock().get_queue().next_avail();
                 v.set_kick(None);
                 v.set_call(None).map_err(ProtocolError::Notifier)?;
+                if self.log.enabled() && !self.vrings.iter().any(|v| v.lock().get_queue().ready()) {
+                    // The switch-over of a live migration: the last ring stopped while the
+                    // frontend logs dirty pages. The image is handed over before the answer,
+                    // so the destination can take it as soon as its rings start.
+                    self.hand_over();
+                }
                 Ok(Reply::Body(VringState { index: s.index, num: u32::from(base) }.bytes().to_vec()))
             }
             Decoded::SetVringKick(VringFd { index, nofd })
@@ -436,6 +473,37 @@ impl Session {
                 self.device.set_inflight_tracked();
                 Ok(Reply::Done)
             }
+            Decoded::SetLogBase(base) => {
+                self.need_protocol(PF_LOG_SHMFD, h.request)?;
+                if msg.files.len() != 1 {
+                    return Err(ProtocolError::FdCount { want: 1, got: msg.files.len() });
+                }
+                let Some(file) = msg.files.pop() else { return Err(ProtocolError::FdCount { want: 1, got: 0 }) };
+                self.log.set_base(base, file)?;
+                // With LOG_SHMFD the frontend waits for this reply (a u64, as libvhost-user).
+                Ok(Reply::Body(0u64.to_le_bytes().to_vec()))
+            }
+        }
+    }
+
+    /// Hands the image over at a migration's switch-over (see [`crate::ownership`]): only
+    /// once no request is in hand. A stop that gave up on storage leaves requests that may
+    /// still change the metadata: the image then stays ours, and the destination cannot take
+    /// it (logged; docs/operating.md).
+    fn hand_over(&self) {
+        let own = self.device.ownership();
+        if !own.is_active() {
+            return;
+        }
+        let left = self.device.in_hand();
+        if left > 0 {
+            tracing::error!(requests = left, "migration switch-over with requests still at the storage: the image is NOT handed over (the destination cannot take it)");
+            return;
+        }
+        let t = std::time::Instant::now();
+        match own.inactivate() {
+            Ok(()) => tracing::info!(ms = t.elapsed().as_millis() as u64, "migration switch-over: the image was handed over (inactive)"),
+            Err(e) => tracing::error!(error = %e, "migration switch-over: handing the image over failed; it stays active here"),
         }
     }
 
@@ -476,6 +544,17 @@ impl Session {
                 v.set_kick(None);
                 return Err(ProtocolError::Ring("ring size or addresses invalid for the memory table".into()));
             }
+        }
+        if !self.device.ownership().is_active() {
+            // The destination after a switch-over (or a source whose migration failed): the
+            // image is taken before any request can be popped.
+            let t = std::time::Instant::now();
+            if let Err(e) = self.device.ownership().activate(ACTIVATE_WAIT) {
+                v.set_kick(None);
+                tracing::error!(queue = q, error = %e, "a ring starts but the image cannot be taken over: the ring stays stopped");
+                return Err(ProtocolError::Activate(e));
+            }
+            tracing::info!(queue = q, ms = t.elapsed().as_millis() as u64, "ring start: the image was taken over (active)");
         }
         if let Some(iq) = self.region.as_ref().and_then(|r| r.queue(q)) {
             match v.start_tracking(iq) {

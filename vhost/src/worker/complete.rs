@@ -52,9 +52,10 @@ impl Worker {
         let data = if p.req.kind == RequestType::Read && errno.is_none() { p.req.data_len as u32 } else { 0 };
         let vring = if publish { self.vring.clone() } else { None };
         let rec = Rec::of(&p.req, p.clock);
+        let mut filled = filled(&p.req);
         for (head, status) in std::iter::once((p.head, p.status)).chain(p.joined.iter().copied()) {
             match &vring {
-                Some(v) => self.finish_sync(v, &p.mem, head, Some(status), &outcome, data, rec),
+                Some(v) => self.finish_sync(v, &p.mem, head, Some(status), std::mem::take(&mut filled), &outcome, data, rec),
                 None => {
                     self.flush_batch = None;
                     self.release(head);
@@ -64,6 +65,9 @@ impl Worker {
     }
 
     /// Writes the status byte, returns the chain to the guest and counts the request.
+    /// `filled`: the request's device-writable buffers that were handed out as raw pointers
+    /// (a read's data, see [`filled`]); they are marked in the dirty log before the used
+    /// element is published (`crate::guest_write`).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn finish_sync(
         &mut self,
@@ -71,6 +75,7 @@ impl Worker {
         mem: &Arc<Mem>,
         head: u16,
         status: Option<GuestAddress>,
+        filled: &[Segment],
         outcome: &Outcome,
         data_len: u32,
         rec: Rec,
@@ -87,6 +92,9 @@ impl Worker {
             self.release(head);
             return;
         }
+        // Whatever the outcome: a failed read may have filled part of its buffers. (Writes
+        // through `mem` below, the status byte and the used ring, mark the log themselves.)
+        mark_filled(mem, filled);
         let mut used = 0;
         if let Some(addr) = status {
             if mem.write_obj(virtio_status(outcome), addr).is_ok() {
@@ -118,5 +126,16 @@ impl Worker {
                 tracing::debug!(queue = self.queue, error = %e, "could not signal the guest");
             }
         }
+    }
+}
+
+/// The buffers of `req` the device may have filled through raw pointers (io_uring reads,
+/// inline copies): a read's data segments; nothing for other requests (GET_ID is copied
+/// through guest memory's own writes, which mark the log themselves).
+pub(super) fn filled(req: &Request) -> &[Segment] {
+    if req.kind == RequestType::Read {
+        &req.segments
+    } else {
+        &[]
     }
 }

@@ -19,7 +19,8 @@ impl Worker {
     pub(super) fn submit_failed(&mut self, ctx: &Context, mem: &Arc<Mem>, head: u16, status: GuestAddress, slot: Option<usize>, outcome: Outcome, rec: Rec) {
         let Some(slot) = slot else {
             if let Some(v) = self.vring.clone() {
-                self.finish_sync(&v, mem, head, Some(status), &outcome, 0, rec);
+                // Nothing was submitted (no slot): no buffer was filled.
+                self.finish_sync(&v, mem, head, Some(status), &[], &outcome, 0, rec);
             }
             return;
         };
@@ -44,13 +45,13 @@ impl Worker {
             Fate::Ignore => {
                 self.release_tickets(ctx, &mut p);
                 if let Some(v) = self.vring.clone() {
-                    self.finish_sync(&v, mem, head, Some(status), &Outcome::Ok, 0, rec);
+                    self.finish_sync(&v, mem, head, Some(status), super::complete::filled(&p.req), &Outcome::Ok, 0, rec);
                 }
             }
             Fate::Report => {
                 self.release_tickets(ctx, &mut p);
                 if let Some(v) = self.vring.clone() {
-                    self.finish_sync(&v, mem, head, Some(status), &outcome, 0, rec);
+                    self.finish_sync(&v, mem, head, Some(status), super::complete::filled(&p.req), &outcome, 0, rec);
                 }
             }
         }

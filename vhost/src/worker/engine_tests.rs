@@ -73,12 +73,25 @@ const USED: u64 = 0x3000;
 
 impl Rig {
     fn new(name: &str, op_cap: usize) -> Rig {
+        Rig::build(name, op_cap, None)
+    }
+
+    /// A rig whose guest memory logs into `log` (off until the test turns it on).
+    fn logged(name: &str, log: &Arc<crate::guest_write::DirtyLog>) -> Rig {
+        Rig::build(name, 64, Some(log.clone()))
+    }
+
+    fn build(name: &str, op_cap: usize, log: Option<Arc<crate::guest_write::DirtyLog>>) -> Rig {
         let dir = std::env::temp_dir().join(format!("thinblk-worker-{name}-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let path = dir.join("disk");
         std::fs::File::create(&path).and_then(|f| f.set_len(1 << 20)).expect("image");
         let image: Arc<dyn Disk> = Arc::new(RawImage::open(&path, false, false).expect("raw image"));
-        let mem = Arc::new(Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory"));
+        let region = vm_memory::GuestRegionMmap::<crate::guest_write::LogBitmap>::from_range(GuestAddress(0), 1 << 20, None).expect("region");
+        if let Some(log) = log {
+            region.bitmap().bind(0, log);
+        }
+        let mem = Arc::new(Mem::from_arc_regions(vec![Arc::new(region)]).expect("memory"));
         let atomic = AtomicMem::new((*mem).clone());
         let park = ParkHub::new(1).expect("hub");
         let ctx = Context::for_test(image, atomic.clone(), park);
@@ -119,6 +132,24 @@ impl Rig {
         self.mem.write_slice(&head.to_le_bytes(), GuestAddress(slot)).expect("avail ring");
         self.avail += 1;
         self.mem.write_slice(&self.avail.to_le_bytes(), GuestAddress(AVAIL + 2)).expect("avail idx");
+        status
+    }
+
+    /// Publishes chain `n` of type `rtype` (header, one data buffer of `len` bytes at `data`,
+    /// device-writable if `to_guest`, status byte). Returns the status byte's address.
+    fn request(&mut self, n: u16, rtype: u32, data: u64, len: u32, to_guest: bool) -> u64 {
+        let hdr = 0x8000 + 32 * u64::from(n);
+        let status = hdr + 16;
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&rtype.to_le_bytes());
+        h[8..16].copy_from_slice(&(u64::from(n) * 8).to_le_bytes());
+        self.mem.write_slice(&h, GuestAddress(hdr)).expect("header");
+        self.mem.write_slice(&[0xff], GuestAddress(status)).expect("status");
+        let head = 3 * n;
+        self.desc(head, hdr, 16, 1, head + 1);
+        self.desc(head + 1, data, len, 1 | if to_guest { 2 } else { 0 }, head + 2);
+        self.desc(head + 2, status, 1, 2, 0);
+        self.publish(head);
         status
     }
 
@@ -436,7 +467,7 @@ fn a_resubmission_is_built_even_where_guest_memory_reaches_high() {
     r.desc(5, 0x8000, 16, 0, 0);
     // The frontend may place a region anywhere, also where an earlier version put the private
     // avail page of a resubmission (1 << 62): the chain is still built, above every region.
-    let high = GuestRegionMmap::<()>::from_range(GuestAddress(1 << 62), 4096, None).expect("high region");
+    let high = GuestRegionMmap::<crate::guest_write::LogBitmap>::from_range(GuestAddress(1 << 62), 4096, None).expect("high region");
     let mem = Arc::new(r.mem.insert_region(Arc::new(high)).expect("insert"));
     let state = r.vring.lock();
     let (chain, aug) = super::pop::chain_at(state.get_queue(), &mem, 5).expect("a chain for head 5");
@@ -465,4 +496,60 @@ fn a_fenced_request_ends_silently_and_holds_the_queue_until_it_has() {
     assert_eq!(r.pushed(), 1, "the waiting chain was taken once the fenced request had ended");
     r.answer(1, op_len);
     assert_eq!((r.used(), r.byte(newer)), (1, 0));
+}
+
+/// Gives `log` a fresh, clean 32-byte bitmap (the rig's 1 MiB of guest memory).
+fn fresh_log(log: &crate::guest_write::DirtyLog) {
+    // SAFETY: a NUL-terminated name; the new fd is owned by the File below.
+    let fd = unsafe { libc::memfd_create(c"thinblk-test-log".as_ptr(), 0) };
+    assert!(fd >= 0);
+    // SAFETY: we own the new fd.
+    let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    f.set_len(4096).expect("size the log");
+    log.set_base(crate::protocol::message::LogBase { size: 32, offset: 0 }, f).expect("map the log");
+}
+
+#[test]
+fn every_guest_memory_write_marks_exactly_its_pages() {
+    use crate::guest_write::{DirtyLog, LOG_PAGE};
+    let log = DirtyLog::new();
+    let marked = |log: &DirtyLog| -> Vec<u64> { (0..256u64).filter(|p| log.is_marked(p * LOG_PAGE)).collect() };
+    let mut r = Rig::logged("dirty-log", &log);
+    let used_page = USED / LOG_PAGE;
+    // (what the guest asks, where the status byte and data lie, the pages it must dirty)
+    // 1. a read the kernel fills through raw pointers (io_uring): its buffer, the status
+    //    byte's page (0x8000) and the used ring's.
+    // 2. a read into an unaligned buffer, staged through a bounce chunk and copied in: the
+    //    two pages the buffer straddles.
+    // 3. GET_ID: the 20 bytes of serial.
+    // 4. a write: the guest's buffer is only read; the status byte and the used ring only.
+    let cases: [(u32, u64, u32, bool, Vec<u64>); 4] = [
+        (0, 0x20000, 4096, true, vec![used_page, 8, 0x20]),
+        (0, 0x30800, 4096, true, vec![used_page, 8, 0x30, 0x31]),
+        (8, 0x40ff0, 20, true, vec![used_page, 8, 0x40, 0x41]),
+        (1, 0x50000, 4096, false, vec![used_page, 8]),
+    ];
+    for (n, (rtype, data, len, to_guest, want)) in cases.into_iter().enumerate() {
+        let status = r.request(n as u16, rtype, data, len, to_guest);
+        // Set-up writes are the test's own: the log starts clean for each request.
+        fresh_log(&log);
+        log.set_enabled(true);
+        r.kick();
+        while r.pushed() > 0 {
+            r.answer(1, op_len);
+        }
+        log.set_enabled(false);
+        assert_eq!(r.used(), n as u16 + 1, "request {n} completed");
+        assert_eq!(r.byte(status), 0, "request {n} succeeded");
+        assert_eq!(marked(&log), want, "request {n} (type {rtype}) marked exactly its pages");
+    }
+    // With logging off nothing is marked.
+    fresh_log(&log);
+    r.request(4, 0, 0x60000, 4096, true);
+    r.kick();
+    while r.pushed() > 0 {
+        r.answer(1, op_len);
+    }
+    assert_eq!(r.used(), 5);
+    assert!(marked(&log).is_empty());
 }

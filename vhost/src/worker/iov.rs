@@ -33,18 +33,6 @@ pub(super) fn stage_next(p: &Pending, st: &mut Staged) -> io::Result<()> {
     Ok(())
 }
 
-/// Translates guest segments into host iovecs (a segment may span memory regions).
-pub(super) fn host_iovecs(mem: &Mem, segments: &[Segment]) -> io::Result<Vec<libc::iovec>> {
-    let mut out = Vec::with_capacity(segments.len());
-    for s in segments {
-        for slice in mem.get_slices(s.addr, s.len as usize) {
-            let slice = slice.map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
-            out.push(libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr().cast(), iov_len: slice.len() });
-        }
-    }
-    Ok(out)
-}
-
 /// The iovecs covering bytes `[off, off + len)` of the concatenation of `iovs`.
 pub(super) fn sub_iovecs(iovs: &[libc::iovec], off: u64, len: u64) -> Vec<libc::iovec> {
     let mut out = Vec::new();

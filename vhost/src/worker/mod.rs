@@ -19,7 +19,8 @@ mod submit;
 
 use budget::{Budget, Misbehaviour};
 use dispose::Fate;
-use iov::{advance_iovecs, aligned_for, copy_to_guest, host_iovecs, needs_bounce, stage_next, sub_iovecs};
+use iov::{advance_iovecs, aligned_for, copy_to_guest, needs_bounce, stage_next, sub_iovecs};
+use crate::guest_write::{host_iovecs, mark_filled};
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -27,7 +28,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::bounce::{copy_range_from_guest, copy_range_to_guest, AlignedBuf, BouncePool, Staged, CHUNK, POOL_CHUNKS};
 use crate::context::Context;
@@ -296,7 +297,7 @@ enum OpResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+    use vm_memory::GuestMemoryAtomic;
 
 
 
@@ -331,10 +332,10 @@ mod tests {
         let mut w = Worker::new(0, 8, &[std::os::fd::AsRawFd::as_raw_fd(&file)], None).expect("worker (needs io_uring)");
         // Region 0 holds the rings, descriptors and header; region 1, which the frontend adds
         // just before publishing the chain, holds the data buffer.
-        let r0 = Arc::new(GuestRegionMmap::<()>::from_range(GuestAddress(0), 0x10000, None).expect("region 0"));
-        let r1 = Arc::new(GuestRegionMmap::<()>::from_range(GuestAddress(0x10_0000), 0x10000, None).expect("region 1"));
-        let old = Arc::new(GuestMemoryMmap::from_arc_regions(vec![r0.clone()]).expect("old table"));
-        let new = Arc::new(GuestMemoryMmap::from_arc_regions(vec![r0.clone(), r1]).expect("new table"));
+        let r0 = Arc::new(GuestRegionMmap::<crate::guest_write::LogBitmap>::from_range(GuestAddress(0), 0x10000, None).expect("region 0"));
+        let r1 = Arc::new(GuestRegionMmap::<crate::guest_write::LogBitmap>::from_range(GuestAddress(0x10_0000), 0x10000, None).expect("region 1"));
+        let old = Arc::new(Mem::from_arc_regions(vec![r0.clone()]).expect("old table"));
+        let new = Arc::new(Mem::from_arc_regions(vec![r0.clone(), r1]).expect("new table"));
         assert_eq!(r0.len(), 0x10000);
         let vring = Vring::new(GuestMemoryAtomic::new((*old).clone()), 16).expect("vring");
         vring.set_queue_size(16);

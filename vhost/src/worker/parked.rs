@@ -15,8 +15,9 @@ impl Worker {
             let heads: Vec<_> = std::iter::once((p.head, p.status)).chain(p.joined.drain(..)).collect();
             match self.vring.clone() {
                 Some(v) => {
+                    let mut filled = super::complete::filled(&p.req);
                     for (head, status) in heads {
-                        self.finish_sync(&v, &p.mem, head, Some(status), &Outcome::HostIo(libc::EIO), 0, rec);
+                        self.finish_sync(&v, &p.mem, head, Some(status), std::mem::take(&mut filled), &Outcome::HostIo(libc::EIO), 0, rec);
                     }
                     self.signal(&v);
                 }
@@ -110,7 +111,7 @@ impl Worker {
         if let Some(v) = self.vring.clone() {
             for r in parked {
                 let rec = Rec::of(&r.req, r.clock);
-                self.finish_sync(&v, &r.mem, r.head, Some(r.status), &Outcome::HostIo(libc::EIO), 0, rec);
+                self.finish_sync(&v, &r.mem, r.head, Some(r.status), super::complete::filled(&r.req), &Outcome::HostIo(libc::EIO), 0, rec);
             }
             self.signal(&v);
         } else {

@@ -51,9 +51,9 @@ impl Worker {
                         }
                         let outcome = Outcome::Invalid(e);
                         let rec = Rec { op: StatOp::Invalid, started: clock.started, bytes: 0 };
-                        self.finish_sync(vring, &mem, parsed.head, status, &outcome, 0, rec);
+                        self.finish_sync(vring, &mem, parsed.head, status, &[], &outcome, 0, rec);
                     }
-                    (Ok(req), None) => self.finish_sync(vring, &mem, parsed.head, None, &Outcome::Ok, 0, Rec::of(&req, clock)),
+                    (Ok(req), None) => self.finish_sync(vring, &mem, parsed.head, None, &[], &Outcome::Ok, 0, Rec::of(&req, clock)),
                 }
             }
             if self.throttled() || self.held_back {
@@ -213,13 +213,13 @@ impl Worker {
                 let out = if ok { Outcome::Ok } else { Outcome::HostIo(libc::EFAULT) };
                 let vring = self.vring.clone();
                 if let Some(v) = vring {
-                    self.finish_sync(&v, mem, head, Some(status), &out, n as u32, rec);
+                    self.finish_sync(&v, mem, head, Some(status), &[], &out, n as u32, rec);
                 }
                 return;
             }
             _ if req.data_len == 0 && matches!(req.kind, RequestType::Read | RequestType::Write) => {
                 if let Some(v) = self.vring.clone() {
-                    self.finish_sync(&v, mem, head, Some(status), &Outcome::Ok, 0, rec);
+                    self.finish_sync(&v, mem, head, Some(status), &[], &Outcome::Ok, 0, rec);
                 }
                 return;
             }
@@ -276,7 +276,7 @@ pub(super) fn chain_at(queue: &virtio_queue::Queue, mem: &Arc<Mem>, head: u16) -
     let top = mem.iter().map(|r| r.start_addr().0.saturating_add(r.len())).max().unwrap_or(0);
     let at = top.checked_add(PAGE - 1)? & !(PAGE - 1);
     at.checked_add(PAGE)?;
-    let page = GuestRegionMmap::<()>::from_range(GuestAddress(at), PAGE as usize, None).ok()?;
+    let page = GuestRegionMmap::<crate::guest_write::LogBitmap>::from_range(GuestAddress(at), PAGE as usize, None).ok()?;
     let aug = Arc::new(mem.insert_region(Arc::new(page)).ok()?);
     aug.write_obj(1u16.to_le(), GuestAddress(at + 2)).ok()?;
     aug.write_obj(head.to_le(), GuestAddress(at + 4)).ok()?;
