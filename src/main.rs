@@ -113,6 +113,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         refcount_cache_blocks: Some(args.refcount_cache_blocks as usize),
         backing_files: args.backing_files.into(),
         locking: args.image_locking.into(),
+        inactive: false,
     };
     // Before the first thread starts, so that every thread inherits it (docs/security.md).
     if let Some(f) = thinblk_vhost::seccomp::process_filter(args.seccomp.mode()).map_err(Failure::Usage)? {
@@ -127,7 +128,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         Some(t) => {
             let qf = Arc::new(Qcow2Format::open(&image_path, &opts).map_err(|e| Failure::Runtime(e.to_string()))?);
             let signals = Signals::new().map_err(|e| Failure::Runtime(e.to_string()))?;
-            qf.engine().set_observer(signals.clone());
+            qf.set_observer(signals.clone());
             hub.set_listener(signals.clone());
             let handle = thinblk::thin::start(t, qf.clone(), qf.capacity(), signals, hub.clone())
                 .map_err(|e| Failure::Runtime(format!("thin volume {}: {e}", image_path.display())))?;

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::time::Duration;
 
 use crate::error::ImageError;
 
@@ -143,5 +144,21 @@ pub trait Disk: Send + Sync {
     /// Metadata cache hits and misses, for formats that cache metadata (None: raw).
     fn cache_stats(&self) -> Option<(u64, u64)> {
         None
+    }
+    /// Takes the image over (live migration: the destination, or a source whose migration
+    /// failed): the locks of a writer, waiting up to `wait` while another process still holds
+    /// them, then the image's state read afresh from the storage. Nothing if already active.
+    fn activate(&self, _wait: Duration) -> Result<(), ImageError> {
+        Ok(())
+    }
+    /// Hands the image over (live migration's source, with no IO in flight): everything
+    /// written back and synced, closed clean, the writer's locks dropped; map calls then fail
+    /// with [`ImageError::Inactive`]. On an error the image stays active. Nothing if inactive.
+    fn inactivate(&self) -> Result<(), ImageError> {
+        Ok(())
+    }
+    /// Whether the image serves IO here (see [`Disk::activate`]).
+    fn is_active(&self) -> bool {
+        true
     }
 }

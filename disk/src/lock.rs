@@ -17,9 +17,9 @@
 //! locks would outlive the process for a moment, and a `qemu-img check` run right after a
 //! SIGKILL would be refused (seen in `concurrent_flushes_all_complete_and_persist`).
 //! [`ImageLock::change`] moves from one [`Access`] to another the way QEMU changes a node's
-//! permissions (take the union, check, then drop what is no longer needed): an open that
-//! starts with read-only access can later ask for write access (what an incoming live
-//! migration will need).
+//! permissions (take the union, check, then drop what is no longer needed): an image opened
+//! inactive for an incoming live migration ([`Access::inactive`]: no byte) takes the writer's
+//! access that way when it is activated, and drops back to no byte when it hands over.
 
 use std::fs::File;
 use std::io;
@@ -28,10 +28,15 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::error::ImageError;
+
 /// First lock byte of the permissions an open holds (QEMU's `RAW_LOCK_PERM_BASE`).
 pub const PERM_BASE: u64 = 100;
 /// First lock byte of the permissions an open does not share (QEMU's `RAW_LOCK_SHARED_BASE`).
 pub const SHARED_BASE: u64 = 200;
+
+/// How often [`ImageLock::change_waiting`] tries again while another open refuses the change.
+pub const RETRY_INTERVAL: Duration = Duration::from_millis(20);
 
 /// How long [`ImageLock::acquire`] waits for a conflicting lock that no running process holds
 /// (the files of a process that just exited can be released a little later, e.g. those its
@@ -160,6 +165,16 @@ impl Access {
     /// consistent read and write unchanged.
     pub fn backing() -> Access {
         Access::qcow2(false)
+    }
+
+    /// An image that is inactive here: the destination of an incoming live migration before
+    /// it takes over, or the source once it has handed the image over. Nothing held,
+    /// everything shared, so no lock byte at all: what QEMU 10.0 holds for an inactive node
+    /// (file-posix.c leaves the bytes of an inactive file node alone, and both an image opened
+    /// inactive and one inactivated by `blockdev-set-active` hold none, seen in
+    /// /proc/PID/fdinfo). An active writer (thinblk, QEMU, qemu-io) coexists with it.
+    pub fn inactive() -> Access {
+        Access::NONE
     }
 
     /// The permissions not shared (the `200 + bit` bytes).
@@ -291,10 +306,32 @@ impl ImageLock {
     /// Moves to `want`: its bytes are added to ours, the conflicts checked, then the bytes
     /// `want` does not need released. On an error the previous access stays in force.
     pub fn change(&mut self, want: Access) -> Result<(), LockError> {
+        self.change_naming(want, true)
+    }
+
+    /// [`ImageLock::change`], tried again every [`RETRY_INTERVAL`] while another open refuses
+    /// it, for up to `wait`: the last refusal is returned, naming the holders (they are looked
+    /// up only then, not at every try). Any other error is returned at once.
+    pub fn change_waiting(&mut self, want: Access, wait: Duration) -> Result<(), LockError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let last = Instant::now() >= deadline;
+            match self.change_naming(want, last) {
+                Err(LockError::Refused { .. }) if !last => {
+                    std::thread::sleep(RETRY_INTERVAL.min(deadline.saturating_duration_since(Instant::now())));
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// [`ImageLock::change`]; a refusal names its holders only with `name_holders` (the
+    /// lookup walks /proc).
+    fn change_naming(&mut self, want: Access, name_holders: bool) -> Result<(), LockError> {
         let (old_perm, old_unshared) = (self.locked_perm, self.locked_unshared);
         let applied = self
             .apply(old_perm.union(want.perm), old_unshared.union(want.unshared()), false)
-            .and_then(|()| self.check(want));
+            .and_then(|()| self.check(want, name_holders));
         if let Err(e) = applied {
             if let Err(u) = self.apply(old_perm, old_unshared, true) {
                 tracing::warn!(error = %u, "releasing image lock bytes failed");
@@ -336,12 +373,13 @@ impl ImageLock {
 
     /// QEMU's two conflicts, in its order: a permission we want that someone does not share,
     /// then a permission we do not share that someone holds.
-    fn check(&self, want: Access) -> Result<(), LockError> {
+    fn check(&self, want: Access, name_holders: bool) -> Result<(), LockError> {
         let wanted = Perm::ALL.into_iter().filter(|p| want.perm.has(*p)).map(|p| (p, Conflict::Wanted, p.unshared_byte()));
         let unshared = Perm::ALL.into_iter().filter(|p| want.unshared().has(*p)).map(|p| (p, Conflict::Unshared, p.held_byte()));
         for (perm, conflict, byte) in wanted.chain(unshared) {
             if ofd_conflicts(&self.file, byte).map_err(|source| LockError::Io { byte, source })? {
-                let holders = holders(&self.file, byte, &[self.file.as_raw_fd(), self.image_fd]);
+                let holders =
+                    if name_holders { holders(&self.file, byte, &[self.file.as_raw_fd(), self.image_fd]) } else { Vec::new() };
                 return Err(LockError::Refused { perm, conflict, holders });
             }
         }
@@ -383,6 +421,16 @@ pub fn lock_image(file: &File, path: &Path, want: Access, mode: Locking) -> Resu
             Ok(None)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Moves an image's lock (None: not locked, as with `--image-locking off`) to `want`, waiting
+/// up to `wait` while another open refuses it ([`ImageLock::change_waiting`]); an error names
+/// the image.
+pub fn change_lock(lock: Option<&mut ImageLock>, path: &Path, want: Access, wait: Duration) -> Result<(), ImageError> {
+    match lock {
+        Some(l) => l.change_waiting(want, wait).map_err(|source| ImageError::Lock { path: path.to_path_buf(), source }),
+        None => Ok(()),
     }
 }
 
@@ -529,6 +577,8 @@ mod tests {
         assert_eq!(bytes(Access::raw(true)), vec![100, 101, 201]);
         assert_eq!(bytes(Access::raw(false)), vec![100, 201]);
         assert_eq!(bytes(Access::NONE), Vec::<u64>::new());
+        // An inactive image (a migration not handed over yet): none, as QEMU 10.0.
+        assert_eq!(bytes(Access::inactive()), Vec::<u64>::new());
     }
 
     #[test]

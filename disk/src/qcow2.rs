@@ -11,12 +11,14 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
-use thinblk_qcow2::{BackingReader, FileStorage, Mapping, OpenOptions, Qcow2, Qcow2Error, Storage};
+use thinblk_qcow2::{AllocationObserver, BackingReader, FileStorage, Mapping, OpenOptions, Qcow2, Qcow2Error, Storage};
 use crate::error::ImageError;
 use crate::disk::{Extent, HostZero, Disk, Target, WriteTicket, ZeroMode, ZeroRequest};
-use crate::lock::{lock_image, Access, ImageLock, LockError, Locking};
+use crate::lock::{change_lock, lock_image, Access, ImageLock, LockError, Locking};
 use crate::raw::RawImage;
 use crate::sys::{image_identity, open_direct, OpenedFile};
 
@@ -66,6 +68,11 @@ pub struct ImageOptions {
     pub backing_files: BackingFiles,
     /// QEMU-compatible image locks on every file of the chain (`--image-locking`).
     pub locking: Locking,
+    /// Open for the destination of an incoming live migration: the files are opened as
+    /// usual (their descriptors serve once active), but only [`Access::inactive`] locks are
+    /// taken, no journal is looked at, nothing is written, and only what the checks need is
+    /// read; IO waits for [`Disk::activate`].
+    pub inactive: bool,
 }
 
 impl Default for ImageOptions {
@@ -80,6 +87,7 @@ impl Default for ImageOptions {
             refcount_cache_blocks: None,
             backing_files: BackingFiles::default(),
             locking: Locking::default(),
+            inactive: false,
         }
     }
 }
@@ -121,6 +129,17 @@ pub enum FormatError {
     },
 }
 
+impl From<FormatError> for ImageError {
+    fn from(e: FormatError) -> ImageError {
+        match e {
+            FormatError::Open { source, .. } => source,
+            FormatError::Qcow2 { path, source } => ImageError::Qcow2 { path, source },
+            FormatError::Lock { path, source } => ImageError::Lock { path, source },
+            FormatError::Backing { path, reason } => ImageError::Refused(format!("{}: {reason}", path.display())),
+        }
+    }
+}
+
 fn qerr(path: &Path) -> impl Fn(Qcow2Error) -> FormatError + '_ {
     move |source| FormatError::Qcow2 { path: path.to_path_buf(), source }
 }
@@ -139,6 +158,9 @@ pub fn open_image(path: &Path, format: Format, opts: &ImageOptions) -> Result<Ar
     match format {
         Format::Raw => {
             let mut raw = RawImage::open(path, opts.read_only, opts.discard_unmap).map_err(open_err(path))?;
+            if opts.inactive {
+                raw = raw.inactive();
+            }
             raw.lock(path, opts.locking).map_err(|source| FormatError::Lock { path: path.to_path_buf(), source })?;
             Ok(Arc::new(raw))
         }
@@ -208,8 +230,15 @@ impl BackingReader for ChainReader {
 }
 
 /// A qcow2 image (and its backing chain) served through the vhost crate's format layer.
+///
+/// The image is *active* (an engine serves it) or *inactive* (live migration: a destination
+/// before it takes over, a source after it handed over; no engine, nothing cached, nothing
+/// written). [`Disk::activate`] and [`Disk::inactivate`] move between the two over the same
+/// files and descriptors.
 pub struct Qcow2Format {
-    top: Qcow2,
+    /// The engine of the top image while active. Map calls take it shared (uncontended but
+    /// for the two transitions, which take it exclusively).
+    top: RwLock<Option<Qcow2>>,
     top_storage: Arc<FileStorage>,
     backing: Arc<Chain>,
     files: Vec<RawFd>,
@@ -217,56 +246,76 @@ pub struct Qcow2Format {
     physical_block_size: u32,
     identity: String,
     discard_unmap: bool,
-    /// Image locks of the chain's files, top first: held while the image is open.
-    _locks: Vec<ImageLock>,
+    path: PathBuf,
+    /// How the top engine is opened, at the start or at an activation.
+    engine_opts: EngineOptions,
+    /// The virtual size, as the last engine (or the inactive open's check) read it.
+    capacity: AtomicU64,
+    /// The allocation mark while inactive: the last engine's.
+    allocation: AtomicU64,
+    /// Added to the engine's metadata epoch, so it never goes back across activations.
+    epoch_base: AtomicU64,
+    /// L2 cache hits and misses of the engines before the current one.
+    cache_base: (AtomicU64, AtomicU64),
+    /// The allocation limit, given to every engine.
+    limit: AtomicU64,
+    /// The allocation observer, given to every engine.
+    observer: OnceLock<Arc<dyn AllocationObserver>>,
+    /// The top image's locks (None: not locked).
+    top_lock: Mutex<Option<ImageLock>>,
+    /// Held across an activation or an inactivation: one at a time.
+    transition: Mutex<()>,
+    /// The backing files' locks: a backing reader's, active or not (nobody writes them).
+    _backing_locks: Vec<ImageLock>,
+}
+
+/// What the top engine is opened with.
+struct EngineOptions {
+    read_only: bool,
+    l2_cache_bytes: Option<u64>,
+    journal_dir: Option<PathBuf>,
+    journal_segment_bytes: usize,
+    refcount_cache_blocks: Option<usize>,
+    /// The image is a block device (its size says nothing of what reads as zeroes).
+    is_block: bool,
 }
 
 fn storage_for(file: File, info: &OpenedFile) -> Arc<FileStorage> {
     Arc::new(FileStorage::new(file, info.alignment as usize))
 }
 
+fn poisoned() -> ImageError {
+    ImageError::Io(std::io::Error::other("qcow2 image state poisoned"))
+}
+
 impl Qcow2Format {
-    /// Opens a qcow2 image and its backing chain.
+    /// Opens a qcow2 image and its backing chain (inactive with [`ImageOptions::inactive`]).
     pub fn open(path: &Path, opts: &ImageOptions) -> Result<Qcow2Format, FormatError> {
         let (file, info) = open_direct(path, opts.read_only).map_err(open_err(path))?;
         // Locked before the first read (and the journal replay's writes).
-        let mut locks: Vec<ImageLock> = lock_file(&file, path, Access::qcow2(!opts.read_only), opts.locking)?.into_iter().collect();
+        let want = if opts.inactive { Access::inactive() } else { Access::qcow2(!opts.read_only) };
+        let top_lock = lock_file(&file, path, want, opts.locking)?;
         let top_storage = if opts.fixed_size {
             Arc::new(FileStorage::new(file, info.alignment as usize).fixed_size())
         } else {
             storage_for(file, &info)
         };
-        let zeroes_from = if info.is_block { u64::MAX } else { info.size };
-        let journal = match &opts.journal_dir {
-            Some(dir) if !opts.read_only => {
-                let legacy = legacy_journal_path(dir, path, top_storage.file()).map_err(open_err(path))?;
-                if thinblk_qcow2::legacy_journal_pending(&legacy) {
-                    return Err(FormatError::Qcow2 {
-                        path: path.to_path_buf(),
-                        source: Qcow2Error::JournalMismatch(format!(
-                            "{} is the metadata journal of an earlier thinblk version that did not stop clean; start that version once on this image (it replays the journal and stops clean on SIGTERM), then this one",
-                            legacy.display()
-                        )),
-                    });
-                }
-                Some(thinblk_qcow2::JournalOptions { dir: dir.clone(), segment_bytes: opts.journal_segment_bytes })
-            }
-            _ => None,
-        };
         // Everything that can refuse the image is checked on a read-only open first (its
         // backing chain, the policy, the alignment): a refused start leaves the image as it
-        // was. Only then does the read-write open mark it in use (and replay a journal).
+        // was. Only then does the read-write open mark it in use (and replay a journal). An
+        // inactive open stops after these checks: it reads, and writes nothing.
         let peek = Qcow2::open(top_storage.clone(), OpenOptions { read_only: true, ..Default::default() }).map_err(qerr(path))?;
         let mut files = vec![top_storage.file().as_raw_fd()];
         let mut alignment = info.alignment;
         let mut layers = Vec::new();
+        let mut backing_locks = Vec::new();
         let mut next = backing_of(path, peek.header(), opts.backing_files)?;
         while let Some((bpath, bformat)) = next.take() {
             if layers.len() + 1 >= MAX_CHAIN {
                 return Err(FormatError::Backing { path: path.to_path_buf(), reason: format!("backing chain deeper than {MAX_CHAIN}") });
             }
             let (bfile, binfo) = open_direct(&bpath, true).map_err(open_err(&bpath))?;
-            locks.extend(lock_file(&bfile, &bpath, Access::backing(), opts.locking)?);
+            backing_locks.extend(lock_file(&bfile, &bpath, Access::backing(), opts.locking)?);
             alignment = alignment.max(binfo.alignment);
             files.push(bfile.as_raw_fd());
             let st = storage_for(bfile, &binfo);
@@ -295,15 +344,81 @@ impl Qcow2Format {
                 });
             }
         }
+        let (capacity, allocation) = (peek.size(), peek.allocation());
         drop(peek);
-        let mut top = Qcow2::open(
-            top_storage.clone(),
-            OpenOptions {
+        let image = Qcow2Format {
+            top: RwLock::new(None),
+            top_storage,
+            backing: Arc::new(Chain { layers }),
+            files,
+            alignment,
+            physical_block_size: info.physical_block_size,
+            identity: image_identity(path),
+            discard_unmap: opts.discard_unmap,
+            path: path.to_path_buf(),
+            engine_opts: EngineOptions {
                 read_only: opts.read_only,
                 l2_cache_bytes: opts.l2_cache_bytes,
+                journal_dir: opts.journal_dir.clone(),
+                journal_segment_bytes: opts.journal_segment_bytes,
+                refcount_cache_blocks: opts.refcount_cache_blocks,
+                is_block: info.is_block,
+            },
+            capacity: AtomicU64::new(capacity),
+            allocation: AtomicU64::new(allocation),
+            epoch_base: AtomicU64::new(0),
+            cache_base: (AtomicU64::new(0), AtomicU64::new(0)),
+            limit: AtomicU64::new(u64::MAX),
+            observer: OnceLock::new(),
+            top_lock: Mutex::new(top_lock),
+            transition: Mutex::new(()),
+            _backing_locks: backing_locks,
+        };
+        if !opts.inactive {
+            let top = image.open_engine()?;
+            let mut slot = image.top.write().map_err(|_| FormatError::Open { path: path.to_path_buf(), source: poisoned() })?;
+            image.install(&mut slot, top);
+        }
+        Ok(image)
+    }
+
+    /// Opens the engine of the top image read-write (or read-only): the journal found,
+    /// replayed or refused, the image marked in use. Everything is read from the storage;
+    /// nothing comes from an earlier engine.
+    fn open_engine(&self) -> Result<Qcow2, FormatError> {
+        let path = self.path.as_path();
+        let o = &self.engine_opts;
+        let journal = match &o.journal_dir {
+            Some(dir) if !o.read_only => {
+                let legacy = legacy_journal_path(dir, path, self.top_storage.file()).map_err(open_err(path))?;
+                if thinblk_qcow2::legacy_journal_pending(&legacy) {
+                    return Err(FormatError::Qcow2 {
+                        path: path.to_path_buf(),
+                        source: Qcow2Error::JournalMismatch(format!(
+                            "{} is the metadata journal of an earlier thinblk version that did not stop clean; start that version once on this image (it replays the journal and stops clean on SIGTERM), then this one",
+                            legacy.display()
+                        )),
+                    });
+                }
+                Some(thinblk_qcow2::JournalOptions { dir: dir.clone(), segment_bytes: o.journal_segment_bytes })
+            }
+            _ => None,
+        };
+        // Read as zeroes past the file's end as it is now: another process may have grown it
+        // since this one opened it.
+        let zeroes_from = if o.is_block {
+            u64::MAX
+        } else {
+            self.top_storage.file().metadata().map_err(|e| FormatError::Open { path: path.to_path_buf(), source: e.into() })?.len()
+        };
+        let mut top = Qcow2::open(
+            self.top_storage.clone(),
+            OpenOptions {
+                read_only: o.read_only,
+                l2_cache_bytes: o.l2_cache_bytes,
                 zeroes_from,
                 journal,
-                refcount_cache_blocks: opts.refcount_cache_blocks,
+                refcount_cache_blocks: o.refcount_cache_blocks,
             },
         )
         .map_err(qerr(path))?;
@@ -325,40 +440,79 @@ impl Qcow2Format {
                     "gave back clusters allocated for writes that never completed (the last stop was not clean)");
             }
         }
-        if let (Some(why), Some(dir)) = (top.journal_unavailable(), &opts.journal_dir) {
+        if let (Some(why), Some(dir)) = (top.journal_unavailable(), &o.journal_dir) {
             tracing::warn!(image = %path.display(), dir = %dir.display(), "no metadata journal for this image: {why}; completed writes are durable only after a FLUSH");
         }
         if let Some(reason) = top.read_only_reason() {
-            if !opts.read_only {
+            if !o.read_only {
                 return Err(FormatError::Qcow2 { path: path.to_path_buf(), source: Qcow2Error::ReadOnly(reason.to_string()) });
             }
         }
-        let backing = Arc::new(Chain { layers });
-        if !backing.layers.is_empty() {
-            top.set_backing(Arc::new(ChainReader(backing.clone())));
+        if !self.backing.layers.is_empty() {
+            top.set_backing(Arc::new(ChainReader(self.backing.clone())));
         }
-        Ok(Qcow2Format {
-            top,
-            top_storage,
-            backing,
-            files,
-            alignment,
-            physical_block_size: info.physical_block_size,
-            identity: image_identity(path),
-            discard_unmap: opts.discard_unmap,
-            _locks: locks,
-        })
+        Ok(top)
     }
 
-    /// The engine serving the top image.
-    pub fn engine(&self) -> &Qcow2 {
-        &self.top
+    /// Makes `top` the engine, in `slot` (the engine's place, held exclusively): it gets the
+    /// limit and the observer set so far. `set_limit` and `set_observer` store before they
+    /// look for an engine, so a value set during the activation is either read here or finds
+    /// the engine installed.
+    fn install(&self, slot: &mut Option<Qcow2>, top: Qcow2) {
+        top.set_limit(self.limit.load(Ordering::SeqCst));
+        if let Some(o) = self.observer.get() {
+            top.set_observer(o.clone());
+        }
+        self.capacity.store(top.size(), Ordering::SeqCst);
+        *slot = Some(top);
     }
 
-    /// Maps `[offset, offset+len)` of layer `k` (0 = top), `req_off` bytes into the request.
-    fn map_layer(&self, k: usize, offset: u64, len: u64, req_off: u64, out: &mut Vec<Extent>) -> Result<(), ImageError> {
+    /// Moves the top image's lock to `want`, waiting up to `wait` for another process.
+    fn change_top_lock(&self, want: Access, wait: Duration) -> Result<(), ImageError> {
+        let mut lock = self.top_lock.lock().map_err(|_| poisoned())?;
+        change_lock(lock.as_mut(), &self.path, want, wait)
+    }
+
+    /// The allocation mark: one past the last host byte the image uses (while inactive, the
+    /// last engine's, or what the inactive open read).
+    pub fn allocation(&self) -> u64 {
+        match self.top.read() {
+            Ok(g) => match g.as_ref() {
+                Some(top) => top.allocation(),
+                None => self.allocation.load(Ordering::SeqCst),
+            },
+            Err(_) => self.allocation.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Sets the host offset no allocation may pass (the volume's size), for this engine and
+    /// every later one.
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::SeqCst);
+        // An activation installs its engine under the write lock, after giving it the limit:
+        // either it read this value or this finds its engine.
+        if let Ok(g) = self.top.read() {
+            if let Some(top) = g.as_ref() {
+                top.set_limit(limit);
+            }
+        }
+    }
+
+    /// Attaches the observer of the allocation mark (once; later calls are ignored), for this
+    /// engine and every later one.
+    pub fn set_observer(&self, observer: Arc<dyn AllocationObserver>) {
+        let _ = self.observer.set(observer);
+        if let (Ok(g), Some(o)) = (self.top.read(), self.observer.get()) {
+            if let Some(top) = g.as_ref() {
+                top.set_observer(o.clone());
+            }
+        }
+    }
+
+    /// Maps `[offset, offset+len)` of layer `k` (0 = `top`), `req_off` bytes into the request.
+    fn map_layer(&self, top: &Qcow2, k: usize, offset: u64, len: u64, req_off: u64, out: &mut Vec<Extent>) -> Result<(), ImageError> {
         let (img, file) = match k {
-            0 => (Some(&self.top), 0u32),
+            0 => (Some(top), 0u32),
             _ => match self.backing.layers.get(k - 1) {
                 Some(Layer::Qcow2(img, _)) => (Some(img), k as u32),
                 Some(Layer::Raw(_, size)) => {
@@ -390,7 +544,7 @@ impl Qcow2Format {
             match r.mapping {
                 Mapping::Data(h) => out.push(Extent { req_off: ro, len: r.len, target: Target::Host { file, offset: h } }),
                 Mapping::Zero => out.push(Extent { req_off: ro, len: r.len, target: Target::Zero }),
-                Mapping::Backing => self.map_layer(k + 1, r.guest, r.len, ro, out)?,
+                Mapping::Backing => self.map_layer(top, k + 1, r.guest, r.len, ro, out)?,
                 Mapping::Compressed(e) => {
                     let data = Arc::new(img.read_compressed(e).map_err(to_image_error)?);
                     out.push(Extent { req_off: ro, len: r.len, target: Target::Bytes { data, offset: (r.guest % cs) as usize } });
@@ -484,18 +638,32 @@ fn check_backing(name: &str, resolved: &Path, policy: BackingFiles) -> Result<()
     Ok(())
 }
 
+impl Qcow2Format {
+    /// The engine's place, held shared: uncontended on the data path (only the two
+    /// transitions take it exclusively).
+    fn engine(&self) -> Result<std::sync::RwLockReadGuard<'_, Option<Qcow2>>, ImageError> {
+        self.top.read().map_err(|_| poisoned())
+    }
+}
+
+/// The engine in its place, or [`ImageError::Inactive`].
+fn active(g: &Option<Qcow2>) -> Result<&Qcow2, ImageError> {
+    g.as_ref().ok_or(ImageError::Inactive)
+}
+
 impl Disk for Qcow2Format {
     fn capacity(&self) -> u64 {
-        self.top.size()
+        self.capacity.load(Ordering::SeqCst)
     }
 
     fn allocation(&self) -> Option<u64> {
-        Some(self.top.allocation())
+        Some(Qcow2Format::allocation(self))
     }
 
     fn cache_stats(&self) -> Option<(u64, u64)> {
-        let s = self.top.cache_stats();
-        Some((s.hits, s.misses))
+        let (h, m) = (self.cache_base.0.load(Ordering::SeqCst), self.cache_base.1.load(Ordering::SeqCst));
+        let s = self.top.read().ok()?.as_ref().map(|t| t.cache_stats()).unwrap_or_default();
+        Some((h + s.hits, m + s.misses))
     }
 
     fn files(&self) -> Vec<RawFd> {
@@ -515,12 +683,15 @@ impl Disk for Qcow2Format {
     }
 
     fn map_read(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), ImageError> {
-        self.map_layer(0, offset, len, 0, out)
+        let g = self.engine()?;
+        self.map_layer(active(&g)?, 0, offset, len, 0, out)
     }
 
     fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<WriteTicket, ImageError> {
+        let g = self.engine()?;
+        let top = active(&g)?;
         let mut ranges = Vec::new();
-        let ticket = self.top.map_write(offset, len, &mut ranges).map_err(to_image_error)?;
+        let ticket = top.map_write(offset, len, &mut ranges).map_err(to_image_error)?;
         for r in ranges {
             let Mapping::Data(h) = r.mapping else {
                 return Err(ImageError::Refused("write mapped to a non-data range".into()));
@@ -531,18 +702,21 @@ impl Disk for Qcow2Format {
     }
 
     fn write_done(&self, ticket: WriteTicket, ok: bool) -> Result<(), ImageError> {
-        self.top.write_done(&ticket.0, ok).map_err(to_image_error)
+        let g = self.engine()?;
+        active(&g)?.write_done(&ticket.0, ok).map_err(to_image_error)
     }
 
     fn map_zero(&self, offset: u64, len: u64, req: ZeroRequest, out: &mut Vec<HostZero>) -> Result<WriteTicket, ImageError> {
+        let g = self.engine()?;
+        let top = active(&g)?;
         // Whole clusters get the zero flag and keep their cluster (no reuse while open);
         // partial ones are zeroed on the host through freshly mapped writes. With
         // `--discard unmap` the flagged clusters' host space is released too.
         let mut partial = Vec::new();
         let mut flagged = Vec::new();
-        let ticket = self.top.zero_range(offset, len, &mut partial, &mut flagged).map_err(to_image_error)?;
+        let ticket = top.zero_range(offset, len, &mut partial, &mut flagged).map_err(to_image_error)?;
         if self.discard_unmap && req.may_unmap() {
-            let cs = self.top.cluster_size();
+            let cs = top.cluster_size();
             for h in flagged {
                 push_coalesced(out, HostZero { file: 0, offset: h, len: cs, mode: ZeroMode::PunchHole });
             }
@@ -556,17 +730,89 @@ impl Disk for Qcow2Format {
     }
 
     fn prepare_flush(&self) -> Result<(), ImageError> {
-        self.top.flush_metadata().map_err(to_image_error)
+        let g = self.engine()?;
+        active(&g)?.flush_metadata().map_err(to_image_error)
     }
 
     fn metadata_epoch(&self) -> u64 {
-        self.top.metadata_epoch()
+        let base = self.epoch_base.load(Ordering::SeqCst);
+        match self.top.read() {
+            Ok(g) => base + g.as_ref().map(|t| t.metadata_epoch()).unwrap_or(0),
+            Err(_) => base,
+        }
     }
 
     fn close(&self) -> Result<(), ImageError> {
-        let (read, evicted) = self.top.refcount_cache_stats();
+        let g = self.top.read().map_err(|_| poisoned())?;
+        // Inactive: the image belongs to another process (or to nobody yet); nothing to do.
+        let Some(top) = g.as_ref() else { return Ok(()) };
+        let (read, evicted) = top.refcount_cache_stats();
         tracing::info!(refcount_blocks_read = read, refcount_blocks_evicted = evicted, "closing the qcow2 image");
-        self.top.close().map_err(to_image_error)
+        top.close().map_err(to_image_error)
+    }
+
+    fn activate(&self, wait: Duration) -> Result<(), ImageError> {
+        let _serial = self.transition.lock().map_err(|_| poisoned())?;
+        if self.top.read().map_err(|_| poisoned())?.is_some() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.change_top_lock(Access::qcow2(!self.engine_opts.read_only), wait)?;
+        let waited = started.elapsed();
+        // The same path as a start: everything read again from the storage, the journal
+        // found (replayed or refused), the image marked in use.
+        let top = match self.open_engine() {
+            Ok(t) => t,
+            Err(e) => {
+                if let Err(d) = self.change_top_lock(Access::inactive(), Duration::ZERO) {
+                    tracing::warn!(image = %self.path.display(), error = %d, "dropping the image's write locks after a failed activation failed");
+                }
+                return Err(e.into());
+            }
+        };
+        let end = top.allocation();
+        {
+            let mut slot = self.top.write().map_err(|_| poisoned())?;
+            self.install(&mut slot, top);
+        }
+        // The allocation mark may have moved under another process: the thin volume's
+        // controller looks again.
+        if let Some(o) = self.observer.get() {
+            o.allocated(end);
+        }
+        tracing::info!(image = %self.path.display(), lock_wait_ms = waited.as_millis() as u64,
+            open_ms = (started.elapsed() - waited).as_millis() as u64, "image activated");
+        Ok(())
+    }
+
+    fn inactivate(&self) -> Result<(), ImageError> {
+        let _serial = self.transition.lock().map_err(|_| poisoned())?;
+        let started = Instant::now();
+        {
+            let mut slot = self.top.write().map_err(|_| poisoned())?;
+            let Some(top) = slot.as_ref() else { return Ok(()) };
+            // Everything written back and synced, the in-use flag cleared, the journal
+            // removed; on an error the engine stays and the image stays active.
+            top.close().map_err(to_image_error)?;
+            self.allocation.store(top.allocation(), Ordering::SeqCst);
+            self.capacity.store(top.size(), Ordering::SeqCst);
+            self.epoch_base.fetch_add(top.metadata_epoch() + 1, Ordering::SeqCst);
+            let stats = top.cache_stats();
+            self.cache_base.0.fetch_add(stats.hits, Ordering::SeqCst);
+            self.cache_base.1.fetch_add(stats.misses, Ordering::SeqCst);
+            // Nothing of it is kept: an activation reads the image afresh.
+            *slot = None;
+        }
+        let written = started.elapsed();
+        // Dropping locks conflicts with nobody: only a kernel error can fail it, and the
+        // image is inactive all the same (closed clean, it writes nothing more).
+        let downgraded = self.change_top_lock(Access::inactive(), Duration::ZERO);
+        tracing::info!(image = %self.path.display(), writeback_ms = written.as_millis() as u64, "image inactivated");
+        downgraded
+    }
+
+    fn is_active(&self) -> bool {
+        self.top.read().map(|g| g.is_some()).unwrap_or(false)
     }
 }
 
@@ -574,17 +820,146 @@ impl Drop for Qcow2Format {
     fn drop(&mut self) {
         // Normally a no-op after `close`; an image dropped without it (a failed start) still
         // writes its metadata back. The journal goes with it once that leaves it empty (the
-        // image is marked in use until a `close`, so the next open still repairs leaks).
-        if let Err(e) = self.top.flush_metadata() {
-            tracing::error!(error = %e, "flushing qcow2 metadata at close failed");
+        // image is marked in use until a `close`, so the next open still repairs leaks). An
+        // inactive image writes nothing.
+        let top = match self.top.get_mut() {
+            Ok(t) => t,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(top) = top.as_ref() {
+            if let Err(e) = top.flush_metadata() {
+                tracing::error!(error = %e, "flushing qcow2 metadata at close failed");
+            }
+            let _ = self.top_storage.flush();
         }
-        let _ = self.top_storage.flush();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aligned::AlignedBuf;
+    use thinblk_qcow2::CreateOptions;
+
+    const CLUSTER: u64 = 65536;
+
+    /// A qcow2 image made by the engine's own `create` in the temporary directory.
+    struct TempImage(PathBuf);
+
+    impl TempImage {
+        fn new(name: &str) -> TempImage {
+            let p = std::env::temp_dir().join(format!("thinblk-disk-{name}-{}.qcow2", std::process::id()));
+            let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).expect("create image file");
+            let st = FileStorage::new(file, 1);
+            thinblk_qcow2::create(&st, &CreateOptions { size: 16 << 20, cluster_size: CLUSTER }).expect("create qcow2");
+            TempImage(p)
+        }
+    }
+
+    impl Drop for TempImage {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// Writes `data` (4 KiB multiples, at an aligned offset) as a worker does: the write
+    /// mapped, the host extents written, the ticket reported.
+    fn write_through(d: &dyn Disk, offset: u64, data: &[u8]) -> Result<(), ImageError> {
+        let mut ext = Vec::new();
+        let ticket = d.map_write(offset, data.len() as u64, &mut ext)?;
+        let files = d.files();
+        for e in ext {
+            let Target::Host { file, offset: host } = e.target else { panic!("write mapped to {:?}", e.target) };
+            let mut buf = AlignedBuf::zeroed(e.len as usize, 4096).expect("buffer");
+            buf.as_mut_slice().copy_from_slice(&data[e.req_off as usize..(e.req_off + e.len) as usize]);
+            // SAFETY: the buffer holds `e.len` bytes and outlives the call; the fd is the image's.
+            let n = unsafe { libc::pwrite(files[file as usize], buf.ptr().cast(), e.len as usize, host as i64) };
+            assert_eq!(n, e.len as isize, "pwrite: {}", std::io::Error::last_os_error());
+        }
+        d.write_done(ticket, true)
+    }
+
+    /// Reads through the mapping, as a worker does.
+    fn read_through(d: &dyn Disk, offset: u64, len: usize) -> Result<Vec<u8>, ImageError> {
+        let mut ext = Vec::new();
+        d.map_read(offset, len as u64, &mut ext)?;
+        let mut out = vec![0u8; len];
+        let files = d.files();
+        for e in ext {
+            let dst = &mut out[e.req_off as usize..(e.req_off + e.len) as usize];
+            match e.target {
+                Target::Host { file, offset: host } => {
+                    let buf = AlignedBuf::zeroed(e.len as usize, 4096).expect("buffer");
+                    // SAFETY: the buffer holds `e.len` bytes and outlives the call; the fd is the image's.
+                    let n = unsafe { libc::pread(files[file as usize], buf.ptr().cast(), e.len as usize, host as i64) };
+                    assert_eq!(n, e.len as isize, "pread: {}", std::io::Error::last_os_error());
+                    dst.copy_from_slice(buf.as_slice());
+                }
+                Target::Zero => dst.fill(0),
+                Target::Bytes { data, offset } => dst.copy_from_slice(&data[offset..offset + dst.len()]),
+            }
+        }
+        Ok(out)
+    }
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<u64>>);
+
+    impl AllocationObserver for Seen {
+        fn allocated(&self, end: u64) {
+            self.0.lock().expect("seen").push(end);
+        }
+        fn refused(&self, _needed: u64, _limit: u64) {}
+    }
+
+    #[test]
+    fn an_inactive_image_maps_nothing_and_its_limit_and_observer_carry_over() {
+        let t = TempImage::new("inactive");
+        let before = std::fs::read(&t.0).expect("read image");
+        let q = Qcow2Format::open(&t.0, &ImageOptions { inactive: true, ..Default::default() }).expect("inactive open");
+        assert!(!q.is_active());
+        assert_eq!(q.capacity(), 16 << 20, "GET_CONFIG is answered before activation");
+        let mut ext = Vec::new();
+        let mut zeroes = Vec::new();
+        assert!(matches!(q.map_read(0, 4096, &mut ext), Err(ImageError::Inactive)));
+        assert!(matches!(q.map_write(0, 4096, &mut ext), Err(ImageError::Inactive)));
+        assert!(matches!(q.map_zero(0, CLUSTER, ZeroRequest::Discard, &mut zeroes), Err(ImageError::Inactive)));
+        assert!(matches!(q.write_done(WriteTicket::default(), true), Err(ImageError::Inactive)));
+        assert!(matches!(q.prepare_flush(), Err(ImageError::Inactive)));
+        assert!(ext.is_empty() && zeroes.is_empty());
+        q.inactivate().expect("inactivating an inactive image does nothing");
+        q.close().expect("closing an inactive image does nothing");
+        assert_eq!(std::fs::read(&t.0).expect("read image"), before, "an inactive image wrote");
+
+        // Set before the activation: the engine it opens gets them.
+        let seen = Arc::new(Seen::default());
+        q.set_observer(seen.clone());
+        let end = q.allocation();
+        q.set_limit(end);
+        q.activate(Duration::ZERO).expect("activate");
+        assert!(q.is_active());
+        assert_eq!(*seen.0.lock().expect("seen"), vec![end], "the observer hears of the mark at activation");
+        let data = vec![0x5au8; 8192];
+        assert!(matches!(write_through(&q, CLUSTER, &data), Err(ImageError::NoSpace { .. })), "the limit carried over");
+        q.set_limit(u64::MAX);
+        write_through(&q, CLUSTER, &data).expect("write");
+        assert!(seen.0.lock().expect("seen").last().is_some_and(|e| *e > end), "the observer carried over");
+        q.activate(Duration::ZERO).expect("activating an active image does nothing");
+        assert_eq!(read_through(&q, CLUSTER, 8192).expect("read"), data);
+
+        // Handed over and taken back: a fresh engine reads what the first one wrote.
+        q.inactivate().expect("inactivate");
+        assert!(!q.is_active());
+        assert!(matches!(q.map_read(0, 4096, &mut ext), Err(ImageError::Inactive)));
+        let closed = std::fs::read(&t.0).expect("read image");
+        q.activate(Duration::ZERO).expect("activate again");
+        assert_eq!(read_through(&q, CLUSTER, 8192).expect("read"), data);
+        assert_eq!(read_through(&q, 0, 4096).expect("read"), vec![0u8; 4096]);
+        q.close().expect("close");
+        drop(q);
+        let header = thinblk_qcow2::Header::parse(&closed, closed.len() as u64).expect("header");
+        assert!(header.owner.is_some_and(|o| o.flags & thinblk_qcow2::Owner::IN_USE == 0), "inactivate closes clean");
+    }
 
     #[test]
     fn contiguous_zeroing_ops_merge() {

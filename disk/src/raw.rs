@@ -2,25 +2,32 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::disk::*;
 use crate::error::ImageError;
-use crate::lock::{lock_image, Access, ImageLock, LockError, Locking};
+use crate::lock::{change_lock, lock_image, Access, ImageLock, LockError, Locking};
 use crate::sys::{image_identity, open_direct};
 
 /// A raw image.
 #[derive(Debug)]
 pub struct RawImage {
     file: File,
+    path: PathBuf,
     capacity: u64,
     alignment: u32,
     physical_block_size: u32,
     identity: String,
     discard_unmap: bool,
     read_only: bool,
-    /// QEMU-compatible locks, once [`RawImage::lock`] took them.
-    lock: Option<ImageLock>,
+    /// Serves IO here (false: inactive, see [`Disk::activate`]).
+    active: AtomicBool,
+    /// QEMU-compatible locks, once [`RawImage::lock`] took them; the mutex also serializes
+    /// activation and inactivation.
+    lock: Mutex<Option<ImageLock>>,
 }
 
 impl RawImage {
@@ -30,22 +37,52 @@ impl RawImage {
         let (file, info) = open_direct(path, read_only)?;
         Ok(RawImage {
             file,
+            path: path.to_path_buf(),
             capacity: info.size,
             alignment: info.alignment,
             physical_block_size: info.physical_block_size,
             identity: image_identity(path),
             discard_unmap,
             read_only,
-            lock: None,
+            active: AtomicBool::new(true),
+            lock: Mutex::new(None),
         })
     }
 
+    /// Makes the image start inactive (an incoming migration's destination): it takes only
+    /// [`Access::inactive`] locks and serves no IO until [`Disk::activate`]. Call before
+    /// [`RawImage::lock`].
+    pub fn inactive(self) -> Self {
+        self.active.store(false, Ordering::Release);
+        self
+    }
+
+    /// The access this image's state calls for.
+    fn access(&self, active: bool) -> Access {
+        if active { Access::raw(!self.read_only) } else { Access::inactive() }
+    }
+
     /// Takes the locks QEMU takes on a raw image under a virtio-blk device
-    /// ([`Access::raw`]), for as long as the image stays open.
+    /// ([`Access::raw`]; [`Access::inactive`] while inactive), for as long as the image
+    /// stays open.
     pub fn lock(&mut self, path: &Path, mode: Locking) -> Result<(), LockError> {
-        self.lock = lock_image(&self.file, path, Access::raw(!self.read_only), mode)?;
+        let want = self.access(self.active.load(Ordering::Acquire));
+        let taken = lock_image(&self.file, path, want, mode)?;
+        match self.lock.get_mut() {
+            Ok(slot) => *slot = taken,
+            Err(poisoned) => *poisoned.into_inner() = taken,
+        }
         Ok(())
     }
+
+    /// Fails unless the image is active: one atomic load on the data path.
+    fn check_active(&self) -> Result<(), ImageError> {
+        if self.active.load(Ordering::Acquire) { Ok(()) } else { Err(ImageError::Inactive) }
+    }
+}
+
+fn poisoned() -> ImageError {
+    ImageError::Io(std::io::Error::other("image lock state poisoned"))
 }
 
 impl Disk for RawImage {
@@ -70,6 +107,7 @@ impl Disk for RawImage {
     }
 
     fn map_read(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), ImageError> {
+        self.check_active()?;
         out.push(Extent { req_off: 0, len, target: Target::Host { file: 0, offset } });
         Ok(())
     }
@@ -80,6 +118,7 @@ impl Disk for RawImage {
     }
 
     fn map_zero(&self, offset: u64, len: u64, req: ZeroRequest, out: &mut Vec<HostZero>) -> Result<WriteTicket, ImageError> {
+        self.check_active()?;
         let mode = match (req, self.discard_unmap) {
             // Discard with host discard disabled: nothing to do (contents are unspecified).
             (ZeroRequest::Discard, false) => return Ok(WriteTicket::default()),
@@ -88,6 +127,41 @@ impl Disk for RawImage {
         };
         out.push(HostZero { file: 0, offset, len, mode });
         Ok(WriteTicket::default())
+    }
+
+    fn activate(&self, wait: Duration) -> Result<(), ImageError> {
+        let mut lock = self.lock.lock().map_err(|_| poisoned())?;
+        if self.active.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        change_lock(lock.as_mut(), &self.path, self.access(true), wait)?;
+        self.active.store(true, Ordering::Release);
+        tracing::info!(image = %self.path.display(), lock_wait_ms = started.elapsed().as_millis() as u64, "image activated");
+        Ok(())
+    }
+
+    fn inactivate(&self) -> Result<(), ImageError> {
+        let mut lock = self.lock.lock().map_err(|_| poisoned())?;
+        if !self.active.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        // SAFETY: the fd belongs to the image, which is alive for this call.
+        if unsafe { libc::fdatasync(self.file.as_raw_fd()) } != 0 {
+            return Err(ImageError::Io(std::io::Error::last_os_error()));
+        }
+        let synced = started.elapsed();
+        self.active.store(false, Ordering::Release);
+        // Dropping locks cannot conflict: only a kernel error fails here, and the image is
+        // inactive all the same (it writes nothing more).
+        let downgraded = change_lock(lock.as_mut(), &self.path, self.access(false), Duration::ZERO);
+        tracing::info!(image = %self.path.display(), sync_ms = synced.as_millis() as u64, "image inactivated");
+        downgraded
+    }
+
+    fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
     }
 }
 
@@ -123,5 +197,49 @@ mod tests {
         assert!(z.is_empty());
         ignore.map_zero(0, 4096, ZeroRequest::WriteZeroes { may_unmap: true }, &mut z).unwrap();
         assert_eq!(z[0].mode, ZeroMode::ZeroRange);
+    }
+
+    #[test]
+    fn a_raw_image_hands_its_write_lock_over_and_back() {
+        let path = std::env::temp_dir().join(format!("thinblk-raw-migrate-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 8192]).expect("create image");
+        struct Cleanup(std::path::PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let _cleanup = Cleanup(path.clone());
+        // Two opens in one process are two open file descriptions: their locks conflict as
+        // two processes' do.
+        let mut a = RawImage::open(&path, false, false).expect("open a");
+        a.lock(&path, Locking::On).expect("lock a");
+        let mut b = RawImage::open(&path, false, false).expect("open b").inactive();
+        b.lock(&path, Locking::On).expect("an inactive open coexists with a writer");
+        let mut ext = Vec::new();
+        let mut z = Vec::new();
+        assert!(matches!(b.map_read(0, 512, &mut ext), Err(ImageError::Inactive)));
+        assert!(matches!(b.map_write(0, 512, &mut ext), Err(ImageError::Inactive)));
+        assert!(matches!(b.map_zero(0, 512, ZeroRequest::WriteZeroes { may_unmap: false }, &mut z), Err(ImageError::Inactive)));
+        assert!(ext.is_empty() && z.is_empty());
+        let started = std::time::Instant::now();
+        match b.activate(Duration::from_millis(100)) {
+            Err(ImageError::Lock { source: LockError::Refused { holders, .. }, .. }) => {
+                assert!(holders.iter().any(|h| h.pid == std::process::id()), "holder not named: {holders:?}");
+            }
+            other => panic!("activation while a writes: {other:?}"),
+        }
+        assert!(started.elapsed() >= Duration::from_millis(100), "gave up before the wait");
+        assert!(!b.is_active());
+        a.inactivate().expect("a hands over");
+        a.inactivate().expect("twice is nothing");
+        assert!(matches!(a.map_read(0, 512, &mut ext), Err(ImageError::Inactive)));
+        b.activate(Duration::from_secs(5)).expect("b takes over");
+        b.activate(Duration::ZERO).expect("twice is nothing");
+        b.map_read(0, 512, &mut ext).expect("b serves");
+        assert!(matches!(a.activate(Duration::ZERO), Err(ImageError::Lock { .. })));
+        b.inactivate().expect("b hands back");
+        a.activate(Duration::ZERO).expect("a takes back");
+        assert!(a.is_active() && !b.is_active());
     }
 }

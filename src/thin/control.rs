@@ -510,10 +510,10 @@ fn wait(wake: i32, stop: i32, timeout: Duration) -> io::Result<bool> {
 
 impl ThinEngine for crate::format::Qcow2Format {
     fn allocation(&self) -> u64 {
-        self.engine().allocation()
+        crate::format::Qcow2Format::allocation(self)
     }
     fn set_limit(&self, limit: u64) {
-        self.engine().set_limit(limit)
+        crate::format::Qcow2Format::set_limit(self, limit)
     }
 }
 

@@ -300,7 +300,9 @@ pub fn error_class(outcome: &Outcome) -> Option<ErrorClass> {
         Outcome::HostIo(e) => ErrorClass::of_errno(*e),
         Outcome::Image(ImageError::Io(e)) => ErrorClass::of_errno(e.raw_os_error().unwrap_or(libc::EIO)),
         Outcome::Image(ImageError::NoSpace { .. }) => ErrorClass::NoSpace,
-        Outcome::Image(ImageError::Refused(_)) => ErrorClass::Unsupported,
+        Outcome::Image(ImageError::Refused(_) | ImageError::Inactive | ImageError::Lock { .. } | ImageError::Qcow2 { .. }) => {
+            ErrorClass::Unsupported
+        }
     })
 }
 
@@ -324,5 +326,6 @@ mod tests {
         assert_eq!(error_class(&Outcome::Invalid(RequestError::ReadOnly)), Some(ErrorClass::Invalid));
         assert_eq!(error_class(&Outcome::HostIo(libc::ENOSPC)), Some(ErrorClass::NoSpace));
         assert_eq!(error_class(&Outcome::Image(ImageError::NoSpace { needed: 2, limit: 1 })), Some(ErrorClass::NoSpace));
+        assert_eq!(error_class(&Outcome::Image(ImageError::Inactive)), Some(ErrorClass::Unsupported));
     }
 }

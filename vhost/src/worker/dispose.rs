@@ -75,7 +75,13 @@ impl Worker {
             Outcome::HostIo(e) => *e,
             // Metadata IO of the format failed (e.g. an L2 table read): a storage fault.
             Outcome::Image(ImageError::Io(e)) => e.raw_os_error().unwrap_or(libc::EIO),
-            Outcome::Ok | Outcome::Invalid(_) | Outcome::Image(ImageError::Refused(_)) => return Fate::Report,
+            // Refused, or sent to an image that is not active here (a migration's destination
+            // before it takes over, a source after): nothing to retry.
+            Outcome::Ok
+            | Outcome::Invalid(_)
+            | Outcome::Image(ImageError::Refused(_) | ImageError::Inactive | ImageError::Lock { .. } | ImageError::Qcow2 { .. }) => {
+                return Fate::Report
+            }
         };
         match ctx.park.on_error(op, errno) {
             // Held until resumed (retry timer, `cont`, or the thin volume grown). Any new
