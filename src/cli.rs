@@ -41,6 +41,11 @@ pub struct ServeArgs {
     /// Serve the disk read-only.
     #[arg(long)]
     pub read_only: bool,
+    /// The destination of a live migration (QEMU `-incoming`): open the image inactive
+    /// (shared lock only, no journal, nothing written, no extension requested) and take it
+    /// when the frontend starts the rings after the switch-over.
+    #[arg(long, conflicts_with = "read_only")]
+    pub incoming: bool,
     /// Number of request queues (one worker thread and io_uring each).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub num_queues: u16,

@@ -36,6 +36,8 @@ pub struct Target {
     pub thin: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
     /// The image (`freeze` writes its metadata back and syncs it).
     pub image: Option<Arc<dyn thinblk_vhost::Disk>>,
+    /// The image's handover around live migration (`query-status` shows it).
+    pub handover: Option<Arc<crate::handover::Handover>>,
 }
 
 /// How long `freeze` waits for writes at the storage to finish.
@@ -243,6 +245,7 @@ pub fn handle(line: &str, t: &Target) -> Value {
                 o.insert("first-failure-ms-ago".into(), json!(t.faults.first_failure().map(|d| d.as_millis() as u64)));
                 o.insert("errors".into(), json!({"total": c.errors, "reported": c.reported, "ignored": c.ignored, "parked": c.parked}));
                 o.insert("thin".into(), t.thin.as_ref().map(|f| f()).unwrap_or(Value::Null));
+                o.insert("migration".into(), t.handover.as_ref().map(|h| h.status().json()).unwrap_or(Value::Null));
             }
             json!({"return": policy})
         }
@@ -375,7 +378,7 @@ mod tests {
 
     fn target() -> Target {
         let hub = ParkHub::new(1).unwrap();
-        Target { faults: FaultState::new(Settings::default(), hub.clone()), hub, thin: None, image: None }
+        Target { faults: FaultState::new(Settings::default(), hub.clone()), hub, thin: None, image: None, handover: None }
     }
 
     #[test]

@@ -113,7 +113,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         refcount_cache_blocks: Some(args.refcount_cache_blocks as usize),
         backing_files: args.backing_files.into(),
         locking: args.image_locking.into(),
-        inactive: false,
+        inactive: args.incoming,
     };
     // Before the first thread starts, so that every thread inherits it (docs/security.md).
     if let Some(f) = thinblk_vhost::seccomp::process_filter(args.seccomp.mode()).map_err(Failure::Usage)? {
@@ -123,18 +123,19 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
     let faults = thinblk::fault::FaultState::new(fault_settings, hub.clone());
     hub.set_policy(faults.clone());
     let _retry_timer = faults.start_timer().map_err(|e| Failure::Runtime(e.to_string()))?;
-    let (image, thin_handle): (Arc<dyn Disk>, _) = match &thin {
-        None => (open_image(&image_path, format.into(), &opts).map_err(|e| Failure::Runtime(e.to_string()))?, None),
+    let (image, thin_handle, thin_signals): (Arc<dyn Disk>, _, _) = match &thin {
+        None => (open_image(&image_path, format.into(), &opts).map_err(|e| Failure::Runtime(e.to_string()))?, None, None),
         Some(t) => {
             let qf = Arc::new(Qcow2Format::open(&image_path, &opts).map_err(|e| Failure::Runtime(e.to_string()))?);
             let signals = Signals::new().map_err(|e| Failure::Runtime(e.to_string()))?;
             qf.set_observer(signals.clone());
             hub.set_listener(signals.clone());
-            let handle = thinblk::thin::start(t, qf.clone(), qf.capacity(), signals, hub.clone())
+            let handle = thinblk::thin::start(t, qf.clone(), qf.capacity(), signals.clone(), hub.clone())
                 .map_err(|e| Failure::Runtime(format!("thin volume {}: {e}", image_path.display())))?;
-            (qf, Some(handle))
+            (qf, Some(handle), Some(signals))
         }
     };
+    let handover = thinblk::handover::Handover::new(image.clone(), args.incoming, thin_signals);
     let _control = match &args.control {
         None => None,
         Some(path) => {
@@ -146,7 +147,13 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
                         "completed": s.completed, "failed": s.failed})
                 }) as Arc<dyn Fn() -> serde_json::Value + Send + Sync>
             });
-            let target = thinblk::ctl::Target { faults: faults.clone(), hub: hub.clone(), thin: thin_status, image: Some(image.clone()) };
+            let target = thinblk::ctl::Target {
+                faults: faults.clone(),
+                hub: hub.clone(),
+                thin: thin_status,
+                image: Some(image.clone()),
+                handover: Some(handover.clone()),
+            };
             Some(thinblk::ctl::serve(path, target).map_err(|e| Failure::Runtime(format!("control socket {}: {e}", path.display())))?)
         }
     };
@@ -162,6 +169,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
                 hub: hub.clone(),
                 faults: faults.clone(),
                 thin: thin_handle.as_ref().map(|h| h.stats_handle()),
+                handover: Some(handover.clone()),
             });
             let render: thinblk::metrics::http::Render = Arc::new(move |p| sources.render(p));
             let server = thinblk::metrics::http::serve(endpoint, render)
@@ -180,7 +188,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         park: Some(hub),
         stats,
         seccomp: thinblk_vhost::seccomp::queue_filter(args.seccomp.mode()).map_err(Failure::Usage)?,
-        ownership: None,
+        ownership: Some(handover.clone()),
         stop: thinblk_vhost::device::StopLimits {
             parked_grace: std::time::Duration::from_millis(args.stop_grace),
             limit: std::time::Duration::from_millis(args.stop_limit),
@@ -427,6 +435,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         image: Some(image.clone()),
         format: Some(Format::Qcow2),
         read_only: false,
+        incoming: false,
         num_queues: args.num_queues,
         queue_size: 256,
         logical_block_size: 512,

@@ -124,6 +124,8 @@ pub struct Sources {
     pub faults: Arc<FaultState>,
     /// Thin-volume state (None without `--thin`).
     pub thin: Option<Arc<Mutex<ThinStats>>>,
+    /// The image's handover around live migration.
+    pub handover: Option<Arc<crate::handover::Handover>>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -345,6 +347,13 @@ impl Sources {
 
     fn image_and_volume(&self, b: &mut Builder) {
         b.gauge("capacity_bytes", "The disk's virtual size.", self.one(gauge_i(self.image.capacity())));
+        if let Some(h) = &self.handover {
+            let s = h.status();
+            b.gauge("image_active", "1 while this daemon owns the image (0: an incoming migration before its switch-over, or a source after it).", self.one(Value::Gauge(i64::from(s.active))));
+            b.counter("image_activations", "Times this daemon took the image (a migration's destination at its switch-over, or a source whose migration failed).", self.one(Value::Counter(s.activations)));
+            b.counter("image_handovers", "Times this daemon handed the image over at a migration's switch-over.", self.one(Value::Counter(s.handovers)));
+            b.counter("image_handover_failures", "Activations or handovers that failed (the image then stays where it was).", self.one(Value::Counter(s.failures)));
+        }
         if let Some(a) = self.image.allocation() {
             b.gauge("allocation_bytes", "One past the last host byte the qcow2 image uses (metadata included).", self.one(gauge_i(a)));
         }

@@ -68,6 +68,14 @@ impl Signals {
         }
     }
 
+    /// Wakes the control thread for a look at the image's state (it was activated or handed
+    /// over), without a threshold signal.
+    pub fn wake(&self) {
+        if let Err(e) = self.wake.write(1) {
+            tracing::error!(error = %e, "waking the thin control thread failed");
+        }
+    }
+
     /// Takes the pending signal: whether there was one, and when it was raised.
     fn take(&self) -> Option<Instant> {
         let _ = self.wake.read();
@@ -125,6 +133,8 @@ pub struct Control {
     next_poll: Instant,
     improbable_logged: bool,
     stats: Arc<Mutex<ThinStats>>,
+    /// The image was active at the last look (live migration hands it between daemons).
+    active: bool,
 }
 
 /// What the engine offers the control thread (the qcow2 engine in production).
@@ -133,6 +143,11 @@ pub trait ThinEngine: Send + Sync {
     fn allocation(&self) -> u64;
     /// Sets the host offset no allocation may pass.
     fn set_limit(&self, limit: u64);
+    /// Whether this process owns the image now (an inactive image, before a migration's
+    /// switch-over or after it handed the image over, extends nothing).
+    fn active(&self) -> bool {
+        true
+    }
 }
 
 impl ThinEngine for Qcow2 {
@@ -211,6 +226,7 @@ impl Control {
         id: MailboxIdentity,
     ) -> Control {
         engine.set_limit(volume.physical());
+        let active = engine.active();
         Control {
             engine,
             volume,
@@ -225,6 +241,7 @@ impl Control {
             next_poll: Instant::now(),
             improbable_logged: false,
             stats: Arc::new(Mutex::new(ThinStats::default())),
+            active,
         }
     }
 
@@ -240,6 +257,20 @@ impl Control {
         let mut next_sample = Instant::now();
         loop {
             let now = Instant::now();
+            if !self.follow_owner(now) {
+                // Inactive: nothing is requested, re-sent or polled (the daemon that owns the
+                // image extends its volume); wait for activation or stop.
+                let _ = self.signals.take();
+                match wait(self.signals.wake.as_raw_fd(), stop.as_raw_fd(), TICK) {
+                    Ok(true) => break,
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::error!(error = %e, "thin control wait failed");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                }
+            }
             if now >= next_tick {
                 self.tick(now);
                 next_tick = now + TICK;
@@ -272,6 +303,25 @@ impl Control {
         if let Err(e) = self.client.stop(self.io.as_mut()) {
             tracing::warn!(error = %e, "clearing our mailbox slots at stop failed");
         }
+    }
+
+    /// Follows the image's owner: on activation (a migration's destination after the
+    /// switch-over, or a source whose migration failed) the volume is refreshed first, as
+    /// spec §2.5 asks of a destination, so an extension the other daemon obtained is seen,
+    /// and the monitor looks at once: what is still missing is asked for again, under this
+    /// host's id. Returns whether the image is active.
+    fn follow_owner(&mut self, now: Instant) -> bool {
+        let active = self.engine.active();
+        if active && !self.active {
+            tracing::info!(physical = self.volume.physical(), "image activated: the volume is refreshed and its extensions are ours");
+            self.refresh(now, None);
+            self.tick(now);
+        } else if !active && self.active {
+            tracing::info!(outstanding = self.client.active(), queued = self.client.queued(),
+                "image handed over: no extension request is sent from here until it is active again");
+        }
+        self.active = active;
+        active
     }
 
     /// Whether mailbox requests are outstanding (replies are then polled).
@@ -514,6 +564,9 @@ impl ThinEngine for crate::format::Qcow2Format {
     }
     fn set_limit(&self, limit: u64) {
         crate::format::Qcow2Format::set_limit(self, limit)
+    }
+    fn active(&self) -> bool {
+        thinblk_vhost::Disk::is_active(self)
     }
 }
 

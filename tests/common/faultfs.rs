@@ -46,6 +46,9 @@ pub struct Faults {
     log: std::sync::Mutex<Option<Vec<LogEvent>>>,
     /// Events logged so far (readable without the lock).
     logged: AtomicU64,
+    /// Every modification (write, zeroing, size change) as (pid of the caller, wall-clock
+    /// milliseconds since the epoch), always kept: who wrote the file, and when.
+    writers: std::sync::Mutex<Vec<(u32, u64)>>,
 }
 
 /// One completed modification of the served file.
@@ -93,6 +96,18 @@ impl Faults {
             }
         }
     }
+    /// Records a modification by process `pid` (the tgid FUSE reports: io_uring workers
+    /// count as their process).
+    fn modified_by(&self, pid: u32) {
+        let ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        self.writers.lock().unwrap_or_else(|e| e.into_inner()).push((pid, ms));
+    }
+
+    /// The modifications so far: (pid, wall-clock ms since the epoch), oldest first.
+    pub fn modifications(&self) -> Vec<(u32, u64)> {
+        self.writers.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Clears every fault.
     pub fn clear(&self) {
         self.fail_writes(0);
@@ -172,7 +187,7 @@ impl Filesystem for FaultFs {
 
     fn setattr(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         ino: u64,
         _mode: Option<u32>,
         _uid: Option<u32>,
@@ -192,6 +207,7 @@ impl Filesystem for FaultFs {
             if let Err(e) = self.backing.set_len(s) {
                 return reply.error(e.raw_os_error().unwrap_or(libc::EIO));
             }
+            self.faults.modified_by(req.pid());
             self.faults.record(LogEvent::SetLen(s));
         }
         reply.attr(&TTL, &self.attr(ino));
@@ -234,7 +250,7 @@ impl Filesystem for FaultFs {
 
     fn write(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         _ino: u64,
         _fh: u64,
         offset: i64,
@@ -250,6 +266,7 @@ impl Filesystem for FaultFs {
         }
         match self.backing.write_all_at(data, offset as u64) {
             Ok(()) => {
+                self.faults.modified_by(req.pid());
                 self.faults.record(LogEvent::Write(offset as u64, data.to_vec()));
                 reply.written(data.len() as u32)
             }
@@ -257,7 +274,7 @@ impl Filesystem for FaultFs {
         }
     }
 
-    fn fallocate(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, offset: i64, length: i64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(&mut self, req: &Request<'_>, _ino: u64, _fh: u64, offset: i64, length: i64, mode: i32, reply: ReplyEmpty) {
         use std::os::fd::AsRawFd;
         self.stall();
         if let Some(e) = self.write_fault() {
@@ -269,6 +286,7 @@ impl Filesystem for FaultFs {
             return reply.error(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO));
         }
         if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+            self.faults.modified_by(req.pid());
             self.faults.record(LogEvent::Zero(offset as u64, length as u64));
         }
         let after = self.backing.metadata().map(|m| m.len()).unwrap_or(0);

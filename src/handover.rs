@@ -1,0 +1,178 @@
+//! The image's owner across a live migration: this daemon's side of the handover, as the
+//! device asks for it ([`thinblk_vhost::ownership`]), with what an operator needs to see.
+//!
+//! A daemon started with `--incoming` (the migration's destination) opens the image
+//! inactive and takes it when its rings start after the switch-over. A daemon serving the
+//! image (the source) hands it over when its rings stop while the frontend logs dirty pages
+//! (the switch-over), and takes it back if its rings start again (a failed or cancelled
+//! migration). Each change is logged, counted (metrics) and shown by `ctl query-status`;
+//! the thin volume's control thread is woken so that it refreshes the volume and takes over
+//! extensions (or stops sending them).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use thinblk_vhost::ownership::Ownership;
+use thinblk_vhost::Disk;
+
+use crate::thin::control::Signals;
+
+/// What the handover did so far.
+#[derive(Clone, Debug, Default)]
+pub struct HandoverStatus {
+    /// This daemon may write the image now.
+    pub active: bool,
+    /// Started with `--incoming` (the destination of a migration).
+    pub incoming: bool,
+    /// Times the image was taken (at a ring start).
+    pub activations: u64,
+    /// Times the image was handed over (at a migration's switch-over).
+    pub handovers: u64,
+    /// Activations or handovers that failed.
+    pub failures: u64,
+    /// When the state last changed.
+    pub changed: Option<Instant>,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+}
+
+impl HandoverStatus {
+    /// Where this daemon stands: `serving`, `incoming` (waiting for the switch-over) or
+    /// `handed-over` (a source after its switch-over).
+    pub fn role(&self) -> &'static str {
+        match (self.active, self.handovers > 0 || !self.incoming) {
+            (true, _) => "serving",
+            (false, false) => "incoming",
+            (false, true) => "handed-over",
+        }
+    }
+
+    /// The status as `ctl query-status` shows it.
+    pub fn json(&self) -> Value {
+        json!({
+            "role": self.role(),
+            "active": self.active,
+            "incoming": self.incoming,
+            "activations": self.activations,
+            "handovers": self.handovers,
+            "failures": self.failures,
+            "changed-ms-ago": self.changed.map(|t| t.elapsed().as_millis() as u64),
+            "last-error": self.last_error,
+        })
+    }
+}
+
+/// This daemon's side of the handover.
+pub struct Handover {
+    image: Arc<dyn Disk>,
+    thin: Option<Arc<Signals>>,
+    status: Mutex<HandoverStatus>,
+}
+
+impl Handover {
+    /// The handover of `image`; `incoming`: it was opened inactive (`--incoming`); `thin`:
+    /// the thin volume's control thread to wake on a change.
+    pub fn new(image: Arc<dyn Disk>, incoming: bool, thin: Option<Arc<Signals>>) -> Arc<Handover> {
+        let status = HandoverStatus { active: image.is_active(), incoming, ..Default::default() };
+        if incoming {
+            tracing::info!("incoming migration: the image is open inactive (shared lock, nothing written) until this daemon's rings start");
+        }
+        Arc::new(Handover { image, thin, status: Mutex::new(status) })
+    }
+
+    /// A copy of the status.
+    pub fn status(&self) -> HandoverStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut HandoverStatus)) {
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut s);
+    }
+
+    fn wake_thin(&self) {
+        if let Some(t) = &self.thin {
+            t.wake();
+        }
+    }
+}
+
+impl Ownership for Handover {
+    fn is_active(&self) -> bool {
+        self.image.is_active()
+    }
+
+    fn activate(&self, wait: Duration) -> Result<(), String> {
+        let t = Instant::now();
+        let first = self.status().activations == 0;
+        match self.image.activate(wait) {
+            Ok(()) => {
+                self.update(|s| {
+                    s.active = true;
+                    s.activations += 1;
+                    s.changed = Some(Instant::now());
+                });
+                let side = if self.status().incoming && first { "destination: the migration's switch-over is done" } else { "the image is served here again" };
+                tracing::info!(ms = t.elapsed().as_millis() as u64, "image activated ({side}): lock taken, metadata read afresh, journal started");
+                self.wake_thin();
+                Ok(())
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                self.update(|s| {
+                    s.failures += 1;
+                    s.last_error = Some(msg.clone());
+                });
+                tracing::error!(error = %msg, waited_ms = t.elapsed().as_millis() as u64, "activating the image failed");
+                Err(msg)
+            }
+        }
+    }
+
+    fn inactivate(&self) -> Result<(), String> {
+        let t = Instant::now();
+        match self.image.inactivate() {
+            Ok(()) => {
+                self.update(|s| {
+                    s.active = false;
+                    s.handovers += 1;
+                    s.changed = Some(Instant::now());
+                });
+                tracing::info!(ms = t.elapsed().as_millis() as u64,
+                    "image inactivated (source: handed over at the switch-over): metadata written back and synced, journal removed, lock dropped; nothing is written here until a ring starts again");
+                self.wake_thin();
+                Ok(())
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                self.update(|s| {
+                    s.failures += 1;
+                    s.last_error = Some(msg.clone());
+                });
+                tracing::error!(error = %msg, "inactivating the image failed: it stays active here");
+                Err(msg)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_follow_the_handovers() {
+        let mut s = HandoverStatus { incoming: true, ..Default::default() };
+        assert_eq!(s.role(), "incoming");
+        s.active = true;
+        s.activations = 1;
+        assert_eq!(s.role(), "serving");
+        s.active = false;
+        s.handovers = 1;
+        assert_eq!(s.role(), "handed-over");
+        let source = HandoverStatus { active: true, ..Default::default() };
+        assert_eq!(source.role(), "serving");
+        assert_eq!(source.json()["role"], "serving");
+    }
+}
