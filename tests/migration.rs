@@ -114,6 +114,10 @@ struct Migration {
 #[derive(Debug)]
 struct Report {
     migrations: Vec<Migration>,
+    /// Per migration, from the source's STOP event to the destination's RESUME (their QMP
+    /// timestamps; one host, one clock): the pause as seen from outside, the destination's
+    /// loading of the device state included (QEMU starts devices after RESUME).
+    pauses_ms: Vec<u64>,
     /// The guest's `max-stall-ms`: its longest fio completion over the whole run.
     guest_max_stall_ms: u64,
     /// The longest completion of the rounds that were running at a switch-over (the first
@@ -122,6 +126,12 @@ struct Report {
     /// The longest completion of the other rounds (the same guest without a migration).
     other_rounds_max_ms: u64,
     elapsed: Duration,
+}
+
+/// A QMP event's timestamp in microseconds since the epoch.
+fn event_us(e: &Value) -> Option<u64> {
+    let t = e.get("timestamp")?;
+    Some(t.get("seconds")?.as_u64()? * 1_000_000 + t.get("microseconds")?.as_u64()?)
 }
 
 fn read_lossy(p: &Path) -> String {
@@ -374,6 +384,7 @@ fn migrate_while_fio_runs(rig: &mut Rig, hops: usize, mut before_hop: impl FnMut
     src.wait_console("`guest: fio started`", |c| c.contains("guest: fio started"), BOOT_LIMIT);
     eprintln!("{:>5.1} s: fio started on {}", t0.elapsed().as_secs_f64(), src.name);
     let mut migrations = Vec::new();
+    let mut pauses = Vec::new();
     // The consoles of the retired sources, in order.
     let mut consoles = Vec::new();
     for hop in 0..hops {
@@ -393,7 +404,9 @@ fn migrate_while_fio_runs(rig: &mut Rig, hops: usize, mut before_hop: impl FnMut
             m.error.as_deref().unwrap_or("no error given"),
             read_lossy(&src.qemu_log)
         );
-        dst.qmp.wait_event("RESUME", Duration::from_secs(30)).unwrap_or_else(|e| panic!("{}: {e}", dst.name));
+        let resumed = dst.qmp.wait_event("RESUME", Duration::from_secs(30)).unwrap_or_else(|e| panic!("{}: {e}", dst.name));
+        let stopped = src.qmp.wait_event("STOP", Duration::from_secs(10)).unwrap_or_else(|e| panic!("{}: {e}", src.name));
+        pauses.push(event_us(&resumed).zip(event_us(&stopped)).map_or(0, |(r, s)| r.saturating_sub(s) / 1000));
         let st = dst.qmp.execute("query-status", Value::Null).expect("query-status");
         assert_eq!(st.get("status").and_then(Value::as_str), Some("running"), "{}: {st}", dst.name);
         let text = src.console_text();
@@ -445,13 +458,14 @@ fn migrate_while_fio_runs(rig: &mut Rig, hops: usize, mut before_hop: impl FnMut
         .find_map(|l| l.trim().strip_prefix("guest: max-stall-ms="))
         .and_then(|v| v.trim().parse().ok())
         .expect("the guest printed no max-stall-ms");
-    let report = Report { migrations, guest_max_stall_ms, switch_rounds_max_ms: switch, other_rounds_max_ms: other, elapsed: t0.elapsed() };
+    let report = Report { migrations, pauses_ms: pauses, guest_max_stall_ms, switch_rounds_max_ms: switch, other_rounds_max_ms: other, elapsed: t0.elapsed() };
     let list = |f: fn(&Migration) -> u64| report.migrations.iter().map(|m| f(m).to_string()).collect::<Vec<_>>().join(",");
     eprintln!(
-        "MIGRATION-REPORT {}: total_ms={} downtime_ms={} setup_ms={} ram_mib={} mbps={} guest_max_stall_ms={} switch_round_max_ms={} other_rounds_max_ms={} test_s={}",
+        "MIGRATION-REPORT {}: total_ms={} downtime_ms={} pause_ms={} setup_ms={} ram_mib={} mbps={} guest_max_stall_ms={} switch_round_max_ms={} other_rounds_max_ms={} test_s={}",
         kind.label(),
         list(|m| m.total_ms),
         list(|m| m.downtime_ms),
+        report.pauses_ms.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
         list(|m| m.setup_ms),
         list(|m| m.ram_mib),
         report.migrations.iter().map(|m| format!("{:.0}", m.mbps)).collect::<Vec<_>>().join(","),
