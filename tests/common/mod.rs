@@ -4,6 +4,7 @@
 pub mod faultfs;
 pub mod frontend;
 pub mod metrics;
+pub mod qmp;
 pub mod vm;
 
 use std::mem::MaybeUninit;
