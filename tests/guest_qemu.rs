@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::vm::{assert_pass, assets, qemu_tcg, run_to_end, tail};
-use common::{sparse_file, Daemon, LoopDev, TestDir};
+use common::{log_time_ms, sparse_file, Daemon, LoopDev, TestDir};
 
 /// Upper bound for one guest run (boot + test + poweroff under TCG).
 const GUEST_LIMIT: Duration = Duration::from_secs(420);
@@ -180,25 +180,6 @@ fn restart_gaps(log: &Path, kills: &[u64]) -> Vec<u64> {
     gaps
 }
 
-/// Milliseconds since the Unix epoch of a log line's RFC 3339 timestamp (UTC, as tracing
-/// prints it): `2026-12-01T21:29:12.782822Z ...`.
-fn log_time_ms(line: &str) -> Option<u64> {
-    let ts = line.split_whitespace().next()?;
-    let (date, time) = ts.trim_end_matches('Z').split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let mut t = time.split(':');
-    let (hh, mm, ss) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?, t.next()?.parse::<f64>().ok()?);
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 86_400 + hh * 3600 + mm * 60) as f64 * 1000.0 + ss * 1000.0) as u64)
-}
 
 /// The daemon is SIGKILLed and started again five times while the guest runs a verifying fio
 /// (2 jobs) on ext4: QEMU reconnects (`reconnect-ms=1000`), the inflight region carries the

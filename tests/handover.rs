@@ -145,6 +145,7 @@ fn the_image_is_handed_over_at_the_switch_over_and_back() {
     }
     assert_eq!(write(&mut fb, 24, 0xb1), 0);
     assert!(writes_by(&mount, pid_b, handed, now_ms()) > 0, "the destination took the image but wrote nothing");
+    assert!(writes_by(&mount, pid_a, 0, handed) > 0, "the source's writes were not attributed to it");
 
     // And back: B hands over at its switch-over, A's rings start again (the source of a
     // failed migration does the same) and A takes the image again.

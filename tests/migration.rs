@@ -27,7 +27,8 @@ use serde_json::{json, Value};
 
 use common::qmp::Qmp;
 use common::vm::{assert_pass, assets, qemu_tcg, tail};
-use common::{Daemon, TestDir};
+use common::faultfs::FaultMount;
+use common::{log_time_ms, Daemon, LoopDev, TestDir};
 
 /// fio rounds the guest runs (16 MiB each, a few seconds under TCG): enough for two hops with
 /// a round before each and the switch-overs well before the end.
@@ -76,6 +77,11 @@ struct Rig {
     assets: PathBuf,
     /// VMs started so far (numbers their names: a1, b2, a3, ...).
     started: usize,
+    /// The FUSE fixture the image lies on, if a variant put it there: it records which
+    /// process modified the image, and when, and injects storage faults.
+    mount: Option<FaultMount>,
+    /// What a thin-volume variant keeps alive: the SPM, then the loop device.
+    thin: Option<(Daemon, LoopDev)>,
 }
 
 /// One QEMU of the rig (and its thinblk daemon); QEMU is killed when dropped, then the daemon.
@@ -92,6 +98,9 @@ struct Vm {
     /// Where a destination listens for the migration stream.
     incoming: Option<PathBuf>,
     daemon: Option<Daemon>,
+    /// The daemon's log and control socket (thinblk).
+    daemon_log: Option<PathBuf>,
+    control: Option<PathBuf>,
 }
 
 /// What `query-migrate` on the source said at the end of one migration.
@@ -161,7 +170,7 @@ impl Rig {
         assert!(out.status.success(), "qemu-img create: {}", String::from_utf8_lossy(&out.stderr));
         let daemon_args = vec!["--image".to_string(), image.to_str().expect("utf-8 path").to_string(), "--format".into(), "qcow2".into()];
         let append = format!("console=ttyS0 panic=-1 loglevel=4 thinblk_test=migrate thinblk_rounds={rounds}");
-        Rig { dir, kind, image, daemon_args, append, assets: assets(), started: 0 }
+        Rig { dir, kind, image, daemon_args, append, assets: assets(), started: 0, mount: None, thin: None }
     }
 
     /// Starts a VM on `host` ("a" or "b"): for thinblk its daemon first (with `--incoming`
@@ -181,6 +190,7 @@ impl Rig {
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
         let mut daemon = None;
+        let (mut daemon_log, mut ctl_path) = (None, None);
         match self.kind {
             DiskKind::VirtioBlk => {
                 use std::os::unix::fs::FileTypeExt;
@@ -196,13 +206,31 @@ impl Rig {
                 let journal = self.dir.path(&format!("journal-{host}"));
                 std::fs::create_dir_all(&journal).expect("journal dir");
                 let journal = journal.to_str().expect("utf-8 path").to_string();
-                let mut args: Vec<&str> = self.daemon_args.iter().map(String::as_str).collect();
-                args.extend_from_slice(&["--num-queues", "2", "--serial", "guest-disk-1", "--journal-dir", &journal]);
+                // Each host has its own mailbox identity (host id and lock) on a thin volume.
+                let per_host: Vec<String> = self
+                    .daemon_args
+                    .iter()
+                    .scan(None::<String>, |prev, a| {
+                        let out = match (prev.as_deref(), host) {
+                            (Some("--host-id"), "b") => format!("{}", a.parse::<u32>().unwrap_or(2) + 1),
+                            (Some("--mailbox-lock"), "b") => format!("{a}.b"),
+                            _ => a.clone(),
+                        };
+                        *prev = Some(a.clone());
+                        Some(out)
+                    })
+                    .collect();
+                let control = self.dir.path(&format!("ctl-{name}.sock"));
+                let control_arg = control.to_str().expect("utf-8 path").to_string();
+                ctl_path = Some(control);
+                let mut args: Vec<&str> = per_host.iter().map(String::as_str).collect();
+                args.extend_from_slice(&["--num-queues", "2", "--serial", "guest-disk-1", "--journal-dir", &journal, "--control", &control_arg]);
                 if incoming {
                     args.push("--incoming");
                 }
                 let log = self.dir.path(&format!("daemon-{name}.log"));
                 daemon = Some(Daemon::start_logging(&sock, &args, Some(&log)));
+                daemon_log = Some(log);
                 cmd.arg("-chardev")
                     .arg(format!("socket,id=blk0,path={}", sock.display()))
                     .args(["-device", "vhost-user-blk-pci,chardev=blk0,num-queues=2,id=disk0"]);
@@ -237,7 +265,7 @@ impl Rig {
                 panic!("QMP of {name}: {e}");
             }
         };
-        let mut vm = Vm { name, host, qemu: vm_qemu, qmp, console, qemu_log, incoming: None, daemon };
+        let mut vm = Vm { name, host, qemu: vm_qemu, qmp, console, qemu_log, incoming: None, daemon, daemon_log, control: ctl_path };
         vm.qmp
             .execute("migrate-set-capabilities", json!({ "capabilities": [{ "capability": "events", "state": true }] }))
             .expect("migration events on");
@@ -255,7 +283,48 @@ impl Rig {
     }
 }
 
+/// A daemon at one hop: its pid and log, for the checks after the source retired.
+struct Turn {
+    name: String,
+    pid: u32,
+    log: PathBuf,
+}
+
+/// The first line of `log` containing `what`, as wall-clock ms.
+fn logged_at(log: &str, what: &str) -> Option<u64> {
+    log.lines().find(|l| l.contains(what)).and_then(log_time_ms)
+}
+
+/// What one switch-over must show: the source handed the image over (its log) before the
+/// destination started taking it; the source asked for no extension after it; and, with the
+/// image on the FUSE fixture, the source's process wrote nothing after its handover (its
+/// stop included) and the destination's nothing before it started taking the image.
+fn handover_checks(rig: &Rig, out: &Turn, into: &Turn) {
+    let (out_log, in_log) = (read_lossy(&out.log), read_lossy(&into.log));
+    let handed = logged_at(&out_log, "image inactivated").unwrap_or_else(|| panic!("{}: no handover in its log:\n{}", out.name, tail(&out_log)));
+    let taking = logged_at(&in_log, "taking it over").unwrap_or_else(|| panic!("{}: no take-over in its log:\n{}", into.name, tail(&in_log)));
+    assert!(in_log.contains("image activated"), "{}: the take-over did not complete:\n{}", into.name, tail(&in_log));
+    assert!(taking >= handed, "{} started taking the image ({taking}) before {} handed it over ({handed})", into.name, out.name);
+    let late: Vec<&str> = out_log.lines().filter(|l| l.contains("extension requested") && log_time_ms(l).is_some_and(|t| t > handed)).collect();
+    assert!(late.is_empty(), "{} asked for extensions after its handover: {late:?}", out.name);
+    if let Some(m) = &rig.mount {
+        let mods = m.faults.modifications();
+        let count = |pid: u32, keep: &dyn Fn(u64) -> bool| mods.iter().filter(|(p, t)| *p == pid && keep(*t)).count();
+        let (before, after) = (count(out.pid, &|t| t <= handed), count(out.pid, &|t| t > handed));
+        let (early, served) = (count(into.pid, &|t| t < taking), count(into.pid, &|t| t >= taking));
+        eprintln!("image writes: {} {before} before its handover, {after} after; {} {early} before taking the image, {served} since", out.name, into.name);
+        assert_eq!(after, 0, "{} wrote the image after it handed it over", out.name);
+        assert_eq!(early, 0, "{} wrote the image before it took it", into.name);
+    }
+}
+
 impl Vm {
+    /// The daemon's pid and log (thinblk).
+    fn turn(&self) -> Option<Turn> {
+        let d = self.daemon.as_ref()?;
+        Some(Turn { name: self.name.clone(), pid: d.child.id(), log: self.daemon_log.clone()? })
+    }
+
     fn console_text(&self) -> String {
         read_lossy(&self.console)
     }
@@ -412,7 +481,11 @@ fn migrate_while_fio_runs(rig: &mut Rig, hops: usize, mut before_hop: impl FnMut
         let text = src.console_text();
         assert!(!text.contains("guest: fio done"), "fio ended on {} before the switch-over of hop {}: raise the rounds", src.name, hop + 1);
         consoles.push((src.name.clone(), text));
+        let turns = (src.turn(), dst.turn());
         src.retire();
+        if let (Some(out), Some(into)) = turns {
+            handover_checks(rig, &out, &into);
+        }
         migrations.push(m);
         src = dst;
     }
@@ -489,9 +562,116 @@ fn virtio_blk_on_qcow2_migrates_while_fio_verifies() {
 /// thinblk: one daemon per QEMU on the same qcow2 image; the VM migrates there (a→b) and
 /// back (b→a, to a fresh daemon and QEMU on host a) while the guest's fio verifies.
 #[test]
-#[ignore = "needs issue 21 daemon side"]
 fn thinblk_on_qcow2_migrates_there_and_back_while_fio_verifies() {
     let mut rig = Rig::new("mig-thinblk", DiskKind::Thinblk, ROUNDS);
     let r = migrate_while_fio_runs(&mut rig, 2, |_, _, _| {});
     assert_eq!(r.migrations.len(), 2);
+}
+
+/// A 1 GiB qcow2 image on the FUSE fixture (which records who writes it and injects faults)
+/// served under `--werror retry`: hop 1 is first attempted and cancelled (the source keeps
+/// serving; the aborted destination never takes or writes the image), then migrates while
+/// the storage fails every write for 3 s (the guest sees no error); hop 2 goes back.
+#[test]
+fn thinblk_migrates_through_a_cancelled_attempt_and_a_storage_outage() {
+    let mut rig = Rig::new("mig-thinblk-faults", DiskKind::Thinblk, ROUNDS);
+    let backing = rig.dir.path("backing.img");
+    common::sparse_file(&backing, 0);
+    let mount = FaultMount::new(&backing, &rig.dir.path("mnt"));
+    let image = mount.disk();
+    let out = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("1G").output().expect("run qemu-img");
+    assert!(out.status.success(), "qemu-img create: {}", String::from_utf8_lossy(&out.stderr));
+    let img = image.to_str().expect("utf-8 path").to_string();
+    rig.daemon_args = ["--image", &img, "--format", "qcow2", "--werror", "retry", "--retry-interval", "200", "--retry-timeout", "60000"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    rig.image = image;
+    rig.mount = Some(mount);
+    let r = migrate_while_fio_runs(&mut rig, 2, |rig, hop, src| {
+        if hop != 0 {
+            return;
+        }
+        let other = if src.host == "a" { "b" } else { "a" };
+        let extra = rig.start_vm(other, true);
+        migrate_start(src, &extra).expect("migrate (to be cancelled)");
+        std::thread::sleep(Duration::from_millis(700));
+        migrate_cancel(src).expect("migrate_cancel");
+        let m = migrate_wait(src, MIGRATION_LIMIT);
+        assert_eq!(m.status, "cancelled", "{m:?}");
+        let st = src.qmp.execute("query-status", Value::Null).expect("query-status");
+        assert_eq!(st.get("status").and_then(Value::as_str), Some("running"), "the source after a cancelled migration: {st}");
+        let turn = extra.turn().expect("a daemon");
+        drop(extra);
+        let log = read_lossy(&turn.log);
+        assert!(!log.contains("taking it over"), "{}: a cancelled destination took the image:\n{}", turn.name, tail(&log));
+        let wrote = rig.mount.as_ref().map_or(0, |m| m.faults.modifications().iter().filter(|(p, _)| *p == turn.pid).count());
+        assert_eq!(wrote, 0, "the cancelled destination wrote the image");
+        eprintln!("cancelled attempt: {m:?}; the source runs on, the destination wrote nothing");
+        // The storage fails every write for 3 s from now: the migration runs into it.
+        let faults = rig.mount.as_ref().expect("the fixture").faults.clone();
+        std::thread::spawn(move || {
+            faults.fail_writes(libc::EIO);
+            std::thread::sleep(Duration::from_secs(3));
+            faults.clear();
+        });
+    });
+    assert_eq!(r.migrations.len(), 2);
+    let failed = rig.mount.as_ref().map_or(0, |m| m.faults.writes_failed.load(std::sync::atomic::Ordering::SeqCst));
+    eprintln!("writes failed during the outage (retried): {failed}");
+}
+
+/// A 1 GiB qcow2 image on a 128 MiB thin loop volume, grown 64 MiB at a time by an SPM that
+/// answers after 4 s: the VM migrates while the source's extension is in flight. The
+/// destination (its own host id) refreshes the volume when it takes the image and asks again
+/// for what is still missing; the source asks for nothing after its handover; the guest
+/// sees no error.
+#[test]
+fn thinblk_migrates_while_its_thin_volume_is_extended() {
+    const DOMAIN: &str = "8adbc85e-e554-4ae0-b318-8a5465fe5fe1";
+    const VOLUME: &str = "d772f1c6-3ebb-43c3-a42e-73fcd8255a5f";
+    let mut rig = Rig::new("mig-thinblk-thin", DiskKind::Thinblk, ROUNDS + 2);
+    let (inbox, outbox) = (rig.dir.path("inbox"), rig.dir.path("outbox"));
+    common::sparse_file(&inbox, 16 << 20);
+    common::sparse_file(&outbox, 16 << 20);
+    let vols = rig.dir.path("volumes");
+    std::fs::create_dir_all(vols.join(DOMAIN)).expect("volume dir");
+    let backing = vols.join(DOMAIN).join(VOLUME);
+    let out = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&backing).arg("1G").output().expect("run qemu-img");
+    assert!(out.status.success(), "qemu-img create: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::OpenOptions::new().write(true).open(&backing).and_then(|f| f.set_len(128 << 20)).expect("size the volume");
+    let lv = LoopDev::attach(&backing);
+    let spm = common::spm_process(&inbox, &outbox, &vols, &["--delay-ms", "4000"], Some(&rig.dir.path("spm.log")));
+    let dev = lv.0.to_str().expect("utf-8 path").to_string();
+    let lock = rig.dir.path("host.lock");
+    rig.daemon_args = [
+        "--image", &dev, "--format", "qcow2", "--thin", "--chunk-mb", "64", "--utilization-percent", "50",
+        "--spm-inbox", inbox.to_str().expect("utf-8"), "--spm-outbox", outbox.to_str().expect("utf-8"),
+        "--host-id", "2", "--domain-uuid", DOMAIN, "--volume-uuid", VOLUME, "--mailbox-lock", lock.to_str().expect("utf-8"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    rig.image = lv.0.clone();
+    rig.thin = Some((spm, lv));
+    let mut in_flight = None;
+    let r = migrate_while_fio_runs(&mut rig, 1, |_, _, src| {
+        // Wait for the source to have an extension outstanding (asked, not yet grown).
+        let control = src.control.clone().expect("a control socket");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let t = common::ctl(&control, "query-status", json!({}))["thin"].clone();
+            let n = |k: &str| t[k].as_u64().unwrap_or(0);
+            if n("requests") > n("completed") + n("failed") {
+                in_flight = Some(t);
+                return;
+            }
+            assert!(Instant::now() < deadline, "no extension was requested on the source within 90 s: {t}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    assert_eq!(r.migrations.len(), 1);
+    eprintln!("the source's volume at the switch-over: {}", in_flight.unwrap_or_default());
+    let size = std::fs::metadata(&backing).expect("volume").len();
+    assert!(size > 128 << 20, "the volume never grew ({} MiB)", size >> 20);
 }

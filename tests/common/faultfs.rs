@@ -46,8 +46,8 @@ pub struct Faults {
     log: std::sync::Mutex<Option<Vec<LogEvent>>>,
     /// Events logged so far (readable without the lock).
     logged: AtomicU64,
-    /// Every modification (write, zeroing, size change) as (pid of the caller, wall-clock
-    /// milliseconds since the epoch), always kept: who wrote the file, and when.
+    /// Every modification (write, zeroing, size change) as (pid of the calling process,
+    /// wall-clock milliseconds since the epoch), always kept: who wrote the file, and when.
     writers: std::sync::Mutex<Vec<(u32, u64)>>,
 }
 
@@ -96,10 +96,15 @@ impl Faults {
             }
         }
     }
-    /// Records a modification by process `pid` (the tgid FUSE reports: io_uring workers
-    /// count as their process).
-    fn modified_by(&self, pid: u32) {
+    /// Records a modification by thread `tid` (FUSE reports the calling thread: a queue
+    /// thread, an io_uring worker) as one by its process, looked up while the call is in
+    /// progress (so the thread exists).
+    fn modified_by(&self, tid: u32) {
         let ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let pid = std::fs::read_to_string(format!("/proc/{tid}/status"))
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Tgid:").and_then(|v| v.trim().parse().ok())))
+            .unwrap_or(tid);
         self.writers.lock().unwrap_or_else(|e| e.into_inner()).push((pid, ms));
     }
 

@@ -34,6 +34,9 @@ pub const OFFERED_PROTOCOL: u64 = PF_MQ | PF_LOG_SHMFD | PF_REPLY_ACK | PF_CONFI
 /// migration, which lets go before it answers its last GET_VRING_BASE) to drop its lock.
 pub const ACTIVATE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Pause between attempts to hand the image over or take it while storage fails.
+pub const HANDOVER_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// What a handled message answers.
 enum Reply {
     /// Nothing (an ack if one was asked for).
@@ -500,10 +503,56 @@ impl Session {
             tracing::error!(requests = left, "migration switch-over with requests still at the storage: the image is NOT handed over (the destination cannot take it)");
             return;
         }
+        // Storage failing at the switch-over: the write-back is tried again, within the stop
+        // grace (the destination waits ACTIVATE_WAIT for the lock meanwhile).
         let t = std::time::Instant::now();
-        match own.inactivate() {
-            Ok(()) => tracing::info!(ms = t.elapsed().as_millis() as u64, "migration switch-over: the image was handed over (inactive)"),
-            Err(e) => tracing::error!(error = %e, "migration switch-over: handing the image over failed; it stays active here"),
+        let deadline = t + self.device.stop_limits().parked_grace;
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            match own.inactivate() {
+                Ok(()) => {
+                    tracing::info!(ms = t.elapsed().as_millis() as u64, tries, "migration switch-over: the image was handed over (inactive)");
+                    return;
+                }
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, tries, "migration switch-over: handing the image over failed; trying again");
+                    std::thread::sleep(HANDOVER_RETRY);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, tries, "migration switch-over: handing the image over failed; it stays active here (the destination cannot take it)");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes the image before ring `q` starts: the lock is waited for (the source lets go at
+    /// its switch-over), a failure to read the image (storage failing) is tried again, both
+    /// within [`ACTIVATE_WAIT`].
+    fn take_over(&self, q: usize) -> Result<(), ProtocolError> {
+        let own = self.device.ownership();
+        tracing::info!(queue = q, "a ring starts on an inactive image: taking it over");
+        let t = std::time::Instant::now();
+        let deadline = t + ACTIVATE_WAIT;
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let wait = deadline.saturating_duration_since(std::time::Instant::now());
+            match own.activate(wait) {
+                Ok(()) => {
+                    tracing::info!(queue = q, ms = t.elapsed().as_millis() as u64, tries, "ring start: the image was taken over (active)");
+                    return Ok(());
+                }
+                Err(e) if std::time::Instant::now() + HANDOVER_RETRY < deadline => {
+                    tracing::warn!(queue = q, error = %e, tries, "taking the image over failed; trying again");
+                    std::thread::sleep(HANDOVER_RETRY);
+                }
+                Err(e) => {
+                    tracing::error!(queue = q, error = %e, tries, "a ring starts but the image cannot be taken over: the ring stays stopped");
+                    return Err(ProtocolError::Activate(e));
+                }
+            }
         }
     }
 
@@ -548,13 +597,10 @@ impl Session {
         if !self.device.ownership().is_active() {
             // The destination after a switch-over (or a source whose migration failed): the
             // image is taken before any request can be popped.
-            let t = std::time::Instant::now();
-            if let Err(e) = self.device.ownership().activate(ACTIVATE_WAIT) {
+            if let Err(e) = self.take_over(q) {
                 v.set_kick(None);
-                tracing::error!(queue = q, error = %e, "a ring starts but the image cannot be taken over: the ring stays stopped");
-                return Err(ProtocolError::Activate(e));
+                return Err(e);
             }
-            tracing::info!(queue = q, ms = t.elapsed().as_millis() as u64, "ring start: the image was taken over (active)");
         }
         if let Some(iq) = self.region.as_ref().and_then(|r| r.queue(q)) {
             match v.start_tracking(iq) {
