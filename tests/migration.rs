@@ -305,6 +305,18 @@ fn handover_checks(rig: &Rig, out: &Turn, into: &Turn) {
     let taking = logged_at(&in_log, "taking it over").unwrap_or_else(|| panic!("{}: no take-over in its log:\n{}", into.name, tail(&in_log)));
     assert!(in_log.contains("image activated"), "{}: the take-over did not complete:\n{}", into.name, tail(&in_log));
     assert!(taking >= handed, "{} started taking the image ({taking}) before {} handed it over ({handed})", into.name, out.name);
+    // How long the handover took on each side (the daemons log it).
+    let ms_of = |log: &str, what: &str| -> Option<u64> {
+        let line = log.lines().find(|l| l.contains(what))?;
+        line.split_whitespace().find_map(|w| w.strip_prefix("ms=")).and_then(|v| v.parse().ok())
+    };
+    eprintln!(
+        "HANDOVER-REPORT {} -> {}: source hand-over {:?} ms, destination take-over {:?} ms",
+        out.name,
+        into.name,
+        ms_of(&out_log, "the image was handed over"),
+        ms_of(&in_log, "the image was taken over")
+    );
     let late: Vec<&str> = out_log.lines().filter(|l| l.contains("extension requested") && log_time_ms(l).is_some_and(|t| t > handed)).collect();
     assert!(late.is_empty(), "{} asked for extensions after its handover: {late:?}", out.name);
     if let Some(m) = &rig.mount {
