@@ -4,7 +4,8 @@
 //! every connection. `thinblk ctl` is its client.
 //!
 //! Commands: `query-status`, `query-parked`, `cont`, `set-policy` (arguments `werror`,
-//! `rerror`, `retry-interval`, `retry-timeout`).
+//! `rerror`, `retry-interval`, `retry-timeout`), `freeze`/`thaw`, `hand-over` (a stopped
+//! VM's image, before it migrates: see docs/operating.md "Live migration").
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -258,6 +259,13 @@ pub fn handle(line: &str, t: &Target) -> Value {
             t.faults.cont();
             json!({"return": {}})
         }
+        "hand-over" => match &t.handover {
+            None => error("GenericError", "no image handover in this process"),
+            Some(h) => match h.hand_over_stopped() {
+                Ok(()) => json!({"return": h.status().json()}),
+                Err(e) => error("GenericError", &e),
+            },
+        },
         "freeze" => {
             let timeout = match args.get("timeout-ms") {
                 None => Ok(FREEZE_DEFAULT_TIMEOUT_MS),

@@ -35,6 +35,10 @@ pub struct HandoverStatus {
     pub changed: Option<Instant>,
     /// The last failure, if any.
     pub last_error: Option<String>,
+    /// Rings the frontend has started, and requests not completed, as the device last said.
+    pub rings_running: usize,
+    /// Requests taken and not completed at the last ring change.
+    pub in_hand: usize,
 }
 
 impl HandoverStatus {
@@ -59,6 +63,7 @@ impl HandoverStatus {
             "failures": self.failures,
             "changed-ms-ago": self.changed.map(|t| t.elapsed().as_millis() as u64),
             "last-error": self.last_error,
+            "rings-running": self.rings_running,
         })
     }
 }
@@ -89,6 +94,24 @@ impl Handover {
     fn update(&self, f: impl FnOnce(&mut HandoverStatus)) {
         let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut s);
+    }
+
+    /// `ctl hand-over`: hands the image over while the VM is stopped. QEMU tells the backend
+    /// nothing when a VM that was already paused migrates (its rings stopped at the pause,
+    /// without dirty logging), so the management layer says it. Refused while a ring runs
+    /// or a request is not completed.
+    pub fn hand_over_stopped(&self) -> Result<(), String> {
+        let s = self.status();
+        if !s.active {
+            return Ok(());
+        }
+        if s.rings_running > 0 || s.in_hand > 0 {
+            return Err(format!(
+                "the device is running ({} rings started, {} requests in hand): stop the VM first; during a live migration QEMU stops the rings and the image is handed over by itself",
+                s.rings_running, s.in_hand
+            ));
+        }
+        Ownership::inactivate(self)
     }
 
     fn wake_thin(&self) {
@@ -130,9 +153,21 @@ impl Ownership for Handover {
         }
     }
 
+    fn rings(&self, running: usize, in_hand: usize) {
+        self.update(|s| {
+            s.rings_running = running;
+            s.in_hand = in_hand;
+        });
+    }
+
     fn inactivate(&self) -> Result<(), String> {
         let t = Instant::now();
-        match self.image.inactivate() {
+        // The thin control thread writes the mailbox only under this, checking that the image
+        // is active: once it is not, the source sends nothing.
+        let turn = self.thin.as_ref().map(|s| s.turn.lock().unwrap_or_else(|e| e.into_inner()));
+        let result = self.image.inactivate();
+        drop(turn);
+        match result {
             Ok(()) => {
                 self.update(|s| {
                     s.active = false;

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::faultfs::FaultMount;
 use common::frontend::*;
-use common::{ctl, sparse_file, Daemon, TestDir};
+use common::{ctl, ctl_reply, sparse_file, Daemon, TestDir};
 
 const LIMIT: Duration = Duration::from_secs(15);
 
@@ -176,13 +176,17 @@ fn the_image_is_handed_over_at_the_switch_over_and_back() {
 #[test]
 fn a_destination_that_cannot_take_the_image_keeps_its_ring_stopped_and_writes_nothing() {
     let dir = TestDir::new("handover-refused");
-    let image = dir.path("disk.qcow2");
+    let backing = dir.path("backing.img");
+    sparse_file(&backing, 0);
+    let mount = FaultMount::new(&backing, &dir.path("mnt"));
+    let image = mount.disk();
     let img = image.to_str().expect("utf-8 path");
     let made = Command::new(env!("CARGO_BIN_EXE_thinblk")).args(["create", img, "64M"]).output().expect("thinblk create");
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let (sock_a, sock_b) = (dir.path("a.sock"), dir.path("b.sock"));
     let a = Daemon::start_logging(&sock_a, &["--image", img, "--format", "qcow2"], Some(&dir.path("a.log")));
     let b = Daemon::start_logging(&sock_b, &["--image", img, "--format", "qcow2", "--incoming"], Some(&dir.path("b.log")));
+    let pid_b = b.child.id();
     let mut fa = frontend(&sock_a, false);
     assert_eq!(write(&mut fa, 0, 0x5a), 0);
     // The source still serves: the destination's ring start waits for the lock, then is
@@ -203,13 +207,54 @@ fn a_destination_that_cannot_take_the_image_keeps_its_ring_stopped_and_writes_no
     let answer = fb.ack(code::SET_VRING_KICK, &0u64.to_le_bytes(), &[kick.as_raw_fd()]);
     assert!(matches!(answer, Ok(n) if n != 0), "the ring start was not refused: {answer:?}");
     assert!(t.elapsed() >= Duration::from_secs(9), "refused before the lock wait: {:?}", t.elapsed());
+    // The ring did not start: a chain published and kicked (on the refused kick) is not taken.
+    let mut hdr = [0u8; 16];
+    hdr[0] = 1;
+    fb.put(DATA, &hdr);
+    fb.put(DATA + 0x1000, &[0xbb; 4096]);
+    fb.desc(DESC, 0, DATA, 16, F_NEXT, 1);
+    fb.desc(DESC, 1, DATA + 0x1000, 4096, F_NEXT, 2);
+    fb.desc(DESC, 2, DATA + 0x3000, 1, F_WRITE, 0);
+    fb.submit(0);
+    std::io::Write::write_all(&mut &kick, &1u64.to_ne_bytes()).expect("kick");
+    assert!(!fb.wait_used(Duration::from_millis(500)), "a ring whose start was refused took a chain");
     // The source goes on serving; the image is what it wrote.
     assert_eq!(read(&mut fa, 0), (0, 0x5a, true));
     let log = std::fs::read_to_string(dir.path("b.log")).unwrap_or_default();
     assert!(log.contains("cannot be taken over"), "the destination did not say why:\n{log}");
+    let wrote = mount.faults.modifications().iter().filter(|(p, _)| *p == pid_b).count();
+    assert_eq!(wrote, 0, "the destination that could not take the image wrote it");
     drop((fa, fb));
     common::stop_clean(a);
     common::stop_clean(b);
     let check = Command::new("qemu-img").args(["check", "-f", "qcow2", img]).output().expect("qemu-img check");
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+}
+
+#[test]
+fn a_stopped_vm_is_handed_over_by_the_management_command() {
+    // QEMU tells the backend nothing when a VM that was already paused migrates (its rings
+    // stopped at the pause, without dirty logging): `ctl hand-over` does it.
+    let dir = TestDir::new("handover-paused");
+    let image = dir.path("disk.qcow2");
+    let img = image.to_str().expect("utf-8 path");
+    let made = Command::new(env!("CARGO_BIN_EXE_thinblk")).args(["create", img, "64M"]).output().expect("thinblk create");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let (sock_a, sock_b, ctl_a) = (dir.path("a.sock"), dir.path("b.sock"), dir.path("a.ctl"));
+    let a = Daemon::start_logging(&sock_a, &["--image", img, "--format", "qcow2", "--control", ctl_a.to_str().expect("utf-8")], Some(&dir.path("a.log")));
+    let b = Daemon::start_logging(&sock_b, &["--image", img, "--format", "qcow2", "--incoming"], Some(&dir.path("b.log")));
+    let mut fa = frontend(&sock_a, false);
+    assert_eq!(write(&mut fa, 0, 0x77), 0);
+    let refused = ctl_reply(&ctl_a, "hand-over", serde_json::json!({}));
+    assert!(refused["error"]["desc"].as_str().is_some_and(|d| d.contains("running")), "hand-over of a running VM: {refused}");
+    // The VM pauses: the ring stops without dirty logging; the image stays here.
+    stop(&fa);
+    assert_eq!(role(&ctl_a), "serving");
+    let done = ctl(&ctl_a, "hand-over", serde_json::json!({}));
+    assert_eq!(done["role"], "handed-over", "{done}");
+    let mut fb = frontend(&sock_b, false);
+    assert_eq!(read(&mut fb, 0), (0, 0x77, true));
+    drop((fa, fb));
+    common::stop_clean(a);
+    common::stop_clean(b);
 }

@@ -326,6 +326,10 @@ fn handover_checks(rig: &Rig, out: &Turn, into: &Turn) {
         let (early, served) = (count(into.pid, &|t| t < taking), count(into.pid, &|t| t >= taking));
         eprintln!("image writes: {} {before} before its handover, {after} after; {} {early} before taking the image, {served} since", out.name, into.name);
         assert_eq!(after, 0, "{} wrote the image after it handed it over", out.name);
+        // Whoever it was (a thread whose process could not be told): nobody writes between
+        // the handover and the take-over.
+        let between = mods.iter().filter(|(_, t)| *t > handed && *t < taking).count();
+        assert_eq!(between, 0, "the image was written between {}'s handover and {}'s take-over", out.name, into.name);
         assert_eq!(early, 0, "{} wrote the image before it took it", into.name);
     }
 }
@@ -686,4 +690,6 @@ fn thinblk_migrates_while_its_thin_volume_is_extended() {
     eprintln!("the source's volume at the switch-over: {}", in_flight.unwrap_or_default());
     let size = std::fs::metadata(&backing).expect("volume").len();
     assert!(size > 128 << 20, "the volume never grew ({} MiB)", size >> 20);
+    let dst_log = read_lossy(&rig.dir.path("daemon-b2.log"));
+    assert!(dst_log.contains("the volume is refreshed"), "the destination did not refresh the volume when it took the image:\n{}", tail(&dst_log));
 }

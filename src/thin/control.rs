@@ -39,6 +39,9 @@ pub struct Signals {
     since: AtomicU64,
     epoch: Instant,
     allocation: AtomicU64,
+    /// Held while the mailbox is written, and by a handover while the image goes inactive:
+    /// nothing is sent once the image was handed over (checked again under it).
+    pub turn: Mutex<()>,
 }
 
 impl Signals {
@@ -51,6 +54,7 @@ impl Signals {
             since: AtomicU64::new(0),
             epoch: Instant::now(),
             allocation: AtomicU64::new(0),
+            turn: Mutex::new(()),
         }))
     }
 
@@ -413,7 +417,16 @@ impl Control {
         if let Ok(mut s) = self.stats.lock() {
             s.requests += 1;
         }
-        let written = match self.client.place(self.io.as_mut()) {
+        let turn = self.signals.turn.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.engine.active() {
+            // Handed over since this pass began: the request stays queued, for a later
+            // activation here; the new owner asks for itself.
+            tracing::info!(requested = size, "extension not sent: the image was handed over");
+            return;
+        }
+        let placed = self.client.place(self.io.as_mut());
+        drop(turn);
+        let written = match placed {
             Ok(w) => w,
             Err(e) if self.client.writes_failing() => {
                 // The client logged the episode; the request stays queued.
@@ -445,7 +458,13 @@ impl Control {
     fn poll_mailbox(&mut self) {
         let pause = if self.failures > 9 { MAILBOX_BACKOFF } else { REPLY_POLL };
         self.next_poll = Instant::now() + pause;
-        match self.client.poll(self.io.as_mut()) {
+        let turn = self.signals.turn.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.engine.active() {
+            return;
+        }
+        let polled = self.client.poll(self.io.as_mut());
+        drop(turn);
+        match polled {
             Ok(done) => {
                 self.failures = 0;
                 for c in done {

@@ -366,6 +366,13 @@ pub fn thin_volume(dir: &TestDir) -> (Vec<String>, LoopDev, Daemon, PathBuf) {
 /// Sends one command to the control socket (`--control`) and returns the reply's `return`
 /// (panics on an error reply).
 pub fn ctl(socket: &Path, command: &str, args: serde_json::Value) -> serde_json::Value {
+    let v = ctl_reply(socket, command, args);
+    assert!(v.get("error").is_none(), "{command}: {v}");
+    v["return"].clone()
+}
+
+/// Sends one command to the control socket and returns the whole reply (`return` or `error`).
+pub fn ctl_reply(socket: &Path, command: &str, args: serde_json::Value) -> serde_json::Value {
     use std::io::{BufRead, BufReader, Write};
     let conn = std::os::unix::net::UnixStream::connect(socket).expect("connect to the control socket");
     conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
@@ -381,8 +388,7 @@ pub fn ctl(socket: &Path, command: &str, args: serde_json::Value) -> serde_json:
         if v.get("event").is_some() {
             continue;
         }
-        assert!(v.get("error").is_none(), "{command}: {v}");
-        return v["return"].clone();
+        return v;
     }
 }
 

@@ -99,8 +99,11 @@ impl DirtyLog {
         if len == 0 || !self.on.load(Ordering::Acquire) {
             return;
         }
-        let area = self.area.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some(area) = area else { return };
+        // The read guard is held while the bits are set: a SET_LOG_BASE that replaces the log
+        // waits for markers still setting bits in the old one, and only then is answered (the
+        // frontend reads the old log once more right after that answer, then frees it).
+        let guard = self.area.read().unwrap_or_else(|e| e.into_inner());
+        let Some(area) = guard.as_ref() else { return };
         let first = gpa / LOG_PAGE;
         let last = gpa.saturating_add(len - 1) / LOG_PAGE;
         for page in first..=last {

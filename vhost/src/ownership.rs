@@ -21,6 +21,9 @@ pub trait Ownership: Send + Sync {
     /// Hands the image over (the caller has no request in flight): metadata written back
     /// and synced, journal removed, write lock dropped.
     fn inactivate(&self) -> Result<(), String>;
+    /// The device's rings changed: `running` rings are started, `in_hand` requests are not
+    /// completed (a management command may hand the image over only when both are 0).
+    fn rings(&self, _running: usize, _in_hand: usize) {}
 }
 
 /// The default for a device whose daemon does not migrate: always active, nothing to do.

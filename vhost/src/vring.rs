@@ -198,16 +198,24 @@ impl Vring {
         }
     }
 
-    /// Asks the driver for kicks again; true if chains arrived meanwhile.
+    /// Asks the driver for kicks again; true if chains arrived meanwhile. A stopped ring is
+    /// left alone: after GET_VRING_BASE nothing is written into it (a migration's source has
+    /// answered, and the destination owns the guest's memory).
     pub fn enable_notification(&self) -> Result<bool, VringError> {
         let mut s = self.lock();
+        if !s.queue.ready() {
+            return Ok(false);
+        }
         let mem = s.mem.memory();
         s.queue.enable_notification(&*mem)
     }
 
-    /// Asks the driver not to kick.
+    /// Asks the driver not to kick (a stopped ring is left alone, as above).
     pub fn disable_notification(&self) -> Result<(), VringError> {
         let mut s = self.lock();
+        if !s.queue.ready() {
+            return Ok(());
+        }
         let mem = s.mem.memory();
         s.queue.disable_notification(&*mem)
     }

@@ -380,6 +380,7 @@ impl Session {
                 let base = v.lock().get_queue().next_avail();
                 v.set_kick(None);
                 v.set_call(None).map_err(ProtocolError::Notifier)?;
+                self.report_rings();
                 if self.log.enabled() && !self.vrings.iter().any(|v| v.lock().get_queue().ready()) {
                     // The switch-over of a live migration: the last ring stopped while the
                     // frontend logs dirty pages. The image is handed over before the answer,
@@ -489,6 +490,13 @@ impl Session {
         }
     }
 
+    /// Tells the owner how many rings run and how many requests are in hand.
+    fn report_rings(&self) {
+        let running = self.vrings.iter().filter(|v| v.lock().get_queue().ready()).count();
+        let in_hand = self.device.in_hand() + usize::from(self.device.gated());
+        self.device.ownership().rings(running, in_hand);
+    }
+
     /// Hands the image over at a migration's switch-over (see [`crate::ownership`]): only
     /// once no request is in hand. A stop that gave up on storage leaves requests that may
     /// still change the metadata: the image then stays ours, and the destination cannot take
@@ -499,8 +507,10 @@ impl Session {
             return;
         }
         let left = self.device.in_hand();
-        if left > 0 {
-            tracing::error!(requests = left, "migration switch-over with requests still at the storage: the image is NOT handed over (the destination cannot take it)");
+        if left > 0 || self.device.gated() {
+            // (gated: an earlier connection's stop gave up on requests still at the storage)
+            tracing::error!(requests = left, earlier_connection = self.device.gated(),
+                "migration switch-over with requests still at the storage: the image is NOT handed over (the destination cannot take it)");
             return;
         }
         // Storage failing at the switch-over: the write-back is tried again, within the stop
@@ -618,6 +628,7 @@ impl Session {
             }
         }
         v.lock().get_queue_mut().set_ready(true);
+        self.report_rings();
         self.sync_kick(q)
     }
 
@@ -692,6 +703,7 @@ impl Drop for Session {
         for t in self.threads.drain(..) {
             t.stop(deadline);
         }
+        self.report_rings();
         // The rings no longer run: drop our references to the memory before the table.
         self.install(Mem::new());
         self.device.update_memory(AtomicMem::new(Mem::new()));
