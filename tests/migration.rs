@@ -463,6 +463,10 @@ fn migrate(src: &mut Vm, dst: &Vm, limit: Duration) -> Migration {
 /// a clean `qemu-img check` and, for thinblk, every daemon's clean exit. Prints the
 /// `MIGRATION-REPORT` line (comma-separated values: one per hop).
 fn migrate_while_fio_runs(rig: &mut Rig, hops: usize, mut before_hop: impl FnMut(&mut Rig, usize, &mut Vm)) -> Report {
+    // One scenario at a time: each runs two or three TCG QEMUs on a 2-core machine, and the
+    // timings it reports are meant to be compared.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = Instant::now();
     let kind = rig.kind;
     let mut src = rig.start_vm("a", false);
