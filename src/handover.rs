@@ -114,6 +114,16 @@ impl Handover {
         Ownership::inactivate(self)
     }
 
+    /// Counts and logs a failed activation or handover; returns the message.
+    fn failed(&self, msg: String, what: &'static str, since: Instant) -> String {
+        self.update(|s| {
+            s.failures += 1;
+            s.last_error = Some(msg.clone());
+        });
+        tracing::error!(error = %msg, ms = since.elapsed().as_millis() as u64, "{what}");
+        msg
+    }
+
     fn wake_thin(&self) {
         if let Some(t) = &self.thin {
             t.wake();
@@ -141,15 +151,7 @@ impl Ownership for Handover {
                 self.wake_thin();
                 Ok(())
             }
-            Err(e) => {
-                let msg = e.to_string();
-                self.update(|s| {
-                    s.failures += 1;
-                    s.last_error = Some(msg.clone());
-                });
-                tracing::error!(error = %msg, waited_ms = t.elapsed().as_millis() as u64, "activating the image failed");
-                Err(msg)
-            }
+            Err(e) => Err(self.failed(e.to_string(), "activating the image failed", t)),
         }
     }
 
@@ -179,15 +181,7 @@ impl Ownership for Handover {
                 self.wake_thin();
                 Ok(())
             }
-            Err(e) => {
-                let msg = e.to_string();
-                self.update(|s| {
-                    s.failures += 1;
-                    s.last_error = Some(msg.clone());
-                });
-                tracing::error!(error = %msg, "inactivating the image failed: it stays active here");
-                Err(msg)
-            }
+            Err(e) => Err(self.failed(e.to_string(), "inactivating the image failed: it stays active here", t)),
         }
     }
 }

@@ -233,9 +233,9 @@ fn run(
                 progressed = true;
             }
         }
-        for q in 0..2 {
+        for (q, queue) in c.queues.iter_mut().enumerate().take(2) {
             let mut t = Duration::ZERO;
-            let k = c.queues[q].do_io(&mut comps, 0, Some(&mut t), None).unwrap_or(0);
+            let k = queue.do_io(&mut comps, 0, Some(&mut t), None).unwrap_or(0);
             for x in &comps[..k] {
                 // SAFETY: do_io initialised the first k completions.
                 let x = unsafe { x.assume_init_ref() };

@@ -96,16 +96,23 @@ fn writes_by(mount: &FaultMount, pid: u32, from: u64, to: u64) -> usize {
     mount.faults.modifications().iter().filter(|(p, t)| *p == pid && *t >= from && *t <= to).count()
 }
 
-#[test]
-fn the_image_is_handed_over_at_the_switch_over_and_back() {
-    let dir = TestDir::new("handover");
+/// A 64 MiB qcow2 image made by `thinblk create` on the FUSE fixture; returns the mount and
+/// the image's path.
+fn fuse_image(dir: &TestDir) -> (FaultMount, String) {
     let backing = dir.path("backing.img");
     sparse_file(&backing, 0);
     let mount = FaultMount::new(&backing, &dir.path("mnt"));
-    let image = mount.disk();
-    let img = image.to_str().expect("utf-8 path");
-    let made = Command::new(env!("CARGO_BIN_EXE_thinblk")).args(["create", img, "64M"]).output().expect("thinblk create");
+    let img = mount.disk().to_str().expect("utf-8 path").to_string();
+    let made = Command::new(env!("CARGO_BIN_EXE_thinblk")).args(["create", &img, "64M"]).output().expect("thinblk create");
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    (mount, img)
+}
+
+#[test]
+fn the_image_is_handed_over_at_the_switch_over_and_back() {
+    let dir = TestDir::new("handover");
+    let (mount, img) = fuse_image(&dir);
+    let img = img.as_str();
     let (sock_a, sock_b) = (dir.path("a.sock"), dir.path("b.sock"));
     let (ctl_a, ctl_b) = (dir.path("a.ctl"), dir.path("b.ctl"));
     let args = |control: &Path| vec!["--image".to_string(), img.to_string(), "--format".into(), "qcow2".into(), "--control".into(), control.display().to_string()];
@@ -176,13 +183,8 @@ fn the_image_is_handed_over_at_the_switch_over_and_back() {
 #[test]
 fn a_destination_that_cannot_take_the_image_keeps_its_ring_stopped_and_writes_nothing() {
     let dir = TestDir::new("handover-refused");
-    let backing = dir.path("backing.img");
-    sparse_file(&backing, 0);
-    let mount = FaultMount::new(&backing, &dir.path("mnt"));
-    let image = mount.disk();
-    let img = image.to_str().expect("utf-8 path");
-    let made = Command::new(env!("CARGO_BIN_EXE_thinblk")).args(["create", img, "64M"]).output().expect("thinblk create");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let (mount, img) = fuse_image(&dir);
+    let img = img.as_str();
     let (sock_a, sock_b) = (dir.path("a.sock"), dir.path("b.sock"));
     let a = Daemon::start_logging(&sock_a, &["--image", img, "--format", "qcow2"], Some(&dir.path("a.log")));
     let b = Daemon::start_logging(&sock_b, &["--image", img, "--format", "qcow2", "--incoming"], Some(&dir.path("b.log")));

@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::{Client, Daemon, LoopDev, TestDir};
 use thinblk::format::{ImageOptions, Qcow2Format};
-use thinblk_disk::aligned::AlignedBuf;
-use thinblk_disk::disk::Target;
 use thinblk_disk::lock::{LockError, Perm};
 use thinblk_disk::{Disk, ImageError};
 
@@ -280,44 +278,14 @@ fn image_locking_off_takes_no_lock() {
 }
 
 /// Writes `data` (4 KiB multiples, at an aligned offset) through the `Disk` API as a worker
-/// does: the write mapped, the host extents written on the image's own descriptors, the
-/// ticket reported.
+/// does.
 fn write_through(d: &dyn Disk, offset: u64, data: &[u8]) {
-    let mut ext = Vec::new();
-    let ticket = d.map_write(offset, data.len() as u64, &mut ext).expect("map_write");
-    let files = d.files();
-    for e in ext {
-        let Target::Host { file, offset: host } = e.target else { panic!("write mapped to {:?}", e.target) };
-        let mut buf = AlignedBuf::zeroed(e.len as usize, 4096).expect("buffer");
-        buf.as_mut_slice().copy_from_slice(&data[e.req_off as usize..(e.req_off + e.len) as usize]);
-        // SAFETY: the buffer holds `e.len` bytes and outlives the call; the fd is the image's.
-        let n = unsafe { libc::pwrite(files[file as usize], buf.ptr().cast(), e.len as usize, host as i64) };
-        assert_eq!(n, e.len as isize, "pwrite: {}", std::io::Error::last_os_error());
-    }
-    d.write_done(ticket, true).expect("write_done");
+    thinblk_disk::disk::write_mapped(d, offset, data).expect("write through the mapping");
 }
 
 /// Reads through the mapping as a worker does.
 fn read_through(d: &dyn Disk, offset: u64, len: usize) -> Vec<u8> {
-    let mut ext = Vec::new();
-    d.map_read(offset, len as u64, &mut ext).expect("map_read");
-    let mut out = vec![0u8; len];
-    let files = d.files();
-    for e in ext {
-        let dst = &mut out[e.req_off as usize..(e.req_off + e.len) as usize];
-        match e.target {
-            Target::Host { file, offset: host } => {
-                let buf = AlignedBuf::zeroed(e.len as usize, 4096).expect("buffer");
-                // SAFETY: the buffer holds `e.len` bytes and outlives the call; the fd is the image's.
-                let n = unsafe { libc::pread(files[file as usize], buf.ptr().cast(), e.len as usize, host as i64) };
-                assert_eq!(n, e.len as isize, "pread: {}", std::io::Error::last_os_error());
-                dst.copy_from_slice(buf.as_slice());
-            }
-            Target::Zero => dst.fill(0),
-            Target::Bytes { data, offset } => dst.copy_from_slice(&data[offset..offset + dst.len()]),
-        }
-    }
-    out
+    thinblk_disk::disk::read_mapped(d, offset, len).expect("read through the mapping")
 }
 
 /// Every file of `dir` with its contents, sorted by name.

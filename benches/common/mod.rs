@@ -206,8 +206,8 @@ pub fn run_blkio(sock: &Path, pid: u32, size: u64, w: Workload, secs: u64) -> Re
     let mut started = vec![Instant::now(); w.qd];
     let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| submit_slot(q, base, w, slot, off);
     let mut tally = Tally::start(pid);
-    for slot in 0..w.qd {
-        started[slot] = Instant::now();
+    for (slot, at) in started.iter_mut().enumerate() {
+        *at = Instant::now();
         submit(q, slot, next_off(&mut rng));
     }
     let mut comps: Vec<MaybeUninit<Completion>> = (0..w.qd).map(|_| MaybeUninit::uninit()).collect();

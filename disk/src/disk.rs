@@ -162,3 +162,64 @@ pub trait Disk: Send + Sync {
         true
     }
 }
+
+/// Reads `len` bytes at guest `offset` through the mapping, synchronously, as a worker does
+/// with its ring (for tools and tests; the data path never calls it).
+pub fn read_mapped(d: &dyn Disk, offset: u64, len: usize) -> Result<Vec<u8>, ImageError> {
+    let mut ext = Vec::new();
+    d.map_read(offset, len as u64, &mut ext)?;
+    let mut out = vec![0u8; len];
+    let files = d.files();
+    for e in ext {
+        let range = e.req_off as usize..(e.req_off + e.len) as usize;
+        let dst = out.get_mut(range).ok_or_else(|| ImageError::Refused("extent outside the request".into()))?;
+        match e.target {
+            Target::Host { file, offset: host } => {
+                let fd = *files.get(file as usize).ok_or_else(|| ImageError::Refused("extent on an unknown file".into()))?;
+                let buf = crate::aligned::AlignedBuf::zeroed(dst.len(), 4096).map_err(ImageError::Io)?;
+                // SAFETY: the buffer holds `dst.len()` bytes and outlives the call; the fd is the image's.
+                let n = unsafe { libc::pread(fd, buf.ptr().cast(), dst.len(), host as libc::off_t) };
+                if n != dst.len() as isize {
+                    return Err(ImageError::Io(if n < 0 { io::Error::last_os_error() } else { io::Error::from(io::ErrorKind::UnexpectedEof) }));
+                }
+                dst.copy_from_slice(buf.as_slice());
+            }
+            Target::Zero => dst.fill(0),
+            Target::Bytes { data, offset } => {
+                let src = data.get(offset..offset + dst.len()).ok_or_else(|| ImageError::Refused("inline extent too short".into()))?;
+                dst.copy_from_slice(src);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `data` at guest `offset` through the mapping, synchronously, as a worker does: the
+/// write mapped, the host extents written, the ticket reported (for tools and tests; the
+/// data path never calls it). Offsets and lengths must suit the image's O_DIRECT alignment.
+pub fn write_mapped(d: &dyn Disk, offset: u64, data: &[u8]) -> Result<(), ImageError> {
+    let mut ext = Vec::new();
+    let ticket = d.map_write(offset, data.len() as u64, &mut ext)?;
+    let files = d.files();
+    let mut result = Ok(());
+    for e in ext {
+        let Target::Host { file, offset: host } = e.target else {
+            result = Err(ImageError::Refused("a write mapped to a non-host extent".into()));
+            break;
+        };
+        let (Some(&fd), Some(src)) = (files.get(file as usize), data.get(e.req_off as usize..(e.req_off + e.len) as usize)) else {
+            result = Err(ImageError::Refused("extent outside the request or on an unknown file".into()));
+            break;
+        };
+        let mut buf = crate::aligned::AlignedBuf::zeroed(src.len(), 4096).map_err(ImageError::Io)?;
+        buf.as_mut_slice().copy_from_slice(src);
+        // SAFETY: the buffer holds `src.len()` bytes and outlives the call; the fd is the image's.
+        let n = unsafe { libc::pwrite(fd, buf.ptr().cast(), src.len(), host as libc::off_t) };
+        if n != src.len() as isize {
+            result = Err(ImageError::Io(if n < 0 { io::Error::last_os_error() } else { io::Error::from(io::ErrorKind::WriteZero) }));
+            break;
+        }
+    }
+    let done = d.write_done(ticket, result.is_ok());
+    result.and(done)
+}

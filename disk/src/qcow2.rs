@@ -838,7 +838,6 @@ impl Drop for Qcow2Format {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aligned::AlignedBuf;
     use thinblk_qcow2::CreateOptions;
 
     const CLUSTER: u64 = 65536;
@@ -862,45 +861,7 @@ mod tests {
         }
     }
 
-    /// Writes `data` (4 KiB multiples, at an aligned offset) as a worker does: the write
-    /// mapped, the host extents written, the ticket reported.
-    fn write_through(d: &dyn Disk, offset: u64, data: &[u8]) -> Result<(), ImageError> {
-        let mut ext = Vec::new();
-        let ticket = d.map_write(offset, data.len() as u64, &mut ext)?;
-        let files = d.files();
-        for e in ext {
-            let Target::Host { file, offset: host } = e.target else { panic!("write mapped to {:?}", e.target) };
-            let mut buf = AlignedBuf::zeroed(e.len as usize, 4096).expect("buffer");
-            buf.as_mut_slice().copy_from_slice(&data[e.req_off as usize..(e.req_off + e.len) as usize]);
-            // SAFETY: the buffer holds `e.len` bytes and outlives the call; the fd is the image's.
-            let n = unsafe { libc::pwrite(files[file as usize], buf.ptr().cast(), e.len as usize, host as i64) };
-            assert_eq!(n, e.len as isize, "pwrite: {}", std::io::Error::last_os_error());
-        }
-        d.write_done(ticket, true)
-    }
 
-    /// Reads through the mapping, as a worker does.
-    fn read_through(d: &dyn Disk, offset: u64, len: usize) -> Result<Vec<u8>, ImageError> {
-        let mut ext = Vec::new();
-        d.map_read(offset, len as u64, &mut ext)?;
-        let mut out = vec![0u8; len];
-        let files = d.files();
-        for e in ext {
-            let dst = &mut out[e.req_off as usize..(e.req_off + e.len) as usize];
-            match e.target {
-                Target::Host { file, offset: host } => {
-                    let buf = AlignedBuf::zeroed(e.len as usize, 4096).expect("buffer");
-                    // SAFETY: the buffer holds `e.len` bytes and outlives the call; the fd is the image's.
-                    let n = unsafe { libc::pread(files[file as usize], buf.ptr().cast(), e.len as usize, host as i64) };
-                    assert_eq!(n, e.len as isize, "pread: {}", std::io::Error::last_os_error());
-                    dst.copy_from_slice(buf.as_slice());
-                }
-                Target::Zero => dst.fill(0),
-                Target::Bytes { data, offset } => dst.copy_from_slice(&data[offset..offset + dst.len()]),
-            }
-        }
-        Ok(out)
-    }
 
     #[derive(Default)]
     struct Seen(Mutex<Vec<u64>>);
@@ -940,12 +901,12 @@ mod tests {
         assert!(q.is_active());
         assert_eq!(*seen.0.lock().expect("seen"), vec![end], "the observer hears of the mark at activation");
         let data = vec![0x5au8; 8192];
-        assert!(matches!(write_through(&q, CLUSTER, &data), Err(ImageError::NoSpace { .. })), "the limit carried over");
+        assert!(matches!(crate::disk::write_mapped(&q, CLUSTER, &data), Err(ImageError::NoSpace { .. })), "the limit carried over");
         q.set_limit(u64::MAX);
-        write_through(&q, CLUSTER, &data).expect("write");
+        crate::disk::write_mapped(&q, CLUSTER, &data).expect("write");
         assert!(seen.0.lock().expect("seen").last().is_some_and(|e| *e > end), "the observer carried over");
         q.activate(Duration::ZERO).expect("activating an active image does nothing");
-        assert_eq!(read_through(&q, CLUSTER, 8192).expect("read"), data);
+        assert_eq!(crate::disk::read_mapped(&q, CLUSTER, 8192).expect("read"), data);
 
         // Handed over and taken back: a fresh engine reads what the first one wrote.
         q.inactivate().expect("inactivate");
@@ -953,8 +914,8 @@ mod tests {
         assert!(matches!(q.map_read(0, 4096, &mut ext), Err(ImageError::Inactive)));
         let closed = std::fs::read(&t.0).expect("read image");
         q.activate(Duration::ZERO).expect("activate again");
-        assert_eq!(read_through(&q, CLUSTER, 8192).expect("read"), data);
-        assert_eq!(read_through(&q, 0, 4096).expect("read"), vec![0u8; 4096]);
+        assert_eq!(crate::disk::read_mapped(&q, CLUSTER, 8192).expect("read"), data);
+        assert_eq!(crate::disk::read_mapped(&q, 0, 4096).expect("read"), vec![0u8; 4096]);
         q.close().expect("close");
         drop(q);
         let header = thinblk_qcow2::Header::parse(&closed, closed.len() as u64).expect("header");
