@@ -33,6 +33,9 @@ fn substitute(xml: &str, from: &str, to: &str) -> String {
 }
 
 /// A session libvirtd of its own as an unprivileged user, killed (with its domain) on drop.
+/// Two of them play two hosts: each has its own directories (`home`) and so its own sockets,
+/// and its own `host_uuid` (libvirt refuses to migrate a domain to a host whose UUID is its
+/// own).
 struct Libvirt {
     home: PathBuf,
     daemon: Child,
@@ -40,11 +43,16 @@ struct Libvirt {
 }
 
 impl Libvirt {
-    fn start(home: &Path, domain: &str) -> Libvirt {
+    /// Starts libvirtd in `home`; `host_uuid` goes into its libvirtd.conf if given (else
+    /// libvirt reads the host's SMBIOS or machine id).
+    fn start(home: &Path, domain: &str, host_uuid: Option<&str>) -> Libvirt {
         let conf = home.join("config/libvirt");
         std::fs::create_dir_all(&conf).expect("libvirt config dir");
         // Console and QEMU logs to plain files (no virtlogd to spawn and clean up).
         std::fs::write(conf.join("qemu.conf"), "stdio_handler = \"file\"\n").expect("qemu.conf");
+        if let Some(uuid) = host_uuid {
+            std::fs::write(conf.join("libvirtd.conf"), format!("host_uuid = \"{uuid}\"\n")).expect("libvirtd.conf");
+        }
         chown_tree(home);
         let daemon = Self::command(home, "libvirtd")
             .stdout(Stdio::null())
@@ -75,12 +83,59 @@ impl Libvirt {
         c
     }
 
-    fn virsh(&self, args: &[&str]) -> Output {
-        Self::command(&self.home, "virsh").args(["-c", "qemu:///session"]).args(args).output().expect("virsh")
+    /// This instance's URI: the session URI with its own socket, so that a client of the other
+    /// instance (virsh migrate) reaches it too.
+    fn uri(&self) -> String {
+        format!("qemu:///session?socket={}", self.home.join("run/libvirt/libvirt-sock").display())
     }
 
+    /// virsh on this instance (`-c` [`Libvirt::uri`]).
+    fn virsh_command(&self) -> Command {
+        let mut c = Self::command(&self.home, "virsh");
+        c.arg("-c").arg(self.uri());
+        c
+    }
+
+    fn virsh(&self, args: &[&str]) -> Output {
+        self.virsh_command().args(args).output().expect("virsh")
+    }
+
+    /// virsh's stdout, asserting that it succeeded.
+    fn virsh_ok(&self, args: &[&str]) -> String {
+        let out = self.virsh(args);
+        assert!(out.status.success(), "virsh {}: {}\nlibvirtd:\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr), tail(&self.log()));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The domain's state (`running`, `shut off`, ...), or `gone` if this instance no longer
+    /// knows it (a transient domain that ended).
+    fn state(&self) -> String {
+        let out = self.virsh(&["domstate", &self.domain]);
+        if out.status.success() {
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        } else {
+            "gone".to_string()
+        }
+    }
+
+    /// Waits up to `limit` for the domain to end (on_poweroff=destroy: the guest's poweroff).
+    fn wait_shut_off(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if matches!(self.state().as_str(), "shut off" | "gone") {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// libvirtd's log, without its complaints about /dev/kvm (the test machines run TCG).
     fn log(&self) -> String {
-        std::fs::read_to_string(self.home.join("libvirtd.log")).unwrap_or_default()
+        let log = std::fs::read_to_string(self.home.join("libvirtd.log")).unwrap_or_default();
+        log.lines().filter(|l| !l.contains("/dev/kvm")).collect::<Vec<_>>().join("\n")
     }
 }
 
@@ -91,6 +146,34 @@ impl Drop for Libvirt {
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
     }
+}
+
+/// The documented domain XML as the tests run it: TCG, the test's name and socket, the test
+/// kernel and `initrd` booted with `cmdline`, the serial console to the file `console`.
+fn test_xml(name: &str, sock: &Path, assets: &Path, initrd: &str, cmdline: &str, console: &Path) -> String {
+    let mut xml = documented_xml();
+    xml = substitute(&xml, "<domain type='kvm'>", "<domain type='qemu'>");
+    xml = substitute(&xml, "<name>vm1</name>", &format!("<name>{name}</name>"));
+    xml = substitute(&xml, "/run/thinblk/vm1-disk0.sock", sock.to_str().expect("utf-8"));
+    xml = substitute(
+        &xml,
+        "<boot dev='hd'/>",
+        &format!(
+            "<kernel>{}</kernel><initrd>{}</initrd><cmdline>{cmdline}</cmdline>",
+            assets.join("vmlinuz").display(),
+            assets.join(initrd).display()
+        ),
+    );
+    substitute(&xml, "<serial type='pty'/>", &format!("<serial type='file'><source path='{}'/></serial>", console.display()))
+}
+
+/// Opens the test directory to the unprivileged user (traversal) and a daemon's socket to it
+/// (QEMU connects as that user; docs/operating.md, "libvirt").
+fn open_to_user(dir: &TestDir, sock: &Path) {
+    let st = Command::new("chmod").arg("755").arg(&dir.0).status().expect("chmod");
+    assert!(st.success());
+    let st = Command::new("chown").arg(format!("{USER}:{USER}")).arg(sock).status().expect("chown socket");
+    assert!(st.success());
 }
 
 /// Hands `dir` and everything in it to the unprivileged user.
@@ -108,53 +191,22 @@ fn libvirt_boots_the_documented_domain_on_a_thinblk_disk() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let sock = dir.path("vm1-disk0.sock");
     let mut daemon = Daemon::start(&sock, &args);
-    // QEMU runs as the unprivileged user (libvirt-qemu on a system instance): it must be able
-    // to connect (docs/operating.md, "libvirt").
-    let st = Command::new("chown").arg(format!("{USER}:{USER}")).arg(&sock).status().expect("chown socket");
-    assert!(st.success());
+    open_to_user(&dir, &sock);
 
     let home = dir.path("libvirt");
     let console = home.join("console.log");
     let name = format!("thinblk-test-{}", std::process::id());
-    let mut xml = documented_xml();
-    xml = substitute(&xml, "<domain type='kvm'>", "<domain type='qemu'>");
-    xml = substitute(&xml, "<name>vm1</name>", &format!("<name>{name}</name>"));
-    xml = substitute(&xml, "/run/thinblk/vm1-disk0.sock", sock.to_str().expect("utf-8"));
-    xml = substitute(
-        &xml,
-        "<boot dev='hd'/>",
-        &format!(
-            "<kernel>{}</kernel><initrd>{}</initrd><cmdline>console=ttyS0 panic=-1 loglevel=4 thinblk_test=fs</cmdline>",
-            assets.join("vmlinuz").display(),
-            assets.join("initramfs.cpio.gz").display()
-        ),
-    );
-    xml = substitute(&xml, "<serial type='pty'/>", &format!("<serial type='file'><source path='{}'/></serial>", console.display()));
+    let xml = test_xml(&name, &sock, &assets, "initramfs.cpio.gz", "console=ttyS0 panic=-1 loglevel=4 thinblk_test=fs", &console);
     std::fs::create_dir_all(&home).expect("libvirt home");
     let xml_path = home.join("domain.xml");
     std::fs::write(&xml_path, &xml).expect("domain xml");
-    // The test directory must be traversable by the unprivileged user.
-    let st = Command::new("chmod").arg("755").arg(&dir.0).status().expect("chmod");
-    assert!(st.success());
 
-    let libvirt = Libvirt::start(&home, &name);
-    let out = libvirt.virsh(&["define", xml_path.to_str().expect("utf-8")]);
-    assert!(out.status.success(), "virsh define: {}\n{xml}", String::from_utf8_lossy(&out.stderr));
+    let libvirt = Libvirt::start(&home, &name, None);
+    libvirt.virsh_ok(&["define", xml_path.to_str().expect("utf-8")]);
     let started = Instant::now();
-    let out = libvirt.virsh(&["start", &name]);
-    assert!(out.status.success(), "virsh start: {}\nlibvirtd:\n{}", String::from_utf8_lossy(&out.stderr), libvirt.log());
+    libvirt.virsh_ok(&["start", &name]);
     // on_poweroff=destroy: the guest's poweroff ends the domain.
-    let finished = loop {
-        let out = libvirt.virsh(&["domstate", &name]);
-        let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if state == "shut off" {
-            break true;
-        }
-        if started.elapsed() > LIMIT {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let finished = libvirt.wait_shut_off(LIMIT);
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     assert!(finished, "domain still running after {LIMIT:?}; console:\n{}", tail(&log));
     eprintln!("libvirt guest run: {:.0} s", started.elapsed().as_secs_f64());
@@ -167,3 +219,4 @@ fn libvirt_boots_the_documented_domain_on_a_thinblk_disk() {
     let check = Command::new("qemu-img").arg("check").arg(&backing).output().expect("qemu-img check");
     assert!(check.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&check.stdout));
 }
+
