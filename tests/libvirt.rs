@@ -2,7 +2,8 @@
 //! defined and started by a real libvirtd (the unprivileged session instance, private to the
 //! test: its config, sockets and logs live in the test's directory), with the guest kernel
 //! and initramfs of tests/guest_qemu.rs; the guest runs its verifying file-system workload on a
-//! thinblk disk (a qcow2 on a thin loop volume that `thinblk spm` grows).
+//! thinblk disk (a qcow2 on a thin loop volume that `thinblk spm` grows). Two such instances
+//! play two hosts for `virsh migrate --live` (issue 21; docs/operating.md, "Live migration").
 
 mod common;
 
