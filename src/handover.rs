@@ -73,6 +73,9 @@ pub struct Handover {
     image: Arc<dyn Disk>,
     thin: Option<Arc<Signals>>,
     status: Mutex<HandoverStatus>,
+    /// Serialises `ctl hand-over` with the device's ring reports: a ring that starts is
+    /// counted before it looks at the image, so the command either sees it or came first.
+    gate: Mutex<()>,
 }
 
 impl Handover {
@@ -83,7 +86,7 @@ impl Handover {
         if incoming {
             tracing::info!("incoming migration: the image is open inactive (shared lock, nothing written) until this daemon's rings start");
         }
-        Arc::new(Handover { image, thin, status: Mutex::new(status) })
+        Arc::new(Handover { image, thin, status: Mutex::new(status), gate: Mutex::new(()) })
     }
 
     /// A copy of the status.
@@ -101,6 +104,7 @@ impl Handover {
     /// without dirty logging), so the management layer says it. Refused while a ring runs
     /// or a request is not completed.
     pub fn hand_over_stopped(&self) -> Result<(), String> {
+        let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         let s = self.status();
         if !s.active {
             return Ok(());
@@ -156,6 +160,7 @@ impl Ownership for Handover {
     }
 
     fn rings(&self, running: usize, in_hand: usize) {
+        let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         self.update(|s| {
             s.rings_running = running;
             s.in_hand = in_hand;
@@ -189,6 +194,23 @@ impl Ownership for Handover {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_management_hand_over_waits_for_stopped_rings() {
+        let path = std::env::temp_dir().join(format!("thinblk-handover-unit-{}", std::process::id()));
+        std::fs::File::create(&path).and_then(|f| f.set_len(1 << 20)).expect("image");
+        let image: Arc<dyn Disk> = Arc::new(thinblk_vhost::RawImage::open(&path, false, false).expect("raw image"));
+        let h = Handover::new(image, false, None);
+        // A ring reported as starting (the session does so before it looks at the image).
+        h.rings(1, 0);
+        assert!(h.hand_over_stopped().is_err(), "handed over under a starting ring");
+        h.rings(0, 2);
+        assert!(h.hand_over_stopped().is_err(), "handed over with requests in hand");
+        h.rings(0, 0);
+        assert!(h.hand_over_stopped().is_ok());
+        assert_eq!((h.status().active, h.status().handovers, h.status().role()), (false, 1, "handed-over"));
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn roles_follow_the_handovers() {

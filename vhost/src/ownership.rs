@@ -21,8 +21,10 @@ pub trait Ownership: Send + Sync {
     /// Hands the image over (the caller has no request in flight): metadata written back
     /// and synced, journal removed, write lock dropped.
     fn inactivate(&self) -> Result<(), String>;
-    /// The device's rings changed: `running` rings are started, `in_hand` requests are not
-    /// completed (a management command may hand the image over only when both are 0).
+    /// The device's rings changed: `running` rings are started (or starting), `in_hand`
+    /// requests are not completed (a management command may hand the image over only when
+    /// both are 0). Serialised with such a command: a ring start reports before it looks at
+    /// [`Ownership::is_active`].
     fn rings(&self, _running: usize, _in_hand: usize) {}
 }
 

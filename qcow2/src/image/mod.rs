@@ -647,8 +647,16 @@ impl Qcow2 {
         self.flush_metadata()?;
         self.storage.flush()?;
         if let Some(o) = self.owner {
-            self.storage.write_at(&0u64.to_be_bytes(), o.offset + 24)?;
-            self.storage.flush()?;
+            let cleared = self.storage.write_at(&0u64.to_be_bytes(), o.offset + 24).and_then(|()| self.storage.flush());
+            if let Err(e) = cleared {
+                // The flag may now read clear while this open goes on serving (a handover whose
+                // write-back failed stays active): set it again, so that a crash after this is
+                // never taken for a clean close (which would drop the journal's records).
+                // Test: `a_close_that_fails_after_clearing_the_flag_sets_it_again`.
+                let _ = self.storage.write_at(&Owner::IN_USE.to_be_bytes(), o.offset + 24);
+                let _ = self.storage.flush();
+                return Err(e.into());
+            }
         }
         if let Ok(mut m) = self.meta.write() {
             if let Some(j) = m.journal.take() {

@@ -126,3 +126,46 @@ fn a_refcount_block_in_write_back_is_never_evicted_and_reread_stale() {
 fn a_failed_write_back_re_dirties_the_refcount_blocks_it_carried() {
     assert_eq!(evict_during_writeback(true), 5, "the failed write-back's counts were lost");
 }
+
+/// A storage whose flushes fail once the owner's in-use flag was written clear.
+#[derive(Default)]
+struct FailAfterClear {
+    mem: MemStorage,
+    /// The in-use flag's offset (owner extension + 24).
+    flag_at: Mutex<Option<u64>>,
+    cleared: std::sync::atomic::AtomicBool,
+}
+
+impl Storage for FailAfterClear {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.mem.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if Some(offset) == *self.flag_at.lock().unwrap() {
+            self.cleared.store(buf == [0u8; 8], Ordering::SeqCst);
+        }
+        self.mem.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        if self.cleared.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.mem.size()
+    }
+}
+
+#[test]
+fn a_close_that_fails_after_clearing_the_flag_sets_it_again() {
+    let st = Arc::new(FailAfterClear::default());
+    create(&st.mem, &CreateOptions { size: 16 << 20, cluster_size: 65536 }).unwrap();
+    let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
+    let o = img.owner.expect("an owner extension");
+    *st.flag_at.lock().unwrap() = Some(o.offset + 24);
+    assert!(img.close().is_err(), "the flush after clearing the flag failed");
+    let mut flag = [0u8; 8];
+    st.mem.read_at(&mut flag, o.offset + 24).unwrap();
+    assert_eq!(u64::from_be_bytes(flag), Owner::IN_USE, "the image reads as closed clean while it is still served");
+}

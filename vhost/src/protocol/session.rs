@@ -492,7 +492,12 @@ impl Session {
 
     /// Tells the owner how many rings run and how many requests are in hand.
     fn report_rings(&self) {
-        let running = self.vrings.iter().filter(|v| v.lock().get_queue().ready()).count();
+        self.report_rings_with(0);
+    }
+
+    /// [`Self::report_rings`], counting `starting` more rings as running.
+    fn report_rings_with(&self, starting: usize) {
+        let running = self.vrings.iter().filter(|v| v.lock().get_queue().ready()).count() + starting;
         let in_hand = self.device.in_hand() + usize::from(self.device.gated());
         self.device.ownership().rings(running, in_hand);
     }
@@ -604,11 +609,15 @@ impl Session {
                 return Err(ProtocolError::Ring("ring size or addresses invalid for the memory table".into()));
             }
         }
+        // The ring counts as running from here on (a management hand-over is refused from now),
+        // and only then is the image's state looked at: a hand-over that came first is seen.
+        self.report_rings_with(1);
         if !self.device.ownership().is_active() {
             // The destination after a switch-over (or a source whose migration failed): the
             // image is taken before any request can be popped.
             if let Err(e) = self.take_over(q) {
                 v.set_kick(None);
+                self.report_rings();
                 return Err(e);
             }
         }
