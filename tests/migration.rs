@@ -65,7 +65,6 @@ impl DiskKind {
 /// The rig: a test directory, the image both sides open, and how to start a VM on a side.
 /// A variant changes the fields before the scenario (another image, daemon arguments).
 struct Rig {
-    dir: TestDir,
     kind: DiskKind,
     /// The qcow2 image every VM of the rig opens (a file or a block device).
     image: PathBuf,
@@ -82,6 +81,9 @@ struct Rig {
     mount: Option<FaultMount>,
     /// What a thin-volume variant keeps alive: the SPM, then the loop device.
     thin: Option<(Daemon, LoopDev)>,
+    /// Last, so that it is removed after the fixture is unmounted and the SPM and loop device
+    /// are gone (fields drop in order; a mounted directory cannot be removed).
+    dir: TestDir,
 }
 
 /// One QEMU of the rig (and its thinblk daemon); QEMU is killed when dropped, then the daemon.
