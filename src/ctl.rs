@@ -54,7 +54,7 @@ fn freeze(t: &Target, timeout_ms: u64) -> Result<u64, String> {
     let synced = (|| -> Result<(), String> {
         if let Some(img) = &t.image {
             img.prepare_flush().map_err(|e| format!("metadata write-back: {e}"))?;
-            for fd in img.files() {
+            for fd in img.files().into_iter().filter(|fd| *fd >= 0) {
                 // SAFETY: fdatasync on an fd the image keeps open for its lifetime.
                 if unsafe { libc::fdatasync(fd) } != 0 {
                     return Err(format!("sync: {}", std::io::Error::last_os_error()));

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::Weak;
 use std::time::Duration;
 
 use crate::error::ImageError;
@@ -92,6 +93,15 @@ impl ZeroRequest {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct WriteTicket(pub Vec<u64>);
 
+/// Told when an image's file table changes (a snapshot adds the new top's file to an empty
+/// slot; a merge empties the slots of dropped layers). The image calls it before any extent
+/// names a new slot, and after no new extent names an emptied one.
+pub trait FileListener: Send + Sync {
+    /// The table is now `table` (slot → fd, -1: empty): register it before returning. An
+    /// error refuses the change (the image keeps its table).
+    fn files_changed(&self, table: &[RawFd]) -> io::Result<()>;
+}
+
 /// A disk image format, shared by every queue's worker.
 ///
 /// Implementations must be cheap to call from the data path and never block on another
@@ -99,8 +109,26 @@ pub struct WriteTicket(pub Vec<u64>);
 pub trait Disk: Send + Sync {
     /// Virtual disk size in bytes.
     fn capacity(&self) -> u64;
-    /// Files that data IO targets, registered with every worker's ring in this order.
+    /// Files that data IO targets, by slot (the `file` of an extent), registered with every
+    /// worker's ring in this order; -1 marks an empty slot.
     fn files(&self) -> Vec<RawFd>;
+    /// How many slots every ring registers: the most files the image may use at once (a
+    /// chain that gains a layer online fills an empty slot; see [`FileListener`]).
+    fn file_slots(&self) -> usize {
+        self.files().len()
+    }
+    /// Slots a FLUSH syncs: the files written through the rings.
+    fn sync_files(&self) -> Vec<u32> {
+        self.files().iter().enumerate().filter(|(_, fd)| **fd >= 0).map(|(i, _)| i as u32).collect()
+    }
+    /// Subscribes `listener` to changes of the file table; it is called with the table as it
+    /// is now before this returns (an image whose table never changes only does that).
+    fn listen_files(&self, listener: Weak<dyn FileListener>) -> io::Result<()> {
+        match listener.upgrade() {
+            Some(l) => l.files_changed(&self.files()),
+            None => Ok(()),
+        }
+    }
     /// Required memory and offset alignment for zero-copy IO (O_DIRECT), in bytes.
     fn io_alignment(&self) -> u32;
     /// Physical block size of the storage, in bytes.
@@ -129,7 +157,7 @@ pub trait Disk: Send + Sync {
     /// At shutdown: writes every dirty table back and syncs every file; an error means the
     /// image may lack completed writes (the daemon exits non-zero).
     fn close(&self) -> Result<(), ImageError> {
-        for fd in self.files() {
+        for fd in self.files().into_iter().filter(|fd| *fd >= 0) {
             // SAFETY: the fd belongs to the image, which is alive for this call.
             if unsafe { libc::fdatasync(fd) } != 0 {
                 return Err(ImageError::Io(io::Error::last_os_error()));

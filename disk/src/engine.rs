@@ -77,4 +77,9 @@ pub trait Engine: Send {
     fn eventfd(&self) -> RawFd;
     /// Clears that eventfd.
     fn ack_eventfd(&self);
+    /// Makes the registered file table `table` (slot → fd, -1: empty), slot by slot. Engines
+    /// that address files directly (tests) have nothing to register.
+    fn set_files(&mut self, _table: &[RawFd]) -> io::Result<()> {
+        Ok(())
+    }
 }

@@ -14,6 +14,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 const ALLOWED_OPCODES: [u8; 4] =
     [opcode::Readv::CODE, opcode::Writev::CODE, opcode::Fsync::CODE, opcode::Fallocate::CODE];
 
+/// `IORING_REGISTER_FILES_UPDATE`: the one register call allowed after the restrictions
+/// (a chain that gains or drops a layer online changes a slot of the file table).
+const REGISTER_FILES_UPDATE: u8 = 6;
+
 /// A worker's io_uring with its completion eventfd.
 ///
 /// Back-pressure instead of spinning: at most as many entries are handed to the kernel as
@@ -29,24 +33,31 @@ pub struct Ring {
     in_kernel: usize,
     /// Completion queue size: the most entries the kernel may hold.
     cq_cap: usize,
+    /// The registered file table, slot by slot (-1: empty).
+    registered: Vec<RawFd>,
 }
 
 impl Ring {
-    /// Creates a ring of `entries` slots with `files` registered and the opcode allow-list applied.
-    pub fn new(entries: u32, files: &[RawFd]) -> io::Result<Ring> {
+    /// Creates a ring of `entries` slots with `files` registered in a table of `slots` (at
+    /// least `files.len()`; the rest empty, to be filled by [`Engine::set_files`]) and the
+    /// opcode allow-list applied.
+    pub fn new(entries: u32, files: &[RawFd], slots: usize) -> io::Result<Ring> {
         let ring = IoUring::builder().setup_r_disabled().build(entries)?;
         let submitter = ring.submitter();
-        submitter.register_files(files)?;
+        let mut registered = files.to_vec();
+        registered.resize(slots.max(files.len()), -1);
+        submitter.register_files(&registered)?;
         // Registered before the restrictions, which also forbid later register calls.
         let eventfd = EventFd::new(EFD_NONBLOCK)?;
         submitter.register_eventfd(eventfd.as_raw_fd())?;
         let mut restrictions: Vec<Restriction> =
             ALLOWED_OPCODES.iter().map(|&op| Restriction::sqe_op(op)).collect();
         restrictions.push(Restriction::sqe_flags_required(squeue::Flags::FIXED_FILE.bits()));
+        restrictions.push(Restriction::register_op(REGISTER_FILES_UPDATE));
         submitter.register_restrictions(&mut restrictions)?;
         submitter.register_enable_rings()?;
         let cq_cap = ring.params().cq_entries() as usize;
-        Ok(Ring { ring, eventfd, backlog: std::collections::VecDeque::new(), in_kernel: 0, cq_cap })
+        Ok(Ring { ring, eventfd, backlog: std::collections::VecDeque::new(), in_kernel: 0, cq_cap, registered })
     }
 
 
@@ -104,6 +115,21 @@ impl Engine for Ring {
 
     fn in_flight(&self) -> usize {
         self.in_kernel + self.backlog.len()
+    }
+
+    fn set_files(&mut self, table: &[RawFd]) -> io::Result<()> {
+        if table.len() > self.registered.len() {
+            return Err(io::Error::other(format!("{} files do not fit the ring's {} slots", table.len(), self.registered.len())));
+        }
+        for (slot, &fd) in table.iter().enumerate() {
+            if self.registered[slot] != fd {
+                // The kernel keeps a replaced file referenced until the operations that use
+                // it complete: an update never pulls a file from under IO in flight.
+                self.ring.submitter().register_files_update(slot as u32, &[fd])?;
+                self.registered[slot] = fd;
+            }
+        }
+        Ok(())
     }
 
     fn submit(&mut self) -> io::Result<()> {
@@ -172,7 +198,7 @@ mod tests {
         }
         let _cleanup = Cleanup(path.clone());
         let file = File::open(&path).unwrap();
-        let mut ring = Ring::new(8, &[file.as_raw_fd()]).unwrap();
+        let mut ring = Ring::new(8, &[file.as_raw_fd()], 1).unwrap();
         let mut buf = [0u8; 10];
         let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
         // SAFETY: buf and iov outlive the completion, which we wait for below.
@@ -211,5 +237,32 @@ mod tests {
         let r = ring.ring.submit_and_wait(1);
         let refused = r.is_err() || ring.pop().map(|(_, res)| res < 0).unwrap_or(false);
         assert!(refused);
+    }
+
+    #[test]
+    fn an_empty_slot_is_filled_and_emptied_after_the_restrictions() {
+        let dir = std::env::temp_dir();
+        let a = dir.join(format!("thinblk-ring-a-{}", std::process::id()));
+        let b = dir.join(format!("thinblk-ring-b-{}", std::process::id()));
+        File::create(&a).unwrap().write_all(b"first file").unwrap();
+        File::create(&b).unwrap().write_all(b"other file").unwrap();
+        let (fa, fb) = (File::open(&a).unwrap(), File::open(&b).unwrap());
+        let _ = (std::fs::remove_file(&a), std::fs::remove_file(&b));
+        let mut ring = Ring::new(8, &[fa.as_raw_fd()], 4).unwrap();
+        let read = |ring: &mut Ring, file: u32| -> (i32, [u8; 10]) {
+            let mut buf = [0u8; 10];
+            let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+            // SAFETY: buf and iov outlive the completion, which is waited for here.
+            unsafe { ring.push(HostOp::Readv { file, iov: iov.as_ptr(), iov_len: 1, offset: 0 }, 1) };
+            ring.submit_and_wait_one().unwrap();
+            (ring.pop().unwrap().1, buf)
+        };
+        assert_eq!(read(&mut ring, 2).0, -libc::EBADF, "an empty slot");
+        ring.set_files(&[fa.as_raw_fd(), -1, fb.as_raw_fd()]).expect("fill slot 2");
+        assert_eq!(read(&mut ring, 2), (10, *b"other file"));
+        assert_eq!(read(&mut ring, 0), (10, *b"first file"), "slot 0 unchanged");
+        ring.set_files(&[fa.as_raw_fd(), -1, -1]).expect("empty slot 2");
+        assert_eq!(read(&mut ring, 2).0, -libc::EBADF);
+        assert!(ring.set_files(&[-1; 5]).is_err(), "more files than slots");
     }
 }

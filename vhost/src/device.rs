@@ -61,6 +61,29 @@ pub struct BlkDevice {
 
 pub use crate::context::{StopLimits, PARKED_GRACE, STOP_LIMIT};
 
+/// How long a file table change waits for a queue's thread (inside a storage call).
+const FILES_CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl crate::image::FileListener for Inner {
+    fn files_changed(&self, table: &[RawFd]) -> io::Result<()> {
+        let deadline = Instant::now() + FILES_CHANGE_WAIT;
+        for (q, w) in self.workers.iter().enumerate() {
+            let mut g = loop {
+                match w.try_lock() {
+                    Ok(g) => break g,
+                    Err(TryLockError::Poisoned(e)) => break e.into_inner(),
+                    Err(TryLockError::WouldBlock) if Instant::now() >= deadline => {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, format!("queue {q} is inside a storage call")));
+                    }
+                    Err(TryLockError::WouldBlock) => std::thread::sleep(std::time::Duration::from_millis(1)),
+                }
+            };
+            g.set_files(table).map_err(|e| io::Error::new(e.kind(), format!("queue {q}: registering the image's files: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
 impl BlkDevice {
     /// Builds a device over `image`, creating one worker (and io_uring) per queue.
     pub fn new(image: Arc<dyn Disk>, cfg: &DeviceConfig) -> Result<BlkDevice, DeviceError> {
@@ -79,12 +102,13 @@ impl BlkDevice {
         let n = bytes.len().min(ID_LEN);
         serial[..n].copy_from_slice(&bytes[..n]);
         let files = image.files();
+        let slots = image.file_slots();
         let ring_entries = u32::from(cfg.queue_size).next_power_of_two().max(8) * 2;
         let mut workers = Vec::new();
         let mut in_hand = Vec::new();
         for q in 0..cfg.num_queues as usize {
             let stats = cfg.stats.as_ref().and_then(|s| s.queue(q));
-            let w = Worker::new(q, ring_entries, &files, stats).map_err(DeviceError::Ring)?;
+            let w = Worker::new(q, ring_entries, &files, slots, stats).map_err(DeviceError::Ring)?;
             in_hand.push(w.in_hand());
             workers.push(Mutex::new(w));
         }
@@ -109,7 +133,13 @@ impl BlkDevice {
             limits: cfg.stop,
         };
         let ownership = cfg.ownership.clone().unwrap_or_else(|| Arc::new(crate::ownership::AlwaysActive));
-        Ok(BlkDevice { inner: Arc::new(Inner { ctx, ownership, seccomp: cfg.seccomp.clone(), workers, in_hand }) })
+        let inner = Arc::new(Inner { ctx, ownership, seccomp: cfg.seccomp.clone(), workers, in_hand });
+        // From here on every change of the image's file table (a snapshot's new top) reaches
+        // these rings before any extent names it; a change made since `files()` was read is
+        // registered now.
+        let weak: std::sync::Weak<Inner> = Arc::downgrade(&inner);
+        inner.ctx.image.listen_files(weak).map_err(DeviceError::Ring)?;
+        Ok(BlkDevice { inner })
     }
 
     /// The device's fixed properties.

@@ -219,11 +219,16 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Creates the worker for `queue` with its own ring over `files`, counting requests in
-    /// `stats` if given.
-    pub fn new(queue: usize, ring_entries: u32, files: &[std::os::fd::RawFd], stats: Option<Arc<QueueStats>>) -> io::Result<Worker> {
-        let ring = Box::new(Ring::new(ring_entries, files)?);
+    /// Creates the worker for `queue` with its own ring over `files` (in a table of `slots`),
+    /// counting requests in `stats` if given.
+    pub fn new(queue: usize, ring_entries: u32, files: &[std::os::fd::RawFd], slots: usize, stats: Option<Arc<QueueStats>>) -> io::Result<Worker> {
+        let ring = Box::new(Ring::new(ring_entries, files, slots)?);
         Ok(Worker::with_engine(queue, ring, ring_entries as usize * 4, stats))
+    }
+
+    /// Registers the image's file table `table` with this worker's ring.
+    pub fn set_files(&mut self, table: &[std::os::fd::RawFd]) -> io::Result<()> {
+        self.ring.set_files(table)
     }
 
     /// A worker over any engine, popping no chain while `op_cap` host ops are in flight.
@@ -304,7 +309,7 @@ mod tests {
     #[test]
     fn a_flush_joins_only_while_the_metadata_epoch_stands() {
         let file = std::fs::File::open("/dev/null").expect("/dev/null");
-        let mut w = Worker::new(0, 8, &[std::os::fd::AsRawFd::as_raw_fd(&file)], None).expect("worker (needs io_uring)");
+        let mut w = Worker::new(0, 8, &[std::os::fd::AsRawFd::as_raw_fd(&file)], 1, None).expect("worker (needs io_uring)");
         let flush = Request { kind: RequestType::Flush, offset: 0, segments: Vec::new(), data_len: 0, ranges: Vec::new() };
         let slot = w.pending.insert(Pending {
             head: 0,
@@ -329,7 +334,7 @@ mod tests {
     fn the_memory_table_a_chain_is_checked_against_is_never_older_than_the_chain() {
         use vm_memory::{GuestMemoryRegion, GuestRegionMmap};
         let file = std::fs::File::open("/dev/null").expect("/dev/null");
-        let mut w = Worker::new(0, 8, &[std::os::fd::AsRawFd::as_raw_fd(&file)], None).expect("worker (needs io_uring)");
+        let mut w = Worker::new(0, 8, &[std::os::fd::AsRawFd::as_raw_fd(&file)], 1, None).expect("worker (needs io_uring)");
         // Region 0 holds the rings, descriptors and header; region 1, which the frontend adds
         // just before publishing the chain, holds the data buffer.
         let r0 = Arc::new(GuestRegionMmap::<crate::guest_write::LogBitmap>::from_range(GuestAddress(0), 0x10000, None).expect("region 0"));

@@ -75,7 +75,7 @@ impl Worker {
                 let epoch = image.metadata_epoch();
                 image.prepare_flush().map_err(|e| fail(slot, e))?;
                 self.flush_batch = Some((slot, epoch));
-                for file in 0..image.files().len() as u32 {
+                for file in image.sync_files() {
                     self.queue_op(slot, Op { slot, kind: OpKind::Sync, file, offset: 0, iov: Vec::new() })
                         .map_err(|e| (Some(slot), Outcome::HostIo(e.raw_os_error().unwrap_or(libc::EIO))))?;
                 }
