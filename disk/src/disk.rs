@@ -189,6 +189,15 @@ pub trait Disk: Send + Sync {
     fn is_active(&self) -> bool {
         true
     }
+    /// The files of the chain served, the top first.
+    fn chain(&self) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
+    /// Online snapshot: `overlay` (whose backing is the current top) becomes the top; with
+    /// `limit`, its allocation limit. Writes must be held by the caller.
+    fn snapshot(&self, _overlay: &std::path::Path, _limit: Option<u64>) -> Result<crate::snapshot::SnapshotReport, ImageError> {
+        Err(ImageError::Refused("only a qcow2 image takes snapshots".into()))
+    }
 }
 
 /// Reads `len` bytes at guest `offset` through the mapping, synchronously, as a worker does

@@ -9,12 +9,14 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod aligned;
+pub mod chain;
 pub mod disk;
 pub mod engine;
 pub mod error;
 pub mod lock;
 pub mod qcow2;
 pub mod raw;
+pub mod snapshot;
 pub mod sys;
 pub mod uring;
 

@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use thinblk_qcow2::{AllocationObserver, BackingReader, FileStorage, Mapping, OpenOptions, Qcow2, Qcow2Error, Storage};
+use thinblk_qcow2::{AllocationObserver, FileStorage, Mapping, OpenOptions, Qcow2, Qcow2Error, Storage};
 use crate::error::ImageError;
-use crate::disk::{Extent, HostZero, Disk, Target, WriteTicket, ZeroMode, ZeroRequest};
+use crate::disk::{Extent, FileListener, HostZero, Disk, Target, WriteTicket, ZeroMode, ZeroRequest};
 use crate::lock::{change_lock, lock_image, Access, ImageLock, LockError, Locking};
+use crate::chain::{Chain, ChainReader, FileTable, Layer, FILE_SLOTS};
 use crate::raw::RawImage;
 use crate::sys::{image_identity, open_direct, OpenedFile};
 
@@ -149,7 +150,7 @@ fn open_err(path: &Path) -> impl Fn(ImageError) -> FormatError + '_ {
 }
 
 /// Locks an opened file of the chain for `want` (see [`crate::lock`]).
-fn lock_file(file: &File, path: &Path, want: Access, mode: Locking) -> Result<Option<ImageLock>, FormatError> {
+pub(crate) fn lock_file(file: &File, path: &Path, want: Access, mode: Locking) -> Result<Option<ImageLock>, FormatError> {
     lock_image(file, path, want, mode).map_err(|source| FormatError::Lock { path: path.to_path_buf(), source })
 }
 
@@ -168,67 +169,6 @@ pub fn open_image(path: &Path, format: Format, opts: &ImageOptions) -> Result<Ar
     }
 }
 
-/// One layer of a chain: file index = position in the chain. (At most 16 per image, built
-/// once at open: the size difference between variants does not matter.)
-#[allow(clippy::large_enum_variant)]
-enum Layer {
-    Qcow2(Qcow2, Arc<FileStorage>),
-    Raw(Arc<FileStorage>, u64),
-}
-
-/// The read-only layers under the served image, readable synchronously (for filling
-/// partial writes of clusters the backing file provides).
-struct Chain {
-    layers: Vec<Layer>,
-}
-
-impl Chain {
-    /// Synchronous read of `buf.len()` bytes at guest `offset`, starting at layer `k`.
-    fn read(&self, k: usize, buf: &mut [u8], offset: u64) -> thinblk_qcow2::Result<()> {
-        let Some(layer) = self.layers.get(k) else {
-            buf.fill(0);
-            return Ok(());
-        };
-        match layer {
-            Layer::Raw(st, size) => {
-                let n = size.saturating_sub(offset).min(buf.len() as u64) as usize;
-                st.read_at(&mut buf[..n], offset)?;
-                buf[n..].fill(0);
-            }
-            Layer::Qcow2(img, st) => {
-                let n = img.size().saturating_sub(offset).min(buf.len() as u64) as usize;
-                buf[n..].fill(0);
-                let mut ranges = Vec::new();
-                img.map_read(offset, n as u64, &mut ranges)?;
-                let cs = img.cluster_size();
-                for r in ranges {
-                    let s = (r.guest - offset) as usize;
-                    let dst = &mut buf[s..s + r.len as usize];
-                    match r.mapping {
-                        Mapping::Data(h) => st.read_at(dst, h)?,
-                        Mapping::Zero => dst.fill(0),
-                        Mapping::Backing => self.read(k + 1, dst, r.guest)?,
-                        Mapping::Compressed(e) => {
-                            let c = img.read_compressed(e)?;
-                            let a = (r.guest % cs) as usize;
-                            dst.copy_from_slice(&c[a..a + dst.len()]);
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-struct ChainReader(Arc<Chain>);
-
-impl BackingReader for ChainReader {
-    fn read(&self, buf: &mut [u8], offset: u64) -> thinblk_qcow2::Result<()> {
-        self.0.read(0, buf, offset)
-    }
-}
-
 /// A qcow2 image (and its backing chain) served through the vhost crate's format layer.
 ///
 /// The image is *active* (an engine serves it) or *inactive* (live migration: a destination
@@ -236,55 +176,81 @@ impl BackingReader for ChainReader {
 /// written). [`Disk::activate`] and [`Disk::inactivate`] move between the two over the same
 /// files and descriptors.
 pub struct Qcow2Format {
-    /// The engine of the top image while active. Map calls take it shared (uncontended but
-    /// for the two transitions, which take it exclusively).
-    top: RwLock<Option<Qcow2>>,
-    top_storage: Arc<FileStorage>,
-    backing: Arc<Chain>,
-    files: Vec<RawFd>,
-    alignment: u32,
+    /// What is served: the top's file and chain, and its engine while active. Map calls take
+    /// it shared (uncontended but for the transitions and chain changes, which take it
+    /// exclusively).
+    pub(crate) top: RwLock<Served>,
+    /// The rings' file table: every layer's file in its slot.
+    pub(crate) files: FileTable,
+    pub(crate) alignment: u32,
     physical_block_size: u32,
     identity: String,
     discard_unmap: bool,
-    path: PathBuf,
-    /// How the top engine is opened, at the start or at an activation.
-    engine_opts: EngineOptions,
+    /// How the top engine is opened, at the start, at an activation or a snapshot.
+    pub(crate) engine_opts: EngineOptions,
+    /// Which backing names images may give (a snapshot's overlay is checked too).
+    pub(crate) backing_files: BackingFiles,
+    /// Whether files are locked.
+    pub(crate) locking: Locking,
     /// The virtual size, as the last engine (or the inactive open's check) read it.
     capacity: AtomicU64,
     /// The allocation mark while inactive: the last engine's.
     allocation: AtomicU64,
     /// Added to the engine's metadata epoch, so it never goes back across activations.
-    epoch_base: AtomicU64,
+    pub(crate) epoch_base: AtomicU64,
     /// L2 cache hits and misses of the engines before the current one.
-    cache_base: (AtomicU64, AtomicU64),
+    pub(crate) cache_base: (AtomicU64, AtomicU64),
     /// The allocation limit, given to every engine.
-    limit: AtomicU64,
+    pub(crate) limit: AtomicU64,
     /// The allocation observer, given to every engine.
     observer: OnceLock<Arc<dyn AllocationObserver>>,
     /// The top image's locks (None: not locked).
-    top_lock: Mutex<Option<ImageLock>>,
-    /// Held across an activation or an inactivation: one at a time.
-    transition: Mutex<()>,
+    pub(crate) top_lock: Mutex<Option<ImageLock>>,
+    /// Held across an activation, an inactivation or a chain change: one at a time.
+    pub(crate) transition: Mutex<()>,
     /// The backing files' locks: a backing reader's, active or not (nobody writes them).
-    _backing_locks: Vec<ImageLock>,
+    pub(crate) backing_locks: Mutex<Vec<ImageLock>>,
+}
+
+/// What a chain serves: the top's file with the chain under it, and the top's engine while
+/// the image is active.
+pub(crate) struct Served {
+    /// The engine of the top image (None: inactive).
+    pub(crate) engine: Option<Qcow2>,
+    /// The top's file and the chain under it.
+    pub(crate) file: Arc<TopFile>,
+}
+
+/// The top image's file and the read-only chain under it.
+pub(crate) struct TopFile {
+    /// Where the top was opened.
+    pub(crate) path: PathBuf,
+    /// Its file.
+    pub(crate) storage: Arc<FileStorage>,
+    /// Its slot in the file table.
+    pub(crate) slot: u32,
+    /// The layers under it.
+    pub(crate) backing: Arc<Chain>,
+    /// The top is a block device (its size says nothing of what reads as zeroes).
+    pub(crate) is_block: bool,
 }
 
 /// What the top engine is opened with.
-struct EngineOptions {
-    read_only: bool,
-    l2_cache_bytes: Option<u64>,
-    journal_dir: Option<PathBuf>,
-    journal_segment_bytes: usize,
-    refcount_cache_blocks: Option<usize>,
-    /// The image is a block device (its size says nothing of what reads as zeroes).
-    is_block: bool,
+pub(crate) struct EngineOptions {
+    pub(crate) read_only: bool,
+    pub(crate) l2_cache_bytes: Option<u64>,
+    pub(crate) journal_dir: Option<PathBuf>,
+    pub(crate) journal_segment_bytes: usize,
+    pub(crate) refcount_cache_blocks: Option<usize>,
+    /// The top lives on a fixed-size volume (thin mode): never grown.
+    pub(crate) fixed_size: bool,
 }
 
-fn storage_for(file: File, info: &OpenedFile) -> Arc<FileStorage> {
+pub(crate) fn storage_for(file: File, info: &OpenedFile) -> Arc<FileStorage> {
     Arc::new(FileStorage::new(file, info.alignment as usize))
 }
 
-fn poisoned() -> ImageError {
+pub(crate) fn poisoned() -> ImageError {
     ImageError::Io(std::io::Error::other("qcow2 image state poisoned"))
 }
 
@@ -317,23 +283,24 @@ impl Qcow2Format {
             let (bfile, binfo) = open_direct(&bpath, true).map_err(open_err(&bpath))?;
             backing_locks.extend(lock_file(&bfile, &bpath, Access::backing(), opts.locking)?);
             alignment = alignment.max(binfo.alignment);
+            let slot = files.len() as u32;
             files.push(bfile.as_raw_fd());
             let st = storage_for(bfile, &binfo);
             match bformat {
-                Format::Raw => layers.push(Layer::Raw(st, binfo.size)),
+                Format::Raw => layers.push(Arc::new(Layer::Raw { st, size: binfo.size, slot, path: bpath })),
                 Format::Qcow2 => {
                     let img = Qcow2::open(st.clone(), OpenOptions { read_only: true, ..Default::default() })
                         .map_err(qerr(&bpath))?;
                     next = backing_of(&bpath, img.header(), opts.backing_files)?;
-                    layers.push(Layer::Qcow2(img, st));
+                    layers.push(Arc::new(Layer::Qcow2 { img, st, slot, path: bpath }));
                 }
             }
         }
         // Clusters start wherever the cluster size puts them: below the storage's O_DIRECT
         // alignment, data IO into them would fail with EINVAL.
-        for cs in std::iter::once(peek.cluster_size()).chain(layers.iter().filter_map(|l| match l {
-            Layer::Qcow2(img, _) => Some(img.cluster_size()),
-            Layer::Raw(..) => None,
+        for cs in std::iter::once(peek.cluster_size()).chain(layers.iter().filter_map(|l| match &**l {
+            Layer::Qcow2 { img, .. } => Some(img.cluster_size()),
+            Layer::Raw { .. } => None,
         })) {
             if cs < u64::from(alignment) {
                 return Err(FormatError::Qcow2 {
@@ -347,22 +314,30 @@ impl Qcow2Format {
         let (capacity, allocation) = (peek.size(), peek.allocation());
         drop(peek);
         let image = Qcow2Format {
-            top: RwLock::new(None),
-            top_storage,
-            backing: Arc::new(Chain { layers }),
-            files,
+            top: RwLock::new(Served {
+                engine: None,
+                file: Arc::new(TopFile {
+                    path: path.to_path_buf(),
+                    storage: top_storage,
+                    slot: 0,
+                    backing: Arc::new(Chain { layers }),
+                    is_block: info.is_block,
+                }),
+            }),
+            files: FileTable::new(files),
             alignment,
             physical_block_size: info.physical_block_size,
             identity: image_identity(path),
             discard_unmap: opts.discard_unmap,
-            path: path.to_path_buf(),
+            backing_files: opts.backing_files,
+            locking: opts.locking,
             engine_opts: EngineOptions {
                 read_only: opts.read_only,
                 l2_cache_bytes: opts.l2_cache_bytes,
                 journal_dir: opts.journal_dir.clone(),
                 journal_segment_bytes: opts.journal_segment_bytes,
                 refcount_cache_blocks: opts.refcount_cache_blocks,
-                is_block: info.is_block,
+                fixed_size: opts.fixed_size,
             },
             capacity: AtomicU64::new(capacity),
             allocation: AtomicU64::new(allocation),
@@ -372,25 +347,31 @@ impl Qcow2Format {
             observer: OnceLock::new(),
             top_lock: Mutex::new(top_lock),
             transition: Mutex::new(()),
-            _backing_locks: backing_locks,
+            backing_locks: Mutex::new(backing_locks),
         };
         if !opts.inactive {
-            let top = image.open_engine()?;
+            let file = image.top_file().map_err(open_err(path))?;
+            let top = image.open_engine(&file)?;
             let mut slot = image.top.write().map_err(|_| FormatError::Open { path: path.to_path_buf(), source: poisoned() })?;
             image.install(&mut slot, top);
         }
         Ok(image)
     }
 
-    /// Opens the engine of the top image read-write (or read-only): the journal found,
+    /// The top's file and the chain under it.
+    pub(crate) fn top_file(&self) -> Result<Arc<TopFile>, ImageError> {
+        Ok(self.top.read().map_err(|_| poisoned())?.file.clone())
+    }
+
+    /// Opens the engine of the top image `f` read-write (or read-only): the journal found,
     /// replayed or refused, the image marked in use. Everything is read from the storage;
     /// nothing comes from an earlier engine.
-    fn open_engine(&self) -> Result<Qcow2, FormatError> {
-        let path = self.path.as_path();
+    pub(crate) fn open_engine(&self, f: &TopFile) -> Result<Qcow2, FormatError> {
+        let path = f.path.as_path();
         let o = &self.engine_opts;
         let journal = match &o.journal_dir {
             Some(dir) if !o.read_only => {
-                let legacy = legacy_journal_path(dir, path, self.top_storage.file()).map_err(open_err(path))?;
+                let legacy = legacy_journal_path(dir, path, f.storage.file()).map_err(open_err(path))?;
                 if thinblk_qcow2::legacy_journal_pending(&legacy) {
                     return Err(FormatError::Qcow2 {
                         path: path.to_path_buf(),
@@ -406,13 +387,13 @@ impl Qcow2Format {
         };
         // Read as zeroes past the file's end as it is now: another process may have grown it
         // since this one opened it.
-        let zeroes_from = if o.is_block {
+        let zeroes_from = if f.is_block {
             u64::MAX
         } else {
-            self.top_storage.file().metadata().map_err(|e| FormatError::Open { path: path.to_path_buf(), source: e.into() })?.len()
+            f.storage.file().metadata().map_err(|e| FormatError::Open { path: path.to_path_buf(), source: e.into() })?.len()
         };
         let mut top = Qcow2::open(
-            self.top_storage.clone(),
+            f.storage.clone(),
             OpenOptions {
                 read_only: o.read_only,
                 l2_cache_bytes: o.l2_cache_bytes,
@@ -448,8 +429,8 @@ impl Qcow2Format {
                 return Err(FormatError::Qcow2 { path: path.to_path_buf(), source: Qcow2Error::ReadOnly(reason.to_string()) });
             }
         }
-        if !self.backing.layers.is_empty() {
-            top.set_backing(Arc::new(ChainReader(self.backing.clone())));
+        if !f.backing.layers.is_empty() {
+            top.set_backing(Arc::new(ChainReader(f.backing.clone())));
         }
         Ok(top)
     }
@@ -458,26 +439,27 @@ impl Qcow2Format {
     /// limit and the observer set so far. `set_limit` and `set_observer` store before they
     /// look for an engine, so a value set during the activation is either read here or finds
     /// the engine installed.
-    fn install(&self, slot: &mut Option<Qcow2>, top: Qcow2) {
+    pub(crate) fn install(&self, slot: &mut Served, top: Qcow2) {
         top.set_limit(self.limit.load(Ordering::SeqCst));
         if let Some(o) = self.observer.get() {
             top.set_observer(o.clone());
         }
         self.capacity.store(top.size(), Ordering::SeqCst);
-        *slot = Some(top);
+        slot.engine = Some(top);
     }
 
     /// Moves the top image's lock to `want`, waiting up to `wait` for another process.
     fn change_top_lock(&self, want: Access, wait: Duration) -> Result<(), ImageError> {
+        let path = self.top_file()?.path.clone();
         let mut lock = self.top_lock.lock().map_err(|_| poisoned())?;
-        change_lock(lock.as_mut(), &self.path, want, wait)
+        change_lock(lock.as_mut(), &path, want, wait)
     }
 
     /// The allocation mark: one past the last host byte the image uses (while inactive, the
     /// last engine's, or what the inactive open read).
     pub fn allocation(&self) -> u64 {
         match self.top.read() {
-            Ok(g) => match g.as_ref() {
+            Ok(g) => match g.engine.as_ref() {
                 Some(top) => top.allocation(),
                 None => self.allocation.load(Ordering::SeqCst),
             },
@@ -492,7 +474,7 @@ impl Qcow2Format {
         // An activation installs its engine under the write lock, after giving it the limit:
         // either it read this value or this finds its engine.
         if let Ok(g) = self.top.read() {
-            if let Some(top) = g.as_ref() {
+            if let Some(top) = g.engine.as_ref() {
                 top.set_limit(limit);
             }
         }
@@ -503,22 +485,23 @@ impl Qcow2Format {
     pub fn set_observer(&self, observer: Arc<dyn AllocationObserver>) {
         let _ = self.observer.set(observer);
         if let (Ok(g), Some(o)) = (self.top.read(), self.observer.get()) {
-            if let Some(top) = g.as_ref() {
+            if let Some(top) = g.engine.as_ref() {
                 top.set_observer(o.clone());
             }
         }
     }
 
-    /// Maps `[offset, offset+len)` of layer `k` (0 = `top`), `req_off` bytes into the request.
-    fn map_layer(&self, top: &Qcow2, k: usize, offset: u64, len: u64, req_off: u64, out: &mut Vec<Extent>) -> Result<(), ImageError> {
+    /// Maps `[offset, offset+len)` of layer `k` (0 = `top`, on `f`), `req_off` bytes into the request.
+    #[allow(clippy::too_many_arguments)]
+    fn map_layer(&self, top: &Qcow2, f: &TopFile, k: usize, offset: u64, len: u64, req_off: u64, out: &mut Vec<Extent>) -> Result<(), ImageError> {
         let (img, file) = match k {
-            0 => (Some(top), 0u32),
-            _ => match self.backing.layers.get(k - 1) {
-                Some(Layer::Qcow2(img, _)) => (Some(img), k as u32),
-                Some(Layer::Raw(_, size)) => {
+            0 => (Some(top), f.slot),
+            _ => match f.backing.layers.get(k - 1).map(|l| &**l) {
+                Some(Layer::Qcow2 { img, slot, .. }) => (Some(img), *slot),
+                Some(Layer::Raw { size, slot, .. }) => {
                     let n = size.saturating_sub(offset).min(len);
                     if n > 0 {
-                        out.push(Extent { req_off, len: n, target: Target::Host { file: k as u32, offset } });
+                        out.push(Extent { req_off, len: n, target: Target::Host { file: *slot, offset } });
                     }
                     if n < len {
                         out.push(Extent { req_off: req_off + n, len: len - n, target: Target::Zero });
@@ -544,7 +527,7 @@ impl Qcow2Format {
             match r.mapping {
                 Mapping::Data(h) => out.push(Extent { req_off: ro, len: r.len, target: Target::Host { file, offset: h } }),
                 Mapping::Zero => out.push(Extent { req_off: ro, len: r.len, target: Target::Zero }),
-                Mapping::Backing => self.map_layer(top, k + 1, r.guest, r.len, ro, out)?,
+                Mapping::Backing => self.map_layer(top, f, k + 1, r.guest, r.len, ro, out)?,
                 Mapping::Compressed(e) => {
                     let data = Arc::new(img.read_compressed(e).map_err(to_image_error)?);
                     out.push(Extent { req_off: ro, len: r.len, target: Target::Bytes { data, offset: (r.guest % cs) as usize } });
@@ -591,7 +574,7 @@ fn push_coalesced(out: &mut Vec<HostZero>, z: HostZero) {
 }
 
 /// The backing file of an image and its recorded format, if it has one.
-fn backing_of(path: &Path, h: &thinblk_qcow2::Header, policy: BackingFiles) -> Result<Option<(PathBuf, Format)>, FormatError> {
+pub(crate) fn backing_of(path: &Path, h: &thinblk_qcow2::Header, policy: BackingFiles) -> Result<Option<(PathBuf, Format)>, FormatError> {
     let Some(name) = &h.backing_file else { return Ok(None) };
     let fail = |reason: String| FormatError::Backing { path: path.to_path_buf(), reason };
     let format = match h.backing_format.as_deref() {
@@ -641,14 +624,14 @@ fn check_backing(name: &str, resolved: &Path, policy: BackingFiles) -> Result<()
 impl Qcow2Format {
     /// The engine's place, held shared: uncontended on the data path (only the two
     /// transitions take it exclusively).
-    fn engine(&self) -> Result<std::sync::RwLockReadGuard<'_, Option<Qcow2>>, ImageError> {
+    fn engine(&self) -> Result<std::sync::RwLockReadGuard<'_, Served>, ImageError> {
         self.top.read().map_err(|_| poisoned())
     }
 }
 
 /// The engine in its place, or [`ImageError::Inactive`].
-fn active(g: &Option<Qcow2>) -> Result<&Qcow2, ImageError> {
-    g.as_ref().ok_or(ImageError::Inactive)
+fn active(g: &Served) -> Result<&Qcow2, ImageError> {
+    g.engine.as_ref().ok_or(ImageError::Inactive)
 }
 
 impl Disk for Qcow2Format {
@@ -662,12 +645,25 @@ impl Disk for Qcow2Format {
 
     fn cache_stats(&self) -> Option<(u64, u64)> {
         let (h, m) = (self.cache_base.0.load(Ordering::SeqCst), self.cache_base.1.load(Ordering::SeqCst));
-        let s = self.top.read().ok()?.as_ref().map(|t| t.cache_stats()).unwrap_or_default();
+        let s = self.top.read().ok()?.engine.as_ref().map(|t| t.cache_stats()).unwrap_or_default();
         Some((h + s.hits, m + s.misses))
     }
 
     fn files(&self) -> Vec<RawFd> {
-        self.files.clone()
+        self.files.files()
+    }
+
+    fn file_slots(&self) -> usize {
+        FILE_SLOTS
+    }
+
+    fn sync_files(&self) -> Vec<u32> {
+        // Only the top is written through the rings; the layers under it are read-only.
+        self.top.read().map(|g| vec![g.file.slot]).unwrap_or_default()
+    }
+
+    fn listen_files(&self, listener: std::sync::Weak<dyn FileListener>) -> std::io::Result<()> {
+        self.files.listen(listener)
     }
 
     fn io_alignment(&self) -> u32 {
@@ -684,7 +680,7 @@ impl Disk for Qcow2Format {
 
     fn map_read(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), ImageError> {
         let g = self.engine()?;
-        self.map_layer(active(&g)?, 0, offset, len, 0, out)
+        self.map_layer(active(&g)?, &g.file, 0, offset, len, 0, out)
     }
 
     fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<WriteTicket, ImageError> {
@@ -696,7 +692,7 @@ impl Disk for Qcow2Format {
             let Mapping::Data(h) = r.mapping else {
                 return Err(ImageError::Refused("write mapped to a non-data range".into()));
             };
-            out.push(Extent { req_off: r.guest - offset, len: r.len, target: Target::Host { file: 0, offset: h } });
+            out.push(Extent { req_off: r.guest - offset, len: r.len, target: Target::Host { file: g.file.slot, offset: h } });
         }
         Ok(WriteTicket(ticket))
     }
@@ -718,12 +714,12 @@ impl Disk for Qcow2Format {
         if self.discard_unmap && req.may_unmap() {
             let cs = top.cluster_size();
             for h in flagged {
-                push_coalesced(out, HostZero { file: 0, offset: h, len: cs, mode: ZeroMode::PunchHole });
+                push_coalesced(out, HostZero { file: g.file.slot, offset: h, len: cs, mode: ZeroMode::PunchHole });
             }
         }
         for r in partial {
             if let Mapping::Data(h) = r.mapping {
-                push_coalesced(out, HostZero { file: 0, offset: h, len: r.len, mode: ZeroMode::WriteZeroes });
+                push_coalesced(out, HostZero { file: g.file.slot, offset: h, len: r.len, mode: ZeroMode::WriteZeroes });
             }
         }
         Ok(WriteTicket(ticket))
@@ -737,7 +733,7 @@ impl Disk for Qcow2Format {
     fn metadata_epoch(&self) -> u64 {
         let base = self.epoch_base.load(Ordering::SeqCst);
         match self.top.read() {
-            Ok(g) => base + g.as_ref().map(|t| t.metadata_epoch()).unwrap_or(0),
+            Ok(g) => base + g.engine.as_ref().map(|t| t.metadata_epoch()).unwrap_or(0),
             Err(_) => base,
         }
     }
@@ -745,7 +741,7 @@ impl Disk for Qcow2Format {
     fn close(&self) -> Result<(), ImageError> {
         let g = self.top.read().map_err(|_| poisoned())?;
         // Inactive: the image belongs to another process (or to nobody yet); nothing to do.
-        let Some(top) = g.as_ref() else { return Ok(()) };
+        let Some(top) = g.engine.as_ref() else { return Ok(()) };
         let (read, evicted) = top.refcount_cache_stats();
         tracing::info!(refcount_blocks_read = read, refcount_blocks_evicted = evicted, "closing the qcow2 image");
         top.close().map_err(to_image_error)
@@ -753,19 +749,20 @@ impl Disk for Qcow2Format {
 
     fn activate(&self, wait: Duration) -> Result<(), ImageError> {
         let _serial = self.transition.lock().map_err(|_| poisoned())?;
-        if self.top.read().map_err(|_| poisoned())?.is_some() {
+        if self.top.read().map_err(|_| poisoned())?.engine.is_some() {
             return Ok(());
         }
+        let file = self.top_file()?;
         let started = Instant::now();
         self.change_top_lock(Access::qcow2(!self.engine_opts.read_only), wait)?;
         let waited = started.elapsed();
         // The same path as a start: everything read again from the storage, the journal
         // found (replayed or refused), the image marked in use.
-        let top = match self.open_engine() {
+        let top = match self.open_engine(&file) {
             Ok(t) => t,
             Err(e) => {
                 if let Err(d) = self.change_top_lock(Access::inactive(), Duration::ZERO) {
-                    tracing::warn!(image = %self.path.display(), error = %d, "dropping the image's write locks after a failed activation failed");
+                    tracing::warn!(image = %file.path.display(), error = %d, "dropping the image's write locks after a failed activation failed");
                 }
                 return Err(e.into());
             }
@@ -780,7 +777,7 @@ impl Disk for Qcow2Format {
         if let Some(o) = self.observer.get() {
             o.allocated(end);
         }
-        tracing::info!(image = %self.path.display(), lock_wait_ms = waited.as_millis() as u64,
+        tracing::info!(image = %file.path.display(), lock_wait_ms = waited.as_millis() as u64,
             open_ms = (started.elapsed() - waited).as_millis() as u64, "image activated");
         Ok(())
     }
@@ -790,7 +787,7 @@ impl Disk for Qcow2Format {
         let started = Instant::now();
         {
             let mut slot = self.top.write().map_err(|_| poisoned())?;
-            let Some(top) = slot.as_ref() else { return Ok(()) };
+            let Some(top) = slot.engine.as_ref() else { return Ok(()) };
             // Everything written back and synced, the in-use flag cleared, the journal
             // removed; on an error the engine stays and the image stays active.
             top.close().map_err(to_image_error)?;
@@ -801,18 +798,29 @@ impl Disk for Qcow2Format {
             self.cache_base.0.fetch_add(stats.hits, Ordering::SeqCst);
             self.cache_base.1.fetch_add(stats.misses, Ordering::SeqCst);
             // Nothing of it is kept: an activation reads the image afresh.
-            *slot = None;
+            slot.engine = None;
         }
         let written = started.elapsed();
         // Dropping locks conflicts with nobody: only a kernel error can fail it, and the
         // image is inactive all the same (closed clean, it writes nothing more).
         let downgraded = self.change_top_lock(Access::inactive(), Duration::ZERO);
-        tracing::info!(image = %self.path.display(), writeback_ms = written.as_millis() as u64, "image inactivated");
+        tracing::info!(image = %self.top_file().map(|f| f.path.display().to_string()).unwrap_or_default(), writeback_ms = written.as_millis() as u64, "image inactivated");
         downgraded
     }
 
     fn is_active(&self) -> bool {
-        self.top.read().map(|g| g.is_some()).unwrap_or(false)
+        self.top.read().map(|g| g.engine.is_some()).unwrap_or(false)
+    }
+
+    fn chain(&self) -> Vec<PathBuf> {
+        match self.top_file() {
+            Ok(f) => std::iter::once(f.path.clone()).chain(f.backing.layers.iter().map(|l| l.path().to_path_buf())).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn snapshot(&self, overlay: &Path, limit: Option<u64>) -> Result<crate::snapshot::SnapshotReport, ImageError> {
+        Qcow2Format::snapshot(self, overlay, limit)
     }
 }
 
@@ -826,11 +834,11 @@ impl Drop for Qcow2Format {
             Ok(t) => t,
             Err(p) => p.into_inner(),
         };
-        if let Some(top) = top.as_ref() {
-            if let Err(e) = top.flush_metadata() {
+        if let Some(engine) = top.engine.as_ref() {
+            if let Err(e) = engine.flush_metadata() {
                 tracing::error!(error = %e, "flushing qcow2 metadata at close failed");
             }
-            let _ = self.top_storage.flush();
+            let _ = top.file.storage.flush();
         }
     }
 }

@@ -201,6 +201,12 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Guest clusters with a mapped write whose [`Qcow2::write_done`] has not come yet (a
+    /// chain change waits for none: their links belong to this engine).
+    pub fn pending_writes(&self) -> usize {
+        self.meta.read().map(|m| m.pending.len()).unwrap_or(usize::MAX)
+    }
+
     /// Reports that the data of a mapped write (its `ticket`) has landed (`ok`) or failed:
     /// new clusters are linked into their L2 tables only now.
     ///
