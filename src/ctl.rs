@@ -5,7 +5,8 @@
 //!
 //! Commands: `query-status`, `query-parked`, `cont`, `set-policy` (arguments `werror`,
 //! `rerror`, `retry-interval`, `retry-timeout`), `freeze`/`thaw`, `hand-over` (a stopped
-//! VM's image, before it migrates: see docs/operating.md "Live migration").
+//! VM's image, before it migrates: see docs/operating.md "Live migration"), `snapshot`
+//! (arguments `overlay`, `volume-uuid`: see docs/operating.md "Snapshots").
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -39,6 +40,8 @@ pub struct Target {
     pub image: Option<Arc<dyn thinblk_vhost::Disk>>,
     /// The image's handover around live migration (`query-status` shows it).
     pub handover: Option<Arc<crate::handover::Handover>>,
+    /// Chain operations (`snapshot`; `query-status` shows the chain).
+    pub chain: Option<Arc<crate::chain::ChainControl>>,
 }
 
 /// How long `freeze` waits for writes at the storage to finish.
@@ -247,6 +250,7 @@ pub fn handle(line: &str, t: &Target) -> Value {
                 o.insert("errors".into(), json!({"total": c.errors, "reported": c.reported, "ignored": c.ignored, "parked": c.parked}));
                 o.insert("thin".into(), t.thin.as_ref().map(|f| f()).unwrap_or(Value::Null));
                 o.insert("migration".into(), t.handover.as_ref().map(|h| h.status().json()).unwrap_or(Value::Null));
+                o.insert("chain".into(), t.chain.as_ref().map(|c| c.chain_json()).unwrap_or(Value::Null));
             }
             json!({"return": policy})
         }
@@ -279,6 +283,13 @@ pub fn handle(line: &str, t: &Target) -> Value {
                 },
             }
         }
+        "snapshot" => match &t.chain {
+            None => error("GenericError", "no chain operations in this process"),
+            Some(c) => match c.snapshot_command(&args) {
+                Ok(v) => json!({"return": v}),
+                Err(e) => error("GenericError", &e),
+            },
+        },
         "thaw" => {
             t.hub.thaw();
             json!({"return": {}})
@@ -386,7 +397,7 @@ mod tests {
 
     fn target() -> Target {
         let hub = ParkHub::new(1).unwrap();
-        Target { faults: FaultState::new(Settings::default(), hub.clone()), hub, thin: None, image: None, handover: None }
+        Target { faults: FaultState::new(Settings::default(), hub.clone()), hub, thin: None, image: None, handover: None, chain: None }
     }
 
     #[test]

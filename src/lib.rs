@@ -1,6 +1,7 @@
 //! thinblk: engine glue, the daemon loop and the command line around the vhost-user-blk
 //! device of the `thinblk-vhost` crate.
 
+pub mod chain;
 pub mod cli;
 pub mod ctl;
 pub mod daemon;

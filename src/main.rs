@@ -136,6 +136,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         }
     };
     let handover = thinblk::handover::Handover::new(image.clone(), args.incoming, thin_signals);
+    let chain = thinblk::chain::ChainControl::new(image.clone(), hub.clone(), thin_handle.as_ref().map(|h| h.switcher()));
     let _control = match &args.control {
         None => None,
         Some(path) => {
@@ -143,7 +144,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
                 let stats = h.stats_handle();
                 Arc::new(move || {
                     let s = stats.lock().map(|s| s.clone()).unwrap_or_default();
-                    serde_json::json!({"state": s.state, "physical": s.physical, "requests": s.requests,
+                    serde_json::json!({"state": s.state, "volume": s.volume, "physical": s.physical, "requests": s.requests,
                         "completed": s.completed, "failed": s.failed})
                 }) as Arc<dyn Fn() -> serde_json::Value + Send + Sync>
             });
@@ -153,6 +154,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
                 thin: thin_status,
                 image: Some(image.clone()),
                 handover: Some(handover.clone()),
+                chain: Some(chain.clone()),
             };
             Some(thinblk::ctl::serve(path, target).map_err(|e| Failure::Runtime(format!("control socket {}: {e}", path.display())))?)
         }
@@ -170,6 +172,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
                 faults: faults.clone(),
                 thin: thin_handle.as_ref().map(|h| h.stats_handle()),
                 handover: Some(handover.clone()),
+                chain: Some(chain.stats()),
             });
             let render: thinblk::metrics::http::Render = Arc::new(move |p| sources.render(p));
             let server = thinblk::metrics::http::serve(endpoint, render)

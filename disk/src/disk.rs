@@ -194,8 +194,14 @@ pub trait Disk: Send + Sync {
         Vec::new()
     }
     /// Online snapshot: `overlay` (whose backing is the current top) becomes the top; with
-    /// `limit`, its allocation limit. Writes must be held by the caller.
-    fn snapshot(&self, _overlay: &std::path::Path, _limit: Option<u64>) -> Result<crate::snapshot::SnapshotReport, ImageError> {
+    /// `limit`, its allocation limit. `hold` is called right before the switch: the caller
+    /// holds guest writes there, and releases them once this returns.
+    fn snapshot(
+        &self,
+        _overlay: &std::path::Path,
+        _limit: Option<u64>,
+        _hold: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<crate::snapshot::SnapshotReport, ImageError> {
         Err(ImageError::Refused("only a qcow2 image takes snapshots".into()))
     }
 }

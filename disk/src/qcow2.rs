@@ -819,8 +819,8 @@ impl Disk for Qcow2Format {
         }
     }
 
-    fn snapshot(&self, overlay: &Path, limit: Option<u64>) -> Result<crate::snapshot::SnapshotReport, ImageError> {
-        Qcow2Format::snapshot(self, overlay, limit)
+    fn snapshot(&self, overlay: &Path, limit: Option<u64>, hold: &mut dyn FnMut() -> Result<(), String>) -> Result<crate::snapshot::SnapshotReport, ImageError> {
+        Qcow2Format::snapshot(self, overlay, limit, hold)
     }
 }
 

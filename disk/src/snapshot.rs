@@ -9,10 +9,10 @@
 //!    before any extent can name it.
 //! 3. Under the engine's exclusive lock (no map call runs), with no allocating write waiting
 //!    for its link (the caller holds writes first, as `ctl freeze` does): the old top's
-//!    metadata is written back and synced; the old top is reopened read-only from what is now
-//!    on the storage; the overlay's engine is opened read-write over the new chain (marked in
-//!    use, its journal started); only then is the old top closed clean (in-use flag cleared,
-//!    journal removed), and the overlay's engine takes its place.
+//!    metadata is written back and synced, then the old top is closed clean (in-use flag
+//!    cleared, journal removed); its engine, sealed read-only with its caches warm, becomes
+//!    the overlay's first backing layer, and the overlay's engine (opened read-write ahead of
+//!    the hold: marked in use, its journal started) takes its place.
 //! 4. The overlay's lock becomes the top's; the old top's drops to a backing reader's.
 //!
 //! A crash anywhere leaves a chain that reads back every completed write: until step 3 ends
@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use thinblk_qcow2::{FileStorage, OpenOptions, Qcow2};
 
-use crate::chain::{Chain, Layer};
+use crate::chain::{Chain, ChainReader, Layer};
 use crate::error::ImageError;
 use crate::lock::Access;
 use crate::qcow2::{backing_of, lock_file, poisoned, storage_for, Format, Qcow2Format, TopFile, MAX_CHAIN};
@@ -42,6 +42,17 @@ pub struct SnapshotReport {
     pub depth: usize,
     /// How long map calls were held (the engine's exclusive lock), in microseconds.
     pub switch_us: u64,
+    /// Of which: making the old top a layer under the overlay.
+    pub open_us: u64,
+    /// Of which: writing the old top back, syncing it and closing it clean.
+    pub close_us: u64,
+}
+
+/// Where a switch's time went, in microseconds.
+struct SwitchTimes {
+    total: u64,
+    open: u64,
+    close: u64,
 }
 
 fn refused(msg: impl Into<String>) -> ImageError {
@@ -62,9 +73,11 @@ fn same_file(path: &Path, file: &std::fs::File) -> std::io::Result<bool> {
 impl Qcow2Format {
     /// Makes `overlay` the top of the served chain (see the module doc for the order). With
     /// `limit`, the new top's allocation limit (its volume's size, in thin mode) replaces the
-    /// old one. Writes must be held by the caller: an allocating write still waiting for its
-    /// link refuses the snapshot.
-    pub fn snapshot(&self, overlay: &Path, limit: Option<u64>) -> Result<SnapshotReport, ImageError> {
+    /// old one. `hold` is called once everything that can be done ahead is done, right
+    /// before the switch: the caller holds guest writes there (and releases them after this
+    /// returns, whatever it returns); an allocating write still waiting for its link refuses
+    /// the snapshot.
+    pub fn snapshot(&self, overlay: &Path, limit: Option<u64>, hold: &mut dyn FnMut() -> Result<(), String>) -> Result<SnapshotReport, ImageError> {
         let _serial = self.transition.lock().map_err(|_| poisoned())?;
         if self.engine_opts.read_only {
             return Err(refused("the image is served read-only"));
@@ -121,12 +134,44 @@ impl Qcow2Format {
         }
         drop(peek);
 
-        // 2. The new file in a free slot of every ring.
-        let slot = self.files.add(storage.file().as_raw_fd()).map_err(ImageError::Io)?;
-        let switched = self.switch_top(&cur, overlay, storage, slot, info.is_block, limit);
-        let switch_us = match switched {
-            Ok(us) => us,
+        // Ahead of the hold: the overlay's engine opened (marked in use, its journal made;
+        // its backing reader comes at the switch), the old top's metadata written back so
+        // that little is left for the switch, and the overlay's file in every ring.
+        let staged = TopFile { path: overlay.to_path_buf(), storage, slot: u32::MAX, backing: Arc::new(Chain { layers: Vec::new() }), is_block: info.is_block };
+        let engine = self.open_engine(&staged).map_err(ImageError::from)?;
+        let discard = |engine: Qcow2| {
+            // Never served: closed clean, it is as it was made.
+            if let Err(c) = engine.close() {
+                tracing::warn!(image = %overlay.display(), error = %c, "closing the unused overlay after a failed snapshot failed");
+            }
+        };
+        let early = (|| {
+            let g = self.top.read().map_err(|_| poisoned())?;
+            g.engine.as_ref().ok_or(ImageError::Inactive)?.flush_metadata().map_err(|e| refused(format!("writing the old top's metadata back: {e}")))?;
+            thinblk_qcow2::Storage::flush(cur.storage.as_ref()).map_err(|e| refused(format!("syncing the old top: {e}")))
+        })();
+        if let Err(e) = early {
+            discard(engine);
+            return Err(e);
+        }
+        let slot = match self.files.add(staged.storage.file().as_raw_fd()) {
+            Ok(s) => s,
             Err(e) => {
+                discard(engine);
+                return Err(ImageError::Io(e));
+            }
+        };
+        let mut ready = Some(engine);
+        let switched = match hold() {
+            Err(e) => Err(refused(format!("holding writes: {e}"))),
+            Ok(()) => self.switch_top(&cur, TopFile { slot, ..staged }, &mut ready, limit),
+        };
+        let times = match switched {
+            Ok(t) => t,
+            Err(e) => {
+                if let Some(engine) = ready {
+                    discard(engine);
+                }
                 if let Err(r) = self.files.remove(slot) {
                     tracing::warn!(error = %r, "emptying the slot of a refused snapshot failed");
                 }
@@ -143,46 +188,61 @@ impl Qcow2Format {
             self.backing_locks.lock().map_err(|_| poisoned())?.push(l);
         }
         let depth = cur.backing.layers.len() + 2;
-        tracing::info!(old_top = %cur.path.display(), new_top = %overlay.display(), depth, switch_us, "snapshot: the chain has a new top");
-        Ok(SnapshotReport { old_top: cur.path.clone(), new_top: overlay.to_path_buf(), depth, switch_us })
+        tracing::info!(old_top = %cur.path.display(), new_top = %overlay.display(), depth, switch_us = times.total,
+            open_us = times.open, close_us = times.close, "snapshot: the chain has a new top");
+        Ok(SnapshotReport {
+            old_top: cur.path.clone(),
+            new_top: overlay.to_path_buf(),
+            depth,
+            switch_us: times.total,
+            open_us: times.open,
+            close_us: times.close,
+        })
     }
 
-    /// Step 3: the switch under the engine's exclusive lock; the time it was held.
-    fn switch_top(&self, cur: &Arc<TopFile>, overlay: &Path, storage: Arc<FileStorage>, slot: u32, is_block: bool, limit: Option<u64>) -> Result<u64, ImageError> {
+    /// Step 3: the switch under the engine's exclusive lock (the overlay `top`, its opened
+    /// engine in `staged`, taken only on success); where the time went.
+    fn switch_top(&self, cur: &Arc<TopFile>, top: TopFile, staged: &mut Option<Qcow2>, limit: Option<u64>) -> Result<SwitchTimes, ImageError> {
         use std::sync::atomic::Ordering;
-        let mut g = self.top.write().map_err(|_| poisoned())?;
+        let us = |t: Instant| t.elapsed().as_micros() as u64;
+        let mut g = match self.top.write() {
+            Ok(g) => g,
+            Err(_) => return Err(poisoned()),
+        };
         let held = Instant::now();
-        let old = g.engine.as_ref().ok_or(ImageError::Inactive)?;
+        let Some(old) = g.engine.as_ref() else { return Err(ImageError::Inactive) };
         let pending = old.pending_writes();
         if pending > 0 {
             return Err(refused(format!("{pending} clusters have writes in flight; writes must be held first")));
         }
-        old.flush_metadata().map_err(|e| refused(format!("writing the old top's metadata back: {e}")))?;
-        thinblk_qcow2::Storage::flush(cur.storage.as_ref()).map_err(|e| refused(format!("syncing the old top: {e}")))?;
-        let ro = Qcow2::open(cur.storage.clone(), OpenOptions { read_only: true, ..Default::default() })
-            .map_err(|e| refused(format!("reopening {} read-only: {e}", cur.path.display())))?;
-        let mut layers = vec![Arc::new(Layer::Qcow2 { img: ro, st: cur.storage.clone(), slot: cur.slot, path: cur.path.clone() })];
-        layers.extend(cur.backing.layers.iter().cloned());
-        let new_file = Arc::new(TopFile { path: overlay.to_path_buf(), storage, slot, backing: Arc::new(Chain { layers }), is_block });
-        let engine = self.open_engine(&new_file).map_err(ImageError::from)?;
-        // The old top closed clean; on an error it goes on serving (its flag set again).
+        // The old top written back, synced and closed clean; on an error it goes on serving
+        // (its flag set again).
         if let Err(e) = old.close() {
-            // The overlay was never served: closed clean, it is as it was made.
-            if let Err(c) = engine.close() {
-                tracing::warn!(image = %overlay.display(), error = %c, "closing the unused overlay after a failed snapshot failed");
-            }
             return Err(refused(format!("closing the old top: {e}")));
         }
+        let close = us(held);
+        let t = Instant::now();
+        let Some(mut engine) = staged.take() else { return Err(refused("the overlay's engine is gone")) };
+        let Some(old) = g.engine.take() else { return Err(ImageError::Inactive) };
         self.epoch_base.fetch_add(old.metadata_epoch() + 1, Ordering::SeqCst);
         let stats = old.cache_stats();
         self.cache_base.0.fetch_add(stats.hits, Ordering::SeqCst);
         self.cache_base.1.fetch_add(stats.misses, Ordering::SeqCst);
+        // The closed engine is the new layer: what it holds is on the storage, and its caches
+        // stay warm for the reads that now go through it.
+        let ro = old.sealed("a backing layer since a snapshot");
+        let mut layers = vec![Arc::new(Layer::Qcow2 { img: ro, st: cur.storage.clone(), slot: cur.slot, path: cur.path.clone() })];
+        layers.extend(cur.backing.layers.iter().cloned());
+        let backing = Arc::new(Chain { layers });
+        engine.set_backing(Arc::new(ChainReader(backing.clone())));
+        let new_file = Arc::new(TopFile { backing, ..top });
+        let open = us(t);
         if let Some(l) = limit {
             self.limit.store(l, Ordering::SeqCst);
         }
         g.file = new_file;
         self.install(&mut g, engine);
-        Ok(held.elapsed().as_micros() as u64)
+        Ok(SwitchTimes { total: us(held), open, close })
     }
 }
 
@@ -239,16 +299,16 @@ mod tests {
         // Refused overlays change nothing.
         let bad = dir.0.join("bad");
         qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", "other", "-F", "qcow2", bad.to_str().expect("utf-8"), "16M"]);
-        let e = q.snapshot(&bad, None).expect_err("backing is not the top");
+        let e = q.snapshot(&bad, None, &mut || Ok(())).expect_err("backing is not the top");
         assert!(e.to_string().contains("is not the current top"), "{e}");
         let small = dir.0.join("small");
         qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", "base", "-F", "qcow2", small.to_str().expect("utf-8"), "8M"]);
-        assert!(q.snapshot(&small, None).expect_err("size").to_string().contains("keeps the size"));
+        assert!(q.snapshot(&small, None, &mut || Ok(())).expect_err("size").to_string().contains("keeps the size"));
         assert_eq!(dev.0.lock().expect("tables").len(), 1, "no device heard of a refused snapshot");
         assert_eq!(q.chain(), vec![base.clone()]);
 
         qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", "base", "-F", "qcow2", over.to_str().expect("utf-8"), "16M"]);
-        let r = q.snapshot(&over, None).expect("snapshot");
+        let r = q.snapshot(&over, None, &mut || Ok(())).expect("snapshot");
         assert_eq!((r.depth, r.new_top.clone()), (2, over.clone()));
         let tables = dev.0.lock().expect("tables").clone();
         assert_eq!(tables.len(), 2);

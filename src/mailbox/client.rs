@@ -197,6 +197,13 @@ impl Client {
         Ok(())
     }
 
+    /// Serves `volume` from now on (a snapshot's new top): new requests are for it, and a
+    /// request for it found in a slot of another process's is an earlier run's. Requests
+    /// for the earlier volume still in our slots wait for their replies as before.
+    pub fn set_volume(&mut self, volume: Uuid) {
+        self.volume = volume;
+    }
+
     /// Whether [`Client::start`] succeeded.
     pub fn started(&self) -> bool {
         self.started

@@ -113,8 +113,8 @@ pub struct FileMailbox {
     host: u16,
     lock: File,
     lock_path: PathBuf,
-    /// Our volume's lock, held while this process lives.
-    claimed: Option<File>,
+    /// Our volumes' locks, held while this process lives (a snapshot adds the new top's).
+    claimed: Vec<(Uuid, File)>,
     buf: Box<AlignedBlock>,
 }
 
@@ -143,7 +143,7 @@ impl FileMailbox {
             host,
             lock: open_lock(lock_path)?,
             lock_path: lock_path.to_path_buf(),
-            claimed: None,
+            claimed: Vec::new(),
             buf: Box::new(AlignedBlock([0; BLOCK_LEN])),
         })
     }
@@ -190,7 +190,7 @@ impl MailboxIo for FileMailbox {
     }
 
     fn claim(&mut self, volume: Uuid) -> io::Result<()> {
-        if self.claimed.is_some() {
+        if self.claimed.iter().any(|(v, _)| *v == volume) {
             return Ok(());
         }
         let path = volume_lock_path(&self.lock_path, volume);
@@ -202,7 +202,7 @@ impl MailboxIo for FileMailbox {
             ),
             _ => e,
         })?;
-        self.claimed = Some(file);
+        self.claimed.push((volume, file));
         Ok(())
     }
 

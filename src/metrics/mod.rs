@@ -126,6 +126,8 @@ pub struct Sources {
     pub thin: Option<Arc<Mutex<ThinStats>>>,
     /// The image's handover around live migration.
     pub handover: Option<Arc<crate::handover::Handover>>,
+    /// Chain operations (snapshots).
+    pub chain: Option<Arc<crate::chain::ChainStats>>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -353,6 +355,13 @@ impl Sources {
             b.counter("image_activations", "Times this daemon took the image (a migration's destination at its switch-over, or a source whose migration failed).", self.one(Value::Counter(s.activations)));
             b.counter("image_handovers", "Times this daemon handed the image over at a migration's switch-over.", self.one(Value::Counter(s.handovers)));
             b.counter("image_handover_failures", "Activations or handovers that failed (the image then stays where it was).", self.one(Value::Counter(s.failures)));
+        }
+        if let Some(c) = &self.chain {
+            use std::sync::atomic::Ordering::Relaxed;
+            b.gauge("chain_depth", "Images in the chain served (the top included).", self.one(gauge_i(self.image.chain().len() as u64)));
+            b.counter("snapshots", "Online snapshots taken (a new top).", self.one(Value::Counter(c.snapshots.load(Relaxed))));
+            b.counter("snapshot_failures", "Snapshots refused or failed (the chain left as it was).", self.one(Value::Counter(c.snapshot_failures.load(Relaxed))));
+            b.gauge("snapshot_last_pause_microseconds", "How long the last snapshot held guest writes.", self.one(gauge_i(c.last_pause_us.load(Relaxed))));
         }
         if let Some(a) = self.image.allocation() {
             b.gauge("allocation_bytes", "One past the last host byte the qcow2 image uses (metadata included).", self.one(gauge_i(a)));

@@ -121,6 +121,16 @@ pub struct MailboxIdentity {
     pub volume: Uuid,
 }
 
+/// A snapshot made a new top: the volume to follow from now on.
+pub struct Switch {
+    /// The new top's volume.
+    pub volume: Volume,
+    /// Its UUID on the mailbox.
+    pub uuid: crate::mailbox::wire::Uuid,
+    /// Told once the control thread follows it.
+    pub done: std::sync::mpsc::Sender<()>,
+}
+
 /// The control thread's state.
 pub struct Control {
     engine: Arc<dyn ThinEngine>,
@@ -139,7 +149,12 @@ pub struct Control {
     stats: Arc<Mutex<ThinStats>>,
     /// The image was active at the last look (live migration hands it between daemons).
     active: bool,
+    /// New tops to follow (snapshots), and how a new top's monitor is made.
+    switches: Option<(std::sync::mpsc::Receiver<Switch>, FreshMonitor)>,
 }
+
+/// Makes the monitor of a new top.
+pub type FreshMonitor = Box<dyn Fn() -> Monitor + Send>;
 
 /// What the engine offers the control thread (the qcow2 engine in production).
 pub trait ThinEngine: Send + Sync {
@@ -178,6 +193,8 @@ pub struct ThinStats {
     pub failed: u64,
     /// The volume's size.
     pub physical: u64,
+    /// The volume's UUID (a snapshot moves it to the new top's).
+    pub volume: String,
     /// The drive state, as text.
     pub state: String,
     /// The drive state's name (one of [`DriveState::NAMES`]).
@@ -246,7 +263,42 @@ impl Control {
             improbable_logged: false,
             stats: Arc::new(Mutex::new(ThinStats::default())),
             active,
+            switches: None,
         }
+    }
+
+    /// Follows new tops sent on `rx` (each with a fresh monitor from `monitor`).
+    pub fn with_switches(mut self, rx: std::sync::mpsc::Receiver<Switch>, monitor: FreshMonitor) -> Control {
+        self.switches = Some((rx, monitor));
+        self
+    }
+
+    /// Takes the switches sent so far: the last one wins; each earlier volume is dropped.
+    fn follow_switches(&mut self, now: Instant) {
+        let Some((rx, fresh)) = &self.switches else { return };
+        let mut latest = None;
+        while let Ok(sw) = rx.try_recv() {
+            latest = Some(sw);
+        }
+        let Some(sw) = latest else { return };
+        let monitor = fresh();
+        let old = self.id.volume;
+        if let Err(e) = self.io.claim(sw.uuid) {
+            // The claim guards only the reclaim of stale slots by other processes of the host.
+            tracing::warn!(volume = %sw.uuid, error = %e, "claiming the new top's volume on this host failed");
+        }
+        self.volume = sw.volume;
+        self.id.volume = sw.uuid;
+        self.client.set_volume(sw.uuid);
+        self.monitor = monitor;
+        self.started = None;
+        self.failures = 0;
+        self.improbable_logged = false;
+        self.engine.set_limit(self.volume.physical());
+        tracing::info!(old_volume = %old, volume = %sw.uuid, physical = self.volume.physical(), allocation = self.engine.allocation(),
+            outstanding = self.client.active(), "thin volume switched to the new top (snapshot); a request for the old one in flight is left to its reply");
+        let _ = sw.done.send(());
+        self.tick(now);
     }
 
     /// Shared counters.
@@ -261,6 +313,7 @@ impl Control {
         let mut next_sample = Instant::now();
         loop {
             let now = Instant::now();
+            self.follow_switches(now);
             if !self.follow_owner(now) {
                 // Inactive: nothing is requested, re-sent or polled (the daemon that owns the
                 // image extends its volume); wait for activation or stop.
@@ -336,6 +389,7 @@ impl Control {
     fn publish(&self) {
         if let Ok(mut s) = self.stats.lock() {
             s.physical = self.volume.physical();
+            s.volume = self.id.volume.to_string();
             s.state = format!("{:?}", self.monitor.state());
             s.state_name = self.monitor.state().name();
             s.threshold = self.signals.threshold();
@@ -469,6 +523,13 @@ impl Control {
                 self.failures = 0;
                 for c in done {
                     let now = Instant::now();
+                    if c.request.volume != self.id.volume {
+                        // The SPM answered for an earlier top (before a snapshot): that volume
+                        // is no longer written; nothing here depends on its size.
+                        tracing::info!(volume = %c.request.volume, size_mib = c.request.size_mib, reply_mib = c.reply_mib,
+                            "SPM replied for an earlier top's volume (a snapshot followed the request); nothing to do");
+                        continue;
+                    }
                     tracing::debug!(size_mib = c.request.size_mib, reply_mib = c.reply_mib, "SPM replied");
                     self.volume.extended(c.request.size_mib.saturating_mul(super::policy::MIB));
                     self.refresh(now, Some(c.reply_mib));

@@ -50,7 +50,42 @@ pub struct ThinHandle {
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
     stats: Arc<Mutex<ThinStats>>,
+    switches: Mutex<std::sync::mpsc::Sender<control::Switch>>,
+    signals: Arc<Signals>,
+    lock: PathBuf,
 }
+
+/// Hands the control thread a snapshot's new top.
+#[derive(Clone)]
+pub struct ThinSwitch {
+    tx: Option<std::sync::mpsc::Sender<control::Switch>>,
+    signals: Arc<Signals>,
+    lock: PathBuf,
+}
+
+impl ThinSwitch {
+    /// Whether a live process of this host serves volume `uuid` (its per-volume lock is held).
+    pub fn served_elsewhere(&self, uuid: Uuid) -> bool {
+        crate::mailbox::io::probe_owner(&crate::mailbox::io::volume_lock_path(&self.lock, uuid)) == crate::mailbox::client::Owner::Alive
+    }
+
+    /// Makes the control thread follow `volume` (a snapshot's new top, UUID `uuid`): its
+    /// size, its extensions, its monitor. Whether the thread took it within a few seconds
+    /// (if not, it takes it when it comes back from the storage).
+    pub fn switch_volume(&self, volume: Volume, uuid: Uuid) -> bool {
+        let (done, seen) = std::sync::mpsc::channel();
+        let Some(tx) = &self.tx else { return false };
+        if tx.send(control::Switch { volume, uuid, done }).is_err() {
+            return false;
+        }
+        self.signals.wake();
+        seen.recv_timeout(SWITCH_WAIT).is_ok()
+    }
+}
+
+/// How long a snapshot waits for the control thread to follow its new top (it may be inside
+/// a mailbox read on storage that does not answer; it follows once out).
+const SWITCH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl ThinHandle {
     /// A snapshot of the counters.
@@ -61,6 +96,11 @@ impl ThinHandle {
     /// The live counters (shared with the control thread).
     pub fn stats_handle(&self) -> Arc<Mutex<ThinStats>> {
         self.stats.clone()
+    }
+
+    /// What a snapshot uses to make the control thread follow its new top.
+    pub fn switcher(&self) -> ThinSwitch {
+        ThinSwitch { tx: self.switches.lock().map(|t| t.clone()).ok(), signals: self.signals.clone(), lock: self.lock.clone() }
     }
 
     /// Stops the control thread (clearing our mailbox slots) and waits for it.
@@ -114,12 +154,19 @@ pub fn start(
         Some(r) => Monitor::new(opts.policy, capacity).with_rate(r),
         None => Monitor::new(opts.policy, capacity),
     };
-    let control = Control::new(engine, volume, monitor, signals, hub, client, Box::new(io), id);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (policy, rate) = (opts.policy, opts.rate);
+    let fresh: control::FreshMonitor = Box::new(move || match rate {
+        Some(r) => Monitor::new(policy, capacity).with_rate(r),
+        None => Monitor::new(policy, capacity),
+    });
+    let signals_for_switch = signals.clone();
+    let control = Control::new(engine, volume, monitor, signals, hub, client, Box::new(io), id).with_switches(rx, fresh);
     let stats = control.stats();
     let stop = EventFd::new(EFD_NONBLOCK)?;
     let stop_rx = stop.try_clone()?;
     let thread = std::thread::Builder::new().name("thin-control".into()).spawn(move || control.run(&stop_rx))?;
-    Ok(ThinHandle { stop, thread: Some(thread), stats })
+    Ok(ThinHandle { stop, thread: Some(thread), stats, switches: Mutex::new(tx), signals: signals_for_switch, lock: opts.lock.clone() })
 }
 
 /// 16 random bytes for a doorbell (uniqueness is all that matters).

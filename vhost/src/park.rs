@@ -210,7 +210,7 @@ impl ParkHub {
                 self.thaw();
                 return Err(format!("{left} writes still at the storage after {} ms", limit.as_millis()));
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            std::thread::sleep(std::time::Duration::from_micros(200));
         }
         Ok(n)
     }

@@ -207,6 +207,13 @@ impl Qcow2 {
         self.meta.read().map(|m| m.pending.len()).unwrap_or(usize::MAX)
     }
 
+    /// This engine, closed, as a read-only layer under a new top (a snapshot): its caches
+    /// stay warm, and any write it is asked for is refused.
+    pub fn sealed(mut self, reason: &str) -> Qcow2 {
+        self.read_only = Some(reason.to_string());
+        self
+    }
+
     /// Reports that the data of a mapped write (its `ticket`) has landed (`ok`) or failed:
     /// new clusters are linked into their L2 tables only now.
     ///

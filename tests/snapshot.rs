@@ -1,0 +1,160 @@
+//! Online snapshots (`ctl snapshot`) under a writing frontend: each snapshot is a point in
+//! time (every write acknowledged before the command is in the old chain, none started after
+//! its reply), the guest never sees an error, qemu-img reads the chain thinblk leaves, and a
+//! restart on the new top reads back everything. With `--thin`, the new top's volume is the
+//! one the SPM grows.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{ctl, ctl_reply, stop_clean, Client, Daemon, TestDir};
+use serde_json::json;
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 4096;
+const DISK: u64 = 64 * MIB;
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img").args(args).output().expect("qemu-img");
+    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A write the frontend made: the block, its fill byte, and when it was issued and answered.
+#[derive(Clone, Copy, Debug)]
+struct Done {
+    block: u64,
+    fill: u8,
+    issued: Instant,
+    answered: Instant,
+}
+
+/// Writes distinct 4 KiB blocks (never one twice) until told to stop; every result must be 0.
+fn writer(socket: PathBuf, stop: Arc<AtomicBool>, log: Arc<Mutex<Vec<Done>>>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut c = Client::connect(&socket, 1).expect("connect");
+        let mut block = 0u64;
+        while !stop.load(Ordering::SeqCst) && block < DISK / BLOCK {
+            // Blocks spread over the disk: a prime stride touches every cluster.
+            let b = (block * 97) % (DISK / BLOCK);
+            let fill = (block % 251) as u8 + 1;
+            let issued = Instant::now();
+            let r = c.write(0, b * BLOCK, &vec![fill; BLOCK as usize]);
+            assert_eq!(r, 0, "write {block} failed: {r}");
+            log.lock().expect("log").push(Done { block: b, fill, issued, answered: Instant::now() });
+            block += 1;
+            if block % 64 == 0 {
+                assert_eq!(c.flush(0), 0);
+            }
+        }
+    })
+}
+
+/// Reads the whole disk of `image` (its chain) as qemu-img sees it.
+fn read_all(image: &Path, dir: &TestDir, name: &str) -> Vec<u8> {
+    let raw = dir.path(name);
+    qemu_img(&["convert", "-U", "-O", "raw", s(image), s(&raw)]);
+    let data = std::fs::read(&raw).expect("read raw");
+    let _ = std::fs::remove_file(&raw);
+    data
+}
+
+/// Checks that `data` (a chain's content) holds every write answered before `sent` and
+/// none issued after `answered`; the rest may go either way (they were in flight).
+fn point_in_time(data: &[u8], log: &[Done], sent: Instant, answered: Instant) -> (usize, usize) {
+    let (mut before, mut after) = (0, 0);
+    for d in log {
+        let at = &data[(d.block * BLOCK) as usize..((d.block + 1) * BLOCK) as usize];
+        if d.answered < sent {
+            assert!(at.iter().all(|&b| b == d.fill), "block {} acknowledged before the snapshot is missing", d.block);
+            before += 1;
+        } else if d.issued > answered {
+            assert!(at.iter().all(|&b| b == 0), "block {} written after the snapshot is in the old chain", d.block);
+            after += 1;
+        } else {
+            assert!(at.iter().all(|&b| b == d.fill) || at.iter().all(|&b| b == 0), "block {} is torn", d.block);
+        }
+    }
+    (before, after)
+}
+
+#[test]
+fn snapshots_are_points_in_time_under_a_writing_frontend_and_qemu_img_reads_the_chain() {
+    let dir = TestDir::new("snapshot-files");
+    let names = ["base", "s1", "s2", "s3"];
+    let img = |n: &str| dir.path(n);
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img("base")), &DISK.to_string()]);
+    let (sock, ctl_sock) = (dir.path("vhost.sock"), dir.path("ctl.sock"));
+    let d = Daemon::start(&sock, &["--image", s(&img("base")), "--format", "qcow2", "--control", s(&ctl_sock)]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let w = writer(sock.clone(), stop.clone(), log.clone());
+    let mut points = Vec::new();
+    let mut pauses = Vec::new();
+    for k in 1..names.len() {
+        std::thread::sleep(Duration::from_millis(300));
+        let (over, parent) = (img(names[k]), names[k - 1]);
+        qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", parent, "-F", "qcow2", s(&over), &DISK.to_string()]);
+        if k == 2 {
+            // A refused overlay (its backing is not the top) changes nothing.
+            let bad = dir.path("bad");
+            qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", "base", "-F", "qcow2", s(&bad), &DISK.to_string()]);
+            let e = ctl_reply(&ctl_sock, "snapshot", json!({"overlay": s(&bad)}));
+            assert!(e["error"]["desc"].as_str().is_some_and(|m| m.contains("not the current top")), "{e}");
+            let e = ctl_reply(&ctl_sock, "snapshot", json!({"overlay": s(&over), "volume-uuid": "d772f1c6-3ebb-43c3-a42e-73fcd8255a5f"}));
+            assert!(e.get("error").is_some(), "volume-uuid without --thin: {e}");
+        }
+        let sent = Instant::now();
+        let r = ctl(&ctl_sock, "snapshot", json!({"overlay": s(&over)}));
+        let answered = Instant::now();
+        assert_eq!(r["top"], s(&over));
+        assert_eq!(r["chain"].as_array().map(|a| a.len()), Some(k + 1), "{r}");
+        pauses.push(r["pause-us"].as_u64().expect("pause"));
+        points.push((sent, answered));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    w.join().expect("writer: no write may fail");
+    let status = ctl(&ctl_sock, "query-status", json!({}));
+    assert_eq!(status["chain"].as_array().map(|a| a.len()), Some(4), "{status}");
+    stop_clean(d);
+    let log = log.lock().expect("log").clone();
+    eprintln!("SNAPSHOT-REPORT writes={} pauses_us={pauses:?}", log.len());
+
+    // Every image checks clean; qemu-img follows the chain thinblk left.
+    for n in names {
+        qemu_img(&["check", "-q", s(&img(n))]);
+    }
+    let info = qemu_img(&["info", "--backing-chain", "--output=json", s(&img("s3"))]);
+    let chain: serde_json::Value = serde_json::from_str(&info).expect("json");
+    let files: Vec<&str> = chain.as_array().expect("chain").iter().filter_map(|i| i["filename"].as_str()).collect();
+    assert_eq!(files.len(), 4, "{info}");
+    // Each old chain is its snapshot's point in time; the top holds every write.
+    for (k, (sent, answered)) in points.iter().enumerate() {
+        let data = read_all(&img(names[k]), &dir, "point.raw");
+        let (before, after) = point_in_time(&data, &log, *sent, *answered);
+        assert!(before > 0 && after > 0, "snapshot {k}: {before} writes before, {after} after");
+    }
+    let end = Instant::now();
+    let top = read_all(&img("s3"), &dir, "top.raw");
+    point_in_time(&top, &log, end, end);
+
+    // A restart on the new top reads back every write.
+    let d = Daemon::start(&sock, &["--image", s(&img("s3")), "--format", "qcow2"]);
+    let mut c = Client::connect(&sock, 1).expect("connect");
+    for done in log.iter().step_by(7) {
+        assert_eq!(c.read(0, done.block * BLOCK, BLOCK as usize).expect("read"), vec![done.fill; BLOCK as usize]);
+    }
+    drop(c);
+    stop_clean(d);
+}
