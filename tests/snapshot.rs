@@ -158,3 +158,100 @@ fn snapshots_are_points_in_time_under_a_writing_frontend_and_qemu_img_reads_the_
     drop(c);
     stop_clean(d);
 }
+
+const DOMAIN: &str = "8adbc85e-e554-4ae0-b318-8a5465fe5fe1";
+const VOL1: &str = "d772f1c6-3ebb-43c3-a42e-73fcd8255a5f";
+const VOL2: &str = "5e0c1a6b-7d64-4b8e-9a43-2f1c0b9e7d21";
+
+/// A volume of `size` bytes under `volumes/DOMAIN/uuid` holding a qcow2 (with `backing`, a
+/// bare parent UUID as oVirt writes it), on a loop device linked as `sd/uuid` (as LVs
+/// appear under `/dev/<domain>/`).
+fn lv(volumes: &Path, sd: &Path, uuid: &str, size: u64, backing: Option<&str>) -> (PathBuf, common::LoopDev, PathBuf) {
+    let file = volumes.join(DOMAIN).join(uuid);
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if let Some(b) = backing {
+        args.extend(["-u", "-b", b, "-F", "qcow2"]);
+    }
+    args.extend([s(&file), "1G"]);
+    qemu_img(&args);
+    std::fs::OpenOptions::new().write(true).open(&file).and_then(|f| f.set_len(size)).expect("size volume");
+    let dev = common::LoopDev::attach(&file);
+    let link = sd.join(uuid);
+    std::os::unix::fs::symlink(&dev.0, &link).expect("link");
+    (file, dev, link)
+}
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).expect("volume file").len()
+}
+
+#[test]
+fn a_snapshot_on_thin_volumes_moves_the_extensions_to_the_new_top() {
+    let dir = TestDir::new("snapshot-thin");
+    let (inbox, outbox, volumes, sd) = (dir.path("inbox"), dir.path("outbox"), dir.path("volumes"), dir.path("sd"));
+    common::sparse_file(&inbox, 16 * MIB);
+    common::sparse_file(&outbox, 16 * MIB);
+    std::fs::create_dir_all(volumes.join(DOMAIN)).expect("volumes");
+    std::fs::create_dir_all(&sd).expect("sd");
+    // A slow SPM: the base's extension is still in flight when the snapshot is taken.
+    let spm_log = dir.path("spm.log");
+    let _spm = common::spm_process(&inbox, &outbox, &volumes, &["--delay-ms", "1500"], Some(&spm_log));
+    let (f1, _l1, link1) = lv(&volumes, &sd, VOL1, 64 * MIB, None);
+    let (f2, _l2, link2) = lv(&volumes, &sd, VOL2, 64 * MIB, Some(VOL1));
+    let (sock, ctl_sock, log) = (dir.path("vhost.sock"), dir.path("ctl.sock"), dir.path("daemon.log"));
+    let lock = dir.path("host-3.lock");
+    let d = Daemon::start_logging(
+        &sock,
+        &[
+            "--image", s(&link1), "--format", "qcow2", "--backing-files", "devices", "--control", s(&ctl_sock),
+            "--thin", "--spec-sizing", "--chunk-mb", "64", "--utilization-percent", "50",
+            "--spm-inbox", s(&inbox), "--spm-outbox", s(&outbox), "--host-id", "3", "--domain-uuid", DOMAIN,
+            "--volume-uuid", VOL1, "--mailbox-lock", s(&lock),
+        ],
+        Some(&log),
+    );
+    let mut c = Client::connect(&sock, 1).expect("connect");
+    let chunk = |i: u64| vec![(i % 250) as u8 + 1; MIB as usize];
+    // 40 MiB: past the base's threshold (32 MiB of 64); its extension goes to the slow SPM.
+    for i in 0..40 {
+        assert_eq!(c.write(0, i * MIB, &chunk(i)), 0);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("extension requested") {
+        assert!(Instant::now() < deadline, "no extension request for the base");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = ctl(&ctl_sock, "snapshot", json!({"overlay": s(&link2), "volume-uuid": VOL2}));
+    assert_eq!(r["thin-followed"], true, "{r}");
+    let status = ctl(&ctl_sock, "query-status", json!({}));
+    assert_eq!(status["thin"]["volume"], VOL2, "{status}");
+    // 100 MiB more, all in the new top: its volume must grow (64 MiB at the start).
+    for i in 40..140 {
+        assert_eq!(c.write(0, i * MIB, &chunk(i)), 0, "write {i}");
+    }
+    assert!(file_len(&f2) > 100 * MIB, "the new top's volume grew: {}", file_len(&f2));
+    // The base's extension was not lost: the SPM answered it (and thinblk ignored the reply).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("SPM replied for an earlier top's volume") {
+        assert!(Instant::now() < deadline, "the reply for the base was not seen:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let base_len = file_len(&f1);
+    for i in (0..140).step_by(9) {
+        assert_eq!(c.read(0, i * MIB, MIB as usize).expect("read"), chunk(i));
+    }
+    drop(c);
+    stop_clean(d);
+    assert_eq!(file_len(&f1), base_len, "nothing extends the base after the snapshot");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let sent_for_base_after = text
+        .lines()
+        .skip_while(|l| !l.contains("thin volume switched to the new top"))
+        .filter(|l| l.contains("extension requested"))
+        .count();
+    assert!(sent_for_base_after > 0, "the new top asked for extensions");
+    qemu_img(&["check", "-q", s(&link2)]);
+    qemu_img(&["check", "-q", s(&link1)]);
+    let info = qemu_img(&["info", "-U", "--output=json", s(&link2)]);
+    assert!(info.contains(&format!("\"backing-filename\": \"{VOL1}\"")), "{info}");
+}
