@@ -136,7 +136,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         }
     };
     let handover = thinblk::handover::Handover::new(image.clone(), args.incoming, thin_signals);
-    let chain = thinblk::chain::ChainControl::new(image.clone(), hub.clone(), thin_handle.as_ref().map(|h| h.switcher()));
+    let chain = thinblk::chain::ChainControl::new(image.clone(), hub.clone(), thin_handle.as_ref().zip(thin.as_ref()).map(|(h, t)| (h.switcher(), t.clone())));
     let _control = match &args.control {
         None => None,
         Some(path) => {
@@ -173,6 +173,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
                 thin: thin_handle.as_ref().map(|h| h.stats_handle()),
                 handover: Some(handover.clone()),
                 chain: Some(chain.stats()),
+                jobs: Some(chain.job_stats()),
             });
             let render: thinblk::metrics::http::Render = Arc::new(move |p| sources.render(p));
             let server = thinblk::metrics::http::serve(endpoint, render)

@@ -204,6 +204,16 @@ pub trait Disk: Send + Sync {
     ) -> Result<crate::snapshot::SnapshotReport, ImageError> {
         Err(ImageError::Refused("only a qcow2 image takes snapshots".into()))
     }
+    /// Starts merging `top` into `base` (live merge): the job is driven by its caller.
+    /// `backing_name` overrides the name the layer above `top` gives `base`.
+    fn commit(
+        self: std::sync::Arc<Self>,
+        _top: &std::path::Path,
+        _base: &std::path::Path,
+        _backing_name: Option<String>,
+    ) -> Result<Box<dyn crate::commit::CommitJob>, ImageError> {
+        Err(ImageError::Refused("only a qcow2 chain can be merged".into()))
+    }
 }
 
 /// Reads `len` bytes at guest `offset` through the mapping, synchronously, as a worker does

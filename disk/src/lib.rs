@@ -10,6 +10,7 @@
 
 pub mod aligned;
 pub mod chain;
+pub mod commit;
 pub mod disk;
 pub mod engine;
 pub mod error;

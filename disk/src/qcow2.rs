@@ -208,8 +208,13 @@ pub struct Qcow2Format {
     pub(crate) top_lock: Mutex<Option<ImageLock>>,
     /// Held across an activation, an inactivation or a chain change: one at a time.
     pub(crate) transition: Mutex<()>,
-    /// The backing files' locks: a backing reader's, active or not (nobody writes them).
-    pub(crate) backing_locks: Mutex<Vec<ImageLock>>,
+    /// The backing files' locks, by path: a backing reader's, active or not (only a
+    /// commit writes one, its base, under a writer's lock for the while).
+    pub(crate) backing_locks: Mutex<Vec<(PathBuf, ImageLock)>>,
+    /// A commit job holds the chain (snapshots and other commits wait for its end).
+    pub(crate) commit_job: Mutex<bool>,
+    /// Layers that left the chain and wait for the rings to let go of their slots.
+    pub(crate) retired: crate::commit::Retired,
 }
 
 /// What a chain serves: the top's file with the chain under it, and the top's engine while
@@ -281,7 +286,9 @@ impl Qcow2Format {
                 return Err(FormatError::Backing { path: path.to_path_buf(), reason: format!("backing chain deeper than {MAX_CHAIN}") });
             }
             let (bfile, binfo) = open_direct(&bpath, true).map_err(open_err(&bpath))?;
-            backing_locks.extend(lock_file(&bfile, &bpath, Access::backing(), opts.locking)?);
+            if let Some(l) = lock_file(&bfile, &bpath, Access::backing(), opts.locking)? {
+                backing_locks.push((bpath.clone(), l));
+            }
             alignment = alignment.max(binfo.alignment);
             let slot = files.len() as u32;
             files.push(bfile.as_raw_fd());
@@ -348,6 +355,8 @@ impl Qcow2Format {
             top_lock: Mutex::new(top_lock),
             transition: Mutex::new(()),
             backing_locks: Mutex::new(backing_locks),
+            commit_job: Mutex::new(false),
+            retired: Default::default(),
         };
         if !opts.inactive {
             let file = image.top_file().map_err(open_err(path))?;
@@ -821,6 +830,10 @@ impl Disk for Qcow2Format {
 
     fn snapshot(&self, overlay: &Path, limit: Option<u64>, hold: &mut dyn FnMut() -> Result<(), String>) -> Result<crate::snapshot::SnapshotReport, ImageError> {
         Qcow2Format::snapshot(self, overlay, limit, hold)
+    }
+
+    fn commit(self: Arc<Self>, top: &Path, base: &Path, backing_name: Option<String>) -> Result<Box<dyn crate::commit::CommitJob>, ImageError> {
+        Ok(Box::new(self.commit_internal(top, base, backing_name)?))
     }
 }
 

@@ -82,6 +82,9 @@ impl Qcow2Format {
         if self.engine_opts.read_only {
             return Err(refused("the image is served read-only"));
         }
+        if *self.commit_job.lock().map_err(|_| poisoned())? {
+            return Err(refused("a commit is running on this chain; snapshot once it ends"));
+        }
         let cur = self.top_file()?;
         if !crate::disk::Disk::is_active(self) {
             return Err(ImageError::Inactive);
@@ -119,7 +122,7 @@ impl Qcow2Format {
         if let Some(why) = peek.header().write_blocker() {
             return Err(refused(format!("{}: {why}", overlay.display())));
         }
-        match backing_of(overlay, peek.header(), self.backing_files).map_err(|e| refused(e.to_string()))? {
+        match backing_of(overlay, &peek.header(), self.backing_files).map_err(|e| refused(e.to_string()))? {
             Some((bpath, Format::Qcow2)) if same_file(&bpath, cur.storage.file())? => {}
             Some((bpath, Format::Qcow2)) => {
                 return Err(refused(format!(
@@ -185,7 +188,7 @@ impl Qcow2Format {
             if let Err(e) = l.change(Access::backing()) {
                 tracing::warn!(image = %cur.path.display(), error = %e, "downgrading the old top's lock to a reader's failed");
             }
-            self.backing_locks.lock().map_err(|_| poisoned())?.push(l);
+            self.backing_locks.lock().map_err(|_| poisoned())?.push((cur.path.clone(), l));
         }
         let depth = cur.backing.layers.len() + 2;
         tracing::info!(old_top = %cur.path.display(), new_top = %overlay.display(), depth, switch_us = times.total,

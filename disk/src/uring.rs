@@ -121,6 +121,16 @@ impl Engine for Ring {
         if table.len() > self.registered.len() {
             return Err(io::Error::other(format!("{} files do not fit the ring's {} slots", table.len(), self.registered.len())));
         }
+        // A fixed file is looked up when its entry is submitted: an entry mapped before a
+        // slot is emptied or replaced must reach the kernel first. Everything queued is
+        // submitted now; if the kernel cannot take the backlog yet, the change waits.
+        let replaces = table.iter().zip(&self.registered).any(|(&new, &old)| old >= 0 && new != old);
+        if replaces {
+            self.submit()?;
+            if !self.backlog.is_empty() {
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, format!("{} host ops wait for room in the ring", self.backlog.len())));
+            }
+        }
         for (slot, &fd) in table.iter().enumerate() {
             if self.registered[slot] != fd {
                 // The kernel keeps a replaced file referenced until the operations that use

@@ -1,7 +1,11 @@
 //! The chain's lifecycle on a running VM, above the disk crate's chain: online snapshots
-//! (`ctl snapshot`), and the counters and log lines around them. The disk crate moves the
-//! top; this module holds the guest's writes around the move, and makes the thin control
-//! thread follow the new top's volume.
+//! (`ctl snapshot`) and live merges (`ctl commit`, run as jobs: [`job`]), and the counters
+//! and log lines around them. The disk crate moves the top and the data; this module holds
+//! the guest's writes around a snapshot, makes the thin control thread follow a new top's
+//! volume, grows a merge's base through the mailbox ([`extend`]), and keeps the jobs.
+
+pub mod extend;
+pub mod job;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +17,7 @@ use thinblk_vhost::{Disk, ParkHub};
 
 use crate::mailbox::wire::Uuid;
 use crate::thin::volume::Volume;
-use crate::thin::ThinSwitch;
+use crate::thin::{ThinOptions, ThinSwitch};
 
 /// How long a snapshot waits for writes at the storage before it gives up (and changes
 /// nothing): a storage that stalls this long would stall the guest anyway.
@@ -30,26 +34,143 @@ pub struct ChainStats {
     pub last_pause_us: AtomicU64,
 }
 
+/// Concluded jobs kept for `query-jobs` until dismissed (the oldest go first).
+const KEEP_CONCLUDED: usize = 16;
+
 /// Chain operations on the served image.
 pub struct ChainControl {
     image: Arc<dyn Disk>,
     hub: Arc<ParkHub>,
-    thin: Option<ThinSwitch>,
+    thin: Option<(ThinSwitch, ThinOptions)>,
     /// One chain operation at a time.
     serial: Mutex<()>,
     stats: Arc<ChainStats>,
+    jobs: Mutex<Vec<Arc<job::Job>>>,
+    job_stats: Arc<job::JobStats>,
+    next_id: AtomicU64,
 }
 
 impl ChainControl {
-    /// Chain operations on `image`, holding writes through `hub`; `thin` follows new tops'
-    /// volumes in thin mode.
-    pub fn new(image: Arc<dyn Disk>, hub: Arc<ParkHub>, thin: Option<ThinSwitch>) -> Arc<ChainControl> {
-        Arc::new(ChainControl { image, hub, thin, serial: Mutex::new(()), stats: Arc::new(ChainStats::default()) })
+    /// Chain operations on `image`, holding writes through `hub`; in thin mode, `thin` follows
+    /// new tops' volumes and its options' mailbox grows merge bases.
+    pub fn new(image: Arc<dyn Disk>, hub: Arc<ParkHub>, thin: Option<(ThinSwitch, ThinOptions)>) -> Arc<ChainControl> {
+        Arc::new(ChainControl {
+            image,
+            hub,
+            thin,
+            serial: Mutex::new(()),
+            stats: Arc::new(ChainStats::default()),
+            jobs: Mutex::new(Vec::new()),
+            job_stats: Arc::new(job::JobStats::default()),
+            next_id: AtomicU64::new(1),
+        })
     }
 
     /// The counters.
     pub fn stats(&self) -> Arc<ChainStats> {
         self.stats.clone()
+    }
+
+    /// The jobs' counters.
+    pub fn job_stats(&self) -> Arc<job::JobStats> {
+        self.job_stats.clone()
+    }
+
+    fn running_job(&self) -> Option<Arc<job::Job>> {
+        self.jobs.lock().ok()?.iter().find(|j| j.status() != job::Status::Concluded).cloned()
+    }
+
+    fn find_job(&self, args: &Value) -> Result<Arc<job::Job>, String> {
+        let id = args.get("id").and_then(Value::as_str).ok_or("id (a job's id) is required")?;
+        let jobs = self.jobs.lock().map_err(|_| "job list poisoned".to_string())?;
+        jobs.iter().find(|j| j.id == id).cloned().ok_or_else(|| format!("no job {id}"))
+    }
+
+    /// `ctl commit {"top": PATH, "base": PATH, "speed": BYTES_PER_S, "job-id": ID,
+    /// "backing-file": NAME, "base-volume-uuid": UUID}`: starts a live merge as a job.
+    pub fn commit_command(&self, args: &Value) -> Result<Value, String> {
+        let Some(obj) = args.as_object() else { return Err("arguments must be an object".into()) };
+        for k in obj.keys() {
+            if !["top", "base", "speed", "job-id", "backing-file", "base-volume-uuid"].contains(&k.as_str()) {
+                return Err(format!("unknown argument {k}"));
+            }
+        }
+        let path = |k: &str| obj.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(PathBuf::from).ok_or(format!("{k} (a path) is required"));
+        let (top, base) = (path("top")?, path("base")?);
+        let speed = match obj.get("speed") {
+            None => 0,
+            Some(v) => v.as_u64().ok_or("speed must be a number of bytes per second (0: no limit)")?,
+        };
+        let backing = match obj.get("backing-file") {
+            None => None,
+            Some(v) => Some(v.as_str().filter(|s| !s.is_empty() && s.len() < 1024).ok_or("backing-file must be a name")?.to_string()),
+        };
+        let uuid = match obj.get("base-volume-uuid") {
+            None => None,
+            Some(v) => Some(v.as_str().and_then(|s| Uuid::parse(s).ok()).ok_or("base-volume-uuid must be a UUID")?),
+        };
+        let _one = self.serial.lock().map_err(|_| "chain state poisoned".to_string())?;
+        if let Some(j) = self.running_job() {
+            return Err(format!("job {} is running on this chain", j.id));
+        }
+        let id = match obj.get("job-id") {
+            None => format!("commit-{}", self.next_id.fetch_add(1, Ordering::Relaxed)),
+            Some(v) => v.as_str().filter(|s| !s.is_empty() && s.len() <= 64).ok_or("job-id must be a short string")?.to_string(),
+        };
+        if self.jobs.lock().map_err(|_| "job list poisoned".to_string())?.iter().any(|j| j.id == id) {
+            return Err(format!("a job {id} exists; dismiss it first"));
+        }
+        let extender = match (&self.thin, uuid) {
+            (Some(_), None) => return Err("the daemon serves a thin volume: base-volume-uuid (the base's volume) is required".into()),
+            (None, Some(_)) => return Err("base-volume-uuid is for thin mode (--thin) only".into()),
+            (None, None) => None,
+            (Some((_, opts)), Some(u)) => Some(
+                extend::BaseExtender::open(opts, &base, u, self.image.capacity()).map_err(|e| format!("the base's volume {}: {e}", base.display()))?,
+            ),
+        };
+        let mover = self.image.clone().commit(&top, &base, backing).map_err(|e| e.to_string())?;
+        let j = job::start(id.clone(), mover, speed, extender, self.job_stats.clone()).map_err(|e| format!("starting the job: {e}"))?;
+        let mut jobs = self.jobs.lock().map_err(|_| "job list poisoned".to_string())?;
+        jobs.push(j);
+        let concluded: Vec<usize> = jobs.iter().enumerate().filter(|(_, j)| j.status() == job::Status::Concluded).map(|(i, _)| i).collect();
+        if concluded.len() > KEEP_CONCLUDED {
+            jobs.remove(concluded[0]);
+        }
+        Ok(json!({"id": id}))
+    }
+
+    /// `ctl query-jobs`.
+    pub fn query_jobs(&self) -> Value {
+        json!(self.jobs.lock().map(|j| j.iter().map(|j| j.json()).collect::<Vec<_>>()).unwrap_or_default())
+    }
+
+    /// `ctl job-cancel {"id"}`: the chain stays as it was.
+    pub fn job_cancel(&self, args: &Value) -> Result<Value, String> {
+        let j = self.find_job(args)?;
+        if !j.cancel() {
+            return Err(format!("job {} is {}; it cannot be cancelled now", j.id, j.json()["status"]));
+        }
+        Ok(json!({}))
+    }
+
+    /// `ctl job-set-speed {"id", "speed"}`.
+    pub fn job_set_speed(&self, args: &Value) -> Result<Value, String> {
+        let j = self.find_job(args)?;
+        let speed = args.get("speed").and_then(Value::as_u64).ok_or("speed must be a number of bytes per second (0: no limit)")?;
+        j.set_speed(speed);
+        Ok(json!({}))
+    }
+
+    /// `ctl job-dismiss {"id"}`: forgets a concluded job.
+    pub fn job_dismiss(&self, args: &Value) -> Result<Value, String> {
+        let j = self.find_job(args)?;
+        if j.status() != job::Status::Concluded {
+            return Err(format!("job {} has not concluded", j.id));
+        }
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.retain(|x| x.id != j.id);
+        }
+        Ok(json!({}))
     }
 
     /// The chain served, top first.
@@ -91,7 +212,7 @@ impl ChainControl {
             (Some(_), None) => return Err("the daemon serves a thin volume: volume-uuid (the new top's volume) is required".into()),
             (None, Some(_)) => return Err("volume-uuid is for thin mode (--thin) only".into()),
             (None, None) => None,
-            (Some(t), Some(u)) => {
+            (Some((t, _)), Some(u)) => {
                 if t.served_elsewhere(u) {
                     return Err(format!("volume {u} is served by another live process on this host"));
                 }
@@ -115,7 +236,7 @@ impl ChainControl {
         };
         let switched = self.image.snapshot(overlay, limit, &mut hold);
         let followed = match (&switched, volume, &self.thin) {
-            (Ok(_), Some((v, u)), Some(t)) => Some(t.switch_volume(v, u)),
+            (Ok(_), Some((v, u)), Some((t, _))) => Some(t.switch_volume(v, u)),
             _ => None,
         };
         let (started, ours) = held.unwrap_or((Instant::now(), false));

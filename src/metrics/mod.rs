@@ -128,6 +128,8 @@ pub struct Sources {
     pub handover: Option<Arc<crate::handover::Handover>>,
     /// Chain operations (snapshots).
     pub chain: Option<Arc<crate::chain::ChainStats>>,
+    /// Jobs (live merges).
+    pub jobs: Option<Arc<crate::chain::job::JobStats>>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -362,6 +364,18 @@ impl Sources {
             b.counter("snapshots", "Online snapshots taken (a new top).", self.one(Value::Counter(c.snapshots.load(Relaxed))));
             b.counter("snapshot_failures", "Snapshots refused or failed (the chain left as it was).", self.one(Value::Counter(c.snapshot_failures.load(Relaxed))));
             b.gauge("snapshot_last_pause_microseconds", "How long the last snapshot held guest writes.", self.one(gauge_i(c.last_pause_us.load(Relaxed))));
+        }
+        if let Some(j) = &self.jobs {
+            use std::sync::atomic::Ordering::Relaxed;
+            b.gauge("jobs_running", "Chain jobs (live merges) running now.", self.one(gauge_i(j.running.load(Relaxed))));
+            b.counter("job_copied_bytes", "Bytes chain jobs copied (into merge bases).", self.one(Value::Counter(j.bytes.load(Relaxed))));
+            let mut ended = Family::new();
+            for (outcome, n) in [("completed", &j.completed), ("cancelled", &j.cancelled), ("failed", &j.failed)] {
+                let mut l = self.disk();
+                l.push(("outcome", outcome.to_string()));
+                ended.push(l, Value::Counter(n.load(Relaxed)));
+            }
+            b.counter("jobs_concluded", "Chain jobs that ended, by outcome (failed and cancelled ones leave the chain as it was).", ended);
         }
         if let Some(a) = self.image.allocation() {
             b.gauge("allocation_bytes", "One past the last host byte the qcow2 image uses (metadata included).", self.one(gauge_i(a)));

@@ -170,7 +170,7 @@ pub fn start(
 }
 
 /// 16 random bytes for a doorbell (uniqueness is all that matters).
-fn random_nonce() -> [u8; 16] {
+pub(crate) fn random_nonce() -> [u8; 16] {
     let mut b = [0u8; 16];
     // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };

@@ -1,0 +1,198 @@
+//! Live merge (`ctl commit`) under a writing frontend: an internal commit of a middle layer
+//! runs as a job (progress, speed, cancel) while the frontend writes; a cancelled commit
+//! leaves the chain as it was; the merged base reads back identical to `qemu-img commit` of
+//! the same layers on copies; every image checks clean; a restart reads back every write.
+//! With `--thin`, the base's volume grows through the mailbox before it receives the data.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{ctl, ctl_reply, stop_clean, Client, Daemon, TestDir};
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 4096;
+const DISK: u64 = 64 * MIB;
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img").args(args).output().expect("qemu-img");
+    assert!(out.status.success(), "qemu-img {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// The frontend's writes: block → fill byte of its last completed write, in order.
+type Written = Arc<Mutex<Vec<(u64, u8)>>>;
+
+/// Writes 4 KiB blocks at pseudo-random places (each write's fill byte recorded once it
+/// completed) until stopped; every result must be 0.
+fn writer(socket: PathBuf, seed: u64, stop: Arc<AtomicBool>, log: Written) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut c = Client::connect(&socket, 1).expect("connect");
+        let mut rng = common::Rng(seed);
+        let mut n = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            let b = rng.below(DISK / BLOCK);
+            let fill = (rng.below(255) + 1) as u8;
+            assert_eq!(c.write(0, b * BLOCK, &vec![fill; BLOCK as usize]), 0, "write {n} failed");
+            log.lock().expect("log").push((b, fill));
+            n += 1;
+            if n % 64 == 0 {
+                assert_eq!(c.flush(0), 0);
+            }
+        }
+    })
+}
+
+/// Runs the writer for `d`, returning what it wrote.
+fn write_for(socket: &Path, seed: u64, d: Duration, log: &Written) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(socket.to_path_buf(), seed, stop.clone(), log.clone());
+    std::thread::sleep(d);
+    stop.store(true, Ordering::SeqCst);
+    w.join().expect("writer: no write may fail");
+}
+
+/// The disk as the writes left it.
+fn model(log: &[(u64, u8)]) -> Vec<u8> {
+    let mut m = vec![0u8; DISK as usize];
+    for &(b, f) in log {
+        m[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize].fill(f);
+    }
+    m
+}
+
+fn read_all(image: &Path, dir: &TestDir) -> Vec<u8> {
+    let raw = dir.path("read.raw");
+    qemu_img(&["convert", "-U", "-O", "raw", s(image), s(&raw)]);
+    let data = std::fs::read(&raw).expect("read raw");
+    let _ = std::fs::remove_file(&raw);
+    data
+}
+
+fn job(ctl_sock: &Path, id: &str) -> Value {
+    let jobs = ctl(ctl_sock, "query-jobs", json!({}));
+    jobs.as_array().and_then(|a| a.iter().find(|j| j["id"] == id).cloned()).unwrap_or(Value::Null)
+}
+
+fn wait_concluded(ctl_sock: &Path, id: &str, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let j = job(ctl_sock, id);
+        if j["status"] == "concluded" {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "job {id} did not conclude: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn chain(ctl_sock: &Path) -> Vec<String> {
+    let st = ctl(ctl_sock, "query-status", json!({}));
+    st["chain"].as_array().expect("chain").iter().filter_map(|v| v.as_str().map(String::from)).collect()
+}
+
+#[test]
+fn an_internal_commit_merges_a_middle_layer_while_the_frontend_writes() {
+    let dir = TestDir::new("commit-internal");
+    let img = |n: &str| dir.path(n);
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img("base")), &DISK.to_string()]);
+    let (sock, ctl_sock) = (dir.path("vhost.sock"), dir.path("ctl.sock"));
+    let d = Daemon::start(&sock, &["--image", s(&img("base")), "--format", "qcow2", "--control", s(&ctl_sock)]);
+    let log: Written = Arc::new(Mutex::new(Vec::new()));
+    write_for(&sock, 1, Duration::from_millis(400), &log);
+    let mut at_s2 = 0;
+    for (over, parent) in [("s1", "base"), ("s2", "s1")] {
+        qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", parent, "-F", "qcow2", s(&img(over)), &DISK.to_string()]);
+        ctl(&ctl_sock, "snapshot", json!({"overlay": s(&img(over))}));
+        at_s2 = log.lock().expect("log").len();
+        write_for(&sock, over.len() as u64 + 7, Duration::from_millis(400), &log);
+    }
+    let (base, s1, s2) = (img("base"), img("s1"), img("s2"));
+    let want_chain = |v: &[&PathBuf]| v.iter().map(|p| s(p).to_string()).collect::<Vec<_>>();
+    assert_eq!(chain(&ctl_sock), want_chain(&[&s2, &s1, &base]));
+
+    // The oracle: the same merge by qemu-img, on copies of the layers below the active one.
+    let oracle = dir.path("oracle");
+    std::fs::create_dir_all(&oracle).expect("oracle dir");
+    for n in ["base", "s1"] {
+        std::fs::copy(img(n), oracle.join(n)).expect("copy");
+    }
+    qemu_img(&["commit", "-q", "-f", "qcow2", s(&oracle.join("s1"))]);
+
+    // Refusals change nothing.
+    for (args, why) in [
+        (json!({"top": s(&s2), "base": s(&base)}), "active layer"),
+        (json!({"top": s(&base), "base": s(&s1)}), "not below"),
+        (json!({"top": s(&s1), "base": s(&s1), "speed": "fast"}), "speed"),
+        (json!({"top": s(&s1), "base": s(&base), "base-volume-uuid": "d772f1c6-3ebb-43c3-a42e-73fcd8255a5f"}), "thin mode"),
+    ] {
+        let r = ctl_reply(&ctl_sock, "commit", args);
+        assert!(r["error"]["desc"].as_str().is_some_and(|d| d.contains(why)), "{why}: {r}");
+    }
+
+    // A commit cancelled midway (slowed to 1 MiB/s) leaves the chain exactly as it was.
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(sock.clone(), 11, stop.clone(), log.clone());
+    let r = ctl(&ctl_sock, "commit", json!({"top": s(&s1), "base": s(&base), "speed": MIB, "job-id": "slow"}));
+    assert_eq!(r["id"], "slow");
+    std::thread::sleep(Duration::from_millis(400));
+    let running = job(&ctl_sock, "slow");
+    assert_eq!(running["status"], "running", "{running}");
+    assert!(running["current-progress"].as_u64().is_some_and(|c| c > 0 && c < running["total-progress"].as_u64().unwrap_or(0)), "{running}");
+    let busy = ctl_reply(&ctl_sock, "snapshot", json!({"overlay": s(&dir.path("nope"))}));
+    assert!(busy.get("error").is_some(), "a snapshot during a commit: {busy}");
+    ctl(&ctl_sock, "job-cancel", json!({"id": "slow"}));
+    let j = wait_concluded(&ctl_sock, "slow", Duration::from_secs(10));
+    assert_eq!(j["outcome"], "cancelled", "{j}");
+    assert_eq!(chain(&ctl_sock), want_chain(&[&s2, &s1, &base]));
+    ctl(&ctl_sock, "job-dismiss", json!({"id": "slow"}));
+
+    // The real one, slowed first and then released; the frontend writes all along.
+    let r = ctl(&ctl_sock, "commit", json!({"top": s(&s1), "base": s(&base), "speed": 4 * MIB}));
+    let id = r["id"].as_str().expect("id").to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    ctl(&ctl_sock, "job-set-speed", json!({"id": id, "speed": 0}));
+    let j = wait_concluded(&ctl_sock, &id, Duration::from_secs(60));
+    assert_eq!(j["outcome"], "completed", "{j}");
+    assert_eq!(j["current-progress"], j["total-progress"], "{j}");
+    assert_eq!(chain(&ctl_sock), want_chain(&[&s2, &base]));
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    w.join().expect("writer: no write may fail");
+    let metrics_free = ctl_reply(&ctl_sock, "job-cancel", json!({"id": id}));
+    assert!(metrics_free.get("error").is_some(), "a concluded job cannot be cancelled");
+    stop_clean(d);
+    eprintln!("COMMIT-REPORT bytes={} writes={}", j["total-progress"], log.lock().expect("log").len());
+
+    // qemu-img: s2 now names base; every image checks clean; the merged base reads as
+    // qemu-img's merge of the same layers; the chain reads every write.
+    let info = qemu_img(&["info", "--output=json", s(&s2)]);
+    assert!(info.contains("\"backing-filename\": \"base\""), "{info}");
+    for p in [&base, &s1, &s2] {
+        qemu_img(&["check", "-q", s(p)]);
+    }
+    qemu_img(&["compare", "-f", "qcow2", "-F", "qcow2", s(&oracle.join("base")), s(&base)]);
+    let log = log.lock().expect("log").clone();
+    assert_eq!(read_all(&base, &dir), model(&log[..at_s2]), "the base holds what s1 showed at the second snapshot");
+    assert_eq!(read_all(&s2, &dir), model(&log), "the chain holds every write");
+
+    // A restart on the top reads back every write through the shorter chain.
+    let d = Daemon::start(&sock, &["--image", s(&s2), "--format", "qcow2"]);
+    let mut c = Client::connect(&sock, 1).expect("connect");
+    let m = model(&log);
+    for b in (0..DISK / BLOCK).step_by(13) {
+        let at = (b * BLOCK) as usize;
+        assert_eq!(c.read(0, b * BLOCK, BLOCK as usize).expect("read"), m[at..at + BLOCK as usize].to_vec(), "block {b}");
+    }
+    drop(c);
+    stop_clean(d);
+}
