@@ -322,7 +322,7 @@ fn create(args: CreateArgs) -> Result<(), Failure> {
         file.set_len(0).map_err(|e| rt(e.to_string()))?;
     }
     let storage = std::sync::Arc::new(FileStorage::new(file, 1));
-    let opts = CreateOptions { size: args.size, cluster_size: args.cluster_size };
+    let opts = CreateOptions { size: args.size, cluster_size: args.cluster_size, backing: None };
     let mut end = create(storage.as_ref(), &opts).map_err(|e| rt(e.to_string()))?;
     if args.preallocation == Preallocation::Metadata {
         let img = Qcow2::open(storage.clone(), OpenOptions::default()).map_err(|e| rt(e.to_string()))?;
@@ -417,7 +417,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
     let size = args.size_mib << 20;
     let file = std::fs::File::create(&image).map_err(rt)?;
     let storage = thinblk_qcow2::FileStorage::new(file.try_clone().map_err(rt)?, 1);
-    thinblk_qcow2::create(&storage, &thinblk_qcow2::CreateOptions { size, cluster_size: 65536 })
+    thinblk_qcow2::create(&storage, &thinblk_qcow2::CreateOptions { size, cluster_size: 65536, backing: None })
         .map_err(|e| Failure::Runtime(e.to_string()))?;
     // A new thin volume starts at one chunk (spec §2.2).
     file.set_len((args.chunk_mb << 20).min(size).max(1 << 20)).map_err(rt)?;

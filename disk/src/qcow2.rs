@@ -850,7 +850,7 @@ mod tests {
             let p = std::env::temp_dir().join(format!("thinblk-disk-{name}-{}.qcow2", std::process::id()));
             let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).expect("create image file");
             let st = FileStorage::new(file, 1);
-            thinblk_qcow2::create(&st, &CreateOptions { size: 16 << 20, cluster_size: CLUSTER }).expect("create qcow2");
+            thinblk_qcow2::create(&st, &CreateOptions { size: 16 << 20, cluster_size: CLUSTER, backing: None }).expect("create qcow2");
             TempImage(p)
         }
     }

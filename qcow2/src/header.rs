@@ -20,7 +20,7 @@ pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// Largest virtual size accepted (QEMU's limit: 2^61 - 512... rounded to 2 EiB).
 pub const MAX_VIRTUAL_SIZE: u64 = 1 << 61;
 /// Largest backing file name, as QEMU.
-const MAX_BACKING_NAME: u32 = 1023;
+pub(crate) const MAX_BACKING_NAME: u32 = 1023;
 
 /// Incompatible feature bits.
 pub mod incompat {
@@ -101,7 +101,7 @@ pub mod compat {
 }
 
 /// Header extension types.
-mod ext {
+pub(crate) mod ext {
     pub const END: u32 = 0;
     pub const BACKING_FORMAT: u32 = 0xe279_2aca;
     pub const FEATURE_NAMES: u32 = 0x6803_f857;

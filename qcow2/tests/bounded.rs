@@ -11,7 +11,7 @@ fn refcount_blocks_cached_stay_bounded_on_an_image_without_copied_flags() {
     let cs = 512u64;
     let size = 24u64 << 20;
     let base = MemStorage::default();
-    create(&base, &CreateOptions { size, cluster_size: cs }).unwrap();
+    create(&base, &CreateOptions { size, cluster_size: cs, backing: None }).unwrap();
     let st = Arc::new(MemStorage::new(base.snapshot()));
     {
         let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
@@ -85,7 +85,7 @@ fn opening_reads_each_refcount_block_once_however_often_the_table_names_it() {
     // one empty block: the scan for the end of allocation must not read it 4095 times.
     let cs = 512u64;
     let base = MemStorage::default();
-    create(&base, &CreateOptions { size: 64 << 20, cluster_size: cs }).unwrap();
+    create(&base, &CreateOptions { size: 64 << 20, cluster_size: cs, backing: None }).unwrap();
     let mut bytes = base.snapshot();
     let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
     let old_table = be64(&bytes, 48) as usize;

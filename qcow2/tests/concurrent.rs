@@ -35,7 +35,7 @@ fn concurrent_partial_writes_into_the_same_new_clusters() {
     let cs = 65536u64;
     let size = 64 << 20;
     let st = Arc::new(SlowFill::default());
-    create(st.as_ref(), &CreateOptions { size, cluster_size: cs }).unwrap();
+    create(st.as_ref(), &CreateOptions { size, cluster_size: cs, backing: None }).unwrap();
     // Garbage past the metadata, and nothing known to read zeroes: every fill is real IO.
     let end = st.size().unwrap();
     st.write_at(&vec![0xeeu8; 70 << 20], end).unwrap();

@@ -99,7 +99,7 @@ fn zero_op(img: &Qcow2, st: &dyn Storage, off: u64, len: u64) {
 
 fn scenario(cluster: u64, size: u64, ops: usize, cuts: usize, seed: u64) {
     let base = MemStorage::default();
-    create(&base, &CreateOptions { size, cluster_size: cluster }).expect("create");
+    create(&base, &CreateOptions { size, cluster_size: cluster, backing: None }).expect("create");
     let initial = base.snapshot();
     let rec = Arc::new(Recorder { live: MemStorage::new(initial.clone()), log: Mutex::new(Vec::new()) });
     let img = Qcow2::open(rec.clone(), OpenOptions { zeroes_from: initial.len() as u64, ..Default::default() }).expect("open");

@@ -71,7 +71,7 @@ impl Storage for Logged {
 
 fn image(cs: u64, size: u64) -> Vec<u8> {
     let base = MemStorage::default();
-    create(&base, &CreateOptions { size, cluster_size: cs }).unwrap();
+    create(&base, &CreateOptions { size, cluster_size: cs, backing: None }).unwrap();
     base.snapshot()
 }
 

@@ -36,7 +36,7 @@ fn write(img: &Qcow2, st: &MemStorage, off: u64, data: &[u8]) -> Result<(), Qcow
 fn limit_refuses_before_any_change_and_lifts() {
     let cs = 65536u64;
     let st = Arc::new(MemStorage::new(Vec::new()));
-    create(st.as_ref(), &CreateOptions { size: 1 << 30, cluster_size: cs }).unwrap();
+    create(st.as_ref(), &CreateOptions { size: 1 << 30, cluster_size: cs, backing: None }).unwrap();
     let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
     let seen = Arc::new(Seen::default());
     img.set_observer(seen.clone());
@@ -76,7 +76,7 @@ fn limit_counts_refcount_blocks_the_allocation_brings() {
     // (and table growth) come with allocations; the limit must count them.
     let cs = 512u64;
     let st = Arc::new(MemStorage::new(Vec::new()));
-    create(st.as_ref(), &CreateOptions { size: 64 << 20, cluster_size: cs }).unwrap();
+    create(st.as_ref(), &CreateOptions { size: 64 << 20, cluster_size: cs, backing: None }).unwrap();
     let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
     let mut limit = img.allocation() + 8 * cs;
     img.set_limit(limit);

@@ -44,7 +44,7 @@ fn copy_journal(from: &Path, to: &Path) {
 fn image_file(path: &Path, cs: u64, size: u64) -> Arc<FileStorage> {
     let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).unwrap();
     let st = FileStorage::new(f, 1);
-    create(&st, &CreateOptions { size, cluster_size: cs }).unwrap();
+    create(&st, &CreateOptions { size, cluster_size: cs, backing: None }).unwrap();
     Arc::new(st)
 }
 
@@ -224,7 +224,7 @@ fn a_journal_is_never_replayed_into_an_older_copy_or_after_serving_elsewhere() {
 fn clusters_a_host_crash_leaked_are_given_back_without_a_journal() {
     let cs = 65536u64;
     let st = Arc::new(MemStorage::default());
-    create(st.as_ref(), &CreateOptions { size: 16 << 20, cluster_size: cs }).unwrap();
+    create(st.as_ref(), &CreateOptions { size: 16 << 20, cluster_size: cs, backing: None }).unwrap();
     let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
     write(&img, st.as_ref(), 0, &[7; 4096]).unwrap();
     // Two writes in flight at the power loss: allocated and counted on disk, never linked.
@@ -317,7 +317,7 @@ fn a_full_journal_holds_completions_and_never_loses_one() {
     let after = TempDir::new("seal-after");
     let cs = 512u64;
     let mem = MemStorage::default();
-    create(&mem, &CreateOptions { size: 8 << 20, cluster_size: cs }).unwrap();
+    create(&mem, &CreateOptions { size: 8 << 20, cluster_size: cs, backing: None }).unwrap();
     let st = Arc::new(Held::new(mem));
     let img = Arc::new(Qcow2::open(st.clone(), OpenOptions { journal: journal(&dir.0, 8192), ..Default::default() }).unwrap());
     let x = 1u64 << 20;
@@ -399,7 +399,7 @@ fn failing_write_backs_stop_allocation_instead_of_moving_the_mark_for_nothing() 
     // moves the allocation mark (and asks a thin volume to grow).
     let cs = 4096u64;
     let mem = MemStorage::default();
-    create(&mem, &CreateOptions { size: 256 << 20, cluster_size: cs }).unwrap();
+    create(&mem, &CreateOptions { size: 256 << 20, cluster_size: cs, backing: None }).unwrap();
     let st = Arc::new(Held::new(mem));
     let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
     let start = img.allocation();
@@ -472,7 +472,7 @@ fn a_refcount_table_the_header_on_disk_may_name_is_never_released() {
     // header would leave the header pointing at clusters counted free.
     let cs = 512u64;
     let mem = MemStorage::default();
-    create(&mem, &CreateOptions { size: 64 << 20, cluster_size: cs }).unwrap();
+    create(&mem, &CreateOptions { size: 64 << 20, cluster_size: cs, backing: None }).unwrap();
     let st = Arc::new(FailAfterHeader { mem, mode: AtomicU64::new(0), saw_header: AtomicBool::new(false) });
     // A cache that holds every block: no write-back happens but the ones the test asks for
     // (as after a guest FLUSH that failed, which leaves no relief pending).
@@ -529,7 +529,7 @@ fn copies_of_a_clean_image_never_share_a_journal() {
 fn an_image_corrupt_after_an_unclean_stop_is_not_served() {
     let cs = 65536u64;
     let st = Arc::new(MemStorage::default());
-    create(st.as_ref(), &CreateOptions { size: 16 << 20, cluster_size: cs }).unwrap();
+    create(st.as_ref(), &CreateOptions { size: 16 << 20, cluster_size: cs, backing: None }).unwrap();
     let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
     write(&img, st.as_ref(), 0, &[7; 4096]).unwrap();
     img.flush_metadata().unwrap();

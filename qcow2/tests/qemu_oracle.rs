@@ -101,7 +101,7 @@ impl Disk {
 fn new_image(p: &Path, size: u64, cs: u64) {
     let f = std::fs::File::create(p).unwrap();
     let st = FileStorage::new(f, 1);
-    create(&st, &CreateOptions { size, cluster_size: cs }).unwrap();
+    create(&st, &CreateOptions { size, cluster_size: cs, backing: None }).unwrap();
 }
 
 #[test]

@@ -56,7 +56,7 @@ impl Storage for Gate {
 /// the cache keeps) cover under 9 MiB.
 fn filled_image() -> (Arc<Gate>, Qcow2) {
     let st = Arc::new(Gate::default());
-    create(&st.mem, &CreateOptions { size: 16 << 20, cluster_size: 512 }).unwrap();
+    create(&st.mem, &CreateOptions { size: 16 << 20, cluster_size: 512, backing: None }).unwrap();
     let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
     let mut ranges = Vec::new();
     for i in 0..160u64 {
@@ -160,7 +160,7 @@ impl Storage for FailAfterClear {
 #[test]
 fn a_close_that_fails_after_clearing_the_flag_sets_it_again() {
     let st = Arc::new(FailAfterClear::default());
-    create(&st.mem, &CreateOptions { size: 16 << 20, cluster_size: 65536 }).unwrap();
+    create(&st.mem, &CreateOptions { size: 16 << 20, cluster_size: 65536, backing: None }).unwrap();
     let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
     let o = img.owner.expect("an owner extension");
     *st.flag_at.lock().unwrap() = Some(o.offset + 24);
