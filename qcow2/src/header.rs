@@ -112,6 +112,17 @@ pub(crate) mod ext {
     pub const THINBLK: u32 = 0x7468_6e62;
 }
 
+/// Where one header extension lies in the first cluster.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Extension {
+    /// Its type.
+    pub kind: u32,
+    /// Offset of its type field.
+    pub at: usize,
+    /// Bytes it takes, header and padding included.
+    pub padded: usize,
+}
+
 /// A parsed, validated header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
@@ -432,6 +443,126 @@ impl Header {
         (out.len() <= cs).then_some((out, data_at))
     }
 
+    /// The extensions of the first cluster (`first`, as read) up to the end marker, and where
+    /// the list ends: past the end marker, or where the walk stopped (the backing file name,
+    /// or the end of the cluster). None if an extension overruns that limit.
+    pub(crate) fn extension_list(&self, first: &[u8]) -> Option<(Vec<Extension>, usize)> {
+        let cs = (self.cluster_size() as usize).min(first.len());
+        let backing_offset = usize::try_from(be64(first, 8)).unwrap_or(usize::MAX);
+        let limit = if backing_offset > 0 { cs.min(backing_offset) } else { cs };
+        let mut list = Vec::new();
+        let mut at = self.header_length as usize;
+        while at + 8 <= limit {
+            let kind = be32(first, at);
+            let len = be32(first, at + 4) as usize;
+            if kind == ext::END {
+                return Some((list, at + 8));
+            }
+            let end = (at + 8).checked_add(len).filter(|&e| e <= limit)?;
+            let padded = (end - at).div_ceil(8) * 8;
+            list.push(Extension { kind, at, padded });
+            at += padded;
+        }
+        Some((list, at))
+    }
+
+    /// Where the backing file name lies in `first` (offset, length), if the header names one.
+    pub(crate) fn backing_name_range(first: &[u8]) -> Option<(usize, usize)> {
+        let at = usize::try_from(be64(first, 8)).ok().filter(|&a| a > 0)?;
+        let len = be32(first, 16) as usize;
+        at.checked_add(len).filter(|&e| e <= first.len()).map(|_| (at, len))
+    }
+
+    /// The start of the first cluster (`first`, as read) rewritten to name `backing` (file
+    /// name, format) as the backing file, or no backing file with None.
+    ///
+    /// The backing format extension is replaced where it is (appended after the last
+    /// extension when there is none; removed with the backing file); every other extension,
+    /// thinblk's owner extension included, is kept byte for byte and in order, at the same
+    /// offset unless the format extension before it changed its padded length. Header
+    /// fields 8..20 (backing file offset and size) name the new name, which goes after the
+    /// end marker, after the old extension list too, and never over the bytes of the current
+    /// name (the same name stays where it is): it can then be written before the header names
+    /// it (`backing.rs`). Bytes in between are copied from `first`.
+    ///
+    /// Returns the bytes to write at offset 0, or None when they do not fit in the first
+    /// cluster, when the name is empty, longer than 1023 bytes (QEMU's limit) or holds a NUL,
+    /// or when the format is empty or holds a NUL. Version 2 images take the format extension
+    /// like version 3 ones (QEMU writes it into both).
+    pub fn with_backing(&self, first: &[u8], backing: Option<(&str, &str)>) -> Option<Vec<u8>> {
+        if let Some((name, format)) = backing {
+            let bad = |s: &str| s.is_empty() || s.contains('\0');
+            if bad(name) || bad(format) || name.len() > MAX_BACKING_NAME as usize {
+                return None;
+            }
+        }
+        let cs = (self.cluster_size() as usize).min(first.len());
+        let hl = self.header_length as usize;
+        if hl < V2_HEADER_LEN as usize || hl > cs {
+            return None;
+        }
+        let (list, old_end) = self.extension_list(first)?;
+        let format_ext = |f: &str| {
+            let mut e = Vec::with_capacity(8 + f.len().div_ceil(8) * 8);
+            e.extend_from_slice(&ext::BACKING_FORMAT.to_be_bytes());
+            e.extend_from_slice(&(f.len() as u32).to_be_bytes());
+            e.extend_from_slice(f.as_bytes());
+            e.resize(8 + f.len().div_ceil(8) * 8, 0);
+            e
+        };
+        let mut region = Vec::new();
+        let mut placed = false;
+        for &Extension { kind, at, padded } in &list {
+            if kind == ext::BACKING_FORMAT {
+                if let (Some((_, f)), false) = (backing, placed) {
+                    region.extend_from_slice(&format_ext(f));
+                    placed = true;
+                }
+                continue;
+            }
+            let mut e = first[at..(at + padded).min(first.len())].to_vec();
+            e.resize(padded, 0);
+            region.extend_from_slice(&e);
+        }
+        if let (Some((_, f)), false) = (backing, placed) {
+            region.extend_from_slice(&format_ext(f));
+        }
+        region.extend_from_slice(&[0u8; 8]);
+        let ext_end = hl + region.len();
+        let old_name = Header::backing_name_range(first);
+        let name_at = backing.map(|(name, _)| {
+            let n = name.len();
+            match old_name {
+                Some((at, len)) if at >= ext_end && first[at..at + len] == *name.as_bytes() => at,
+                _ => {
+                    let at = ext_end.max(old_end);
+                    match old_name {
+                        Some((o, l)) if at < o + l && o < at + n => o + l,
+                        _ => at,
+                    }
+                }
+            }
+        });
+        let end = match (backing, name_at) {
+            (Some((name, _)), Some(at)) => ext_end.max(at + name.len()),
+            _ => ext_end,
+        };
+        if end > cs {
+            return None;
+        }
+        let mut out = first[..end].to_vec();
+        out[hl..ext_end].copy_from_slice(&region);
+        match (backing, name_at) {
+            (Some((name, _)), Some(at)) => {
+                out[8..16].copy_from_slice(&(at as u64).to_be_bytes());
+                out[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+                out[at..at + name.len()].copy_from_slice(name.as_bytes());
+            }
+            _ => out[8..20].fill(0),
+        }
+        Some(out)
+    }
+
     /// Why this image cannot be written by this engine, if it cannot.
     pub fn write_blocker(&self) -> Option<String> {
         if self.incompatible_features & incompat::CORRUPT != 0 {
@@ -582,5 +713,117 @@ mod tests {
         let mut v2 = h.clone();
         v2.version = 2;
         assert!(v2.with_owner(&b, &owner, autoclear::THINBLK).is_none());
+    }
+
+
+    /// `sample()` with a backing file `name` of `format`, an extension thinblk does not know
+    /// (24 bytes) and thinblk's owner extension, in that order after the format extension.
+    fn with_chain(name: &str, format: &str) -> Vec<u8> {
+        let mut b = sample();
+        let mut at = 112;
+        let mut put = |b: &mut Vec<u8>, kind: u32, data: &[u8]| {
+            set32(b, at, kind);
+            set32(b, at + 4, data.len() as u32);
+            b[at + 8..at + 8 + data.len()].copy_from_slice(data);
+            at += 8 + data.len().div_ceil(8) * 8;
+        };
+        put(&mut b, 0xe279_2aca, format.as_bytes());
+        put(&mut b, 0x1234_5678, &[0xab; 20]);
+        let owner = Owner { offset: 0, uuid: [7; 16], generation: 5, flags: Owner::IN_USE };
+        put(&mut b, 0x7468_6e62, &owner.encode());
+        at += 8;
+        set64(&mut b, 8, at as u64);
+        set32(&mut b, 16, name.len() as u32);
+        b[at..at + name.len()].copy_from_slice(name.as_bytes());
+        set64(&mut b, 88, autoclear::THINBLK);
+        b
+    }
+
+    fn applied(first: &[u8], bytes: &[u8]) -> Vec<u8> {
+        let mut c = first.to_vec();
+        c[..bytes.len()].copy_from_slice(bytes);
+        c
+    }
+
+    #[test]
+    fn a_new_backing_round_trips_through_parse_keeping_every_other_extension() {
+        let b = with_chain("mid.qcow2", "qcow2");
+        let h = Header::parse(&b, FILE).unwrap();
+        let bytes = h.with_backing(&b, Some(("base.img", "raw"))).expect("fits");
+        let c = applied(&b, &bytes);
+        let h2 = Header::parse(&c, FILE).unwrap();
+        assert_eq!((h2.backing_file.as_deref(), h2.backing_format.as_deref()), (Some("base.img"), Some("raw")));
+        // The unknown extension and the owner extension: same bytes at the same offsets.
+        assert_eq!(c[128..184], b[128..184]);
+        assert_eq!(h2.owner, h.owner);
+        assert_eq!(h2.autoclear_features, autoclear::THINBLK);
+        assert_eq!(Header { backing_file: None, backing_format: None, ..h2.clone() }, Header { backing_file: None, backing_format: None, ..h });
+        // The new name is not written over the old one (it is written first, see backing.rs).
+        let (old_at, new_at) = (be64(&b, 8) as usize, be64(&c, 8) as usize);
+        assert!(new_at >= old_at + "mid.qcow2".len(), "{new_at} over the old name at {old_at}");
+        // And back: the name fits before the current one again.
+        let again = h2.with_backing(&c, Some(("mid.qcow2", "qcow2"))).expect("fits");
+        let d = applied(&c, &again);
+        assert_eq!(be64(&d, 8) as usize, old_at);
+        assert_eq!(Header::parse(&d, FILE).unwrap().backing_file.as_deref(), Some("mid.qcow2"));
+        // The same name with another format stays where it is.
+        let same = h2.with_backing(&c, Some(("base.img", "qcow2"))).expect("fits");
+        assert_eq!(be64(&same, 8), be64(&c, 8));
+    }
+
+    #[test]
+    fn removing_the_backing_drops_the_name_and_the_format_extension() {
+        let b = with_chain("mid.qcow2", "qcow2");
+        let h = Header::parse(&b, FILE).unwrap();
+        let bytes = h.with_backing(&b, None).expect("fits");
+        let c = applied(&b, &bytes);
+        assert_eq!((be64(&c, 8), be32(&c, 16)), (0, 0));
+        let h2 = Header::parse(&c, FILE).unwrap();
+        assert_eq!((h2.backing_file.as_deref(), h2.backing_format.as_deref()), (None, None));
+        // The extensions after it moved up by the format extension's 16 bytes, unchanged.
+        assert_eq!(c[112..168], b[128..184]);
+        assert_eq!(h2.owner, h.owner.map(|o| Owner { offset: o.offset - 16, ..o }));
+        // Added again where there is none: after the last extension (the others stay put).
+        let back = h2.with_backing(&c, Some(("base.qcow2", "qcow2"))).expect("fits");
+        let d = applied(&c, &back);
+        let h3 = Header::parse(&d, FILE).unwrap();
+        assert_eq!((h3.backing_file.as_deref(), h3.backing_format.as_deref()), (Some("base.qcow2"), Some("qcow2")));
+        assert_eq!(h3.owner, h2.owner);
+        assert_eq!(be32(&d, 192), 0xe279_2aca, "after the owner extension");
+    }
+
+    #[test]
+    fn names_too_long_or_without_room_and_bad_names_give_none() {
+        let b = with_chain("mid.qcow2", "qcow2");
+        let h = Header::parse(&b, FILE).unwrap();
+        let name = "n".repeat(1023);
+        let bytes = h.with_backing(&b, Some((&name, "qcow2"))).expect("1023 bytes fit in 64 KiB");
+        assert_eq!(Header::parse(&applied(&b, &bytes), FILE).unwrap().backing_file, Some(name));
+        assert!(h.with_backing(&b, Some((&"n".repeat(1024), "qcow2"))).is_none(), "QEMU's limit");
+        for (name, format) in [("", "qcow2"), ("a\0b", "qcow2"), ("base", ""), ("base", "q\0")] {
+            assert!(h.with_backing(&b, Some((name, format))).is_none(), "{name:?} {format:?}");
+        }
+        // A 512-byte first cluster: no room for a long name after the extensions.
+        let mut small = b.clone();
+        set32(&mut small, 20, 9);
+        set64(&mut small, 24, 16 << 20);
+        set32(&mut small, 36, 512);
+        set64(&mut small, 40, 3 << 9);
+        set64(&mut small, 48, 1 << 9);
+        let hs = Header::parse(&small, FILE).unwrap();
+        assert!(hs.with_backing(&small, Some((&"x".repeat(400), "qcow2"))).is_none());
+        assert!(hs.with_backing(&small, Some(("base", "qcow2"))).is_some());
+    }
+
+    #[test]
+    fn a_version_2_image_takes_the_format_extension_too() {
+        let mut b = sample();
+        set32(&mut b, 4, 2);
+        b[72..112].fill(0);
+        let h = Header::parse(&b, FILE).unwrap();
+        let bytes = h.with_backing(&b, Some(("base.qcow2", "qcow2"))).expect("fits");
+        let h2 = Header::parse(&applied(&b, &bytes), FILE).unwrap();
+        assert_eq!((h2.version, h2.backing_file.as_deref(), h2.backing_format.as_deref()), (2, Some("base.qcow2"), Some("qcow2")));
+        assert_eq!(be32(&bytes, 72), 0xe279_2aca, "right after the 72-byte header");
     }
 }
