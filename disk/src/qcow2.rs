@@ -309,7 +309,7 @@ impl Qcow2Format {
         let mut alignment = info.alignment;
         let mut layers = Vec::new();
         let mut backing_locks = Vec::new();
-        let mut next = backing_of(path, peek.header(), opts.backing_files)?;
+        let mut next = backing_of(path, &peek.header(), opts.backing_files)?;
         while let Some((bpath, bformat)) = next.take() {
             if layers.len() + 1 >= MAX_CHAIN {
                 return Err(FormatError::Backing { path: path.to_path_buf(), reason: format!("backing chain deeper than {MAX_CHAIN}") });
@@ -324,7 +324,7 @@ impl Qcow2Format {
                 Format::Qcow2 => {
                     let img = Qcow2::open(st.clone(), OpenOptions { read_only: true, ..Default::default() })
                         .map_err(qerr(&bpath))?;
-                    next = backing_of(&bpath, img.header(), opts.backing_files)?;
+                    next = backing_of(&bpath, &img.header(), opts.backing_files)?;
                     layers.push(Layer::Qcow2(img, st));
                 }
             }

@@ -43,6 +43,10 @@ pub enum Qcow2Error {
     /// present state: refused, never replayed or dropped silently (the text says what to do).
     #[error("journal refused: {0}")]
     JournalMismatch(String),
+    /// The header cannot be rewritten as asked (no room in the first cluster, a name QEMU
+    /// would refuse, or a change that cannot be made crash-safe in place); nothing was written.
+    #[error("cannot rewrite the header: {0}")]
+    HeaderRewrite(String),
     /// The image cannot grow any further (refcount table or offset limits).
     #[error("image full: {0}")]
     NoSpace(String),

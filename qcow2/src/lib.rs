@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod backing;
 pub mod check;
 pub mod create;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod stats;
 pub mod storage;
 pub mod table;
 
+pub use backing::change_backing_file;
 pub use check::{check, CheckReport};
 pub use create::{create, CreateOptions};
 pub use error::{Qcow2Error, Result};

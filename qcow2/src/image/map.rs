@@ -4,7 +4,7 @@ use super::*;
 
 impl Qcow2 {
     fn entry_mapping(&self, raw: u64, ci: u64) -> Result<Mapping> {
-        Ok(match decode_l2(raw, self.header.cluster_bits) {
+        Ok(match decode_l2(raw, self.cluster_bits) {
             L2Entry::Unallocated => Mapping::Backing,
             L2Entry::Zero { .. } => Mapping::Zero,
             L2Entry::Compressed { .. } => Mapping::Compressed(raw),
@@ -78,7 +78,7 @@ impl Qcow2 {
 
     /// Decompresses the cluster a `Mapping::Compressed` entry points to.
     pub fn read_compressed(&self, raw_entry: u64) -> Result<Vec<u8>> {
-        let L2Entry::Compressed { host, len } = decode_l2(raw_entry, self.header.cluster_bits) else {
+        let L2Entry::Compressed { host, len } = decode_l2(raw_entry, self.cluster_bits) else {
             return corrupt("not a compressed cluster entry");
         };
         let mut data = vec![0u8; len as usize];

@@ -212,7 +212,15 @@ pub trait AllocationObserver: Send + Sync {
 /// An open qcow2 image.
 pub struct Qcow2 {
     storage: Arc<dyn Storage>,
-    header: Header,
+    /// The header as read at open; the backing file name and format and the owner
+    /// extension's place follow [`Qcow2::change_backing`].
+    header: RwLock<Header>,
+    /// Fields of the header that never change while the image is open (read on the data path
+    /// without a lock).
+    version: u32,
+    cluster_bits: u32,
+    virtual_size: u64,
+    l1_table_offset: u64,
     cluster_size: u64,
     l2_entries: u64,
     rb_entries: u64,
@@ -238,8 +246,10 @@ pub struct Qcow2 {
     /// Set under the lock when the L2 cache overflowed or the journal passed half full: the
     /// next writer to drop the lock writes metadata back (`relieve`).
     relief: std::sync::atomic::AtomicBool,
-    /// thinblk's owner extension as this open wrote it (None: read-only, or no room).
-    owner: Option<Owner>,
+    /// thinblk's owner extension as this open wrote it (None: read-only, or no room); its
+    /// offset follows a header rewrite that moves it. Read and written under `flush_serial`
+    /// when it matters (the header writes that use it).
+    owner: RwLock<Option<Owner>>,
     /// Why the journal could not be kept for this image, if it could not.
     journal_off: Option<String>,
     /// The image's durable write-back generation (the owner extension's).
@@ -287,7 +297,7 @@ fn to_be64s(v: &[u64]) -> Vec<u8> {
 }
 
 /// Reads the first cluster (at least 4 KiB) and parses the header in it.
-fn read_header(storage: &dyn Storage) -> Result<(Vec<u8>, Header)> {
+pub(crate) fn read_header(storage: &dyn Storage) -> Result<(Vec<u8>, Header)> {
     let file_size = storage.size()?;
     let mut first = vec![0u8; 4096];
     storage.read_at(&mut first, 0)?;
@@ -337,7 +347,7 @@ impl Qcow2 {
             }
         }
         let mut img = Self::open_replayed(storage, opts, journal, replayed)?;
-        img.owner = owner;
+        *img.owner.get_mut().unwrap_or_else(|e| e.into_inner()) = owner;
         img.journal_off = journal_off;
         if let Some(o) = owner {
             img.gen.store(o.generation, Ordering::SeqCst);
@@ -537,7 +547,11 @@ impl Qcow2 {
             read_only,
             zeroes_from: opts.zeroes_from,
             backing: None,
-            header,
+            version: header.version,
+            cluster_bits: header.cluster_bits,
+            virtual_size: header.size,
+            l1_table_offset: header.l1_table_offset,
+            header: RwLock::new(header),
             meta: RwLock::new(meta),
             flush_serial: std::sync::Mutex::new(()),
             fill_done: (std::sync::Mutex::new(()), std::sync::Condvar::new()),
@@ -549,7 +563,7 @@ impl Qcow2 {
             epoch: AtomicU64::new(0),
             replayed,
             relief: std::sync::atomic::AtomicBool::new(false),
-            owner: None,
+            owner: RwLock::new(None),
             journal_off: None,
             gen: AtomicU64::new(0),
             gate: AtomicBool::new(false),
@@ -574,7 +588,12 @@ impl Qcow2 {
 
     /// The image's identity (thinblk's owner extension), once opened read-write.
     pub fn owner(&self) -> Option<Owner> {
-        self.owner
+        self.current_owner()
+    }
+
+    /// The owner extension as this open wrote it, at its current place.
+    fn current_owner(&self) -> Option<Owner> {
+        *self.owner.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Completions are waiting for write-backs: the journal filled (sealed), or its records
@@ -646,7 +665,9 @@ impl Qcow2 {
     pub fn close(&self) -> Result<()> {
         self.flush_metadata()?;
         self.storage.flush()?;
-        if let Some(o) = self.owner {
+        // Serialised with the other header writes (a backing change may move the extension).
+        let _serial = self.flush_serial.lock().map_err(|_| poisoned())?;
+        if let Some(o) = self.current_owner() {
             let cleared = self.storage.write_at(&0u64.to_be_bytes(), o.offset + 24).and_then(|()| self.storage.flush());
             if let Err(e) = cleared {
                 // The flag may now read clear while this open goes on serving (a handover whose
@@ -662,6 +683,42 @@ impl Qcow2 {
             if let Some(j) = m.journal.take() {
                 j.remove();
             }
+        }
+        Ok(())
+    }
+
+    /// Changes the backing file name and format of this image, open read-write by this
+    /// engine (the active top of a chain), as `qemu-img rebase -u -b NAME -F FORMAT` does
+    /// (None: no backing file).
+    ///
+    /// Crash safety is [`crate::backing`]'s rule: the caller has made the new backing
+    /// file's data durable (the commit base synced) and keeps the old chain intact until this
+    /// returns; the header changes by one write at offset 0 within its first 512 bytes (the
+    /// new name, when it lies further, written and synced before it), and the image is synced
+    /// before this returns. Changes that cannot be made so are refused with
+    /// [`Qcow2Error::HeaderRewrite`] before anything is written; a read-only image with
+    /// [`Qcow2Error::ReadOnly`].
+    ///
+    /// The header is read again from the image and rewritten under the lock of the engine's
+    /// own header writes (write-backs, the generation, the in-use flag at close), and the
+    /// cached header and the owner extension's place follow, so every later header write keeps
+    /// the new name. The backing chain the caller reads through is its own to reopen.
+    pub fn change_backing(&self, backing: Option<(&str, &str)>) -> Result<()> {
+        if let Some(why) = &self.read_only {
+            return Err(Qcow2Error::ReadOnly(why.clone()));
+        }
+        let _serial = self.flush_serial.lock().map_err(|_| poisoned())?;
+        let (first, on_disk) = read_header(self.storage.as_ref())?;
+        let new = crate::backing::rewrite(self.storage.as_ref(), &first, &on_disk, backing)?;
+        // The image has changed: the cache follows, even past a poisoned lock.
+        if let (Some(o), Some(n)) = (self.owner.write().unwrap_or_else(|e| e.into_inner()).as_mut(), new.owner) {
+            o.offset = n.offset;
+        }
+        let mut h = self.header.write().unwrap_or_else(|e| e.into_inner());
+        h.backing_file = new.backing_file;
+        h.backing_format = new.backing_format;
+        if let (Some(o), Some(n)) = (h.owner.as_mut(), new.owner) {
+            o.offset = n.offset;
         }
         Ok(())
     }
@@ -697,14 +754,15 @@ impl Qcow2 {
         }
     }
 
-    /// The validated header as read at open.
-    pub fn header(&self) -> &Header {
-        &self.header
+    /// The validated header as read at open, with the backing file name and format as
+    /// [`Qcow2::change_backing`] left them.
+    pub fn header(&self) -> Header {
+        self.header.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Virtual disk size in bytes.
     pub fn size(&self) -> u64 {
-        self.header.size
+        self.virtual_size
     }
 
     /// Cluster size in bytes.
@@ -730,8 +788,8 @@ impl Qcow2 {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
-            Some(e) if e <= self.header.size => Ok(()),
-            _ => Err(Qcow2Error::OutOfRange { offset, len, size: self.header.size }),
+            Some(e) if e <= self.virtual_size => Ok(()),
+            _ => Err(Qcow2Error::OutOfRange { offset, len, size: self.virtual_size }),
         }
     }
 

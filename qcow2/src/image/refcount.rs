@@ -71,7 +71,7 @@ impl Qcow2 {
     /// and L1 point at (so a wrong refcount never lets us allocate over live metadata).
     pub(super) fn compute_end(&self) -> Result<u64> {
         let cs = self.cluster_size;
-        let h = &self.header;
+        let h = self.header.read().map_err(|_| poisoned())?.clone();
         let mut end = cs;
         end = end.max(h.l1_table_offset + (u64::from(h.l1_size) * 8).div_ceil(cs) * cs);
         end = end.max(h.refcount_table_offset + u64::from(h.refcount_table_clusters) * cs);
@@ -137,7 +137,7 @@ impl Qcow2 {
         m.l1[l1_idx] = off | COPIED;
         m.l1_dirty = true;
         m.new_l2_since_flush = true;
-        let l1_at = self.header.l1_table_offset + l1_idx as u64 * 8;
+        let l1_at = self.l1_table_offset + l1_idx as u64 * 8;
         self.jrecord(m, Class::L2, off, None, self.cluster_size);
         self.jrecord(m, Class::L1, l1_at, Some(&(off | COPIED).to_be_bytes()), 8);
         self.epoch.fetch_add(1, Ordering::SeqCst);

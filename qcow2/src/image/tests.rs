@@ -162,10 +162,181 @@ fn a_close_that_fails_after_clearing_the_flag_sets_it_again() {
     let st = Arc::new(FailAfterClear::default());
     create(&st.mem, &CreateOptions { size: 16 << 20, cluster_size: 65536, backing: None }).unwrap();
     let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
-    let o = img.owner.expect("an owner extension");
+    let o = img.owner().expect("an owner extension");
     *st.flag_at.lock().unwrap() = Some(o.offset + 24);
     assert!(img.close().is_err(), "the flush after clearing the flag failed");
     let mut flag = [0u8; 8];
     st.mem.read_at(&mut flag, o.offset + 24).unwrap();
     assert_eq!(u64::from_be_bytes(flag), Owner::IN_USE, "the image reads as closed clean while it is still served");
+}
+
+/// Writes `data` at `off` through the engine, as the data path does.
+fn write_through(img: &Qcow2, st: &dyn Storage, off: u64, data: &[u8]) {
+    let mut ranges = Vec::new();
+    let ticket = img.map_write(off, data.len() as u64, &mut ranges).unwrap();
+    for r in &ranges {
+        let Mapping::Data(h) = r.mapping else { panic!("write mapped to {:?}", r.mapping) };
+        let s = (r.guest - off) as usize;
+        st.write_at(&data[s..s + r.len as usize], h).unwrap();
+    }
+    img.write_done(&ticket, true).unwrap();
+}
+
+fn overlay(cs: u64) -> Arc<MemStorage> {
+    let st = Arc::new(MemStorage::default());
+    let backing = Some(("mid.qcow2".to_string(), "qcow2".to_string()));
+    create(st.as_ref(), &CreateOptions { size: 16 << 20, cluster_size: cs, backing }).unwrap();
+    st
+}
+
+fn on_disk(st: &MemStorage) -> Header {
+    read_header(st).unwrap().1
+}
+
+#[test]
+fn a_backing_change_by_the_engine_survives_close_and_reopen() {
+    let st = overlay(65536);
+    let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
+    let o = img.owner().expect("an owner extension");
+    write_through(&img, st.as_ref(), 0, &[1; 4096]);
+    img.change_backing(Some(("base.qcow2", "qcow2"))).unwrap();
+    assert_eq!(img.header().backing_file.as_deref(), Some("base.qcow2"));
+    // Write-backs (the generation goes into the owner extension) and the close go on.
+    write_through(&img, st.as_ref(), 1 << 20, &[2; 4096]);
+    img.flush_metadata().unwrap();
+    let mid = on_disk(&st);
+    assert_eq!(mid.owner.map(|x| (x.uuid, x.generation, x.flags)), Some((o.uuid, img.generation(), Owner::IN_USE)));
+    img.close().unwrap();
+    let h = on_disk(&st);
+    assert_eq!((h.backing_file.as_deref(), h.backing_format.as_deref()), (Some("base.qcow2"), Some("qcow2")));
+    assert_eq!(h.owner.map(|x| (x.uuid, x.flags)), Some((o.uuid, 0)), "owner extension intact, in-use cleared by close");
+    assert_eq!(h.autoclear_features, autoclear::THINBLK);
+    let r = crate::check::check(st.as_ref()).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    let again = Qcow2::open(st.clone(), OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    assert_eq!(again.header().backing_file.as_deref(), Some("base.qcow2"));
+}
+
+#[test]
+fn a_change_that_moves_the_owner_extension_moves_the_engine_s_header_writes_with_it() {
+    // A small header (all in the first sector): removing the format extension, which comes
+    // before the owner extension, moves it up by 16 bytes.
+    let st = overlay(65536);
+    let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
+    let o = img.owner().expect("an owner extension");
+    img.change_backing(None).unwrap();
+    let moved = img.owner().expect("still there");
+    assert_eq!((moved.uuid, moved.offset), (o.uuid, o.offset - 16));
+    assert_eq!(img.header().owner.map(|x| x.offset), Some(moved.offset));
+    write_through(&img, st.as_ref(), 0, &[3; 4096]);
+    img.close().unwrap();
+    let h = on_disk(&st);
+    assert_eq!((h.backing_file, h.backing_format), (None, None));
+    assert_eq!(h.owner.map(|x| (x.offset, x.uuid, x.generation, x.flags)), Some((moved.offset, o.uuid, img.generation(), 0)));
+    let r = crate::check::check(st.as_ref()).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+}
+
+/// Watches the generation in the owner extension: set if a write ever takes it backwards.
+#[derive(Default)]
+struct GenWatch {
+    mem: MemStorage,
+    /// Offset of the generation (0: not watched yet).
+    at: AtomicU64,
+    last: AtomicU64,
+    backwards: AtomicBool,
+    /// Header reads take a millisecond (the window between a change's read and its write).
+    slow_header: AtomicBool,
+}
+
+impl Storage for GenWatch {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if offset == 0 && self.slow_header.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.mem.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.mem.write_at(buf, offset)?;
+        let at = self.at.load(Ordering::SeqCst);
+        if at != 0 && offset <= at && at + 8 <= offset + buf.len() as u64 {
+            let mut g = [0u8; 8];
+            self.mem.read_at(&mut g, at)?;
+            let g = u64::from_be_bytes(g);
+            if self.last.fetch_max(g, Ordering::SeqCst) > g {
+                self.backwards.store(true, Ordering::SeqCst);
+            }
+        }
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.mem.size()
+    }
+}
+
+#[test]
+fn backing_changes_race_write_backs_without_losing_either() {
+    // With a journal, every write-back writes the next generation into the owner extension,
+    // which a backing change rewrites too (the whole small header is in its first sector):
+    // without the write-backs' lock, a change would write back a generation it read before.
+    let dir = std::env::temp_dir().join(format!("thinblk-backing-race-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let st = Arc::new(GenWatch::default());
+    let backing = Some(("mid.qcow2".to_string(), "qcow2".to_string()));
+    create(&st.mem, &CreateOptions { size: 16 << 20, cluster_size: 4096, backing }).unwrap();
+    let journal = Some(JournalOptions { dir: dir.clone(), segment_bytes: 1 << 20 });
+    let img = Arc::new(Qcow2::open(st.clone(), OpenOptions { journal, ..Default::default() }).unwrap());
+    let o = img.owner().expect("an owner extension");
+    st.at.store(o.offset + 16, Ordering::SeqCst);
+    st.slow_header.store(true, Ordering::SeqCst);
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (img, st, done) = (img.clone(), st.clone(), done.clone());
+        std::thread::spawn(move || {
+            for i in 0..300u64 {
+                write_through(&img, st.as_ref(), i * 4096 * 3, &[i as u8; 4096]);
+                img.flush_metadata().unwrap();
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    // A new name each time: the header write reaches past the owner extension.
+    let name = |i: usize| format!("base-{i}{}.qcow2", "x".repeat(i % 7));
+    let format = |i: usize| if i % 2 == 0 { "qcow2" } else { "raw" };
+    let mut i = 0;
+    while !done.load(Ordering::SeqCst) || i < 10 {
+        img.change_backing(Some((&name(i), format(i)))).unwrap();
+        i += 1;
+    }
+    writer.join().unwrap();
+    st.slow_header.store(false, Ordering::SeqCst);
+    assert!(!st.backwards.load(Ordering::SeqCst), "a backing change wrote back an older generation");
+    img.close().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let h = read_header(&st.mem).unwrap().1;
+    assert_eq!((h.backing_file, h.backing_format.as_deref()), (Some(name(i - 1)), Some(format(i - 1))));
+    assert_eq!(h.owner.map(|x| (x.uuid, x.generation, x.flags)), Some((o.uuid, img.generation(), 0)));
+    let r = crate::check::check(&st.mem).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    let img = Qcow2::open(st.clone(), OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    for i in 0..300u64 {
+        let mut ranges = Vec::new();
+        img.map_read(i * 4096 * 3, 4096, &mut ranges).unwrap();
+        let Mapping::Data(host) = ranges[0].mapping else { panic!("{:?}", ranges[0]) };
+        let mut b = [0u8; 4096];
+        st.read_at(&mut b, host).unwrap();
+        assert!(b.iter().all(|&x| x == i as u8), "write {i}");
+    }
+}
+
+#[test]
+fn a_read_only_engine_refuses_a_backing_change() {
+    let st = overlay(65536);
+    let img = Qcow2::open(st.clone(), OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    let before = st.snapshot();
+    assert!(matches!(img.change_backing(Some(("base.qcow2", "qcow2"))), Err(Qcow2Error::ReadOnly(_))));
+    assert!(st.snapshot() == before);
 }

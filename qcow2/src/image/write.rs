@@ -126,7 +126,7 @@ impl Qcow2 {
             return Ok(WriteTarget::Ready(p.host, true));
         }
         let raw = self.l2_entry_locked(m, ci)?;
-        let old = decode_l2(raw, self.header.cluster_bits);
+        let old = decode_l2(raw, self.cluster_bits);
         let partial = in_off > 0 || n < self.cluster_size;
         match old {
             L2Entry::Normal { host, copied } => {
@@ -166,7 +166,7 @@ impl Qcow2 {
     /// (`fresh`: from the bump pointer, so zeroes past `zeroes_from` need no writing).
     fn fill_cluster(&self, raw: u64, ci: u64, host: u64, in_off: u64, n: u64, fresh: bool) -> Result<()> {
         let cs = self.cluster_size;
-        let mut buf = match decode_l2(raw, self.header.cluster_bits) {
+        let mut buf = match decode_l2(raw, self.cluster_bits) {
             L2Entry::Compressed { .. } => self.read_compressed(raw)?,
             L2Entry::Unallocated if self.backing.is_some() => {
                 let mut b = vec![0u8; cs as usize];
@@ -225,7 +225,7 @@ impl Qcow2 {
                 if link {
                     let old = self.l2_entry_locked(&mut m, ci)?;
                     self.set_l2_entry(&mut m, ci, host | COPIED)?;
-                    if let L2Entry::Compressed { host: data, len } = decode_l2(old, self.header.cluster_bits) {
+                    if let L2Entry::Compressed { host: data, len } = decode_l2(old, self.cluster_bits) {
                         // Each host cluster the compressed bytes touch loses a reference.
                         let cs = self.cluster_size;
                         let mut c = data / cs * cs;

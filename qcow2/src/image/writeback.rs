@@ -181,7 +181,7 @@ impl Qcow2 {
             if let Some(j) = m.journal.as_mut() {
                 let (seg, seq, unsealed) = j.rotate(next);
                 wb.journal_clear = Some((seg, seq));
-                if self.owner.is_some() {
+                if self.current_owner().is_some() {
                     wb.gen = Some(next);
                 }
                 if unsealed {
@@ -261,14 +261,14 @@ impl Qcow2 {
             if wb.new_l2 {
                 self.storage.flush()?;
             }
-            self.storage.write_at(raw, self.header.l1_table_offset)?;
+            self.storage.write_at(raw, self.l1_table_offset)?;
         }
         if !wb.l2s.is_empty() || wb.l1.is_some() {
             self.storage.flush()?;
         }
         // 4. The generation, once everything above is durable (no sync of its own: a daemon
         // crash keeps it, and after a host crash the journal is gone anyway).
-        if let (Some(g), Some(o)) = (wb.gen, self.owner) {
+        if let (Some(g), Some(o)) = (wb.gen, self.current_owner()) {
             self.storage.write_at(&g.to_be_bytes(), o.offset + 16)?;
         }
         Ok(())

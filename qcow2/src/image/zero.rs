@@ -40,13 +40,13 @@ impl Qcow2 {
         ticket: &mut Vec<u64>,
     ) -> Result<()> {
         let cs = self.cluster_size;
-        let v3 = self.header.version >= 3;
+        let v3 = self.version >= 3;
         let mut m = self.meta.write().map_err(|_| poisoned())?;
         for Piece { pos, ci, in_off, n } in pieces(offset, len, cs) {
             let whole = in_off == 0 && n == cs && !m.pending.contains_key(&ci);
             if whole && v3 {
                 let raw = self.l2_entry_locked(&mut m, ci)?;
-                let entry = decode_l2(raw, self.header.cluster_bits);
+                let entry = decode_l2(raw, self.cluster_bits);
                 let keep = match entry {
                     L2Entry::Normal { host, .. } => host | COPIED,
                     L2Entry::Zero { host } => host | if host != 0 { COPIED } else { 0 },
