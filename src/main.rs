@@ -30,7 +30,7 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
-        Err(e) => return usage_error(first_line(&e.to_string())),
+        Err(e) => return usage_error(&first_line(&e.to_string())),
     };
     init_logging(cli.serve.log_level.as_deref());
     if matches!(cli.command, None | Some(Command::Demo(_)) | Some(Command::Spm(_))) {
@@ -65,8 +65,17 @@ enum Failure {
     Runtime(String),
 }
 
-fn first_line(s: &str) -> &str {
-    s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s)
+/// The first line of a clap error; one that ends in ':' takes the indented lines after it
+/// (what it announces: the missing arguments), so the one line says what is missing.
+fn first_line(s: &str) -> String {
+    let mut lines = s.lines().filter(|l| !l.trim().is_empty());
+    let Some(first) = lines.next() else { return s.to_string() };
+    let first = first.trim_end();
+    if !first.ends_with(':') {
+        return first.to_string();
+    }
+    let listed: Vec<&str> = lines.take_while(|l| l.starts_with(' ')).map(str::trim).collect();
+    format!("{first} {}", listed.join(", "))
 }
 
 fn usage_error(msg: &str) -> ExitCode {
