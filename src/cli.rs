@@ -273,9 +273,17 @@ pub enum Preallocation {
 pub struct CreateArgs {
     /// The image: a new or existing file (overwritten), or a block device.
     pub image: PathBuf,
-    /// Virtual size, bytes or with a K/M/G/T suffix (binary units).
-    #[arg(value_parser = parse_size)]
-    pub size: u64,
+    /// Virtual size, bytes or with a K/M/G/T suffix (binary units); with --backing, the
+    /// backing file's size when left out.
+    #[arg(value_parser = parse_size, required_unless_present = "backing")]
+    pub size: Option<u64>,
+    /// Backing file, written into the image as given; a relative name is resolved against
+    /// the image's directory (as oVirt names a parent volume by its bare uuid).
+    #[arg(long, value_name = "NAME", requires = "backing_format")]
+    pub backing: Option<String>,
+    /// The backing file's format, recorded in the image (formats are never probed).
+    #[arg(long, value_enum, value_name = "FORMAT", requires = "backing")]
+    pub backing_format: Option<Format>,
     /// Cluster size in bytes (power of two, 512 to 2M).
     #[arg(long, default_value = "65536", value_parser = parse_size)]
     pub cluster_size: u64,

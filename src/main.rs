@@ -30,7 +30,7 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
-        Err(e) => return usage_error(first_line(&e.to_string())),
+        Err(e) => return usage_error(&first_line(&e.to_string())),
     };
     init_logging(cli.serve.log_level.as_deref());
     if matches!(cli.command, None | Some(Command::Demo(_)) | Some(Command::Spm(_))) {
@@ -65,8 +65,17 @@ enum Failure {
     Runtime(String),
 }
 
-fn first_line(s: &str) -> &str {
-    s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s)
+/// The first line of a clap error; one that ends in ':' takes the indented lines after it
+/// (what it announces: the missing arguments), so the one line says what is missing.
+fn first_line(s: &str) -> String {
+    let mut lines = s.lines().filter(|l| !l.trim().is_empty());
+    let Some(first) = lines.next() else { return s.to_string() };
+    let first = first.trim_end();
+    if !first.ends_with(':') {
+        return first.to_string();
+    }
+    let listed: Vec<&str> = lines.take_while(|l| l.starts_with(' ')).map(str::trim).collect();
+    format!("{first} {}", listed.join(", "))
 }
 
 fn usage_error(msg: &str) -> ExitCode {
@@ -304,9 +313,67 @@ fn inherited_listener(fd: i32) -> Result<Listener, Failure> {
     Ok(unsafe { Listener::from_raw_fd(fd) })
 }
 
+/// Where the backing file `name` of `image` is: a relative name is resolved against the
+/// image's directory, as the chain is opened.
+fn backing_path(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    image.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).join(p)
+}
+
+/// The virtual size of the backing file at `path`: a qcow2 image's, read by the engine
+/// (read-only), or a raw file's or device's size rounded up to 512 bytes.
+fn backing_size(path: &Path, format: Format) -> Result<u64, String> {
+    use thinblk_qcow2::{FileStorage, OpenOptions, Qcow2, Storage};
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let storage = std::sync::Arc::new(FileStorage::new(file, 1));
+    match format {
+        Format::Qcow2 => {
+            let img = Qcow2::open(storage, OpenOptions { read_only: true, ..Default::default() }).map_err(|e| e.to_string())?;
+            Ok(img.size())
+        }
+        Format::Raw => Ok(storage.size().map_err(|e| e.to_string())?.div_ceil(512) * 512),
+    }
+}
+
+/// Whether `a` and `b` are the same file (both must exist).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+        _ => false,
+    }
+}
+
 fn create(args: CreateArgs) -> Result<(), Failure> {
     use thinblk_qcow2::{create, CreateOptions, FileStorage, OpenOptions, Qcow2};
     let rt = |e: String| Failure::Runtime(format!("{}: {e}", args.image.display()));
+    let backing = match (&args.backing, args.backing_format) {
+        (Some(name), Some(format)) => Some((name.clone(), format)),
+        (None, None) => None,
+        _ => return Err(Failure::Usage("--backing and --backing-format go together".into())),
+    };
+    // The backing file is read (for its size) before the image is touched, and never
+    // written; with SIZE given it is not opened at all (it may not be reachable yet).
+    if let Some((name, _)) = &backing {
+        if same_file(&backing_path(&args.image, name), &args.image) {
+            return Err(rt(format!("the backing file {name} is the image itself")));
+        }
+    }
+    let size = match (args.size, &backing) {
+        (Some(size), _) => size,
+        (None, Some((name, format))) => {
+            let path = backing_path(&args.image, name);
+            backing_size(&path, *format).map_err(|e| rt(format!("backing file {name} ({}): {e}", path.display())))?
+        }
+        (None, None) => return Err(Failure::Usage("SIZE is required without --backing".into())),
+    };
+    let format_name = |f: Format| match f {
+        Format::Raw => "raw",
+        Format::Qcow2 => "qcow2",
+    };
     let is_block = std::fs::metadata(&args.image).map(|m| {
         use std::os::unix::fs::FileTypeExt;
         m.file_type().is_block_device()
@@ -326,7 +393,11 @@ fn create(args: CreateArgs) -> Result<(), Failure> {
         file.set_len(0).map_err(|e| rt(e.to_string()))?;
     }
     let storage = std::sync::Arc::new(FileStorage::new(file, 1));
-    let opts = CreateOptions { size: args.size, cluster_size: args.cluster_size, backing: None };
+    let opts = CreateOptions {
+        size,
+        cluster_size: args.cluster_size,
+        backing: backing.as_ref().map(|(name, format)| (name.clone(), format_name(*format).to_string())),
+    };
     let mut end = create(storage.as_ref(), &opts).map_err(|e| rt(e.to_string()))?;
     if args.preallocation == Preallocation::Metadata {
         let img = Qcow2::open(storage.clone(), OpenOptions::default()).map_err(|e| rt(e.to_string()))?;
@@ -335,11 +406,14 @@ fn create(args: CreateArgs) -> Result<(), Failure> {
         // Closed clean: not marked in use for the first start.
         img.close().map_err(|e| rt(e.to_string()))?;
     }
+    let chain = match &backing {
+        Some((name, format)) => format!(" backing_file={name} backing_fmt={}", format_name(*format)),
+        None => String::new(),
+    };
     println!(
-        "Formatting '{}', fmt=qcow2 cluster_size={} size={} (image end offset {end})",
+        "Formatting '{}', fmt=qcow2 cluster_size={}{chain} size={size} (image end offset {end})",
         args.image.display(),
         args.cluster_size,
-        args.size
     );
     Ok(())
 }

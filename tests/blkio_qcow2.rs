@@ -175,6 +175,80 @@ fn internal_snapshots_are_never_corrupted() {
     assert!(std::fs::read(&before).unwrap() == std::fs::read(&after).unwrap());
 }
 
+/// qemu-img's view of `image`'s chain: one JSON object per image, top first.
+fn chain_info(image: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new("qemu-img").args(["info", "--backing-chain", "--output=json", s(image)]).output().expect("qemu-img");
+    assert!(out.status.success(), "qemu-img info: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    v.as_array().expect("an array").clone()
+}
+
+#[test]
+fn create_with_a_backing_file() {
+    let dir = TestDir::new("q2-create-backing");
+    let bin = env!("CARGO_BIN_EXE_thinblk");
+    let base = dir.path("base.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "24M"]);
+    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 0 1M", "-c", "write -P 0xa5 23M 1M", s(&base)]);
+    let top = dir.path("top.qcow2");
+    // No SIZE: the backing file's, read by thinblk's engine.
+    let out = ok(bin, &["create", "--backing", "base.qcow2", "--backing-format", "qcow2", s(&top)]);
+    assert!(out.contains("backing_file=base.qcow2 backing_fmt=qcow2 size=25165824"), "{out}");
+    let chain = chain_info(&top);
+    assert_eq!(chain.len(), 2, "{chain:#?}");
+    assert_eq!(chain[0]["virtual-size"], 24 << 20);
+    assert_eq!(chain[0]["backing-filename"], "base.qcow2");
+    assert_eq!(chain[0]["backing-filename-format"], "qcow2");
+    assert_eq!(chain[1]["filename"], s(&base));
+    ok("qemu-img", &["check", s(&top)]);
+    let reads = ok("qemu-io", &["-r", "-f", "qcow2", "-c", "read -P 0x5a 0 1M", "-c", "read -P 0 1M 22M", "-c", "read -P 0xa5 23M 1M", s(&top)]);
+    assert!(!reads.contains("verification failed"), "{reads}");
+    // thinblk's own check and the daemon's chain agree.
+    ok(bin, &["check", s(&top)]);
+
+    // oVirt: volumes in one directory, a backing file named by the parent volume's bare uuid,
+    // a raw base; thinblk run from elsewhere (the name is resolved against the image's
+    // directory, not the working directory), with --preallocation metadata.
+    let images = dir.path("images");
+    std::fs::create_dir(&images).unwrap();
+    let (base_uuid, top_uuid) = ("6a1f0c3e-2b4d-4e5f-8a9b-0c1d2e3f4a5b", "9e8d7c6b-5a4f-4e3d-9c2b-1a0f9e8d7c6b");
+    let raw = images.join(base_uuid);
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "8M"]);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 0x77 64k 64k", s(&raw)]);
+    let overlay = images.join(top_uuid);
+    let out = Command::new(bin)
+        .current_dir("/")
+        .args(["create", s(&overlay), "--backing", base_uuid, "--backing-format", "raw", "--preallocation", "metadata"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let chain = chain_info(&overlay);
+    assert_eq!(chain.len(), 2, "{chain:#?}");
+    assert_eq!(chain[0]["virtual-size"], 8 << 20);
+    assert_eq!(chain[0]["backing-filename"], base_uuid);
+    assert_eq!(chain[0]["backing-filename-format"], "raw");
+    assert_eq!(chain[1]["format"], "raw");
+    ok("qemu-img", &["check", s(&overlay)]);
+    let reads = ok("qemu-io", &["-r", "-f", "qcow2", "-c", "read -P 0 0 64k", "-c", "read -P 0x77 64k 64k", s(&overlay)]);
+    assert!(!reads.contains("verification failed"), "{reads}");
+    // A SIZE given: the backing file is not opened (it may not be reachable yet).
+    let later = images.join("later");
+    ok(bin, &["create", s(&later), "1G", "--backing", "not-there-yet", "--backing-format", "qcow2"]);
+    let (code, text) = run("qemu-img", &["info", "-U", s(&later)]);
+    assert!(code == 0 && text.contains("backing file: not-there-yet"), "{text}");
+    // Without SIZE a missing backing file is an error naming it; nothing is created.
+    let missing = images.join("missing");
+    let (code, text) = run(bin, &["create", s(&missing), "--backing", "nowhere", "--backing-format", "qcow2"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("backing file nowhere"), "{text}");
+    assert!(!missing.exists());
+    // An image is never its own backing file.
+    let (code, text) = run(bin, &["create", s(&top), "--backing", "top.qcow2", "--backing-format", "qcow2"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("is the image itself"), "{text}");
+    ok("qemu-img", &["check", s(&top)]);
+}
+
 #[test]
 fn create_and_check_tools() {
     let dir = TestDir::new("q2-tools");

@@ -72,6 +72,10 @@ fn wrong_arguments_give_one_line_and_exit_2() {
         vec!["--socket-path", sock, "--image", img, "--format", "raw", "--metrics", "localhost:9100"],
         vec!["--socket-path", sock, "--image", img, "--format", "raw", "--metrics", "unix:"],
         vec!["--socket-path", sock, "--image", img, "--format", "raw", "--metrics", "http://127.0.0.1:9100/metrics"],
+        vec!["create", img],
+        vec!["create", img, "--backing", "base.qcow2"],
+        vec!["create", img, "16M", "--backing-format", "qcow2"],
+        vec!["create", img, "--backing", "base.qcow2", "--backing-format", "vmdk"],
     ];
     for args in cases {
         let out = thinblk(&args);
