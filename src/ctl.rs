@@ -290,13 +290,14 @@ pub fn handle(line: &str, t: &Target) -> Value {
                 Err(e) => error("GenericError", &e),
             },
         },
-        "commit" | "query-jobs" | "job-cancel" | "job-set-speed" | "job-dismiss" => match &t.chain {
+        "commit" | "query-jobs" | "job-cancel" | "job-complete" | "job-set-speed" | "job-dismiss" => match &t.chain {
             None => error("GenericError", "no chain operations in this process"),
             Some(c) => {
                 let r = match name {
                     "commit" => c.commit_command(&args),
                     "query-jobs" => Ok(c.query_jobs()),
                     "job-cancel" => c.job_cancel(&args),
+                    "job-complete" => c.job_complete(&args),
                     "job-set-speed" => c.job_set_speed(&args),
                     _ => c.job_dismiss(&args),
                 };

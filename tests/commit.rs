@@ -196,3 +196,77 @@ fn an_internal_commit_merges_a_middle_layer_while_the_frontend_writes() {
     drop(c);
     stop_clean(d);
 }
+
+#[test]
+fn an_active_commit_mirrors_the_guest_writes_and_pivots_onto_the_base() {
+    let dir = TestDir::new("commit-active");
+    let img = |n: &str| dir.path(n);
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img("base")), &DISK.to_string()]);
+    let (sock, ctl_sock) = (dir.path("vhost.sock"), dir.path("ctl.sock"));
+    let d = Daemon::start(&sock, &["--image", s(&img("base")), "--format", "qcow2", "--control", s(&ctl_sock)]);
+    let log: Written = Arc::new(Mutex::new(Vec::new()));
+    write_for(&sock, 3, Duration::from_millis(300), &log);
+    for (over, parent) in [("s1", "base"), ("s2", "s1")] {
+        qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", parent, "-F", "qcow2", s(&img(over)), &DISK.to_string()]);
+        ctl(&ctl_sock, "snapshot", json!({"overlay": s(&img(over))}));
+        write_for(&sock, over.len() as u64 + 3, Duration::from_millis(300), &log);
+    }
+    let (base, s1, s2) = (img("base"), img("s1"), img("s2"));
+
+    // The frontend writes all along: the job copies, turns ready, goes on mirroring.
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(sock.clone(), 21, stop.clone(), log.clone());
+    let r = ctl(&ctl_sock, "commit", json!({"top": s(&s2), "base": s(&s1), "job-id": "cancelled"}));
+    assert_eq!(r["id"], "cancelled");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while job(&ctl_sock, "cancelled")["status"] != "ready" {
+        assert!(Instant::now() < deadline, "not ready: {}", job(&ctl_sock, "cancelled"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(job(&ctl_sock, "cancelled")["type"], "active-commit");
+    // A cancel after ready: the chain stays, writes go on to the top.
+    ctl(&ctl_sock, "job-cancel", json!({"id": "cancelled"}));
+    assert_eq!(wait_concluded(&ctl_sock, "cancelled", Duration::from_secs(10))["outcome"], "cancelled");
+    assert_eq!(chain(&ctl_sock), vec![s(&s2).to_string(), s(&s1).to_string(), s(&base).to_string()]);
+    let r = ctl_reply(&ctl_sock, "job-complete", json!({"id": "cancelled"}));
+    assert!(r.get("error").is_some(), "a concluded job does not complete: {r}");
+
+    // Again, into the base this time (s2 and s1 merged), and pivot while the writer writes.
+    ctl(&ctl_sock, "commit", json!({"top": s(&s2), "base": s(&base), "job-id": "merge"}));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while job(&ctl_sock, "merge")["status"] != "ready" {
+        assert!(Instant::now() < deadline, "not ready: {}", job(&ctl_sock, "merge"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    ctl(&ctl_sock, "job-complete", json!({"id": "merge"}));
+    let j = wait_concluded(&ctl_sock, "merge", Duration::from_secs(30));
+    assert_eq!(j["outcome"], "completed", "{j}");
+    assert_eq!(chain(&ctl_sock), vec![s(&base).to_string()], "the base is the top");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    w.join().expect("writer: no write may fail across the pivot");
+    stop_clean(d);
+    let log = log.lock().expect("log").clone();
+    eprintln!("ACTIVE-COMMIT-REPORT copied={} writes={}", j["current-progress"], log.len());
+
+    // The base alone holds every write; it checks clean; the old top is marked merged:
+    // thinblk refuses to serve it, read-only use still works.
+    qemu_img(&["check", "-q", s(&base)]);
+    assert_eq!(read_all(&base, &dir), model(&log));
+    let refused = Command::new(env!("CARGO_BIN_EXE_thinblk"))
+        .args(["--socket-path", s(&dir.path("refused.sock")), "--image", s(&s2), "--format", "qcow2"])
+        .output()
+        .expect("thinblk");
+    assert!(!refused.status.success(), "the merged top was served");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("merged into its backing file"), "{}", String::from_utf8_lossy(&refused.stderr));
+    let d = Daemon::start(&sock, &["--image", s(&base), "--format", "qcow2"]);
+    let mut c = Client::connect(&sock, 1).expect("connect");
+    let m = model(&log);
+    for b in (0..DISK / BLOCK).step_by(11) {
+        let at = (b * BLOCK) as usize;
+        assert_eq!(c.read(0, b * BLOCK, BLOCK as usize).expect("read"), m[at..at + BLOCK as usize].to_vec(), "block {b}");
+    }
+    drop(c);
+    stop_clean(d);
+}

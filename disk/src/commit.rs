@@ -49,6 +49,16 @@ pub trait CommitJob: Send {
     /// Finishes an internal commit (steps 3 to 5 of the module doc). Only once every step
     /// returned false.
     fn complete(&mut self) -> Result<(), ImageError>;
+    /// Whether this is an active commit (it mirrors the guest's writes until its pivot).
+    fn is_active(&self) -> bool {
+        false
+    }
+    /// The pivot of an active commit: with the guest's writes held by `hold` (released by
+    /// the caller afterwards), what is left is copied, the top is closed marked merged and
+    /// the base becomes the top (with `limit`, its allocation limit).
+    fn pivot(&mut self, _hold: &mut dyn FnMut() -> Result<(), String>, _limit: Option<u64>) -> Result<(), ImageError> {
+        Err(refused("only an active commit pivots"))
+    }
     /// Gives up: the base closed clean, the chain as it was.
     fn abandon(&mut self);
     /// One past the last host byte the base uses (its volume must hold it).
@@ -62,6 +72,10 @@ fn refused(msg: impl Into<String>) -> ImageError {
 }
 
 /// Whether the layer (or top) opened at `a` is the file `b` names.
+pub(crate) fn same_file_path(a: &Path, b: &Path) -> bool {
+    same(a, b)
+}
+
 fn same(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     match (std::fs::metadata(a), std::fs::metadata(b)) {
@@ -73,27 +87,32 @@ fn same(a: &Path, b: &Path) -> bool {
 
 /// What the layers `layers[from..to]` allocate, over a disk of `size` bytes, coalesced.
 fn allocated(layers: &[Arc<Layer>], from: usize, to: usize, size: u64) -> Result<Vec<(u64, u64)>, ImageError> {
+    let mut engines = Vec::new();
+    for l in layers.get(from..to).unwrap_or(&[]) {
+        match &**l {
+            Layer::Qcow2 { img, .. } => engines.push(img),
+            Layer::Raw { .. } => return Err(refused("a raw image above the base cannot be merged")),
+        }
+    }
+    allocated_in(&engines, size)
+}
+
+/// What any of `engines` allocates (data, zero or compressed clusters), coalesced.
+fn allocated_in(engines: &[&Qcow2], size: u64) -> Result<Vec<(u64, u64)>, ImageError> {
     const WINDOW: u64 = 1 << 30;
     let mut out: Vec<(u64, u64)> = Vec::new();
     let mut off = 0;
     while off < size {
         let len = WINDOW.min(size - off);
-        // Per window, the union of every layer's allocated ranges, at 512-byte resolution
-        // of the smallest cluster (ranges come cluster-aligned from each layer).
         let mut marks: Vec<(u64, u64)> = Vec::new();
-        for l in layers.get(from..to).unwrap_or(&[]) {
-            match &**l {
-                Layer::Qcow2 { img, .. } => {
-                    let n = img.size().saturating_sub(off).min(len);
-                    if n == 0 {
-                        continue;
-                    }
-                    let mut ranges = Vec::new();
-                    img.map_read(off, n, &mut ranges).map_err(|e| refused(e.to_string()))?;
-                    marks.extend(ranges.iter().filter(|r| !matches!(r.mapping, Mapping::Backing)).map(|r| (r.guest, r.len)));
-                }
-                Layer::Raw { .. } => return Err(refused("a raw image above the base cannot be merged")),
+        for img in engines {
+            let n = img.size().saturating_sub(off).min(len);
+            if n == 0 {
+                continue;
             }
+            let mut ranges = Vec::new();
+            img.map_read(off, n, &mut ranges).map_err(|e| refused(e.to_string()))?;
+            marks.extend(ranges.iter().filter(|r| !matches!(r.mapping, Mapping::Backing)).map(|r| (r.guest, r.len)));
         }
         marks.sort_unstable();
         for (o, l) in marks {
@@ -379,7 +398,7 @@ impl CommitJob for InternalCommit {
         }
         self.finished = true;
         self.release();
-        self.image.retire(dropped);
+        self.image.retire(dropped.into_iter().map(RetiredFile::layer).collect());
         let (top, base) = (self.layer_path(self.top), self.layer_path(self.base));
         tracing::info!(top = %top.display(), base = %base.display(), bytes = self.done, "commit completed: the merged layers left the chain");
         Ok(())
@@ -406,41 +425,342 @@ impl Drop for InternalCommit {
     }
 }
 
-/// Layers that left the chain: their slots emptied (once every ring could take the change),
-/// their locks dropped, their files closed.
+/// Files that left the chain: their slots emptied once every ring could let go of them
+/// (retried at each later retirement), their locks dropped, then their files closed.
+#[derive(Default)]
 pub(crate) struct Retired {
-    layers: Mutex<Vec<Arc<Layer>>>,
+    files: Mutex<Vec<RetiredFile>>,
 }
 
-impl Default for Retired {
-    fn default() -> Self {
-        Retired { layers: Mutex::new(Vec::new()) }
+/// One file leaving the chain, kept open until its slot is emptied.
+pub(crate) struct RetiredFile {
+    /// Its slot.
+    pub(crate) slot: u32,
+    /// Where it was opened.
+    pub(crate) path: PathBuf,
+    /// What keeps its descriptor open (held for its drop).
+    pub(crate) _keep: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl RetiredFile {
+    /// A layer leaving the chain.
+    pub(crate) fn layer(l: Arc<Layer>) -> RetiredFile {
+        let (slot, path) = match &*l {
+            Layer::Qcow2 { slot, path, .. } | Layer::Raw { slot, path, .. } => (*slot, path.clone()),
+        };
+        RetiredFile { slot, path, _keep: Box::new(l) }
     }
 }
 
 impl Qcow2Format {
-    /// Retires `dropped` (and any layer an earlier try could not retire yet).
-    pub(crate) fn retire(&self, dropped: Vec<Arc<Layer>>) {
-        let Ok(mut waiting) = self.retired.layers.lock() else { return };
+    /// Retires `dropped` (and any file an earlier try could not retire yet).
+    pub(crate) fn retire(&self, dropped: Vec<RetiredFile>) {
+        let Ok(mut waiting) = self.retired.files.lock() else { return };
         waiting.extend(dropped);
         let mut kept = Vec::new();
-        for l in waiting.drain(..) {
-            let slot = match &*l {
-                Layer::Qcow2 { slot, .. } | Layer::Raw { slot, .. } => *slot,
-            };
-            match self.files.remove(slot) {
+        for f in waiting.drain(..) {
+            match self.files.remove(f.slot) {
                 Ok(()) => {
                     if let Ok(mut locks) = self.backing_locks.lock() {
-                        locks.retain(|(p, _)| !same(p, l.path()));
+                        locks.retain(|(p, _)| !same(p, &f.path));
                     }
-                    tracing::info!(image = %l.path().display(), slot, "layer closed: it left the chain");
+                    tracing::info!(image = %f.path.display(), slot = f.slot, "file closed: it left the chain");
                 }
                 Err(e) => {
-                    tracing::warn!(image = %l.path().display(), slot, error = %e, "a merged layer stays open until the rings can let go of it");
-                    kept.push(l);
+                    tracing::warn!(image = %f.path.display(), slot = f.slot, error = %e, "a file that left the chain stays open until the rings can let go of it");
+                    kept.push(f);
                 }
             }
         }
         *waiting = kept;
+    }
+}
+
+/// An active commit: the top (the layer the guest writes) and the layers down to just above
+/// `base` are copied into `base` while the guest writes; what the guest changes meanwhile is
+/// marked ([`crate::mirror::Dirty`]) and copied again, until the pivot makes `base` the top.
+///
+/// Order of the pivot, with the guest's writes held:
+/// 1. What is still marked is copied (nothing new can be marked); `base` is written back,
+///    synced and closed clean; its read-write file goes into a free slot of every ring, and
+///    an engine is opened on it as a top (marked in use, its journal started).
+/// 2. Under the engine's exclusive lock: the old top is closed *marked merged* (thinblk's
+///    owner extension): from here on the guest's writes go to `base`, and a thinblk started
+///    on the old top by mistake refuses it instead of serving data that is now stale. Then
+///    `base` is served, its lock becomes the top's.
+/// 3. The old top and the merged layers leave the chain (slots, locks, files).
+///
+/// Before step 2, a crash or a cancel leaves the old chain serving, `base` with harmless
+/// extra data; after it, `base` is the top. No header changes: the old top's backing name is
+/// left as it was (vdsm drops the leaf from its chain metadata).
+pub struct ActiveCommit {
+    inner: InternalCommit,
+    dirty: Arc<crate::mirror::Dirty>,
+    /// The top when the commit started.
+    top_path: PathBuf,
+}
+
+impl Qcow2Format {
+    /// Starts an active commit of the served top into `base` (a backing layer); `hold` is
+    /// called before the change tracking starts (the caller holds the guest's writes there
+    /// and releases them after this returns).
+    pub fn commit_active(self: &Arc<Self>, base: &Path, hold: &mut dyn FnMut() -> Result<(), String>) -> Result<ActiveCommit, ImageError> {
+        let _serial = self.transition.lock().map_err(|_| poisoned())?;
+        if !crate::disk::Disk::is_active(&**self) {
+            return Err(ImageError::Inactive);
+        }
+        let mut job = self.commit_job.lock().map_err(|_| poisoned())?;
+        if *job {
+            return Err(refused("a commit is already running on this chain"));
+        }
+        let f = self.top_file()?;
+        let b = f.backing.layers.iter().position(|l| same(l.path(), base)).ok_or_else(|| refused(format!("{} is not in the chain", base.display())))?;
+        let base_path = match &*f.backing.layers[b] {
+            Layer::Qcow2 { path, img, .. } => {
+                if img.size() != crate::disk::Disk::capacity(&**self) {
+                    return Err(refused(format!("{} has virtual size {}, the disk {}: resize it first", path.display(), img.size(), crate::disk::Disk::capacity(&**self))));
+                }
+                path.clone()
+            }
+            Layer::Raw { .. } => return Err(refused("merging into a raw base is not supported")),
+        };
+        self.change_backing_lock(&base_path, Access::qcow2(true))?;
+        let opened = self.open_base(&f, b, &base_path);
+        let (engine, storage) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = self.change_backing_lock(&base_path, Access::backing());
+                return Err(e);
+            }
+        };
+        let gran = engine.cluster_size().max(1 << 16);
+        let dirty = Arc::new(crate::mirror::Dirty::new(crate::disk::Disk::capacity(&**self), gran));
+        // With the guest's writes held, tracking starts and what is allocated above the base
+        // is listed: every write is in one or the other.
+        let started = hold().map_err(|e| refused(format!("holding writes: {e}"))).and_then(|()| {
+            let mut g = self.top.write().map_err(|_| poisoned())?;
+            let top = g.engine.as_ref().ok_or(ImageError::Inactive)?;
+            let mut engines = vec![top];
+            for l in &f.backing.layers[..b] {
+                match &**l {
+                    Layer::Qcow2 { img, .. } => engines.push(img),
+                    Layer::Raw { .. } => return Err(refused("a raw image above the base cannot be merged")),
+                }
+            }
+            let ranges = allocated_in(&engines, crate::disk::Disk::capacity(&**self))?;
+            g.mirror = Some(dirty.clone());
+            Ok(ranges)
+        });
+        let ranges = match started {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = engine.close();
+                let _ = self.change_backing_lock(&base_path, Access::backing());
+                return Err(e);
+            }
+        };
+        let total = ranges.iter().map(|r| r.1).sum();
+        *job = true;
+        tracing::info!(top = %f.path.display(), base = %base_path.display(), bytes = total, granularity = gran, "active commit started: the guest's writes are tracked");
+        Ok(ActiveCommit {
+            inner: InternalCommit {
+                image: self.clone(),
+                chain: f.backing.clone(),
+                top: 0,
+                base: b,
+                engine: Some(engine),
+                storage,
+                ranges: ranges.into(),
+                total,
+                done: 0,
+                backing_name: String::new(),
+                backing_format: String::new(),
+                finished: false,
+            },
+            dirty,
+            top_path: f.path.clone(),
+        })
+    }
+
+    /// Opens the base `layers[b]` of `f` read-write, with the layers under it as its backing.
+    fn open_base(&self, f: &crate::qcow2::TopFile, b: usize, base_path: &Path) -> Result<(Qcow2, Arc<FileStorage>), ImageError> {
+        let (file, info) = open_direct(base_path, false)?;
+        let storage = if self.engine_opts.fixed_size { Arc::new(FileStorage::new(file, info.alignment as usize).fixed_size()) } else { storage_for(file, &info) };
+        let mut engine = Qcow2::open(storage.clone(), OpenOptions { read_only: false, ..Default::default() }).map_err(|e| refused(format!("{}: {e}", base_path.display())))?;
+        if let Some(reason) = engine.read_only_reason() {
+            return Err(refused(format!("{}: {reason}", base_path.display())));
+        }
+        let below: Vec<Arc<Layer>> = f.backing.layers[b + 1..].to_vec();
+        if !below.is_empty() {
+            engine.set_backing(Arc::new(ChainReader(Arc::new(Chain { layers: below }))));
+        }
+        Ok((engine, storage))
+    }
+}
+
+impl ActiveCommit {
+    /// Copies one range as the guest sees it now (through the served chain) into the base.
+    fn copy(&mut self, off: u64, n: u64) -> Result<(), ImageError> {
+        let engine = self.inner.engine.as_ref().ok_or_else(|| refused("the commit has ended"))?;
+        let data = crate::disk::read_mapped(&*self.inner.image, off, n as usize)?;
+        write_into(engine, self.inner.storage.as_ref(), off, &data)?;
+        self.inner.done += n;
+        Ok(())
+    }
+
+    /// Takes the mirror off the served image.
+    fn untrack(&self) {
+        if let Ok(mut g) = self.inner.image.top.write() {
+            g.mirror = None;
+        }
+    }
+
+    /// Steps 1 to 3 of the pivot (writes held).
+    fn switch(&mut self, limit: Option<u64>) -> Result<(), ImageError> {
+        // 1. What is left, then the base closed clean and opened as a top on a new slot.
+        while self.step(STEP_BYTES)? {}
+        while let Some((off, len)) = self.dirty.take(STEP_BYTES) {
+            self.copy(off, len)?;
+        }
+        let engine = self.inner.engine.as_ref().ok_or_else(|| refused("the commit has ended"))?;
+        engine.close().map_err(|e| refused(format!("closing the base: {e}")))?;
+        let image = self.inner.image.clone();
+        let base_path = self.inner.layer_path(self.inner.base);
+        let (file, info) = open_direct(&base_path, false)?;
+        let storage = if image.engine_opts.fixed_size { Arc::new(FileStorage::new(file, info.alignment as usize).fixed_size()) } else { storage_for(file, &info) };
+        let slot = image.files.add(std::os::fd::AsRawFd::as_raw_fd(storage.file())).map_err(ImageError::Io)?;
+        let below: Vec<Arc<Layer>> = self.inner.chain.layers[self.inner.base + 1..].to_vec();
+        let new_top = crate::qcow2::TopFile { path: base_path.clone(), storage, slot, backing: Arc::new(Chain { layers: below }), is_block: info.is_block };
+        let opened = image.open_engine(&new_top).map_err(ImageError::from);
+        let new_engine = match opened {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = image.files.remove(slot);
+                return Err(e);
+            }
+        };
+        // 2. The old top closed marked merged; the base served.
+        let old_file = {
+            let mut g = image.top.write().map_err(|_| poisoned())?;
+            let marked = match g.engine.as_ref() {
+                None => Err(ImageError::Inactive),
+                Some(top) if top.pending_writes() > 0 => Err(refused("writes in flight at the pivot")),
+                Some(_) if self.dirty.count() > 0 => Err(refused("the guest wrote during the pivot")),
+                Some(top) => top.close_merged().map_err(|e| refused(format!("closing the old top: {e}"))),
+            };
+            if let Err(e) = marked {
+                drop(g);
+                let _ = new_engine.close();
+                let _ = image.files.remove(slot);
+                return Err(e);
+            }
+            if let Some(l) = limit {
+                image.limit.store(l, std::sync::atomic::Ordering::SeqCst);
+            }
+            if let Some(old) = g.engine.take() {
+                image.epoch_base.fetch_add(old.metadata_epoch() + 1, std::sync::atomic::Ordering::SeqCst);
+            }
+            g.mirror = None;
+            let old_file = std::mem::replace(&mut g.file, Arc::new(new_top));
+            image.install(&mut g, new_engine);
+            old_file
+        };
+        self.inner.engine = None;
+        self.inner.finished = true;
+        // Locks: the base's (a writer's since the start) is the top's now.
+        let base_lock = image.backing_locks.lock().ok().and_then(|mut locks| {
+            let i = locks.iter().position(|(p, _)| same(p, &base_path))?;
+            Some(locks.remove(i).1)
+        });
+        if let Ok(mut top_lock) = image.top_lock.lock() {
+            *top_lock = base_lock;
+        }
+        if let Ok(mut j) = image.commit_job.lock() {
+            *j = false;
+        }
+        // 3. The old top, the merged layers and the base's read-only file leave.
+        let mut gone = vec![RetiredFile { slot: old_file.slot, path: old_file.path.clone(), _keep: Box::new(old_file.clone()) }];
+        gone.extend(self.inner.chain.layers[..=self.inner.base].iter().cloned().map(RetiredFile::layer));
+        image.retire(gone);
+        tracing::info!(old_top = %self.top_path.display(), top = %base_path.display(), bytes = self.inner.done, "active commit pivoted: the base is the top");
+        Ok(())
+    }
+}
+
+impl CommitJob for ActiveCommit {
+    fn total(&self) -> u64 {
+        self.inner.done + self.inner.ranges.iter().map(|r| r.1).sum::<u64>() + self.dirty.bytes()
+    }
+
+    fn done(&self) -> u64 {
+        self.inner.done
+    }
+
+    fn names(&self) -> (PathBuf, PathBuf) {
+        (self.top_path.clone(), self.inner.layer_path(self.inner.base))
+    }
+
+    fn base_allocation(&self) -> u64 {
+        self.inner.base_allocation()
+    }
+
+    fn set_base_limit(&self, limit: u64) {
+        self.inner.set_base_limit(limit)
+    }
+
+    fn is_active(&self) -> bool {
+        true
+    }
+
+    fn step(&mut self, max: u64) -> Result<bool, ImageError> {
+        if let Some(&(off, len)) = self.inner.ranges.front() {
+            let n = len.min(max.clamp(4096, STEP_BYTES));
+            self.copy(off, n)?;
+            if let Some(front) = self.inner.ranges.front_mut() {
+                if n == len {
+                    self.inner.ranges.pop_front();
+                } else {
+                    *front = (off + n, len - n);
+                }
+            }
+            return Ok(true);
+        }
+        match self.dirty.take(max.clamp(self.dirty.granularity(), STEP_BYTES)) {
+            Some((off, len)) => {
+                if let Err(e) = self.copy(off, len) {
+                    // Not copied: marked again, for the next step.
+                    self.dirty.mark(off, len);
+                    return Err(e);
+                }
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn complete(&mut self) -> Result<(), ImageError> {
+        Err(refused("an active commit completes with its pivot"))
+    }
+
+    fn pivot(&mut self, hold: &mut dyn FnMut() -> Result<(), String>, limit: Option<u64>) -> Result<(), ImageError> {
+        if self.inner.finished {
+            return Err(refused("the commit has ended"));
+        }
+        hold().map_err(|e| refused(format!("holding writes: {e}")))?;
+        self.switch(limit)
+    }
+
+    fn abandon(&mut self) {
+        if self.inner.finished {
+            return;
+        }
+        self.untrack();
+        self.inner.abandon();
+    }
+}
+
+impl Drop for ActiveCommit {
+    fn drop(&mut self) {
+        self.abandon();
     }
 }

@@ -89,9 +89,11 @@ impl ZeroRequest {
 }
 
 /// What a mapped write (or zeroing) must report back once its host IO has ended: the
-/// format-private list of allocations it made. Empty (and free) for raw images.
+/// format-private list of allocations it made, and the guest range it changed while an
+/// active commit tracks changes (marked when the write ends, so a copy that read the range
+/// before the data landed copies it again). Empty (and free) for raw images.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct WriteTicket(pub Vec<u64>);
+pub struct WriteTicket(pub Vec<u64>, pub Option<(u64, u64)>);
 
 /// Told when an image's file table changes (a snapshot adds the new top's file to an empty
 /// slot; a merge empties the slots of dropped layers). The image calls it before any extent
@@ -205,12 +207,15 @@ pub trait Disk: Send + Sync {
         Err(ImageError::Refused("only a qcow2 image takes snapshots".into()))
     }
     /// Starts merging `top` into `base` (live merge): the job is driven by its caller.
-    /// `backing_name` overrides the name the layer above `top` gives `base`.
+    /// `backing_name` overrides the name the layer above `top` gives `base` (an internal
+    /// commit). An active commit (`top` is the served top) calls `hold` before it starts
+    /// tracking the guest's writes; the caller releases them once this returns.
     fn commit(
         self: std::sync::Arc<Self>,
         _top: &std::path::Path,
         _base: &std::path::Path,
         _backing_name: Option<String>,
+        _hold: &mut dyn FnMut() -> Result<(), String>,
     ) -> Result<Box<dyn crate::commit::CommitJob>, ImageError> {
         Err(ImageError::Refused("only a qcow2 chain can be merged".into()))
     }

@@ -15,6 +15,7 @@ pub mod disk;
 pub mod engine;
 pub mod error;
 pub mod lock;
+pub mod mirror;
 pub mod qcow2;
 pub mod raw;
 pub mod snapshot;

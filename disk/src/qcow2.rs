@@ -224,6 +224,8 @@ pub(crate) struct Served {
     pub(crate) engine: Option<Qcow2>,
     /// The top's file and the chain under it.
     pub(crate) file: Arc<TopFile>,
+    /// While an active commit runs: where the guest's writes land, marked as they end.
+    pub(crate) mirror: Option<Arc<crate::mirror::Dirty>>,
 }
 
 /// The top image's file and the read-only chain under it.
@@ -323,6 +325,7 @@ impl Qcow2Format {
         let image = Qcow2Format {
             top: RwLock::new(Served {
                 engine: None,
+                mirror: None,
                 file: Arc::new(TopFile {
                     path: path.to_path_buf(),
                     storage: top_storage,
@@ -697,18 +700,23 @@ impl Disk for Qcow2Format {
         let top = active(&g)?;
         let mut ranges = Vec::new();
         let ticket = top.map_write(offset, len, &mut ranges).map_err(to_image_error)?;
+        let tracked = g.mirror.is_some().then_some((offset, len));
         for r in ranges {
             let Mapping::Data(h) = r.mapping else {
                 return Err(ImageError::Refused("write mapped to a non-data range".into()));
             };
             out.push(Extent { req_off: r.guest - offset, len: r.len, target: Target::Host { file: g.file.slot, offset: h } });
         }
-        Ok(WriteTicket(ticket))
+        Ok(WriteTicket(ticket, tracked))
     }
 
     fn write_done(&self, ticket: WriteTicket, ok: bool) -> Result<(), ImageError> {
         let g = self.engine()?;
-        active(&g)?.write_done(&ticket.0, ok).map_err(to_image_error)
+        let r = active(&g)?.write_done(&ticket.0, ok).map_err(to_image_error);
+        if let (Some((off, len)), Some(m)) = (ticket.1, g.mirror.as_ref()) {
+            m.mark(off, len);
+        }
+        r
     }
 
     fn map_zero(&self, offset: u64, len: u64, req: ZeroRequest, out: &mut Vec<HostZero>) -> Result<WriteTicket, ImageError> {
@@ -720,6 +728,7 @@ impl Disk for Qcow2Format {
         let mut partial = Vec::new();
         let mut flagged = Vec::new();
         let ticket = top.zero_range(offset, len, &mut partial, &mut flagged).map_err(to_image_error)?;
+        let tracked = g.mirror.is_some().then_some((offset, len));
         if self.discard_unmap && req.may_unmap() {
             let cs = top.cluster_size();
             for h in flagged {
@@ -731,7 +740,7 @@ impl Disk for Qcow2Format {
                 push_coalesced(out, HostZero { file: g.file.slot, offset: h, len: r.len, mode: ZeroMode::WriteZeroes });
             }
         }
-        Ok(WriteTicket(ticket))
+        Ok(WriteTicket(ticket, tracked))
     }
 
     fn prepare_flush(&self) -> Result<(), ImageError> {
@@ -832,7 +841,20 @@ impl Disk for Qcow2Format {
         Qcow2Format::snapshot(self, overlay, limit, hold)
     }
 
-    fn commit(self: Arc<Self>, top: &Path, base: &Path, backing_name: Option<String>) -> Result<Box<dyn crate::commit::CommitJob>, ImageError> {
+    fn commit(
+        self: Arc<Self>,
+        top: &Path,
+        base: &Path,
+        backing_name: Option<String>,
+        hold: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<Box<dyn crate::commit::CommitJob>, ImageError> {
+        let served = self.top_file()?;
+        if crate::commit::same_file_path(&served.path, top) {
+            if backing_name.is_some() {
+                return Err(ImageError::Refused("backing-file is for an internal commit (the active layer names no backing after its pivot)".into()));
+            }
+            return Ok(Box::new(self.commit_active(base, hold)?));
+        }
         Ok(Box::new(self.commit_internal(top, base, backing_name)?))
     }
 }

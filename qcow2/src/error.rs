@@ -47,6 +47,10 @@ pub enum Qcow2Error {
     /// would refuse, or a change that cannot be made crash-safe in place); nothing was written.
     #[error("cannot rewrite the header: {0}")]
     HeaderRewrite(String),
+    /// The image was merged into its backing file by an active commit (thinblk's owner
+    /// extension says so): its writes went on in the base; serving it would roll them back.
+    #[error("image was merged into its backing file by an active commit; serve the base instead (or, to use this image anyway, open it once with qemu-img/QEMU, which drops the mark)")]
+    Merged,
     /// The image cannot grow any further (refcount table or offset limits).
     #[error("image full: {0}")]
     NoSpace(String),

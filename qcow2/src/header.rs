@@ -65,6 +65,9 @@ pub struct Owner {
 impl Owner {
     /// Open for writing by thinblk and not closed clean since.
     pub const IN_USE: u64 = 1;
+    /// Closed after an active commit merged it into its backing file (the pivot): the
+    /// writes that followed went to the base, so thinblk refuses to serve it read-write.
+    pub const MERGED: u64 = 2;
     /// Bytes of extension data.
     pub const LEN: usize = 40;
 

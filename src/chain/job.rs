@@ -17,6 +17,9 @@ use super::extend::BaseExtender;
 pub enum Status {
     /// Copying.
     Running,
+    /// An active commit that copied everything: it mirrors the guest's writes until
+    /// `job-complete` (the pivot) or `job-cancel`.
+    Ready,
     /// Finishing (the chain is being changed).
     Pending,
     /// Ended (completed, cancelled or failed); kept for `query-jobs` until dismissed.
@@ -27,6 +30,7 @@ impl Status {
     fn name(self) -> &'static str {
         match self {
             Status::Running => "running",
+            Status::Ready => "ready",
             Status::Pending => "pending",
             Status::Concluded => "concluded",
         }
@@ -48,7 +52,7 @@ pub enum Outcome {
 pub struct Job {
     /// Its id.
     pub id: String,
-    /// `commit`.
+    /// `commit` or `active-commit`.
     pub kind: &'static str,
     /// The top and base it merges.
     pub top: String,
@@ -60,6 +64,8 @@ pub struct Job {
     /// Bytes per second; 0: no limit.
     speed: AtomicU64,
     cancel: AtomicBool,
+    /// `job-complete` asked for the pivot.
+    complete: AtomicBool,
     started: Instant,
 }
 
@@ -103,8 +109,21 @@ impl Job {
 
     /// Asks the job to stop (the chain stays as it was); false once it is past copying.
     pub fn cancel(&self) -> bool {
-        self.cancel.store(true, Ordering::SeqCst);
-        self.status() == Status::Running
+        let st = self.status();
+        if matches!(st, Status::Running | Status::Ready) {
+            self.cancel.store(true, Ordering::SeqCst);
+            return true;
+        }
+        false
+    }
+
+    /// Asks an active commit in `ready` to pivot; false otherwise.
+    pub fn complete(&self) -> bool {
+        if self.kind == "active-commit" && self.status() == Status::Ready {
+            self.complete.store(true, Ordering::SeqCst);
+            return true;
+        }
+        false
     }
 
     /// Sets the speed limit (bytes per second, 0: none).
@@ -136,12 +155,32 @@ pub struct JobStats {
     pub running: AtomicU64,
 }
 
+/// What a job's pivot needs from the daemon: the guest's writes held and released, and (in
+/// thin mode) the base's volume followed as the new top's.
+pub struct PivotHooks {
+    /// Holds the guest's writes (returns whether this call holds them: release then).
+    pub hold: Box<dyn Fn() -> Result<bool, String> + Send>,
+    /// Releases what `hold` held.
+    pub release: Box<dyn Fn() + Send>,
+    /// The new top's allocation limit (its volume's size), if it has one.
+    pub limit: Box<dyn Fn() -> Option<u64> + Send>,
+    /// Called after the pivot (the thin control follows the base's volume).
+    pub after: Box<dyn Fn() + Send>,
+}
+
 /// Starts a job thread over `mover`.
-pub fn start(id: String, mover: Box<dyn CommitJob>, speed: u64, extender: Option<BaseExtender>, stats: Arc<JobStats>) -> std::io::Result<Arc<Job>> {
+pub fn start(
+    id: String,
+    mover: Box<dyn CommitJob>,
+    speed: u64,
+    extender: Option<BaseExtender>,
+    hooks: PivotHooks,
+    stats: Arc<JobStats>,
+) -> std::io::Result<Arc<Job>> {
     let (top, base) = mover.names();
     let job = Arc::new(Job {
         id,
-        kind: "commit",
+        kind: if mover.is_active() { "active-commit" } else { "commit" },
         top: top.display().to_string(),
         base: base.display().to_string(),
         status: Mutex::new((Status::Running, None)),
@@ -149,13 +188,14 @@ pub fn start(id: String, mover: Box<dyn CommitJob>, speed: u64, extender: Option
         total: AtomicU64::new(mover.total()),
         speed: AtomicU64::new(speed),
         cancel: AtomicBool::new(false),
+        complete: AtomicBool::new(false),
         started: Instant::now(),
     });
     let j = job.clone();
     stats.running.fetch_add(1, Ordering::SeqCst);
     tracing::info!(job = %job.id, top = %job.top, base = %job.base, total = mover.total(), speed, "job state: created");
     std::thread::Builder::new().name(format!("job-{}", job.id)).spawn(move || {
-        let outcome = run(&j, mover, extender, &stats);
+        let outcome = run(&j, mover, extender, &hooks, &stats);
         match &outcome {
             Outcome::Completed => stats.completed.fetch_add(1, Ordering::Relaxed),
             Outcome::Cancelled => stats.cancelled.fetch_add(1, Ordering::Relaxed),
@@ -175,7 +215,10 @@ const FULL_RETRY: Duration = Duration::from_millis(200);
 /// How long a job waits for its base to grow before it fails.
 const FULL_LIMIT: Duration = Duration::from_secs(120);
 
-fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtender>, stats: &JobStats) -> Outcome {
+/// How long a ready job sleeps when the guest changed nothing.
+const READY_IDLE: Duration = Duration::from_millis(20);
+
+fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtender>, hooks: &PivotHooks, stats: &JobStats) -> Outcome {
     job.set(Status::Running, None);
     if let Some(x) = extender.as_mut() {
         // Sized ahead, as vdsm extends the base before a merge: what it holds plus what it
@@ -202,7 +245,21 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
                 job.total.store(mover.total(), Ordering::Relaxed);
                 throttle(job, &mut window, n);
                 if !more {
-                    break;
+                    if !mover.is_active() {
+                        break;
+                    }
+                    // An active commit is ready once it caught up; it keeps copying what the
+                    // guest changes until the pivot.
+                    if job.status() == Status::Running {
+                        job.set(Status::Ready, None);
+                    }
+                    if job.complete.load(Ordering::SeqCst) {
+                        // The base's mailbox client lets go of the base's volume: after the
+                        // pivot the thin control thread claims it as the top's.
+                        drop(extender.take());
+                        return pivot(job, mover.as_mut(), hooks);
+                    }
+                    std::thread::sleep(READY_IDLE);
                 }
             }
             Err(ImageError::NoSpace { needed, limit }) => {
@@ -236,6 +293,36 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
         Err(e) => {
             mover.abandon();
             Outcome::Failed(e.to_string())
+        }
+    }
+}
+
+/// The pivot of an active commit, with the guest's writes held around it.
+fn pivot(job: &Job, mover: &mut dyn CommitJob, hooks: &PivotHooks) -> Outcome {
+    job.set(Status::Pending, None);
+    let mut ours = false;
+    let limit = (hooks.limit)();
+    let started = Instant::now();
+    let r = mover.pivot(
+        &mut || {
+            ours = (hooks.hold)()?;
+            Ok(())
+        },
+        limit,
+    );
+    if ours {
+        (hooks.release)();
+    }
+    match r {
+        Ok(()) => {
+            tracing::info!(job = %job.id, pause_us = started.elapsed().as_micros() as u64, "pivot done: the base serves the guest");
+            (hooks.after)();
+            Outcome::Completed
+        }
+        Err(e) => {
+            // Whatever failed, the old chain serves: the job ends; a new commit starts over.
+            mover.abandon();
+            Outcome::Failed(format!("pivot: {e}"))
         }
     }
 }

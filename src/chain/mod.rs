@@ -23,6 +23,16 @@ use crate::thin::{ThinOptions, ThinSwitch};
 /// nothing): a storage that stalls this long would stall the guest anyway.
 pub const SNAPSHOT_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Holds the guest's writes (as `freeze` does); whether this call holds them (a freeze
+/// already in place, a backup's, holds them and stays).
+fn hold(hub: &ParkHub) -> Result<bool, String> {
+    if hub.frozen() {
+        return Ok(false);
+    }
+    hub.freeze(SNAPSHOT_DRAIN_LIMIT)?;
+    Ok(true)
+}
+
 /// Counters of chain operations (for metrics).
 #[derive(Debug, Default)]
 pub struct ChainStats {
@@ -128,8 +138,19 @@ impl ChainControl {
                 extend::BaseExtender::open(opts, &base, u, self.image.capacity()).map_err(|e| format!("the base's volume {}: {e}", base.display()))?,
             ),
         };
-        let mover = self.image.clone().commit(&top, &base, backing).map_err(|e| e.to_string())?;
-        let j = job::start(id.clone(), mover, speed, extender, self.job_stats.clone()).map_err(|e| format!("starting the job: {e}"))?;
+        // An active commit starts tracking the guest's writes with them held for a moment.
+        let mut held = false;
+        let hub = self.hub.clone();
+        let mover = self.image.clone().commit(&top, &base, backing, &mut || {
+            held = hold(&hub)?;
+            Ok(())
+        });
+        if held {
+            self.hub.thaw();
+        }
+        let mover = mover.map_err(|e| e.to_string())?;
+        let hooks = self.pivot_hooks(&base, uuid);
+        let j = job::start(id.clone(), mover, speed, extender, hooks, self.job_stats.clone()).map_err(|e| format!("starting the job: {e}"))?;
         let mut jobs = self.jobs.lock().map_err(|_| "job list poisoned".to_string())?;
         jobs.push(j);
         let concluded: Vec<usize> = jobs.iter().enumerate().filter(|(_, j)| j.status() == job::Status::Concluded).map(|(i, _)| i).collect();
@@ -137,6 +158,40 @@ impl ChainControl {
             jobs.remove(concluded[0]);
         }
         Ok(json!({"id": id}))
+    }
+
+    /// What a pivot onto `base` (volume `uuid` in thin mode) needs from the daemon.
+    fn pivot_hooks(&self, base: &std::path::Path, uuid: Option<Uuid>) -> job::PivotHooks {
+        let (h1, h2) = (self.hub.clone(), self.hub.clone());
+        let thin = self.thin.as_ref().map(|(t, _)| t.clone());
+        let (b1, b2) = (base.to_path_buf(), base.to_path_buf());
+        let with_thin = thin.is_some();
+        job::PivotHooks {
+            hold: Box::new(move || hold(&h1)),
+            release: Box::new(move || h2.thaw()),
+            limit: Box::new(move || if with_thin { Volume::open(&b1).ok().map(|v| v.physical()) } else { None }),
+            after: Box::new(move || {
+                if let (Some(t), Some(u)) = (&thin, uuid) {
+                    match Volume::open(&b2) {
+                        Ok(v) => {
+                            if !t.switch_volume(v, u) {
+                                tracing::warn!(volume = %u, "the thin control thread has not followed the pivot's new top yet (busy at the storage); it will once back");
+                            }
+                        }
+                        Err(e) => tracing::error!(volume = %u, error = %e, "the new top's volume cannot be opened: its extensions are not monitored"),
+                    }
+                }
+            }),
+        }
+    }
+
+    /// `ctl job-complete {"id"}`: an active commit in `ready` pivots.
+    pub fn job_complete(&self, args: &Value) -> Result<Value, String> {
+        let j = self.find_job(args)?;
+        if !j.complete() {
+            return Err(format!("job {} is a {} in status {}; only an active commit that is ready completes", j.id, j.kind, j.json()["status"]));
+        }
+        Ok(json!({}))
     }
 
     /// `ctl query-jobs`.
@@ -225,16 +280,12 @@ impl ChainControl {
         // freeze already in place (a backup's) holds them and stays.
         let mut held: Option<(Instant, bool)> = None;
         let hub = self.hub.clone();
-        let mut hold = || -> Result<(), String> {
-            let ours = !hub.frozen();
+        let mut hold_now = || -> Result<(), String> {
             let t = Instant::now();
-            if ours {
-                hub.freeze(SNAPSHOT_DRAIN_LIMIT)?;
-            }
-            held = Some((t, ours));
+            held = Some((t, hold(&hub)?));
             Ok(())
         };
-        let switched = self.image.snapshot(overlay, limit, &mut hold);
+        let switched = self.image.snapshot(overlay, limit, &mut hold_now);
         let followed = match (&switched, volume, &self.thin) {
             (Ok(_), Some((v, u)), Some((t, _))) => Some(t.switch_volume(v, u)),
             _ => None,

@@ -341,6 +341,10 @@ impl Qcow2 {
         let mut journal_off = None;
         if !opts.read_only {
             let (first, header) = read_header(storage.as_ref())?;
+            let trusted = header.version >= 3 && header.autoclear_features & autoclear::THINBLK != 0;
+            if trusted && header.owner.is_some_and(|o| o.flags & Owner::MERGED != 0) {
+                return Err(Qcow2Error::Merged);
+            }
             if header.write_blocker().is_none() {
                 let state = Self::take_ownership(storage.as_ref(), &opts, &first, &header)?;
                 (journal, replayed, owner, journal_off) = state;
@@ -663,12 +667,24 @@ impl Qcow2 {
     /// in-use flag, and removes the journal (nothing in it is needed any more). On error the
     /// journal stays, for the next open.
     pub fn close(&self) -> Result<()> {
+        self.close_with(0)
+    }
+
+    /// Closes like [`Qcow2::close`], leaving the image marked [`Owner::MERGED`]: an active
+    /// commit's pivot, after which the image's writes go on in its base. A later read-write
+    /// open by thinblk is refused ([`Qcow2Error::Merged`]); QEMU ignores the mark (and drops
+    /// it at its own read-write open). Images without thinblk's extension carry no mark.
+    pub fn close_merged(&self) -> Result<()> {
+        self.close_with(Owner::MERGED)
+    }
+
+    fn close_with(&self, flags: u64) -> Result<()> {
         self.flush_metadata()?;
         self.storage.flush()?;
         // Serialised with the other header writes (a backing change may move the extension).
         let _serial = self.flush_serial.lock().map_err(|_| poisoned())?;
         if let Some(o) = self.current_owner() {
-            let cleared = self.storage.write_at(&0u64.to_be_bytes(), o.offset + 24).and_then(|()| self.storage.flush());
+            let cleared = self.storage.write_at(&flags.to_be_bytes(), o.offset + 24).and_then(|()| self.storage.flush());
             if let Err(e) = cleared {
                 // The flag may now read clear while this open goes on serving (a handover whose
                 // write-back failed stays active): set it again, so that a crash after this is

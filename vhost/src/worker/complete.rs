@@ -6,9 +6,6 @@ use super::*;
 impl Worker {
     pub(super) fn complete(&mut self, ctx: &Context, slot: usize, publish: bool) {
         let Some(mut p) = self.pending.remove(slot) else { return };
-        if super::pop::writes(p.req.kind) {
-            ctx.park.write_end();
-        }
         // The chunk goes back to the pool (its data, if any, was handed over already).
         p.staged = None;
         let mut errno = p.errno;
@@ -17,6 +14,11 @@ impl Worker {
                 tracing::error!(queue = self.queue, error = %e, "metadata update after write failed");
                 errno.get_or_insert(libc::EIO);
             }
+        }
+        // Only once its tickets are back: a freeze that sees no write at the storage then
+        // finds every write linked in the metadata (and, under an active commit, marked).
+        if super::pop::writes(p.req.kind) {
+            ctx.park.write_end();
         }
         match errno {
             None => ctx.park.on_success(),
