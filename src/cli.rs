@@ -221,7 +221,8 @@ pub enum Command {
 pub struct CtlArgs {
     /// The daemon's control socket (`--control PATH`).
     pub socket: PathBuf,
-    /// query-status, query-parked, cont, set-policy, freeze or thaw.
+    /// query-status, query-parked, cont, set-policy, freeze, thaw, hand-over, snapshot,
+    /// commit, query-jobs, job-complete, job-cancel, job-set-speed or job-dismiss.
     pub command: Option<String>,
     /// The command's arguments as a JSON object, e.g. '{"werror": "retry"}'.
     pub arguments: Option<String>,
