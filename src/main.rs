@@ -247,6 +247,8 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
         thinblk_vhost::seccomp::apply(&f).map_err(|e| Failure::Runtime(format!("seccomp: {e}")))?;
     }
     let result = serve(image, &cfg, listener, &shutdown).map_err(|e| Failure::Runtime(e.to_string()));
+    // A merge still running stops here: its base closed clean, the chain as it was.
+    chain.shutdown(std::time::Duration::from_secs(10));
     if let Some(t) = thin_handle {
         t.stop();
     }

@@ -802,6 +802,10 @@ impl Disk for Qcow2Format {
 
     fn inactivate(&self) -> Result<(), ImageError> {
         let _serial = self.transition.lock().map_err(|_| poisoned())?;
+        if *self.commit_job.lock().map_err(|_| poisoned())? {
+            // The merge writes its base and tracks the top: it would go on under the new owner.
+            return Err(ImageError::Refused("a merge job runs on this chain: cancel it (or let it finish) before the image is handed over".into()));
+        }
         let started = Instant::now();
         {
             let mut slot = self.top.write().map_err(|_| poisoned())?;

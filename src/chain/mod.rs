@@ -194,6 +194,21 @@ impl ChainControl {
         Ok(json!({}))
     }
 
+    /// At shutdown: every running job is cancelled (its base closed clean, the chain as it
+    /// was) and waited for, at most `limit` in all.
+    pub fn shutdown(&self, limit: std::time::Duration) {
+        let running: Vec<Arc<job::Job>> = self.jobs.lock().map(|j| j.iter().filter(|j| j.status() != job::Status::Concluded).cloned().collect()).unwrap_or_default();
+        let deadline = Instant::now() + limit;
+        for j in running {
+            if j.cancel() {
+                tracing::info!(job = %j.id, "shutdown: job cancelled");
+            }
+            while j.status() != job::Status::Concluded && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+
     /// `ctl query-jobs`.
     pub fn query_jobs(&self) -> Value {
         json!(self.jobs.lock().map(|j| j.iter().map(|j| j.json()).collect::<Vec<_>>()).unwrap_or_default())
