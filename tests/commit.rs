@@ -130,7 +130,7 @@ fn an_internal_commit_merges_a_middle_layer_while_the_frontend_writes() {
 
     // Refusals change nothing.
     for (args, why) in [
-        (json!({"top": s(&s2), "base": s(&base)}), "active layer"),
+        (json!({"top": s(&s2), "base": s(&base), "backing-file": "base"}), "internal commit"),
         (json!({"top": s(&base), "base": s(&s1)}), "not below"),
         (json!({"top": s(&s1), "base": s(&s1), "speed": "fast"}), "speed"),
         (json!({"top": s(&s1), "base": s(&base), "base-volume-uuid": "d772f1c6-3ebb-43c3-a42e-73fcd8255a5f"}), "thin mode"),
