@@ -53,6 +53,10 @@ pub trait CommitJob: Send {
     fn is_active(&self) -> bool {
         false
     }
+    /// Lists what is to be copied, if not done at the start (the job thread calls it first).
+    fn prepare(&mut self) -> Result<(), ImageError> {
+        Ok(())
+    }
     /// The pivot of an active commit: with the guest's writes held by `hold` (released by
     /// the caller afterwards), what is left is copied, the top is closed marked merged and
     /// the base becomes the top (with `limit`, its allocation limit).
@@ -498,6 +502,8 @@ pub struct ActiveCommit {
     dirty: Arc<crate::mirror::Dirty>,
     /// The top when the commit started.
     top_path: PathBuf,
+    /// What lies above the base was listed (the first step does it).
+    listed: bool,
 }
 
 impl Qcow2Format {
@@ -535,33 +541,27 @@ impl Qcow2Format {
         };
         let gran = engine.cluster_size().max(1 << 16);
         let dirty = Arc::new(crate::mirror::Dirty::new(crate::disk::Disk::capacity(&**self), gran));
-        // With the guest's writes held, tracking starts and what is allocated above the base
-        // is listed: every write is in one or the other.
+        // With the guest's writes held (none in flight, every ticket back), tracking starts:
+        // each later write is marked as it ends, each earlier one is allocated above the base,
+        // which the first step lists (outside the hold: on a large disk the listing reads
+        // every L2 table).
         let started = hold().map_err(|e| refused(format!("holding writes: {e}"))).and_then(|()| {
             let mut g = self.top.write().map_err(|_| poisoned())?;
-            let top = g.engine.as_ref().ok_or(ImageError::Inactive)?;
-            let mut engines = vec![top];
-            for l in &f.backing.layers[..b] {
-                match &**l {
-                    Layer::Qcow2 { img, .. } => engines.push(img),
-                    Layer::Raw { .. } => return Err(refused("a raw image above the base cannot be merged")),
-                }
+            if g.engine.is_none() {
+                return Err(ImageError::Inactive);
             }
-            let ranges = allocated_in(&engines, crate::disk::Disk::capacity(&**self))?;
             g.mirror = Some(dirty.clone());
-            Ok(ranges)
+            Ok(())
         });
-        let ranges = match started {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = engine.close();
-                let _ = self.change_backing_lock(&base_path, Access::backing());
-                return Err(e);
-            }
-        };
-        let total = ranges.iter().map(|r| r.1).sum();
+        if let Err(e) = started {
+            let _ = engine.close();
+            let _ = self.change_backing_lock(&base_path, Access::backing());
+            return Err(e);
+        }
+        let ranges: Vec<(u64, u64)> = Vec::new();
+        let total = 0;
         *job = true;
-        tracing::info!(top = %f.path.display(), base = %base_path.display(), bytes = total, granularity = gran, "active commit started: the guest's writes are tracked");
+        tracing::info!(top = %f.path.display(), base = %base_path.display(), granularity = gran, "active commit started: the guest's writes are tracked");
         Ok(ActiveCommit {
             inner: InternalCommit {
                 image: self.clone(),
@@ -579,6 +579,7 @@ impl Qcow2Format {
             },
             dirty,
             top_path: f.path.clone(),
+            listed: false,
         })
     }
 
@@ -599,6 +600,28 @@ impl Qcow2Format {
 }
 
 impl ActiveCommit {
+    /// Lists what the top and the layers down to just above the base allocate (what was
+    /// written before the tracking started is among it).
+    fn list(&mut self) -> Result<(), ImageError> {
+        let image = self.inner.image.clone();
+        let g = image.top.read().map_err(|_| poisoned())?;
+        let top = g.engine.as_ref().ok_or(ImageError::Inactive)?;
+        let mut engines = vec![top];
+        for l in &self.inner.chain.layers[..self.inner.base] {
+            match &**l {
+                Layer::Qcow2 { img, .. } => engines.push(img),
+                Layer::Raw { .. } => return Err(refused("a raw image above the base cannot be merged")),
+            }
+        }
+        let ranges = allocated_in(&engines, crate::disk::Disk::capacity(&*image))?;
+        drop(g);
+        self.inner.total = ranges.iter().map(|r| r.1).sum();
+        tracing::info!(top = %self.top_path.display(), bytes = self.inner.total, "active commit: what lies above the base is listed");
+        self.inner.ranges = ranges.into();
+        self.listed = true;
+        Ok(())
+    }
+
     /// Copies one range as the guest sees it now (through the served chain) into the base.
     fn copy(&mut self, off: u64, n: u64) -> Result<(), ImageError> {
         let engine = self.inner.engine.as_ref().ok_or_else(|| refused("the commit has ended"))?;
@@ -712,7 +735,18 @@ impl CommitJob for ActiveCommit {
         true
     }
 
+    fn prepare(&mut self) -> Result<(), ImageError> {
+        if self.listed {
+            return Ok(());
+        }
+        self.list()
+    }
+
     fn step(&mut self, max: u64) -> Result<bool, ImageError> {
+        if !self.listed {
+            self.list()?;
+            return Ok(true);
+        }
         if let Some(&(off, len)) = self.inner.ranges.front() {
             let n = len.min(max.clamp(4096, STEP_BYTES));
             self.copy(off, n)?;

@@ -220,6 +220,11 @@ const READY_IDLE: Duration = Duration::from_millis(20);
 
 fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtender>, hooks: &PivotHooks, stats: &JobStats) -> Outcome {
     job.set(Status::Running, None);
+    if let Err(e) = mover.prepare() {
+        mover.abandon();
+        return Outcome::Failed(format!("listing what to copy: {e}"));
+    }
+    job.total.store(mover.total(), Ordering::Relaxed);
     if let Some(x) = extender.as_mut() {
         // Sized ahead, as vdsm extends the base before a merge: what it holds plus what it
         // will receive (and its metadata).
