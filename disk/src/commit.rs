@@ -200,15 +200,7 @@ impl Qcow2Format {
     /// chain, `base` below `top`); `backing_name` overrides the name the layer above `top`
     /// will give `base` (by default: the name `base`'s child gives it now).
     pub fn commit_internal(self: &Arc<Self>, top: &Path, base: &Path, backing_name: Option<String>) -> Result<InternalCommit, ImageError> {
-        let _serial = self.transition.lock().map_err(|_| poisoned())?;
-        if !crate::disk::Disk::is_active(&**self) {
-            return Err(ImageError::Inactive);
-        }
-        let mut job = self.commit_job.lock().map_err(|_| poisoned())?;
-        if *job {
-            return Err(refused("a commit is already running on this chain"));
-        }
-        let f = self.top_file()?;
+        let (_serial, mut job, f) = self.begin_commit()?;
         if same(&f.path, top) {
             return Err(refused(format!("{} is the active layer: an active commit is needed", top.display())));
         }
@@ -272,6 +264,21 @@ impl Qcow2Format {
             backing_format: format.unwrap_or_else(|| "qcow2".into()),
             finished: false,
         })
+    }
+
+    /// A commit's start: chain changes held off, no other commit, the image active; the
+    /// served top and chain.
+    #[allow(clippy::type_complexity)]
+    fn begin_commit(&self) -> Result<(std::sync::MutexGuard<'_, ()>, std::sync::MutexGuard<'_, bool>, Arc<crate::qcow2::TopFile>), ImageError> {
+        let serial = self.transition.lock().map_err(|_| poisoned())?;
+        if !crate::disk::Disk::is_active(self) {
+            return Err(ImageError::Inactive);
+        }
+        let job = self.commit_job.lock().map_err(|_| poisoned())?;
+        if *job {
+            return Err(refused("a commit is already running on this chain"));
+        }
+        Ok((serial, job, self.top_file()?))
     }
 
     /// Moves the lock of the backing layer at `path` to `want`.
@@ -511,15 +518,7 @@ impl Qcow2Format {
     /// called before the change tracking starts (the caller holds the guest's writes there
     /// and releases them after this returns).
     pub fn commit_active(self: &Arc<Self>, base: &Path, hold: &mut dyn FnMut() -> Result<(), String>) -> Result<ActiveCommit, ImageError> {
-        let _serial = self.transition.lock().map_err(|_| poisoned())?;
-        if !crate::disk::Disk::is_active(&**self) {
-            return Err(ImageError::Inactive);
-        }
-        let mut job = self.commit_job.lock().map_err(|_| poisoned())?;
-        if *job {
-            return Err(refused("a commit is already running on this chain"));
-        }
-        let f = self.top_file()?;
+        let (_serial, mut job, f) = self.begin_commit()?;
         let b = f.backing.layers.iter().position(|l| same(l.path(), base)).ok_or_else(|| refused(format!("{} is not in the chain", base.display())))?;
         let base_path = match &*f.backing.layers[b] {
             Layer::Qcow2 { path, img, .. } => {

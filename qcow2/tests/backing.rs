@@ -1,45 +1,15 @@
 //! Changing the backing file of qemu-img's images, the step of a live merge that points the
 //! layer above the merged one at the merge's base: qemu-img, qemu-io and the engine agree.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{ok, s, Dir};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
 use thinblk_qcow2::{change_backing_file, FileStorage, OpenOptions, Qcow2, Qcow2Error};
 
-struct Dir(PathBuf);
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!("thinblk-backing-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("test directory");
-        Dir(p)
-    }
-    fn path(&self, n: &str) -> PathBuf {
-        self.0.join(n)
-    }
-}
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e} (install qemu-utils)"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
-}
-
-fn ok(cmd: &str, args: &[&str]) -> String {
-    let (code, text) = run(cmd, args);
-    assert_eq!(code, 0, "{cmd} {args:?}: {text}");
-    text
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 fn storage(p: &Path) -> Arc<FileStorage> {
     let f = std::fs::OpenOptions::new().read(true).write(true).open(p).expect("open");
