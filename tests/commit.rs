@@ -305,7 +305,7 @@ fn a_commit_killed_at_any_point_restarts_on_a_valid_chain_and_commits_again() {
         write_for(&sock, over.len() as u64 + 5, Duration::from_millis(300), &log);
     }
     let (base, s1, s2) = (img("base"), img("s1"), img("s2"));
-    let seed = std::env::var("THINBLK_COMMIT_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed_c0);
+    let seed = std::env::var("THINBLK_COMMIT_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x005e_edc0);
     eprintln!("THINBLK_COMMIT_SEED={seed}");
     let mut rng = common::Rng(seed);
     let mut leaky = 0;

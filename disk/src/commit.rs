@@ -225,21 +225,10 @@ impl Qcow2Format {
         };
         // 1. The base opened read-write under a writer's lock.
         self.change_backing_lock(&base_path, Access::qcow2(true))?;
-        let opened = (|| {
-            let (file, info) = open_direct(&base_path, false)?;
-            let storage = if self.engine_opts.fixed_size { Arc::new(FileStorage::new(file, info.alignment as usize).fixed_size()) } else { storage_for(file, &info) };
-            let mut engine = Qcow2::open(storage.clone(), OpenOptions { read_only: false, ..Default::default() })
-                .map_err(|e| refused(format!("{}: {e}", base_path.display())))?;
-            if let Some(reason) = engine.read_only_reason() {
-                return Err(refused(format!("{}: {reason}", base_path.display())));
-            }
-            let below: Vec<Arc<Layer>> = f.backing.layers[b + 1..].to_vec();
-            if !below.is_empty() {
-                engine.set_backing(Arc::new(ChainReader(Arc::new(Chain { layers: below }))));
-            }
+        let opened = self.open_base(&f, b, &base_path).and_then(|(engine, storage)| {
             let ranges = allocated(&f.backing.layers, t, b, crate::disk::Disk::capacity(&**self))?;
             Ok((engine, storage, ranges))
-        })();
+        });
         let (engine, storage, ranges) = match opened {
             Ok(o) => o,
             Err(e) => {
@@ -247,23 +236,10 @@ impl Qcow2Format {
                 return Err(e);
             }
         };
-        let total = ranges.iter().map(|r| r.1).sum();
         *job = true;
-        tracing::info!(top = %top.display(), base = %base_path.display(), bytes = total, "commit started");
-        Ok(InternalCommit {
-            image: self.clone(),
-            chain: f.backing.clone(),
-            top: t,
-            base: b,
-            engine: Some(engine),
-            storage,
-            ranges: ranges.into(),
-            total,
-            done: 0,
-            backing_name,
-            backing_format: format.unwrap_or_else(|| "qcow2".into()),
-            finished: false,
-        })
+        let c = InternalCommit::new(self.clone(), f.backing.clone(), (t, b), (engine, storage), ranges, (backing_name, format.unwrap_or_else(|| "qcow2".into())));
+        tracing::info!(top = %top.display(), base = %base_path.display(), bytes = c.total, "commit started");
+        Ok(c)
     }
 
     /// A commit's start: chain changes held off, no other commit, the image active; the
@@ -294,6 +270,25 @@ impl Qcow2Format {
 }
 
 impl InternalCommit {
+    /// A merge of `chain`'s layers `top..base` (indices) into the base opened as `opened`,
+    /// `ranges` to copy, the child renaming the base `backing` (name, format).
+    fn new(image: Arc<Qcow2Format>, chain: Arc<Chain>, (top, base): (usize, usize), opened: (Qcow2, Arc<FileStorage>), ranges: Vec<(u64, u64)>, backing: (String, String)) -> InternalCommit {
+        InternalCommit {
+            image,
+            chain,
+            top,
+            base,
+            engine: Some(opened.0),
+            storage: opened.1,
+            total: ranges.iter().map(|r| r.1).sum(),
+            ranges: ranges.into(),
+            done: 0,
+            backing_name: backing.0,
+            backing_format: backing.1,
+            finished: false,
+        }
+    }
+
     fn layer_path(&self, k: usize) -> PathBuf {
         self.chain.layers.get(k).map(|l| l.path().to_path_buf()).unwrap_or_default()
     }
@@ -557,25 +552,10 @@ impl Qcow2Format {
             let _ = self.change_backing_lock(&base_path, Access::backing());
             return Err(e);
         }
-        let ranges: Vec<(u64, u64)> = Vec::new();
-        let total = 0;
         *job = true;
         tracing::info!(top = %f.path.display(), base = %base_path.display(), granularity = gran, "active commit started: the guest's writes are tracked");
         Ok(ActiveCommit {
-            inner: InternalCommit {
-                image: self.clone(),
-                chain: f.backing.clone(),
-                top: 0,
-                base: b,
-                engine: Some(engine),
-                storage,
-                ranges: ranges.into(),
-                total,
-                done: 0,
-                backing_name: String::new(),
-                backing_format: String::new(),
-                finished: false,
-            },
+            inner: InternalCommit::new(self.clone(), f.backing.clone(), (0, b), (engine, storage), Vec::new(), (String::new(), String::new())),
             dirty,
             top_path: f.path.clone(),
             listed: false,
