@@ -777,3 +777,96 @@ impl Drop for ActiveCommit {
         self.abandon();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::{read_mapped, write_mapped, Disk, Target};
+    use crate::qcow2::ImageOptions;
+    use std::process::Command;
+
+    const MIB: u64 = 1 << 20;
+
+    struct Dir(PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn qemu_img(args: &[&str]) {
+        let out = Command::new("qemu-img").args(args).output().expect("qemu-img (qemu-utils) is needed");
+        assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// base ← s1 ← top, 16 MiB, in a fresh directory (s1 holding 2 MiB of 0x5a); the chain
+    /// served from `top`.
+    fn chain(name: &str) -> (Dir, Arc<Qcow2Format>) {
+        let dir = Dir(std::env::temp_dir().join(format!("thinblk-commit-{name}-{}", std::process::id())));
+        let _ = std::fs::remove_dir_all(&dir.0);
+        std::fs::create_dir_all(&dir.0).expect("dir");
+        let p = |n: &str| dir.0.join(n).to_str().expect("utf-8").to_string();
+        qemu_img(&["create", "-q", "-f", "qcow2", &p("base"), "16M"]);
+        qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", "base", "-F", "qcow2", &p("s1"), "16M"]);
+        qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", "s1", "-F", "qcow2", &p("top"), "16M"]);
+        let out = Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x5a 0 2M", &p("s1")]).output().expect("qemu-io");
+        assert!(out.status.success(), "qemu-io: {}", String::from_utf8_lossy(&out.stderr));
+        let q = Arc::new(Qcow2Format::open(&dir.0.join("top"), &ImageOptions::default()).expect("open"));
+        (dir, q)
+    }
+
+    #[test]
+    fn a_write_that_lands_after_its_chunk_was_copied_is_copied_again_before_the_pivot() {
+        let (dir, q) = chain("mirror");
+        let a = vec![0xaau8; 65536];
+        write_mapped(&*q, 0, &a).expect("write a");
+        let mut job = q.commit_active(&dir.0.join("base"), &mut || Ok(())).expect("start");
+        while job.step(STEP_BYTES).expect("step") {}
+        assert_eq!(job.done(), 2 * MIB, "the top's cluster and s1's 2 MiB (overlapping) copied");
+        // A guest write mapped now, whose data lands only after the copier read the chunk:
+        // the copier finds nothing marked (the write has not ended), the write then ends.
+        let mut ext = Vec::new();
+        let ticket = q.map_write(0, 65536, &mut ext).expect("map");
+        assert!(ticket.1.is_some(), "the ticket carries the range while tracking");
+        assert!(!job.step(STEP_BYTES).expect("step"), "nothing marked before the write ends");
+        let Target::Host { file, offset } = ext[0].target else { panic!("host extent") };
+        let b = crate::aligned::AlignedBuf::zeroed(65536, 4096).expect("buf");
+        let mut b = b;
+        b.as_mut_slice().fill(0xbb);
+        // SAFETY: the buffer outlives the call; the fd is the image's.
+        assert_eq!(unsafe { libc::pwrite(q.files()[file as usize], b.ptr().cast(), 65536, offset as libc::off_t) }, 65536);
+        q.write_done(ticket, true).expect("done");
+        assert!(job.step(STEP_BYTES).expect("step"), "the ended write is copied again");
+        job.pivot(&mut || Ok(()), None).expect("pivot");
+        assert_eq!(q.chain(), vec![dir.0.join("base")]);
+        assert_eq!(read_mapped(&*q, 0, 65536).expect("read"), vec![0xbbu8; 65536], "the base serves the last write");
+        assert!(q.map_write(0, 4096, &mut Vec::new()).expect("map").1.is_none(), "no tracking after the pivot");
+        q.close().expect("close");
+        drop(job);
+        drop(q);
+        let again = Qcow2Format::open(&dir.0.join("top"), &ImageOptions::default());
+        assert!(matches!(again, Err(crate::qcow2::FormatError::Qcow2 { source: thinblk_qcow2::Qcow2Error::Merged, .. })), "the merged top is refused");
+    }
+
+    #[test]
+    fn an_internal_commit_rebases_the_child_and_a_cancel_changes_nothing() {
+        let (dir, q) = chain("internal");
+        let data = vec![0x5au8; 2 * MIB as usize];
+        let (top, s1) = (dir.0.join("top"), dir.0.join("s1"));
+        let mut cancelled = q.commit_internal(&s1, &dir.0.join("base"), None).expect("start");
+        assert!(q.commit_internal(&s1, &dir.0.join("base"), None).is_err(), "one commit at a time");
+        assert!(cancelled.step(MIB).expect("step"));
+        cancelled.abandon();
+        assert_eq!(q.chain().len(), 3, "a cancel changes nothing");
+        drop(cancelled);
+        let mut job = q.commit_internal(&s1, &dir.0.join("base"), None).expect("start again");
+        assert_eq!(job.total(), 2 * MIB);
+        while job.step(MIB).expect("step") {}
+        job.complete().expect("complete");
+        assert_eq!(q.chain(), vec![top.clone(), dir.0.join("base")]);
+        assert_eq!(read_mapped(&*q, 0, 2 * MIB as usize).expect("read"), data);
+        assert_eq!(q.top.read().expect("top").engine.as_ref().map(|e| e.header().backing_file), Some(Some("base".to_string())));
+        q.close().expect("close");
+    }
+}
