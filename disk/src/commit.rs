@@ -67,6 +67,9 @@ pub trait CommitJob: Send {
     fn abandon(&mut self);
     /// One past the last host byte the base uses (its volume must hold it).
     fn base_allocation(&self) -> u64;
+    /// Retires again the files that left the chain but that a ring still held (a busy
+    /// backlog, a bounced read in hand); how many still wait.
+    fn settle(&mut self) -> usize;
     /// The host offset no allocation in the base may pass (its volume's size).
     fn set_base_limit(&self, limit: u64);
 }
@@ -343,6 +346,10 @@ impl CommitJob for InternalCommit {
         self.engine.as_ref().map(|e| e.allocation()).unwrap_or(0)
     }
 
+    fn settle(&mut self) -> usize {
+        self.image.retire(Vec::new())
+    }
+
     fn set_base_limit(&self, limit: u64) {
         if let Some(e) = self.engine.as_ref() {
             e.set_limit(limit);
@@ -352,7 +359,7 @@ impl CommitJob for InternalCommit {
     fn step(&mut self, max: u64) -> Result<bool, ImageError> {
         let Some(&(off, len)) = self.ranges.front() else { return Ok(false) };
         let engine = self.engine.as_ref().ok_or_else(|| refused("the commit has ended"))?;
-        let n = len.min(max.clamp(4096, STEP_BYTES));
+        let n = len.min(max.min(STEP_BYTES).max(4096));
         let mut buf = vec![0u8; n as usize];
         self.chain.read(self.top, &mut buf, off).map_err(|e| refused(format!("reading {}: {e}", self.layer_path(self.top).display())))?;
         write_into(engine, self.storage.as_ref(), off, &buf)?;
@@ -404,7 +411,7 @@ impl CommitJob for InternalCommit {
         }
         self.finished = true;
         self.release();
-        self.image.retire(dropped.into_iter().map(RetiredFile::layer).collect());
+        let _ = self.image.retire(dropped.into_iter().map(RetiredFile::layer).collect());
         let (top, base) = (self.layer_path(self.top), self.layer_path(self.base));
         tracing::info!(top = %top.display(), base = %base.display(), bytes = self.done, "commit completed: the merged layers left the chain");
         Ok(())
@@ -459,9 +466,10 @@ impl RetiredFile {
 }
 
 impl Qcow2Format {
-    /// Retires `dropped` (and any file an earlier try could not retire yet).
-    pub(crate) fn retire(&self, dropped: Vec<RetiredFile>) {
-        let Ok(mut waiting) = self.retired.files.lock() else { return };
+    /// Retires `dropped` (and any file an earlier try could not retire yet); how many files
+    /// still wait for the rings.
+    pub(crate) fn retire(&self, dropped: Vec<RetiredFile>) -> usize {
+        let Ok(mut waiting) = self.retired.files.lock() else { return dropped.len() };
         waiting.extend(dropped);
         let mut kept = Vec::new();
         for f in waiting.drain(..) {
@@ -479,6 +487,7 @@ impl Qcow2Format {
             }
         }
         *waiting = kept;
+        waiting.len()
     }
 }
 
@@ -646,7 +655,7 @@ impl ActiveCommit {
             let mut g = image.top.write().map_err(|_| poisoned())?;
             let marked = match g.engine.as_ref() {
                 None => Err(ImageError::Inactive),
-                Some(top) if top.pending_writes() > 0 => Err(refused("writes in flight at the pivot")),
+                Some(_) if image.tickets_out.load(std::sync::atomic::Ordering::SeqCst) > 0 => Err(refused("writes in flight at the pivot")),
                 Some(_) if self.dirty.count() > 0 => Err(refused("the guest wrote during the pivot")),
                 Some(top) => top.close_merged().map_err(|e| refused(format!("closing the old top: {e}"))),
             };
@@ -683,7 +692,7 @@ impl ActiveCommit {
         // 3. The old top, the merged layers and the base's read-only file leave.
         let mut gone = vec![RetiredFile { slot: old_file.slot, path: old_file.path.clone(), _keep: Box::new(old_file.clone()) }];
         gone.extend(self.inner.chain.layers[..=self.inner.base].iter().cloned().map(RetiredFile::layer));
-        image.retire(gone);
+        let _ = image.retire(gone);
         tracing::info!(old_top = %self.top_path.display(), top = %base_path.display(), bytes = self.inner.done, "active commit pivoted: the base is the top");
         Ok(())
     }
@@ -704,6 +713,10 @@ impl CommitJob for ActiveCommit {
 
     fn base_allocation(&self) -> u64 {
         self.inner.base_allocation()
+    }
+
+    fn settle(&mut self) -> usize {
+        self.inner.settle()
     }
 
     fn set_base_limit(&self, limit: u64) {
@@ -727,7 +740,7 @@ impl CommitJob for ActiveCommit {
             return Ok(true);
         }
         if let Some(&(off, len)) = self.inner.ranges.front() {
-            let n = len.min(max.clamp(4096, STEP_BYTES));
+            let n = len.min(max.min(STEP_BYTES).max(4096));
             self.copy(off, n)?;
             if let Some(front) = self.inner.ranges.front_mut() {
                 if n == len {
@@ -738,7 +751,8 @@ impl CommitJob for ActiveCommit {
             }
             return Ok(true);
         }
-        match self.dirty.take(max.clamp(self.dirty.granularity(), STEP_BYTES)) {
+        // At least one chunk (a base with 2 MiB clusters has 2 MiB chunks, above a step).
+        match self.dirty.take(max.min(STEP_BYTES).max(self.dirty.granularity())) {
             Some((off, len)) => {
                 if let Err(e) = self.copy(off, len) {
                     // Not copied: marked again, for the next step.

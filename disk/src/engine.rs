@@ -77,9 +77,10 @@ pub trait Engine: Send {
     fn eventfd(&self) -> RawFd;
     /// Clears that eventfd.
     fn ack_eventfd(&self);
-    /// Makes the registered file table `table` (slot → fd, -1: empty), slot by slot. Engines
+    /// Makes the registered file table `table` (slot → fd, -1: empty), slot by slot; the
+    /// slots in `busy` (named by extents the worker still holds) must not change. Engines
     /// that address files directly (tests) have nothing to register.
-    fn set_files(&mut self, _table: &[RawFd]) -> io::Result<()> {
+    fn set_files(&mut self, _table: &[RawFd], _busy: &[u32]) -> io::Result<()> {
         Ok(())
     }
 }

@@ -213,6 +213,9 @@ pub struct Qcow2Format {
     pub(crate) backing_locks: Mutex<Vec<(PathBuf, ImageLock)>>,
     /// A commit job holds the chain (snapshots and other commits wait for its end).
     pub(crate) commit_job: Mutex<bool>,
+    /// Mapped writes and zeroings whose tickets have not come back: a chain change waits for
+    /// none (their links and marks belong to the engine that mapped them).
+    pub(crate) tickets_out: AtomicU64,
     /// Layers that left the chain and wait for the rings to let go of their slots.
     pub(crate) retired: crate::commit::Retired,
 }
@@ -359,6 +362,7 @@ impl Qcow2Format {
             transition: Mutex::new(()),
             backing_locks: Mutex::new(backing_locks),
             commit_job: Mutex::new(false),
+            tickets_out: AtomicU64::new(0),
             retired: Default::default(),
         };
         if !opts.inactive {
@@ -703,15 +707,19 @@ impl Disk for Qcow2Format {
         let tracked = g.mirror.is_some().then_some((offset, len));
         for r in ranges {
             let Mapping::Data(h) = r.mapping else {
+                // The engine's pending clusters go back with the refusal.
+                let _ = top.write_done(&ticket, false);
                 return Err(ImageError::Refused("write mapped to a non-data range".into()));
             };
             out.push(Extent { req_off: r.guest - offset, len: r.len, target: Target::Host { file: g.file.slot, offset: h } });
         }
+        self.tickets_out.fetch_add(1, Ordering::SeqCst);
         Ok(WriteTicket(ticket, tracked))
     }
 
     fn write_done(&self, ticket: WriteTicket, ok: bool) -> Result<(), ImageError> {
         let g = self.engine()?;
+        let _ = self.tickets_out.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| Some(n.saturating_sub(1)));
         let r = active(&g)?.write_done(&ticket.0, ok).map_err(to_image_error);
         if let (Some((off, len)), Some(m)) = (ticket.1, g.mirror.as_ref()) {
             m.mark(off, len);
@@ -729,6 +737,7 @@ impl Disk for Qcow2Format {
         let mut flagged = Vec::new();
         let ticket = top.zero_range(offset, len, &mut partial, &mut flagged).map_err(to_image_error)?;
         let tracked = g.mirror.is_some().then_some((offset, len));
+        self.tickets_out.fetch_add(1, Ordering::SeqCst);
         if self.discard_unmap && req.may_unmap() {
             let cs = top.cluster_size();
             for h in flagged {

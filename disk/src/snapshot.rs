@@ -214,9 +214,9 @@ impl Qcow2Format {
         };
         let held = Instant::now();
         let Some(old) = g.engine.as_ref() else { return Err(ImageError::Inactive) };
-        let pending = old.pending_writes();
-        if pending > 0 {
-            return Err(refused(format!("{pending} clusters have writes in flight; writes must be held first")));
+        let out = self.tickets_out.load(Ordering::SeqCst);
+        if out > 0 {
+            return Err(refused(format!("{out} writes have not ended; writes must be held first")));
         }
         // The old top written back, synced and closed clean; on an error it goes on serving
         // (its flag set again).

@@ -117,14 +117,18 @@ impl Engine for Ring {
         self.in_kernel + self.backlog.len()
     }
 
-    fn set_files(&mut self, table: &[RawFd]) -> io::Result<()> {
+    fn set_files(&mut self, table: &[RawFd], busy: &[u32]) -> io::Result<()> {
         if table.len() > self.registered.len() {
             return Err(io::Error::other(format!("{} files do not fit the ring's {} slots", table.len(), self.registered.len())));
         }
         // A fixed file is looked up when its entry is submitted: an entry mapped before a
         // slot is emptied or replaced must reach the kernel first. Everything queued is
         // submitted now; if the kernel cannot take the backlog yet, the change waits.
-        let replaces = table.iter().zip(&self.registered).any(|(&new, &old)| old >= 0 && new != old);
+        let changes = |slot: usize| table.get(slot).zip(self.registered.get(slot)).is_some_and(|(&new, &old)| old >= 0 && new != old);
+        if let Some(slot) = busy.iter().find(|&&s| changes(s as usize)) {
+            return Err(io::Error::new(io::ErrorKind::WouldBlock, format!("slot {slot} is named by a request still in hand")));
+        }
+        let replaces = (0..table.len()).any(changes);
         if replaces {
             self.submit()?;
             if !self.backlog.is_empty() {
@@ -268,11 +272,12 @@ mod tests {
             (ring.pop().unwrap().1, buf)
         };
         assert_eq!(read(&mut ring, 2).0, -libc::EBADF, "an empty slot");
-        ring.set_files(&[fa.as_raw_fd(), -1, fb.as_raw_fd()]).expect("fill slot 2");
+        ring.set_files(&[fa.as_raw_fd(), -1, fb.as_raw_fd()], &[]).expect("fill slot 2");
+        assert!(ring.set_files(&[fa.as_raw_fd(), -1, -1], &[2]).is_err(), "a busy slot is not emptied");
         assert_eq!(read(&mut ring, 2), (10, *b"other file"));
         assert_eq!(read(&mut ring, 0), (10, *b"first file"), "slot 0 unchanged");
-        ring.set_files(&[fa.as_raw_fd(), -1, -1]).expect("empty slot 2");
+        ring.set_files(&[fa.as_raw_fd(), -1, -1], &[0]).expect("empty slot 2");
         assert_eq!(read(&mut ring, 2).0, -libc::EBADF);
-        assert!(ring.set_files(&[-1; 5]).is_err(), "more files than slots");
+        assert!(ring.set_files(&[-1; 5], &[]).is_err(), "more files than slots");
     }
 }

@@ -195,7 +195,10 @@ pub fn start(
     stats.running.fetch_add(1, Ordering::SeqCst);
     tracing::info!(job = %job.id, top = %job.top, base = %job.base, total = mover.total(), speed, "job state: created");
     std::thread::Builder::new().name(format!("job-{}", job.id)).spawn(move || {
-        let outcome = run(&j, mover, extender, &hooks, &stats);
+        // A panic in the mover ends the job as failed (the mover's drop gives up the merge:
+        // the chain as it was) instead of leaving it running for ever.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&j, mover, extender, &hooks, &stats)))
+            .unwrap_or_else(|_| Outcome::Failed("internal error (a panic in the merge; see the log)".into()));
         match &outcome {
             Outcome::Completed => stats.completed.fetch_add(1, Ordering::Relaxed),
             Outcome::Cancelled => stats.cancelled.fetch_add(1, Ordering::Relaxed),
@@ -279,8 +282,10 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
                 }
                 if let Err(e) = x.ensure(mover.as_ref(), mover.total() - mover.done() + STEP_BYTES, FULL_LIMIT, &job.cancel) {
                     tracing::warn!(job = %job.id, error = %e, "extending the base failed; retrying");
-                    std::thread::sleep(FULL_RETRY);
                 }
+                // Never a busy loop: the volume may look big enough while the copy still finds
+                // the base full (its limit follows at the next refresh).
+                std::thread::sleep(FULL_RETRY);
             }
             Err(e) => {
                 mover.abandon();
@@ -294,7 +299,10 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
     }
     job.set(Status::Pending, None);
     match mover.complete() {
-        Ok(()) => Outcome::Completed,
+        Ok(()) => {
+            settle(job, mover.as_mut());
+            Outcome::Completed
+        }
         Err(e) => {
             mover.abandon();
             Outcome::Failed(e.to_string())
@@ -315,13 +323,17 @@ fn pivot(job: &Job, mover: &mut dyn CommitJob, hooks: &PivotHooks) -> Outcome {
         },
         limit,
     );
+    // The thin control follows the base before the guest's writes resume on it.
+    if r.is_ok() {
+        (hooks.after)();
+    }
     if ours {
         (hooks.release)();
     }
     match r {
         Ok(()) => {
             tracing::info!(job = %job.id, pause_us = started.elapsed().as_micros() as u64, "pivot done: the base serves the guest");
-            (hooks.after)();
+            settle(job, mover);
             Outcome::Completed
         }
         Err(e) => {
@@ -329,6 +341,26 @@ fn pivot(job: &Job, mover: &mut dyn CommitJob, hooks: &PivotHooks) -> Outcome {
             mover.abandon();
             Outcome::Failed(format!("pivot: {e}"))
         }
+    }
+}
+
+/// How long a job retries closing the files that left the chain.
+const SETTLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Closes the files that left the chain, retrying while a ring still holds one (its LV can be
+/// deactivated only once closed).
+fn settle(job: &Job, mover: &mut dyn CommitJob) {
+    let started = Instant::now();
+    loop {
+        let left = mover.settle();
+        if left == 0 {
+            return;
+        }
+        if started.elapsed() > SETTLE_LIMIT {
+            tracing::warn!(job = %job.id, files = left, "files that left the chain are still held by a ring; they close at the next chain change");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

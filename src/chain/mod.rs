@@ -23,13 +23,11 @@ use crate::thin::{ThinOptions, ThinSwitch};
 /// nothing): a storage that stalls this long would stall the guest anyway.
 pub const SNAPSHOT_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Holds the guest's writes (as `freeze` does); whether this call holds them (a freeze
-/// already in place, a backup's, holds them and stays).
+/// Holds the guest's writes for a chain change and waits until none is at the storage
+/// (true: released with `ParkHub::release`). Separate from `freeze`: a backup's `thaw`, or its
+/// freeze's timeout, cannot release it.
 fn hold(hub: &ParkHub) -> Result<bool, String> {
-    if hub.frozen() {
-        return Ok(false);
-    }
-    hub.freeze(SNAPSHOT_DRAIN_LIMIT)?;
+    hub.hold(SNAPSHOT_DRAIN_LIMIT)?;
     Ok(true)
 }
 
@@ -146,7 +144,7 @@ impl ChainControl {
             Ok(())
         });
         if held {
-            self.hub.thaw();
+            self.hub.release();
         }
         let mover = mover.map_err(|e| e.to_string())?;
         let hooks = self.pivot_hooks(&base, uuid);
@@ -168,7 +166,7 @@ impl ChainControl {
         let with_thin = thin.is_some();
         job::PivotHooks {
             hold: Box::new(move || hold(&h1)),
-            release: Box::new(move || h2.thaw()),
+            release: Box::new(move || h2.release()),
             limit: Box::new(move || if with_thin { Volume::open(&b1).ok().map(|v| v.physical()) } else { None }),
             after: Box::new(move || {
                 if let (Some(t), Some(u)) = (&thin, uuid) {
@@ -308,7 +306,7 @@ impl ChainControl {
         let (started, ours) = held.unwrap_or((Instant::now(), false));
         let drained = held.map(|(t, _)| t);
         if ours {
-            self.hub.thaw();
+            self.hub.release();
         }
         let pause = started.elapsed();
         let _ = drained;

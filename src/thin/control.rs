@@ -151,6 +151,9 @@ pub struct Control {
     active: bool,
     /// New tops to follow (snapshots), and how a new top's monitor is made.
     switches: Option<(std::sync::mpsc::Receiver<Switch>, FreshMonitor)>,
+    /// Set while a new top waits to be followed: the volume here is no longer the top's, so
+    /// its size must not become the engine's limit.
+    superseded: Arc<AtomicBool>,
 }
 
 /// Makes the monitor of a new top.
@@ -264,12 +267,14 @@ impl Control {
             stats: Arc::new(Mutex::new(ThinStats::default())),
             active,
             switches: None,
+            superseded: Arc::new(AtomicBool::new(false)),
         }
     }
 
     /// Follows new tops sent on `rx` (each with a fresh monitor from `monitor`).
-    pub fn with_switches(mut self, rx: std::sync::mpsc::Receiver<Switch>, monitor: FreshMonitor) -> Control {
+    pub fn with_switches(mut self, rx: std::sync::mpsc::Receiver<Switch>, monitor: FreshMonitor, superseded: Arc<AtomicBool>) -> Control {
         self.switches = Some((rx, monitor));
+        self.superseded = superseded;
         self
     }
 
@@ -282,6 +287,7 @@ impl Control {
         }
         let Some(sw) = latest else { return };
         let monitor = fresh();
+        self.superseded.store(false, Ordering::SeqCst);
         let old = self.id.volume;
         if let Err(e) = self.io.claim(sw.uuid) {
             // The claim guards only the reclaim of stale slots by other processes of the host.
@@ -557,6 +563,10 @@ impl Control {
                 return;
             }
         };
+        if self.superseded.load(Ordering::SeqCst) {
+            // A snapshot or a pivot made another volume the top's; it is followed next.
+            return;
+        }
         if physical > before {
             self.engine.set_limit(physical);
         }

@@ -53,6 +53,7 @@ pub struct ThinHandle {
     switches: Mutex<std::sync::mpsc::Sender<control::Switch>>,
     signals: Arc<Signals>,
     lock: PathBuf,
+    superseded: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Hands the control thread a snapshot's new top.
@@ -61,6 +62,7 @@ pub struct ThinSwitch {
     tx: Option<std::sync::mpsc::Sender<control::Switch>>,
     signals: Arc<Signals>,
     lock: PathBuf,
+    superseded: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ThinSwitch {
@@ -75,6 +77,7 @@ impl ThinSwitch {
     pub fn switch_volume(&self, volume: Volume, uuid: Uuid) -> bool {
         let (done, seen) = std::sync::mpsc::channel();
         let Some(tx) = &self.tx else { return false };
+        self.superseded.store(true, std::sync::atomic::Ordering::SeqCst);
         if tx.send(control::Switch { volume, uuid, done }).is_err() {
             return false;
         }
@@ -100,7 +103,12 @@ impl ThinHandle {
 
     /// What a snapshot uses to make the control thread follow its new top.
     pub fn switcher(&self) -> ThinSwitch {
-        ThinSwitch { tx: self.switches.lock().map(|t| t.clone()).ok(), signals: self.signals.clone(), lock: self.lock.clone() }
+        ThinSwitch {
+            tx: self.switches.lock().map(|t| t.clone()).ok(),
+            signals: self.signals.clone(),
+            lock: self.lock.clone(),
+            superseded: self.superseded.clone(),
+        }
     }
 
     /// Stops the control thread (clearing our mailbox slots) and waits for it.
@@ -161,12 +169,13 @@ pub fn start(
         None => Monitor::new(policy, capacity),
     });
     let signals_for_switch = signals.clone();
-    let control = Control::new(engine, volume, monitor, signals, hub, client, Box::new(io), id).with_switches(rx, fresh);
+    let superseded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let control = Control::new(engine, volume, monitor, signals, hub, client, Box::new(io), id).with_switches(rx, fresh, superseded.clone());
     let stats = control.stats();
     let stop = EventFd::new(EFD_NONBLOCK)?;
     let stop_rx = stop.try_clone()?;
     let thread = std::thread::Builder::new().name("thin-control".into()).spawn(move || control.run(&stop_rx))?;
-    Ok(ThinHandle { stop, thread: Some(thread), stats, switches: Mutex::new(tx), signals: signals_for_switch, lock: opts.lock.clone() })
+    Ok(ThinHandle { stop, thread: Some(thread), stats, switches: Mutex::new(tx), signals: signals_for_switch, lock: opts.lock.clone(), superseded })
 }
 
 /// 16 random bytes for a doorbell (uniqueness is all that matters).

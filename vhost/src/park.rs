@@ -102,6 +102,8 @@ pub struct ParkHub {
     policy: std::sync::OnceLock<Arc<dyn FaultPolicy>>,
     /// Frozen: writes are held (parked) as they arrive; reads flow.
     frozen: std::sync::atomic::AtomicBool,
+    /// Chain changes holding writes now ([`ParkHub::hold`]).
+    holds: std::sync::atomic::AtomicUsize,
     /// Write requests (write, discard, write-zeroes) at the storage now, over all queues.
     writes: AtomicUsize,
     /// Bumped at every freeze (a timeout thaws only the freeze it was armed for).
@@ -122,6 +124,7 @@ impl ParkHub {
             listener: RwLock::new(None),
             policy: std::sync::OnceLock::new(),
             frozen: std::sync::atomic::AtomicBool::new(false),
+            holds: std::sync::atomic::AtomicUsize::new(0),
             writes: AtomicUsize::new(0),
             freezes: AtomicU64::new(0),
         }))
@@ -178,9 +181,34 @@ impl ParkHub {
         }
     }
 
-    /// Whether writes are held.
+    /// Whether writes are held (a freeze, or a chain change's hold).
     pub fn frozen(&self) -> bool {
-        self.frozen.load(Ordering::SeqCst)
+        self.frozen.load(Ordering::SeqCst) || self.holds.load(Ordering::SeqCst) > 0
+    }
+
+    /// Holds new writes for a chain change (a snapshot's switch, a pivot) and waits (at most
+    /// `limit`) until none is at the storage. Independent of `freeze`: a `thaw` or a freeze's
+    /// timeout does not release it, only [`ParkHub::release`] does.
+    pub fn hold(&self, limit: std::time::Duration) -> Result<(), String> {
+        self.holds.fetch_add(1, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + limit;
+        while self.writes_in_flight() > 0 {
+            if std::time::Instant::now() >= deadline {
+                let left = self.writes_in_flight();
+                self.release();
+                return Err(format!("{left} writes still at the storage after {} ms", limit.as_millis()));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    /// Ends one [`ParkHub::hold`]; held writes resume unless something else holds them.
+    pub fn release(&self) {
+        let before = self.holds.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |h| Some(h.saturating_sub(1))).unwrap_or(0);
+        if before == 1 && !self.frozen.load(Ordering::SeqCst) {
+            self.resume();
+        }
     }
 
     /// A write request went to the storage.
@@ -215,9 +243,9 @@ impl ParkHub {
         Ok(n)
     }
 
-    /// Releases held writes (they are retried now).
+    /// Releases held writes (they are retried now), unless a chain change holds them.
     pub fn thaw(&self) {
-        if self.frozen.swap(false, Ordering::SeqCst) {
+        if self.frozen.swap(false, Ordering::SeqCst) && self.holds.load(Ordering::SeqCst) == 0 {
             tracing::info!("disk thawed: held writes resume");
             self.resume();
         }
@@ -225,7 +253,7 @@ impl ParkHub {
 
     /// Thaws if freeze number `n` is still the current one (a freeze's timeout).
     pub fn thaw_if(&self, n: u64) -> bool {
-        if self.freezes.load(Ordering::SeqCst) == n && self.frozen() {
+        if self.freezes.load(Ordering::SeqCst) == n && self.frozen.load(Ordering::SeqCst) {
             self.thaw();
             return true;
         }

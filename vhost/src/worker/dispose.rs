@@ -37,6 +37,8 @@ impl Worker {
             }
         }
         let Some(mut p) = self.pending.remove(slot) else { return };
+        // Its tickets go back first: a hold that sees no write at the storage finds none out.
+        self.release_tickets(ctx, &mut p);
         if super::pop::writes(p.req.kind) {
             ctx.park.write_end();
         }

@@ -177,6 +177,9 @@ impl<T> Slab<T> {
     fn len(&self) -> usize {
         self.items.len() - self.free.len()
     }
+    fn values(&self) -> impl Iterator<Item = &T> {
+        self.items.iter().flatten()
+    }
 }
 
 /// The per-queue worker.
@@ -226,9 +229,19 @@ impl Worker {
         Ok(Worker::with_engine(queue, ring, ring_entries as usize * 4, stats))
     }
 
-    /// Registers the image's file table `table` with this worker's ring.
+    /// Registers the image's file table `table` with this worker's ring; refused while a
+    /// request in hand (a bounced read that goes on chunk by chunk) names a slot it changes.
     pub fn set_files(&mut self, table: &[std::os::fd::RawFd]) -> io::Result<()> {
-        self.ring.set_files(table)
+        let mut busy: Vec<u32> = Vec::new();
+        for p in self.pending.values() {
+            if let Some(st) = &p.staged {
+                busy.extend(st.extents.iter().filter_map(|e| match e.target {
+                    crate::image::Target::Host { file, .. } => Some(file),
+                    _ => None,
+                }));
+            }
+        }
+        self.ring.set_files(table, &busy)
     }
 
     /// A worker over any engine, popping no chain while `op_cap` host ops are in flight.
