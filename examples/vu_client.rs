@@ -4,6 +4,8 @@
 //! each sector stamped with its number, then flushes. After every completion it records in PROGRESS how
 //! many leading blocks are acknowledged (a backup taken later must hold at least those).
 //! `vu_client verify SOCKET MIB` reads blocks 0..MIB back and checks the patterns.
+//! MIB may also be a range `FIRST..END` (blocks FIRST to END-1; PROGRESS then counts from 0,
+//! as if blocks 0..FIRST were acknowledged).
 //! Both print one summary line (MiB/s, longest request) and exit non-zero on any error.
 use std::error::Error;
 use std::mem::MaybeUninit;
@@ -56,9 +58,18 @@ fn main() {
 
 fn run() -> Res<()> {
     let args: Vec<String> = std::env::args().collect();
-    let (mode, socket, mib) = match args.as_slice() {
-        [_, m, s, n, ..] => (m.as_str(), s.as_str(), n.parse::<u64>()?),
-        _ => return Err("usage: vu_client write|verify SOCKET MIB [PROGRESS]".into()),
+    let (mode, socket, first, mib) = match args.as_slice() {
+        [_, m, s, n, ..] => {
+            let (first, end) = match n.split_once("..") {
+                Some((a, b)) => (a.parse::<u64>()?, b.parse::<u64>()?),
+                None => (0, n.parse::<u64>()?),
+            };
+            if first >= end {
+                return Err(format!("empty range {n}").into());
+            }
+            (m.as_str(), s.as_str(), first, end)
+        }
+        _ => return Err("usage: vu_client write|verify SOCKET MIB|FIRST..END [PROGRESS]".into()),
     };
     let progress = args.get(4).cloned();
     let mut b = Blkio::new("virtio-blk-vhost-user")?;
@@ -79,11 +90,11 @@ fn run() -> Res<()> {
     let write = mode == "write";
     let base = base();
     let start = Instant::now();
-    let mut next = 0u64; // next block to submit
+    let mut next = first; // next block to submit
     let mut slot_block = [u64::MAX; DEPTH];
     let mut slot_started = [start; DEPTH];
     let mut done = vec![false; mib as usize];
-    let mut acked = 0u64; // leading blocks acknowledged
+    let mut acked = first; // leading blocks acknowledged (those below `first` count as such)
     let mut longest = Duration::ZERO;
     let mut in_flight = 0usize;
     while acked < mib {
@@ -152,9 +163,11 @@ fn run() -> Res<()> {
     }
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "vu_client: {mode} {mib} MiB ok in {secs:.1} s ({:.1} MiB/s), longest request {} ms",
-        mib as f64 / secs.max(1e-9),
-        longest.as_millis()
+        "vu_client: {mode} {} MiB ok in {secs:.1} s ({:.1} MiB/s), longest request {} ms{}",
+        mib - first,
+        (mib - first) as f64 / secs.max(1e-9),
+        longest.as_millis(),
+        if first > 0 { format!(" (blocks {first}..{mib})") } else { String::new() }
     );
     Ok(())
 }

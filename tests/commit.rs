@@ -364,3 +364,302 @@ fn a_commit_killed_at_any_point_restarts_on_a_valid_chain_and_commits_again() {
     assert_eq!(read_all(&base, &dir), model(&log.lock().expect("log")));
     eprintln!("COMMIT-KILL-REPORT seed={seed} images_with_leaks={leaky}");
 }
+
+const DOMAIN: &str = "8adbc85e-e554-4ae0-b318-8a5465fe5fe1";
+const VOL1: &str = "d772f1c6-3ebb-43c3-a42e-73fcd8255a5f";
+const VOL2: &str = "5e0c1a6b-7d64-4b8e-9a43-2f1c0b9e7d21";
+const VOL3: &str = "a3f5e2c1-0b6d-4e8f-8c2a-91d7b4e60f38";
+
+/// Thin "LVs" as tests/snapshot.rs makes them: each a volume file under
+/// `volumes/DOMAIN/uuid` holding a qcow2 (its backing a bare parent UUID, as oVirt writes it),
+/// on a loop device linked as `sd/uuid`; the SPM (`thinblk spm --backend file`) grows the files.
+/// Fields drop in order: the SPM is stopped, the loop devices detached, the directory removed.
+struct ThinRig {
+    spm: Option<Daemon>,
+    loops: Vec<common::LoopDev>,
+    dir: TestDir,
+}
+
+impl ThinRig {
+    fn new(name: &str, spm_delay_ms: u64) -> ThinRig {
+        let dir = TestDir::new(name);
+        common::sparse_file(&dir.path("inbox"), 16 * MIB);
+        common::sparse_file(&dir.path("outbox"), 16 * MIB);
+        std::fs::create_dir_all(dir.path("volumes").join(DOMAIN)).expect("volumes");
+        std::fs::create_dir_all(dir.path("sd")).expect("sd");
+        let delay = spm_delay_ms.to_string();
+        let extra: Vec<&str> = if spm_delay_ms > 0 { vec!["--delay-ms", &delay] } else { vec![] };
+        let spm = common::spm_process(&dir.path("inbox"), &dir.path("outbox"), &dir.path("volumes"), &extra, Some(&dir.path("spm.log")));
+        ThinRig { spm: Some(spm), loops: Vec::new(), dir }
+    }
+
+    /// The volume file of `uuid`.
+    fn file(&self, uuid: &str) -> PathBuf {
+        self.dir.path("volumes").join(DOMAIN).join(uuid)
+    }
+
+    /// The "LV" path of `uuid` (a link to its loop device).
+    fn lv(&self, uuid: &str) -> PathBuf {
+        self.dir.path("sd").join(uuid)
+    }
+
+    /// A volume of `size` bytes holding a 1 GiB qcow2 over `backing` (a bare UUID).
+    fn create(&mut self, uuid: &str, size: u64, backing: Option<&str>) {
+        let file = self.file(uuid);
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        if let Some(b) = backing {
+            args.extend(["-u", "-b", b, "-F", "qcow2"]);
+        }
+        args.extend([s(&file), "1G"]);
+        qemu_img(&args);
+        std::fs::OpenOptions::new().write(true).open(&file).and_then(|f| f.set_len(size)).expect("size volume");
+        let dev = common::LoopDev::attach(&file);
+        std::os::unix::fs::symlink(&dev.0, self.lv(uuid)).expect("link");
+        self.loops.push(dev);
+    }
+
+    /// The daemon on `VOL1` in thin mode: 64 MiB chunks, a volume extended when less than
+    /// `100 - utilization`% of one is free.
+    fn daemon(&self, utilization: u64) -> Daemon {
+        let utilization = utilization.to_string();
+        let (inbox, outbox, lock) = (self.dir.path("inbox"), self.dir.path("outbox"), self.dir.path("host-3.lock"));
+        Daemon::start_logging(
+            &self.dir.path("vhost.sock"),
+            &[
+                "--image", s(&self.lv(VOL1)), "--format", "qcow2", "--backing-files", "devices",
+                "--control", s(&self.dir.path("ctl.sock")), "--thin", "--spec-sizing", "--chunk-mb", "64",
+                "--utilization-percent", &utilization, "--spm-inbox", s(&inbox), "--spm-outbox", s(&outbox), "--host-id", "3",
+                "--domain-uuid", DOMAIN, "--volume-uuid", VOL1, "--mailbox-lock", s(&lock),
+            ],
+            Some(&self.dir.path("daemon.log")),
+        )
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path("daemon.log")).unwrap_or_default()
+    }
+
+    /// Waits until the daemon's thin control thread has no extension outstanding (each
+    /// request logged has its outcome logged).
+    fn settle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            let asked = log.lines().filter(|l| l.contains("thin::control: extension requested")).count();
+            let answered = log.lines().filter(|l| l.contains("thin::control: extension ") && l.contains(" outcome=")).count();
+            if asked == answered {
+                return;
+            }
+            assert!(Instant::now() < deadline, "an extension stays outstanding:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).expect("volume file").len()
+}
+
+/// MiB `i` as write `gen` fills it.
+fn mib_fill(i: u64, gen: u64) -> u8 {
+    ((i * 7 + gen * 31) % 251 + 1) as u8
+}
+
+/// The field `key=VALUE` of a log line.
+fn log_field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")).and_then(|v| v.parse().ok()))
+}
+
+/// MiBs the tests write to (of the 1 GiB disks).
+const LAST_MIB: u64 = 160;
+
+/// How a merge on thin volumes is set up.
+struct Scenario {
+    name: &'static str,
+    /// The SPM answers this late.
+    spm_delay_ms: u64,
+    /// The daemon's --utilization-percent.
+    utilization: u64,
+    /// The MiBs the second layer receives.
+    second: std::ops::Range<u64>,
+}
+
+/// What one merge on thin volumes showed.
+struct ThinMerge {
+    /// The base's volume while it was the top (after its 40 MiB).
+    base_as_top: u64,
+    /// The base's volume before and after the merge.
+    base_before: u64,
+    base_after: u64,
+    /// How long the SPM took to grow the base (the job's own log), and the job's run time.
+    extend_ms: u64,
+    job_ms: u64,
+    /// The job's progress and the base's volume size whenever the job was seen while the
+    /// base's extension was outstanding.
+    progress_while_waiting: Vec<(u64, u64)>,
+}
+
+/// A base volume of 64 MiB that receives 40 MiB, a snapshot onto a second volume that
+/// receives `sc.second` (its volume grows through the SPM), a snapshot onto a third (the
+/// active top), then `commit` of the middle layer into the base with its volume UUID while the
+/// frontend writes to the top; checked against qemu-img commit of copies of the two layers.
+fn merge_on_thin_volumes(sc: Scenario) -> ThinMerge {
+    let mut rig = ThinRig::new(sc.name, sc.spm_delay_ms);
+    rig.create(VOL1, 64 * MIB, None);
+    rig.create(VOL2, 64 * MIB, Some(VOL1));
+    rig.create(VOL3, 64 * MIB, Some(VOL2));
+    let (lv1, lv2, lv3) = (rig.lv(VOL1), rig.lv(VOL2), rig.lv(VOL3));
+    let (sock, ctl_sock) = (rig.dir.path("vhost.sock"), rig.dir.path("ctl.sock"));
+    let d = rig.daemon(sc.utilization);
+    let mut c = Client::connect(&sock, 1).expect("connect");
+    // MiB index → fill byte (0: never written).
+    let mut model = vec![0u8; LAST_MIB as usize];
+    let put = |c: &mut Client, model: &mut [u8], i: u64, gen: u64| {
+        let f = mib_fill(i, gen);
+        assert_eq!(c.write(0, i * MIB, &vec![f; MIB as usize]), 0, "write of MiB {i}");
+        model[i as usize] = f;
+    };
+    for i in 0..40 {
+        put(&mut c, &mut model, i, 1);
+    }
+    assert_eq!(c.flush(0), 0);
+    rig.settle();
+    let base_as_top = file_len(&rig.file(VOL1));
+
+    let r = ctl(&ctl_sock, "snapshot", json!({"overlay": s(&lv2), "volume-uuid": VOL2}));
+    assert_eq!(r["thin-followed"], true, "{r}");
+    for i in sc.second.clone() {
+        put(&mut c, &mut model, i, 2);
+    }
+    assert_eq!(c.flush(0), 0);
+    rig.settle();
+    assert!(file_len(&rig.file(VOL2)) > 64 * MIB, "the second layer's volume grew: {}", file_len(&rig.file(VOL2)));
+    let r = ctl(&ctl_sock, "snapshot", json!({"overlay": s(&lv3), "volume-uuid": VOL3}));
+    assert_eq!(r["thin-followed"], true, "{r}");
+    let chain_names = chain(&ctl_sock);
+    assert_eq!(chain_names.len(), 3, "{chain_names:?}");
+    let base_model = model.clone();
+
+    // The oracle: qemu-img commit on copies of the two layers, read-only now.
+    let oracle = rig.dir.path("oracle");
+    std::fs::create_dir_all(&oracle).expect("oracle dir");
+    for v in [VOL1, VOL2] {
+        std::fs::copy(rig.file(v), oracle.join(v)).expect("copy");
+    }
+    qemu_img(&["commit", "-q", "-f", "qcow2", s(&oracle.join(VOL2))]);
+
+    // The merge, while the frontend writes MiBs to the top (the daemon takes one frontend:
+    // the same connection writes between the job's polls).
+    let base_before = file_len(&rig.file(VOL1));
+    let mut rng = common::Rng(7);
+    let mut gen = 3;
+    let r = ctl(&ctl_sock, "commit", json!({"top": s(&lv2), "base": s(&lv1), "base-volume-uuid": VOL1, "job-id": "merge"}));
+    assert_eq!(r["id"], "merge");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut progress_while_waiting = Vec::new();
+    let j = loop {
+        let j = job(&ctl_sock, "merge");
+        if j["status"] == "concluded" {
+            break j;
+        }
+        let log = rig.log();
+        if log.contains("merge: base extension requested") && !log.contains("merge: base extended") {
+            progress_while_waiting.push((j["current-progress"].as_u64().expect("progress"), file_len(&rig.file(VOL1))));
+        }
+        assert!(Instant::now() < deadline, "the merge did not conclude: {j}");
+        if gen < 64 {
+            put(&mut c, &mut model, rng.below(LAST_MIB), gen);
+            gen += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(j["outcome"], "completed", "{j}\n{}", rig.log());
+    assert_eq!(j["current-progress"], j["total-progress"], "{j}");
+    assert!(gen > 3, "no write during the merge");
+    assert_eq!(chain(&ctl_sock), vec![chain_names[0].clone(), chain_names[2].clone()], "the chain is [top, base]");
+    let base_after = file_len(&rig.file(VOL1));
+
+    // The base grew before the copy needed it: the request came first, the copy never found
+    // the base full, the job logged the SPM's answer.
+    let log = rig.log();
+    let lines: Vec<&str> = log.lines().collect();
+    let at = |what: &str| lines.iter().position(|l| l.contains(what));
+    let requested = at("merge: base extension requested").unwrap_or_else(|| panic!("no base extension requested:\n{log}"));
+    let extended = at("merge: base extended").unwrap_or_else(|| panic!("the base's extension was not seen:\n{log}"));
+    assert!(requested < extended, "{log}");
+    assert!(at("the base is full").is_none(), "the copy found the base full:\n{log}");
+    let extend_ms = log_field(lines[extended], "ms").expect("ms field");
+    let job_ms = j["elapsed-ms"].as_u64().unwrap_or(0);
+
+    // Every write reads back through the daemon.
+    for i in 0..LAST_MIB {
+        let want = vec![model[i as usize]; MIB as usize];
+        assert!(c.read(0, i * MIB, MIB as usize).expect("read") == want, "MiB {i} reads back");
+    }
+    drop(c);
+    stop_clean(d);
+
+    // qemu-img: the top names the base (bare, as before); every remaining image checks
+    // clean; the merged base is qemu-img's merge of the same two layers.
+    let info = qemu_img(&["info", "--output=json", s(&lv3)]);
+    assert!(info.contains(&format!("\"backing-filename\": \"{VOL1}\"")), "{info}");
+    for p in [&lv3, &lv1, &lv2] {
+        qemu_img(&["check", "-q", s(p)]);
+    }
+    qemu_img(&["compare", "-q", "-f", "qcow2", "-F", "qcow2", s(&oracle.join(VOL1)), s(&lv1)]);
+    let base_raw = rig.dir.path("base.raw");
+    qemu_img(&["convert", "-O", "raw", s(&lv1), s(&base_raw)]);
+    let data = std::fs::read(&base_raw).expect("base raw");
+    for (i, f) in base_model.iter().enumerate() {
+        assert!(data[i * MIB as usize..(i + 1) * MIB as usize].iter().all(|b| b == f), "MiB {i} of the merged base");
+    }
+    drop(data);
+    let _ = std::fs::remove_file(&base_raw);
+    rig.spm.take();
+    ThinMerge { base_as_top, base_before, base_after, extend_ms, job_ms, progress_while_waiting }
+}
+
+#[test]
+fn an_internal_commit_on_thin_volumes_grows_the_base_through_the_mailbox() {
+    // The base grows once while it is the top (its claim on the host stays with the daemon's
+    // mailbox client), and again through the job for 90 MiB of the second layer's.
+    let m = merge_on_thin_volumes(Scenario { name: "commit-thin", spm_delay_ms: 0, utilization: 50, second: 30..120 });
+    eprintln!(
+        "COMMIT-THIN-REPORT base_mib={}->{}->{} extend_ms={} job_ms={}",
+        m.base_as_top / MIB,
+        m.base_before / MIB,
+        m.base_after / MIB,
+        m.extend_ms,
+        m.job_ms
+    );
+    assert_eq!(m.base_as_top, 128 * MIB, "the base grew while it was the top");
+    // 40 MiB held + 90 MiB received (+ metadata) need a third 64 MiB chunk.
+    assert_eq!(m.base_after, 192 * MIB, "the base's volume grew by the job");
+}
+
+#[test]
+fn an_internal_commit_on_thin_volumes_waits_for_a_slow_spm() {
+    const DELAY_MS: u64 = 1500;
+    // The base stays at 64 MiB while it is the top; the second layer's 80 MiB (20 over the
+    // base's) need a second chunk, which the slow SPM gives 1.5 s later.
+    let m = merge_on_thin_volumes(Scenario { name: "commit-thin-slow", spm_delay_ms: DELAY_MS, utilization: 80, second: 20..100 });
+    eprintln!(
+        "COMMIT-THIN-SLOW-REPORT base_mib={}->{}->{} extend_ms={} job_ms={} polls_while_waiting={}",
+        m.base_as_top / MIB,
+        m.base_before / MIB,
+        m.base_after / MIB,
+        m.extend_ms,
+        m.job_ms,
+        m.progress_while_waiting.len()
+    );
+    assert_eq!(m.base_before, 64 * MIB, "the base's 40 MiB fit its first 64 MiB");
+    assert_eq!(m.base_after, 128 * MIB, "the base's volume grew by the job");
+    assert!(m.extend_ms >= DELAY_MS, "the SPM answered after its delay: {} ms", m.extend_ms);
+    // The job waited for the base: it was seen waiting, and copied nothing meanwhile.
+    assert!(m.progress_while_waiting.len() >= 5, "seen waiting {} times", m.progress_while_waiting.len());
+    // (The SPM grows the file a little before the job logs its answer.)
+    let w = &m.progress_while_waiting;
+    assert!(w.iter().all(|&(p, _)| p == 0), "copied before the base grew: {w:?}");
+    assert!(w.iter().filter(|&&(_, len)| len == m.base_before).count() >= 5, "the base kept its size while the job waited: {w:?}");
+    assert!(m.job_ms >= DELAY_MS, "the job took {} ms", m.job_ms);
+}

@@ -4,7 +4,14 @@
 //! builds oVirt's layout (VG with 128 MiB extents, inbox/outbox LVs, a volume LV holding a
 //! qcow2), runs `thinblk spm --backend lvm` and the daemon with `--thin` on the LV, writes and
 //! verifies past several extensions, takes a backup by LV snapshot under `ctl freeze`, and
-//! checks the image and the snapshot with qemu-img. The guest prints facts and a verdict.
+//! checks the image and the snapshot with qemu-img. Then a live merge as oVirt does it on block
+//! storage, on a second daemon and a chain of its own (the first volume keeps over a GiB free
+//! after rate-aware sizing, so a merge into it would never need lvextend): a small base LV
+//! written past one extension, a snapshot onto a new LV (a qcow2 whose backing is the base
+//! LV's bare name) with `ctl snapshot`, more data, a second snapshot, and `ctl commit` of the
+//! first overlay into the base LV, which `thinblk spm --backend lvm` lvextends for the job
+//! before it copies while the client writes on; read back and qemu-img check again. The guest
+//! prints facts and a verdict.
 
 mod common;
 
@@ -19,6 +26,12 @@ use common::{sparse_file, TestDir};
 const LIMIT: Duration = Duration::from_secs(1200);
 const INITIAL_MIB: u64 = 512;
 const CHUNK_MIB: u64 = 256;
+/// The live merge's chain: its base LV (and each overlay LV) starts at one chunk; the base
+/// receives BASE_MIB (it grows once as the top), the first overlay MERGE_MIB (merged into the
+/// base, which must grow for it), the top LIVE_MIB while the merge runs.
+const BASE_MIB: u64 = 160;
+const MERGE_MIB: u64 = 384;
+const LIVE_MIB: u64 = 64;
 
 /// Appends to the base LVM initramfs an archive with thinblk, the client, the test's /init
 /// and its settings (the kernel unpacks concatenated archives in order).
@@ -55,13 +68,16 @@ fn initrd(dir: &TestDir, assets: &Path, env: &str) -> std::path::PathBuf {
 }
 
 #[test]
-fn lvm_volume_grows_by_lvextend_and_backs_up_by_snapshot() {
+fn lvm_volume_grows_by_lvextend_backs_up_by_snapshot_and_merges_a_snapshot_live() {
     let assets = assets();
     let dir = TestDir::new("lvm-vm");
     let env = format!(
         "DOMAIN=6c7a1e5e-1c5b-4b8e-9d1e-3f0b8f0e2a11\nVOLUME=0f2c9e4a-8d47-4a8f-b1a4-7e9c2d5b6a30\n\
          INITIAL_MIB={INITIAL_MIB}\nCHUNK_MIB={CHUNK_MIB}\nVIRTUAL_MIB=4096\nWRITE_MIB=2048\n\
          SNAPSHOT_AT_MIB=400\nSNAPSHOT_MIB=1536\n\
+         MBASE=3b9d7c52-6e1a-4f0b-8d2e-5a4c9f1e7b63\nMO1=c4e8a1f7-2d5b-4a9c-b3e6-0f7d8a2c5e14\n\
+         MO2=e1d2c3b4-a5f6-4e7d-8c9b-0a1f2e3d4c5b\nMERGE_LV_MIB={CHUNK_MIB}\nBASE_MIB={BASE_MIB}\n\
+         MERGE_MIB={MERGE_MIB}\nLIVE_MIB={LIVE_MIB}\n\
          THIN_ARGS='--max-extend-mb {CHUNK_MIB}'\n"
     );
     let initrd = initrd(&dir, &assets, &env);
@@ -91,4 +107,24 @@ fn lvm_volume_grows_by_lvextend_and_backs_up_by_snapshot() {
     }
     assert!(sizes.len() >= 4, "fewer than 3 extensions seen by lvs: {sizes:?}");
     assert!(log.contains("guest: snapshot vu_client: verify"), "snapshot not verified:\n{}", tail(&log));
+
+    // The live merge: the base LV grew once as the top, then by lvextend for the job (asked
+    // before the copy, which never found the base full: the guest fails otherwise); the chain
+    // is [top, base] and everything reads back (the guest checks both, and qemu-img check).
+    let sizes: Vec<u64> = log
+        .lines()
+        .find_map(|l| l.strip_prefix("guest: merge: base LV MiB: "))
+        .expect("merge base sizes line")
+        .split_whitespace()
+        .map(|s| s.parse().expect("size"))
+        .collect();
+    assert_eq!(sizes.len(), 3, "{sizes:?}");
+    assert_eq!(sizes[0], CHUNK_MIB, "the merge base's first size: {sizes:?}");
+    assert_eq!(sizes[1], 2 * CHUNK_MIB, "the merge base grew once as the top: {sizes:?}");
+    assert!(sizes[2] > sizes[1] && (sizes[2] - sizes[1]) % CHUNK_MIB == 0, "the base LV grew in chunks for the merge: {sizes:?}");
+    let requested = log.lines().position(|l| l.contains("merge: base extension requested")).expect("the job asked for the base's extension");
+    let extended = log.lines().position(|l| l.contains("merge: base extended")).expect("the SPM extended the base");
+    assert!(requested < extended);
+    let end = BASE_MIB + MERGE_MIB + LIVE_MIB;
+    assert!(log.contains(&format!("guest: merge: read back vu_client: verify {end} MiB ok")), "not verified after the merge:\n{}", tail(&log));
 }

@@ -359,7 +359,7 @@ impl CommitJob for InternalCommit {
     fn step(&mut self, max: u64) -> Result<bool, ImageError> {
         let Some(&(off, len)) = self.ranges.front() else { return Ok(false) };
         let engine = self.engine.as_ref().ok_or_else(|| refused("the commit has ended"))?;
-        let n = len.min(max.min(STEP_BYTES).max(4096));
+        let n = len.min(max.clamp(4096, STEP_BYTES));
         let mut buf = vec![0u8; n as usize];
         self.chain.read(self.top, &mut buf, off).map_err(|e| refused(format!("reading {}: {e}", self.layer_path(self.top).display())))?;
         write_into(engine, self.storage.as_ref(), off, &buf)?;
@@ -740,7 +740,7 @@ impl CommitJob for ActiveCommit {
             return Ok(true);
         }
         if let Some(&(off, len)) = self.inner.ranges.front() {
-            let n = len.min(max.min(STEP_BYTES).max(4096));
+            let n = len.min(max.clamp(4096, STEP_BYTES));
             self.copy(off, n)?;
             if let Some(front) = self.inner.ranges.front_mut() {
                 if n == len {

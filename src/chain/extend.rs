@@ -1,7 +1,8 @@
 //! Growing a merge's base on a thin volume: the job asks the SPM through its own mailbox
 //! client (under the base's volume UUID; the host's lock file keeps it and the top's client
-//! apart, as it keeps two processes apart), sized ahead from what the base will receive,
-//! as vdsm extends the base before a live merge.
+//! apart, as it keeps two processes apart; the base's volume lock is shared with the daemon's
+//! client when that one claimed it), sized ahead from what the base will receive, as vdsm
+//! extends the base before a live merge.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -33,7 +34,8 @@ impl BaseExtender {
     /// For the base at `path` (volume `uuid`), on the mailbox of `opts`.
     pub fn open(opts: &ThinOptions, path: &std::path::Path, uuid: Uuid, capacity: u64) -> std::io::Result<BaseExtender> {
         let volume = Volume::open(path)?;
-        let io = FileMailbox::open(&opts.spm_inbox, &opts.spm_outbox, opts.host_id, &opts.lock)?;
+        // The daemon's own mailbox may hold the base's volume lock (it served the base once).
+        let io = FileMailbox::open(&opts.spm_inbox, &opts.spm_outbox, opts.host_id, &opts.lock)?.sharing_claims();
         let client = Client::new(uuid, Box::new(crate::thin::random_nonce));
         Ok(BaseExtender { volume, uuid, domain: opts.domain, client, io, chunk: opts.policy.chunk().max(MIB), capacity })
     }

@@ -271,11 +271,16 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
                 }
             }
             Err(ImageError::NoSpace { needed, limit }) => {
-                let since = *full_since.get_or_insert_with(Instant::now);
                 let Some(x) = extender.as_mut() else {
                     mover.abandon();
                     return Outcome::Failed(format!("the base is full ({needed} bytes needed, limit {limit})"));
                 };
+                if full_since.is_none() {
+                    // The extension sized ahead fell short (or the base's metadata grew more
+                    // than foreseen): the copy waits for more room.
+                    tracing::warn!(job = %job.id, needed, limit, copied = mover.done(), "merge: the base is full; asking the SPM for more room");
+                }
+                let since = *full_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > FULL_LIMIT {
                     mover.abandon();
                     return Outcome::Failed(format!("the base did not grow within {} s", FULL_LIMIT.as_secs()));

@@ -10,12 +10,17 @@
 //! whole life: the kernel drops the `flock` when the process dies, so another process of the
 //! host can tell a request of a live process from one a dead process left (docs/mailbox.md,
 //! "Stale slots"). The files are never removed (removing a lock file races with its takers).
+//! A second mailbox of the same process (a merge job's, growing a base the daemon's own
+//! mailbox once claimed) is opened [`FileMailbox::sharing_claims`]: it shares a volume lock
+//! this process already holds instead of being refused by it, and the lock is released when
+//! the last mailbox holding it is gone.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::client::{MailboxIo, Owner};
@@ -75,6 +80,30 @@ pub(crate) fn lock_with_timeout(lock: &File, timeout: Duration) -> io::Result<()
 /// microseconds; a live process serving the same volume holds it for good).
 const CLAIM_TIMEOUT: Duration = Duration::from_millis(100);
 
+/// The volume locks this process holds (by lock file), shared by its mailboxes.
+static HELD: Mutex<Vec<(PathBuf, Weak<File>)>> = Mutex::new(Vec::new());
+
+/// Takes the volume lock at `path`; with `share`, the one a mailbox of this process already
+/// holds is shared instead (without, it refuses the claim as another process's would).
+fn claim_volume(path: &Path, volume: Uuid, share: bool) -> io::Result<Arc<File>> {
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    held.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(f) = held.iter().find(|(p, _)| share && p == path).and_then(|(_, w)| w.upgrade()) {
+        return Ok(f);
+    }
+    let file = open_lock(path)?;
+    lock_with_timeout(&file, CLAIM_TIMEOUT).map_err(|e| match e.kind() {
+        io::ErrorKind::TimedOut => io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!("another live process serves volume {volume} on this host (it holds {})", path.display()),
+        ),
+        _ => e,
+    })?;
+    let file = Arc::new(file);
+    held.push((path.to_path_buf(), Arc::downgrade(&file)));
+    Ok(file)
+}
+
 /// The per-volume lock file next to the host lock `lock_path`.
 pub fn volume_lock_path(lock_path: &Path, volume: Uuid) -> PathBuf {
     let mut p = lock_path.as_os_str().to_owned();
@@ -114,7 +143,9 @@ pub struct FileMailbox {
     lock: File,
     lock_path: PathBuf,
     /// Our volumes' locks, held while this process lives (a snapshot adds the new top's).
-    claimed: Vec<(Uuid, File)>,
+    claimed: Vec<(Uuid, Arc<File>)>,
+    /// Claims share the locks other mailboxes of this process hold.
+    share: bool,
     buf: Box<AlignedBlock>,
 }
 
@@ -144,8 +175,16 @@ impl FileMailbox {
             lock: open_lock(lock_path)?,
             lock_path: lock_path.to_path_buf(),
             claimed: Vec::new(),
+            share: false,
             buf: Box::new(AlignedBlock([0; BLOCK_LEN])),
         })
+    }
+
+    /// This mailbox is a second one of the process: a volume this process already claimed
+    /// through another mailbox is shared, not refused.
+    pub fn sharing_claims(mut self) -> FileMailbox {
+        self.share = true;
+        self
     }
 
     fn read_block(&mut self, outbox: bool, offset: u64) -> io::Result<[u8; BLOCK_LEN]> {
@@ -193,15 +232,7 @@ impl MailboxIo for FileMailbox {
         if self.claimed.iter().any(|(v, _)| *v == volume) {
             return Ok(());
         }
-        let path = volume_lock_path(&self.lock_path, volume);
-        let file = open_lock(&path)?;
-        lock_with_timeout(&file, CLAIM_TIMEOUT).map_err(|e| match e.kind() {
-            io::ErrorKind::TimedOut => io::Error::new(
-                io::ErrorKind::WouldBlock,
-                format!("another live process serves volume {volume} on this host (it holds {})", path.display()),
-            ),
-            _ => e,
-        })?;
+        let file = claim_volume(&volume_lock_path(&self.lock_path, volume), volume, self.share)?;
         self.claimed.push((volume, file));
         Ok(())
     }
@@ -288,6 +319,18 @@ mod tests {
         drop(pb);
         assert_eq!(pa.owner(b), Owner::Gone, "the lock died with its process");
         pb2.claim(b).unwrap();
+        assert_eq!(pa.owner(b), Owner::Alive);
+        // A second mailbox of the process that holds it (a merge job's) shares the claim; the
+        // lock lives on until the last of them is gone.
+        let mut job = FileMailbox::open(&inbox, &outbox, 2, &lock).unwrap().sharing_claims();
+        job.claim(b).unwrap();
+        drop(pb2);
+        assert_eq!(pa.owner(b), Owner::Alive, "the job's mailbox still holds it");
+        drop(job);
+        assert_eq!(pa.owner(b), Owner::Gone);
+        // Sharing takes the lock itself when no mailbox of the process holds it.
+        let mut job = FileMailbox::open(&inbox, &outbox, 2, &lock).unwrap().sharing_claims();
+        job.claim(b).unwrap();
         assert_eq!(pa.owner(b), Owner::Alive);
         std::fs::remove_dir_all(&dir).unwrap();
     }
