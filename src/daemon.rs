@@ -145,6 +145,7 @@ pub fn serve(
     cfg: &DeviceConfig,
     listener: UnixListener,
     shutdown: &Arc<Shutdown>,
+    before_close: &dyn Fn(),
 ) -> Result<(), DaemonError> {
     install_sigbus_guard()?;
     let mut connection = 0u64;
@@ -205,6 +206,9 @@ pub fn serve(
             break;
         }
     }
+    // What runs beside the guest (a merge job) stops first: it must not change the chain
+    // under the final close.
+    before_close();
     // Metadata first, then the files: what the guest saw completed is durable, or we say so.
     // Storage that hangs must not hang the exit: the flush gets twice the stop limit (`--stop-limit`), then we exit
     // with an error (the flush thread dies with the process).

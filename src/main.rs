@@ -246,9 +246,10 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
     if let Some(f) = thinblk_vhost::seccomp::protocol_filter(args.seccomp.mode()).map_err(Failure::Usage)? {
         thinblk_vhost::seccomp::apply(&f).map_err(|e| Failure::Runtime(format!("seccomp: {e}")))?;
     }
-    let result = serve(image, &cfg, listener, &shutdown).map_err(|e| Failure::Runtime(e.to_string()));
-    // A merge still running stops here: its base closed clean, the chain as it was.
-    chain.shutdown(std::time::Duration::from_secs(10));
+    // A merge still running stops before the final close: its base closed clean, the chain
+    // as it was.
+    let stop_jobs = || chain.shutdown(std::time::Duration::from_secs(10));
+    let result = serve(image, &cfg, listener, &shutdown, &stop_jobs).map_err(|e| Failure::Runtime(e.to_string()));
     if let Some(t) = thin_handle {
         t.stop();
     }

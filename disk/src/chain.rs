@@ -3,9 +3,10 @@
 //! partial writes, and the file table itself, which a chain change (a snapshot's new top)
 //! fills slot by slot, telling every listening device before any extent names a new slot.
 //!
-//! Slots are never reused while a file that held them may still be named by an extent in
-//! hand: a slot emptied by a merge goes to the end of the free list, and the table has twice
-//! as many slots as the deepest chain.
+//! A slot is emptied only once no extent can name it any more: the file has left the chain
+//! (no map call returns it), and every ring refused the change until it had submitted what
+//! named it and no bounced read in hand still did (`Engine::set_files`); emptied slots go to
+//! the end of the free list, and the table has twice as many slots as the deepest chain.
 
 use std::io;
 use std::os::fd::RawFd;

@@ -78,6 +78,21 @@ fn refused(msg: impl Into<String>) -> ImageError {
     ImageError::Refused(msg.into())
 }
 
+/// The backing name `child` gives `base` by default: the file name when both sit in one
+/// directory, else `base`'s absolute path.
+fn default_backing_name(child: &Path, base: &Path) -> Result<String, ImageError> {
+    let absolute = |p: &Path| std::path::absolute(p).map_err(ImageError::Io);
+    let (c, b) = (absolute(child)?, absolute(base)?);
+    let name = match (c.parent(), b.parent(), b.file_name()) {
+        (Some(cd), Some(bd), Some(n)) if cd == bd => n.to_string_lossy().into_owned(),
+        _ => b.to_string_lossy().into_owned(),
+    };
+    if name.is_empty() || name.len() > 1023 {
+        return Err(refused(format!("no backing name for {} (give backing-file)", base.display())));
+    }
+    Ok(name)
+}
+
 /// Whether the layer (or top) opened at `a` is the file `b` names.
 pub(crate) fn same_file_path(a: &Path, b: &Path) -> bool {
     same(a, b)
@@ -217,15 +232,16 @@ impl Qcow2Format {
             Layer::Qcow2 { path, .. } => path.clone(),
             Layer::Raw { .. } => return Err(refused("merging into a raw base is not supported")),
         };
-        // The name the child of `base` gives it now, unless told otherwise.
-        let (name, format) = match &*f.backing.layers[b - 1] {
-            Layer::Qcow2 { img, .. } => (img.header().backing_file.clone(), img.header().backing_format.clone()),
-            Layer::Raw { .. } => (None, None),
-        };
-        let backing_name = match backing_name.or(name) {
+        // The name the child of `top` will give `base`, unless told otherwise: as oVirt and
+        // qemu-img name backing files, the base's file name when both sit in one directory
+        // (oVirt: the bare volume UUID), else the base's absolute path. (Not a name read from
+        // a header: a layer rebased by an earlier merge is served with its header as opened.)
+        let child = if t == 0 { f.path.clone() } else { f.backing.layers[t - 1].path().to_path_buf() };
+        let backing_name = match backing_name {
             Some(n) => n,
-            None => return Err(refused("the base's name cannot be found (give backing-file)")),
+            None => default_backing_name(&child, &base_path)?,
         };
+        let format = Some("qcow2".to_string());
         // 1. The base opened read-write under a writer's lock.
         self.change_backing_lock(&base_path, Access::qcow2(true))?;
         let opened = self.open_base(&f, b, &base_path).and_then(|(engine, storage)| {
@@ -882,5 +898,56 @@ mod tests {
         assert_eq!(read_mapped(&*q, 0, 2 * MIB as usize).expect("read"), data);
         assert_eq!(q.top.read().expect("top").engine.as_ref().map(|e| e.header().backing_file), Some(Some("base".to_string())));
         q.close().expect("close");
+    }
+}
+
+#[cfg(test)]
+mod second_merge {
+    use super::*;
+    use crate::disk::{read_mapped, Disk};
+    use crate::qcow2::ImageOptions;
+    use std::process::Command;
+
+    fn run(cmd: &str, args: &[&str]) {
+        let out = Command::new(cmd).args(args).output().expect("qemu-utils are needed");
+        assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    #[test]
+    fn a_second_merge_names_the_base_the_first_one_gave_a_lower_layer() {
+        let dir = std::env::temp_dir().join(format!("thinblk-commit-second-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        struct Gone(PathBuf);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _gone = Gone(dir.clone());
+        let p = |n: &str| dir.join(n).to_str().expect("utf-8").to_string();
+        // D (served) → C → B → A, each lower layer holding its own byte at its own MiB.
+        run("qemu-img", &["create", "-q", "-f", "qcow2", &p("A"), "8M"]);
+        for (n, parent) in [("B", "A"), ("C", "B"), ("D", "C")] {
+            run("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", parent, "-F", "qcow2", &p(n), "8M"]);
+        }
+        for (i, n) in ["A", "B", "C"].iter().enumerate() {
+            run("qemu-io", &["-f", "qcow2", "-c", &format!("write -P {} {}M 1M", 0x41 + i, i), &p(n)]);
+        }
+        let q = Arc::new(Qcow2Format::open(&dir.join("D"), &ImageOptions::default()).expect("open"));
+        for top in ["B", "C"] {
+            let mut job = q.commit_internal(&dir.join(top), &dir.join("A"), None).expect("start");
+            while job.step(STEP_BYTES).expect("step") {}
+            job.complete().expect("complete");
+        }
+        assert_eq!(q.chain(), vec![dir.join("D"), dir.join("A")]);
+        q.close().expect("close");
+        drop(q);
+        // On disk, D names A (not B, which the first merge removed from C's header only).
+        let again = Qcow2Format::open(&dir.join("D"), &ImageOptions::default()).expect("reopen");
+        assert_eq!(again.chain(), vec![dir.join("D"), dir.join("A")]);
+        for i in 0..3u64 {
+            assert_eq!(read_mapped(&again, i << 20, 1 << 20).expect("read"), vec![0x41 + i as u8; 1 << 20]);
+        }
     }
 }
