@@ -241,7 +241,7 @@ impl Qcow2Format {
             Some(n) => n,
             None => default_backing_name(&child, &base_path)?,
         };
-        let format = Some("qcow2".to_string());
+        let format = "qcow2".to_string();
         // 1. The base opened read-write under a writer's lock.
         self.change_backing_lock(&base_path, Access::qcow2(true))?;
         let opened = self.open_base(&f, b, &base_path).and_then(|(engine, storage)| {
@@ -256,7 +256,7 @@ impl Qcow2Format {
             }
         };
         *job = true;
-        let c = InternalCommit::new(self.clone(), f.backing.clone(), (t, b), (engine, storage), ranges, (backing_name, format.unwrap_or_else(|| "qcow2".into())));
+        let c = InternalCommit::new(self.clone(), f.backing.clone(), (t, b), (engine, storage), ranges, (backing_name, format));
         tracing::info!(top = %top.display(), base = %base_path.display(), bytes = c.total, "commit started");
         Ok(c)
     }
