@@ -646,6 +646,18 @@ fn check_killed_base(rig: &Rig, k: usize) -> (u64, u64) {
     }
 }
 
+/// Starts the daemon again after a kill, on the same top, and waits until the guest's
+/// requests reach it.
+fn restart_after_kill(rig: &mut Rig) {
+    let served = rig.first_requests().len();
+    rig.start_daemon();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rig.first_requests().len() <= served {
+        assert!(Instant::now() < deadline, "the guest did not come back after a kill:\n{}", tail(&rig.console()));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn commits_killed_at_random_points_under_a_verifying_guest() {
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
@@ -701,15 +713,8 @@ fn commits_killed_at_random_points_under_a_verifying_guest() {
         ends.push(end);
         assert_clean(&rig.link(1), false);
         assert_same_chain(&rig.link(1), &rig.dir.path("pre").join(VOLS[1]), "the chain after a killed commit");
-        let served = rig.first_requests().len();
-        rig.start_daemon();
+        restart_after_kill(&mut rig);
         assert_eq!(rig.chain(), rig.links(&[2, 1, 0]), "the restarted daemon serves the whole chain");
-        // The guest is back before the next commit.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while rig.first_requests().len() <= served {
-            assert!(Instant::now() < deadline, "the guest did not come back after kill {round}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
         eprintln!(
             "kill {round}: {} ms into the commit, {}/{total} bytes copied; the base: {} leaked clusters, image end {} MiB (before the commits: {} MiB)",
             points[round].0,
@@ -721,12 +726,47 @@ fn commits_killed_at_random_points_under_a_verifying_guest() {
     }
     rig.wait_rounds(1);
 
-    // The commit that completes, with the base's leaks given back at its open.
+    // A sixth kill, aimed at the commit's finish (the base closed, the child rebased, the
+    // merged layer dropped): the copy at full speed, the job polled until it leaves
+    // `running`, then SIGKILL. On either side of the rebase the chain reads the same.
     let t0 = Instant::now();
-    rig.commit("final", 1, 0, 0);
-    let j = rig.wait_job("final", "concluded", Duration::from_secs(120));
-    let final_ms = t0.elapsed().as_millis() as u64;
-    assert_eq!(j["outcome"], "completed", "{j}");
+    rig.commit("kill-finish", 1, 0, 0);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let seen = loop {
+        let j = rig.job("kill-finish");
+        if j["status"] != "running" {
+            break j["status"].as_str().unwrap_or("?").to_string();
+        }
+        assert!(Instant::now() < deadline, "the commit did not finish: {j}");
+    };
+    kills.push(rig.kill_daemon());
+    let aimed_ms = t0.elapsed().as_millis() as u64;
+    let (leaked, end) = check_killed_base(&rig, 0);
+    leaks.push(leaked);
+    ends.push(end);
+    let merged = match info(&rig.link(2))["backing-filename"].as_str() {
+        Some(b) if b == VOLS[1] => {
+            assert_clean(&rig.link(1), false);
+            assert_same_chain(&rig.link(1), &rig.dir.path("pre").join(VOLS[1]), "the chain after a kill at the finish");
+            false
+        }
+        Some(b) if b == VOLS[0] => true,
+        other => panic!("the top names {other:?} after a kill at the finish"),
+    };
+    restart_after_kill(&mut rig);
+    eprintln!("kill 5 (aimed at the finish): {aimed_ms} ms into the commit, the job {seen}; the base: {leaked} leaked clusters; the merge {}", if merged { "had happened" } else { "had not happened" });
+
+    // The commit that completes (unless the aimed kill came after the rebase), with the
+    // base's leaks given back at its open.
+    let t0 = Instant::now();
+    let mut final_ms = None;
+    if !merged {
+        assert_eq!(rig.chain(), rig.links(&[2, 1, 0]));
+        rig.commit("final", 1, 0, 0);
+        let j = rig.wait_job("final", "concluded", Duration::from_secs(120));
+        final_ms = Some(t0.elapsed().as_millis() as u64);
+        assert_eq!(j["outcome"], "completed", "{j}");
+    }
     assert_eq!(rig.chain(), rig.links(&[2, 0]));
     assert_eq!(info(&rig.link(2))["backing-filename"], VOLS[0]);
     assert_clean(&rig.link(0), true);
@@ -745,11 +785,12 @@ fn commits_killed_at_random_points_under_a_verifying_guest() {
     let (rate, rounds) = fio_rate(&console);
     eprintln!(
         "CHAIN-GUEST-REPORT test=kills seed={seed} snapshot_pause_us={pauses:?} commit_speed_kib_s={} kill_points_ms_copied_total={points:?} \
-         base_leaks={leaks:?} base_end_mib_before={} base_end_mib_after_kills={:?} sigkill_to_first_request_ms={gaps:?} final_commit_ms={final_ms} volumes_mib={:?} \
+         base_leaks={leaks:?} base_end_mib_before={} base_end_mib_after_kills={:?} sigkill_to_first_request_ms={gaps:?} aimed_kill={} final_commit_ms={final_ms:?} volumes_mib={:?} \
          guest_rounds={rounds} guest_fio_write_kib_s={rate:.0} elapsed_s={}",
         speed / 1024,
         base_end / MIB,
         ends.iter().map(|e| e / MIB).collect::<Vec<_>>(),
+        format!("{seen},merged={merged}"),
         rig.volume_sizes(),
         started.elapsed().as_secs()
     );
