@@ -19,7 +19,8 @@
 //!    before;
 //! 4. (only with [`ACTIVE_COMMIT`], once active commit has landed) an active commit of `v3`
 //!    into `v1`: `ready`, then `job-complete` pivots: `query-status` chain `v1 → v0`, the
-//!    thin control follows `v1`;
+//!    thin control follows `v1`; once the guest is off, thinblk refuses to serve `v3`
+//!    read-write and serves `v1` after a restart;
 //! 5. the guest's verdict is PASS; every image checks clean; a raw export of the final
 //!    chain passes the host's e2fsck.
 //!
@@ -48,10 +49,13 @@
 //! guest waits (`reconnect-ms`). While it is down: `qemu-img check` of `v0` is clean or finds
 //! leaks only (exit 3, no corruption), and a copy repaired with `-r leaks` checks clean,
 //! which proves they were leaks; thinblk's chain `v1 → v0` reads exactly as copies of `v1`
-//! and `v0` taken before the first commit. Then a commit runs to completion: thinblk's `v0`
-//! reads exactly as `qemu-img commit` of those copies and checks clean; the guest passes;
-//! every image checks clean; the final chain reads as a copy of its top over the oracle's
-//! `v0`.
+//! and `v0` taken before the first commit. A sixth kill is aimed at the finish (the job
+//! polled until it leaves `running`, then a random 0-149 ms): whether the rebase of `v2`
+//! happened or not, the same checks hold (`v0` alone read against the oracle's merged `v0`
+//! if it did). Then a commit runs to completion (unless the sixth kill came after the
+//! rebase): thinblk's `v0` reads exactly as `qemu-img commit` of those copies and checks
+//! clean; the guest passes; every image checks clean; the final chain reads as a copy of
+//! its top over the oracle's `v0`.
 //!
 //! Each test prints a `CHAIN-GUEST-REPORT` line: snapshot pauses (the replies' `pause-us`),
 //! commit durations, the guest's fio write rate, and for the kill test the kill points, the
@@ -59,7 +63,9 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -590,6 +596,22 @@ fn snapshots_and_merges_under_a_verifying_guest() {
     let d = rig.daemon.take().expect("daemon");
     common::stop_clean(d);
     rig.final_checks(top);
+    if active.is_some() {
+        // The merged old top is not served read-write again; the base is, by a restart.
+        let child = Command::new(env!("CARGO_BIN_EXE_thinblk"))
+            .arg("--socket-path")
+            .arg(rig.dir.path("refused.sock"))
+            .args(["--image", s(&rig.link(3)), "--format", "qcow2", "--backing-files", "devices"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run thinblk");
+        let mut d = Daemon { child, socket: rig.dir.path("refused.sock") };
+        let code = d.wait_exit(Duration::from_secs(10));
+        assert!(code.is_some_and(|c| c != 0), "thinblk served the merged old top read-write (exit {code:?})");
+        let d = Daemon::start(&rig.dir.path("restart.sock"), &["--image", s(&rig.link(1)), "--format", "qcow2", "--backing-files", "devices"]);
+        common::stop_clean(d);
+    }
     if active.is_none() {
         let final_top = rig.copy_into(3, "oracle");
         assert_same_chain(&rig.link(3), &final_top, "the final chain");
@@ -643,6 +665,39 @@ fn check_killed_base(rig: &Rig, k: usize) -> (u64, u64) {
             (leaks, end)
         }
         other => panic!("qemu-img check of the base after a kill: exit {other}: {v}"),
+    }
+}
+
+/// A control connection kept open, for polling.
+struct CtlConn {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl CtlConn {
+    fn open(path: &Path) -> CtlConn {
+        let writer = UnixStream::connect(path).expect("connect to the control socket");
+        writer.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut reader = BufReader::new(writer.try_clone().expect("clone"));
+        let mut greeting = String::new();
+        reader.read_line(&mut greeting).expect("greeting");
+        assert!(greeting.contains("QMP"), "greeting: {greeting}");
+        CtlConn { reader, writer }
+    }
+
+    /// Runs `command` (no arguments); returns its `return`, skipping events.
+    fn call(&mut self, command: &str) -> Value {
+        writeln!(self.writer, "{}", json!({"execute": command})).expect("send");
+        let mut line = String::new();
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line).expect("reply");
+            let v: Value = serde_json::from_str(line.trim()).expect("json reply");
+            if v.get("event").is_none() {
+                assert!(v.get("error").is_none(), "{command}: {v}");
+                return v["return"].clone();
+            }
+        }
     }
 }
 
@@ -728,17 +783,26 @@ fn commits_killed_at_random_points_under_a_verifying_guest() {
 
     // A sixth kill, aimed at the commit's finish (the base closed, the child rebased, the
     // merged layer dropped): the copy at full speed, the job polled until it leaves
-    // `running`, then SIGKILL. On either side of the rebase the chain reads the same.
+    // `running`, then SIGKILL a random 0-149 ms later. On either side of the rebase the chain
+    // reads the same.
+    // One connection for the polling: each new one would hold one of the daemon's 16 control
+    // slots for up to 200 ms after it closed.
+    let mut poll = CtlConn::open(&rig.ctl_sock);
     let t0 = Instant::now();
     rig.commit("kill-finish", 1, 0, 0);
     let deadline = Instant::now() + Duration::from_secs(120);
     let seen = loop {
-        let j = rig.job("kill-finish");
+        let jobs = poll.call("query-jobs");
+        let j = jobs.as_array().and_then(|a| a.iter().find(|j| j["id"] == "kill-finish").cloned()).unwrap_or(Value::Null);
         if j["status"] != "running" {
             break j["status"].as_str().unwrap_or("?").to_string();
         }
         assert!(Instant::now() < deadline, "the commit did not finish: {j}");
     };
+    // The finish (write-back and close of the base, the rebase, the layer dropped) takes
+    // about 100 ms: the kill falls anywhere in it, or just after.
+    let after_ms = rng.below(150);
+    std::thread::sleep(Duration::from_millis(after_ms));
     kills.push(rig.kill_daemon());
     let aimed_ms = t0.elapsed().as_millis() as u64;
     let (leaked, end) = check_killed_base(&rig, 0);
@@ -754,7 +818,7 @@ fn commits_killed_at_random_points_under_a_verifying_guest() {
         other => panic!("the top names {other:?} after a kill at the finish"),
     };
     restart_after_kill(&mut rig);
-    eprintln!("kill 5 (aimed at the finish): {aimed_ms} ms into the commit, the job {seen}; the base: {leaked} leaked clusters; the merge {}", if merged { "had happened" } else { "had not happened" });
+    eprintln!("kill 5 (aimed at the finish): {aimed_ms} ms into the commit, {after_ms} ms after the job was seen {seen}; the base: {leaked} leaked clusters; the merge {}", if merged { "had happened" } else { "had not happened" });
 
     // The commit that completes (unless the aimed kill came after the rebase), with the
     // base's leaks given back at its open.
@@ -785,12 +849,11 @@ fn commits_killed_at_random_points_under_a_verifying_guest() {
     let (rate, rounds) = fio_rate(&console);
     eprintln!(
         "CHAIN-GUEST-REPORT test=kills seed={seed} snapshot_pause_us={pauses:?} commit_speed_kib_s={} kill_points_ms_copied_total={points:?} \
-         base_leaks={leaks:?} base_end_mib_before={} base_end_mib_after_kills={:?} sigkill_to_first_request_ms={gaps:?} aimed_kill={} final_commit_ms={final_ms:?} volumes_mib={:?} \
+         base_leaks={leaks:?} base_end_mib_before={} base_end_mib_after_kills={:?} sigkill_to_first_request_ms={gaps:?} aimed_kill={seen}+{after_ms}ms,merged={merged} final_commit_ms={final_ms:?} volumes_mib={:?} \
          guest_rounds={rounds} guest_fio_write_kib_s={rate:.0} elapsed_s={}",
         speed / 1024,
         base_end / MIB,
         ends.iter().map(|e| e / MIB).collect::<Vec<_>>(),
-        format!("{seen},merged={merged}"),
         rig.volume_sizes(),
         started.elapsed().as_secs()
     );
