@@ -2,7 +2,7 @@
 # Builds the guest for tests/guest_qemu.rs into DIR: a Debian cloud kernel (virtio as modules)
 # and a busybox initramfs carrying mke2fs/e2fsck (in /opt, apart from busybox applets) and tests/vm/guest-init as /init;
 # plus initramfs-fio.cpio.gz, the same with fio and its libraries (large: for the fio guests of
-# tests/guest_qemu.rs and tests/migration.rs);
+# tests/guest_qemu.rs, tests/migration.rs and tests/chain_guest.rs);
 # plus initramfs-lvm.cpio.gz for tests/lvm_vm.rs: busybox, the device-mapper modules, lvm2 and
 # qemu-img with their libraries (the test appends thinblk, its client and tests/vm/lvm-init).
 # Needs: apt-get (download only), dpkg, busybox-static, e2fsprogs, cpio, gzip, fio, lvm2, qemu-utils.
