@@ -17,7 +17,7 @@
 //! 3. a commit of `v1` into `v0` at 512 KiB/s, cancelled while running: the chain in
 //!    `query-status`, each backing layer's `qemu-img info` and what the chain reads are as
 //!    before;
-//! 4. (only with [`ACTIVE_COMMIT`], once active commit has landed) an active commit of `v3`
+//! 4. (with [`ACTIVE_COMMIT`], on since active commit landed) an active commit of `v3`
 //!    into `v1`: `ready`, then `job-complete` pivots: `query-status` chain `v1 → v0`, the
 //!    thin control follows `v1`; once the guest is off, thinblk refuses to serve `v3`
 //!    read-write and serves `v1` after a restart;
@@ -77,9 +77,9 @@ use common::vm::{assert_pass, assets, qemu_tcg, tail, VERDICT};
 use common::{ctl, log_time_ms, Daemon, LoopDev, Rng, TestDir};
 
 /// Step 4 of the first test, the active commit (`ctl commit` with the active top, `ready`,
-/// `ctl job-complete`), is being built on another branch: set this to true once `git log
-/// main` shows "active commit". `THINBLK_CHAIN_ACTIVE=1` runs the step before that.
-const ACTIVE_COMMIT: bool = false;
+/// `ctl job-complete`): on since active commit landed on main. `THINBLK_CHAIN_ACTIVE=1` runs
+/// the step even where this is false.
+const ACTIVE_COMMIT: bool = true;
 
 const MIB: u64 = 1 << 20;
 const DOMAIN: &str = "3c8f0e7a-52d1-4f0b-9a6e-0d4b7c2e9f11";
@@ -588,7 +588,7 @@ fn snapshots_and_merges_under_a_verifying_guest() {
         active = Some((ready_ms, pivot_ms));
         rig.wait_rounds(1);
     } else {
-        eprintln!("step 4 (active commit) skipped: set ACTIVE_COMMIT once it has landed on main");
+        eprintln!("step 4 (active commit) skipped: ACTIVE_COMMIT is false");
     }
 
     // 5. The guest's verdict, a clean stop, clean images, the chain as qemu-img replays it.
