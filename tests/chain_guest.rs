@@ -300,7 +300,7 @@ impl Rig {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         self.daemon = Some(Daemon::start_logging(&self.sock, &args, Some(&self.log)));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(&self.ctl_sock).is_err() {
+        while UnixStream::connect(&self.ctl_sock).is_err() {
             assert!(Instant::now() < deadline, "no control socket");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -452,7 +452,7 @@ impl Rig {
         assert_eq!(r["id"], id, "{r}");
     }
 
-    /// Requests served by each daemon so far: their "first request" log lines.
+    /// When each daemon so far served its first request (ms since the epoch, from its log).
     fn first_requests(&self) -> Vec<u64> {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         text.lines().filter(|l| l.contains("first request since the frontend connected")).filter_map(log_time_ms).collect()
