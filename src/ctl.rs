@@ -194,8 +194,11 @@ fn session(conn: UnixStream, target: &Target) -> io::Result<()> {
             Err(e) => break Err(e),
         }
     };
+    // The event thread sees this within its 200 ms wait and ends by itself; not waited for,
+    // so the connection's slot is free at once (a client that connects per command is not
+    // refused for "too many control connections" by connections that already closed).
     closed.store(true, Ordering::SeqCst);
-    let _ = pusher.join();
+    drop(pusher);
     result
 }
 
