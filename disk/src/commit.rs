@@ -33,7 +33,7 @@ use crate::qcow2::{poisoned, storage_for, Qcow2Format};
 use crate::sys::open_direct;
 
 /// Most bytes one [`CommitJob::step`] copies.
-pub const STEP_BYTES: u64 = 1 << 20;
+pub const STEP_BYTES: u64 = 4 << 20;
 
 /// A merge in progress, driven by the job thread of the binary crate.
 pub trait CommitJob: Send {
