@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blkio::{Completion, ReqFlags};
-use common::faultfs::{FaultMount, Faults, LogEvent};
+use common::faultfs::{FaultMount, LogEvent};
 use common::{Client, Daemon, Rng, TestDir};
 
 const SECTOR: u64 = 512;
@@ -142,18 +142,22 @@ fn pick_range(rng: &mut Rng, q: usize) -> (u64, u64) {
     }
 }
 
-/// Runs `n` requests over two queues; `flush_every` 0: no FLUSH at all. `kill_at`: after
-/// that many requests are issued, call it and stop (requests in flight stay uncompleted).
+/// Runs `n` requests over two queues, and more while `more` says so; `flush_every` 0: no
+/// FLUSH at all. `clock` tells where the fixture's log is (its length, or the process-wide
+/// event number), read before each issue and after each completion. `kill_at`: after that
+/// many requests are issued, call it and stop (requests in flight stay uncompleted).
+#[allow(clippy::too_many_arguments)]
 fn run(
     c: &mut Client,
     w: &mut Workload,
-    faults: Option<&Faults>,
+    clock: &dyn Fn() -> u64,
     rng: &mut Rng,
     n: usize,
     flush_every: usize,
+    more: &dyn Fn() -> bool,
     mut kill_at: Option<(usize, &mut dyn FnMut())>,
 ) {
-    let log_len = || faults.map(|f| f.log_len()).unwrap_or(0);
+    let log_len = clock;
     let base = c.region.addr as *mut u8;
     // (op index, slot) per in-flight request, per queue.
     let mut inflight: [Vec<(usize, usize)>; 2] = [Vec::new(), Vec::new()];
@@ -173,8 +177,9 @@ fn run(
             }
         }
         let mut progressed = false;
+        let go = issued < n || more();
         for q in 0..2 {
-            if issued < n && inflight[q].len() < DEPTH {
+            if go && inflight[q].len() < DEPTH {
                 let step = if flush_every > 0 && since_flush[q] >= flush_every {
                     since_flush[q] = 0;
                     Some((Kind::Flush, 0, 0))
@@ -250,7 +255,7 @@ fn run(
                 progressed = true;
             }
         }
-        if issued >= n && inflight.iter().all(|v| v.is_empty()) {
+        if !go && inflight.iter().all(|v| v.is_empty()) {
             return;
         }
         if !progressed {
@@ -344,33 +349,67 @@ fn rebuild(base: &[u8], log: &[LogEvent], cut: usize, rng: &mut Rng) -> (Vec<u8>
     (img, size)
 }
 
+/// Writes a rebuilt image to `path`, `size` bytes long (or longer, if written past it).
+fn put_image(path: &Path, img: &[u8], size: u64) {
+    use std::io::Write;
+    // Overwritten in place, not truncated to zero first: ext4 (auto_da_alloc) writes a file
+    // that was truncated to zero and written again back at its close, a sync per image. Cut
+    // at the end of `img` (what an earlier image left past it goes), then extended by zeroes.
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(path).expect("open cut image");
+    f.write_all(img).expect("write cut image");
+    f.set_len(img.len() as u64).expect("cut the image's end");
+    f.set_len(size.max(img.len() as u64)).expect("size cut image");
+}
+
+/// `qemu-img check` of the qcow2 image at `path`: no corruption (exit 0, or 3: leaks only).
+/// On failure, `post_mortem` (the image, or its whole chain) is kept when asked
+/// (THINBLK_CRASH_KEEP=DIR): the test's directory goes with the test.
+fn check_image(path: &Path, post_mortem: &[&Path], what: &str) {
+    let out = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(path).output().expect("qemu-img check");
+    let code = out.status.code().unwrap_or(-1);
+    if code != 0 && code != 3 {
+        let kept = keep_files(post_mortem).map(|k| format!(" (kept in {k})"));
+        let errors: Vec<&str> = std::str::from_utf8(&out.stderr).unwrap_or("").lines().chain(std::str::from_utf8(&out.stdout).unwrap_or("").lines()).filter(|l| l.contains("ERROR")).collect();
+        panic!(
+            "{what}: qemu-img check {} exit {code}{}:\n{}\n{}{}",
+            path.display(),
+            kept.unwrap_or_default(),
+            errors.join("\n"),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Copies `files` into $THINBLK_CRASH_KEEP (if set), each as thinblk-crash-failed-PID-N-NAME;
+/// returns where.
+fn keep_files(files: &[&Path]) -> Option<String> {
+    let d = std::env::var_os("THINBLK_CRASH_KEEP")?;
+    for (i, f) in files.iter().enumerate() {
+        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let keep = Path::new(&d).join(format!("thinblk-crash-failed-{}-{i}-{name}", std::process::id()));
+        let _ = std::fs::copy(f, &keep);
+    }
+    Some(Path::new(&d).display().to_string())
+}
+
+/// The guest contents of the qcow2 image at `path` (its backing chain as its header names
+/// it), through `qemu-img convert`; `raw` is a scratch file.
+fn guest_view(path: &Path, raw: &Path, what: &str) -> Vec<u8> {
+    let out = Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(path).arg(raw).output().expect("qemu-img convert");
+    assert!(out.status.success(), "{what}: qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
+    let mut disk = std::fs::read(raw).expect("read converted");
+    disk.resize(DISK as usize, 0);
+    let _ = std::fs::remove_file(raw);
+    disk
+}
+
 /// `qemu-img check` (no corruption; leaks allowed) and the guest contents via `qemu-img convert`.
 fn qcow2_oracle(dir: &TestDir, img: &[u8], size: u64, what: &str) -> Vec<u8> {
     let path = dir.path("cut.qcow2");
-    let raw = dir.path("cut.raw");
-    std::fs::write(&path, img).expect("write cut image");
-    let f = std::fs::OpenOptions::new().write(true).open(&path).expect("open cut image");
-    f.set_len(size.max(img.len() as u64)).expect("size cut image");
-    drop(f);
-    let out = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&path).output().expect("qemu-img check");
-    let code = out.status.code().unwrap_or(-1);
-    if code != 0 && code != 3 {
-        // Kept for a post-mortem only when asked (THINBLK_CRASH_KEEP=DIR): the test's
-        // directory goes with the test.
-        let kept = std::env::var_os("THINBLK_CRASH_KEEP").map(|d| {
-            let keep = Path::new(&d).join(format!("thinblk-crash-failed-{}.qcow2", std::process::id()));
-            let _ = std::fs::copy(&path, &keep);
-            format!(" (image kept as {})", keep.display())
-        });
-        let errors: Vec<&str> = std::str::from_utf8(&out.stderr).unwrap_or("").lines().chain(std::str::from_utf8(&out.stdout).unwrap_or("").lines()).filter(|l| l.contains("ERROR")).collect();
-        panic!("{what}: qemu-img check exit {code}{}:\n{}\n{}", kept.unwrap_or_default(), errors.join("\n"), String::from_utf8_lossy(&out.stdout));
-    }
-    let out = Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(&path).arg(&raw).output().expect("qemu-img convert");
-    assert!(out.status.success(), "{what}: qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
-    let mut disk = std::fs::read(&raw).expect("read converted");
-    disk.resize(DISK as usize, 0);
-    let _ = std::fs::remove_file(&raw);
-    disk
+    put_image(&path, img, size);
+    check_image(&path, &[&path], what);
+    guest_view(&path, &dir.path("cut.raw"), what)
 }
 
 /// A fresh disk of DISK bytes at `path`: qcow2 with `cluster` bytes per cluster, or raw.
@@ -429,7 +468,7 @@ fn host_crash(cluster: Option<u64>, unmap: bool, evict: bool, cuts: usize, seed:
     let mut rng = Rng(seed);
     {
         let mut c = Client::connect(&d.socket, 2).expect("connect");
-        run(&mut c, &mut w, Some(&mount.faults), &mut rng, 600, 50, None);
+        run(&mut c, &mut w, &|| mount.faults.log_len(), &mut rng, 600, 50, &|| false, None);
     }
     common::stop_clean(d);
     if evict {
@@ -524,7 +563,7 @@ fn daemon_crash(cluster: Option<u64>, evict: bool, seed: u64) {
                 let _ = d.wait_exit(Duration::from_secs(10));
             };
             // No FLUSH at all: only the daemon-crash contract keeps these.
-            run(&mut c, &mut all, None, &mut rng, usize::MAX, 0, Some((at, &mut kill)));
+            run(&mut c, &mut all, &|| 0, &mut rng, usize::MAX, 0, &|| false, Some((at, &mut kill)));
         }
         drop(d);
         let d = Daemon::start_logging(&dir.path("sock"), &args, Some(&daemon_log));
