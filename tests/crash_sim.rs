@@ -12,16 +12,31 @@
 //!
 //! *Daemon crash*: the same workload with no FLUSH at all, the daemon killed with SIGKILL
 //! mid-flight and started again, three times: every completed write reads back.
+//!
+//! *Host crash during a live merge*: the chain base ← mid ← top, base and top each on a
+//! fixture of their own in log-writes mode (mid, written before the logs start, is a plain
+//! file); every logged event takes a number from one counter of the process, so the two logs
+//! merge into one order. The same workload (paced) writes to the top while `ctl commit`
+//! merges mid into base and rebases the top (internal), or merges top and mid into base,
+//! mirrors and pivots (active), and goes on after it. Crash images are rebuilt at random cut
+//! points and on both sides of every event that orders the merge (the base's syncs and
+//! header writes, the top's header write that changes its chain, and the sync after it):
+//! per file, its events up to its own last sync before the cut and a random half of its
+//! later ones. Every image must pass `qemu-img check`; the image a restart would serve (the
+//! top, unless its header carries thinblk's merged mark: then the base) must read back as
+//! above.
 
 mod common;
 
 use std::mem::MaybeUninit;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blkio::{Completion, ReqFlags};
-use common::faultfs::{FaultMount, Faults, LogEvent};
+use common::faultfs::{self, FaultMount, LogEvent};
 use common::{Client, Daemon, Rng, TestDir};
 
 const SECTOR: u64 = 512;
@@ -112,11 +127,13 @@ struct Workload {
     seq: u64,
     /// Ids start here (distinct across rounds on one image).
     first_id: u64,
+    /// Least time between two issues (zero: as fast as the queues go).
+    pace: Duration,
 }
 
 impl Workload {
     fn new(first_id: u64) -> Workload {
-        Workload { ops: Vec::new(), seq: 0, first_id }
+        Workload { ops: Vec::new(), seq: 0, first_id, pace: Duration::ZERO }
     }
     fn id(&self, i: usize) -> u64 {
         self.first_id + i as u64
@@ -142,24 +159,29 @@ fn pick_range(rng: &mut Rng, q: usize) -> (u64, u64) {
     }
 }
 
-/// Runs `n` requests over two queues; `flush_every` 0: no FLUSH at all. `kill_at`: after
-/// that many requests are issued, call it and stop (requests in flight stay uncompleted).
+/// Runs `n` requests over two queues, and more while `more` says so; `flush_every` 0: no
+/// FLUSH at all. `clock` tells where the fixture's log is (its length, or the process-wide
+/// event number), read before each issue and after each completion. `kill_at`: after that
+/// many requests are issued, call it and stop (requests in flight stay uncompleted).
+#[allow(clippy::too_many_arguments)]
 fn run(
     c: &mut Client,
     w: &mut Workload,
-    faults: Option<&Faults>,
+    clock: &dyn Fn() -> u64,
     rng: &mut Rng,
     n: usize,
     flush_every: usize,
+    more: &dyn Fn() -> bool,
     mut kill_at: Option<(usize, &mut dyn FnMut())>,
 ) {
-    let log_len = || faults.map(|f| f.log_len()).unwrap_or(0);
+    let log_len = clock;
     let base = c.region.addr as *mut u8;
     // (op index, slot) per in-flight request, per queue.
     let mut inflight: [Vec<(usize, usize)>; 2] = [Vec::new(), Vec::new()];
     let mut plan: [Vec<(Kind, u64, u64)>; 2] = [Vec::new(), Vec::new()];
     let mut since_flush = [0usize; 2];
     let mut issued = 0;
+    let mut next_issue = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut comps: Vec<MaybeUninit<Completion>> = (0..8).map(|_| MaybeUninit::uninit()).collect();
     loop {
@@ -173,8 +195,9 @@ fn run(
             }
         }
         let mut progressed = false;
+        let go = issued < n || more();
         for q in 0..2 {
-            if issued < n && inflight[q].len() < DEPTH {
+            if go && inflight[q].len() < DEPTH && Instant::now() >= next_issue {
                 let step = if flush_every > 0 && since_flush[q] >= flush_every {
                     since_flush[q] = 0;
                     Some((Kind::Flush, 0, 0))
@@ -229,6 +252,7 @@ fn run(
                 }
                 inflight[q].push((i, slot % DEPTH));
                 issued += 1;
+                next_issue = Instant::now() + w.pace;
                 since_flush[q] += 1;
                 progressed = true;
             }
@@ -250,7 +274,7 @@ fn run(
                 progressed = true;
             }
         }
-        if issued >= n && inflight.iter().all(|v| v.is_empty()) {
+        if !go && inflight.iter().all(|v| v.is_empty()) {
             return;
         }
         if !progressed {
@@ -318,10 +342,12 @@ fn verify(disk: &[u8], w: &Workload, cut_log: Option<u64>, required_before: Opti
 
 /// Rebuilds the file as a power loss at `cut` could leave it: every event before the last
 /// sync before the cut, and a random half of those after it. Size changes always apply.
-fn rebuild(base: &[u8], log: &[LogEvent], cut: usize, rng: &mut Rng) -> (Vec<u8>, u64) {
+/// `base`: the file's bytes when the log started (it may leave out zeroes at the end), of
+/// `base_len` bytes.
+fn rebuild(base: &[u8], base_len: u64, log: &[LogEvent], cut: usize, rng: &mut Rng) -> (Vec<u8>, u64) {
     let last_sync = log[..cut].iter().rposition(|e| matches!(e, LogEvent::Sync)).map(|i| i + 1).unwrap_or(0);
     let mut img = base.to_vec();
-    let mut size = base.len() as u64;
+    let mut size = base_len;
     for (k, e) in log[..cut].iter().enumerate() {
         let apply = k < last_sync || rng.below(2) == 0;
         match e {
@@ -344,33 +370,67 @@ fn rebuild(base: &[u8], log: &[LogEvent], cut: usize, rng: &mut Rng) -> (Vec<u8>
     (img, size)
 }
 
+/// Writes a rebuilt image to `path`, `size` bytes long (or longer, if written past it).
+fn put_image(path: &Path, img: &[u8], size: u64) {
+    use std::io::Write;
+    // Overwritten in place, not truncated to zero first: ext4 (auto_da_alloc) writes a file
+    // that was truncated to zero and written again back at its close, a sync per image. Cut
+    // at the end of `img` (what an earlier image left past it goes), then extended by zeroes.
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(path).expect("open cut image");
+    f.write_all(img).expect("write cut image");
+    f.set_len(img.len() as u64).expect("cut the image's end");
+    f.set_len(size.max(img.len() as u64)).expect("size cut image");
+}
+
+/// `qemu-img check` of the qcow2 image at `path`: no corruption (exit 0, or 3: leaks only).
+/// On failure, `post_mortem` (the image, or its whole chain) is kept when asked
+/// (THINBLK_CRASH_KEEP=DIR): the test's directory goes with the test.
+fn check_image(path: &Path, post_mortem: &[&Path], what: &str) {
+    let out = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(path).output().expect("qemu-img check");
+    let code = out.status.code().unwrap_or(-1);
+    if code != 0 && code != 3 {
+        let kept = keep_files(post_mortem).map(|k| format!(" (kept in {k})"));
+        let errors: Vec<&str> = std::str::from_utf8(&out.stderr).unwrap_or("").lines().chain(std::str::from_utf8(&out.stdout).unwrap_or("").lines()).filter(|l| l.contains("ERROR")).collect();
+        panic!(
+            "{what}: qemu-img check {} exit {code}{}:\n{}\n{}{}",
+            path.display(),
+            kept.unwrap_or_default(),
+            errors.join("\n"),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Copies `files` into $THINBLK_CRASH_KEEP (if set), each as thinblk-crash-failed-PID-N-NAME;
+/// returns where.
+fn keep_files(files: &[&Path]) -> Option<String> {
+    let d = std::env::var_os("THINBLK_CRASH_KEEP")?;
+    for (i, f) in files.iter().enumerate() {
+        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let keep = Path::new(&d).join(format!("thinblk-crash-failed-{}-{i}-{name}", std::process::id()));
+        let _ = std::fs::copy(f, &keep);
+    }
+    Some(Path::new(&d).display().to_string())
+}
+
+/// The guest contents of the qcow2 image at `path` (its backing chain as its header names
+/// it), through `qemu-img convert`; `raw` is a scratch file.
+fn guest_view(path: &Path, raw: &Path, what: &str) -> Vec<u8> {
+    let out = Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(path).arg(raw).output().expect("qemu-img convert");
+    assert!(out.status.success(), "{what}: qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
+    let mut disk = std::fs::read(raw).expect("read converted");
+    disk.resize(DISK as usize, 0);
+    let _ = std::fs::remove_file(raw);
+    disk
+}
+
 /// `qemu-img check` (no corruption; leaks allowed) and the guest contents via `qemu-img convert`.
 fn qcow2_oracle(dir: &TestDir, img: &[u8], size: u64, what: &str) -> Vec<u8> {
     let path = dir.path("cut.qcow2");
-    let raw = dir.path("cut.raw");
-    std::fs::write(&path, img).expect("write cut image");
-    let f = std::fs::OpenOptions::new().write(true).open(&path).expect("open cut image");
-    f.set_len(size.max(img.len() as u64)).expect("size cut image");
-    drop(f);
-    let out = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&path).output().expect("qemu-img check");
-    let code = out.status.code().unwrap_or(-1);
-    if code != 0 && code != 3 {
-        // Kept for a post-mortem only when asked (THINBLK_CRASH_KEEP=DIR): the test's
-        // directory goes with the test.
-        let kept = std::env::var_os("THINBLK_CRASH_KEEP").map(|d| {
-            let keep = Path::new(&d).join(format!("thinblk-crash-failed-{}.qcow2", std::process::id()));
-            let _ = std::fs::copy(&path, &keep);
-            format!(" (image kept as {})", keep.display())
-        });
-        let errors: Vec<&str> = std::str::from_utf8(&out.stderr).unwrap_or("").lines().chain(std::str::from_utf8(&out.stdout).unwrap_or("").lines()).filter(|l| l.contains("ERROR")).collect();
-        panic!("{what}: qemu-img check exit {code}{}:\n{}\n{}", kept.unwrap_or_default(), errors.join("\n"), String::from_utf8_lossy(&out.stdout));
-    }
-    let out = Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(&path).arg(&raw).output().expect("qemu-img convert");
-    assert!(out.status.success(), "{what}: qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
-    let mut disk = std::fs::read(&raw).expect("read converted");
-    disk.resize(DISK as usize, 0);
-    let _ = std::fs::remove_file(&raw);
-    disk
+    put_image(&path, img, size);
+    check_image(&path, &[&path], what);
+    guest_view(&path, &dir.path("cut.raw"), what)
 }
 
 /// A fresh disk of DISK bytes at `path`: qcow2 with `cluster` bytes per cluster, or raw.
@@ -429,7 +489,7 @@ fn host_crash(cluster: Option<u64>, unmap: bool, evict: bool, cuts: usize, seed:
     let mut rng = Rng(seed);
     {
         let mut c = Client::connect(&d.socket, 2).expect("connect");
-        run(&mut c, &mut w, Some(&mount.faults), &mut rng, 600, 50, None);
+        run(&mut c, &mut w, &|| mount.faults.log_len(), &mut rng, 600, 50, &|| false, None);
     }
     common::stop_clean(d);
     if evict {
@@ -446,7 +506,7 @@ fn host_crash(cluster: Option<u64>, unmap: bool, evict: bool, cuts: usize, seed:
     for n in 0..cuts {
         let cut = 1 + rng.below(log.len() as u64) as usize;
         let what = format!("{name} cut {n} at {cut}/{}", log.len());
-        let (img, size) = rebuild(&base, &log, cut, &mut rng);
+        let (img, size) = rebuild(&base, base.len() as u64, &log, cut, &mut rng);
         let guest = match cluster {
             Some(_) => qcow2_oracle(&dir, &img, size, &what),
             None => {
@@ -524,7 +584,7 @@ fn daemon_crash(cluster: Option<u64>, evict: bool, seed: u64) {
                 let _ = d.wait_exit(Duration::from_secs(10));
             };
             // No FLUSH at all: only the daemon-crash contract keeps these.
-            run(&mut c, &mut all, None, &mut rng, usize::MAX, 0, Some((at, &mut kill)));
+            run(&mut c, &mut all, &|| 0, &mut rng, usize::MAX, 0, &|| false, Some((at, &mut kill)));
         }
         drop(d);
         let d = Daemon::start_logging(&dir.path("sock"), &args, Some(&daemon_log));
@@ -557,4 +617,345 @@ fn daemon_crash_loses_no_completed_write() {
     }
     // Refcount-cache eviction (issue 19), as in the host-crash simulation.
     daemon_crash(Some(512), true, 0xdead_0100);
+}
+
+/// A qcow2 image of DISK bytes at `path` with `cluster`-byte clusters, over `backing` (a
+/// qcow2 named as given) when there is one.
+fn make_layer(path: &Path, cluster: u64, backing: Option<&Path>) {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2", "-o", &format!("cluster_size={cluster}")]);
+    if let Some(b) = backing {
+        cmd.args(["-u", "-F", "qcow2", "-b"]).arg(b);
+    }
+    let out = cmd.arg(path).arg(DISK.to_string()).output().expect("qemu-img create");
+    assert!(out.status.success(), "qemu-img create: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The chain of a live merge under test. The files the merge changes each sit on a fixture
+/// in log-writes mode (one file per mount): the base, and the top the guest writes. The
+/// middle layer is a plain file, written before the logs start and never after. Fields drop
+/// in order: the daemon, then the mounts, then the directory holding their backing files.
+struct MergeRig {
+    daemon: Option<Daemon>,
+    base: Option<FaultMount>,
+    top: Option<FaultMount>,
+    dir: TestDir,
+}
+
+/// One file's log split for [`rebuild`]: the events, and their process-wide numbers.
+struct FileLog {
+    /// The file as it was when its log started, without the zeroes at its end (the engine
+    /// grows a file far ahead of its data: rebuilt whole, each crash image took 128 MiB).
+    start: Vec<u8>,
+    start_len: u64,
+    seqs: Vec<u64>,
+    events: Vec<LogEvent>,
+}
+
+impl FileLog {
+    fn new(mut start: Vec<u8>, log: Vec<(u64, LogEvent)>) -> FileLog {
+        let start_len = start.len() as u64;
+        start.truncate(start.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1));
+        let (seqs, events) = log.into_iter().unzip();
+        FileLog { start, start_len, seqs, events }
+    }
+
+    /// The file as a power loss right before event number `cut` (of the whole process) could
+    /// leave it: its own events numbered below `cut`, all of them up to its own last sync
+    /// among those (a sync covers only its own file), a random half of the later ones.
+    fn at(&self, cut: u64, rng: &mut Rng) -> (Vec<u8>, u64) {
+        rebuild(&self.start, self.start_len, &self.events, self.seqs.partition_point(|&s| s < cut), rng)
+    }
+}
+
+/// Whether the rebuilt image `img` (`size` bytes) carries thinblk's MERGED mark the way a
+/// read-write open by thinblk honours it (a current owner extension of a version 3 image):
+/// then a restart serves its base instead.
+fn marked_merged(img: &[u8], size: u64) -> bool {
+    use thinblk_qcow2::header::autoclear;
+    let h = thinblk_qcow2::Header::parse(img, size.max(img.len() as u64)).expect("the old top's header parses");
+    h.version >= 3 && h.autoclear_features & autoclear::THINBLK != 0 && h.owner.is_some_and(|o| o.flags & thinblk_qcow2::Owner::MERGED != 0)
+}
+
+/// The backing file name the rebuilt image `img` gives.
+fn backing_name(img: &[u8], size: u64) -> Option<String> {
+    thinblk_qcow2::Header::parse(img, size.max(img.len() as u64)).expect("the top's header parses").backing_file
+}
+
+/// Tells the workload the merge's driver ended when dropped (the merge concluded, or the
+/// driver panicked).
+struct Done(Arc<AtomicBool>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+fn merge_job(ctl_sock: &Path) -> serde_json::Value {
+    let jobs = common::ctl(ctl_sock, "query-jobs", serde_json::json!({}));
+    jobs.as_array().and_then(|a| a.iter().find(|j| j["id"] == "merge").cloned()).unwrap_or_default()
+}
+
+/// Waits until the merge job's status is `status`; returns the job.
+fn wait_job(ctl_sock: &Path, status: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let j = merge_job(ctl_sock);
+        if j["status"] == status || j["status"] == "concluded" {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "the merge did not become {status}: {j}");
+        // Not faster: a control connection's slot is free only ~200 ms after it closed.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Drives the merge from the control socket while the test thread's workload writes: starts
+/// it, slowed so that the copy takes about `copy` and the workload overlaps all of it; an
+/// active commit then runs at full speed (slowed, it never catches up with this workload),
+/// turns ready, mirrors for a while and pivots. Returns the concluded job and the event
+/// numbers at its start and its end.
+fn drive_merge(ctl_sock: PathBuf, args: serde_json::Value, active: bool, copy: Duration, done: Arc<AtomicBool>) -> std::thread::JoinHandle<(serde_json::Value, u64, u64)> {
+    std::thread::spawn(move || {
+        let _done = Done(done);
+        std::thread::sleep(Duration::from_millis(100));
+        let start = faultfs::global_seq();
+        // Started at a crawl: its total is known at once, the speed follows from it.
+        let mut args = args;
+        args["job-id"] = "merge".into();
+        args["speed"] = 16384.into();
+        common::ctl(&ctl_sock, "commit", args);
+        let total = merge_job(&ctl_sock)["total-progress"].as_u64().unwrap_or(0);
+        let speed = ((total as f64 / copy.as_secs_f64()) as u64).max(65536);
+        common::ctl(&ctl_sock, "job-set-speed", serde_json::json!({"id": "merge", "speed": speed}));
+        if active {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while merge_job(&ctl_sock)["current-progress"].as_u64().unwrap_or(0) < total {
+                assert!(Instant::now() < deadline, "the active commit did not copy what the top held: {}", merge_job(&ctl_sock));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            common::ctl(&ctl_sock, "job-set-speed", serde_json::json!({"id": "merge", "speed": 0}));
+            let j = wait_job(&ctl_sock, "ready");
+            assert_eq!(j["status"], "ready", "{j}");
+            // Mirroring the workload for a while, then the pivot while it writes.
+            std::thread::sleep(Duration::from_millis(400));
+            common::ctl(&ctl_sock, "job-complete", serde_json::json!({"id": "merge"}));
+        }
+        let j = wait_job(&ctl_sock, "concluded");
+        (j, start, faultfs::global_seq())
+    })
+}
+
+/// One host-crash simulation of a live merge: the chain base ← mid ← top (base and top on
+/// fixtures in log-writes mode), the workload writing to the top while `ctl commit` merges
+/// mid into base (internal) or top and mid into base and pivots (active). Returns (cuts,
+/// sectors checked).
+fn merge_crash(cluster: u64, active: bool, random_cuts: usize, seed: u64) -> (usize, usize) {
+    let name = format!("crashmerge-{}-{cluster}", if active { "active" } else { "internal" });
+    let began = Instant::now();
+    let dir = TestDir::new(&name);
+    // Absolute backing names across the mounts: the files keep these names when the crash
+    // images are rebuilt (the mountpoints are plain directories again by then).
+    let (base_disk, top_disk, mid) = (dir.path("mnt-base").join("disk"), dir.path("mnt-top").join("disk"), dir.path("mid.qcow2"));
+    let (base_file, top_file) = (dir.path("base.img"), dir.path("top.img"));
+    make_layer(&base_file, cluster, None);
+    make_layer(&top_file, cluster, Some(&mid));
+    let mut rig = MergeRig {
+        daemon: None,
+        base: Some(FaultMount::new(&base_file, &dir.path("mnt-base"))),
+        top: Some(FaultMount::new(&top_file, &dir.path("mnt-top"))),
+        dir,
+    };
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+    let ctl_sock = rig.dir.path("ctl.sock");
+    let journal = path(&rig.dir.0);
+    let args = [
+        "--image", &path(&base_disk), "--format", "qcow2", "--num-queues", "2", "--discard", "unmap",
+        "--backing-files", "any", "--control", &path(&ctl_sock), "--journal-dir", &journal,
+    ];
+    rig.daemon = Some(Daemon::start_logging(&rig.dir.path("sock"), &args, Some(&rig.dir.path("daemon.log"))));
+    let socket = rig.dir.path("sock");
+    let mut w = Workload::new(1);
+    let mut rng = Rng(seed);
+    let clock = faultfs::global_seq;
+    let mut c = Client::connect(&socket, 2).expect("connect");
+    // What the merge copies: the base's data under the middle layer's, written through the
+    // served chain before the logs start (the middle layer is final once it is not the top).
+    run(&mut c, &mut w, &clock, &mut rng, 150, 50, &|| false, None);
+    make_layer(&mid, cluster, Some(&base_disk));
+    common::ctl(&ctl_sock, "snapshot", serde_json::json!({"overlay": path(&mid)}));
+    run(&mut c, &mut w, &clock, &mut rng, 200, 50, &|| false, None);
+
+    // Logging from here: the files as they are now (nothing writes them until the snapshot),
+    // then every event. Crash points start once the snapshot made the top.
+    let base_start = std::fs::read(&base_file).expect("read base");
+    let top_start = std::fs::read(&top_file).expect("read top");
+    let mounts = [rig.base.as_ref(), rig.top.as_ref()].map(|m| m.expect("mounted"));
+    for m in mounts {
+        m.faults.start_log();
+    }
+    common::ctl(&ctl_sock, "snapshot", serde_json::json!({"overlay": path(&top_disk)}));
+    let from = faultfs::global_seq();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let merge_args = if active {
+        serde_json::json!({"top": path(&top_disk), "base": path(&base_disk)})
+    } else {
+        serde_json::json!({"top": path(&mid), "base": path(&base_disk)})
+    };
+    let driver = drive_merge(ctl_sock.clone(), merge_args, active, Duration::from_millis(1500), done.clone());
+    let during = w.ops.len();
+    // Paced: a few hundred requests a second keep the logs (and each rebuild) small.
+    w.pace = Duration::from_millis(2);
+    run(&mut c, &mut w, &clock, &mut rng, 0, 50, &|| !done.load(Ordering::SeqCst), None);
+    let (job, merge_start, merge_end) = driver.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+    assert_eq!(job["outcome"], "completed", "{name}: {job}");
+    let after = w.ops.len();
+    run(&mut c, &mut w, &clock, &mut rng, 300, 50, &|| false, None);
+    drop(c);
+    let status = common::ctl(&ctl_sock, "query-status", serde_json::json!({}));
+    let served: Vec<String> = status["chain"].as_array().expect("chain").iter().filter_map(|v| v.as_str().map(String::from)).collect();
+    let want = if active { vec![path(&base_disk)] } else { vec![path(&top_disk), path(&base_disk)] };
+    assert_eq!(served, want, "{name}: the chain after the merge");
+    common::stop_clean(rig.daemon.take().expect("daemon"));
+    let logs = mounts.map(|m| m.faults.take_numbered_log());
+    // Unmounted: the mountpoints take the rebuilt files under the same names.
+    drop(rig.top.take());
+    drop(rig.base.take());
+    let [base_log, top_log] = logs;
+    let files = [FileLog::new(base_start, base_log), FileLog::new(top_start, top_log)];
+    let overlapped = w.ops[during..after].iter().filter(|o| o.issue_log > merge_start && o.done_log < merge_end).count();
+    eprintln!(
+        "{name}: {} requests in {:.1} s, {} during the merge ({overlapped} inside it), {} + {} events, merge events {merge_start}..{merge_end}: {job}",
+        w.ops.len(),
+        began.elapsed().as_secs_f64(),
+        after - during,
+        files[0].events.len(),
+        files[1].events.len()
+    );
+    assert!(overlapped > 20, "{name}: the workload hardly overlapped the merge");
+
+    // Cut points: random events after the snapshot, and around each event that orders the
+    // merge: the base's syncs and writes into its first cluster (its header) once the merge
+    // started, and the top's writes that change which chain its header gives (the backing
+    // name, the merged mark), with the sync that follows each.
+    let mut all: Vec<u64> = files.iter().flat_map(|f| f.seqs.iter().copied()).collect();
+    all.sort_unstable();
+    let first = all.partition_point(|&s| s < from);
+    assert!(all.len() > first + 100, "{name}: too few events after the snapshot");
+    // A quarter of them after the merge (the merged chain serving), where fewer events are.
+    let after_merge = all.partition_point(|&s| s < merge_end);
+    let mut cuts: Vec<u64> = (0..random_cuts)
+        .map(|k| {
+            let from = if k % 4 == 3 && after_merge < all.len() { after_merge } else { first };
+            all[from + rng.below((all.len() - from) as u64) as usize] + 1
+        })
+        .collect();
+    let random = cuts.len();
+    for (&s, e) in files[0].seqs.iter().zip(&files[0].events) {
+        let ordering = match e {
+            LogEvent::Sync => true,
+            LogEvent::Write(off, _) => *off < cluster,
+            _ => false,
+        };
+        if s >= merge_start && s <= merge_end && ordering {
+            cuts.extend([s, s + 1]);
+        }
+    }
+    let mut head = files[1].start.clone();
+    head.resize(cluster as usize, 0);
+    let chain_of = |h: &[u8]| (backing_name(h, 1 << 40), marked_merged(h, 1 << 40));
+    let mut was = chain_of(&head);
+    for (k, (&s, e)) in files[1].seqs.iter().zip(&files[1].events).enumerate() {
+        let LogEvent::Write(off, data) = e else { continue };
+        if *off >= cluster {
+            continue;
+        }
+        let end = (*off as usize + data.len()).min(head.len());
+        head[*off as usize..end].copy_from_slice(&data[..end - *off as usize]);
+        let now = chain_of(&head);
+        if now != was {
+            let synced = files[1].events[k..].iter().position(|e| matches!(e, LogEvent::Sync)).map(|j| files[1].seqs[k + j] + 1);
+            cuts.extend([s, s + 1].into_iter().chain(synced));
+            eprintln!("{name}: the top's header changes at event {s}: {was:?} -> {now:?}");
+            was = now;
+        }
+    }
+    cuts.push(all.last().map(|s| s + 1).unwrap_or(0));
+
+    let flushes: Vec<&Op> = w.ops.iter().filter(|o| o.kind == Kind::Flush).collect();
+    let (mut checked, mut with_flush, mut on_new_chain) = (0, 0, 0);
+    for (n, &cut) in cuts.iter().enumerate() {
+        let what = format!("{name} cut {n} before event {cut} (merge {merge_start}..{merge_end})");
+        let (base_img, base_size) = files[0].at(cut, &mut rng);
+        let (top_img, top_size) = files[1].at(cut, &mut rng);
+        put_image(&base_disk, &base_img, base_size);
+        put_image(&top_disk, &top_img, top_size);
+        let chain: [&Path; 3] = [&top_disk, &mid, &base_disk];
+        check_image(&base_disk, &chain, &what);
+        check_image(&top_disk, &chain, &what);
+        if n == 0 {
+            // Never written while logged: once is enough (its backing file is there now).
+            check_image(&mid, &chain, &format!("{name}: the middle layer"));
+        }
+        // What a restart serves: the top the management knows of; a thinblk started on an
+        // old top marked merged refuses it, so its base then (the mark is synced before the
+        // base takes any guest write, and the base holds every earlier one).
+        let serve = if active && marked_merged(&top_img, top_size) {
+            on_new_chain += 1;
+            &base_disk
+        } else {
+            if !active && backing_name(&top_img, top_size).is_some_and(|b| b == path(&base_disk)) {
+                on_new_chain += 1;
+            }
+            &top_disk
+        };
+        let _keep = KeepOnPanic(&chain);
+        let guest = guest_view(serve, &rig.dir.path("cut.raw"), &what);
+        let flush = flushes.iter().filter(|f| f.done_log <= cut).max_by_key(|f| f.issue_seq);
+        if flush.is_some() {
+            with_flush += 1;
+        }
+        checked += verify(&guest, &w, Some(cut), flush.map(|f| f.issue_seq), &what);
+    }
+    let n = cuts.len();
+    assert!(with_flush > n / 2, "{name}: only {with_flush} of {n} cuts follow a completed FLUSH");
+    assert!(on_new_chain > 0 && on_new_chain < n, "{name}: {on_new_chain} of {n} cuts on the merged chain");
+    eprintln!(
+        "{name}: {n} crash images ({} aimed at the merge's ordering), {with_flush} after a completed FLUSH, {on_new_chain} on the merged chain, {checked} sector requirements checked; {:.1} s in all",
+        n - random - 1,
+        began.elapsed().as_secs_f64()
+    );
+    (n, checked)
+}
+
+/// Keeps the chain's files (THINBLK_CRASH_KEEP) if dropped by a panic.
+struct KeepOnPanic<'a>(&'a [&'a Path]);
+
+impl Drop for KeepOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(k) = keep_files(self.0) {
+                eprintln!("the crash image's chain is kept in {k}");
+            }
+        }
+    }
+}
+
+#[test]
+fn host_crash_during_a_live_merge() {
+    let seed = std::env::var("THINBLK_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_0001u64);
+    let only = std::env::var("THINBLK_CRASH_ONLY").ok();
+    let mut total = 0;
+    for (i, cluster) in [65536u64, 4096].into_iter().enumerate() {
+        for active in [false, true] {
+            let tag = format!("merge-{}-{cluster}", if active { "active" } else { "internal" });
+            if only.as_ref().is_some_and(|o| *o != tag) {
+                continue;
+            }
+            total += merge_crash(cluster, active, 80, seed + 200 + i as u64 * 2 + active as u64).0;
+        }
+    }
+    assert!(only.is_some() || total >= 400, "{total} crash images");
 }

@@ -5,7 +5,10 @@
 //!
 //! In log-writes mode it also records every write (with its data), every zeroing fallocate,
 //! every size change and every fsync, in the order they completed (the session is one thread),
-//! so a test can rebuild the file as a power loss at any point could have left it.
+//! so a test can rebuild the file as a power loss at any point could have left it. Each
+//! logged event also takes a number from one counter shared by every mount of the process
+//! ([`global_seq`]), so the logs of several mounts (one file each) merge into the order
+//! their events completed in.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -25,6 +28,15 @@ const DISK: u64 = 2;
 const TTL: Duration = Duration::from_secs(0);
 const FOPEN_DIRECT_IO: u32 = 1;
 
+/// The next number a logged event takes, shared by every mount of the process.
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// How many events every mount of the process logged so far: an event logged from now on
+/// takes this number or a later one, every event logged before took a smaller one.
+pub fn global_seq() -> u64 {
+    SEQ.load(Ordering::SeqCst)
+}
+
 /// What the fixture does to IO right now (0 errno: no fault).
 #[derive(Default)]
 pub struct Faults {
@@ -42,8 +54,8 @@ pub struct Faults {
     pub writes_failed: AtomicU64,
     /// fsync succeeds even while writes fail (storage that drops writes but acks syncs).
     pub sync_ok: AtomicBool,
-    /// The write log (None: not logging).
-    log: std::sync::Mutex<Option<Vec<LogEvent>>>,
+    /// The write log, each event with its number from [`global_seq`] (None: not logging).
+    log: std::sync::Mutex<Option<Vec<(u64, LogEvent)>>>,
     /// Events logged so far (readable without the lock).
     logged: AtomicU64,
     /// Every modification (write, zeroing, size change) as (pid of the calling process,
@@ -82,6 +94,10 @@ impl Faults {
     }
     /// Stops logging and returns the log.
     pub fn take_log(&self) -> Vec<LogEvent> {
+        self.take_numbered_log().into_iter().map(|(_, e)| e).collect()
+    }
+    /// Stops logging and returns the log, each event with its process-wide number (rising).
+    pub fn take_numbered_log(&self) -> Vec<(u64, LogEvent)> {
         self.log.lock().ok().and_then(|mut l| l.take()).unwrap_or_default()
     }
     /// Events logged so far.
@@ -91,7 +107,9 @@ impl Faults {
     fn record(&self, ev: LogEvent) {
         if let Ok(mut l) = self.log.lock() {
             if let Some(v) = l.as_mut() {
-                v.push(ev);
+                // Numbered once the operation is done and before it is answered: an event the
+                // daemon caused after seeing another's reply takes a larger number.
+                v.push((SEQ.fetch_add(1, Ordering::SeqCst), ev));
                 self.logged.fetch_add(1, Ordering::SeqCst);
             }
         }
