@@ -21,7 +21,9 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+# (No early exit in a pipe: under pipefail, a writer cut off by it would fail the build with
+# SIGPIPE, depending on timing. awk reads everything and prints the first match.)
+pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ && !p {print $2; p=1}')
 [ -n "$pkg" ] || { echo "build-assets: no linux-image-cloud-amd64 candidate (run apt-get update)" >&2; exit 1; }
 (cd "$work" && apt-get download -q "$pkg" >/dev/null 2>&1)
 dpkg -x "$work"/linux-image-*.deb "$work/k"
@@ -31,7 +33,7 @@ root="$work/root"
 mkdir -p "$root"/{bin,sbin,opt,lib/modules,proc,sys,dev,mnt,tmp,etc}
 cp /bin/busybox "$root/bin/busybox"
 for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
-  f=$(find "$work/k/lib/modules/$kver" -name "$m.ko*" | head -n1)
+  f=$(find "$work/k/lib/modules/$kver" -name "$m.ko*" -print -quit)
   [ -n "$f" ] && cp "$f" "$root/lib/modules/"
 done
 # Copies binary $1 into $2/opt with the shared libraries it needs.
@@ -60,14 +62,14 @@ mkdir -p "$lroot"/{bin,sbin,opt,lib/modules,proc,sys,dev,mnt,tmp,etc/lvm,run/loc
 cp /bin/busybox "$lroot/bin/busybox"
 cp "$root"/lib/modules/*.ko* "$lroot/lib/modules/"
 for m in dm-mod dm-bufio dm-snapshot; do
-  f=$(find "$work/k/lib/modules/$kver" -name "$m.ko*" | head -n1)
+  f=$(find "$work/k/lib/modules/$kver" -name "$m.ko*" -print -quit)
   [ -n "$f" ] || { echo "build-assets: kernel has no $m" >&2; exit 1; }
   cp "$f" "$lroot/lib/modules/"
 done
 add_binary "$(command -v lvm)" "$lroot"
 add_binary "$(command -v qemu-img)" "$lroot"
 # thinblk and its client are Rust programs: glibc plus libgcc_s (unwinding).
-gcc_s=$(ldconfig -p | awk '/libgcc_s.so.1 .*x86-64/ {print $NF; exit}')
+gcc_s=$(ldconfig -p | awk '/libgcc_s.so.1 .*x86-64/ && !p {print $NF; p=1}')
 [ -n "$gcc_s" ] && cp --parents -L "$gcc_s" "$lroot/"
 for t in pvcreate vgcreate vgs lvcreate lvs lvextend lvchange lvremove; do
   ln -s /opt/lvm "$lroot/sbin/$t"
