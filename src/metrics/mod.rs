@@ -363,7 +363,7 @@ impl Sources {
             b.gauge("chain_depth", "Images in the chain served (the top included).", self.one(gauge_i(self.image.chain().len() as u64)));
             b.counter("snapshots", "Online snapshots taken (a new top).", self.one(Value::Counter(c.snapshots.load(Relaxed))));
             b.counter("snapshot_failures", "Snapshots refused or failed (the chain left as it was).", self.one(Value::Counter(c.snapshot_failures.load(Relaxed))));
-            b.gauge("snapshot_last_pause_microseconds", "How long the last snapshot held guest writes.", self.one(gauge_i(c.last_pause_us.load(Relaxed))));
+            b.gauge("snapshot_last_pause_seconds", "How long the last snapshot held guest writes.", self.one(Value::GaugeF(c.last_pause_us.load(Relaxed) as f64 / 1e6)));
         }
         if let Some(j) = &self.jobs {
             use std::sync::atomic::Ordering::Relaxed;
