@@ -195,6 +195,10 @@ impl Default for StopLimits {
 pub struct InHand {
     count: Mutex<usize>,
     idle: Condvar,
+    /// Threads in [`InHand::wait_idle_for`] (changed under `count`'s lock): the last
+    /// completion notifies only if one waits (a notification is a futex call even with no
+    /// waiter, once per completion batch on the hot path otherwise).
+    waiters: std::sync::atomic::AtomicUsize,
     /// A stop gave up waiting for the requests in hand ([`InHand::fence`]): they are
     /// released without a word to the guest when they end, and nothing new is taken until
     /// the last of them has. Cleared when the count reaches zero.
@@ -226,7 +230,9 @@ impl InHand {
             }
             if *c == 0 {
                 self.stale.store(false, Ordering::SeqCst);
-                self.idle.notify_all();
+                if self.waiters.load(Ordering::Relaxed) > 0 {
+                    self.idle.notify_all();
+                }
             }
         }
     }
@@ -258,17 +264,27 @@ impl InHand {
     pub fn wait_idle_for(&self, queue: usize, limit: std::time::Duration) -> bool {
         let deadline = std::time::Instant::now() + limit;
         let Ok(mut c) = self.count.lock() else { return true };
-        while *c > 0 {
+        // Counted under the lock `done` notifies under: no notification is missed.
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        let idle = loop {
+            if *c == 0 {
+                break true;
+            }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 tracing::warn!(queue, inflight = *c, "still waiting for in-flight IO");
-                return false;
+                break false;
             }
             match self.idle.wait_timeout(c, left) {
                 Ok((guard, _)) => c = guard,
-                Err(_) => return true,
+                Err(_) => {
+                    self.waiters.fetch_sub(1, Ordering::Relaxed);
+                    return true;
+                }
             }
-        }
-        true
+        };
+        self.waiters.fetch_sub(1, Ordering::Relaxed);
+        drop(c);
+        idle
     }
 }
