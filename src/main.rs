@@ -206,6 +206,7 @@ fn run_daemon(args: ServeArgs) -> Result<(), Failure> {
             parked_grace: std::time::Duration::from_millis(args.stop_grace),
             limit: std::time::Duration::from_millis(args.stop_limit),
         },
+        poll: std::time::Duration::from_micros(u64::from(args.poll_us)),
     };
     if image.capacity() < u64::from(cfg.logical_block_size) {
         return Err(Failure::Runtime(format!("{} is smaller than one logical block", image_path.display())));
@@ -519,6 +520,7 @@ fn demo(args: DemoArgs) -> Result<(), Failure> {
         incoming: false,
         num_queues: args.num_queues,
         queue_size: 256,
+        poll_us: 0,
         logical_block_size: 512,
         serial: Some("thinblk-demo".into()),
         l2_cache_size: None,

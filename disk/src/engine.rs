@@ -73,10 +73,32 @@ pub trait Engine: Send {
     fn pop(&mut self) -> Option<(u64, i32)>;
     /// Operations queued and not yet popped.
     fn in_flight(&self) -> usize;
-    /// An eventfd readable when completions are waiting.
-    fn eventfd(&self) -> RawFd;
-    /// Clears that eventfd.
-    fn ack_eventfd(&self);
+    /// Has the engine wait on the file `fd` too (an epoll set of the queue thread): its
+    /// readiness is reported by [`Engine::events_fired`] after a wait, so one blocking call
+    /// waits for completions and events alike. Re-armed by the next [`Engine::prepare_wait`].
+    fn watch_events(&mut self, _fd: RawFd) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this engine cannot wait on events"))
+    }
+    /// Whether the watched event set became ready since the last call.
+    fn events_fired(&mut self) -> bool {
+        false
+    }
+    /// Readies a wait outside the worker's lock: queues what waits (the event poll first)
+    /// and returns the wait, which submits it, or `None` if this engine cannot be waited on
+    /// that way.
+    fn prepare_wait(&mut self) -> Option<crate::uring::Waiter> {
+        None
+    }
+    /// Whether [`Engine::prepare_wait`] gives a wait (the queue thread's wait then submits
+    /// what the worker queued).
+    fn waitable(&self) -> bool {
+        false
+    }
+    /// Whether completions (or kernel work that posts them) wait, without entering the
+    /// kernel: the polling mode's check.
+    fn ready(&mut self) -> bool {
+        false
+    }
     /// Makes the registered file table `table` (slot → fd, -1: empty), slot by slot; the
     /// slots in `busy` (named by extents the worker still holds) must not change. Engines
     /// that address files directly (tests) have nothing to register.

@@ -3,22 +3,28 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use io_uring::{opcode, register::Restriction, squeue, types, IoUring};
 
 pub use crate::engine::HostOp;
 use crate::engine::Engine;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// The opcodes a worker ring may execute.
-const ALLOWED_OPCODES: [u8; 4] =
-    [opcode::Readv::CODE, opcode::Writev::CODE, opcode::Fsync::CODE, opcode::Fallocate::CODE];
+/// The opcodes a worker ring may execute (the poll is the queue thread's wait on its own
+/// event set, see [`Engine::watch_events`]).
+const ALLOWED_OPCODES: [u8; 5] =
+    [opcode::Readv::CODE, opcode::Writev::CODE, opcode::Fsync::CODE, opcode::Fallocate::CODE, opcode::PollAdd::CODE];
+
+/// User data of the event-set poll: the tag bit, and the watch's generation below it (a
+/// poll armed for an earlier queue thread's event set is told apart and dropped).
+const EVENTS_TAG: u64 = 1 << 63;
 
 /// `IORING_REGISTER_FILES_UPDATE`: the one register call allowed after the restrictions
 /// (a chain that gains or drops a layer online changes a slot of the file table).
 const REGISTER_FILES_UPDATE: u8 = 6;
 
-/// A worker's io_uring with its completion eventfd.
+/// A worker's io_uring, which also waits on its queue thread's event set.
 ///
 /// Back-pressure instead of spinning: at most as many entries are handed to the kernel as
 /// the completion queue holds, so completions never overflow; entries beyond that (or
@@ -27,14 +33,31 @@ const REGISTER_FILES_UPDATE: u8 = 6;
 /// new requests while [`Ring::in_flight`] is at its cap.
 pub struct Ring {
     ring: IoUring,
-    eventfd: EventFd,
     backlog: std::collections::VecDeque<squeue::Entry>,
     /// Entries given to the submission queue and not yet popped as completions.
     in_kernel: usize,
     /// Completion queue size: the most entries the kernel may hold.
     cq_cap: usize,
-    /// The registered file table, slot by slot (-1: empty).
+    /// The registered file table, slot by slot (-1: empty); the last slot is the event
+    /// set's (not part of the image's table).
     registered: Vec<RawFd>,
+    /// The event set the queue thread waits on through this ring, if watched.
+    events: Option<Events>,
+    /// Setup flags the kernel took (see [`Ring::new`]), for the log and the benchmarks.
+    setup: &'static str,
+    /// Threads between [`Engine::prepare_wait`] and the end of their [`Waiter::wait`].
+    entering: Arc<AtomicUsize>,
+}
+
+/// The queue thread's event set, polled by the ring (one entry, one-shot, re-armed by the
+/// thread once it has looked at the set).
+struct Events {
+    /// Generation of this watch (user data of its poll).
+    generation: u64,
+    /// The poll is in the submission queue or at the kernel.
+    armed: bool,
+    /// The poll completed since the thread last asked.
+    fired: bool,
 }
 
 impl Ring {
@@ -42,28 +65,64 @@ impl Ring {
     /// least `files.len()`; the rest empty, to be filled by [`Engine::set_files`]) and the
     /// opcode allow-list applied.
     pub fn new(entries: u32, files: &[RawFd], slots: usize) -> io::Result<Ring> {
-        let ring = IoUring::builder().setup_r_disabled().build(entries)?;
+        let (ring, setup) = build(entries)?;
         let submitter = ring.submitter();
         let mut registered = files.to_vec();
-        registered.resize(slots.max(files.len()), -1);
+        // One more slot for the event set.
+        registered.resize(slots.max(files.len()) + 1, -1);
         submitter.register_files(&registered)?;
-        // Registered before the restrictions, which also forbid later register calls.
-        let eventfd = EventFd::new(EFD_NONBLOCK)?;
-        submitter.register_eventfd(eventfd.as_raw_fd())?;
         let mut restrictions: Vec<Restriction> =
             ALLOWED_OPCODES.iter().map(|&op| Restriction::sqe_op(op)).collect();
         restrictions.push(Restriction::sqe_flags_required(squeue::Flags::FIXED_FILE.bits()));
         restrictions.push(Restriction::register_op(REGISTER_FILES_UPDATE));
         submitter.register_restrictions(&mut restrictions)?;
         submitter.register_enable_rings()?;
-        let cq_cap = ring.params().cq_entries() as usize;
-        Ok(Ring { ring, eventfd, backlog: std::collections::VecDeque::new(), in_kernel: 0, cq_cap, registered })
+        // One completion slot stays free for the event set's poll.
+        let cq_cap = (ring.params().cq_entries() as usize).saturating_sub(1).max(1);
+        Ok(Ring { ring, backlog: std::collections::VecDeque::new(), in_kernel: 0, cq_cap, registered, events: None, setup, entering: Arc::new(AtomicUsize::new(0)) })
+    }
+
+    /// The setup flags the kernel took for this ring.
+    pub fn setup_flags(&self) -> &'static str {
+        self.setup
+    }
+
+    /// Whether a submission now could queue behind another thread's: a waiter may be inside
+    /// `io_uring_enter` while the kernel has not taken every queued entry (it publishes what
+    /// it took when the whole submission ends, which a file written inline can stall). Then
+    /// nothing is submitted from here: the kernel would hold us on its submission lock.
+    fn behind_a_submission(&mut self) -> bool {
+        self.entering.load(Ordering::SeqCst) > 0 && !self.ring.submission().is_empty()
+    }
+
+    /// The event set's slot (the last of the table).
+    fn events_slot(&self) -> usize {
+        self.registered.len() - 1
+    }
+
+    /// Puts the event set's poll in the submission queue if it is watched and not armed.
+    fn arm_events(&mut self) {
+        let slot = self.events_slot() as u32;
+        let Some(ev) = self.events.as_mut() else { return };
+        if ev.armed {
+            return;
+        }
+        let poll = opcode::PollAdd::new(types::Fixed(slot), libc::POLLIN as u32).build().user_data(EVENTS_TAG | ev.generation);
+        // SAFETY: a poll references no memory of ours.
+        if unsafe { self.ring.submission().push(&poll) }.is_ok() {
+            // Not counted in `in_kernel` (host ops only): its completion slot is kept free
+            // by `cq_cap`.
+            ev.armed = true;
+        }
     }
 
 
     /// Moves backlog entries into the submission queue while both it and the completion
     /// queue have room.
     fn fill(&mut self) {
+        // The event set's poll first: it must never wait behind host IO (a stop must be seen
+        // while the storage does not answer).
+        self.arm_events();
         while self.in_kernel < self.cq_cap {
             let Some(entry) = self.backlog.front() else { return };
             // SAFETY: the entry's pointers were guaranteed valid until completion by the
@@ -77,14 +136,123 @@ impl Ring {
     }
 }
 
+/// Builds a ring, disabled until its restrictions are in place, with the setup flags that
+/// cut kernel overhead where the kernel has them, falling back flag by flag:
+/// - `COOP_TASKRUN` + `TASKRUN_FLAG` (5.19): completions are run as task work when the worker
+///   next enters the kernel, instead of interrupting it with an IPI; the flag in the shared
+///   ring tells the worker to enter when such work waits.
+/// - `SUBMIT_ALL` (5.18): a batch is not cut short by one failing entry.
+///
+/// Not used: `SINGLE_ISSUER` and `DEFER_TASKRUN`, which require every submission and register
+/// call to come from one thread; file-table changes (chain jobs) and drains (disconnect,
+/// shutdown) come from other threads under the worker's lock (docs/decisions.md).
+fn build(entries: u32) -> io::Result<(IoUring, &'static str)> {
+    if std::env::var_os("THINBLK_RING_PLAIN").is_none() {
+        let r = IoUring::builder().setup_r_disabled().setup_coop_taskrun().setup_taskrun_flag().setup_submit_all().build(entries);
+        match r {
+            Ok(ring) => return Ok((ring, "coop_taskrun,taskrun_flag,submit_all")),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((IoUring::builder().setup_r_disabled().build(entries)?, "none"))
+}
+
+/// A wait on a ring outside the worker's lock (the queue thread's one blocking point), made
+/// by [`Engine::prepare_wait`] under the lock. While it exists the ring counts a thread that
+/// may be inside `io_uring_enter`: the kernel then holds the ring's submission lock for as
+/// long as one submission takes (a file without real non-blocking IO, such as FUSE, is
+/// written inline), and other threads of the worker must not submit behind it.
+pub struct Waiter {
+    fd: RawFd,
+    to_submit: u32,
+    entering: Arc<AtomicUsize>,
+}
+
+impl Waiter {
+    /// Submits what is queued and returns once a completion is available (an operation's,
+    /// or the event set's poll), or after `limit`; `block` false: does not wait (the polling
+    /// mode saw something ready; pending completion work still runs). Interruptions, a
+    /// timeout and a busy completion queue all return `Ok`: the caller looks and comes back.
+    ///
+    /// Other threads may reap from the same ring meanwhile under the worker's lock: the
+    /// completion queue is only read there.
+    pub fn wait(self, block: bool, limit: Option<std::time::Duration>) -> io::Result<()> {
+        enter(self.fd, self.to_submit, block, limit)
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.entering.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// `io_uring_enter` on `fd`: submits up to `to_submit` entries (the kernel caps it at what is
+/// queued), then, if `block`, waits for one completion for at most `limit`.
+fn enter(fd: RawFd, to_submit: u32, block: bool, limit: Option<std::time::Duration>) -> io::Result<()> {
+    const GETEVENTS: libc::c_uint = 1;
+    const EXT_ARG: libc::c_uint = 1 << 3;
+    #[repr(C)]
+    struct GetEventsArg {
+        sigmask: u64,
+        sigmask_sz: u32,
+        min_wait_usec: u32,
+        ts: u64,
+    }
+    let ts = limit.map(|l| libc::timespec { tv_sec: l.as_secs() as libc::time_t, tv_nsec: l.subsec_nanos() as libc::c_long });
+    let arg = GetEventsArg { sigmask: 0, sigmask_sz: 0, min_wait_usec: 0, ts: ts.as_ref().map_or(0, |t| t as *const libc::timespec as u64) };
+    let (flags, argp, argsz) = match ts {
+        Some(_) => (GETEVENTS | EXT_ARG, &arg as *const GetEventsArg as *const libc::c_void, std::mem::size_of::<GetEventsArg>()),
+        None => (GETEVENTS, std::ptr::null(), 0),
+    };
+    // SAFETY: `fd` is a live io_uring (the worker that owns it outlives the call); the
+    // argument, if any, and the timespec it points to live on this stack for the call.
+    let r = unsafe { libc::syscall(libc::SYS_io_uring_enter, fd, to_submit, libc::c_uint::from(block), flags, argp, argsz) };
+    if r >= 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINTR | libc::ETIME | libc::EBUSY | libc::EAGAIN) => Ok(()),
+        _ => Err(e),
+    }
+}
+
 impl Engine for Ring {
-    fn eventfd(&self) -> RawFd {
-        self.eventfd.as_raw_fd()
+    fn watch_events(&mut self, fd: RawFd) -> io::Result<()> {
+        let slot = self.events_slot();
+        if self.registered[slot] != fd {
+            self.ring.submitter().register_files_update(slot as u32, &[fd])?;
+            self.registered[slot] = fd;
+        }
+        // A poll still armed for an earlier set completes (or not) under its own generation
+        // and is dropped when popped.
+        let generation = self.events.as_ref().map_or(0, |e| (e.generation + 1) & !EVENTS_TAG);
+        self.events = Some(Events { generation, armed: false, fired: false });
+        self.arm_events();
+        Ok(())
     }
 
-    fn ack_eventfd(&self) {
-        // EAGAIN just means nothing was pending.
-        let _ = self.eventfd.read();
+    fn ready(&mut self) -> bool {
+        !self.ring.completion().is_empty() || self.ring.submission().taskrun()
+    }
+
+    fn events_fired(&mut self) -> bool {
+        let Some(ev) = self.events.as_mut() else { return false };
+        let fired = ev.fired;
+        ev.fired = false;
+        fired
+    }
+
+    fn prepare_wait(&mut self) -> Option<Waiter> {
+        self.fill();
+        self.entering.fetch_add(1, Ordering::SeqCst);
+        Some(Waiter { fd: self.ring.as_raw_fd(), to_submit: self.ring.submission().len() as u32, entering: self.entering.clone() })
+    }
+
+    fn waitable(&self) -> bool {
+        true
     }
 
     /// Queues `op` (into the submission queue, or the backlog when the kernel holds as many
@@ -118,8 +286,8 @@ impl Engine for Ring {
     }
 
     fn set_files(&mut self, table: &[RawFd], busy: &[u32]) -> io::Result<()> {
-        if table.len() > self.registered.len() {
-            return Err(io::Error::other(format!("{} files do not fit the ring's {} slots", table.len(), self.registered.len())));
+        if table.len() > self.events_slot() {
+            return Err(io::Error::other(format!("{} files do not fit the ring's {} slots", table.len(), self.events_slot())));
         }
         // A fixed file is looked up when its entry is submitted: an entry mapped before a
         // slot is emptied or replaced must reach the kernel first. Everything queued is
@@ -131,8 +299,8 @@ impl Engine for Ring {
         let replaces = (0..table.len()).any(changes);
         if replaces {
             self.submit()?;
-            if !self.backlog.is_empty() {
-                return Err(io::Error::new(io::ErrorKind::WouldBlock, format!("{} host ops wait for room in the ring", self.backlog.len())));
+            if !self.backlog.is_empty() || !self.ring.submission().is_empty() {
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, format!("{} host ops wait for room in the ring", self.backlog.len() + self.ring.submission().len())));
             }
         }
         for (slot, &fd) in table.iter().enumerate() {
@@ -148,6 +316,10 @@ impl Engine for Ring {
 
     fn submit(&mut self) -> io::Result<()> {
         self.fill();
+        if self.behind_a_submission() {
+            // The queued entries are the waiting thread's to submit (see `Waiter`).
+            return Ok(());
+        }
         loop {
             match self.ring.submit() {
                 Ok(_) => return Ok(()),
@@ -161,6 +333,9 @@ impl Engine for Ring {
 
     fn submit_and_wait_one(&mut self) -> io::Result<()> {
         self.fill();
+        if self.behind_a_submission() {
+            return enter(self.ring.as_raw_fd(), 0, true, None);
+        }
         loop {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => return Ok(()),
@@ -173,6 +348,11 @@ impl Engine for Ring {
 
     fn submit_and_wait_one_for(&mut self, limit: std::time::Duration) -> io::Result<bool> {
         self.fill();
+        if self.behind_a_submission() {
+            // Waits without submitting: no wait on the submission lock, and the limit holds.
+            enter(self.ring.as_raw_fd(), 0, true, Some(limit))?;
+            return Ok(!self.ring.completion().is_empty());
+        }
         let ts = types::Timespec::new().sec(limit.as_secs()).nsec(limit.subsec_nanos());
         let args = types::SubmitArgs::new().timespec(&ts);
         loop {
@@ -187,9 +367,22 @@ impl Engine for Ring {
     }
 
     fn pop(&mut self) -> Option<(u64, i32)> {
-        let c = self.ring.completion().next()?;
-        self.in_kernel = self.in_kernel.saturating_sub(1);
-        Some((c.user_data(), c.result()))
+        loop {
+            let c = self.ring.completion().next()?;
+            let ud = c.user_data();
+            if ud & EVENTS_TAG == 0 {
+                self.in_kernel = self.in_kernel.saturating_sub(1);
+                return Some((ud, c.result()));
+            }
+            // The event set's poll: noted for the queue thread, never an op of the worker.
+            if let Some(ev) = self.events.as_mut().filter(|e| EVENTS_TAG | e.generation == ud) {
+                ev.armed = false;
+                ev.fired = true;
+                if c.result() < 0 {
+                    tracing::debug!(error = c.result(), "event set poll failed");
+                }
+            }
+        }
     }
 }
 
@@ -279,5 +472,47 @@ mod tests {
         ring.set_files(&[fa.as_raw_fd(), -1, -1], &[0]).expect("empty slot 2");
         assert_eq!(read(&mut ring, 2).0, -libc::EBADF);
         assert!(ring.set_files(&[-1; 5], &[]).is_err(), "more files than slots");
+    }
+
+    #[test]
+    fn one_wait_ends_on_the_watched_event_set_and_its_poll_is_no_op_of_the_worker() {
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let file = File::open("/dev/null").unwrap();
+        let mut ring = Ring::new(8, &[file.as_raw_fd()], 2).unwrap();
+        let set = EventFd::new(EFD_NONBLOCK).unwrap();
+        ring.watch_events(set.as_raw_fd()).expect("watch (PollAdd on the last slot)");
+        // Nothing ready: the wait ends at its limit.
+        let t = std::time::Instant::now();
+        ring.prepare_wait().expect("a ring is waited on").wait(true, Some(std::time::Duration::from_millis(50))).unwrap();
+        assert!(t.elapsed() >= std::time::Duration::from_millis(40), "the wait ended early");
+        assert_eq!(ring.pop(), None);
+        assert!(!ring.events_fired());
+        // The set becomes ready: the wait ends, and the poll is reported as events, never
+        // as a completion of an op, and never counted in flight.
+        set.write(1).unwrap();
+        ring.prepare_wait().unwrap().wait(true, Some(std::time::Duration::from_secs(5))).unwrap();
+        assert_eq!(ring.pop(), None);
+        assert!(ring.events_fired());
+        assert!(!ring.events_fired(), "reported once");
+        assert_eq!(ring.in_flight(), 0);
+        assert_eq!(ring.entering.load(Ordering::SeqCst), 0, "a finished wait still counted");
+        // A new set (another queue thread): the old one's readiness no longer ends a wait.
+        let other = EventFd::new(EFD_NONBLOCK).unwrap();
+        ring.watch_events(other.as_raw_fd()).unwrap();
+        set.read().unwrap();
+        ring.prepare_wait().unwrap().wait(true, Some(std::time::Duration::from_millis(50))).unwrap();
+        assert!(!ring.events_fired());
+        other.write(1).unwrap();
+        ring.prepare_wait().unwrap().wait(true, Some(std::time::Duration::from_secs(5))).unwrap();
+        assert_eq!(ring.pop(), None);
+        assert!(ring.events_fired());
+        // Host ops and the poll share the ring: a read completes as before.
+        let mut buf = [0u8; 4];
+        let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+        // SAFETY: buf and iov outlive the completion, waited for below.
+        unsafe { ring.push(HostOp::Readv { file: 0, iov: iov.as_ptr(), iov_len: 1, offset: 0 }, 5) };
+        ring.prepare_wait().unwrap().wait(true, Some(std::time::Duration::from_secs(5))).unwrap();
+        assert_eq!(ring.pop(), Some((5, 0)), "/dev/null reads nothing");
+        assert_eq!(ring.in_flight(), 0);
     }
 }

@@ -42,6 +42,9 @@ pub struct DeviceConfig {
     pub stop: StopLimits,
     /// Takes and hands over the image around live migration (None: always active).
     pub ownership: Option<Arc<dyn crate::ownership::Ownership>>,
+    /// Polling mode: how long a queue thread busy-polls its ring and completion queue before
+    /// it sleeps (zero: never, the default; for hosts that dedicate cores).
+    pub poll: std::time::Duration,
 }
 
 
@@ -51,6 +54,8 @@ struct Inner {
     seccomp: Option<Arc<crate::seccomp::QueueFilter>>,
     workers: Vec<Mutex<Worker>>,
     in_hand: Vec<Arc<InHand>>,
+    /// Polling mode's busy-poll time (zero: off).
+    poll: std::time::Duration,
 }
 
 /// The vhost-user-blk device. Cheap to clone; each queue thread holds a clone.
@@ -133,7 +138,7 @@ impl BlkDevice {
             limits: cfg.stop,
         };
         let ownership = cfg.ownership.clone().unwrap_or_else(|| Arc::new(crate::ownership::AlwaysActive));
-        let inner = Arc::new(Inner { ctx, ownership, seccomp: cfg.seccomp.clone(), workers, in_hand });
+        let inner = Arc::new(Inner { ctx, ownership, seccomp: cfg.seccomp.clone(), workers, in_hand, poll: cfg.poll });
         // From here on every change of the image's file table (a snapshot's new top) reaches
         // these rings before any extent names it; a change made since `files()` was read is
         // registered now.
@@ -356,9 +361,44 @@ impl BlkDevice {
         }
     }
 
-    /// The io_uring completion eventfd of queue `q`.
-    pub fn completion_fd(&self, q: usize) -> Option<RawFd> {
-        self.inner.workers.get(q).and_then(|w| w.lock().ok().map(|w| w.completion_fd()))
+    /// Has queue `q`'s io_uring wait on the queue thread's event set `fd` as well.
+    pub fn watch_events(&self, q: usize, fd: RawFd) -> io::Result<()> {
+        self.worker(q)?.watch_events(fd)
+    }
+
+    /// The queue thread's one blocking point: submits what queue `q`'s worker queued and
+    /// waits, without the worker's lock, until its ring has a completion or the thread's
+    /// event set is ready (or `limit` passed).
+    ///
+    /// In polling mode, the ring and completion queue are looked at for up to the poll time
+    /// first; if something is ready the wait does not block.
+    pub fn wait(&self, q: usize, limit: Option<std::time::Duration>) -> io::Result<()> {
+        let poll = self.inner.poll;
+        let ready = !poll.is_zero() && self.poll_for_work(q, poll)?;
+        let prepared = self.worker(q)?.prepare_wait();
+        let waiter = prepared.ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "queue engine cannot be waited on"))?;
+        // The worker (and its ring) lives as long as the device, which the caller holds.
+        waiter.wait(!ready, limit)
+    }
+
+    /// Busy-polls queue `q` for up to `limit`: true as soon as it has work. The worker's
+    /// lock is taken per look (uncontended, no system call) and released in between.
+    fn poll_for_work(&self, q: usize, limit: std::time::Duration) -> io::Result<bool> {
+        let start = Instant::now();
+        // What is queued goes to the kernel first: its completions are what we poll for.
+        let prepared = self.worker(q)?.prepare_wait();
+        if let Some(waiter) = prepared {
+            waiter.wait(false, None)?;
+        }
+        loop {
+            if self.worker(q)?.has_work() {
+                return Ok(true);
+            }
+            if start.elapsed() >= limit {
+                return Ok(false);
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Waits, in bounded time (grace + limit), until queue `q` has nothing in flight (the
@@ -398,12 +438,10 @@ impl BlkDevice {
         self.worker(q)?.on_kick(&self.inner.ctx, vring)
     }
 
-    /// Queue `q`'s io_uring has completions.
-    pub fn on_completion(&self, q: usize, vring: &Vring) -> io::Result<()> {
-        let mut w = self.worker(q)?;
-        w.on_completion(&self.inner.ctx)?;
-        // Completions free ring space; pick up anything the guest queued meanwhile.
-        w.on_kick(&self.inner.ctx, vring)
+    /// Queue `q`'s wait returned: completes what ended, with one notification for the
+    /// batch. True if the queue thread's event set is ready.
+    pub fn on_completion(&self, q: usize) -> io::Result<bool> {
+        self.worker(q)?.on_completion(&self.inner.ctx)
     }
 
     /// The park hub woke queue `q` to retry its parked requests.

@@ -73,6 +73,11 @@ impl VringState {
         self.enabled
     }
 
+    /// The guest memory the ring lives in.
+    pub fn memory(&self) -> vm_memory::GuestMemoryLoadGuard<crate::context::Mem> {
+        self.mem.memory()
+    }
+
     /// The kick eventfd, if set.
     pub fn kick(&self) -> Option<&File> {
         self.kick.as_deref()

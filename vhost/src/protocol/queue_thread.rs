@@ -1,11 +1,15 @@
-//! One thread per queue: waits on the ring's kick, the io_uring completion eventfd, the park
-//! hub's wake-up, a poke of our own (look at the ring once) and an exit eventfd, and hands
-//! each event to the device. The kick eventfd is the frontend's and is only ever read
-//! without waiting ([`Vring::read_kick`]); the poke, exit and completion eventfds are ours
-//! alone, so nobody else can make them blocking.
+//! One thread per queue, with one blocking point: the worker's io_uring, which completes host
+//! IO and also polls the thread's event set (an epoll of the ring's kick, the park hub's
+//! wake-up, a poke of our own, meaning look at the ring once, and an exit eventfd). Each
+//! wake-up completes what ended, looks at the ring, and hands the events to the device.
+//!
+//! The kick eventfd is the frontend's: it is watched edge-triggered (every write of the
+//! frontend is an edge, so a counter we could not drain never makes the ring spin) and only
+//! ever read without waiting ([`Vring::read_kick`]). The poke and exit eventfds are ours alone.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -16,13 +20,12 @@ use crate::vring::Vring;
 
 /// Event tokens of a queue thread.
 const KICK: u64 = 0;
-const COMPLETION: u64 = 1;
 const RESUME: u64 = 2;
 const EXIT: u64 = 3;
 const POKE: u64 = 4;
 
 /// How often a gated queue looks whether the previous connection's requests have ended.
-const GATED_POLL_MS: i32 = 50;
+const GATED_POLL_MS: u64 = 50;
 
 /// A running queue thread.
 pub struct QueueThread {
@@ -31,6 +34,9 @@ pub struct QueueThread {
     /// Ours alone (never shared with the frontend): a write of 1 never waits.
     poke: EventFd,
     handle: Option<JoinHandle<()>>,
+    /// Set by [`QueueThread::signal_exit`]: a thread left behind in a storage call sees it
+    /// when it returns, whichever thread's events its ring now polls.
+    exit_flag: std::sync::Arc<AtomicBool>,
     /// Set by the thread as it ends (also by unwinding): a stop waits for it with a deadline.
     ended: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
 }
@@ -64,13 +70,15 @@ impl QueueThread {
         // by a stop (see `stop`) must still find the exit event when its storage call returns
         // (closing the last descriptor would take it out of the epoll set).
         let exited = exit.try_clone()?;
-        if let Some(fd) = device.completion_fd(q) {
-            add(fd, COMPLETION)?;
-        }
         if let Some(fd) = device.park_hub().wake_fd(q) {
             add(fd, RESUME)?;
         }
+        // Before the thread starts (its seccomp filter forbids register calls): the ring
+        // polls this thread's event set from now on.
+        device.watch_events(q, epoll.as_raw_fd())?;
         let ep = epoll.clone();
+        let exit_flag = std::sync::Arc::new(AtomicBool::new(false));
+        let exiting = exit_flag.clone();
         let filter = device.seccomp();
         let ended = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
         let signal = EndSignal(ended.clone());
@@ -85,9 +93,9 @@ impl QueueThread {
                     std::process::exit(1);
                 }
             }
-            run(&device, q, &vring, &ep, &poked)
+            run(&device, q, &vring, &ep, &poked, &exiting)
         })?;
-        Ok(QueueThread { epoll, exit, poke, handle: Some(handle), ended })
+        Ok(QueueThread { epoll, exit, poke, exit_flag, handle: Some(handle), ended })
     }
 
     /// Makes the thread look at its ring once, as a kick would (without touching the
@@ -98,9 +106,9 @@ impl QueueThread {
         }
     }
 
-    /// Starts watching a kick eventfd.
+    /// Starts watching a kick eventfd (edge-triggered).
     pub fn watch(&self, fd: RawFd) -> io::Result<()> {
-        self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, KICK))
+        self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, KICK))
     }
 
     /// Stops watching a kick eventfd.
@@ -110,6 +118,7 @@ impl QueueThread {
 
     /// Tells the thread to end (it ends at its next event loop pass).
     pub fn signal_exit(&self) {
+        self.exit_flag.store(true, Ordering::SeqCst);
         let _ = self.exit.write(1);
     }
 
@@ -142,60 +151,71 @@ impl QueueThread {
     }
 }
 
-fn run(device: &BlkDevice, q: usize, vring: &Vring, epoll: &Epoll, poke: &EventFd) {
+fn run(device: &BlkDevice, q: usize, vring: &Vring, epoll: &Epoll, poke: &EventFd, exit: &AtomicBool) {
     let mut events = [EpollEvent::default(); 8];
     let mut errors = 0u64;
     let mut was_gated = false;
+    let mut report = |r: io::Result<()>| {
+        if let Err(e) = r {
+            errors += 1;
+            if errors <= 10 || errors % 1000 == 0 {
+                tracing::error!(queue = q, error = %e, errors, "queue event failed");
+            }
+        }
+    };
     loop {
+        if exit.load(Ordering::SeqCst) {
+            return;
+        }
         // While an earlier connection's requests are still at the storage, the rings are
         // looked at periodically: the gate opens without an event of ours. Whoever sees it
         // open first, the ring is looked at once after it opened (what waits behind it may
         // never be kicked again).
         let gated = device.gated();
         if was_gated && !gated {
-            if let Err(e) = device.on_kick(q, vring) {
-                tracing::debug!(queue = q, error = %e, "looking at the ring failed");
-            }
+            report(device.on_kick(q, vring));
         }
         was_gated = gated;
-        let n = match epoll.wait(if gated { GATED_POLL_MS } else { -1 }, &mut events) {
-            Ok(0) if gated => {
-                if let Err(e) = device.on_kick(q, vring) {
-                    tracing::debug!(queue = q, error = %e, "looking at the ring failed");
-                }
-                continue;
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+        // The one blocking point: completions, kicks and our own events all end it.
+        let limit = gated.then(|| std::time::Duration::from_millis(GATED_POLL_MS));
+        if let Err(e) = device.wait(q, limit) {
+            tracing::error!(queue = q, error = %e, "queue thread cannot wait for events");
+            return;
+        }
+        let ready = match device.on_completion(q) {
+            Ok(ready) => ready,
             Err(e) => {
-                tracing::error!(queue = q, error = %e, "queue thread cannot wait for events");
-                return;
+                report(Err(e));
+                false
             }
         };
-        for ev in &events[..n] {
-            let r = match ev.data() {
-                EXIT => return,
-                KICK | POKE => {
-                    if ev.data() == POKE {
-                        // Our own non-blocking eventfd: EAGAIN just means it was read already.
+        if ready {
+            let n = match epoll.wait(0, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(e) => {
+                    tracing::error!(queue = q, error = %e, "queue thread cannot read its events");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    EXIT => return,
+                    // Drained without waiting, whatever the frontend did to its flags.
+                    KICK => {
+                        vring.read_kick();
+                    }
+                    // Our own non-blocking eventfd: EAGAIN just means it was read already.
+                    POKE => {
                         let _ = poke.read();
                     }
-                    if vring.read_kick() {
-                        device.on_kick(q, vring)
-                    } else {
-                        Ok(())
-                    }
-                }
-                COMPLETION => device.on_completion(q, vring),
-                RESUME => device.on_resume(q),
-                _ => Ok(()),
-            };
-            if let Err(e) = r {
-                errors += 1;
-                if errors <= 10 || errors % 1000 == 0 {
-                    tracing::error!(queue = q, error = %e, errors, "queue event failed");
+                    RESUME => report(device.on_resume(q)),
+                    _ => {}
                 }
             }
         }
+        // Looks at the ring after every wake-up, after the kicks were drained: completions
+        // free room, and a chain published before a kick drained above is seen here.
+        report(device.on_kick(q, vring));
     }
 }

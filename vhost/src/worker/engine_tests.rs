@@ -6,7 +6,6 @@ use crate::image::{Disk, RawImage};
 use crate::park::{FaultPolicy, ParkHub};
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Ops pushed and not answered; answers not yet popped.
 #[derive(Default)]
@@ -17,7 +16,6 @@ struct FakeState {
 
 struct Fake {
     state: Arc<Mutex<FakeState>>,
-    efd: EventFd,
 }
 
 impl Engine for Fake {
@@ -40,10 +38,6 @@ impl Engine for Fake {
         let s = self.state.lock().expect("fake");
         s.ops.len() + s.done.len()
     }
-    fn eventfd(&self) -> std::os::fd::RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&self.efd)
-    }
-    fn ack_eventfd(&self) {}
 }
 
 /// Bytes an op asks for.
@@ -101,7 +95,7 @@ impl Rig {
         vring.set_queue_ready(true);
         vring.set_enabled(true);
         let fake = Arc::new(Mutex::new(FakeState::default()));
-        let engine = Fake { state: fake.clone(), efd: EventFd::new(EFD_NONBLOCK).expect("eventfd") };
+        let engine = Fake { state: fake.clone() };
         let w = Worker::with_engine(0, Box::new(engine), op_cap, None);
         Rig { w, fake, ctx, vring, mem, avail: 0, _dir: dir }
     }
@@ -309,7 +303,7 @@ fn a_worker_dropped_with_ops_in_flight_leaks_their_buffers() {
     assert_eq!(r.pushed(), 1);
     let pool = r.w.pool.clone();
     assert_eq!(pool.idle(), 0);
-    let w = std::mem::replace(&mut r.w, Worker::with_engine(1, Box::new(Fake { state: Arc::default(), efd: EventFd::new(EFD_NONBLOCK).expect("eventfd") }), 1, None));
+    let w = std::mem::replace(&mut r.w, Worker::with_engine(1, Box::new(Fake { state: Arc::default() }), 1, None));
     drop(w);
     assert_eq!(pool.idle(), 0, "the chunk under an op in flight must not return to the pool");
     // The same with the op answered first: the chunk comes back.

@@ -276,9 +276,35 @@ impl Worker {
         self.ring.in_flight() >= self.op_cap
     }
 
-    /// The ring's completion eventfd, to register with the vring epoll loop.
-    pub fn completion_fd(&self) -> std::os::fd::RawFd {
-        self.ring.eventfd()
+    /// Has the worker's ring wait on the queue thread's event set `fd` as well (one blocking
+    /// point per loop: [`Worker::prepare_wait`], then a wait outside the worker's lock).
+    pub fn watch_events(&mut self, fd: std::os::fd::RawFd) -> io::Result<()> {
+        self.ring.watch_events(fd)
+    }
+
+    /// Whether the worker has something to do without waiting (the polling mode's check):
+    /// completions, or chains the driver published that the worker may take.
+    pub fn has_work(&mut self) -> bool {
+        if self.ring.ready() {
+            return true;
+        }
+        if self.throttled() || self.held_back {
+            return false;
+        }
+        let Some(v) = self.vring.as_ref() else { return false };
+        let s = v.lock();
+        let q = s.get_queue();
+        if !q.ready() {
+            return false;
+        }
+        let mem = s.memory();
+        q.avail_idx(&*mem, Ordering::Acquire).map(|a| a.0 != q.next_avail()).unwrap_or(false)
+    }
+
+    /// Readies the queue thread's wait: what is queued goes to the submission queue (the
+    /// event poll first); returns the ring's fd and the entries the wait submits.
+    pub fn prepare_wait(&mut self) -> Option<crate::uring::Waiter> {
+        self.ring.prepare_wait()
     }
 
     /// The in-flight counter `stop_vring` waits on.

@@ -67,7 +67,11 @@ impl Worker {
         }
         self.flush_batch = None;
         self.unstarve(ctx);
-        self.ring.submit()?;
+        // Submitted by the queue thread's next wait (one system call for both), or here
+        // for engines that are not waited on that way.
+        if !self.ring.waitable() {
+            self.ring.submit()?;
+        }
         self.signal(vring);
         Ok(())
     }

@@ -5,16 +5,16 @@
 use super::*;
 
 impl Worker {
-    /// Handles the ring's completion eventfd.
-    pub fn on_completion(&mut self, ctx: &Context) -> io::Result<()> {
-        self.ring.ack_eventfd();
+    /// Handles what the ring has after a wait: completes every request whose host IO
+    /// ended, with one notification for the batch, and says whether the queue thread's event
+    /// set became ready. What this queues is submitted by the thread's next wait.
+    pub fn on_completion(&mut self, ctx: &Context) -> io::Result<bool> {
         self.reap(ctx, true)?;
         self.unstarve(ctx);
-        self.ring.submit()?;
         if let Some(v) = self.vring.clone() {
             self.signal(&v);
         }
-        Ok(())
+        Ok(self.ring.events_fired())
     }
 
     /// Waits for every in-flight host op; `publish` says whether to complete requests to
