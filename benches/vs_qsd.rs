@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{
-    env_u64, peak_rss_mib, prefill, run_blkio, run_blkio_queues, start_qsd, start_qsd_queues, start_thinblk, warm, Result, Workload,
+    env_u64, peak_rss_mib, prefill, run_blkio, run_blkio_queues, start_qsd_queues, start_thinblk, warm, Result, Workload,
 };
 
 const WORKLOADS: [Workload; 5] = [
@@ -68,10 +68,10 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("bench dir");
     let image = dir.join("bench.raw");
     prefill(&image, size);
-    println!("image: {} ({} MiB), {} s per workload, 1 queue", image.display(), size >> 20, secs);
+    println!("image: {} ({} MiB), {} s per workload; cpu/io: server CPU per IO over qemu-storage-daemon's", image.display(), size >> 20, secs);
     println!(
-        "{:<30} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} | {:>8} {:>8}",
-        "workload", "thinblk", "p50us", "p99us", "cpu%", "qsd", "p50us", "p99us", "cpu%", "fio", "p50us", "p99us", "vs qsd", "vs fio"
+        "{:<32} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8}",
+        "workload", "thinblk", "p50us", "p99us", "cpu%", "qsd", "p50us", "p99us", "cpu%", "fio", "p50us", "p99us", "vs qsd", "vs fio", "p50/fio", "cpu/io"
     );
     let only = std::env::var("THINBLK_BENCH_ONLY").unwrap_or_default();
     // qcow2 rows: an allocated image (converted from the raw one), and an empty image made
@@ -86,12 +86,21 @@ fn main() {
         // SAFETY: sync(2) takes no arguments and cannot fail.
         unsafe { libc::sync() };
     };
-    let rows: Vec<(String, Workload, &'static str, &PathBuf, bool)> = WORKLOADS
+    // (name, workload, format, image, fresh image per server, queues): with several queues
+    // the workload's depth is per queue.
+    let qd16 = |write: bool| Workload { name: "", write, random: true, bs: 4096, qd: 16 };
+    let qd8 = |write: bool| Workload { name: "", write, random: true, bs: 4096, qd: 8 };
+    let rows: Vec<(String, Workload, &'static str, &PathBuf, bool, usize)> = WORKLOADS
         .iter()
-        .map(|w| (format!("raw {}", w.name), *w, "raw", &image, false))
+        .map(|w| (format!("raw {}", w.name), *w, "raw", &image, false, 1))
         .chain([
-            ("qcow2 alloc 4k randread QD32".to_string(), WORKLOADS[1], "qcow2", &allocated, false),
-            ("qcow2 empty 4k randwrite QD32".to_string(), WORKLOADS[2], "qcow2", &empty, true),
+            ("qcow2 alloc 4k randread QD32".to_string(), WORKLOADS[1], "qcow2", &allocated, false, 1),
+            ("qcow2 alloc 4k randwrite QD32".to_string(), WORKLOADS[2], "qcow2", &allocated, false, 1),
+            ("qcow2 empty 4k randwrite QD32".to_string(), WORKLOADS[2], "qcow2", &empty, true, 1),
+            ("qcow2 alloc 4k randread 2qxQD16".to_string(), qd16(false), "qcow2", &allocated, false, 2),
+            ("qcow2 alloc 4k randwrite 2qxQD16".to_string(), qd16(true), "qcow2", &allocated, false, 2),
+            ("qcow2 alloc 4k randread 4qxQD8".to_string(), qd8(false), "qcow2", &allocated, false, 4),
+            ("qcow2 alloc 4k randwrite 4qxQD8".to_string(), qd8(true), "qcow2", &allocated, false, 4),
         ])
         .filter(|r| r.0.contains(only.as_str()))
         .collect();
@@ -99,37 +108,51 @@ fn main() {
         qimg(&["convert", "-q", "-O", "qcow2", "-o", "cluster_size=65536", image.to_str().unwrap(), allocated.to_str().unwrap()]);
     }
     let fresh = |p: &Path| qimg(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", p.to_str().unwrap(), &size.to_string()]);
-    for (name, w, format, img, recreate) in rows {
+    for (name, w, format, img, recreate, queues) in rows {
         let sock = dir.join("thinblk.sock");
         if recreate {
             fresh(img);
         }
         warm(img);
+        let nq = queues.to_string();
         let t = {
-            let s = start_thinblk(img, format, &sock, &[]);
-            run_blkio(&sock, s.child.id(), size, w, secs)
+            let s = start_thinblk(img, format, &sock, &["--num-queues", &nq]);
+            run_blkio_queues_or_one(&sock, s.child.id(), size, w, secs, queues)
         };
         if recreate {
             fresh(img);
         }
         warm(img);
         let qsock = dir.join("qsd.sock");
-        let q = start_qsd(img, format, &qsock).map(|s| run_blkio(&qsock, s.child.id(), size, w, secs));
+        let q = start_qsd_queues(img, format, &qsock, queues).map(|s| run_blkio_queues_or_one(&qsock, s.child.id(), size, w, secs, queues));
         warm(img);
         let f = if format == "raw" { run_fio(img, w, secs) } else { None };
         let qv = q.unwrap_or_default();
         let fv = f.unwrap_or_default();
         let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}x", a / b) } else { "n/a".into() };
+        // Server CPU per IO, thinblk's over qemu-storage-daemon's.
+        let per_io = |r: &Result| if r.iops > 0.0 { r.cpu_pct / r.iops } else { 0.0 };
         println!(
-            "{:<30} | {:>10.0} {:>8.1} {:>8.1} {:>6.1} | {:>10.0} {:>8.1} {:>8.1} {:>6.1} | {:>10.0} {:>8.1} {:>8.1} | {:>8} {:>8}",
+            "{:<32} | {:>10.0} {:>8.1} {:>8.1} {:>6.1} | {:>10.0} {:>8.1} {:>8.1} {:>6.1} | {:>10.0} {:>8.1} {:>8.1} | {:>8} {:>8} {:>8} {:>8}",
             name, t.iops, t.p50_us, t.p99_us, t.cpu_pct, qv.iops, qv.p50_us, qv.p99_us, qv.cpu_pct,
-            fv.iops, fv.p50_us, fv.p99_us, ratio(t.iops, qv.iops), ratio(t.iops, fv.iops)
+            fv.iops, fv.p50_us, fv.p99_us, ratio(t.iops, qv.iops), ratio(t.iops, fv.iops), ratio(t.p50_us, fv.p50_us),
+            ratio(per_io(&t), per_io(&qv))
         );
     }
     if "qcow2 sparse 16T 4k randwrite QD32x2".contains(only.as_str()) {
         sparse_memory_row(&dir, secs.max(10));
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One queue through the single-queue client (its latency figures), several through the
+/// multi-queue one.
+fn run_blkio_queues_or_one(sock: &Path, pid: u32, size: u64, w: Workload, secs: u64, queues: usize) -> Result {
+    if queues == 1 {
+        run_blkio(sock, pid, size, w, secs)
+    } else {
+        run_blkio_queues(sock, pid, size, w, secs, queues)
+    }
 }
 
 /// 4k random writes over a sparse 16 TiB qcow2 (64 KiB clusters), 2 queues, QD32 each, no
