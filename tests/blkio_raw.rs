@@ -21,9 +21,20 @@ fn serve_raw(dir: &TestDir, size: u64, extra: &[&str]) -> (Daemon, std::path::Pa
 
 #[test]
 fn random_writes_read_back_exactly_on_two_queues() {
-    let dir = TestDir::new("random");
+    random_writes_read_back("random", &[]);
+}
+
+/// Polling mode: kicks are asked for only before a queue thread sleeps (EVENT_IDX); requests
+/// that come while it polls, and after it slept, are all served.
+#[test]
+fn random_writes_read_back_exactly_in_polling_mode() {
+    random_writes_read_back("random-poll", &["--poll-us", "300"]);
+}
+
+fn random_writes_read_back(name: &str, extra: &[&str]) {
+    let dir = TestDir::new(name);
     let size = 64 * MIB;
-    let (_d, image) = serve_raw(&dir, size, &[]);
+    let (_d, image) = serve_raw(&dir, size, extra);
     let mut c = Client::connect(&dir.path("sock"), 2).expect("connect");
     assert_eq!(c.capacity, size);
     let mut model = vec![0u8; size as usize];

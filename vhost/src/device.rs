@@ -113,7 +113,8 @@ impl BlkDevice {
         let mut in_hand = Vec::new();
         for q in 0..cfg.num_queues as usize {
             let stats = cfg.stats.as_ref().and_then(|s| s.queue(q));
-            let w = Worker::new(q, ring_entries, &files, slots, stats).map_err(DeviceError::Ring)?;
+            let mut w = Worker::new(q, ring_entries, &files, slots, stats).map_err(DeviceError::Ring)?;
+            w.set_polling(!cfg.poll.is_zero());
             in_hand.push(w.in_hand());
             workers.push(Mutex::new(w));
         }
@@ -374,7 +375,7 @@ impl BlkDevice {
     /// first; if something is ready the wait does not block.
     pub fn wait(&self, q: usize, limit: Option<std::time::Duration>) -> io::Result<()> {
         let poll = self.inner.poll;
-        let ready = !poll.is_zero() && self.poll_for_work(q, poll)?;
+        let ready = !poll.is_zero() && (self.poll_for_work(q, poll)? || self.worker(q)?.before_sleep(&self.inner.ctx));
         let prepared = self.worker(q)?.prepare_wait();
         let waiter = prepared.ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "queue engine cannot be waited on"))?;
         // The worker (and its ring) lives as long as the device, which the caller holds.

@@ -219,6 +219,9 @@ pub struct Worker {
     /// The last pop found the budget spent or the ring broken: the kick loop stops (the
     /// chains stay in the ring until a completion returns budget).
     held_back: bool,
+    /// Polling mode: the queue thread polls the ring before it sleeps, so the driver is not
+    /// asked for kicks (EVENT_IDX) until [`Worker::before_sleep`].
+    polling: bool,
 }
 
 impl Worker {
@@ -267,6 +270,7 @@ impl Worker {
             starved: std::collections::VecDeque::new(),
             budget: Budget::new(),
             held_back: false,
+            polling: false,
         }
     }
 
@@ -299,6 +303,20 @@ impl Worker {
         }
         let mem = s.memory();
         q.avail_idx(&*mem, Ordering::Acquire).map(|a| a.0 != q.next_avail()).unwrap_or(false)
+    }
+
+    /// Polling mode on or off (see [`Worker::before_sleep`]).
+    pub fn set_polling(&mut self, on: bool) {
+        self.polling = on;
+    }
+
+    /// Polling mode, before the queue thread sleeps: asks the driver for kicks again
+    /// (EVENT_IDX); true if chains arrived meanwhile (the thread then does not sleep).
+    pub fn before_sleep(&mut self, ctx: &Context) -> bool {
+        if !self.polling || !ctx.event_idx.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.vring.as_ref().is_some_and(|v| v.enable_notification().unwrap_or(false))
     }
 
     /// Readies the queue thread's wait: what is queued goes to the submission queue (the

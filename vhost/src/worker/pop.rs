@@ -61,7 +61,9 @@ impl Worker {
                 // budget) pop them. A broken ring pops nothing until the frontend resets it.
                 break;
             }
-            if !event_idx || !vring.enable_notification().unwrap_or(false) {
+            // Polling mode leaves kicks off while the thread polls: they are asked for again
+            // only before it sleeps (`before_sleep`).
+            if !event_idx || self.polling || !vring.enable_notification().unwrap_or(false) {
                 break;
             }
         }
