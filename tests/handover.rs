@@ -205,8 +205,12 @@ fn a_destination_that_cannot_take_the_image_keeps_its_ring_stopped_and_writes_no
         assert_eq!(fb.ack(req, &body, &[]).expect("ring setup"), 0);
     }
     let kick = eventfd(0);
+    // The daemon answers after its whole lock wait (ACTIVATE_WAIT, 10 s): the frontend's
+    // usual 10 s read timeout would race it (seen in CI: answered at 10.004 s).
+    fb.sock.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
     let t = std::time::Instant::now();
     let answer = fb.ack(code::SET_VRING_KICK, &0u64.to_le_bytes(), &[kick.as_raw_fd()]);
+    fb.sock.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     assert!(matches!(answer, Ok(n) if n != 0), "the ring start was not refused: {answer:?}");
     assert!(t.elapsed() >= Duration::from_secs(9), "refused before the lock wait: {:?}", t.elapsed());
     // The ring did not start: a chain published and kicked (on the refused kick) is not taken.
