@@ -47,6 +47,11 @@ pub struct Ring {
     setup: &'static str,
     /// Threads between [`Engine::prepare_wait`] and the end of their [`Waiter::wait`].
     entering: Arc<AtomicUsize>,
+    /// Entries ever put in the submission queue (wrapping).
+    pushed: u32,
+    /// `pushed` when the last wait was prepared: the entries up to there are the waiter's to
+    /// submit (see [`Ring::behind_a_submission`]).
+    waiter_upto: u32,
 }
 
 /// The queue thread's event set, polled by the ring (one entry, one-shot, re-armed by the
@@ -79,7 +84,7 @@ impl Ring {
         submitter.register_enable_rings()?;
         // One completion slot stays free for the event set's poll.
         let cq_cap = (ring.params().cq_entries() as usize).saturating_sub(1).max(1);
-        Ok(Ring { ring, backlog: std::collections::VecDeque::new(), in_kernel: 0, cq_cap, registered, events: None, setup, entering: Arc::new(AtomicUsize::new(0)) })
+        Ok(Ring { ring, backlog: std::collections::VecDeque::new(), in_kernel: 0, cq_cap, registered, events: None, setup, entering: Arc::new(AtomicUsize::new(0)), pushed: 0, waiter_upto: 0 })
     }
 
     /// The setup flags the kernel took for this ring.
@@ -91,8 +96,16 @@ impl Ring {
     /// `io_uring_enter` while the kernel has not taken every queued entry (it publishes what
     /// it took when the whole submission ends, which a file written inline can stall). Then
     /// nothing is submitted from here: the kernel would hold us on its submission lock.
+    /// Entries queued after the wait was prepared are not the waiter's: whoever queued them
+    /// submits them.
     fn behind_a_submission(&mut self) -> bool {
-        self.entering.load(Ordering::SeqCst) > 0 && !self.ring.submission().is_empty()
+        if self.entering.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        let queued = self.ring.submission().len() as u32;
+        let taken = self.pushed.wrapping_sub(queued);
+        // The kernel has not yet published that it took everything the waiter submits.
+        (self.waiter_upto.wrapping_sub(taken) as i32) > 0
     }
 
     /// The event set's slot (the last of the table).
@@ -111,20 +124,30 @@ impl Ring {
         // SAFETY: a poll references no memory of ours.
         if unsafe { self.ring.submission().push(&poll) }.is_ok() {
             // Not counted in `in_kernel` (host ops only): its completion slot is kept free
-            // by `cq_cap`.
+            // by `cq_cap`, its submission slot by `fill`.
             ev.armed = true;
+            self.pushed = self.pushed.wrapping_add(1);
         }
     }
 
 
     /// Moves backlog entries into the submission queue while both it and the completion
     /// queue have room.
+    ///
+    /// One submission slot stays free for the event set's poll, which only the queue thread's
+    /// [`Engine::prepare_wait`] arms: it never waits behind host IO (a stop must be seen while
+    /// the storage does not answer), and it is submitted by the thread it wakes (io_uring
+    /// runs a request's completion as task work of the thread that submitted it).
     fn fill(&mut self) {
-        // The event set's poll first: it must never wait behind host IO (a stop must be seen
-        // while the storage does not answer).
-        self.arm_events();
         while self.in_kernel < self.cq_cap {
             let Some(entry) = self.backlog.front() else { return };
+            let full = {
+                let sq = self.ring.submission();
+                sq.len() + 1 >= sq.capacity()
+            };
+            if full {
+                return;
+            }
             // SAFETY: the entry's pointers were guaranteed valid until completion by the
             // caller of `push`.
             if unsafe { self.ring.submission().push(entry) }.is_err() {
@@ -132,6 +155,7 @@ impl Ring {
             }
             self.backlog.pop_front();
             self.in_kernel += 1;
+            self.pushed = self.pushed.wrapping_add(1);
         }
     }
 }
@@ -230,7 +254,6 @@ impl Engine for Ring {
         // and is dropped when popped.
         let generation = self.events.as_ref().map_or(0, |e| (e.generation + 1) & !EVENTS_TAG);
         self.events = Some(Events { generation, armed: false, fired: false });
-        self.arm_events();
         Ok(())
     }
 
@@ -247,6 +270,8 @@ impl Engine for Ring {
 
     fn prepare_wait(&mut self) -> Option<Waiter> {
         self.fill();
+        self.arm_events();
+        self.waiter_upto = self.pushed;
         self.entering.fetch_add(1, Ordering::SeqCst);
         Some(Waiter { fd: self.ring.as_raw_fd(), to_submit: self.ring.submission().len() as u32, entering: self.entering.clone() })
     }
@@ -292,15 +317,28 @@ impl Engine for Ring {
         // A fixed file is looked up when its entry is submitted: an entry mapped before a
         // slot is emptied or replaced must reach the kernel first. Everything queued is
         // submitted now; if the kernel cannot take the backlog yet, the change waits.
+        // A register call takes the ring's submission lock: never behind a submission the
+        // kernel has not finished (it may be a write stalled in the storage).
+        if self.behind_a_submission() {
+            return Err(io::Error::new(io::ErrorKind::WouldBlock, "a submission of the queue thread has not ended"));
+        }
         let changes = |slot: usize| table.get(slot).zip(self.registered.get(slot)).is_some_and(|(&new, &old)| old >= 0 && new != old);
         if let Some(slot) = busy.iter().find(|&&s| changes(s as usize)) {
             return Err(io::Error::new(io::ErrorKind::WouldBlock, format!("slot {slot} is named by a request still in hand")));
         }
         let replaces = (0..table.len()).any(changes);
         if replaces {
-            self.submit()?;
-            if !self.backlog.is_empty() || !self.ring.submission().is_empty() {
-                return Err(io::Error::new(io::ErrorKind::WouldBlock, format!("{} host ops wait for room in the ring", self.backlog.len() + self.ring.submission().len())));
+            self.fill();
+            // Submitted here only while no queue thread waits on the ring: a request is
+            // completed as task work of the thread that submitted it, which must not be a
+            // job thread busy with its own IO. Otherwise the queue thread's next wait
+            // submits them, and the change is retried.
+            if self.entering.load(Ordering::SeqCst) == 0 {
+                self.submit()?;
+            }
+            let queued = self.backlog.len() + self.ring.submission().len();
+            if queued > 0 {
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, format!("{queued} host ops are not yet submitted")));
             }
         }
         for (slot, &fd) in table.iter().enumerate() {
@@ -381,6 +419,9 @@ impl Engine for Ring {
                 if c.result() < 0 {
                     tracing::debug!(error = c.result(), "event set poll failed");
                 }
+                // Taken by another thread (a drain) while the queue thread waits: that wait
+                // still ends, as the kernel wakes a wait when the completion queue's tail
+                // passes the head it saw, whoever reaps; the thread then finds `fired`.
             }
         }
     }
@@ -514,5 +555,36 @@ mod tests {
         ring.prepare_wait().unwrap().wait(true, Some(std::time::Duration::from_secs(5))).unwrap();
         assert_eq!(ring.pop(), Some((5, 0)), "/dev/null reads nothing");
         assert_eq!(ring.in_flight(), 0);
+    }
+
+    #[test]
+    fn other_threads_do_not_submit_what_a_waiter_submits_but_do_submit_their_own() {
+        let file = File::open("/dev/null").unwrap();
+        let mut ring = Ring::new(8, &[file.as_raw_fd()], 1).unwrap();
+        let mut buf = [0u8; 4];
+        let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+        let read = HostOp::Readv { file: 0, iov: iov.as_ptr(), iov_len: 1, offset: 0 };
+        // SAFETY: buf and iov outlive every completion, all waited for below.
+        unsafe { ring.push(read, 1) };
+        let waiter = ring.prepare_wait().unwrap();
+        // The waiter has not entered yet: its entry is its own to submit (a submission from
+        // here could wait on the kernel's submission lock behind it).
+        assert!(ring.behind_a_submission());
+        ring.submit().unwrap();
+        assert_eq!(ring.ring.submission().len(), 1, "another thread submitted the waiter's entry");
+        waiter.wait(true, Some(std::time::Duration::from_secs(5))).unwrap();
+        assert_eq!(ring.pop(), Some((1, 0)));
+        assert!(!ring.behind_a_submission());
+        // An entry queued after a wait was prepared is the queuer's to submit.
+        let waiter = ring.prepare_wait().unwrap();
+        // SAFETY: as above.
+        unsafe { ring.push(read, 2) };
+        assert!(!ring.behind_a_submission());
+        ring.submit().unwrap();
+        assert_eq!(ring.ring.submission().len(), 0, "an entry nobody would submit");
+        ring.submit_and_wait_one_for(std::time::Duration::from_secs(5)).unwrap();
+        assert_eq!(ring.pop(), Some((2, 0)));
+        drop(waiter);
+        assert_eq!(ring.entering.load(Ordering::SeqCst), 0);
     }
 }

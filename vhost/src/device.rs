@@ -392,7 +392,7 @@ impl BlkDevice {
             waiter.wait(false, None)?;
         }
         loop {
-            if self.worker(q)?.has_work() {
+            if self.worker(q)?.has_work(&self.inner.ctx) {
                 return Ok(true);
             }
             if start.elapsed() >= limit {

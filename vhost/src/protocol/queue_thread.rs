@@ -27,6 +27,9 @@ const POKE: u64 = 4;
 /// How often a gated queue looks whether the previous connection's requests have ended.
 const GATED_POLL_MS: u64 = 50;
 
+/// The longest a queue thread's wait lasts without an event (see `run`).
+const BACKSTOP_MS: u64 = 1000;
+
 /// A running queue thread.
 pub struct QueueThread {
     epoll: std::sync::Arc<Epoll>,
@@ -176,11 +179,14 @@ fn run(device: &BlkDevice, q: usize, vring: &Vring, epoll: &Epoll, poke: &EventF
             report(device.on_kick(q, vring));
         }
         was_gated = gated;
-        // The one blocking point: completions, kicks and our own events all end it.
-        let limit = gated.then(|| std::time::Duration::from_millis(GATED_POLL_MS));
-        if let Err(e) = device.wait(q, limit) {
-            tracing::error!(queue = q, error = %e, "queue thread cannot wait for events");
-            return;
+        // The one blocking point: completions, kicks and our own events all end it. It is
+        // bounded all the same (a backstop: a poll completion another thread took before
+        // this wait began would otherwise be seen only at the next completion).
+        let limit = std::time::Duration::from_millis(if gated { GATED_POLL_MS } else { BACKSTOP_MS });
+        if let Err(e) = device.wait(q, Some(limit)) {
+            // Not the end of the queue: logged (rate-limited), and tried again shortly.
+            report(Err(e));
+            std::thread::sleep(std::time::Duration::from_millis(GATED_POLL_MS));
         }
         let ready = match device.on_completion(q) {
             Ok(ready) => ready,

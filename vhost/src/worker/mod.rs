@@ -287,18 +287,25 @@ impl Worker {
     }
 
     /// Whether the worker has something to do without waiting (the polling mode's check):
-    /// completions, or chains the driver published that the worker may take.
-    pub fn has_work(&mut self) -> bool {
+    /// completions, or chains the driver published that the worker may take now (the same
+    /// questions `pop` asks: otherwise a ring that cannot be served would keep the thread
+    /// polling).
+    pub fn has_work(&mut self, ctx: &Context) -> bool {
         if self.ring.ready() {
             return true;
         }
-        if self.throttled() || self.held_back {
+        self.chains_to_take(ctx)
+    }
+
+    /// Chains the driver published that a pop would take now.
+    fn chains_to_take(&self, ctx: &Context) -> bool {
+        if self.throttled() || self.held_back || self.in_hand.is_stale() || !ctx.gate.open() || ctx.stopping.load(Ordering::SeqCst) {
             return false;
         }
         let Some(v) = self.vring.as_ref() else { return false };
         let s = v.lock();
         let q = s.get_queue();
-        if !q.ready() {
+        if !q.ready() || !s.is_enabled() || s.is_broken() {
             return false;
         }
         let mem = s.memory();
@@ -316,11 +323,13 @@ impl Worker {
         if !self.polling || !ctx.event_idx.load(Ordering::Relaxed) {
             return false;
         }
-        self.vring.as_ref().is_some_and(|v| v.enable_notification().unwrap_or(false))
+        // Chains that arrived but cannot be taken now (budget, gate, stop) do not keep the
+        // thread awake: what frees them (a completion, the gate) wakes it.
+        self.vring.as_ref().is_some_and(|v| v.enable_notification().unwrap_or(false)) && self.chains_to_take(ctx)
     }
 
-    /// Readies the queue thread's wait: what is queued goes to the submission queue (the
-    /// event poll first); returns the ring's fd and the entries the wait submits.
+    /// Readies the queue thread's wait: what is queued goes to the submission queue, and the
+    /// event poll is armed; the returned wait submits them.
     pub fn prepare_wait(&mut self) -> Option<crate::uring::Waiter> {
         self.ring.prepare_wait()
     }
