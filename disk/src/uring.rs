@@ -20,6 +20,9 @@ const ALLOWED_OPCODES: [u8; 5] =
 /// poll armed for an earlier queue thread's event set is told apart and dropped).
 const EVENTS_TAG: u64 = 1 << 63;
 
+/// How long a file-table change waits for the queue thread's submission to end.
+const BEHIND_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// `IORING_REGISTER_FILES_UPDATE`: the one register call allowed after the restrictions
 /// (a chain that gains or drops a layer online changes a slot of the file table).
 const REGISTER_FILES_UPDATE: u8 = 6;
@@ -318,9 +321,15 @@ impl Engine for Ring {
         // slot is emptied or replaced must reach the kernel first. Everything queued is
         // submitted now; if the kernel cannot take the backlog yet, the change waits.
         // A register call takes the ring's submission lock: never behind a submission the
-        // kernel has not finished (it may be a write stalled in the storage).
-        if self.behind_a_submission() {
-            return Err(io::Error::new(io::ErrorKind::WouldBlock, "a submission of the queue thread has not ended"));
+        // kernel has not finished. Normally it ends in microseconds (the queue thread is
+        // between preparing its wait and entering it); one that lasts is a write stalled in
+        // the storage, and the change is refused (the caller retries or reports).
+        let deadline = std::time::Instant::now() + BEHIND_LIMIT;
+        while self.behind_a_submission() {
+            if std::time::Instant::now() >= deadline {
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, "a submission of the queue thread has not ended"));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
         }
         let changes = |slot: usize| table.get(slot).zip(self.registered.get(slot)).is_some_and(|(&new, &old)| old >= 0 && new != old);
         if let Some(slot) = busy.iter().find(|&&s| changes(s as usize)) {
