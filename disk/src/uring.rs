@@ -46,8 +46,6 @@ pub struct Ring {
     registered: Vec<RawFd>,
     /// The event set the queue thread waits on through this ring, if watched.
     events: Option<Events>,
-    /// Setup flags the kernel took (see [`Ring::new`]), for the log and the benchmarks.
-    setup: &'static str,
     /// Threads between [`Engine::prepare_wait`] and the end of their [`Waiter::wait`].
     entering: Arc<AtomicUsize>,
     /// Entries ever put in the submission queue (wrapping).
@@ -74,6 +72,7 @@ impl Ring {
     /// opcode allow-list applied.
     pub fn new(entries: u32, files: &[RawFd], slots: usize) -> io::Result<Ring> {
         let (ring, setup) = build(entries)?;
+        tracing::debug!(flags = setup, "worker io_uring set up");
         let submitter = ring.submitter();
         let mut registered = files.to_vec();
         // One more slot for the event set.
@@ -87,12 +86,7 @@ impl Ring {
         submitter.register_enable_rings()?;
         // One completion slot stays free for the event set's poll.
         let cq_cap = (ring.params().cq_entries() as usize).saturating_sub(1).max(1);
-        Ok(Ring { ring, backlog: std::collections::VecDeque::new(), in_kernel: 0, cq_cap, registered, events: None, setup, entering: Arc::new(AtomicUsize::new(0)), pushed: 0, waiter_upto: 0 })
-    }
-
-    /// The setup flags the kernel took for this ring.
-    pub fn setup_flags(&self) -> &'static str {
-        self.setup
+        Ok(Ring { ring, backlog: std::collections::VecDeque::new(), in_kernel: 0, cq_cap, registered, events: None, entering: Arc::new(AtomicUsize::new(0)), pushed: 0, waiter_upto: 0 })
     }
 
     /// Whether a submission now could queue behind another thread's: a waiter may be inside
