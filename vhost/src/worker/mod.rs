@@ -299,15 +299,15 @@ impl Worker {
 
     /// Chains the driver published that a pop would take now.
     fn chains_to_take(&self, ctx: &Context) -> bool {
-        if self.throttled() || self.held_back || self.in_hand.is_stale() || !ctx.gate.open() || ctx.stopping.load(Ordering::SeqCst) {
+        if self.held_back {
             return false;
         }
         let Some(v) = self.vring.as_ref() else { return false };
         let s = v.lock();
-        let q = s.get_queue();
-        if !q.ready() || !s.is_enabled() || s.is_broken() {
+        if self.refusal(&s, ctx.stopping.load(Ordering::SeqCst), &ctx.gate).is_some() {
             return false;
         }
+        let q = s.get_queue();
         let mem = s.memory();
         q.avail_idx(&*mem, Ordering::Acquire).map(|a| a.0 != q.next_avail()).unwrap_or(false)
     }

@@ -3,6 +3,22 @@
 
 use super::*;
 
+/// Why a pop takes nothing (see [`Worker::refusal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// Host ops in flight are at their cap: a completion pops again.
+    Throttled,
+    /// Requests a stop gave up on (this connection's or the previous one's) are still at the
+    /// storage, or the gate is shut: nothing new runs before they end (their completion pops).
+    Stale,
+    /// The ring is not started, is disabled, or the device is stopping.
+    NotServing,
+    /// The frontend broke the ring: nothing is popped until it resets it.
+    Broken,
+    /// The per-ring budget of chains in hand is spent: a completion frees it.
+    NoBudget,
+}
+
 impl Worker {
     /// Handles a kick: processes every available chain of `vring`.
     pub fn on_kick(&mut self, ctx: &Context, vring: &Vring) -> io::Result<()> {
@@ -95,6 +111,31 @@ impl Worker {
         true
     }
 
+    /// Why a pop would take nothing now, whatever the ring holds (None: it may take a
+    /// chain). The one list of questions, asked by `pop_with` and by the polling check
+    /// (`chains_to_take`), in this order:
+    pub(super) fn refusal(&self, state: &crate::vring::VringState, stopping: bool, gate: &crate::context::Gate) -> Option<Refusal> {
+        if self.throttled() {
+            return Some(Refusal::Throttled);
+        }
+        // Read under the ring lock (see `finish_sync`).
+        if self.in_hand.is_stale() || !gate.open() {
+            return Some(Refusal::Stale);
+        }
+        if !state.get_queue().ready() || !state.is_enabled() || stopping {
+            return Some(Refusal::NotServing);
+        }
+        if state.is_broken() {
+            return Some(Refusal::Broken);
+        }
+        // The budget is checked before anything is taken from the ring: resubmissions after
+        // a restart count against it like any pop.
+        if !self.budget.room(state.get_queue().size()) {
+            return Some(Refusal::NoBudget);
+        }
+        None
+    }
+
     pub(super) fn pop(&mut self, ctx: &Context, vring: &Vring, stopping: bool) -> Option<(virtio_queue::DescriptorChain<Arc<Mem>>, Arc<Mem>)> {
         self.pop_with(|| ctx.memory(), vring, stopping, &ctx.gate)
     }
@@ -116,28 +157,20 @@ impl Worker {
             return None;
         }
         let mut state = vring.lock();
-        // Read under the ring lock (see `finish_sync`).
-        if self.in_hand.is_stale() || !gate.open() {
-            // Requests a stop gave up on (this connection's or the previous one's) are still
-            // at the storage: nothing new runs before they end (their completion pops).
-            self.held_back = true;
-            return None;
+        match self.refusal(&state, stopping, gate) {
+            None => {}
+            Some(Refusal::Throttled | Refusal::NotServing) => return None,
+            Some(Refusal::Broken) => {
+                self.held_back = true;
+                self.kicked_while_broken();
+                return None;
+            }
+            Some(Refusal::Stale | Refusal::NoBudget) => {
+                self.held_back = true;
+                return None;
+            }
         }
-        if !state.get_queue().ready() || !state.is_enabled() || stopping {
-            return None;
-        }
-        if state.is_broken() {
-            self.held_back = true;
-            self.kicked_while_broken();
-            return None;
-        }
-        // The budget is checked before anything is taken from the ring: resubmissions after
-        // a restart count against it like any pop.
         let size = state.get_queue().size();
-        if !self.budget.room(size) {
-            self.held_back = true;
-            return None;
-        }
         // A recovered inflight region: what the previous daemon had taken and not completed
         // goes first, oldest first (still marked in flight in the region). A head leaves the
         // list only once its chain is in hand: a missing memory table keeps it queued.
