@@ -317,7 +317,9 @@ impl Engine for Ring {
         // A register call takes the ring's submission lock: never behind a submission the
         // kernel has not finished. Normally it ends in microseconds (the queue thread is
         // between preparing its wait and entering it); one that lasts is a write stalled in
-        // the storage, and the change is refused (the caller retries or reports).
+        // the storage, and the change is refused (the caller retries or reports). Polled,
+        // not signalled: the kernel publishes what it took without telling anyone, and the
+        // waiter itself may then sleep for a long time in the same call.
         let deadline = std::time::Instant::now() + BEHIND_LIMIT;
         while self.behind_a_submission() {
             if std::time::Instant::now() >= deadline {
@@ -331,11 +333,10 @@ impl Engine for Ring {
         }
         let replaces = (0..table.len()).any(changes);
         if replaces {
-            self.fill();
-            // Submitted here only while no queue thread waits on the ring: a request is
-            // completed as task work of the thread that submitted it, which must not be a
-            // job thread busy with its own IO. Otherwise the queue thread's next wait
-            // submits them, and the change is retried.
+            // Moved to the kernel and submitted here only while no queue thread waits on
+            // the ring: a request is completed as task work of the thread that submitted
+            // it, which must not be a job thread busy with its own IO. Otherwise the queue
+            // thread's next wait moves and submits them, and the change is retried.
             if self.entering.load(Ordering::SeqCst) == 0 {
                 self.submit()?;
             }
