@@ -49,8 +49,9 @@ pub struct ServeArgs {
     /// Number of request queues (one worker thread and io_uring each).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub num_queues: u16,
-    /// Polling mode: microseconds a queue thread busy-polls its ring and io_uring for work
-    /// before it sleeps (0: off). Costs a core per busy queue; for hosts that dedicate cores.
+    /// Polling mode: the longest a queue thread busy-polls its ring and io_uring for work
+    /// before it sleeps, in microseconds (0: off). Adaptive: grows while waits are short,
+    /// drops to nothing after a long one. Costs CPU on busy queues; for hosts with cores to spare.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     pub poll_us: u32,
     /// Descriptors per queue (a power of two).

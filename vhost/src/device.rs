@@ -42,8 +42,8 @@ pub struct DeviceConfig {
     pub stop: StopLimits,
     /// Takes and hands over the image around live migration (None: always active).
     pub ownership: Option<Arc<dyn crate::ownership::Ownership>>,
-    /// Polling mode: how long a queue thread busy-polls its ring and completion queue before
-    /// it sleeps (zero: never, the default; for hosts that dedicate cores).
+    /// Polling mode: the longest a queue thread busy-polls its ring and completion queue
+    /// before it sleeps (adaptive up to this; zero: never, the default).
     pub poll: std::time::Duration,
 }
 
@@ -56,6 +56,13 @@ struct Inner {
     in_hand: Vec<Arc<InHand>>,
     /// Polling mode's busy-poll time (zero: off).
     poll: std::time::Duration,
+}
+
+impl BlkDevice {
+    /// Polling mode's longest busy-poll (zero: off).
+    pub fn poll_max(&self) -> std::time::Duration {
+        self.inner.poll
+    }
 }
 
 /// The vhost-user-blk device. Cheap to clone; each queue thread holds a clone.
@@ -371,11 +378,12 @@ impl BlkDevice {
     /// waits, without the worker's lock, until its ring has a completion or the thread's
     /// event set is ready (or `limit` passed).
     ///
-    /// In polling mode, the ring and completion queue are looked at for up to the poll time
-    /// first; if something is ready the wait does not block.
-    pub fn wait(&self, q: usize, limit: Option<std::time::Duration>) -> io::Result<()> {
-        let poll = self.inner.poll;
-        let ready = !poll.is_zero() && (self.poll_for_work(q, poll)? || self.worker(q)?.before_sleep(&self.inner.ctx));
+    /// In polling mode, the ring and completion queue are looked at for up to `poll` first
+    /// (the queue thread's adaptive window, possibly zero); if something is ready the wait
+    /// does not block. Kicks are asked for again before any sleep.
+    pub fn wait(&self, q: usize, limit: Option<std::time::Duration>, poll: std::time::Duration) -> io::Result<()> {
+        let ready = !self.inner.poll.is_zero()
+            && ((!poll.is_zero() && self.poll_for_work(q, poll)?) || self.worker(q)?.before_sleep(&self.inner.ctx));
         let prepared = self.worker(q)?.prepare_wait();
         let waiter = prepared.ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "queue engine cannot be waited on"))?;
         // The worker (and its ring) lives as long as the device, which the caller holds.

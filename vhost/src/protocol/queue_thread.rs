@@ -158,6 +158,7 @@ fn run(device: &BlkDevice, q: usize, vring: &Vring, epoll: &Epoll, poke: &EventF
     let mut events = [EpollEvent::default(); 8];
     let mut errors = 0u64;
     let mut was_gated = false;
+    let mut window = PollWindow::new(device.poll_max(), std::env::var_os("THINBLK_POLL_FIXED").is_none());
     let mut report = |r: io::Result<()>| {
         if let Err(e) = r {
             errors += 1;
@@ -183,7 +184,10 @@ fn run(device: &BlkDevice, q: usize, vring: &Vring, epoll: &Epoll, poke: &EventF
         // bounded all the same (a backstop: a poll completion another thread took before
         // this wait began would otherwise be seen only at the next completion).
         let limit = std::time::Duration::from_millis(if gated { GATED_POLL_MS } else { BACKSTOP_MS });
-        if let Err(e) = device.wait(q, Some(limit)) {
+        let t0 = std::time::Instant::now();
+        let r = device.wait(q, Some(limit), window.budget());
+        window.after(t0.elapsed());
+        if let Err(e) = r {
             // Not the end of the queue: logged (rate-limited), and tried again shortly.
             report(Err(e));
             std::thread::sleep(std::time::Duration::from_millis(GATED_POLL_MS));
@@ -223,5 +227,76 @@ fn run(device: &BlkDevice, q: usize, vring: &Vring, epoll: &Epoll, poke: &EventF
         // Looks at the ring after every wake-up, after the kicks were drained: completions
         // free room, and a chain published before a kick drained above is seen here.
         report(device.on_kick(q, vring));
+    }
+}
+
+/// Polling mode's busy-poll time before each sleep. Adaptive (after QEMU's iothread
+/// `poll-max-ns`): it starts at zero, doubles from 4 µs while waits end within the longest
+/// poll, and drops to zero after a wait that lasted longer (an idle queue does not poll).
+/// THINBLK_POLL_FIXED set: always the longest (for A/B runs, docs/benchmarks.md).
+struct PollWindow {
+    /// The longest poll (`--poll-us`; zero: polling mode off).
+    max: std::time::Duration,
+    /// Adapts (otherwise always `max`).
+    adaptive: bool,
+    /// The next wait's poll.
+    now: std::time::Duration,
+}
+
+impl PollWindow {
+    fn new(max: std::time::Duration, adaptive: bool) -> PollWindow {
+        PollWindow { max, adaptive, now: if adaptive { std::time::Duration::ZERO } else { max } }
+    }
+
+    /// How long to poll before the next sleep.
+    fn budget(&self) -> std::time::Duration {
+        self.now
+    }
+
+    /// Adapts to a wait (its poll included) that lasted `waited`.
+    fn after(&mut self, waited: std::time::Duration) {
+        if !self.adaptive || waited <= self.now {
+            return;
+        }
+        self.now = if waited > self.max {
+            std::time::Duration::ZERO
+        } else {
+            (self.now * 2).max(std::time::Duration::from_micros(4)).min(self.max)
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PollWindow;
+    use std::time::Duration;
+
+    const US: Duration = Duration::from_micros(1);
+
+    #[test]
+    fn the_poll_window_grows_while_waits_are_short_and_drops_after_a_long_one() {
+        let mut w = PollWindow::new(50 * US, true);
+        assert_eq!(w.budget(), Duration::ZERO, "an idle queue starts without polling");
+        // Short waits (work came soon after the thread slept): 4, 8, 16, 32, then the cap.
+        let mut seen = vec![];
+        for _ in 0..6 {
+            w.after((w.budget() + 10 * US).min(49 * US));
+            seen.push(w.budget().as_micros());
+        }
+        assert_eq!(seen, [4, 8, 16, 32, 50, 50]);
+        // Work found within the poll: unchanged.
+        w.after(20 * US);
+        assert_eq!(w.budget(), 50 * US);
+        // A wait longer than the longest poll (an idle guest): polling stops.
+        w.after(51 * US);
+        assert_eq!(w.budget(), Duration::ZERO);
+        // Polling mode off: never polls, whatever the waits.
+        let mut off = PollWindow::new(Duration::ZERO, true);
+        off.after(US);
+        assert_eq!(off.budget(), Duration::ZERO);
+        // Fixed: always the longest.
+        let mut fixed = PollWindow::new(50 * US, false);
+        fixed.after(Duration::from_secs(1));
+        assert_eq!(fixed.budget(), 50 * US);
     }
 }
