@@ -5,7 +5,8 @@
 //! THINBLK_BENCH_SIZE_MIB file size, default 1024; THINBLK_BENCH_DIR, default $TMPDIR;
 //! THINBLK_BENCH_ONLY, a substring of the workload names to run; THINBLK_BENCH_BIN, another
 //! thinblk binary for an A/B against an earlier build; THINBLK_BENCH_ARGS, extra
-//! thinblk options for A/B runs; THINBLK_BENCH_L2_CACHE, thinblk's L2 cache in the sparse row).
+//! thinblk options for A/B runs; THINBLK_BENCH_L2_CACHE, thinblk's L2 cache in the sparse row;
+//! THINBLK_BENCH_TMPFS, the memory file system of the tmpfs rows, default /dev/shm).
 //! Prints IOPS, p50/p99 latency, server CPU and the ratios.
 
 mod common;
@@ -74,6 +75,12 @@ fn main() {
         "workload", "thinblk", "p50us", "p99us", "cpu%", "qsd", "p50us", "p99us", "cpu%", "fio", "p50us", "p99us", "vs qsd", "vs fio", "p50/fio", "cpu/io"
     );
     let only = std::env::var("THINBLK_BENCH_ONLY").unwrap_or_default();
+    // tmpfs rows: the same raw file in memory (THINBLK_BENCH_TMPFS, default /dev/shm), where
+    // the storage costs next to nothing: what is left is each server's round trip with the
+    // client, the floor under every row above.
+    let tmpfs = std::env::var_os("THINBLK_BENCH_TMPFS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/dev/shm"));
+    let tmpfs_dir = tmpfs.join(format!("thinblk-bench-{}", std::process::id()));
+    let in_memory = tmpfs_dir.join("bench.raw");
     // qcow2 rows: an allocated image (converted from the raw one), and an empty image made
     // afresh for each server, where every write allocates a cluster.
     let allocated = dir.join("allocated.qcow2");
@@ -102,10 +109,15 @@ fn main() {
             ("qcow2 alloc 4k randread 4qxQD8".to_string(), qd8(false), "qcow2", &allocated, false, 4),
             ("qcow2 alloc 4k randwrite 4qxQD8".to_string(), qd8(true), "qcow2", &allocated, false, 4),
         ])
+        .chain(WORKLOADS[..3].iter().map(|w| (format!("tmpfs {}", w.name), *w, "raw", &in_memory, false, 1)))
         .filter(|r| r.0.contains(only.as_str()))
         .collect();
     if rows.iter().any(|r| r.2 == "qcow2" && !r.4) {
         qimg(&["convert", "-q", "-O", "qcow2", "-o", "cluster_size=65536", image.to_str().unwrap(), allocated.to_str().unwrap()]);
+    }
+    if rows.iter().any(|r| r.3 == &in_memory) {
+        std::fs::create_dir_all(&tmpfs_dir).expect("tmpfs bench dir");
+        prefill(&in_memory, size);
     }
     let fresh = |p: &Path| qimg(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", p.to_str().unwrap(), &size.to_string()]);
     for (name, w, format, img, recreate, queues) in rows {
@@ -143,6 +155,7 @@ fn main() {
         sparse_memory_row(&dir, secs.max(10));
     }
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&tmpfs_dir);
 }
 
 /// One queue through the single-queue client (its latency figures), several through the
