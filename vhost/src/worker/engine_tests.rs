@@ -2,6 +2,7 @@
 //! host op completes. Compiled only with `#[cfg(test)]` (declared so in `mod.rs`).
 
 use super::*;
+use super::pop::SUBMIT_EVERY;
 use crate::image::{Disk, RawImage};
 use crate::park::{FaultPolicy, ParkHub};
 use std::collections::VecDeque;
@@ -12,6 +13,8 @@ use std::sync::Mutex;
 struct FakeState {
     ops: VecDeque<(u64, HostOp)>,
     done: VecDeque<(u64, i32)>,
+    /// Ops pushed at each `submit` call, in order.
+    submits: Vec<usize>,
 }
 
 struct Fake {
@@ -23,6 +26,9 @@ impl Engine for Fake {
         self.state.lock().expect("fake").ops.push_back((user_data, op));
     }
     fn submit(&mut self) -> io::Result<()> {
+        let mut s = self.state.lock().expect("fake");
+        let n = s.ops.len();
+        s.submits.push(n);
         Ok(())
     }
     fn submit_and_wait_one(&mut self) -> io::Result<()> {
@@ -171,6 +177,34 @@ impl Rig {
         d(2, status, 1, 2, 0);
         self.desc(head, table, 48, 4, 0);
         status
+    }
+
+    /// Builds a FLUSH as chain `head` (an indirect table: header, status byte). Not
+    /// published. Returns the status byte's address.
+    fn flush_at(&mut self, head: u16) -> u64 {
+        let hdr = 0x9000 + 32 * u64::from(head);
+        let status = hdr + 16;
+        let table = 0x40000 + 0x100 * u64::from(head);
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&4u32.to_le_bytes());
+        self.mem.write_slice(&h, GuestAddress(hdr)).expect("header");
+        self.mem.write_slice(&[0xff], GuestAddress(status)).expect("status");
+        let mut b = [0u8; 32];
+        for (i, (addr, len, flags, next)) in [(hdr, 16u32, 1u16, 1u16), (status, 1, 2, 0)].into_iter().enumerate() {
+            let d = &mut b[16 * i..16 * (i + 1)];
+            d[..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+        }
+        self.mem.write_slice(&b, GuestAddress(table)).expect("indirect table");
+        self.desc(head, table, 32, 4, 0);
+        status
+    }
+
+    /// Syncs pushed and not answered.
+    fn syncs(&self) -> usize {
+        self.fake.lock().expect("fake").ops.iter().filter(|(_, op)| matches!(op, HostOp::Fdatasync { .. })).count()
     }
 
     /// Publishes chain `head` (without kicking).
@@ -546,4 +580,42 @@ fn every_guest_memory_write_marks_exactly_its_pages() {
     }
     assert_eq!(r.used(), 5);
     assert!(marked(&log).is_empty());
+}
+
+#[test]
+fn a_large_batch_is_submitted_on_the_way_and_a_submitted_flush_is_not_joined() {
+    // Two FLUSHes side by side in one batch share one sync.
+    let mut r = Rig::new("join", 64);
+    for head in 0..2 {
+        r.flush_at(head);
+        r.publish(head);
+    }
+    r.kick();
+    assert_eq!(r.syncs(), 1, "the second FLUSH joins the first");
+    assert_eq!(r.fake.lock().expect("fake").submits, vec![1], "a small batch is submitted once, at the end of the pass");
+    while r.used() < 2 {
+        r.answer(1, |_| 0);
+    }
+
+    // A FLUSH, SUBMIT_EVERY reads, a FLUSH: the batch goes to the kernel after SUBMIT_EVERY
+    // chains, the first FLUSH's sync with it, and the second FLUSH syncs on its own (a write
+    // another queue completes after the first sync started must be covered).
+    let mut r = Rig::new("split", 64);
+    let last = SUBMIT_EVERY as u16 + 1;
+    r.flush_at(0);
+    r.publish(0);
+    for head in 1..last {
+        r.read_at(head, 0x20000 + 4096 * u64::from(head));
+        r.publish(head);
+    }
+    r.flush_at(last);
+    r.publish(last);
+    r.kick();
+    // (This engine is not waited on: the pass ends with a submission of its own.)
+    assert_eq!(r.fake.lock().expect("fake").submits, vec![SUBMIT_EVERY, SUBMIT_EVERY + 2], "the first SUBMIT_EVERY chains' ops went to the kernel during the batch");
+    assert_eq!(r.syncs(), 2, "a FLUSH whose sync was submitted is not joined");
+    while r.used() < last + 1 {
+        r.answer(1, op_len);
+    }
+    assert_eq!(r.pushed(), 0);
 }
