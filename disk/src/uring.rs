@@ -362,6 +362,10 @@ impl Engine for Ring {
             // The queued entries are the waiting thread's to submit (see `Waiter`).
             return Ok(());
         }
+        if self.ring.submission().is_empty() {
+            // Nothing to hand over: no system call (a pass of chains that queued no host op).
+            return Ok(());
+        }
         loop {
             match self.ring.submit() {
                 Ok(_) => return Ok(()),

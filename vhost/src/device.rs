@@ -58,12 +58,6 @@ struct Inner {
     poll: std::time::Duration,
 }
 
-impl BlkDevice {
-    /// Polling mode's longest busy-poll (zero: off).
-    pub fn poll_max(&self) -> std::time::Duration {
-        self.inner.poll
-    }
-}
 
 /// The vhost-user-blk device. Cheap to clone; each queue thread holds a clone.
 #[derive(Clone)]
@@ -374,6 +368,11 @@ impl BlkDevice {
         self.worker(q)?.watch_events(fd)
     }
 
+    /// Polling mode's longest busy-poll (zero: off).
+    pub fn poll_max(&self) -> std::time::Duration {
+        self.inner.poll
+    }
+
     /// The queue thread's one blocking point: submits what queue `q`'s worker queued and
     /// waits, without the worker's lock, until its ring has a completion or the thread's
     /// event set is ready (or `limit` passed).
@@ -442,7 +441,8 @@ impl BlkDevice {
         w.lock().map_err(|_| io::Error::other("worker lock poisoned"))
     }
 
-    /// The frontend kicked queue `q`.
+    /// The frontend kicked queue `q`. Called on queue `q`'s thread only: the pass submits
+    /// the requests it starts, whose completions then run as that thread's task work.
     pub fn on_kick(&self, q: usize, vring: &Vring) -> io::Result<()> {
         self.worker(q)?.on_kick(&self.inner.ctx, vring)
     }

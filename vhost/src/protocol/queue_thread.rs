@@ -233,7 +233,7 @@ fn run(device: &BlkDevice, q: usize, vring: &Vring, epoll: &Epoll, poke: &EventF
 /// Polling mode's busy-poll time before each sleep. Adaptive (after QEMU's iothread
 /// `poll-max-ns`): it starts at zero, doubles from 4 µs while waits end within the longest
 /// poll, and drops to zero after a wait that lasted longer (an idle queue does not poll).
-/// THINBLK_POLL_FIXED set: always the longest (for A/B runs, docs/benchmarks.md).
+/// THINBLK_POLL_FIXED set (to any value): always the longest (for A/B runs, docs/benchmarks.md).
 struct PollWindow {
     /// The longest poll (`--poll-us`; zero: polling mode off).
     max: std::time::Duration,

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 struct FakeState {
     ops: VecDeque<(u64, HostOp)>,
     done: VecDeque<(u64, i32)>,
-    /// Ops pushed at each `submit` call, in order.
+    /// At each `submit` call, in order: the ops pushed and not yet answered.
     submits: Vec<usize>,
 }
 
@@ -618,4 +618,39 @@ fn a_large_batch_is_submitted_on_the_way_and_a_submitted_flush_is_not_joined() {
         r.answer(1, op_len);
     }
     assert_eq!(r.pushed(), 0);
+}
+
+#[test]
+fn in_polling_mode_kicks_stay_off_during_a_pass_and_are_asked_for_before_a_sleep() {
+    let mut r = Rig::new("pollkick", 64);
+    r.ctx.event_idx.store(true, Ordering::SeqCst);
+    r.vring.lock().get_queue_mut().set_event_idx(true);
+    r.w.set_polling(true);
+    // EVENT_IDX: the driver kicks when the avail index passes the avail event (after the
+    // used ring's 16 entries).
+    let avail_event = |r: &Rig| {
+        let mut b = [0u8; 2];
+        r.mem.read_slice(&mut b, GuestAddress(USED + 4 + 8 * 16)).expect("avail event");
+        u16::from_le_bytes(b)
+    };
+    r.read(0, 0x20000);
+    r.kick();
+    assert_eq!(r.pushed(), 1);
+    assert_eq!(avail_event(&r), 0, "a polling pass does not ask for kicks");
+    // Nothing new: kicks are asked for again (the thread may sleep).
+    assert!(!r.w.before_sleep(&r.ctx));
+    assert_eq!(avail_event(&r), 1, "kicks asked for from the next chain on before the thread sleeps");
+    // A chain published meanwhile keeps the thread awake instead.
+    r.read(1, 0x21000);
+    assert!(r.w.before_sleep(&r.ctx), "a chain arrived: no sleep");
+    r.kick();
+    assert_eq!(r.pushed(), 2);
+    // Polling mode off: each pass asks for kicks itself.
+    r.w.set_polling(false);
+    r.read(2, 0x22000);
+    r.kick();
+    assert_eq!(avail_event(&r), 3);
+    while r.used() < 3 {
+        r.answer(1, op_len);
+    }
 }

@@ -7,8 +7,8 @@ use super::*;
 /// waiting for the end of the pass: the storage starts on the first requests of a large
 /// batch while the rest are parsed, instead of receiving the whole batch at once. On this
 /// machine's disk at QD32 that took 4k random reads from ~92 k to ~113–122 k IOPS and writes
-/// from ~62 k to ~80–87 k (docs/benchmarks.md); every 2, 4 and 8 measured alike, 8 costs the
-/// fewest system calls. Only the queue thread runs a pass, so it stays the submitter.
+/// from ~62 k to ~80–87 k (docs/benchmarks.md); every 1, 2, 4 and 8 chains measured alike,
+/// and 8 costs the fewest system calls. Only the queue thread runs a pass, so it stays the submitter.
 pub(super) const SUBMIT_EVERY: usize = 8;
 
 /// Why a pop takes nothing (see [`Worker::refusal`]).
@@ -139,7 +139,7 @@ impl Worker {
 
     /// Why a pop would take nothing now, whatever the ring holds (None: it may take a
     /// chain). The one list of questions, asked by `pop_with` and by the polling check
-    /// (`chains_to_take`), in this order:
+    /// (`chains_to_take`), in the order `pop_with` has always asked them.
     pub(super) fn refusal(&self, state: &crate::vring::VringState, stopping: bool, gate: &crate::context::Gate) -> Option<Refusal> {
         if self.throttled() {
             return Some(Refusal::Throttled);
