@@ -23,10 +23,10 @@ struct Fake {
 
 impl Engine for Fake {
     unsafe fn push(&mut self, op: HostOp, user_data: u64) {
-        self.state.lock().expect("fake").ops.push_back((user_data, op));
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).ops.push_back((user_data, op));
     }
     fn submit(&mut self) -> io::Result<()> {
-        let mut s = self.state.lock().expect("fake");
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let n = s.ops.len();
         s.submits.push(n);
         Ok(())
@@ -35,13 +35,13 @@ impl Engine for Fake {
         Ok(())
     }
     fn submit_and_wait_one_for(&mut self, _limit: std::time::Duration) -> io::Result<bool> {
-        Ok(!self.state.lock().expect("fake").done.is_empty())
+        Ok(!self.state.lock().unwrap_or_else(|e| e.into_inner()).done.is_empty())
     }
     fn pop(&mut self) -> Option<(u64, i32)> {
-        self.state.lock().expect("fake").done.pop_front()
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).done.pop_front()
     }
     fn in_flight(&self) -> usize {
-        let s = self.state.lock().expect("fake");
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.ops.len() + s.done.len()
     }
 }
@@ -204,7 +204,7 @@ impl Rig {
 
     /// Syncs pushed and not answered.
     fn syncs(&self) -> usize {
-        self.fake.lock().expect("fake").ops.iter().filter(|(_, op)| matches!(op, HostOp::Fdatasync { .. })).count()
+        self.fake.lock().unwrap_or_else(|e| e.into_inner()).ops.iter().filter(|(_, op)| matches!(op, HostOp::Fdatasync { .. })).count()
     }
 
     /// Publishes chain `head` (without kicking).
@@ -231,7 +231,7 @@ impl Rig {
     /// Answers the oldest `n` ops with `result(op)`, then lets the worker reap and pop.
     fn answer(&mut self, n: usize, result: impl Fn(&HostOp) -> i32) {
         {
-            let mut s = self.fake.lock().expect("fake");
+            let mut s = self.fake.lock().unwrap_or_else(|e| e.into_inner());
             for _ in 0..n {
                 let Some((ud, op)) = s.ops.pop_front() else { break };
                 let r = result(&op);
@@ -243,7 +243,7 @@ impl Rig {
     }
 
     fn pushed(&self) -> usize {
-        self.fake.lock().expect("fake").ops.len()
+        self.fake.lock().unwrap_or_else(|e| e.into_inner()).ops.len()
     }
 
     fn used(&self) -> u16 {
@@ -288,7 +288,7 @@ fn a_short_transfer_is_resubmitted_for_the_rest() {
     r.kick();
     r.answer(1, |_| 1024);
     assert_eq!(r.used(), 0, "not complete after a quarter");
-    let rest = r.fake.lock().expect("fake").ops.front().map(|(_, op)| (op_len(op), *op));
+    let rest = r.fake.lock().unwrap_or_else(|e| e.into_inner()).ops.front().map(|(_, op)| (op_len(op), *op));
     match rest {
         Some((3072, HostOp::Readv { offset, .. })) => assert_eq!(offset, 1024),
         other => panic!("expected the remaining 3072 bytes at offset 1024, got {other:?}"),
@@ -592,7 +592,7 @@ fn a_large_batch_is_submitted_on_the_way_and_a_submitted_flush_is_not_joined() {
     }
     r.kick();
     assert_eq!(r.syncs(), 1, "the second FLUSH joins the first");
-    assert_eq!(r.fake.lock().expect("fake").submits, vec![1], "a small batch is submitted once, at the end of the pass");
+    assert_eq!(r.fake.lock().unwrap_or_else(|e| e.into_inner()).submits, vec![1], "a small batch is submitted once, at the end of the pass");
     while r.used() < 2 {
         r.answer(1, |_| 0);
     }
@@ -612,7 +612,7 @@ fn a_large_batch_is_submitted_on_the_way_and_a_submitted_flush_is_not_joined() {
     r.publish(last);
     r.kick();
     // (This engine is not waited on: the pass ends with a submission of its own.)
-    assert_eq!(r.fake.lock().expect("fake").submits, vec![SUBMIT_EVERY, SUBMIT_EVERY + 2], "the first SUBMIT_EVERY chains' ops went to the kernel during the batch");
+    assert_eq!(r.fake.lock().unwrap_or_else(|e| e.into_inner()).submits, vec![SUBMIT_EVERY, SUBMIT_EVERY + 2], "the first SUBMIT_EVERY chains' ops went to the kernel during the batch");
     assert_eq!(r.syncs(), 2, "a FLUSH whose sync was submitted is not joined");
     while r.used() < last + 1 {
         r.answer(1, op_len);
