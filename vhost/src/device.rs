@@ -47,7 +47,6 @@ pub struct DeviceConfig {
     pub poll: std::time::Duration,
 }
 
-
 struct Inner {
     ctx: Context,
     ownership: Arc<dyn crate::ownership::Ownership>,

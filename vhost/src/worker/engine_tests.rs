@@ -21,12 +21,18 @@ struct Fake {
     state: Arc<Mutex<FakeState>>,
 }
 
+/// The fake's state, also after a test thread failed an assertion while holding it (so a
+/// failing test unwinds and cleans up rather than aborting on a poisoned lock).
+fn lock(state: &Mutex<FakeState>) -> std::sync::MutexGuard<'_, FakeState> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Engine for Fake {
     unsafe fn push(&mut self, op: HostOp, user_data: u64) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).ops.push_back((user_data, op));
+        lock(&self.state).ops.push_back((user_data, op));
     }
     fn submit(&mut self) -> io::Result<()> {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = lock(&self.state);
         let n = s.ops.len();
         s.submits.push(n);
         Ok(())
@@ -35,15 +41,25 @@ impl Engine for Fake {
         Ok(())
     }
     fn submit_and_wait_one_for(&mut self, _limit: std::time::Duration) -> io::Result<bool> {
-        Ok(!self.state.lock().unwrap_or_else(|e| e.into_inner()).done.is_empty())
+        Ok(!lock(&self.state).done.is_empty())
     }
     fn pop(&mut self) -> Option<(u64, i32)> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).done.pop_front()
+        lock(&self.state).done.pop_front()
     }
     fn in_flight(&self) -> usize {
-        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let s = lock(&self.state);
         s.ops.len() + s.done.len()
     }
+}
+
+/// A split-ring descriptor's 16 bytes.
+fn descriptor(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
+    let mut d = [0u8; 16];
+    d[..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&flags.to_le_bytes());
+    d[14..16].copy_from_slice(&next.to_le_bytes());
+    d
 }
 
 /// Bytes an op asks for.
@@ -107,12 +123,7 @@ impl Rig {
     }
 
     fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut d = [0u8; 16];
-        d[..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&flags.to_le_bytes());
-        d[14..16].copy_from_slice(&next.to_le_bytes());
-        self.mem.write_slice(&d, GuestAddress(DESC + 16 * u64::from(i))).expect("descriptor");
+        self.mem.write_slice(&descriptor(addr, len, flags, next), GuestAddress(DESC + 16 * u64::from(i))).expect("descriptor");
     }
 
     /// Publishes a 4 KiB read of sector `n` as chain `n` (3 descriptors); `data` is the
@@ -164,19 +175,16 @@ impl Rig {
         h[8..16].copy_from_slice(&(u64::from(head) * 8).to_le_bytes());
         self.mem.write_slice(&h, GuestAddress(hdr)).expect("header");
         self.mem.write_slice(&[0xff], GuestAddress(status)).expect("status");
-        let d = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
-            let mut b = [0u8; 16];
-            b[..8].copy_from_slice(&addr.to_le_bytes());
-            b[8..12].copy_from_slice(&len.to_le_bytes());
-            b[12..14].copy_from_slice(&flags.to_le_bytes());
-            b[14..16].copy_from_slice(&next.to_le_bytes());
-            self.mem.write_slice(&b, GuestAddress(table + 16 * i)).expect("indirect descriptor");
-        };
-        d(0, hdr, 16, 1, 1);
-        d(1, data, 4096, 1 | 2, 2);
-        d(2, status, 1, 2, 0);
-        self.desc(head, table, 48, 4, 0);
+        self.indirect(head, table, &[(hdr, 16, 1, 1), (data, 4096, 1 | 2, 2), (status, 1, 2, 0)]);
         status
+    }
+
+    /// Writes `descs` (address, length, flags, next) as an indirect table at `table` and
+    /// makes ring descriptor `head` name it.
+    fn indirect(&mut self, head: u16, table: u64, descs: &[(u64, u32, u16, u16)]) {
+        let b: Vec<u8> = descs.iter().flat_map(|&(addr, len, flags, next)| descriptor(addr, len, flags, next)).collect();
+        self.mem.write_slice(&b, GuestAddress(table)).expect("indirect table");
+        self.desc(head, table, b.len() as u32, 4, 0);
     }
 
     /// Builds a FLUSH as chain `head` (an indirect table: header, status byte). Not
@@ -189,22 +197,13 @@ impl Rig {
         h[..4].copy_from_slice(&4u32.to_le_bytes());
         self.mem.write_slice(&h, GuestAddress(hdr)).expect("header");
         self.mem.write_slice(&[0xff], GuestAddress(status)).expect("status");
-        let mut b = [0u8; 32];
-        for (i, (addr, len, flags, next)) in [(hdr, 16u32, 1u16, 1u16), (status, 1, 2, 0)].into_iter().enumerate() {
-            let d = &mut b[16 * i..16 * (i + 1)];
-            d[..8].copy_from_slice(&addr.to_le_bytes());
-            d[8..12].copy_from_slice(&len.to_le_bytes());
-            d[12..14].copy_from_slice(&flags.to_le_bytes());
-            d[14..16].copy_from_slice(&next.to_le_bytes());
-        }
-        self.mem.write_slice(&b, GuestAddress(table)).expect("indirect table");
-        self.desc(head, table, 32, 4, 0);
+        self.indirect(head, table, &[(hdr, 16, 1, 1), (status, 1, 2, 0)]);
         status
     }
 
     /// Syncs pushed and not answered.
     fn syncs(&self) -> usize {
-        self.fake.lock().unwrap_or_else(|e| e.into_inner()).ops.iter().filter(|(_, op)| matches!(op, HostOp::Fdatasync { .. })).count()
+        lock(&self.fake).ops.iter().filter(|(_, op)| matches!(op, HostOp::Fdatasync { .. })).count()
     }
 
     /// Publishes chain `head` (without kicking).
@@ -231,7 +230,7 @@ impl Rig {
     /// Answers the oldest `n` ops with `result(op)`, then lets the worker reap and pop.
     fn answer(&mut self, n: usize, result: impl Fn(&HostOp) -> i32) {
         {
-            let mut s = self.fake.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = lock(&self.fake);
             for _ in 0..n {
                 let Some((ud, op)) = s.ops.pop_front() else { break };
                 let r = result(&op);
@@ -243,7 +242,7 @@ impl Rig {
     }
 
     fn pushed(&self) -> usize {
-        self.fake.lock().unwrap_or_else(|e| e.into_inner()).ops.len()
+        lock(&self.fake).ops.len()
     }
 
     fn used(&self) -> u16 {
@@ -288,7 +287,7 @@ fn a_short_transfer_is_resubmitted_for_the_rest() {
     r.kick();
     r.answer(1, |_| 1024);
     assert_eq!(r.used(), 0, "not complete after a quarter");
-    let rest = r.fake.lock().unwrap_or_else(|e| e.into_inner()).ops.front().map(|(_, op)| (op_len(op), *op));
+    let rest = lock(&r.fake).ops.front().map(|(_, op)| (op_len(op), *op));
     match rest {
         Some((3072, HostOp::Readv { offset, .. })) => assert_eq!(offset, 1024),
         other => panic!("expected the remaining 3072 bytes at offset 1024, got {other:?}"),
@@ -592,7 +591,7 @@ fn a_large_batch_is_submitted_on_the_way_and_a_submitted_flush_is_not_joined() {
     }
     r.kick();
     assert_eq!(r.syncs(), 1, "the second FLUSH joins the first");
-    assert_eq!(r.fake.lock().unwrap_or_else(|e| e.into_inner()).submits, vec![1], "a small batch is submitted once, at the end of the pass");
+    assert_eq!(lock(&r.fake).submits, vec![1], "a small batch is submitted once, at the end of the pass");
     while r.used() < 2 {
         r.answer(1, |_| 0);
     }
@@ -612,7 +611,7 @@ fn a_large_batch_is_submitted_on_the_way_and_a_submitted_flush_is_not_joined() {
     r.publish(last);
     r.kick();
     // (This engine is not waited on: the pass ends with a submission of its own.)
-    assert_eq!(r.fake.lock().unwrap_or_else(|e| e.into_inner()).submits, vec![SUBMIT_EVERY, SUBMIT_EVERY + 2], "the first SUBMIT_EVERY chains' ops went to the kernel during the batch");
+    assert_eq!(lock(&r.fake).submits, vec![SUBMIT_EVERY, SUBMIT_EVERY + 2], "the first SUBMIT_EVERY chains' ops went to the kernel during the batch");
     assert_eq!(r.syncs(), 2, "a FLUSH whose sync was submitted is not joined");
     while r.used() < last + 1 {
         r.answer(1, op_len);

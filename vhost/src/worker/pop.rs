@@ -179,9 +179,6 @@ impl Worker {
         gate: &crate::context::Gate,
     ) -> Option<(virtio_queue::DescriptorChain<Arc<Mem>>, Arc<Mem>)> {
         self.held_back = false;
-        if self.throttled() {
-            return None;
-        }
         let mut state = vring.lock();
         match self.refusal(&state, stopping, gate) {
             None => {}
