@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Client, Daemon, LoopDev, Rng, TestDir};
+use common::{s, Client, Daemon, LoopDev, Rng, TestDir};
 
 const MIB: u64 = 1 << 20;
 
@@ -22,9 +22,6 @@ fn ok(cmd: &str, args: &[&str]) -> String {
     text
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn serve(dir: &TestDir, image: &Path, extra: &[&str]) -> Daemon {
     let mut args = vec!["--image", s(image), "--format", "qcow2", "--num-queues", "2"];

@@ -74,7 +74,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use common::vm::{assert_pass, assets, qemu_tcg, tail, VERDICT};
-use common::{ctl, log_time_ms, Daemon, LoopDev, Rng, TestDir};
+use common::{ctl, log_time_ms, s, Daemon, LoopDev, Rng, TestDir};
 
 /// Step 4 of the first test, the active commit (`ctl commit` with the active top, `ready`,
 /// `ctl job-complete`): on since active commit landed on main. `THINBLK_CHAIN_ACTIVE=1` runs
@@ -104,9 +104,6 @@ const FINISH_LIMIT: Duration = Duration::from_secs(180);
 /// One guest at a time: the two tests of this file would otherwise run theirs together.
 static ONE_GUEST: Mutex<()> = Mutex::new(());
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// Runs qemu-img; returns its exit code and stdout (stderr appended).
 fn qemu_img_status(args: &[&str]) -> (i32, String) {

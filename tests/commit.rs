@@ -12,22 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{ctl, ctl_reply, stop_clean, Client, Daemon, TestDir};
+use common::{ctl, ctl_reply, qemu_img, s, stop_clean, Client, Daemon, TestDir};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
 const DISK: u64 = 64 * MIB;
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().expect("qemu-img");
-    assert!(out.status.success(), "qemu-img {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// The frontend's writes: block → fill byte of its last completed write, in order.
 type Written = Arc<Mutex<Vec<(u64, u8)>>>;
@@ -405,16 +395,7 @@ impl ThinRig {
 
     /// A volume of `size` bytes holding a 1 GiB qcow2 over `backing` (a bare UUID).
     fn create(&mut self, uuid: &str, size: u64, backing: Option<&str>) {
-        let file = self.file(uuid);
-        let mut args = vec!["create", "-q", "-f", "qcow2"];
-        if let Some(b) = backing {
-            args.extend(["-u", "-b", b, "-F", "qcow2"]);
-        }
-        args.extend([s(&file), "1G"]);
-        qemu_img(&args);
-        std::fs::OpenOptions::new().write(true).open(&file).and_then(|f| f.set_len(size)).expect("size volume");
-        let dev = common::LoopDev::attach(&file);
-        std::os::unix::fs::symlink(&dev.0, self.lv(uuid)).expect("link");
+        let dev = common::ovirt_volume(&self.file(uuid), &self.lv(uuid), size, backing);
         self.loops.push(dev);
     }
 

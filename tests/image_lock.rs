@@ -9,16 +9,13 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Client, Daemon, LoopDev, TestDir};
+use common::{s, Client, Daemon, LoopDev, TestDir};
 use thinblk::format::{ImageOptions, Qcow2Format};
 use thinblk_disk::lock::{LockError, Perm};
 use thinblk_disk::{Disk, ImageError};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// Runs `cmd` for at most `LIMIT` (killed after that); exit code and stdout+stderr.
 fn run_bounded(cmd: &mut Command, out: &Path) -> (Option<i32>, String) {

@@ -9,13 +9,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Client, Daemon, LoopDev, TestDir};
+use common::{s, Client, Daemon, LoopDev, TestDir};
 
 const MIB: u64 = 1 << 20;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap_or_default()
-}
 
 fn ok(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().expect("run");

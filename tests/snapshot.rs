@@ -7,27 +7,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{ctl, ctl_reply, stop_clean, Client, Daemon, TestDir};
+use common::{ctl, ctl_reply, qemu_img, s, stop_clean, Client, Daemon, TestDir};
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
 const DISK: u64 = 64 * MIB;
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().expect("qemu-img");
-    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// A write the frontend made: the block, its fill byte, and when it was issued and answered.
 #[derive(Clone, Copy, Debug)]
@@ -168,16 +157,8 @@ const VOL2: &str = "5e0c1a6b-7d64-4b8e-9a43-2f1c0b9e7d21";
 /// appear under `/dev/<domain>/`).
 fn lv(volumes: &Path, sd: &Path, uuid: &str, size: u64, backing: Option<&str>) -> (PathBuf, common::LoopDev, PathBuf) {
     let file = volumes.join(DOMAIN).join(uuid);
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if let Some(b) = backing {
-        args.extend(["-u", "-b", b, "-F", "qcow2"]);
-    }
-    args.extend([s(&file), "1G"]);
-    qemu_img(&args);
-    std::fs::OpenOptions::new().write(true).open(&file).and_then(|f| f.set_len(size)).expect("size volume");
-    let dev = common::LoopDev::attach(&file);
     let link = sd.join(uuid);
-    std::os::unix::fs::symlink(&dev.0, &link).expect("link");
+    let dev = common::ovirt_volume(&file, &link, size, backing);
     (file, dev, link)
 }
 

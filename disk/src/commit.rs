@@ -813,35 +813,19 @@ mod tests {
     use super::*;
     use crate::disk::{read_mapped, write_mapped, Disk, Target};
     use crate::qcow2::ImageOptions;
-    use std::process::Command;
+    use crate::test_util::{qemu_img, run, Dir};
 
     const MIB: u64 = 1 << 20;
-
-    struct Dir(PathBuf);
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn qemu_img(args: &[&str]) {
-        let out = Command::new("qemu-img").args(args).output().expect("qemu-img (qemu-utils) is needed");
-        assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
 
     /// base ← s1 ← top, 16 MiB, in a fresh directory (s1 holding 2 MiB of 0x5a); the chain
     /// served from `top`.
     fn chain(name: &str) -> (Dir, Arc<Qcow2Format>) {
-        let dir = Dir(std::env::temp_dir().join(format!("thinblk-commit-{name}-{}", std::process::id())));
-        let _ = std::fs::remove_dir_all(&dir.0);
-        std::fs::create_dir_all(&dir.0).expect("dir");
+        let dir = Dir::fresh(&format!("commit-{name}"));
         let p = |n: &str| dir.0.join(n).to_str().expect("utf-8").to_string();
         qemu_img(&["create", "-q", "-f", "qcow2", &p("base"), "16M"]);
         qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", "base", "-F", "qcow2", &p("s1"), "16M"]);
         qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", "s1", "-F", "qcow2", &p("top"), "16M"]);
-        let out = Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x5a 0 2M", &p("s1")]).output().expect("qemu-io");
-        assert!(out.status.success(), "qemu-io: {}", String::from_utf8_lossy(&out.stderr));
+        run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 0 2M", &p("s1")]);
         let q = Arc::new(Qcow2Format::open(&dir.0.join("top"), &ImageOptions::default()).expect("open"));
         (dir, q)
     }
@@ -906,25 +890,12 @@ mod second_merge {
     use super::*;
     use crate::disk::{read_mapped, Disk};
     use crate::qcow2::ImageOptions;
-    use std::process::Command;
-
-    fn run(cmd: &str, args: &[&str]) {
-        let out = Command::new(cmd).args(args).output().expect("qemu-utils are needed");
-        assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    use crate::test_util::{run, Dir};
 
     #[test]
     fn a_second_merge_names_the_base_the_first_one_gave_a_lower_layer() {
-        let dir = std::env::temp_dir().join(format!("thinblk-commit-second-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        struct Gone(PathBuf);
-        impl Drop for Gone {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-        let _gone = Gone(dir.clone());
+        let tmp = Dir::fresh("commit-second");
+        let dir = &tmp.0;
         let p = |n: &str| dir.join(n).to_str().expect("utf-8").to_string();
         // D (served) → C → B → A, each lower layer holding its own byte at its own MiB.
         run("qemu-img", &["create", "-q", "-f", "qcow2", &p("A"), "8M"]);

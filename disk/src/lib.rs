@@ -20,6 +20,8 @@ pub mod qcow2;
 pub mod raw;
 pub mod snapshot;
 pub mod sys;
+#[cfg(test)]
+mod test_util;
 pub mod uring;
 
 /// The format seam under its old path (the device code says `image::`).

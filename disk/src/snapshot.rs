@@ -254,25 +254,12 @@ mod tests {
     use super::*;
     use crate::disk::{read_mapped, write_mapped, Disk, Extent, FileListener, Target};
     use crate::qcow2::ImageOptions;
+    use crate::test_util::{qemu_img, Dir};
     use std::os::fd::RawFd;
-    use std::process::Command;
     use std::sync::Mutex;
 
     const MIB: u64 = 1 << 20;
 
-    struct Dir(PathBuf);
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn qemu_img(args: &[&str]) -> String {
-        let out = Command::new("qemu-img").args(args).output().expect("qemu-img (qemu-utils) is needed");
-        assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
 
     #[derive(Default)]
     struct Tables(Mutex<Vec<Vec<RawFd>>>);
@@ -286,8 +273,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_switches_the_top_under_a_listening_device_and_qemu_img_reads_the_chain() {
-        let dir = Dir(std::env::temp_dir().join(format!("thinblk-snap-{}", std::process::id())));
-        std::fs::create_dir_all(&dir.0).expect("dir");
+        let dir = Dir::fresh("snap");
         let (base, over, other) = (dir.0.join("base"), dir.0.join("over"), dir.0.join("other"));
         qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().expect("utf-8"), "16M"]);
         qemu_img(&["create", "-q", "-f", "qcow2", other.to_str().expect("utf-8"), "16M"]);

@@ -68,6 +68,34 @@ impl Drop for LoopDev {
     }
 }
 
+/// A path as `&str` (test paths are UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Runs `qemu-img`, which must succeed; returns its stdout.
+pub fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img").args(args).output().expect("run qemu-img");
+    assert!(out.status.success(), "qemu-img {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An oVirt volume as a host sees it: `file` of `size` bytes holding a 1 GiB qcow2 (its
+/// backing, if any, a bare parent UUID as oVirt writes it), attached to a loop device that
+/// `link` names (as LVs appear under `/dev/<domain>/`).
+pub fn ovirt_volume(file: &Path, link: &Path, size: u64, backing: Option<&str>) -> LoopDev {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if let Some(b) = backing {
+        args.extend(["-u", "-b", b, "-F", "qcow2"]);
+    }
+    args.extend([s(file), "1G"]);
+    qemu_img(&args);
+    std::fs::OpenOptions::new().write(true).open(file).and_then(|f| f.set_len(size)).expect("size volume");
+    let dev = LoopDev::attach(file);
+    std::os::unix::fs::symlink(&dev.0, link).expect("link");
+    dev
+}
+
 /// Creates a sparse file of `len` bytes.
 pub fn sparse_file(path: &Path, len: u64) {
     let f = std::fs::File::create(path).expect("create image");
