@@ -191,11 +191,16 @@ impl ParkHub {
     /// timeout does not release it, only [`ParkHub::release`] does.
     pub fn hold(&self, limit: std::time::Duration) -> Result<(), String> {
         self.holds.fetch_add(1, Ordering::SeqCst);
+        self.drain_writes(limit).inspect_err(|_| self.release())
+    }
+
+    /// Waits (at most `limit`) until no write is at the storage; the error says how many
+    /// were still there. New writes must already be held (by a hold or a freeze).
+    fn drain_writes(&self, limit: std::time::Duration) -> Result<(), String> {
         let deadline = std::time::Instant::now() + limit;
         while self.writes_in_flight() > 0 {
             if std::time::Instant::now() >= deadline {
                 let left = self.writes_in_flight();
-                self.release();
                 return Err(format!("{left} writes still at the storage after {} ms", limit.as_millis()));
             }
             std::thread::sleep(std::time::Duration::from_micros(200));
@@ -231,15 +236,7 @@ impl ParkHub {
     pub fn freeze(&self, limit: std::time::Duration) -> Result<u64, String> {
         let n = self.freezes.fetch_add(1, Ordering::SeqCst) + 1;
         self.frozen.store(true, Ordering::SeqCst);
-        let deadline = std::time::Instant::now() + limit;
-        while self.writes_in_flight() > 0 {
-            if std::time::Instant::now() >= deadline {
-                let left = self.writes_in_flight();
-                self.thaw();
-                return Err(format!("{left} writes still at the storage after {} ms", limit.as_millis()));
-            }
-            std::thread::sleep(std::time::Duration::from_micros(200));
-        }
+        self.drain_writes(limit).inspect_err(|_| self.thaw())?;
         Ok(n)
     }
 
@@ -330,5 +327,28 @@ mod tests {
         for q in 0..2 {
             assert_eq!(hub.wake[q].read().unwrap(), 1);
         }
+    }
+
+    #[test]
+    fn a_hold_or_freeze_that_cannot_drain_in_time_lets_writes_go_again() {
+        let hub = ParkHub::new(1).unwrap();
+        let limit = std::time::Duration::from_millis(5);
+        hub.write_begin();
+        let e = hub.freeze(limit).unwrap_err();
+        assert!(e.starts_with("1 writes still at the storage"), "{e}");
+        assert!(!hub.frozen(), "a freeze that timed out is undone");
+        assert!(hub.hold(limit).is_err());
+        assert!(!hub.frozen(), "a hold that timed out is released");
+        // A freeze's timeout does not release a hold that drained.
+        hub.write_end();
+        hub.hold(limit).unwrap();
+        hub.write_begin();
+        assert!(hub.freeze(limit).is_err());
+        assert!(hub.frozen(), "the hold still holds writes");
+        hub.write_end();
+        hub.release();
+        assert!(!hub.frozen());
+        assert_eq!(hub.freeze(limit).unwrap(), 3);
+        assert!(hub.frozen());
     }
 }
