@@ -22,7 +22,6 @@ fn ok(cmd: &str, args: &[&str]) -> String {
     text
 }
 
-
 fn serve(dir: &TestDir, image: &Path, extra: &[&str]) -> Daemon {
     let mut args = vec!["--image", s(image), "--format", "qcow2", "--num-queues", "2"];
     args.extend_from_slice(extra);

@@ -104,7 +104,6 @@ const FINISH_LIMIT: Duration = Duration::from_secs(180);
 /// One guest at a time: the two tests of this file would otherwise run theirs together.
 static ONE_GUEST: Mutex<()> = Mutex::new(());
 
-
 /// Runs qemu-img; returns its exit code and stdout (stderr appended).
 fn qemu_img_status(args: &[&str]) -> (i32, String) {
     let out = Command::new("qemu-img").args(args).output().expect("run qemu-img");

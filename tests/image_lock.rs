@@ -16,7 +16,6 @@ use thinblk_disk::{Disk, ImageError};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-
 /// Runs `cmd` for at most `LIMIT` (killed after that); exit code and stdout+stderr.
 fn run_bounded(cmd: &mut Command, out: &Path) -> (Option<i32>, String) {
     let log = std::fs::File::create(out).expect("output file");

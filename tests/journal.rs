@@ -13,7 +13,6 @@ use common::{s, Client, Daemon, LoopDev, TestDir};
 
 const MIB: u64 = 1 << 20;
 
-
 fn ok(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().expect("run");
     assert!(out.status.success(), "{cmd} {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

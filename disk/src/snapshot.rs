@@ -260,7 +260,6 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-
     #[derive(Default)]
     struct Tables(Mutex<Vec<Vec<RawFd>>>);
 

@@ -52,44 +52,6 @@ impl Engine for Fake {
     }
 }
 
-/// A raw image whose every write reports an allocation in its ticket, as a format's write
-/// to a fresh cluster does.
-struct Allocating(RawImage);
-
-impl Disk for Allocating {
-    fn capacity(&self) -> u64 {
-        self.0.capacity()
-    }
-    fn files(&self) -> Vec<std::os::fd::RawFd> {
-        self.0.files()
-    }
-    fn io_alignment(&self) -> u32 {
-        self.0.io_alignment()
-    }
-    fn physical_block_size(&self) -> u32 {
-        self.0.physical_block_size()
-    }
-    fn identity(&self) -> String {
-        self.0.identity()
-    }
-    fn map_read(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), ImageError> {
-        self.0.map_read(offset, len, out)
-    }
-    fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<WriteTicket, ImageError> {
-        self.0.map_write(offset, len, out)?;
-        Ok(WriteTicket(vec![offset], None))
-    }
-    fn map_zero(
-        &self,
-        offset: u64,
-        len: u64,
-        req: ZeroRequest,
-        out: &mut Vec<HostZero>,
-    ) -> Result<WriteTicket, ImageError> {
-        self.0.map_zero(offset, len, req, out)
-    }
-}
-
 /// A split-ring descriptor's 16 bytes.
 fn descriptor(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
     let mut d = [0u8; 16];
@@ -135,26 +97,12 @@ impl Rig {
         Rig::build(name, 64, Some(log.clone()))
     }
 
-    /// A rig whose every write allocates (a format's fresh clusters).
-    fn allocating(name: &str) -> Rig {
-        Rig::build_with(name, 64, None, |raw| Arc::new(Allocating(raw)))
-    }
-
     fn build(name: &str, op_cap: usize, log: Option<Arc<crate::guest_write::DirtyLog>>) -> Rig {
-        Rig::build_with(name, op_cap, log, |raw| Arc::new(raw))
-    }
-
-    fn build_with(
-        name: &str,
-        op_cap: usize,
-        log: Option<Arc<crate::guest_write::DirtyLog>>,
-        wrap: impl FnOnce(RawImage) -> Arc<dyn Disk>,
-    ) -> Rig {
         let dir = std::env::temp_dir().join(format!("thinblk-worker-{name}-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let path = dir.join("disk");
         std::fs::File::create(&path).and_then(|f| f.set_len(1 << 20)).expect("image");
-        let image = wrap(RawImage::open(&path, false, false).expect("raw image"));
+        let image: Arc<dyn Disk> = Arc::new(RawImage::open(&path, false, false).expect("raw image"));
         let region = vm_memory::GuestRegionMmap::<crate::guest_write::LogBitmap>::from_range(GuestAddress(0), 1 << 20, None).expect("region");
         if let Some(log) = log {
             region.bitmap().bind(0, log);
@@ -220,21 +168,14 @@ impl Rig {
     /// indirect table (so any of the ring's 16 heads can carry a read); `data` is the buffer's
     /// address. Not published. Returns the status byte's address.
     fn read_at(&mut self, head: u16, data: u64) -> u64 {
-        self.rw_at(head, data, false)
-    }
-
-    /// As [`Rig::read_at`], a read or (`write`) a write.
-    fn rw_at(&mut self, head: u16, data: u64, write: bool) -> u64 {
         let hdr = 0x9000 + 32 * u64::from(head);
         let status = hdr + 16;
         let table = 0x40000 + 0x100 * u64::from(head);
         let mut h = [0u8; 16];
-        h[..4].copy_from_slice(&u32::from(write).to_le_bytes());
         h[8..16].copy_from_slice(&(u64::from(head) * 8).to_le_bytes());
         self.mem.write_slice(&h, GuestAddress(hdr)).expect("header");
         self.mem.write_slice(&[0xff], GuestAddress(status)).expect("status");
-        let data_flags = if write { 1 } else { 1 | 2 };
-        self.indirect(head, table, &[(hdr, 16, 1, 1), (data, 4096, data_flags, 2), (status, 1, 2, 0)]);
+        self.indirect(head, table, &[(hdr, 16, 1, 1), (data, 4096, 1 | 2, 2), (status, 1, 2, 0)]);
         status
     }
 
@@ -709,34 +650,6 @@ fn in_polling_mode_kicks_stay_off_during_a_pass_and_are_asked_for_before_a_sleep
     r.kick();
     assert_eq!(avail_event(&r), 3);
     while r.used() < 3 {
-        r.answer(1, op_len);
-    }
-}
-
-#[test]
-fn a_pass_that_allocates_is_submitted_at_its_end_only() {
-    // Writes that allocate: the rest of the pass is not submitted on the way (allocating
-    // writes measured slower with it), so the whole pass goes to the kernel once, at its end.
-    let mut r = Rig::allocating("allocpass");
-    let n = SUBMIT_EVERY as u16 + 2;
-    for head in 0..n {
-        r.rw_at(head, 0x20000 + 4096 * u64::from(head), true);
-        r.publish(head);
-    }
-    r.kick();
-    assert_eq!(lock(&r.fake).submits, vec![usize::from(n)], "an allocating pass is submitted once, at its end");
-    while r.used() < n {
-        r.answer(1, op_len);
-    }
-    // The next pass starts afresh: reads allocate nothing and are submitted on the way.
-    for head in 0..n {
-        r.read_at(head, 0x20000 + 4096 * u64::from(head));
-        r.publish(head);
-    }
-    lock(&r.fake).submits.clear();
-    r.kick();
-    assert_eq!(lock(&r.fake).submits, vec![SUBMIT_EVERY, usize::from(n)], "a pass that allocates nothing submits on the way");
-    while r.used() < 2 * n {
         r.answer(1, op_len);
     }
 }

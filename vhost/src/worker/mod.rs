@@ -198,9 +198,6 @@ pub struct Worker {
     /// request completes in between on this queue and the format's metadata epoch has not
     /// moved (another queue linked a completed write) since its write-back: (slot, epoch).
     flush_batch: Option<(usize, u64)>,
-    /// A write of the current kick pass allocated clusters: the pass no longer submits on
-    /// the way (see [`pop::SUBMIT_EVERY`]).
-    pass_allocated: bool,
     /// Requests rejected so far (for rate-limited logging).
     rejected: u64,
     /// Requests waiting for the hub to resume them (still counted in flight).
@@ -264,7 +261,6 @@ impl Worker {
             extents: Vec::new(),
             zeros: Vec::new(),
             flush_batch: None,
-            pass_allocated: false,
             rejected: 0,
             parked: std::collections::VecDeque::new(),
             stats,

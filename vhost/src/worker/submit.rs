@@ -59,7 +59,6 @@ impl Worker {
                         return Err(fail(slot, e));
                     }
                     Ok(Some(ticket)) => {
-                        self.pass_allocated |= !ticket.0.is_empty();
                         if let Some(p) = self.pending.get_mut(slot) {
                             p.tickets.push(ticket);
                         }
