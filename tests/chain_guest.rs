@@ -110,8 +110,8 @@ fn qemu_img_status(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
-/// Runs qemu-img, which must succeed; returns its output.
-fn qemu_img(args: &[&str]) -> String {
+/// Runs qemu-img, which must succeed; returns its stdout and stderr.
+fn qemu_img_all(args: &[&str]) -> String {
     let (code, text) = qemu_img_status(args);
     assert_eq!(code, 0, "qemu-img {args:?}: {text}");
     text
@@ -119,7 +119,7 @@ fn qemu_img(args: &[&str]) -> String {
 
 /// `qemu-img info` of one image (no chain), as JSON.
 fn info(image: &Path) -> Value {
-    serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", s(image)])).expect("qemu-img info json")
+    serde_json::from_str(&qemu_img_all(&["info", "-U", "--output=json", s(image)])).expect("qemu-img info json")
 }
 
 /// Copies a volume's file byte for byte (holes kept) to `to`.
@@ -259,7 +259,7 @@ impl Rig {
             args.extend(["-u", "-b", VOLS[k - 1], "-F", "qcow2"]);
         }
         args.extend([s(&file), "1G"]);
-        qemu_img(&args);
+        qemu_img_all(&args);
         std::fs::OpenOptions::new().write(true).open(&file).and_then(|f| f.set_len(size)).expect("size the volume");
         let dev = LoopDev::attach(&file);
         let link = self.dir.path("sd").join(uuid);
@@ -466,7 +466,7 @@ impl Rig {
             assert_clean(&v.link, false);
         }
         let raw = self.dir.path("final.raw");
-        qemu_img(&["convert", "-O", "raw", s(&self.link(top)), s(&raw)]);
+        qemu_img_all(&["convert", "-O", "raw", s(&self.link(top)), s(&raw)]);
         let fsck = Command::new("e2fsck").args(["-fn", s(&raw)]).output().expect("run e2fsck");
         assert!(fsck.status.success(), "host e2fsck of the final chain: {}", String::from_utf8_lossy(&fsck.stdout));
         let _ = std::fs::remove_file(&raw);
@@ -508,7 +508,7 @@ fn snapshots_and_merges_under_a_verifying_guest() {
     }
     let oracle_dir = rig.dir.path("oracle");
     let oracle = |k: usize| oracle_dir.join(VOLS[k]);
-    qemu_img(&["commit", "-q", "-f", "qcow2", s(&oracle(2))]);
+    qemu_img_all(&["commit", "-q", "-f", "qcow2", s(&oracle(2))]);
     let v1_before = rig.vol(1).file.metadata().map(|m| m.len()).unwrap_or(0);
     rig.commit("merge-v2", 2, 1, 0);
     let j = rig.wait_job("merge-v2", "concluded", Duration::from_secs(120));
@@ -566,7 +566,7 @@ fn snapshots_and_merges_under_a_verifying_guest() {
         // Frozen: the top written back and synced; its copy is the guest's disk now.
         ctl(&rig.ctl_sock, "freeze", json!({"timeout-ms": 60_000}));
         let top_copy = rig.copy_into(3, "oracle-active");
-        qemu_img(&["commit", "-q", "-f", "qcow2", s(&top_copy)]);
+        qemu_img_all(&["commit", "-q", "-f", "qcow2", s(&top_copy)]);
         let t1 = Instant::now();
         ctl(&rig.ctl_sock, "job-complete", json!({"id": "active"}));
         let j = rig.wait_job("active", "concluded", Duration::from_secs(60));
@@ -731,7 +731,7 @@ fn commits_killed_at_random_points_under_a_verifying_guest() {
         rig.copy_into(k, "pre");
         rig.copy_into(k, "oracle");
     }
-    qemu_img(&["commit", "-q", "-f", "qcow2", s(&rig.dir.path("oracle").join(VOLS[1]))]);
+    qemu_img_all(&["commit", "-q", "-f", "qcow2", s(&rig.dir.path("oracle").join(VOLS[1]))]);
     let base_end = check_json(&rig.dir.path("pre").join(VOLS[0])).1["image-end-offset"].as_u64().unwrap_or(0);
 
     let mut speed = 0;
