@@ -6,7 +6,9 @@
 //! THINBLK_BENCH_ONLY, a substring of the workload names to run; THINBLK_BENCH_BIN, another
 //! thinblk binary for an A/B against an earlier build; THINBLK_BENCH_ARGS, extra
 //! thinblk options for A/B runs; THINBLK_BENCH_L2_CACHE, thinblk's L2 cache in the sparse row;
-//! THINBLK_BENCH_TMPFS, the memory file system of the tmpfs rows, default /dev/shm).
+//! THINBLK_BENCH_TMPFS, the memory file system of the tmpfs rows, default /dev/shm;
+//! THINBLK_BENCH_ROUNDS, rounds per row, each running thinblk, qemu-storage-daemon and fio in
+//! turn, default 1: every figure printed is then its median over the rounds).
 //! Prints IOPS, p50/p99 latency, server CPU and the ratios.
 
 mod common;
@@ -63,13 +65,20 @@ fn main() {
         return;
     }
     let secs = env_u64("THINBLK_BENCH_SECS", 5);
+    let rounds = env_u64("THINBLK_BENCH_ROUNDS", 1).max(1);
     let size = env_u64("THINBLK_BENCH_SIZE_MIB", 1024) << 20;
     let dir: PathBuf = std::env::var_os("THINBLK_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
     let dir = dir.join(format!("thinblk-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
     let image = dir.join("bench.raw");
     prefill(&image, size);
-    println!("image: {} ({} MiB), {} s per workload; cpu/io: server CPU per IO over qemu-storage-daemon's", image.display(), size >> 20, secs);
+    println!(
+        "image: {} ({} MiB), {} s per workload, medians of {} alternated round(s); cpu/io: server CPU per IO over qemu-storage-daemon's",
+        image.display(),
+        size >> 20,
+        secs,
+        rounds
+    );
     println!(
         "{:<32} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} {:>6} | {:>10} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8}",
         "workload", "thinblk", "p50us", "p99us", "cpu%", "qsd", "p50us", "p99us", "cpu%", "fio", "p50us", "p99us", "vs qsd", "vs fio", "p50/fio", "cpu/io"
@@ -130,25 +139,30 @@ fn main() {
     let fresh = |p: &Path| qimg(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", p.to_str().unwrap(), &size.to_string()]);
     for (name, w, format, img, recreate, queues) in rows {
         let sock = dir.join("thinblk.sock");
-        if recreate {
-            fresh(img);
-        }
-        warm(img);
         let nq = queues.to_string();
-        let t = {
-            let s = start_thinblk(img, format, &sock, &["--num-queues", &nq]);
-            run_blkio_queues_or_one(&sock, s.child.id(), size, w, secs, queues)
-        };
-        if recreate {
-            fresh(img);
+        let (mut ts, mut qs, mut fs) = (Vec::new(), Vec::new(), Vec::new());
+        // Each round runs the three in turn, so drift between them spreads over all three.
+        for _ in 0..rounds {
+            if recreate {
+                fresh(img);
+            }
+            warm(img);
+            ts.push({
+                let s = start_thinblk(img, format, &sock, &["--num-queues", &nq]);
+                run_blkio_queues_or_one(&sock, s.child.id(), size, w, secs, queues)
+            });
+            if recreate {
+                fresh(img);
+            }
+            warm(img);
+            let qsock = dir.join("qsd.sock");
+            qs.extend(start_qsd_queues(img, format, &qsock, queues).map(|s| run_blkio_queues_or_one(&qsock, s.child.id(), size, w, secs, queues)));
+            warm(img);
+            if format == "raw" {
+                fs.extend(run_fio(img, w, secs));
+            }
         }
-        warm(img);
-        let qsock = dir.join("qsd.sock");
-        let q = start_qsd_queues(img, format, &qsock, queues).map(|s| run_blkio_queues_or_one(&qsock, s.child.id(), size, w, secs, queues));
-        warm(img);
-        let f = if format == "raw" { run_fio(img, w, secs) } else { None };
-        let qv = q.unwrap_or_default();
-        let fv = f.unwrap_or_default();
+        let (t, qv, fv) = (median(&ts), median(&qs), median(&fs));
         let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}x", a / b) } else { "n/a".into() };
         // Server CPU per IO, thinblk's over qemu-storage-daemon's.
         let per_io = |r: &Result| if r.iops > 0.0 { r.cpu_pct / r.iops } else { 0.0 };
@@ -164,6 +178,21 @@ fn main() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&tmpfs_dir);
+}
+
+/// Each figure's median over `runs` (taken separately: the median IOPS and the median p50
+/// may come from different runs); all zero if there is none.
+fn median(runs: &[Result]) -> Result {
+    let mid = |f: fn(&Result) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        match v.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    };
+    Result { iops: mid(|r| r.iops), p50_us: mid(|r| r.p50_us), p99_us: mid(|r| r.p99_us), cpu_pct: mid(|r| r.cpu_pct) }
 }
 
 /// Bytes free for us on the file system holding `dir` (0 if it cannot be asked).
