@@ -57,7 +57,6 @@ struct Inner {
     poll: std::time::Duration,
 }
 
-
 /// The vhost-user-blk device. Cheap to clone; each queue thread holds a clone.
 #[derive(Clone)]
 pub struct BlkDevice {

@@ -181,7 +181,7 @@ impl Rig {
 
     /// Writes `descs` (address, length, flags, next) as an indirect table at `table` and
     /// makes ring descriptor `head` name it.
-    fn indirect(&mut self, head: u16, table: u64, descs: &[(u64, u32, u16, u16)]) {
+    fn indirect(&self, head: u16, table: u64, descs: &[(u64, u32, u16, u16)]) {
         let b: Vec<u8> = descs.iter().flat_map(|&(addr, len, flags, next)| descriptor(addr, len, flags, next)).collect();
         self.mem.write_slice(&b, GuestAddress(table)).expect("indirect table");
         self.desc(head, table, b.len() as u32, 4, 0);
