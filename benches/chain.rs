@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{env_u64, run_blkio, start_thinblk, Workload};
+use common::{env_u64, median, run_blkio, start_thinblk, Workload};
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 2048 * MIB;
@@ -54,11 +54,6 @@ fn wait_job(sock: &Path, id: &str, status: &str) -> serde_json::Value {
         assert!(Instant::now() < deadline, "job {id} never reached {status}");
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// A chain in `dir`: `base` ← `s1` (holding `mib` MiB of data) ← `s2` (empty).

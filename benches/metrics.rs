@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{env_u64, prefill, run_blkio, start_qsd, start_thinblk, warm, Result, Workload};
+use common::{env_u64, median, prefill, run_blkio, start_qsd, start_thinblk, warm, Result, Workload};
 
 const LOAD: Workload = Workload { name: "4k randread QD32", write: false, random: true, bs: 4096, qd: 32 };
 const SCRAPE_EVERY: Duration = Duration::from_millis(100);
@@ -56,11 +56,6 @@ fn run_thinblk(img: &Path, format: &str, dir: &Path, size: u64, secs: u64, metri
         let _ = t.join();
     }
     (r, count.load(Ordering::SeqCst))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn main() {
@@ -111,16 +106,16 @@ fn main() {
         warm(img);
         let qsock = dir.join("qsd.sock");
         let q = start_qsd(img, format, &qsock).map(|s| run_blkio(&qsock, s.child.id(), size, LOAD, secs)).unwrap_or_default();
-        let (off_m, on_m) = (median(off), median(on));
+        let (off_m, on_m) = (median(&mut off), median(&mut on));
         let cost = if off_m > 0.0 { (off_m - on_m) / off_m * 100.0 } else { 0.0 };
         let vs = if q.iops > 0.0 { format!("{:.2}x", on_m / q.iops) } else { "n/a".into() };
         println!(
             "{:<8} | {:>10.0} {:>8.1} | {:>10.0} {:>8.1} {:>8} | {:>7.2}% | {:>10.0} | {:>8}",
             name,
             off_m,
-            median(off_p99),
+            median(&mut off_p99),
             on_m,
-            median(on_p99),
+            median(&mut on_p99),
             scrapes,
             cost,
             q.iops,

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{
-    env_u64, peak_rss_mib, prefill, run_blkio, run_blkio_queues, start_qsd_queues, start_thinblk, warm, Result, Workload,
+    env_u64, median, peak_rss_mib, prefill, run_blkio, run_blkio_queues, start_qsd_queues, start_thinblk, warm, Result, Workload,
 };
 
 const WORKLOADS: [Workload; 5] = [
@@ -142,19 +142,20 @@ fn main() {
         let nq = queues.to_string();
         let (mut ts, mut qs, mut fs) = (Vec::new(), Vec::new(), Vec::new());
         // Each round runs the three in turn, so drift between them spreads over all three.
-        for _ in 0..rounds {
+        // Before each server: a fresh image where the row asks for one, and a warm cache.
+        let ready = || {
             if recreate {
                 fresh(img);
             }
             warm(img);
+        };
+        for _ in 0..rounds {
+            ready();
             ts.push({
                 let s = start_thinblk(img, format, &sock, &["--num-queues", &nq]);
                 run_blkio_queues_or_one(&sock, s.child.id(), size, w, secs, queues)
             });
-            if recreate {
-                fresh(img);
-            }
-            warm(img);
+            ready();
             let qsock = dir.join("qsd.sock");
             qs.extend(start_qsd_queues(img, format, &qsock, queues).map(|s| run_blkio_queues_or_one(&qsock, s.child.id(), size, w, secs, queues)));
             warm(img);
@@ -162,7 +163,7 @@ fn main() {
                 fs.extend(run_fio(img, w, secs));
             }
         }
-        let (t, qv, fv) = (median(&ts), median(&qs), median(&fs));
+        let (t, qv, fv) = (median_of(&ts), median_of(&qs), median_of(&fs));
         let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}x", a / b) } else { "n/a".into() };
         // Server CPU per IO, thinblk's over qemu-storage-daemon's.
         let per_io = |r: &Result| if r.iops > 0.0 { r.cpu_pct / r.iops } else { 0.0 };
@@ -182,16 +183,8 @@ fn main() {
 
 /// Each figure's median over `runs` (taken separately: the median IOPS and the median p50
 /// may come from different runs); all zero if there is none.
-fn median(runs: &[Result]) -> Result {
-    let mid = |f: fn(&Result) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        match v.len() {
-            0 => 0.0,
-            n if n % 2 == 1 => v[n / 2],
-            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        }
-    };
+fn median_of(runs: &[Result]) -> Result {
+    let mid = |f: fn(&Result) -> f64| median(&mut runs.iter().map(f).collect::<Vec<f64>>());
     Result { iops: mid(|r| r.iops), p50_us: mid(|r| r.p50_us), p99_us: mid(|r| r.p99_us), cpu_pct: mid(|r| r.cpu_pct) }
 }
 
