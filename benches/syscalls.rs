@@ -1,9 +1,10 @@
 //! What a queue thread's per-wake-up system calls cost on this machine, each alone in a
-//! tight loop: the ceiling of what moving them into the worker's ring could save
+//! tight loop: an estimate of what moving them into the worker's ring could save
 //! (docs/benchmarks.md, "Fifth look").
 //!
 //! The loops run on a thread under the daemon's default filters (`--seccomp on`: the process
-//! filter, then the queue thread's), through the daemon's own code where it has one:
+//! filter, the protocol thread's, which the queue threads it starts inherit, then the queue
+//! thread's own), through the daemon's own code where it has one:
 //! - the kick: a wake-up the kick eventfd caused costs an `epoll_wait(0)` on the thread's
 //!   event set (which event fired; `vmm_sys_util`'s `Epoll`, the kick edge-triggered, as in
 //!   `queue_thread.rs`) and `read_nowait` (vring.rs) to drain the counter;
@@ -13,9 +14,10 @@
 //!   submission, timed here as 9 NOPs per `io_uring_enter` against 8 on a ring with the
 //!   worker's setup flags (a message entry does more than a NOP: it posts to another ring).
 //!
-//! `cargo bench --bench syscalls` (env: THINBLK_BENCH_ROUNDS, default 5: each figure is the
-//! median of the rounds). Multiply by the calls per IO `perf stat` counts on a queue thread to
-//! get the CPU per IO at stake.
+//! These are warm-loop figures: in the daemon the calls follow a sleep and a kick written on
+//! another CPU, so each may cost more there. `cargo bench --bench syscalls` (env:
+//! THINBLK_BENCH_ROUNDS, default 5: each figure is the median of the rounds). Multiply by the
+//! calls per IO `perf stat` counts on a queue thread to estimate the CPU per IO at stake.
 
 mod common;
 
@@ -25,7 +27,7 @@ use std::time::Instant;
 
 use common::{env_u64, median};
 use io_uring::{opcode, IoUring};
-use thinblk_vhost::seccomp::{apply, process_filter, queue_filter, SeccompMode};
+use thinblk_vhost::seccomp::{apply, process_filter, protocol_filter, queue_filter, SeccompMode};
 use thinblk_vhost::vring::{read_nowait, CallNotifier};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -120,9 +122,10 @@ fn main() {
     let mut worker: IoUring =
         IoUring::builder().setup_coop_taskrun().setup_taskrun_flag().setup_submit_all().build(64).expect("worker ring");
     let process = process_filter(SeccompMode::On).expect("process filter");
+    let protocol = protocol_filter(SeccompMode::On).expect("protocol filter");
     let queue = queue_filter(SeccompMode::On).expect("queue filter");
     let runs = std::thread::spawn(move || {
-        for f in process.iter().chain(queue.iter()) {
+        for f in process.iter().chain(protocol.iter()).chain(queue.iter()) {
             apply(f).expect("seccomp filter installed");
         }
         let mut runs = Vec::with_capacity(rounds);
