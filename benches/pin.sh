@@ -17,6 +17,7 @@ case "${PIN_THINBLK:-}" in
     prev=""
     for a in "$@"; do
       [ "$prev" = --num-queues ] && queues=$a
+      case "$a" in --num-queues=*) queues=${a#*=} ;; esac
       prev=$a
     done
     # Looks every 20 ms for 5 s at most (a sleep is the only process a look starts); stops once
@@ -39,6 +40,7 @@ case "${PIN_THINBLK:-}" in
         [ "$n" -ge "$queues" ] && exit 0
         sleep 0.02
       done
+      echo "pin.sh: pinned $n of $queues queue threads in 5 s; the rest run unpinned" >&2
     ) &
     exec "$bin" "$@"
     ;;
