@@ -22,7 +22,7 @@
 mod common;
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::time::Instant;
 
 use common::{env_u64, median};
@@ -30,6 +30,7 @@ use io_uring::{opcode, IoUring};
 use thinblk_vhost::seccomp::{apply, process_filter, protocol_filter, queue_filter, SeccompMode};
 use thinblk_vhost::vring::{read_nowait, CallNotifier};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Calls per timed loop (a tenth as many run first, untimed).
 const CALLS: u32 = 200_000;
@@ -45,21 +46,13 @@ const FIGURES: [&str; 7] = [
     "=> one more entry in a submission",
 ];
 
-/// A non-blocking eventfd, as a frontend passes it.
-fn eventfd() -> File {
-    // SAFETY: eventfd takes no pointer; a negative result is checked before use.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
-    assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is a new descriptor that nothing else owns.
-    File::from(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Adds 1 to an eventfd's counter (what a frontend's kick does).
-fn kick(f: &File) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live local to an open eventfd.
-    let r = unsafe { libc::write(f.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-    assert_eq!(r, 8, "eventfd write: {}", std::io::Error::last_os_error());
+/// A non-blocking eventfd: the frontend's end, which kicks, and the daemon's own descriptor
+/// of it, as the daemon receives it over the socket.
+fn eventfd() -> (EventFd, File) {
+    let frontend = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    let ours = frontend.try_clone().expect("eventfd dup");
+    // SAFETY: `into_raw_fd` hands over a new descriptor that nothing else owns.
+    (frontend, unsafe { File::from_raw_fd(ours.into_raw_fd()) })
 }
 
 /// Nanoseconds per call of `f`.
@@ -87,16 +80,17 @@ fn nops(ring: &mut IoUring, n: usize) -> f64 {
 }
 
 /// One round of every figure, in the order of [`FIGURES`].
-fn round(epoll: &Epoll, k: &File, notifier: &CallNotifier, worker: &mut IoUring) -> [f64; 7] {
+fn round(epoll: &Epoll, (frontend, k): &(EventFd, File), notifier: &CallNotifier, worker: &mut IoUring) -> [f64; 7] {
     let mut events = [EpollEvent::default(); 8];
     // In this loop the kick stays on the epoll ready list (nothing takes it off), so a kick
     // here costs a little less than one that follows a harvest: what the subtraction leaves
     // to the handling is, if anything, too much.
-    let alone = per_call(|| kick(k));
+    let kick = || frontend.write(1).expect("kick");
+    let alone = per_call(kick);
     let _ = read_nowait(k);
     let _ = epoll.wait(0, &mut events);
     let handled = per_call(|| {
-        kick(k);
+        kick();
         assert_eq!(epoll.wait(0, &mut events).expect("epoll_wait"), 1, "the kick is ready");
         assert_eq!(read_nowait(k).expect("read_nowait"), Some(1), "one kick drained");
     });
@@ -114,11 +108,11 @@ fn main() {
     // Set up as the daemon does before a queue thread starts: its event set with the kick
     // in it, the notifier ring, the worker ring with its setup flags.
     let epoll = Epoll::new().expect("epoll");
-    let k = eventfd();
+    let kick = eventfd();
     epoll
-        .ctl(ControlOperation::Add, k.as_raw_fd(), EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, 0))
+        .ctl(ControlOperation::Add, kick.1.as_raw_fd(), EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, 0))
         .expect("epoll_ctl");
-    let notifier = CallNotifier::new(eventfd()).expect("notifier ring");
+    let notifier = CallNotifier::new(eventfd().1).expect("notifier ring");
     let mut worker: IoUring =
         IoUring::builder().setup_coop_taskrun().setup_taskrun_flag().setup_submit_all().build(64).expect("worker ring");
     let process = process_filter(SeccompMode::On).expect("process filter");
@@ -130,7 +124,7 @@ fn main() {
         }
         let mut runs = Vec::with_capacity(rounds);
         for _ in 0..rounds {
-            runs.push(round(&epoll, &k, &notifier, &mut worker));
+            runs.push(round(&epoll, &kick, &notifier, &mut worker));
         }
         runs
     })
