@@ -221,6 +221,15 @@ const FULL_LIMIT: Duration = Duration::from_secs(120);
 /// How long a ready job sleeps when the guest changed nothing.
 const READY_IDLE: Duration = Duration::from_millis(20);
 
+/// After `job-complete`, an active commit pivots once what is left to copy is at most this:
+/// the pivot copies it with the guest's writes held, so this bounds the pause. Waiting for
+/// nothing left at all may wait for ever under a guest that keeps writing.
+const PIVOT_BACKLOG: u64 = 2 * STEP_BYTES;
+/// How long `job-complete` waits for the backlog to fall to [`PIVOT_BACKLOG`]; after that the
+/// pivot copies whatever is left with the writes held (a guest writing faster than the copy
+/// sees one longer pause instead of a merge that never ends).
+const PIVOT_PATIENCE: Duration = Duration::from_secs(5);
+
 fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtender>, hooks: &PivotHooks, stats: &JobStats) -> Outcome {
     job.set(Status::Running, None);
     if let Err(e) = mover.prepare() {
@@ -238,6 +247,7 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
     }
     let mut window = (Instant::now(), 0u64);
     let mut full_since: Option<Instant> = None;
+    let mut complete_seen: Option<Instant> = None;
     loop {
         if job.cancel.load(Ordering::SeqCst) {
             mover.abandon();
@@ -252,21 +262,32 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
                 job.current.store(mover.done(), Ordering::Relaxed);
                 job.total.store(mover.total(), Ordering::Relaxed);
                 throttle(job, &mut window, n);
-                if !more {
-                    if !mover.is_active() {
+                if !mover.is_active() {
+                    if !more {
                         break;
                     }
-                    // An active commit is ready once it caught up; it keeps copying what the
-                    // guest changes until the pivot.
-                    if job.status() == Status::Running {
-                        job.set(Status::Ready, None);
-                    }
-                    if job.complete.load(Ordering::SeqCst) {
+                    continue;
+                }
+                // An active commit is ready once it caught up; it keeps copying what the
+                // guest changes until the pivot.
+                if !more && job.status() == Status::Running {
+                    job.set(Status::Ready, None);
+                }
+                if job.status() == Status::Ready && job.complete.load(Ordering::SeqCst) {
+                    let seen = *complete_seen.get_or_insert_with(Instant::now);
+                    let backlog = mover.total().saturating_sub(mover.done());
+                    if pivot_now(more, backlog, seen.elapsed()) {
+                        if more {
+                            tracing::info!(job = %job.id, backlog, waited_ms = seen.elapsed().as_millis() as u64,
+                                "pivoting while the guest writes: the backlog is copied with its writes held");
+                        }
                         // The base's mailbox client lets go of the base's volume: after the
                         // pivot the thin control thread claims it as the top's.
                         drop(extender.take());
                         return pivot(job, mover.as_mut(), hooks);
                     }
+                }
+                if !more {
                     std::thread::sleep(READY_IDLE);
                 }
             }
@@ -313,6 +334,12 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
             Outcome::Failed(e.to_string())
         }
     }
+}
+
+/// Whether a ready active commit asked to complete pivots now: nothing left to copy, a
+/// backlog small enough to copy with the writes held, or patience run out.
+fn pivot_now(more: bool, backlog: u64, waited: Duration) -> bool {
+    !more || backlog <= PIVOT_BACKLOG || waited >= PIVOT_PATIENCE
 }
 
 /// The pivot of an active commit, with the guest's writes held around it.
@@ -391,5 +418,124 @@ fn throttle(job: &Job, window: &mut (Instant, u64), n: u64) {
     }
     if window.0.elapsed() > Duration::from_secs(1) {
         *window = (Instant::now(), 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// An active commit whose guest rewrites `refill` bytes during every step once it is
+    /// ready, so that `backlog` bytes are always left after a step: it never catches up.
+    struct Busy {
+        done: u64,
+        backlog: u64,
+        refill: u64,
+        ready: bool,
+        pivoted: Arc<AtomicBool>,
+    }
+
+    impl CommitJob for Busy {
+        fn total(&self) -> u64 {
+            self.done + self.backlog
+        }
+        fn done(&self) -> u64 {
+            self.done
+        }
+        fn step(&mut self, max: u64) -> Result<bool, ImageError> {
+            if !self.ready {
+                // The first pass: nothing left, the job turns ready.
+                self.ready = true;
+                return Ok(false);
+            }
+            self.backlog += self.refill;
+            let n = max.min(self.backlog);
+            self.done += n;
+            self.backlog -= n;
+            Ok(self.backlog > 0)
+        }
+        fn names(&self) -> (PathBuf, PathBuf) {
+            (PathBuf::from("top"), PathBuf::from("base"))
+        }
+        fn complete(&mut self) -> Result<(), ImageError> {
+            Err(ImageError::Refused("an active commit pivots".into()))
+        }
+        fn is_active(&self) -> bool {
+            true
+        }
+        fn pivot(&mut self, hold: &mut dyn FnMut() -> Result<(), String>, _limit: Option<u64>) -> Result<(), ImageError> {
+            hold().map_err(ImageError::Refused)?;
+            // What is left is copied with the writes held: no refill now.
+            self.done += self.backlog;
+            self.backlog = 0;
+            self.pivoted.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+        fn abandon(&mut self) {}
+        fn base_allocation(&self) -> u64 {
+            0
+        }
+        fn settle(&mut self) -> usize {
+            0
+        }
+        fn set_base_limit(&self, _limit: u64) {}
+    }
+
+    /// Runs a busy active commit to ready, asks it to complete, and returns how long the
+    /// pivot took to come and the job's final state.
+    fn complete_under_writes(backlog: u64) -> (Duration, Value, bool) {
+        let pivoted = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(AtomicU64::new(0));
+        let h = held.clone();
+        let hooks = PivotHooks {
+            hold: Box::new(move || {
+                h.fetch_add(1, Ordering::SeqCst);
+                Ok(true)
+            }),
+            release: Box::new(|| {}),
+            limit: Box::new(|| None),
+            after: Box::new(|| {}),
+        };
+        let mover = Busy { done: 0, backlog, refill: STEP_BYTES, ready: false, pivoted: pivoted.clone() };
+        let job = start("busy".into(), Box::new(mover), 0, None, hooks, Arc::new(JobStats::default())).expect("job thread");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while job.status() != Status::Ready {
+            assert!(Instant::now() < deadline, "never ready: {}", job.json());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(job.complete(), "a ready active commit accepts job-complete");
+        let asked = Instant::now();
+        let deadline = asked + PIVOT_PATIENCE + Duration::from_secs(10);
+        while job.status() != Status::Concluded {
+            assert!(Instant::now() < deadline, "job-complete never pivoted under steady writes: {}", job.json());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(held.load(Ordering::SeqCst), 1, "the pivot held the writes once");
+        (asked.elapsed(), job.json(), pivoted.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn a_small_backlog_under_steady_writes_pivots_at_once() {
+        let (took, j, pivoted) = complete_under_writes(STEP_BYTES / 2);
+        assert!(pivoted, "{j}");
+        assert_eq!(j["outcome"], "completed", "{j}");
+        assert!(took < PIVOT_PATIENCE, "the small backlog did not wait for patience: {took:?}");
+    }
+
+    #[test]
+    fn a_backlog_that_never_shrinks_pivots_once_patience_runs_out() {
+        let (took, j, pivoted) = complete_under_writes(4 * STEP_BYTES);
+        assert!(pivoted, "{j}");
+        assert_eq!(j["outcome"], "completed", "{j}");
+        assert!(took >= PIVOT_PATIENCE, "waited for the backlog to shrink first: {took:?}");
+    }
+
+    #[test]
+    fn pivot_now_needs_a_caught_up_copy_a_small_backlog_or_patience_spent() {
+        assert!(pivot_now(false, 0, Duration::ZERO));
+        assert!(pivot_now(true, PIVOT_BACKLOG, Duration::ZERO));
+        assert!(!pivot_now(true, PIVOT_BACKLOG + 1, Duration::ZERO));
+        assert!(pivot_now(true, u64::MAX, PIVOT_PATIENCE));
     }
 }
