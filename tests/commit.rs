@@ -420,15 +420,16 @@ impl ThinRig {
         std::fs::read_to_string(self.dir.path("daemon.log")).unwrap_or_default()
     }
 
-    /// Waits until the daemon's thin control thread has no extension outstanding (each
-    /// request logged has its outcome logged).
+    /// Waits until the daemon's thin control thread has no extension outstanding (the last
+    /// request logged has an outcome logged after it; a re-sent request logs again).
     fn settle(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let log = self.log();
-            let asked = log.lines().filter(|l| l.contains("thin::control: extension requested")).count();
-            let answered = log.lines().filter(|l| l.contains("thin::control: extension ") && l.contains(" outcome=")).count();
-            if asked == answered {
+            let lines: Vec<&str> = log.lines().collect();
+            let asked = lines.iter().rposition(|l| l.contains("thin::control: extension requested"));
+            let answered = lines.iter().rposition(|l| l.contains("thin::control: extension ") && l.contains(" outcome="));
+            if asked.is_none() || answered > asked {
                 return;
             }
             assert!(Instant::now() < deadline, "an extension stays outstanding:\n{log}");

@@ -574,9 +574,8 @@ impl Control {
         let allocation = self.engine.allocation();
         let action = self.monitor.on_refreshed(now, physical, allocation);
         let grown = self.monitor.state() != DriveState::Exceeded;
-        if grown || reply_mib.is_some() {
+        if let Some(outcome) = outcome(grown, self.started.is_some(), reply_mib.is_some()) {
             let (t0, from) = self.started.unwrap_or((now, before));
-            let outcome = if grown { "extended" } else { "volume still too small" };
             tracing::info!(
                 allocation,
                 physical_before = from,
@@ -595,13 +594,15 @@ impl Control {
                 // An extension completes once, when its growth is first seen (`started` is set
                 // from its request until then): a tick that re-reads the grown volume before
                 // the reply is polled already counted it, and the reply then counts nothing.
-                if grown && self.started.is_some() {
+                if grown {
                     s.completed += 1;
                     s.observe_extension(now.duration_since(t0).as_secs_f64());
-                } else if !grown {
+                } else {
                     s.failed += 1;
                 }
             }
+        } else if grown && reply_mib.is_some() {
+            tracing::debug!(physical, reply_mib = ?reply_mib, "SPM replied for an extension whose growth a refresh already saw");
         }
         if grown {
             self.started = None;
@@ -610,6 +611,18 @@ impl Control {
         if physical > before || grown {
             self.hub.resume();
         }
+    }
+}
+
+/// The outcome a refresh logs and counts for an extension: "extended" the first time its
+/// growth is seen (`in_flight`: requested and not yet seen grown), "volume still too small"
+/// when the SPM replied and the volume did not grow enough; nothing when the growth was
+/// already seen (a tick re-read the volume before the reply was polled) or nothing was asked.
+fn outcome(grown: bool, in_flight: bool, replied: bool) -> Option<&'static str> {
+    match (grown, in_flight, replied) {
+        (true, true, _) => Some("extended"),
+        (false, _, true) => Some("volume still too small"),
+        _ => None,
     }
 }
 
@@ -788,6 +801,16 @@ mod tests {
         let s = c.stats().lock().unwrap().clone();
         assert_eq!((s.requests, s.completed, s.failed), (1, 1, 0), "one request, one extension");
         assert_eq!(s.duration_buckets.iter().sum::<u64>(), 1, "one duration observed");
+    }
+
+    #[test]
+    fn an_extension_is_reported_once_and_a_reply_after_its_growth_reports_nothing() {
+        assert_eq!(outcome(true, true, false), Some("extended"), "a tick sees the growth first");
+        assert_eq!(outcome(true, true, true), Some("extended"), "the reply comes first");
+        assert_eq!(outcome(true, false, true), None, "the reply after a tick saw the growth");
+        assert_eq!(outcome(true, false, false), None, "a refresh with nothing asked (an activation)");
+        assert_eq!(outcome(false, true, true), Some("volume still too small"));
+        assert_eq!(outcome(false, true, false), None, "a tick while the SPM is still at work");
     }
 
     #[test]
