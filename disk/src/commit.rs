@@ -53,6 +53,11 @@ pub trait CommitJob: Send {
     fn is_active(&self) -> bool {
         false
     }
+    /// Whether an active commit copied everything listed at its start (what is left is what
+    /// the guest rewrote since).
+    fn first_pass_done(&self) -> bool {
+        false
+    }
     /// Lists what is to be copied, if not done at the start (the job thread calls it first).
     fn prepare(&mut self) -> Result<(), ImageError> {
         Ok(())
@@ -748,6 +753,10 @@ impl CommitJob for ActiveCommit {
             return Ok(());
         }
         self.list()
+    }
+
+    fn first_pass_done(&self) -> bool {
+        self.listed && self.inner.ranges.is_empty()
     }
 
     fn step(&mut self, max: u64) -> Result<bool, ImageError> {

@@ -221,14 +221,15 @@ const FULL_LIMIT: Duration = Duration::from_secs(120);
 /// How long a ready job sleeps when the guest changed nothing.
 const READY_IDLE: Duration = Duration::from_millis(20);
 
-/// After `job-complete`, an active commit pivots once what is left to copy is at most this:
-/// the pivot copies it with the guest's writes held, so this bounds the pause. Waiting for
-/// nothing left at all may wait for ever under a guest that keeps writing.
+/// An active commit is ready, and pivots after `job-complete`, once what is left to copy is
+/// at most this: the pivot copies it with the guest's writes held, so this bounds the pause.
+/// Waiting for nothing left at all may wait for ever under a guest that keeps writing.
 const PIVOT_BACKLOG: u64 = 2 * STEP_BYTES;
-/// How long `job-complete` waits for the backlog to fall to [`PIVOT_BACKLOG`]; after that the
-/// pivot copies whatever is left with the writes held (a guest writing faster than the copy
-/// sees one longer pause instead of a merge that never ends).
-const PIVOT_PATIENCE: Duration = Duration::from_secs(5);
+/// How long an active commit whose first pass is done waits for the backlog to fall to
+/// [`PIVOT_BACKLOG`] before it turns ready anyway, and how long `job-complete` waits for it
+/// before the pivot copies whatever is left with the writes held: a guest writing faster than
+/// the copy sees one longer pause instead of a merge that never ends.
+const PIVOT_PATIENCE: Duration = if cfg!(test) { Duration::from_secs(1) } else { Duration::from_secs(5) };
 
 fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtender>, hooks: &PivotHooks, stats: &JobStats) -> Outcome {
     job.set(Status::Running, None);
@@ -247,6 +248,8 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
     }
     let mut window = (Instant::now(), 0u64);
     let mut full_since: Option<Instant> = None;
+    // When the first pass ended, and when `job-complete` was first seen.
+    let mut first_pass: Option<Instant> = None;
     let mut complete_seen: Option<Instant> = None;
     loop {
         if job.cancel.load(Ordering::SeqCst) {
@@ -268,15 +271,22 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
                     }
                     continue;
                 }
-                // An active commit is ready once it caught up; it keeps copying what the
-                // guest changes until the pivot.
-                if !more && job.status() == Status::Running {
+                // An active commit is ready once it (nearly) caught up; it keeps copying what
+                // the guest changes until the pivot.
+                let backlog = mover.total().saturating_sub(mover.done());
+                let caught_up = !more || backlog <= PIVOT_BACKLOG;
+                if mover.first_pass_done() {
+                    first_pass.get_or_insert_with(Instant::now);
+                }
+                if job.status() == Status::Running && ready_now(caught_up, first_pass.map(|t| t.elapsed())) {
+                    if !caught_up {
+                        tracing::info!(job = %job.id, backlog, "the guest rewrites faster than the copy: ready with a backlog, copied at the pivot with its writes held");
+                    }
                     job.set(Status::Ready, None);
                 }
                 if job.status() == Status::Ready && job.complete.load(Ordering::SeqCst) {
                     let seen = *complete_seen.get_or_insert_with(Instant::now);
-                    let backlog = mover.total().saturating_sub(mover.done());
-                    if pivot_now(more, backlog, seen.elapsed()) {
+                    if caught_up || seen.elapsed() >= PIVOT_PATIENCE {
                         if more {
                             tracing::info!(job = %job.id, backlog, waited_ms = seen.elapsed().as_millis() as u64,
                                 "pivoting while the guest writes: the backlog is copied with its writes held");
@@ -336,10 +346,10 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
     }
 }
 
-/// Whether a ready active commit asked to complete pivots now: nothing left to copy, a
-/// backlog small enough to copy with the writes held, or patience run out.
-fn pivot_now(more: bool, backlog: u64, waited: Duration) -> bool {
-    !more || backlog <= PIVOT_BACKLOG || waited >= PIVOT_PATIENCE
+/// Whether a running active commit turns ready: (nearly) caught up, or its first pass ended
+/// `since_first_pass` ago and patience ran out.
+fn ready_now(caught_up: bool, since_first_pass: Option<Duration>) -> bool {
+    caught_up || since_first_pass.is_some_and(|d| d >= PIVOT_PATIENCE)
 }
 
 /// The pivot of an active commit, with the guest's writes held around it.
@@ -445,9 +455,9 @@ mod tests {
         }
         fn step(&mut self, max: u64) -> Result<bool, ImageError> {
             if !self.ready {
-                // The first pass: nothing left, the job turns ready.
+                // The first pass ends with the backlog the guest left.
                 self.ready = true;
-                return Ok(false);
+                return Ok(self.backlog > 0);
             }
             self.backlog += self.refill;
             let n = max.min(self.backlog);
@@ -463,6 +473,9 @@ mod tests {
         }
         fn is_active(&self) -> bool {
             true
+        }
+        fn first_pass_done(&self) -> bool {
+            self.ready
         }
         fn pivot(&mut self, hold: &mut dyn FnMut() -> Result<(), String>, _limit: Option<u64>) -> Result<(), ImageError> {
             hold().map_err(ImageError::Refused)?;
@@ -482,9 +495,10 @@ mod tests {
         fn set_base_limit(&self, _limit: u64) {}
     }
 
-    /// Runs a busy active commit to ready, asks it to complete, and returns how long the
-    /// pivot took to come and the job's final state.
-    fn complete_under_writes(backlog: u64) -> (Duration, Value, bool) {
+    /// Runs a busy active commit to ready, asks it to complete, and returns how long it took
+    /// to turn ready, how long the pivot took to come, the job's final state and whether the
+    /// mover pivoted.
+    fn complete_under_writes(backlog: u64) -> (Duration, Duration, Value, bool) {
         let pivoted = Arc::new(AtomicBool::new(false));
         let held = Arc::new(AtomicU64::new(0));
         let h = held.clone();
@@ -498,12 +512,14 @@ mod tests {
             after: Box::new(|| {}),
         };
         let mover = Busy { done: 0, backlog, refill: STEP_BYTES, ready: false, pivoted: pivoted.clone() };
+        let started = Instant::now();
         let job = start("busy".into(), Box::new(mover), 0, None, hooks, Arc::new(JobStats::default())).expect("job thread");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = started + PIVOT_PATIENCE + Duration::from_secs(10);
         while job.status() != Status::Ready {
-            assert!(Instant::now() < deadline, "never ready: {}", job.json());
+            assert!(Instant::now() < deadline, "never ready under steady writes: {}", job.json());
             std::thread::sleep(Duration::from_millis(5));
         }
+        let ready = started.elapsed();
         assert!(job.complete(), "a ready active commit accepts job-complete");
         let asked = Instant::now();
         let deadline = asked + PIVOT_PATIENCE + Duration::from_secs(10);
@@ -512,30 +528,32 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(held.load(Ordering::SeqCst), 1, "the pivot held the writes once");
-        (asked.elapsed(), job.json(), pivoted.load(Ordering::SeqCst))
+        (ready, asked.elapsed(), job.json(), pivoted.load(Ordering::SeqCst))
     }
 
     #[test]
-    fn a_small_backlog_under_steady_writes_pivots_at_once() {
-        let (took, j, pivoted) = complete_under_writes(STEP_BYTES / 2);
+    fn a_small_backlog_under_steady_writes_is_ready_and_pivots_at_once() {
+        let (ready, took, j, pivoted) = complete_under_writes(STEP_BYTES / 2);
         assert!(pivoted, "{j}");
         assert_eq!(j["outcome"], "completed", "{j}");
+        assert!(ready < PIVOT_PATIENCE, "ready without waiting for patience: {ready:?}");
         assert!(took < PIVOT_PATIENCE, "the small backlog did not wait for patience: {took:?}");
     }
 
     #[test]
-    fn a_backlog_that_never_shrinks_pivots_once_patience_runs_out() {
-        let (took, j, pivoted) = complete_under_writes(4 * STEP_BYTES);
+    fn a_backlog_that_never_shrinks_is_ready_and_pivots_once_patience_runs_out() {
+        let (ready, took, j, pivoted) = complete_under_writes(4 * STEP_BYTES);
         assert!(pivoted, "{j}");
         assert_eq!(j["outcome"], "completed", "{j}");
-        assert!(took >= PIVOT_PATIENCE, "waited for the backlog to shrink first: {took:?}");
+        assert!(ready >= PIVOT_PATIENCE, "ready before the backlog shrank or patience ran out: {ready:?}");
+        assert!(took >= PIVOT_PATIENCE, "pivoted before the backlog shrank or patience ran out: {took:?}");
     }
 
     #[test]
-    fn pivot_now_needs_a_caught_up_copy_a_small_backlog_or_patience_spent() {
-        assert!(pivot_now(false, 0, Duration::ZERO));
-        assert!(pivot_now(true, PIVOT_BACKLOG, Duration::ZERO));
-        assert!(!pivot_now(true, PIVOT_BACKLOG + 1, Duration::ZERO));
-        assert!(pivot_now(true, u64::MAX, PIVOT_PATIENCE));
+    fn ready_needs_a_caught_up_copy_or_patience_after_the_first_pass() {
+        assert!(ready_now(true, None));
+        assert!(!ready_now(false, None), "still on the first pass");
+        assert!(!ready_now(false, Some(PIVOT_PATIENCE / 2)));
+        assert!(ready_now(false, Some(PIVOT_PATIENCE)));
     }
 }
