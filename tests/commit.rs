@@ -420,17 +420,20 @@ impl ThinRig {
         std::fs::read_to_string(self.dir.path("daemon.log")).unwrap_or_default()
     }
 
-    /// Waits until the daemon's thin control thread has no extension outstanding (the last
-    /// request logged has an outcome logged after it; a re-sent request logs again).
-    fn settle(&self) {
+    /// Waits until the daemon's thin control thread logged at least `requests` extension
+    /// requests (it logs them after the allocator's signal, not with the write) and has none
+    /// outstanding (the last request logged has an outcome logged after it; a re-sent request
+    /// logs again). Returns how many requests it logged.
+    fn settle(&self, requests: usize) -> usize {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let log = self.log();
             let lines: Vec<&str> = log.lines().collect();
             let asked = lines.iter().rposition(|l| l.contains("thin::control: extension requested"));
             let answered = lines.iter().rposition(|l| l.contains("thin::control: extension ") && l.contains(" outcome="));
-            if asked.is_none() || answered > asked {
-                return;
+            let count = lines.iter().filter(|l| l.contains("thin::control: extension requested")).count();
+            if count >= requests && (asked.is_none() || answered > asked) {
+                return count;
             }
             assert!(Instant::now() < deadline, "an extension stays outstanding:\n{log}");
             std::thread::sleep(Duration::from_millis(50));
@@ -464,6 +467,8 @@ struct Scenario {
     utilization: u64,
     /// The MiBs the second layer receives.
     second: std::ops::Range<u64>,
+    /// Whether the base's 40 MiB pass its threshold while it is the top.
+    base_extends_as_top: bool,
 }
 
 /// What one merge on thin volumes showed.
@@ -505,7 +510,7 @@ fn merge_on_thin_volumes(sc: Scenario) -> ThinMerge {
         put(&mut c, &mut model, i, 1);
     }
     assert_eq!(c.flush(0), 0);
-    rig.settle();
+    let asked = rig.settle(usize::from(sc.base_extends_as_top));
     let base_as_top = file_len(&rig.file(VOL1));
 
     let r = ctl(&ctl_sock, "snapshot", json!({"overlay": s(&lv2), "volume-uuid": VOL2}));
@@ -514,7 +519,7 @@ fn merge_on_thin_volumes(sc: Scenario) -> ThinMerge {
         put(&mut c, &mut model, i, 2);
     }
     assert_eq!(c.flush(0), 0);
-    rig.settle();
+    rig.settle(asked + 1);
     assert!(file_len(&rig.file(VOL2)) > 64 * MIB, "the second layer's volume grew: {}", file_len(&rig.file(VOL2)));
     let r = ctl(&ctl_sock, "snapshot", json!({"overlay": s(&lv3), "volume-uuid": VOL3}));
     assert_eq!(r["thin-followed"], true, "{r}");
@@ -605,7 +610,7 @@ fn merge_on_thin_volumes(sc: Scenario) -> ThinMerge {
 fn an_internal_commit_on_thin_volumes_grows_the_base_through_the_mailbox() {
     // The base grows once while it is the top (its claim on the host stays with the daemon's
     // mailbox client), and again through the job for 90 MiB of the second layer's.
-    let m = merge_on_thin_volumes(Scenario { name: "commit-thin", spm_delay_ms: 0, utilization: 50, second: 30..120 });
+    let m = merge_on_thin_volumes(Scenario { name: "commit-thin", spm_delay_ms: 0, utilization: 50, second: 30..120, base_extends_as_top: true });
     eprintln!(
         "COMMIT-THIN-REPORT base_mib={}->{}->{} extend_ms={} job_ms={}",
         m.base_as_top / MIB,
@@ -624,7 +629,7 @@ fn an_internal_commit_on_thin_volumes_waits_for_a_slow_spm() {
     const DELAY_MS: u64 = 1500;
     // The base stays at 64 MiB while it is the top; the second layer's 80 MiB (20 over the
     // base's) need a second chunk, which the slow SPM gives 1.5 s later.
-    let m = merge_on_thin_volumes(Scenario { name: "commit-thin-slow", spm_delay_ms: DELAY_MS, utilization: 80, second: 20..100 });
+    let m = merge_on_thin_volumes(Scenario { name: "commit-thin-slow", spm_delay_ms: DELAY_MS, utilization: 80, second: 20..100, base_extends_as_top: false });
     eprintln!(
         "COMMIT-THIN-SLOW-REPORT base_mib={}->{}->{} extend_ms={} job_ms={} polls_while_waiting={}",
         m.base_as_top / MIB,

@@ -41,6 +41,20 @@ fn rig(name: &str, policy: &[&str]) -> Rig {
     Rig { daemon, mount, control, metrics, _dir: dir }
 }
 
+/// Waits (at most 10 s) until `n` requests are parked: the writer thread has connected and its
+/// request reached the failing storage, however long that took.
+fn wait_parked(control: &std::path::Path, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let parked = ctl(control, "query-parked", json!({}))["count"].as_u64().unwrap_or(0);
+        if parked >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{parked} requests parked, waiting for {n}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| seed.wrapping_add((i / 512) as u8)).collect()
 }
@@ -115,7 +129,8 @@ fn report_fails_at_once_and_policies_are_per_direction() {
         let mut c = Client::connect(&socket, 1).unwrap();
         c.read(0, 0, 4096)
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_parked(&r.control, 1);
+    std::thread::sleep(Duration::from_millis(500));
     assert!(!reader.is_finished(), "the read was not parked");
     assert_eq!(ctl(&r.control, "query-parked", json!({}))["count"], 1);
     r.mount.faults.clear();
@@ -131,7 +146,7 @@ fn stop_parks_until_cont() {
         let mut c = Client::connect(&socket, 1).unwrap();
         c.try_write(0, 0, &pattern(7, 8192), Duration::from_secs(30))
     });
-    std::thread::sleep(Duration::from_millis(800));
+    wait_parked(&r.control, 1);
     r.mount.faults.clear();
     // Healthy storage, but `stop` waits for the operator.
     std::thread::sleep(Duration::from_millis(1500));
@@ -201,7 +216,7 @@ fn sigterm_retries_parked_io_for_the_grace_period_then_reports_it() {
         let mut c = Client::connect(&socket, 1).unwrap();
         c.try_write(0, 0, &pattern(4, 4096), Duration::from_secs(40))
     });
-    std::thread::sleep(Duration::from_millis(800));
+    wait_parked(&r.control, 1);
     assert_eq!(ctl(&r.control, "query-parked", json!({}))["count"], 1);
     let t0 = Instant::now();
     r.daemon.signal(libc::SIGTERM);
@@ -314,7 +329,8 @@ fn parked_gauges_follow_an_outage() {
         let mut c = Client::connect(&socket, 2).unwrap();
         c.try_write(1, MIB, &pattern(4, 64 * 1024), Duration::from_secs(30))
     });
-    std::thread::sleep(Duration::from_millis(2000));
+    wait_parked(&r.control, 1);
+    std::thread::sleep(Duration::from_millis(1500));
     let during = scrape(&r.metrics);
     assert_eq!(during.sum("thinblk_parked_requests", &disk), 1.0, "the write is parked");
     assert!(during.one("thinblk_parked_oldest_seconds", &disk) >= 1.0, "parked since the outage began");

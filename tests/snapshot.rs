@@ -48,6 +48,23 @@ fn writer(socket: PathBuf, stop: Arc<AtomicBool>, log: Arc<Mutex<Vec<Done>>>) ->
     })
 }
 
+/// Waits until the writer answered `n` writes issued after `since` (at most 20 s; the writer
+/// has 16 384 distinct blocks, far more than the test needs).
+fn wait_writes(log: &Mutex<Vec<Done>>, since: Instant, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (count, total) = {
+            let l = log.lock().expect("log");
+            (l.iter().filter(|d| d.issued > since).count(), l.len())
+        };
+        if count >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the writer answered {count} writes (of {total}) since the last point");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Reads the whole disk of `image` (its chain) as qemu-img sees it.
 fn read_all(image: &Path, dir: &TestDir, name: &str) -> Vec<u8> {
     let raw = dir.path(name);
@@ -90,8 +107,11 @@ fn snapshots_are_points_in_time_under_a_writing_frontend_and_qemu_img_reads_the_
     let w = writer(sock.clone(), stop.clone(), log.clone());
     let mut points = Vec::new();
     let mut pauses = Vec::new();
+    // Each snapshot, and the stop, come once 50 writes were issued since the last snapshot's
+    // answer: writes on both sides of every point, however fast or slow the writer.
+    let mut since = Instant::now();
     for k in 1..names.len() {
-        std::thread::sleep(Duration::from_millis(300));
+        wait_writes(&log, since, 50);
         let (over, parent) = (img(names[k]), names[k - 1]);
         qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", parent, "-F", "qcow2", s(&over), &DISK.to_string()]);
         if k == 2 {
@@ -110,8 +130,9 @@ fn snapshots_are_points_in_time_under_a_writing_frontend_and_qemu_img_reads_the_
         assert_eq!(r["chain"].as_array().map(|a| a.len()), Some(k + 1), "{r}");
         pauses.push(r["pause-us"].as_u64().expect("pause"));
         points.push((sent, answered));
+        since = answered;
     }
-    std::thread::sleep(Duration::from_millis(300));
+    wait_writes(&log, since, 50);
     stop.store(true, Ordering::SeqCst);
     w.join().expect("writer: no write may fail");
     let status = ctl(&ctl_sock, "query-status", json!({}));
