@@ -17,7 +17,7 @@ use super::extend::BaseExtender;
 pub enum Status {
     /// Copying.
     Running,
-    /// An active commit that copied everything: it mirrors the guest's writes until
+    /// An active commit that (nearly) caught up: it mirrors the guest's writes until
     /// `job-complete` (the pivot) or `job-cancel`.
     Ready,
     /// Finishing (the chain is being changed).
@@ -226,10 +226,16 @@ const READY_IDLE: Duration = Duration::from_millis(20);
 /// Waiting for nothing left at all may wait for ever under a guest that keeps writing.
 const PIVOT_BACKLOG: u64 = 2 * STEP_BYTES;
 /// How long an active commit whose first pass is done waits for the backlog to fall to
-/// [`PIVOT_BACKLOG`] before it turns ready anyway, and how long `job-complete` waits for it
-/// before the pivot copies whatever is left with the writes held: a guest writing faster than
-/// the copy sees one longer pause instead of a merge that never ends.
+/// [`PIVOT_BACKLOG`] before it turns ready with a larger one, and how long `job-complete`
+/// waits for it before the pivot copies a larger one with the writes held: a guest writing
+/// faster than the copy sees one longer pause instead of a merge that never ends.
 const PIVOT_PATIENCE: Duration = if cfg!(test) { Duration::from_secs(1) } else { Duration::from_secs(5) };
+/// The largest backlog ever copied with the guest's writes held (the longest pause): above it
+/// the job stays `running`, or `ready` after `job-complete`, and says so every
+/// [`BACKLOG_WARNING`].
+const PIVOT_MAX_BACKLOG: u64 = 64 << 20;
+/// How often a job whose backlog stays above [`PIVOT_MAX_BACKLOG`] says so.
+const BACKLOG_WARNING: Duration = Duration::from_secs(10);
 
 fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtender>, hooks: &PivotHooks, stats: &JobStats) -> Outcome {
     job.set(Status::Running, None);
@@ -248,9 +254,11 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
     }
     let mut window = (Instant::now(), 0u64);
     let mut full_since: Option<Instant> = None;
-    // When the first pass ended, and when `job-complete` was first seen.
+    // When the first pass ended, when `job-complete` was first seen, when a backlog too large
+    // to pivot on was last reported.
     let mut first_pass: Option<Instant> = None;
     let mut complete_seen: Option<Instant> = None;
+    let mut warned: Option<Instant> = None;
     loop {
         if job.cancel.load(Ordering::SeqCst) {
             mover.abandon();
@@ -278,24 +286,44 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
                 if mover.first_pass_done() {
                     first_pass.get_or_insert_with(Instant::now);
                 }
-                if job.status() == Status::Running && ready_now(caught_up, first_pass.map(|t| t.elapsed())) {
+                let since_first_pass = first_pass.map(|t| t.elapsed());
+                if job.status() == Status::Running && settled(caught_up, since_first_pass, backlog) {
                     if !caught_up {
                         tracing::info!(job = %job.id, backlog, "the guest rewrites faster than the copy: ready with a backlog, copied at the pivot with its writes held");
                     }
                     job.set(Status::Ready, None);
                 }
-                if job.status() == Status::Ready && job.complete.load(Ordering::SeqCst) {
-                    let seen = *complete_seen.get_or_insert_with(Instant::now);
-                    if caught_up || seen.elapsed() >= PIVOT_PATIENCE {
-                        if more {
-                            tracing::info!(job = %job.id, backlog, waited_ms = seen.elapsed().as_millis() as u64,
-                                "pivoting while the guest writes: the backlog is copied with its writes held");
+                let complete = job.status() == Status::Ready && job.complete.load(Ordering::SeqCst);
+                let waited = complete.then(|| complete_seen.get_or_insert_with(Instant::now).elapsed());
+                if complete && settled(caught_up, waited, backlog) {
+                    if let Some(x) = extender.as_mut().filter(|_| backlog > 0) {
+                        // The backlog may land on clusters the base does not have yet: room
+                        // for it is asked for now, not found missing with the writes held.
+                        let asked = Instant::now();
+                        if let Err(e) = x.ensure(mover.as_ref(), backlog + STEP_BYTES, FULL_LIMIT, &job.cancel) {
+                            tracing::warn!(job = %job.id, error = %e, backlog, "extending the base before the pivot failed; the pivot waits");
+                            std::thread::sleep(FULL_RETRY);
+                            continue;
                         }
-                        // The base's mailbox client lets go of the base's volume: after the
-                        // pivot the thin control thread claims it as the top's.
-                        drop(extender.take());
-                        return pivot(job, mover.as_mut(), hooks);
+                        if asked.elapsed() > READY_IDLE {
+                            // The SPM took its time: the backlog is looked at again first.
+                            continue;
+                        }
                     }
+                    if more {
+                        tracing::info!(job = %job.id, backlog, waited_ms = waited.map_or(0, |w| w.as_millis() as u64),
+                            "pivoting while the guest writes: the backlog is copied with its writes held");
+                    }
+                    // The base's mailbox client lets go of the base's volume: after the
+                    // pivot the thin control thread claims it as the top's.
+                    drop(extender.take());
+                    return pivot(job, mover.as_mut(), hooks);
+                }
+                let waiting = waited.or(since_first_pass.filter(|_| job.status() == Status::Running));
+                if backlog > PIVOT_MAX_BACKLOG && waiting.is_some_and(|w| w >= PIVOT_PATIENCE) && warned.is_none_or(|t| t.elapsed() >= BACKLOG_WARNING) {
+                    warned = Some(Instant::now());
+                    tracing::warn!(job = %job.id, backlog, max = PIVOT_MAX_BACKLOG, status = job.status().name(),
+                        "the guest rewrites faster than the copy: the job waits for the backlog to fall (a speed limit below the guest's write rate keeps it this way)");
                 }
                 if !more {
                     std::thread::sleep(READY_IDLE);
@@ -346,10 +374,11 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
     }
 }
 
-/// Whether a running active commit turns ready: (nearly) caught up, or its first pass ended
-/// `since_first_pass` ago and patience ran out.
-fn ready_now(caught_up: bool, since_first_pass: Option<Duration>) -> bool {
-    caught_up || since_first_pass.is_some_and(|d| d >= PIVOT_PATIENCE)
+/// Whether an active commit turns ready (`waited`: since its first pass ended), or pivots
+/// after `job-complete` (`waited`: since it was asked): (nearly) caught up, or patience ran out
+/// with a backlog it may still copy with the writes held.
+fn settled(caught_up: bool, waited: Option<Duration>, backlog: u64) -> bool {
+    caught_up || (waited.is_some_and(|d| d >= PIVOT_PATIENCE) && backlog <= PIVOT_MAX_BACKLOG)
 }
 
 /// The pivot of an active commit, with the guest's writes held around it.
@@ -459,6 +488,8 @@ mod tests {
                 self.ready = true;
                 return Ok(self.backlog > 0);
             }
+            // A copy takes time (and the test leaves the other core to CI).
+            std::thread::sleep(Duration::from_micros(200));
             self.backlog += self.refill;
             let n = max.min(self.backlog);
             self.done += n;
@@ -550,10 +581,28 @@ mod tests {
     }
 
     #[test]
-    fn ready_needs_a_caught_up_copy_or_patience_after_the_first_pass() {
-        assert!(ready_now(true, None));
-        assert!(!ready_now(false, None), "still on the first pass");
-        assert!(!ready_now(false, Some(PIVOT_PATIENCE / 2)));
-        assert!(ready_now(false, Some(PIVOT_PATIENCE)));
+    fn a_backlog_too_large_for_one_pause_keeps_the_job_running_and_cancellable() {
+        let mover = Busy { done: 0, backlog: PIVOT_MAX_BACKLOG + STEP_BYTES, refill: STEP_BYTES, ready: false, pivoted: Arc::new(AtomicBool::new(false)) };
+        let hooks = PivotHooks { hold: Box::new(|| Ok(true)), release: Box::new(|| {}), limit: Box::new(|| None), after: Box::new(|| {}) };
+        let job = start("huge".into(), Box::new(mover), 0, None, hooks, Arc::new(JobStats::default())).expect("job thread");
+        std::thread::sleep(PIVOT_PATIENCE * 2);
+        assert_eq!(job.status(), Status::Running, "{}", job.json());
+        assert!(job.cancel());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while job.status() != Status::Concluded {
+            assert!(Instant::now() < deadline, "the cancel was not seen: {}", job.json());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(job.json()["outcome"], "cancelled");
+    }
+
+    #[test]
+    fn settled_needs_a_caught_up_copy_or_patience_and_a_bounded_backlog() {
+        assert!(settled(true, None, 0));
+        assert!(settled(true, None, PIVOT_BACKLOG));
+        assert!(!settled(false, None, PIVOT_BACKLOG + 1), "still on the first pass");
+        assert!(!settled(false, Some(PIVOT_PATIENCE / 2), PIVOT_BACKLOG + 1));
+        assert!(settled(false, Some(PIVOT_PATIENCE), PIVOT_MAX_BACKLOG));
+        assert!(!settled(false, Some(PIVOT_PATIENCE * 100), PIVOT_MAX_BACKLOG + 1), "never a pause longer than the largest backlog");
     }
 }

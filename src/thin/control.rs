@@ -376,8 +376,9 @@ impl Control {
     fn follow_owner(&mut self, now: Instant) -> bool {
         let active = self.engine.active();
         if active && !self.active {
-            tracing::info!(physical = self.volume.physical(), "image activated: the volume is refreshed and its extensions are ours");
+            let before = self.volume.physical();
             self.refresh(now, None);
+            tracing::info!(physical_before = before, physical = self.volume.physical(), "image activated: the volume is refreshed and its extensions are ours");
             self.tick(now);
         } else if !active && self.active {
             tracing::info!(outstanding = self.client.active(), queued = self.client.queued(),
