@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{sparse_file, Client, Daemon, Rng, TestDir};
+use common::{own_threads, sparse_file, Client, Daemon, Rng, TestDir};
 
 const MIB: u64 = 1 << 20;
 
@@ -146,12 +146,7 @@ fn one_daemon_serves_successive_connections() {
         assert_eq!(c.write(1, 0, &[0x11u8; 4096]), 0);
     }
     let fds = |d: &Daemon| std::fs::read_dir(format!("/proc/{}/fd", d.child.id())).map(|r| r.count()).unwrap_or(0);
-    // The daemon's own threads: io_uring's workers (`iou-wrk-*`) come and go with the kernel.
-    let threads = |d: &Daemon| {
-        std::fs::read_dir(format!("/proc/{}/task", d.child.id()))
-            .map(|r| r.filter_map(|t| t.ok()).filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| !c.starts_with("iou-wrk"))).count())
-            .unwrap_or(0)
-    };
+    let threads = |d: &Daemon| own_threads(d.child.id());
     let mut baseline = (0, 0);
     for round in 0..12u8 {
         let mut c = Client::connect(&sock, 1 + i32::from(round % 2)).expect("next connect");

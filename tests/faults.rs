@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::faultfs::FaultMount;
 use common::metrics::scrape;
-use common::{ctl, sparse_file, Client, Daemon, TestDir};
+use common::{ctl, sparse_file, wait_for, Client, Daemon, TestDir};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -44,15 +44,9 @@ fn rig(name: &str, policy: &[&str]) -> Rig {
 /// Waits (at most 10 s) until `n` requests are parked: the writer thread has connected and its
 /// request reached the failing storage, however long that took.
 fn wait_parked(control: &std::path::Path, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let parked = ctl(control, "query-parked", json!({}))["count"].as_u64().unwrap_or(0);
-        if parked >= n {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{parked} requests parked, waiting for {n}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&format!("{n} parked requests"), Duration::from_secs(10), || {
+        ctl(control, "query-parked", json!({}))["count"].as_u64().unwrap_or(0) >= n
+    });
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {

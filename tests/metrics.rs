@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::metrics::{assert_documented, documented, free_port, get, metric_names, parse, request, scrape, Samples};
-use common::{check_end_offset, stop_clean as stop, Client, Daemon, Rng, TestDir};
+use common::{check_end_offset, own_threads, stop_clean as stop, Client, Daemon, Rng, TestDir};
 
 const MIB: u64 = 1 << 20;
 const KIB: u64 = 1 << 10;
@@ -154,16 +154,6 @@ fn status_field(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
-/// The daemon's own threads: io_uring's worker threads (`iou-wrk-*`, which the kernel starts
-/// and ends with blocking IO such as a file-extending write) are not the daemon's.
-fn own_threads(pid: u32) -> u64 {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir");
-    tasks
-        .filter_map(|t| t.ok())
-        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| !c.starts_with("iou-wrk")))
-        .count() as u64
 }
 
 #[test]

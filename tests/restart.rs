@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::faultfs::FaultMount;
 use common::frontend::*;
 use common::frontend::region as region_body;
-use common::{sparse_file, stop_clean, Client, Daemon, TestDir};
+use common::{sparse_file, stop_clean, wait_for, Client, Daemon, TestDir};
 
 const MIB: u64 = 1 << 20;
 
@@ -37,14 +37,6 @@ struct Unhang(std::sync::Arc<common::faultfs::Faults>);
 impl Drop for Unhang {
     fn drop(&mut self) {
         self.0.clear();
-    }
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{ctl, ctl_reply, qemu_img, s, stop_clean, Client, Daemon, TestDir};
+use common::{ctl, ctl_reply, qemu_img, s, stop_clean, wait_for, Client, Daemon, TestDir};
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
@@ -51,18 +51,9 @@ fn writer(socket: PathBuf, stop: Arc<AtomicBool>, log: Arc<Mutex<Vec<Done>>>) ->
 /// Waits until the writer answered `n` writes issued after `since` (at most 20 s; the writer
 /// has 16 384 distinct blocks, far more than the test needs).
 fn wait_writes(log: &Mutex<Vec<Done>>, since: Instant, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (count, total) = {
-            let l = log.lock().expect("log");
-            (l.iter().filter(|d| d.issued > since).count(), l.len())
-        };
-        if count >= n {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the writer answered {count} writes (of {total}) since the last point");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(&format!("{n} writes since the last point"), Duration::from_secs(20), || {
+        log.lock().expect("log").iter().filter(|d| d.issued > since).count() >= n
+    });
 }
 
 /// Reads the whole disk of `image` (its chain) as qemu-img sees it.

@@ -439,3 +439,22 @@ pub fn log_time_ms(line: &str) -> Option<u64> {
     let days = era * 146_097 + doe - 719_468;
     Some(((days * 86_400 + hh * 3600 + mm * 60) as f64 * 1000.0 + ss * 1000.0) as u64)
 }
+
+/// Waits until `ok` holds, at most `limit` (then fails the test, naming `what`).
+pub fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The threads of process `pid` that are its own: io_uring's worker threads (`iou-wrk-*`),
+/// which the kernel starts and ends with blocking IO, are left out.
+pub fn own_threads(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| !c.starts_with("iou-wrk")))
+        .count() as u64
+}
