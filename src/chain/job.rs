@@ -254,11 +254,7 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
     }
     let mut window = (Instant::now(), 0u64);
     let mut full_since: Option<Instant> = None;
-    // When the first pass ended, when `job-complete` was first seen, when a backlog too large
-    // to pivot on was last reported.
-    let mut first_pass: Option<Instant> = None;
-    let mut complete_seen: Option<Instant> = None;
-    let mut warned: Option<Instant> = None;
+    let mut convergence = Convergence::default();
     loop {
         if job.cancel.load(Ordering::SeqCst) {
             mover.abandon();
@@ -282,20 +278,7 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
                 // An active commit is ready once it (nearly) caught up; it keeps copying what
                 // the guest changes until the pivot.
                 let backlog = mover.total().saturating_sub(mover.done());
-                let caught_up = !more || backlog <= PIVOT_BACKLOG;
-                if mover.first_pass_done() {
-                    first_pass.get_or_insert_with(Instant::now);
-                }
-                let since_first_pass = first_pass.map(|t| t.elapsed());
-                if job.status() == Status::Running && settled(caught_up, since_first_pass, backlog) {
-                    if !caught_up {
-                        tracing::info!(job = %job.id, backlog, "the guest rewrites faster than the copy: ready with a backlog, copied at the pivot with its writes held");
-                    }
-                    job.set(Status::Ready, None);
-                }
-                let complete = job.status() == Status::Ready && job.complete.load(Ordering::SeqCst);
-                let waited = complete.then(|| complete_seen.get_or_insert_with(Instant::now).elapsed());
-                if complete && settled(caught_up, waited, backlog) {
+                if convergence.pivot_due(job, backlog, mover.first_pass_done()) {
                     if let Some(x) = extender.as_mut().filter(|_| backlog > 0) {
                         // The backlog may land on clusters the base does not have yet: room
                         // for it is asked for now, not found missing with the writes held.
@@ -310,20 +293,14 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
                             continue;
                         }
                     }
-                    if more {
-                        tracing::info!(job = %job.id, backlog, waited_ms = waited.map_or(0, |w| w.as_millis() as u64),
+                    if backlog > 0 {
+                        tracing::info!(job = %job.id, backlog, waited_ms = convergence.complete_waited().as_millis() as u64,
                             "pivoting while the guest writes: the backlog is copied with its writes held");
                     }
                     // The base's mailbox client lets go of the base's volume: after the
                     // pivot the thin control thread claims it as the top's.
                     drop(extender.take());
                     return pivot(job, mover.as_mut(), hooks);
-                }
-                let waiting = waited.or(since_first_pass.filter(|_| job.status() == Status::Running));
-                if backlog > PIVOT_MAX_BACKLOG && waiting.is_some_and(|w| w >= PIVOT_PATIENCE) && warned.is_none_or(|t| t.elapsed() >= BACKLOG_WARNING) {
-                    warned = Some(Instant::now());
-                    tracing::warn!(job = %job.id, backlog, max = PIVOT_MAX_BACKLOG, status = job.status().name(),
-                        "the guest rewrites faster than the copy: the job waits for the backlog to fall (a speed limit below the guest's write rate keeps it this way)");
                 }
                 if !more {
                     std::thread::sleep(READY_IDLE);
@@ -376,9 +353,66 @@ fn run(job: &Job, mut mover: Box<dyn CommitJob>, mut extender: Option<BaseExtend
 
 /// Whether an active commit turns ready (`waited`: since its first pass ended), or pivots
 /// after `job-complete` (`waited`: since it was asked): (nearly) caught up, or patience ran out
-/// with a backlog it may still copy with the writes held.
-fn settled(caught_up: bool, waited: Option<Duration>, backlog: u64) -> bool {
-    caught_up || (waited.is_some_and(|d| d >= PIVOT_PATIENCE) && backlog <= PIVOT_MAX_BACKLOG)
+/// with a backlog it may still copy with the writes held. (A step that found nothing to copy
+/// leaves no backlog.)
+fn settled(backlog: u64, waited: Option<Duration>) -> bool {
+    backlog <= PIVOT_BACKLOG || (waited.is_some_and(|d| d >= PIVOT_PATIENCE) && backlog <= PIVOT_MAX_BACKLOG)
+}
+
+/// What an active commit waits for between its steps: to turn ready, then to pivot.
+#[derive(Default)]
+struct Convergence {
+    /// When the first pass ended.
+    first_pass: Option<Instant>,
+    /// When `job-complete` was first seen.
+    complete_seen: Option<Instant>,
+    /// When a backlog too large to pivot on was last reported.
+    warned: Option<Instant>,
+}
+
+impl Convergence {
+    /// After a step that left `backlog` to copy: turns the job ready when it is settled, and
+    /// says whether the pivot is due (`job-complete` asked and settled).
+    fn pivot_due(&mut self, job: &Job, backlog: u64, first_pass_done: bool) -> bool {
+        if first_pass_done {
+            self.first_pass.get_or_insert_with(Instant::now);
+        }
+        if job.status() == Status::Running {
+            let waited = self.first_pass.map(|t| t.elapsed());
+            if !settled(backlog, waited) {
+                self.warn(job, backlog, waited);
+                return false;
+            }
+            if backlog > PIVOT_BACKLOG {
+                tracing::info!(job = %job.id, backlog, "the guest rewrites faster than the copy: ready with a backlog, copied at the pivot with its writes held");
+            }
+            job.set(Status::Ready, None);
+        }
+        if job.status() != Status::Ready || !job.complete.load(Ordering::SeqCst) {
+            return false;
+        }
+        let waited = Some(self.complete_seen.get_or_insert_with(Instant::now).elapsed());
+        if settled(backlog, waited) {
+            return true;
+        }
+        self.warn(job, backlog, waited);
+        false
+    }
+
+    /// How long `job-complete` has waited for the pivot.
+    fn complete_waited(&self) -> Duration {
+        self.complete_seen.map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    /// Says, every [`BACKLOG_WARNING`], that patience ran out with a backlog too large for
+    /// one pause.
+    fn warn(&mut self, job: &Job, backlog: u64, waited: Option<Duration>) {
+        if backlog > PIVOT_MAX_BACKLOG && waited.is_some_and(|w| w >= PIVOT_PATIENCE) && self.warned.is_none_or(|t| t.elapsed() >= BACKLOG_WARNING) {
+            self.warned = Some(Instant::now());
+            tracing::warn!(job = %job.id, backlog, max = PIVOT_MAX_BACKLOG, status = job.status().name(),
+                "the guest rewrites faster than the copy: the job waits for the backlog to fall (a speed limit below the guest's write rate keeps it this way)");
+        }
+    }
 }
 
 /// The pivot of an active commit, with the guest's writes held around it.
@@ -598,11 +632,11 @@ mod tests {
 
     #[test]
     fn settled_needs_a_caught_up_copy_or_patience_and_a_bounded_backlog() {
-        assert!(settled(true, None, 0));
-        assert!(settled(true, None, PIVOT_BACKLOG));
-        assert!(!settled(false, None, PIVOT_BACKLOG + 1), "still on the first pass");
-        assert!(!settled(false, Some(PIVOT_PATIENCE / 2), PIVOT_BACKLOG + 1));
-        assert!(settled(false, Some(PIVOT_PATIENCE), PIVOT_MAX_BACKLOG));
-        assert!(!settled(false, Some(PIVOT_PATIENCE * 100), PIVOT_MAX_BACKLOG + 1), "never a pause longer than the largest backlog");
+        assert!(settled(0, None));
+        assert!(settled(PIVOT_BACKLOG, None));
+        assert!(!settled(PIVOT_BACKLOG + 1, None), "still on the first pass");
+        assert!(!settled(PIVOT_BACKLOG + 1, Some(PIVOT_PATIENCE / 2)));
+        assert!(settled(PIVOT_MAX_BACKLOG, Some(PIVOT_PATIENCE)));
+        assert!(!settled(PIVOT_MAX_BACKLOG + 1, Some(PIVOT_PATIENCE * 100)), "never a pause longer than the largest backlog");
     }
 }
