@@ -16,17 +16,23 @@ const GUEST_LIMIT: Duration = Duration::from_secs(420);
 
 /// Runs QEMU until it exits or the limit passes; returns the console log.
 fn run_guest(assets: &Path, socket: &Path, console: &Path, mode: &str) -> String {
-    run_guest_with(assets, socket, console, mode, "")
+    run_guest_with(assets, socket, console, mode, "", None)
 }
 
-/// [`run_guest`] with extra chardev options (e.g. `,reconnect-ms=1000`).
-fn run_guest_with(assets: &Path, socket: &Path, console: &Path, mode: &str, chardev: &str) -> String {
+/// [`run_guest`] with extra chardev options (e.g. `,reconnect-ms=1000`) and, if given, a
+/// second disk (QEMU's own virtio-blk, serial `restart-ctl`) the host writes `STOP` into.
+fn run_guest_with(assets: &Path, socket: &Path, console: &Path, mode: &str, chardev: &str, control: Option<&Path>) -> String {
     let initrd = assets.join(if mode == "faults" || mode == "restart" { "initramfs-fio.cpio.gz" } else { "initramfs.cpio.gz" });
     let mut qemu = qemu_tcg(assets, &initrd, &format!("console=ttyS0 panic=-1 loglevel=4 thinblk_test={mode}"), console);
     qemu.args(["-m", "512M", "-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-numa", "node,memdev=mem"])
         .arg("-chardev")
         .arg(format!("socket,id=blk0,path={}{chardev}", socket.display()))
         .args(["-device", "vhost-user-blk-pci,chardev=blk0,num-queues=2"]);
+    if let Some(c) = control {
+        qemu.arg("-drive")
+            .arg(format!("file={},format=raw,if=none,id=ctl0,readonly=on", c.display()))
+            .args(["-device", "virtio-blk-pci,drive=ctl0,serial=restart-ctl"]);
+    }
     run_to_end(qemu, console, GUEST_LIMIT)
 }
 
@@ -130,8 +136,9 @@ fn guest_fio_verifies_through_a_ten_second_write_outage_under_retry() {
 
 /// Once `start` shows on the console, SIGKILLs the daemon and starts it again (same socket,
 /// arguments and log) five times, `interval` apart, stopping early if `done` shows. Calls
-/// `event(None)` 300 ms after `start`, and `event(Some(i))` before kill `i`. Returns the
-/// last daemon and the wall-clock millisecond of each kill.
+/// `event(None)` 300 ms after `start`, and `event(Some(i))` before kill `i`. With `control`,
+/// writes `STOP` into that disk `interval` after the last restart (the guest's rounds end).
+/// Returns the last daemon and the wall-clock millisecond of each kill.
 #[allow(clippy::too_many_arguments)]
 fn kill_and_restart(
     first: Daemon,
@@ -142,8 +149,10 @@ fn kill_and_restart(
     start: &'static str,
     done: &'static str,
     interval: Duration,
+    control: Option<&Path>,
     event: impl Fn(Option<usize>) + Send + 'static,
 ) -> std::thread::JoinHandle<(Daemon, Vec<u64>)> {
+    let control = control.map(Path::to_path_buf);
     let (sock, args, log, watch) = (sock.to_path_buf(), args.to_vec(), log.to_path_buf(), console.to_path_buf());
     std::thread::spawn(move || {
         let mut d = first;
@@ -167,6 +176,15 @@ fn kill_and_restart(
             let a: Vec<&str> = args.iter().map(String::as_str).collect();
             d = Daemon::start_logging(&sock, &a, Some(&log));
         }
+        if let Some(c) = control {
+            // The last daemon serves for a while too, then the guest ends its round.
+            std::thread::sleep(interval);
+            use std::os::unix::fs::FileExt;
+            let written = std::fs::OpenOptions::new().write(true).open(&c).and_then(|f| f.write_all_at(b"STOP\n", 0));
+            if let Err(e) = written {
+                eprintln!("could not write STOP into {}: {e}", c.display());
+            }
+        }
         (d, kills)
     })
 }
@@ -181,8 +199,8 @@ fn restart_gaps(log: &Path, kills: &[u64]) -> Vec<u64> {
 }
 
 
-/// The daemon is SIGKILLed and started again five times while the guest runs a verifying fio
-/// (2 jobs) on ext4: QEMU reconnects (`reconnect-ms=1000`), the inflight region carries the
+/// The daemon is SIGKILLed and started again five times while the guest runs rounds of a
+/// verifying fio (2 jobs) on ext4, until the host tells it to stop: QEMU reconnects (`reconnect-ms=1000`), the inflight region carries the
 /// requests in flight over each restart, fio verifies, the guest logs no IO error and no hung
 /// task, e2fsck is clean; the image checks clean. Reports the time from each SIGKILL to the
 /// first request the new daemon serves.
@@ -228,7 +246,9 @@ fn guest_survives_restarts_with(name: &str, format: &str, outage: bool) {
     let faults = mount.as_ref().map(|m| m.faults.clone());
     let first = Daemon::start_logging(&sock, &args.iter().map(String::as_str).collect::<Vec<_>>(), Some(&log));
     let console = dir.path("console.log");
-    let killer = kill_and_restart(first, &sock, &args, &log, &console, "guest: fio started", "guest: fio done", Duration::from_millis(1500), move |i| {
+    let control = dir.path("control.raw");
+    sparse_file(&control, 1 << 20);
+    let killer = kill_and_restart(first, &sock, &args, &log, &console, "guest: fio started", "guest: fio done", Duration::from_millis(1500), Some(&control), move |i| {
         if let Some(f) = &faults {
             match i {
                 // Just after fio started, before the first kill.
@@ -238,9 +258,12 @@ fn guest_survives_restarts_with(name: &str, format: &str, outage: bool) {
             }
         }
     });
-    let out = run_guest_with(&assets, &sock, &console, "restart", ",reconnect-ms=1000");
+    let out = run_guest_with(&assets, &sock, &console, "restart", ",reconnect-ms=1000", Some(&control));
     let (mut daemon, kills) = killer.join().expect("killer");
     assert_pass(&out);
+    if let Some(line) = out.lines().find(|l| l.contains("guest: fio done")) {
+        eprintln!("{format}: {}", line.trim());
+    }
     assert_eq!(kills.len(), 5, "fio ended before five restarts ({} done)", kills.len());
     daemon.signal(libc::SIGTERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(20)), Some(0));
@@ -291,8 +314,8 @@ fn guest_writes_1gib_onto_a_thin_volume_across_five_daemon_kills() {
     let log = dir.path("daemon.log");
     let console = dir.path("console.log");
     let first = Daemon::start_logging(&sock, &args.iter().map(String::as_str).collect::<Vec<_>>(), Some(&log));
-    let killer = kill_and_restart(first, &sock, &args, &log, &console, "guest: bulk started", "guest: 1 GiB written", Duration::from_millis(4000), |_| {});
-    let out = run_guest_with(&assets(), &sock, &console, "bulk", ",reconnect-ms=1000");
+    let killer = kill_and_restart(first, &sock, &args, &log, &console, "guest: bulk started", "guest: 1 GiB written", Duration::from_millis(4000), None, |_| {});
+    let out = run_guest_with(&assets(), &sock, &console, "bulk", ",reconnect-ms=1000", None);
     let (mut daemon, kills) = killer.join().expect("killer");
     assert_pass(&out);
     assert_eq!(kills.len(), 5, "the guest finished before five restarts ({} done)", kills.len());
