@@ -103,12 +103,13 @@ impl Worker {
                 used = data_len.saturating_add(1);
             }
         }
-        let published = ring.add_used(head, used);
-        drop(ring);
-        // Counted once the guest can see it (a fenced request is not a completion).
+        // Counted before the guest can see it (a fenced request, above, is not a completion):
+        // a frontend that saw the used element, then scrapes, finds it counted.
         if let (Some(s), Some(t)) = (&self.stats, rec.started) {
             s.record(rec.op, t, rec.bytes, error_class(outcome));
         }
+        let published = ring.add_used(head, used);
+        drop(ring);
         if let Err(e) = published {
             tracing::error!(queue = self.queue, error = ?e, "could not add to the used ring");
         }
