@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::vm::{assert_pass, assets, qemu_tcg, run_to_end, tail};
+use common::vm::{assert_pass, assets, qemu_tcg, run_to_end, tail, VERDICT};
 use common::{log_time_ms, sparse_file, Daemon, LoopDev, TestDir};
 
 /// Upper bound for one guest run (boot + test + poweroff under TCG).
@@ -135,7 +135,8 @@ fn guest_fio_verifies_through_a_ten_second_write_outage_under_retry() {
 }
 
 /// Once `start` shows on the console, SIGKILLs the daemon and starts it again (same socket,
-/// arguments and log) five times, `interval` apart, stopping early if `done` shows. Calls
+/// arguments and log) five times, `interval` apart, stopping early if `done` or the guest's
+/// verdict shows. Calls
 /// `event(None)` 300 ms after `start`, and `event(Some(i))` before kill `i`. With `control`,
 /// writes `STOP` into that disk `interval` after the last restart (the guest's rounds end).
 /// Returns the last daemon and the wall-clock millisecond of each kill.
@@ -158,14 +159,18 @@ fn kill_and_restart(
         let mut d = first;
         let mut kills = Vec::new();
         let deadline = Instant::now() + GUEST_LIMIT;
-        while Instant::now() < deadline && !std::fs::read_to_string(&watch).unwrap_or_default().contains(start) {
+        let seen = |what: &str| {
+            let text = std::fs::read_to_string(&watch).unwrap_or_default();
+            text.contains(what) || text.contains(VERDICT)
+        };
+        while Instant::now() < deadline && !seen(start) {
             std::thread::sleep(Duration::from_millis(50));
         }
         std::thread::sleep(Duration::from_millis(300));
         event(None);
         for i in 0..5 {
             std::thread::sleep(interval);
-            if std::fs::read_to_string(&watch).unwrap_or_default().contains(done) {
+            if seen(done) {
                 break;
             }
             event(Some(i));
@@ -236,7 +241,9 @@ fn guest_survives_restarts_with(name: &str, format: &str, outage: bool) {
     let assets = assets();
     let sock = dir.path("sock");
     let log = dir.path("daemon.log");
-    let mut args: Vec<String> = ["--image", image.to_str().expect("utf-8"), "--format", format, "--num-queues", "2", "--serial", "guest-disk-1"]
+    // The guest deletes each round's files on a discard mount: the daemon releases the space
+    // (punched holes, freed clusters) with the kills going on.
+    let mut args: Vec<String> = ["--image", image.to_str().expect("utf-8"), "--format", format, "--num-queues", "2", "--serial", "guest-disk-1", "--discard", "unmap"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -264,7 +271,7 @@ fn guest_survives_restarts_with(name: &str, format: &str, outage: bool) {
     if let Some(line) = out.lines().find(|l| l.contains("guest: fio done")) {
         eprintln!("{format}: {}", line.trim());
     }
-    assert_eq!(kills.len(), 5, "fio ended before five restarts ({} done)", kills.len());
+    assert_eq!(kills.len(), 5, "the guest ended before five restarts ({} done)", kills.len());
     daemon.signal(libc::SIGTERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(20)), Some(0));
     // SIGKILL to the first request served by the next daemon.
