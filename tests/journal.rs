@@ -103,6 +103,46 @@ fn a_journal_is_refused_after_qemu_img_changed_the_image_between_kill_and_restar
     common::stop_clean(d);
 }
 
+#[test]
+fn a_daemon_killed_with_an_empty_journal_is_not_reported_as_a_lost_journal() {
+    // Killed after writes, started again (the journal replays), killed again having only
+    // read: its journal is empty, and the third start says so. Without a journal (removed
+    // by hand here; a host crash empties the tmpfs) the warning says the journal is missing.
+    let dir = TestDir::new("journal-empty");
+    let img = dir.path("disk.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    let args = ["--image", s(&img), "--format", "qcow2", "--journal-dir", s(&dir.0)];
+    let d = Daemon::start_logging(&dir.path("sock"), &args, Some(&dir.path("first.log")));
+    let data = write_then_kill(d, 2);
+    let mut d = Daemon::start_logging(&dir.path("sock"), &args, Some(&dir.path("second.log")));
+    let mut c = Client::connect(&dir.path("sock"), 1).expect("connect");
+    assert!(c.read(0, 0, data.len()).expect("read") == data, "completed writes lost");
+    d.signal(libc::SIGKILL);
+    let _ = d.wait_exit(Duration::from_secs(10));
+    drop(c);
+    let second = std::fs::read_to_string(dir.path("second.log")).unwrap_or_default();
+    assert!(second.contains("replayed the metadata journal"), "{second}");
+    let restart = |name: &str| {
+        let log = dir.path(name);
+        let d = Daemon::start_logging(&dir.path("sock"), &args, Some(&log));
+        common::stop_clean(d);
+        std::fs::read_to_string(&log).unwrap_or_default()
+    };
+    let third = restart("third.log");
+    assert!(third.contains("its metadata journal held nothing the image lacked"), "{third}");
+    assert!(!third.contains("no journal was found"), "{third}");
+    // Killed once more, and its journal removed: that is a lost journal.
+    let mut d = Daemon::start(&dir.path("sock"), &args);
+    d.signal(libc::SIGKILL);
+    let _ = d.wait_exit(Duration::from_secs(10));
+    for e in std::fs::read_dir(&dir.0).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "journal")) {
+        std::fs::remove_file(e.path()).unwrap();
+    }
+    let fourth = restart("fourth.log");
+    assert!(fourth.contains("no journal was found"), "{fourth}");
+    ok("qemu-img", &["check", s(&img)]);
+}
+
 /// A tmpfs mounted for the test, unmounted when dropped.
 struct Tmpfs(std::path::PathBuf);
 

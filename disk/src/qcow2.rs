@@ -430,7 +430,13 @@ impl Qcow2Format {
                 tracing::info!(image = %path.display(), segments = r.skipped_segments, "journal segments the image already held were not replayed");
             }
             if r.unclean && r.records == 0 && !r.stale_boot {
-                tracing::warn!(image = %path.display(), "the image was not closed clean and no journal was found (host crash, or no journal kept)");
+                if r.journal_found {
+                    // A daemon killed with nothing unwritten in its journal (say, while the
+                    // guest only read): no metadata changed since its last write-back.
+                    tracing::warn!(image = %path.display(), "the image was not closed clean; its metadata journal held nothing the image lacked");
+                } else {
+                    tracing::warn!(image = %path.display(), "the image was not closed clean and no journal was found (host crash, or no journal kept)");
+                }
             }
             if r.leaks_repaired > 0 {
                 tracing::warn!(image = %path.display(), clusters = r.leaks_repaired,

@@ -507,6 +507,9 @@ pub struct ReplayReport {
     pub superseded: u64,
     /// The image was not closed clean (its owner extension says so), journal or not.
     pub unclean: bool,
+    /// A journal of this image was found (empty ones included): false when the file was
+    /// missing or had never been set up, which after an unclean stop means it was lost.
+    pub journal_found: bool,
     /// Leaked clusters given back after the unclean stop (allocations whose writes never
     /// completed, or whose counts a host crash left behind).
     pub leaks_repaired: u64,
@@ -564,7 +567,7 @@ fn replay_file(file: &File, path: &Path, uuid: [u8; 16], image: ImageMark, stora
             return Err(bad(path, "belongs to another image (its uuid differs)"));
         }
         if h[H_BOOT..H_BOOT + 32] != boot {
-            return Ok((Some(ReplayReport { stale_boot: true, ..Default::default() }), 0));
+            return Ok((Some(ReplayReport { stale_boot: true, journal_found: true, ..Default::default() }), 0));
         }
         if used > seg_bytes - SEG_HEADER {
             return Err(bad(path, format!("segment {s}: {used} bytes used")));
@@ -580,7 +583,7 @@ fn replay_file(file: &File, path: &Path, uuid: [u8; 16], image: ImageMark, stora
         });
     }
     if segs.is_empty() {
-        return Ok((Some(ReplayReport::default()), head));
+        return Ok((Some(ReplayReport { journal_found: true, ..Default::default() }), head));
     }
     if !image.trusted {
         return Err(refused(
@@ -596,7 +599,7 @@ fn replay_file(file: &File, path: &Path, uuid: [u8; 16], image: ImageMark, stora
         ));
     }
     segs.sort_by_key(|s| s.seq);
-    let mut report = ReplayReport::default();
+    let mut report = ReplayReport { journal_found: true, ..Default::default() };
     let mut recs = Vec::new();
     // The state the records replayed so far bring the image to: a whole segment brings it
     // to the generation of the write-back that covers it; a sealed one (a prefix) does not.
@@ -949,7 +952,12 @@ mod tests {
         let j = fresh(&p, U);
         j.crash();
         let (j, rep) = Journal::open(&p, [6; 16], mark(1), 8192, &MemStorage::default()).expect("replaced");
-        assert_eq!(rep.map(|r| r.records), Some(0));
+        assert_eq!(rep.map(|r| (r.records, r.journal_found)), Some((0, true)), "found, and nothing to replay");
+        drop(j);
+        // None at all: nothing found.
+        let _ = std::fs::remove_file(&p);
+        let (j, rep) = Journal::open(&p, U, mark(1), 8192, &MemStorage::default()).expect("created");
+        assert!(rep.is_none_or(|r| !r.journal_found));
         drop(j);
     }
 
