@@ -136,10 +136,9 @@ fn guest_fio_verifies_through_a_ten_second_write_outage_under_retry() {
 
 /// Once `start` shows on the console, SIGKILLs the daemon and starts it again (same socket,
 /// arguments and log) five times, `interval` apart, stopping early if `done` or the guest's
-/// verdict shows. Calls
-/// `event(None)` 300 ms after `start`, and `event(Some(i))` before kill `i`. With `control`,
-/// writes `STOP` into that disk `interval` after the last restart (the guest's rounds end).
-/// Returns the last daemon and the wall-clock millisecond of each kill.
+/// verdict shows. Calls `event(None)` 300 ms after `start`, and `event(Some(i))` before kill
+/// `i`. With `control`, writes `STOP` into that disk `interval` after the last restart (the
+/// guest's rounds end). Returns the last daemon and the wall-clock millisecond of each kill.
 #[allow(clippy::too_many_arguments)]
 fn kill_and_restart(
     first: Daemon,
@@ -205,10 +204,11 @@ fn restart_gaps(log: &Path, kills: &[u64]) -> Vec<u64> {
 
 
 /// The daemon is SIGKILLed and started again five times while the guest runs rounds of a
-/// verifying fio (2 jobs) on ext4, until the host tells it to stop: QEMU reconnects (`reconnect-ms=1000`), the inflight region carries the
-/// requests in flight over each restart, fio verifies, the guest logs no IO error and no hung
-/// task, e2fsck is clean; the image checks clean. Reports the time from each SIGKILL to the
-/// first request the new daemon serves.
+/// verifying fio (2 jobs) on ext4, until the host tells it to stop: QEMU reconnects
+/// (`reconnect-ms=1000`), the inflight region carries the requests in flight over each
+/// restart, fio verifies, the guest logs no IO error and no hung task, e2fsck is clean; the
+/// image checks clean. Reports the time from each SIGKILL to the first request the new
+/// daemon serves.
 fn guest_survives_restarts(name: &str, format: &str) {
     guest_survives_restarts_with(name, format, false)
 }
