@@ -9,6 +9,8 @@
 //! THINBLK_BENCH_TMPFS, the memory file system of the tmpfs rows, default /dev/shm;
 //! THINBLK_BENCH_ROUNDS, rounds per row, each running thinblk, qemu-storage-daemon and fio in
 //! turn, default 1: every figure printed is then its median over the rounds).
+//! The `qcow2 empty LV` row runs on a loop device standing in for an LV (skipped without
+//! losetup rights).
 //! Prints IOPS, p50/p99 latency, server CPU and the ratios.
 
 mod common;
@@ -95,6 +97,21 @@ fn main() {
     // afresh for each server, where every write allocates a cluster.
     let allocated = dir.join("allocated.qcow2");
     let empty = dir.join("empty.qcow2");
+    // The LV row: an empty image written onto a block device, as vdsm lays out a thin disk on
+    // block storage. A loop device (direct IO) over a file stands in for the LV; the file is
+    // filled with non-zero bytes first, as a reused LV holds old data. Skipped without
+    // losetup rights.
+    let lv_file = dir.join("lv.img");
+    let mut lv_dev: Option<LoopGuard> = None;
+    let lv_wanted = "qcow2 empty LV 4k randwrite QD32".contains(only.as_str());
+    if lv_wanted {
+        prefill(&lv_file, size + (128 << 20));
+        lv_dev = LoopGuard::attach(&lv_file);
+        if lv_dev.is_none() {
+            println!("LV row skipped: losetup --direct-io=on failed (needs root and loop devices)");
+        }
+    }
+    let lv: PathBuf = lv_dev.as_ref().map(|d| d.0.clone()).unwrap_or_default();
     let qimg = |args: &[&str]| {
         let st = Command::new("qemu-img").args(args).status().expect("qemu-img");
         assert!(st.success(), "qemu-img {args:?}");
@@ -114,6 +131,7 @@ fn main() {
             ("qcow2 alloc 4k randread QD32".to_string(), WORKLOADS[1], "qcow2", &allocated, false, 1),
             ("qcow2 alloc 4k randwrite QD32".to_string(), WORKLOADS[2], "qcow2", &allocated, false, 1),
             ("qcow2 empty 4k randwrite QD32".to_string(), WORKLOADS[2], "qcow2", &empty, true, 1),
+            ("qcow2 empty LV 4k randwrite QD32".to_string(), WORKLOADS[2], "qcow2", &lv, true, 1),
             ("qcow2 alloc 4k randread 2qxQD16".to_string(), qd16(false), "qcow2", &allocated, false, 2),
             ("qcow2 alloc 4k randwrite 2qxQD16".to_string(), qd16(true), "qcow2", &allocated, false, 2),
             ("qcow2 alloc 4k randread 4qxQD8".to_string(), qd8(false), "qcow2", &allocated, false, 4),
@@ -121,6 +139,7 @@ fn main() {
         ])
         .chain(WORKLOADS[..3].iter().map(|w| (format!("tmpfs {}", w.name), *w, "raw", &in_memory, false, 1)))
         .filter(|r| r.0.contains(only.as_str()))
+        .filter(|r| r.3 != &lv || lv_dev.is_some())
         .collect();
     if rows.iter().any(|r| r.2 == "qcow2" && !r.4) {
         qimg(&["convert", "-q", "-O", "qcow2", "-o", "cluster_size=65536", image.to_str().unwrap(), allocated.to_str().unwrap()]);
@@ -177,8 +196,27 @@ fn main() {
     if "qcow2 sparse 16T 4k randwrite QD32x2".contains(only.as_str()) {
         sparse_memory_row(&dir, secs.max(10));
     }
+    drop(lv_dev);
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&tmpfs_dir);
+}
+
+/// A loop device with direct IO over a file (standing in for an LV), detached when dropped.
+struct LoopGuard(PathBuf);
+
+impl LoopGuard {
+    /// Attaches `file` to the first free loop device; None where that is not allowed here.
+    fn attach(file: &Path) -> Option<LoopGuard> {
+        let out = Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(file).output().ok()?;
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && !dev.is_empty()).then(|| LoopGuard(PathBuf::from(dev)))
+    }
+}
+
+impl Drop for LoopGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
 }
 
 /// Each figure's median over `runs` (taken separately: the median IOPS and the median p50

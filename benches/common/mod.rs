@@ -87,10 +87,14 @@ pub fn start_qsd(image: &Path, format: &str, sock: &Path) -> Option<Server> {
 
 /// qemu-storage-daemon exporting `queues` virtqueues.
 pub fn start_qsd_queues(image: &Path, format: &str, sock: &Path, queues: usize) -> Option<Server> {
+    // A block device (a loop device standing in for an LV) takes QEMU's host_device driver.
+    use std::os::unix::fs::FileTypeExt;
+    let is_block = std::fs::metadata(image).is_ok_and(|m| m.file_type().is_block_device());
+    let proto = if is_block { "host_device" } else { "file" };
     let mut child = Command::new("qemu-storage-daemon")
         .arg("--blockdev")
         .arg(format!(
-            "driver=file,node-name=file0,filename={},aio=io_uring,cache.direct=on",
+            "driver={proto},node-name=file0,filename={},aio=io_uring,cache.direct=on",
             image.display()
         ))
         .arg("--blockdev")
