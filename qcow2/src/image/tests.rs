@@ -340,3 +340,165 @@ fn a_read_only_engine_refuses_a_backing_change() {
     assert!(matches!(img.change_backing(Some(("base.qcow2", "qcow2"))), Err(Qcow2Error::ReadOnly(_))));
     assert!(st.snapshot() == before);
 }
+
+/// Storage standing in for a block device whose old contents are garbage: nothing past the
+/// bump pointer reads zeroes. Counts zeroing calls; `fail_zeroes` makes them fail.
+#[derive(Default)]
+struct Garbage {
+    mem: MemStorage,
+    zeroings: std::sync::atomic::AtomicUsize,
+    fail_zeroes: std::sync::atomic::AtomicBool,
+}
+
+impl Garbage {
+    /// An image of `size` bytes with `cs`-byte clusters on storage filled with 0xaa up to
+    /// `total` bytes.
+    fn image(size: u64, cs: u64, total: u64) -> Arc<Garbage> {
+        let st = Arc::new(Garbage::default());
+        create(&st.mem, &CreateOptions { size, cluster_size: cs, backing: None }).unwrap();
+        let from = st.mem.size().unwrap();
+        st.mem.write_at(&vec![0xaa; (total - from) as usize], from).unwrap();
+        st
+    }
+}
+
+impl Storage for Garbage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.mem.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.mem.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.mem.size()
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        if self.fail_zeroes.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.zeroings.fetch_add(1, Ordering::SeqCst);
+        self.mem.write_at(&vec![0; len as usize], offset)
+    }
+}
+
+/// Reads `len` bytes at `off` through the engine (no backing file: unallocated reads zeroes).
+fn read_through(img: &Qcow2, st: &dyn Storage, off: u64, len: u64) -> Vec<u8> {
+    let mut ranges = Vec::new();
+    img.map_read(off, len, &mut ranges).unwrap();
+    let mut out = vec![0u8; len as usize];
+    for r in &ranges {
+        let s = (r.guest - off) as usize;
+        match r.mapping {
+            Mapping::Data(h) => st.read_at(&mut out[s..s + r.len as usize], h).unwrap(),
+            Mapping::Zero | Mapping::Backing => {}
+            Mapping::Compressed(_) => panic!("no compressed clusters here"),
+        }
+    }
+    out
+}
+
+#[test]
+fn partial_writes_into_fresh_clusters_read_zeroes_around_them_with_one_zeroing_per_run() {
+    // 4 KiB clusters (an L2 table covers 2 MiB, so tables are allocated between data
+    // clusters throughout), 32 MiB image on storage full of garbage: a missing zeroing, or one
+    // that wiped a cluster already handed out, shows in the read-back.
+    let (size, cs) = (32u64 << 20, 4096u64);
+    let st = Garbage::image(size, cs, 48 << 20);
+    let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
+    let mut model = vec![0u8; size as usize];
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = |m: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % m
+    };
+    for i in 0..3000u64 {
+        let v = (i % 250 + 1) as u8;
+        let (off, len) = match next(4) {
+            // A partial write inside one cluster.
+            0 | 1 => {
+                let len = (next(7) + 1) * 512;
+                (next(size / cs) * cs + next((cs - len) / 512 + 1) * 512, len)
+            }
+            // A whole cluster (no zeroing needed).
+            2 => (next(size / cs) * cs, cs),
+            // Partial at both ends, across clusters.
+            _ => (next(size / 512 - 24) * 512, (next(16) + 2) * 512 + cs),
+        };
+        write_through(&img, st.as_ref(), off, &vec![v; len as usize]);
+        model[off as usize..(off + len) as usize].fill(v);
+    }
+    for chunk in 0..size / (1 << 20) {
+        let got = read_through(&img, st.as_ref(), chunk << 20, 1 << 20);
+        assert!(got == model[(chunk << 20) as usize..((chunk + 1) << 20) as usize], "MiB {chunk} differs from the model");
+    }
+    let zeroings = st.zeroings.load(Ordering::SeqCst) as u64;
+    let end = img.allocation();
+    // Without zeroing ahead, each partial write into a fresh cluster zeroed its own cluster
+    // (one or two calls): over a thousand here.
+    assert!(zeroings <= end / ZERO_AHEAD + 1, "{zeroings} zeroings for {end} bytes allocated");
+    assert!(zeroings >= 2, "the run should span several zeroed runs ({end} bytes allocated)");
+    img.close().unwrap();
+    let r = crate::check::check(&st.mem).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    // Reopened, the same contents (what the storage holds, not what the engine remembers).
+    let img = Qcow2::open(st.clone(), OpenOptions { read_only: true, ..Default::default() }).unwrap();
+    let got = read_through(&img, st.as_ref(), 0, size);
+    assert!(got == model, "the reopened image differs from the model");
+}
+
+#[test]
+fn zeroing_ahead_stops_at_the_allocation_limit() {
+    let cs = 65536u64;
+    let st = Garbage::image(64 << 20, cs, 64 << 20);
+    let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
+    let limit = img.allocation() + 4 * cs;
+    img.set_limit(limit);
+    let mut written = 0u64;
+    for ci in 0..8u64 {
+        let mut ranges = Vec::new();
+        match img.map_write(ci * cs + 512, 4096, &mut ranges) {
+            Ok(t) => {
+                let Mapping::Data(h) = ranges[0].mapping else { panic!("{:?}", ranges[0]) };
+                st.write_at(&[9u8; 4096], h).unwrap();
+                img.write_done(&t, true).unwrap();
+                written += 1;
+            }
+            Err(Qcow2Error::VolumeFull { .. }) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(written >= 2, "{written} clusters written under a limit of 4 clusters");
+    let bytes = st.mem.snapshot();
+    assert!(bytes[limit as usize..].iter().all(|&b| b == 0xaa), "zeroed past the allocation limit");
+    for ci in 0..written {
+        let got = read_through(&img, st.as_ref(), ci * cs, cs);
+        let ok = got[..512].iter().all(|&b| b == 0) && got[512..4608].iter().all(|&b| b == 9) && got[4608..].iter().all(|&b| b == 0);
+        assert!(ok, "cluster {ci}: garbage around the write");
+    }
+}
+
+#[test]
+fn a_failed_zeroing_fails_the_write_and_links_nothing() {
+    let cs = 65536u64;
+    let st = Garbage::image(16 << 20, cs, 32 << 20);
+    let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
+    st.fail_zeroes.store(true, Ordering::SeqCst);
+    let mut ranges = Vec::new();
+    assert!(matches!(img.map_write(512, 4096, &mut ranges), Err(Qcow2Error::Io(_))), "the writer's own fill fails too");
+    assert!(ranges.is_empty());
+    assert!(read_through(&img, st.as_ref(), 0, cs).iter().all(|&b| b == 0), "a failed write linked a cluster of garbage");
+    // The storage heals: the retried write zeroes ahead and lands.
+    st.fail_zeroes.store(false, Ordering::SeqCst);
+    write_through(&img, st.as_ref(), 512, &[7u8; 4096]);
+    let got = read_through(&img, st.as_ref(), 0, cs);
+    assert!(got[..512].iter().all(|&b| b == 0) && got[512..4608].iter().all(|&b| b == 7) && got[4608..].iter().all(|&b| b == 0));
+    assert_eq!(st.zeroings.load(Ordering::SeqCst), 1, "one zeroing ahead, no fill of its own");
+    img.close().unwrap();
+    let r = crate::check::check(&st.mem).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+}

@@ -150,16 +150,45 @@ impl Qcow2 {
         }
         self.check_room(m, self.worst_case(m, ci, remaining))?;
         self.ensure_l2_table(m, ci)?;
-        let (host, fresh) = self.alloc_one(m)?;
         // Bytes of the new cluster the write does not cover must hold the old contents,
-        // unless they are zeroes and the host is known to read zeroes there (a cluster from
-        // the bump pointer past the file's size at open; a reused one may hold anything).
+        // unless they are zeroes and the host is known to read zeroes there: a cluster from
+        // the bump pointer past the file's size at open, or one this engine zeroed ahead of
+        // the bump pointer. A reused one may hold anything.
+        let zeroes_around = matches!(old, L2Entry::Zero { .. }) || (old == L2Entry::Unallocated && self.backing.is_none());
+        if partial && zeroes_around && m.free.is_empty() {
+            self.zero_ahead(m);
+        }
+        let (host, fresh) = self.alloc_one(m)?;
+        let cs = self.cluster_size;
         let zero_known = fresh
-            && host >= self.zeroes_from
-            && (matches!(old, L2Entry::Zero { .. }) || (old == L2Entry::Unallocated && self.backing.is_none()));
+            && zeroes_around
+            && (host >= self.zeroes_from || (host >= m.zeroed.0 && host.saturating_add(cs) <= m.zeroed.1));
         let filling = partial && !zero_known;
         m.pending.insert(ci, Pending { host, writers: 1, linked: false, in_place: false, filling });
         Ok(if filling { WriteTarget::Fill { host, raw, fresh } } else { WriteTarget::Ready(host, true) })
+    }
+
+    /// Zeroes [`ZERO_AHEAD`] bytes at the bump pointer, unless the cluster there already
+    /// reads zeroes (past `zeroes_from`, or zeroed earlier). Only space at or past the bump
+    /// pointer is zeroed, which no cluster of the image uses and which is handed out only
+    /// after the zeroing completed (the metadata lock is held throughout); never past the
+    /// allocation limit or the storage's size. A failure leaves nothing zeroed: the writer
+    /// then fills its cluster itself, and reports that fill's error.
+    fn zero_ahead(&self, m: &mut Meta) {
+        let cs = self.cluster_size;
+        let start = m.next_free;
+        if start >= self.zeroes_from || (start >= m.zeroed.0 && start.saturating_add(cs) <= m.zeroed.1) {
+            return;
+        }
+        let Ok(size) = self.storage.size() else { return };
+        let end = start.saturating_add(ZERO_AHEAD.max(cs)).min(self.limit()).min(size) / cs * cs;
+        // One cluster alone gains nothing over the writer's own fill.
+        if end < start.saturating_add(2 * cs) {
+            return;
+        }
+        if self.storage.write_zeroes(start, end - start).is_ok() {
+            m.zeroed = (start, end);
+        }
     }
 
     /// Writes the old contents of guest cluster `ci` around `[in_off, in_off+n)` into `host`
