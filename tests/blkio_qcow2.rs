@@ -471,6 +471,48 @@ fn partial_writes_on_a_dirty_block_device_read_zeroes_around_them() {
 }
 
 #[test]
+fn partial_writes_into_a_file_s_old_space_read_zeroes_around_them() {
+    // An image file with 8 MiB of old bytes past the image's end (space a file already had
+    // at open is not known to read zeroes): partial writes take clusters the engine zeroed
+    // ahead of its bump pointer, and nothing of the old bytes shows through.
+    let dir = TestDir::new("q2-oldspace");
+    let img = dir.path("old.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "32M"]);
+    let end = std::fs::metadata(&img).unwrap().len();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&img).unwrap();
+        f.write_all(&vec![0xaau8; (8 * MIB) as usize]).unwrap();
+    }
+    let d = serve(&dir, &img, &[]);
+    let mut c = Client::connect(&dir.path("sock"), 1).expect("connect");
+    let mut model = vec![0u8; (32 * MIB) as usize];
+    for (i, off) in (0..32 * MIB).step_by((MIB / 4) as usize).enumerate() {
+        let (off, len) = (off + 4096 * (i as u64 % 7) + 512, 512 * (i % 9 + 1));
+        let v = i as u8 | 1;
+        assert_eq!(c.write(0, off, &vec![v; len]), 0);
+        model[off as usize..off as usize + len].fill(v);
+    }
+    for chunk in 0..8u64 {
+        let got = c.read(0, chunk * 4 * MIB, (4 * MIB) as usize).unwrap();
+        assert!(got == model[(chunk * 4 * MIB) as usize..((chunk + 1) * 4 * MIB) as usize], "chunk {chunk}: old bytes around a partial write");
+    }
+    drop(c);
+    stop(d);
+    let text = ok("qemu-img", &["check", s(&img)]);
+    assert!(text.contains("No errors were found"), "{text}");
+    let raw = dir.path("ref.raw");
+    std::fs::write(&raw, &model).unwrap();
+    ok("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", s(&img), s(&raw)]);
+    // 128 clusters of 64 KiB were taken: zeroed ahead in ranges of 1 MiB, so the space just
+    // past the image's new end reads zeroes, not the old bytes.
+    let new_end = common::check_end_offset(&img);
+    let bytes = std::fs::read(&img).unwrap();
+    assert!(new_end > end + 4 * MIB, "image end {new_end}");
+    assert!(bytes[new_end as usize..(new_end as usize + 4096).min(bytes.len())].iter().all(|&b| b == 0), "the space past the bump pointer was not zeroed ahead");
+}
+
+#[test]
 fn churn_rewrites_in_place_and_does_not_grow_the_image() {
     // 20 rounds of write → discard → rewrite of a 256 MiB region: the image end offset after
     // the last round is within 5 % of the one after the first (QEMU's discard-no-unref

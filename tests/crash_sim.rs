@@ -463,16 +463,25 @@ fn evictions(log: &Path) -> u64 {
 }
 
 /// One configuration of the host-crash simulation; returns (cuts, sectors checked).
-fn host_crash(cluster: Option<u64>, unmap: bool, evict: bool, cuts: usize, seed: u64) -> (usize, usize) {
+/// With `garbage`, the image file carries 8 MiB of non-zero bytes past the image's end, as a
+/// reused LV does: no new cluster is known to read zeroes, so partial writes take clusters the
+/// engine zeroed ahead of its bump pointer (docs/qcow2.md).
+fn host_crash(cluster: Option<u64>, unmap: bool, evict: bool, garbage: bool, cuts: usize, seed: u64) -> (usize, usize) {
     let name = format!(
-        "crashsim-{}-{}{}",
+        "crashsim-{}-{}{}{}",
         cluster.map(|c| c.to_string()).unwrap_or("raw".into()),
         if unmap { "unmap" } else { "ignore" },
-        if evict { "-evict" } else { "" }
+        if evict { "-evict" } else { "" },
+        if garbage { "-garbage" } else { "" }
     );
     let dir = TestDir::new(&name);
     let backing = dir.path("backing");
     make_image(&backing, cluster);
+    if garbage {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&backing).expect("open the image to append");
+        f.write_all(&vec![0xaa; 8 << 20]).expect("append garbage");
+    }
     let base = std::fs::read(&backing).expect("read base");
     let mount = FaultMount::new(&backing, &dir.path("mnt"));
     mount.faults.start_log();
@@ -500,6 +509,21 @@ fn host_crash(cluster: Option<u64>, unmap: bool, evict: bool, cuts: usize, seed:
     let log = mount.faults.take_log();
     drop(mount);
     assert!(log.iter().filter(|e| matches!(e, LogEvent::Sync)).count() >= 10, "too few syncs in the log");
+    if garbage {
+        // Zeroed ahead: ranges of 1 MiB, zeroed at once (a zero range, or zeroes written, which
+        // FUSE splits into writes of 128 KiB). Nothing else zeroes 64 KiB at once here: with
+        // discards ignored, other zeroings cover less than a 4 KiB cluster.
+        let ahead: u64 = log
+            .iter()
+            .map(|e| match e {
+                LogEvent::Zero(_, len) if *len >= 64 << 10 => *len,
+                LogEvent::Write(_, b) if b.len() >= 64 << 10 && b.iter().all(|&x| x == 0) => b.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        eprintln!("{name}: {ahead} bytes zeroed ahead");
+        assert!(ahead >= 2 << 20, "{name}: only {ahead} bytes were zeroed ahead");
+    }
     let flushes: Vec<&Op> = w.ops.iter().filter(|o| o.kind == Kind::Flush).collect();
     let mut checked = 0;
     let mut with_flush = 0;
@@ -529,7 +553,7 @@ fn host_crash(cluster: Option<u64>, unmap: bool, evict: bool, cuts: usize, seed:
 
 #[test]
 fn host_crash_simulation_below_the_daemon() {
-    // 8 configurations × 130 cuts = 1040 crash images per run.
+    // 10 configurations × 130 cuts = 1300 crash images per run.
     let mut total = 0;
     let seed = std::env::var("THINBLK_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_0001u64);
     let only = std::env::var("THINBLK_CRASH_ONLY").ok();
@@ -540,13 +564,17 @@ fn host_crash_simulation_below_the_daemon() {
                 total += 130;
                 continue;
             }
-            total += host_crash(cluster, unmap, false, 130, seed + i as u64 * 2 + unmap as u64).0;
+            total += host_crash(cluster, unmap, false, false, 130, seed + i as u64 * 2 + unmap as u64).0;
         }
     }
     // Refcount-cache eviction (issue 19): 512 B clusters with a cache of 2 blocks. (4 KiB
     // clusters cannot reach it on this 4 MiB disk: one refcount block covers 8 MiB.)
     if only.as_ref().is_none_or(|o| o == "512-unmap-evict") {
-        total += host_crash(Some(512), true, true, 130, seed + 100).0;
+        total += host_crash(Some(512), true, true, false, 130, seed + 100).0;
+    }
+    // Zeroing ahead: 4 KiB clusters (a 1 MiB range is 256 of them) over a tail of garbage.
+    if only.as_ref().is_none_or(|o| o == "4096-ignore-garbage") {
+        total += host_crash(Some(4096), false, false, true, 130, seed + 200).0;
     }
     assert!(total >= 1000);
 }
