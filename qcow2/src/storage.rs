@@ -19,6 +19,11 @@ pub trait Storage: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         write_zero_buffer(self, offset, len)
     }
+    /// Allocates `len` bytes at `offset` that already read as zeroes (a file's holes), keeping
+    /// the size: later writes there find space allocated. The default does nothing.
+    fn allocate(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// The image will soon use bytes up to `end`: a regular file may grow (sparsely) ahead of
     /// time so data writes land inside it. Block devices, and the default, do nothing.
     fn reserve(&self, _end: u64) -> io::Result<()> {
@@ -187,6 +192,21 @@ impl Storage for FileStorage {
         }
         // Not supported here: write a zero buffer.
         write_zero_buffer(self, offset, len)
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        if !self.regular {
+            return Ok(());
+        }
+        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        };
+        // SAFETY: plain syscall on our own fd.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, off, n) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     fn reserve(&self, end: u64) -> io::Result<()> {

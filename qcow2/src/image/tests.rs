@@ -342,11 +342,13 @@ fn a_read_only_engine_refuses_a_backing_change() {
 }
 
 /// Storage standing in for a block device whose old contents are garbage: nothing past the
-/// bump pointer reads zeroes. Counts zeroing calls; `fail_zeroes` makes them fail.
+/// bump pointer reads zeroes. Counts zeroing and allocation calls; `fail_zeroes` makes
+/// zeroings fail.
 #[derive(Default)]
 struct Garbage {
     mem: MemStorage,
     zeroings: std::sync::atomic::AtomicUsize,
+    allocations: std::sync::atomic::AtomicUsize,
     fail_zeroes: std::sync::atomic::AtomicBool,
 }
 
@@ -381,6 +383,10 @@ impl Storage for Garbage {
         }
         self.zeroings.fetch_add(1, Ordering::SeqCst);
         self.mem.write_at(&vec![0; len as usize], offset)
+    }
+    fn allocate(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
+        self.allocations.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -501,4 +507,51 @@ fn a_failed_zeroing_fails_the_write_and_links_nothing() {
     img.close().unwrap();
     let r = crate::check::check(&st.mem).unwrap();
     assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+}
+
+#[test]
+fn sparse_space_is_allocated_ahead_and_never_zeroed() {
+    // Past `zeroes_from` (a file's size at open, its sparse space) the host reads zeroes:
+    // nothing is zeroed, and the space at the bump pointer is allocated a range at a time.
+    let (size, cs) = (16u64 << 20, 4096u64);
+    let st = Arc::new(Garbage::default());
+    create(&st.mem, &CreateOptions { size, cluster_size: cs, backing: None }).unwrap();
+    let from = st.mem.size().unwrap();
+    st.mem.write_at(&vec![0; (32 << 20) - from as usize], from).unwrap();
+    let img = Qcow2::open(st.clone(), OpenOptions { zeroes_from: from, ..Default::default() }).unwrap();
+    let mut model = vec![0u8; size as usize];
+    for i in 0..2000u64 {
+        let off = (i * 7919 % (size / 512 - 16)) * 512;
+        let len = (i % 8 + 1) * 512 + if i % 5 == 0 { cs } else { 0 };
+        let v = (i % 200 + 1) as u8;
+        write_through(&img, st.as_ref(), off, &vec![v; len as usize]);
+        model[off as usize..(off + len) as usize].fill(v);
+    }
+    assert_eq!(st.zeroings.load(Ordering::SeqCst), 0, "sparse space was zeroed");
+    let (allocations, end) = (st.allocations.load(Ordering::SeqCst) as u64, img.allocation());
+    assert!(allocations >= (end - from) / ZERO_AHEAD && allocations <= end / ZERO_AHEAD + 1, "{allocations} allocations for {end} bytes");
+    assert!(read_through(&img, st.as_ref(), 0, size) == model, "the image differs from the model");
+}
+
+#[test]
+fn file_storage_allocates_a_hole_without_changing_its_size_or_contents() {
+    use std::os::unix::fs::MetadataExt;
+    let path = std::env::temp_dir().join(format!("thinblk-allocate-{}", std::process::id()));
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    f.set_len(8 << 20).unwrap();
+    let st = crate::storage::FileStorage::new(f, 1);
+    let before = std::fs::metadata(&path).unwrap().blocks();
+    let r = st.allocate(1 << 20, 2 << 20);
+    let meta = std::fs::metadata(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    if r.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::EOPNOTSUPP)) {
+        eprintln!("fallocate is not supported under {}: nothing to test", std::env::temp_dir().display());
+        return;
+    }
+    r.unwrap();
+    assert_eq!(meta.len(), 8 << 20, "allocating changed the size");
+    assert!(meta.blocks() >= before + (2 << 20) / 512, "{} blocks of 512 B after allocating 2 MiB ({before} before)", meta.blocks());
+    let mut b = vec![1u8; 4096];
+    st.read_at(&mut b, 2 << 20).unwrap();
+    assert!(b.iter().all(|&x| x == 0), "allocated space does not read zeroes");
 }

@@ -155,8 +155,8 @@ impl Qcow2 {
         // the bump pointer past the file's size at open, or one this engine zeroed ahead of
         // the bump pointer. A reused one may hold anything.
         let zeroes_around = matches!(old, L2Entry::Zero { .. }) || (old == L2Entry::Unallocated && self.backing.is_none());
-        if partial && zeroes_around && m.free.is_empty() {
-            self.zero_ahead(m);
+        if m.free.is_empty() {
+            self.prepare_ahead(m, partial && zeroes_around);
         }
         let (host, fresh) = self.alloc_one(m)?;
         let cs = self.cluster_size;
@@ -168,16 +168,27 @@ impl Qcow2 {
         Ok(if filling { WriteTarget::Fill { host, raw, fresh } } else { WriteTarget::Ready(host, true) })
     }
 
-    /// Zeroes [`ZERO_AHEAD`] bytes at the bump pointer, unless the cluster there already
-    /// reads zeroes (past `zeroes_from`, or zeroed earlier). Only space at or past the bump
-    /// pointer is zeroed, which no cluster of the image uses and which is handed out only
-    /// after the zeroing completed (the metadata lock is held throughout); never past the
-    /// allocation limit or the storage's size. A failure leaves nothing zeroed: the writer
-    /// then fills its cluster itself, and reports that fill's error.
-    fn zero_ahead(&self, m: &mut Meta) {
+    /// Prepares [`ZERO_AHEAD`] bytes at the bump pointer for the fresh cluster about to be
+    /// taken there, unless that was done already:
+    /// - where the host is not known to read zeroes (a block device, space a file already
+    ///   had), and the write needs zeroes around it (`needs_zeroes`), zeroes them;
+    /// - where it is (a file's sparse space), allocates them, so that writes land in
+    ///   allocated space instead of filling holes, which the kernel does not complete
+    ///   without blocking (io_uring hands them to worker threads).
+    ///
+    /// Only space at or past the bump pointer is touched, which no cluster of the image uses
+    /// and which is handed out only after this returns (the metadata lock is held
+    /// throughout); never past the allocation limit or the storage's size. A failed zeroing
+    /// records nothing: the writer then fills its cluster itself, and reports that fill's
+    /// error. A failed allocation changes nothing the image relies on.
+    fn prepare_ahead(&self, m: &mut Meta, needs_zeroes: bool) {
         let cs = self.cluster_size;
         let start = m.next_free;
-        if start >= self.zeroes_from || (start >= m.zeroed.0 && start.saturating_add(cs) <= m.zeroed.1) {
+        if start >= m.zeroed.0 && start.saturating_add(cs) <= m.zeroed.1 {
+            return;
+        }
+        let known = start >= self.zeroes_from;
+        if !known && !needs_zeroes {
             return;
         }
         let Ok(size) = self.storage.size() else { return };
@@ -186,7 +197,11 @@ impl Qcow2 {
         if end < start.saturating_add(2 * cs) {
             return;
         }
-        if self.storage.write_zeroes(start, end - start).is_ok() {
+        if known {
+            // Past `zeroes_from` the whole range reads zeroes, allocated or not.
+            let _ = self.storage.allocate(start, end - start);
+            m.zeroed = (start, end);
+        } else if self.storage.write_zeroes(start, end - start).is_ok() {
             m.zeroed = (start, end);
         }
     }
