@@ -51,7 +51,10 @@ pub struct FileStorage {
     align: usize,
     /// Regular files grow ahead of use up to here (0 for block devices: never).
     grown_to: std::sync::atomic::AtomicU64,
+    /// A regular file (zeroed and allocated with `fallocate`), not a block device.
     regular: bool,
+    /// Grown ahead of use ([`Storage::reserve`]): a regular file not made [`FileStorage::fixed_size`].
+    growable: bool,
 }
 
 /// How far ahead of use a regular file is grown: writes inside the file's size are plain
@@ -65,12 +68,12 @@ impl FileStorage {
         let meta = file.metadata().ok();
         let regular = meta.as_ref().map(|m| m.file_type().is_file()).unwrap_or(false);
         let len = meta.map(|m| m.len()).unwrap_or(0);
-        FileStorage { file, align: align.max(1), grown_to: std::sync::atomic::AtomicU64::new(len), regular }
+        FileStorage { file, align: align.max(1), grown_to: std::sync::atomic::AtomicU64::new(len), regular, growable: regular }
     }
 
     /// Never grows the file (a file standing in for a fixed-size volume).
     pub fn fixed_size(mut self) -> FileStorage {
-        self.regular = false;
+        self.growable = false;
         self
     }
 
@@ -211,7 +214,7 @@ impl Storage for FileStorage {
 
     fn reserve(&self, end: u64) -> io::Result<()> {
         use std::sync::atomic::Ordering;
-        if !self.regular || end <= self.grown_to.load(Ordering::Acquire) {
+        if !self.growable || end <= self.grown_to.load(Ordering::Acquire) {
             return Ok(());
         }
         let target = end.div_ceil(GROW_STEP) * GROW_STEP + GROW_STEP;
