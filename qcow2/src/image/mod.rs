@@ -207,6 +207,9 @@ struct Meta {
     /// Host bytes `[start, end)` this engine zeroed while they were at or past the bump
     /// pointer ([`ZERO_AHEAD`]): a cluster handed out fresh from there reads zeroes.
     zeroed: (u64, u64),
+    /// Sparse space to allocate (a hint): taken by the writer that set it, which allocates it
+    /// once the lock is released.
+    allocate_hint: Option<(u64, u64)>,
 }
 
 /// Told of the allocation mark's moves, inline in the allocator (keep it quick and lock-free:
@@ -552,6 +555,7 @@ impl Qcow2 {
             unref: Vec::new(),
             free: BTreeSet::new(),
             zeroed: (0, 0),
+            allocate_hint: None,
         };
         let img = Qcow2 {
             storage,

@@ -479,6 +479,7 @@ fn zeroing_ahead_stops_at_the_allocation_limit() {
         }
     }
     assert!(written >= 2, "{written} clusters written under a limit of 4 clusters");
+    assert_eq!(st.zeroings.load(Ordering::SeqCst), 1, "the clusters below the limit were zeroed ahead, at once");
     let bytes = st.mem.snapshot();
     assert!(bytes[limit as usize..].iter().all(|&b| b == 0xaa), "zeroed past the allocation limit");
     for ci in 0..written {

@@ -36,12 +36,17 @@ impl Qcow2 {
         let last_ci = (offset + len - 1) / cs;
         for Piece { pos, ci, in_off, n } in pieces(offset, len, cs) {
             let (host, pending) = loop {
-                let target = {
+                let (target, hint) = {
                     let mut m = self.meta.write().map_err(|_| poisoned())?;
                     let t = self.cluster_for_write(&mut m, ci, in_off, n, last_ci - ci + 1)?;
                     self.publish_allocation(m.next_free);
-                    t
+                    (t, m.allocate_hint.take())
                 };
+                if let Some((off, len)) = hint {
+                    // Only a hint (the space reads zeroes either way): outside the lock, where
+                    // a file system that waits for direct IO in flight stalls this writer only.
+                    let _ = self.storage.allocate(off, len);
+                }
                 match target {
                     WriteTarget::Ready(host, pending) => break (host, pending),
                     WriteTarget::Wait => self.wait_for_fill(),
@@ -176,11 +181,13 @@ impl Qcow2 {
     ///   allocated space instead of filling holes, which the kernel does not complete
     ///   without blocking (io_uring hands them to worker threads).
     ///
-    /// Only space at or past the bump pointer is touched, which no cluster of the image uses
-    /// and which is handed out only after this returns (the metadata lock is held
+    /// Only space at or past the bump pointer is zeroed, which no cluster of the image uses
+    /// and which is handed out only after the zeroing completed (the metadata lock is held
     /// throughout); never past the allocation limit or the storage's size. A failed zeroing
     /// records nothing: the writer then fills its cluster itself, and reports that fill's
-    /// error. A failed allocation changes nothing the image relies on.
+    /// error. The allocation is left to the writer, outside the lock: it only allocates
+    /// space that reads zeroes anyway, never changing a byte, so writes landing there
+    /// meanwhile are safe, and a failed one changes nothing the image relies on.
     fn prepare_ahead(&self, m: &mut Meta, needs_zeroes: bool) {
         let cs = self.cluster_size;
         let start = m.next_free;
@@ -192,14 +199,16 @@ impl Qcow2 {
             return;
         }
         let Ok(size) = self.storage.size() else { return };
-        let end = start.saturating_add(ZERO_AHEAD.max(cs)).min(self.limit()).min(size) / cs * cs;
-        // One cluster alone gains nothing over the writer's own fill.
+        let end = start.saturating_add(ZERO_AHEAD).min(self.limit()).min(size) / cs * cs;
+        // One cluster alone gains nothing over the writer's own fill (so clusters of 1 MiB
+        // or more keep the per-cluster fill).
         if end < start.saturating_add(2 * cs) {
             return;
         }
         if known {
-            // Past `zeroes_from` the whole range reads zeroes, allocated or not.
-            let _ = self.storage.allocate(start, end - start);
+            // Past `zeroes_from` the whole range reads zeroes, allocated or not: the writer
+            // allocates it after releasing the lock (`map_write_pieces`).
+            m.allocate_hint = Some((start, end - start));
             m.zeroed = (start, end);
         } else if self.storage.write_zeroes(start, end - start).is_ok() {
             m.zeroed = (start, end);
