@@ -478,7 +478,12 @@ fn host_crash(cluster: Option<u64>, unmap: bool, evict: bool, garbage: bool, cut
     let backing = dir.path("backing");
     make_image(&backing, cluster);
     if garbage {
+        // From the next 64 KiB on: the image's last cluster (a refcount block) ends in bytes
+        // qemu-img left unwritten, which must read zeroes.
         use std::io::Write;
+        let len = std::fs::metadata(&backing).expect("image size").len();
+        let f = std::fs::OpenOptions::new().write(true).open(&backing).expect("open the image");
+        f.set_len(len.next_multiple_of(64 << 10)).expect("pad the image");
         let mut f = std::fs::OpenOptions::new().append(true).open(&backing).expect("open the image to append");
         f.write_all(&vec![0xaa; 8 << 20]).expect("append garbage");
     }
