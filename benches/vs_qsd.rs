@@ -105,6 +105,7 @@ fn main() {
     let mut lv_dev: Option<LoopGuard> = None;
     let lv_wanted = "qcow2 empty LV 4k randwrite QD32".contains(only.as_str());
     if lv_wanted {
+        // Refilled before each server (below).
         prefill(&lv_file, size + (128 << 20));
         lv_dev = LoopGuard::attach(&lv_file);
         if lv_dev.is_none() {
@@ -163,6 +164,12 @@ fn main() {
         // Each round runs the three in turn, so drift between them spreads over all three.
         // Before each server: a fresh image where the row asks for one, and a warm cache.
         let ready = || {
+            if lv_dev.as_ref().is_some_and(|d| &d.0 == img) {
+                // The LV's old bytes again: the servers leave its file's extents in different
+                // states (zeroed ranges become unwritten extents under the loop device).
+                prefill(&lv_file, size + (128 << 20));
+                let _ = Command::new("blockdev").arg("--flushbufs").arg(img).status();
+            }
             if recreate {
                 fresh(img);
             }
