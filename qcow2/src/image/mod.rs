@@ -109,10 +109,11 @@ pub const MAX_PENDING_RELEASES: usize = 4096;
 /// write look a refcount up, anywhere in the image: without a cap its blocks would all pile up.
 pub const MAX_CACHED_REFBLOCKS: usize = 64;
 
-/// How far ahead of the bump pointer the engine zeroes host space where a fresh cluster is
-/// not known to read zeroes (a block device, space a file already had): a partial write into
-/// a new cluster then needs no zeroing of its own, and one call zeroes many clusters instead
-/// of two calls per cluster in the writer's path (docs/qcow2.md).
+/// How far ahead of the bump pointer the engine prepares host space: zeroes it where a fresh
+/// cluster is not known to read zeroes (a block device, space a file already had), so that a
+/// partial write into a new cluster needs no zeroing of its own (one call for many clusters
+/// instead of two per cluster in the writer's path); allocates it where it does (a file's
+/// sparse space), so that writes do not fill holes (docs/qcow2.md).
 pub const ZERO_AHEAD: u64 = 1 << 20;
 
 /// Something that can fill bytes of a guest cluster that a partial write does not cover.
