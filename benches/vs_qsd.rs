@@ -103,7 +103,7 @@ fn main() {
     // losetup rights.
     let lv_file = dir.join("lv.img");
     let mut lv_dev: Option<LoopGuard> = None;
-    let lv_wanted = "qcow2 empty LV 4k randwrite QD32".contains(only.as_str());
+    let lv_wanted = ["qcow2 empty LV 4k randwrite QD32", "qcow2 empty LV 4k randwrite 2qxQD16"].iter().any(|n| n.contains(only.as_str()));
     if lv_wanted {
         // Refilled before each server (below).
         prefill(&lv_file, size + (128 << 20));
@@ -133,6 +133,7 @@ fn main() {
             ("qcow2 alloc 4k randwrite QD32".to_string(), WORKLOADS[2], "qcow2", &allocated, false, 1),
             ("qcow2 empty 4k randwrite QD32".to_string(), WORKLOADS[2], "qcow2", &empty, true, 1),
             ("qcow2 empty LV 4k randwrite QD32".to_string(), WORKLOADS[2], "qcow2", &lv, true, 1),
+            ("qcow2 empty LV 4k randwrite 2qxQD16".to_string(), qd16(true), "qcow2", &lv, true, 2),
             ("qcow2 alloc 4k randread 2qxQD16".to_string(), qd16(false), "qcow2", &allocated, false, 2),
             ("qcow2 alloc 4k randwrite 2qxQD16".to_string(), qd16(true), "qcow2", &allocated, false, 2),
             ("qcow2 alloc 4k randread 4qxQD8".to_string(), qd8(false), "qcow2", &allocated, false, 4),
