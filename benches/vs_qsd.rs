@@ -9,8 +9,8 @@
 //! THINBLK_BENCH_TMPFS, the memory file system of the tmpfs rows, default /dev/shm;
 //! THINBLK_BENCH_ROUNDS, rounds per row, each running thinblk, qemu-storage-daemon and fio in
 //! turn, default 1: every figure printed is then its median over the rounds).
-//! The `qcow2 empty LV` row runs on a loop device standing in for an LV (skipped without
-//! losetup rights).
+//! The two `qcow2 empty LV` rows (one queue, two) run on a loop device standing in for an LV
+//! (skipped without losetup rights).
 //! Prints IOPS, p50/p99 latency, server CPU and the ratios.
 
 mod common;

@@ -257,6 +257,9 @@ pub struct Qcow2 {
     /// How the zeroing ahead in flight ([`Meta::zeroing`]) ended: its start and whether it
     /// succeeded, posted before its writer takes the lock again.
     ahead_result: (std::sync::Mutex<Option<(u64, bool)>>, std::sync::Condvar),
+    /// Writers told to wait for a zeroing ahead (tests only).
+    #[cfg(test)]
+    ahead_waits: AtomicU64,
     allocation: AtomicU64,
     /// Allocations may not end past this host offset (the volume's size; `u64::MAX`: none).
     limit: AtomicU64,
@@ -589,6 +592,8 @@ impl Qcow2 {
             flush_serial: std::sync::Mutex::new(()),
             fill_done: (std::sync::Mutex::new(()), std::sync::Condvar::new()),
             ahead_result: (std::sync::Mutex::new(None), std::sync::Condvar::new()),
+            #[cfg(test)]
+            ahead_waits: AtomicU64::new(0),
             allocation: AtomicU64::new(0),
             limit: AtomicU64::new(u64::MAX),
             observer: std::sync::OnceLock::new(),

@@ -54,15 +54,15 @@ impl Qcow2 {
                         // With no lock held: reads, writes in place and allocations from
                         // the free list go on meanwhile; allocations at the bump pointer
                         // wait for it (`cluster_for_write`, `alloc_clusters`).
-                        let ok = self.storage.write_zeroes(start, end - start).is_ok();
-                        {
-                            let (mx, cv) = &self.ahead_result;
-                            // (A poisoned slot is still a slot: a zeroing always ends.)
-                            *mx.lock().unwrap_or_else(|e| e.into_inner()) = Some((start, ok));
-                            cv.notify_all();
-                        }
+                        let mut post = AheadPost { slot: &self.ahead_result, start, ok: false };
+                        post.ok = self.storage.write_zeroes(start, end - start).is_ok();
+                        drop(post);
                         let mut m = self.meta.write().map_err(|_| poisoned())?;
-                        self.finish_ahead(&mut m);
+                        // (Another allocation may have recorded it already, and a newer
+                        // zeroing begun: that one is not this writer's to wait for.)
+                        if m.zeroing == Some((start, end)) {
+                            self.finish_ahead(&mut m);
+                        }
                         drop(m);
                         self.signal_fill();
                     }
@@ -169,12 +169,16 @@ impl Qcow2 {
             }
             _ => {}
         }
-        if m.zeroing.is_some() && m.free.is_empty() {
+        if m.free.is_empty() && self.zeroing_in_flight(m) {
             // This allocation would come from the bump pointer, which is being zeroed.
             return Ok(WriteTarget::Wait);
         }
         self.check_room(m, self.worst_case(m, ci, remaining))?;
         self.ensure_l2_table(m, ci)?;
+        if m.free.is_empty() && self.zeroing_in_flight(m) {
+            // The new L2 table took the last free cluster (it stays linked).
+            return Ok(WriteTarget::Wait);
+        }
         // Bytes of the new cluster the write does not cover must hold the old contents,
         // unless they are zeroes and the host is known to read zeroes there: a cluster from
         // the bump pointer past the file's size at open, or one this engine zeroed ahead of
@@ -207,8 +211,9 @@ impl Qcow2 {
     /// ([`WriteTarget::ZeroAhead`]); until [`Qcow2::finish_ahead`] records how that ended,
     /// nothing is allocated at the bump pointer, so only space no cluster of the image uses
     /// is zeroed, and it is handed out only once the zeroing completed. Meanwhile reads,
-    /// writes in place and other queues' metadata work go on: a device that zeroes slowly
-    /// (no offload: the kernel writes zero pages) stalls allocating writers only. Never
+    /// writes in place and allocations from the free list go on: a device that zeroes
+    /// slowly (no offload: the kernel writes zero pages) stalls allocating writers (and
+    /// any other allocation at the bump pointer, which waits under the lock). Never
     /// past the allocation limit or the storage's size. A failed zeroing records nothing
     /// but its start: the writer then fills its cluster itself, and reports that fill's
     /// error. The allocation is left to the writer, outside the lock too: it only allocates
@@ -217,7 +222,7 @@ impl Qcow2 {
     fn prepare_ahead(&self, m: &mut Meta, needs_zeroes: bool) -> Option<(u64, u64)> {
         let cs = self.cluster_size;
         let start = m.next_free;
-        if start >= m.zeroed.0 && start.saturating_add(cs) <= m.zeroed.1 {
+        if m.zeroing.is_some() || (start >= m.zeroed.0 && start.saturating_add(cs) <= m.zeroed.1) {
             return None;
         }
         let known = start >= self.zeroes_from;
@@ -240,6 +245,21 @@ impl Qcow2 {
         }
         m.zeroing = Some((start, end));
         Some((start, end))
+    }
+
+    /// Whether a zeroing ahead is in flight and has not ended; one that has ended (its
+    /// result posted) is recorded now, so that waiters need not wait for its writer.
+    fn zeroing_in_flight(&self, m: &mut Meta) -> bool {
+        let Some((start, _)) = m.zeroing else { return false };
+        let posted = matches!(*self.ahead_result.0.lock().unwrap_or_else(|e| e.into_inner()), Some((s, _)) if s == start);
+        if posted {
+            self.finish_ahead(m);
+        }
+        #[cfg(test)]
+        if !posted {
+            self.ahead_waits.fetch_add(1, Ordering::SeqCst);
+        }
+        !posted
     }
 
     /// Records how the zeroing ahead in flight ended, waiting for its writer to post that
@@ -376,5 +396,22 @@ impl Qcow2 {
             self.relief.store(true, Ordering::Release);
         }
         Ok(())
+    }
+}
+
+/// Posts how a zeroing ahead ended (`ok`) when dropped, also when its writer unwinds (a
+/// storage that panicked): allocations at the bump pointer wait for this post.
+struct AheadPost<'a> {
+    slot: &'a (std::sync::Mutex<Option<(u64, bool)>>, std::sync::Condvar),
+    start: u64,
+    ok: bool,
+}
+
+impl Drop for AheadPost<'_> {
+    fn drop(&mut self) {
+        let (mx, cv) = self.slot;
+        // (A poisoned slot is still a slot: a zeroing always ends.)
+        *mx.lock().unwrap_or_else(|e| e.into_inner()) = Some((self.start, self.ok));
+        cv.notify_all();
     }
 }
