@@ -162,9 +162,6 @@ enum WriteTarget {
     /// Fill the cluster `host` (old L2 entry `raw`) around the write, then publish it;
     /// `fresh`: it comes from the bump pointer (never written since open).
     Fill { host: u64, raw: u64, fresh: bool },
-    /// Zero host bytes `[start, end)` at the bump pointer ([`Meta::zeroing`]), report it with
-    /// [`Qcow2::finish_ahead`], and retry.
-    ZeroAhead { start: u64, end: u64 },
 }
 
 struct Meta {
@@ -214,12 +211,6 @@ struct Meta {
     /// Sparse space to allocate (a hint): taken by the writer that set it, which allocates it
     /// once the lock is released.
     allocate_hint: Option<(u64, u64)>,
-    /// Host bytes `[start, end)` at the bump pointer that a writer is zeroing without the
-    /// lock: nothing is allocated at the bump pointer until it ends ([`Qcow2::finish_ahead`]).
-    zeroing: Option<(u64, u64)>,
-    /// A zeroing ahead from this offset failed: the writer that takes the cluster there
-    /// fills its own (reporting that fill's error) instead of zeroing ahead again.
-    ahead_refused: Option<u64>,
 }
 
 /// Told of the allocation mark's moves, inline in the allocator (keep it quick and lock-free:
@@ -254,12 +245,6 @@ pub struct Qcow2 {
     flush_serial: std::sync::Mutex<()>,
     /// Signalled when a cluster fill ends.
     fill_done: (std::sync::Mutex<()>, std::sync::Condvar),
-    /// How the zeroing ahead in flight ([`Meta::zeroing`]) ended: its start and whether it
-    /// succeeded, posted before its writer takes the lock again.
-    ahead_result: (std::sync::Mutex<Option<(u64, bool)>>, std::sync::Condvar),
-    /// Writers told to wait for a zeroing ahead (tests only).
-    #[cfg(test)]
-    ahead_waits: AtomicU64,
     allocation: AtomicU64,
     /// Allocations may not end past this host offset (the volume's size; `u64::MAX`: none).
     limit: AtomicU64,
@@ -572,8 +557,6 @@ impl Qcow2 {
             free: BTreeSet::new(),
             zeroed: (0, 0),
             allocate_hint: None,
-            zeroing: None,
-            ahead_refused: None,
         };
         let img = Qcow2 {
             storage,
@@ -591,9 +574,6 @@ impl Qcow2 {
             meta: RwLock::new(meta),
             flush_serial: std::sync::Mutex::new(()),
             fill_done: (std::sync::Mutex::new(()), std::sync::Condvar::new()),
-            ahead_result: (std::sync::Mutex::new(None), std::sync::Condvar::new()),
-            #[cfg(test)]
-            ahead_waits: AtomicU64::new(0),
             allocation: AtomicU64::new(0),
             limit: AtomicU64::new(u64::MAX),
             observer: std::sync::OnceLock::new(),

@@ -242,9 +242,6 @@ impl Qcow2 {
 
     /// Allocates `n` contiguous clusters at the bump pointer, with refcount 1.
     fn alloc_clusters(&self, m: &mut Meta, n: u64) -> Result<u64> {
-        // Space being zeroed ahead starts at the bump pointer: wait for it to end first.
-        // (Writers wait without the lock instead; this covers every other path.)
-        self.finish_ahead(m);
         let start = m.next_free;
         m.next_free = start
             .checked_add(n * self.cluster_size)

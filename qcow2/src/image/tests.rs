@@ -343,23 +343,13 @@ fn a_read_only_engine_refuses_a_backing_change() {
 
 /// Storage standing in for a block device whose old contents are garbage: nothing past the
 /// bump pointer reads zeroes. Counts zeroing and allocation calls; `fail_zeroes` makes
-/// zeroings fail; `hold_zeroes` holds each zeroing (`held` set) until it is cleared (10 s at
-/// most).
+/// zeroings fail.
 #[derive(Default)]
 struct Garbage {
     mem: MemStorage,
     zeroings: std::sync::atomic::AtomicUsize,
     allocations: std::sync::atomic::AtomicUsize,
     fail_zeroes: std::sync::atomic::AtomicBool,
-    hold_zeroes: std::sync::atomic::AtomicBool,
-    held: std::sync::atomic::AtomicBool,
-    failed_zeroes: std::sync::atomic::AtomicUsize,
-    /// The range of the zeroing being held, and the writes that landed in it meanwhile
-    /// (which the zeroing would then wipe).
-    held_range: std::sync::Mutex<Option<(u64, u64)>>,
-    writes_into_held: std::sync::atomic::AtomicUsize,
-    /// The next zeroing panics (a storage bug).
-    panic_zeroes: std::sync::atomic::AtomicBool,
 }
 
 impl Garbage {
@@ -379,11 +369,6 @@ impl Storage for Garbage {
         self.mem.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        if let Some((a, b)) = *self.held_range.lock().unwrap() {
-            if offset < b && offset + buf.len() as u64 > a {
-                self.writes_into_held.fetch_add(1, Ordering::SeqCst);
-            }
-        }
         self.mem.write_at(buf, offset)
     }
     fn flush(&self) -> std::io::Result<()> {
@@ -394,18 +379,8 @@ impl Storage for Garbage {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
         if self.fail_zeroes.load(Ordering::SeqCst) {
-            // (Bounded: an engine that retried a failed zeroing forever fails its test.)
-            assert!(self.failed_zeroes.fetch_add(1, Ordering::SeqCst) < 100, "a failed zeroing retried in a loop");
             return Err(std::io::Error::from_raw_os_error(libc::EIO));
         }
-        assert!(!self.panic_zeroes.swap(false, Ordering::SeqCst), "a zeroing panicked");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while self.hold_zeroes.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
-            *self.held_range.lock().unwrap() = Some((offset, offset + len));
-            self.held.store(true, Ordering::SeqCst);
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        *self.held_range.lock().unwrap() = None;
         self.zeroings.fetch_add(1, Ordering::SeqCst);
         self.mem.write_at(&vec![0; len as usize], offset)
     }
@@ -533,177 +508,6 @@ fn a_failed_zeroing_fails_the_write_and_links_nothing() {
     img.close().unwrap();
     let r = crate::check::check(&st.mem).unwrap();
     assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
-}
-
-#[test]
-fn a_zeroing_ahead_holds_up_only_allocations_at_the_bump_pointer() {
-    // A device without write-zeroes offload zeroes slowly: while it does, reads and writes
-    // in place (any queue's) go on; a second allocating writer waits, then lands in the
-    // zeroed range without zeroing again.
-    let cs = 65536u64;
-    let st = Garbage::image(16 << 20, cs, 32 << 20);
-    let img = Arc::new(Qcow2::open(st.clone(), OpenOptions::default()).unwrap());
-    write_through(&img, st.as_ref(), 0, &vec![5u8; cs as usize]);
-    assert_eq!(st.zeroings.load(Ordering::SeqCst), 0, "a whole cluster needs no zeroes");
-    st.hold_zeroes.store(true, Ordering::SeqCst);
-    let writer = |ci: u64, v: u8| {
-        let (img, st) = (img.clone(), st.clone());
-        std::thread::spawn(move || write_through(&img, st.as_ref(), ci * cs + 512, &[v; 4096]))
-    };
-    let first = writer(3, 7);
-    until(|| st.held.load(Ordering::SeqCst));
-    assert!(st.held.load(Ordering::SeqCst), "the partial write into a fresh cluster did not zero ahead");
-    let second = writer(4, 8);
-    until(|| img.ahead_waits.load(Ordering::SeqCst) > 0);
-    assert!(img.ahead_waits.load(Ordering::SeqCst) > 0, "the second allocating writer was not told to wait");
-    // A read and a write in place, on another thread (a held lock fails the test instead of
-    // hanging it).
-    let (tx, rx) = std::sync::mpsc::channel();
-    let other = {
-        let (img, st) = (img.clone(), st.clone());
-        std::thread::spawn(move || {
-            let got = read_through(&img, st.as_ref(), 0, cs);
-            write_through(&img, st.as_ref(), 4096, &[6u8; 4096]);
-            let _ = tx.send(got);
-        })
-    };
-    let got = rx.recv_timeout(std::time::Duration::from_secs(5));
-    let still_waiting = !second.is_finished();
-    st.hold_zeroes.store(false, Ordering::SeqCst);
-    let got = got.expect("a read and a write in place waited for the zeroing ahead");
-    assert!(got.iter().all(|&b| b == 5));
-    assert!(still_waiting, "an allocation at the bump pointer went on during the zeroing");
-    for t in [first, second, other] {
-        t.join().unwrap();
-    }
-    assert_eq!(st.zeroings.load(Ordering::SeqCst), 1, "one zeroing ahead served both writers");
-    assert_eq!(st.writes_into_held.load(Ordering::SeqCst), 0, "a write landed in the range being zeroed");
-    for (ci, v) in [(3u64, 7u8), (4, 8)] {
-        let got = read_through(&img, st.as_ref(), ci * cs, cs);
-        let ok = got[..512].iter().all(|&b| b == 0) && got[512..4608].iter().all(|&b| b == v) && got[4608..].iter().all(|&b| b == 0);
-        assert!(ok, "cluster {ci}: garbage around the write");
-    }
-    let got = read_through(&img, st.as_ref(), 0, cs);
-    assert!(got[4096..8192].iter().all(|&b| b == 6) && got[..4096].iter().all(|&b| b == 5));
-    drop(img);
-}
-
-/// Polls `f` every millisecond for up to 5 s.
-fn until(f: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !f() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-}
-
-#[test]
-fn a_table_taking_the_last_free_cluster_does_not_start_a_second_zeroing() {
-    // A writer passes the zeroing check with one cluster free, then its new L2 table takes
-    // it: it must wait for the zeroing in flight, not start another over the same range
-    // (which would wipe clusters handed out from the first meanwhile).
-    let cs = 4096u64;
-    let st = Garbage::image(32 << 20, cs, 48 << 20);
-    let img = Arc::new(Qcow2::open(st.clone(), OpenOptions::default()).unwrap());
-    // A failed write releases its cluster: free once a write-back made that durable.
-    let mut ranges = Vec::new();
-    let ticket = img.map_write(0, cs, &mut ranges).unwrap();
-    img.write_done(&ticket, false).unwrap();
-    st.hold_zeroes.store(true, Ordering::SeqCst);
-    let writer = |off: u64, v: u8| {
-        let (img, st) = (img.clone(), st.clone());
-        std::thread::spawn(move || write_through(&img, st.as_ref(), off, &[v; 1024]))
-    };
-    let first = writer(cs + 512, 7);
-    until(|| st.held.load(Ordering::SeqCst));
-    assert!(st.held.load(Ordering::SeqCst), "the partial write did not zero ahead");
-    img.flush_metadata().unwrap();
-    assert_eq!(img.meta.read().unwrap().free.len(), 1, "the released cluster is not free");
-    // Guest cluster 5 * 512 + 3: in the sixth L2 table, not allocated yet.
-    let second = writer((5 * 512 + 3) * cs + 512, 8);
-    until(|| img.ahead_waits.load(Ordering::SeqCst) > 0 || st.zeroings.load(Ordering::SeqCst) > 0);
-    let waited = img.ahead_waits.load(Ordering::SeqCst) > 0;
-    st.hold_zeroes.store(false, Ordering::SeqCst);
-    first.join().unwrap();
-    second.join().unwrap();
-    assert!(waited, "the second writer did not wait for the zeroing in flight");
-    assert_eq!(st.zeroings.load(Ordering::SeqCst), 1, "a second zeroing over the same range");
-    assert_eq!(st.writes_into_held.load(Ordering::SeqCst), 0, "a write landed in the range being zeroed");
-    for (off, v) in [(cs + 512, 7u8), ((5 * 512 + 3) * cs + 512, 8)] {
-        let got = read_through(&img, st.as_ref(), off - 512, cs);
-        let ok = got[..512].iter().all(|&b| b == 0) && got[512..1536].iter().all(|&b| b == v) && got[1536..].iter().all(|&b| b == 0);
-        assert!(ok, "the cluster at guest {off}: garbage around the write");
-    }
-    let Ok(img) = Arc::try_unwrap(img) else { panic!("the image is still shared") };
-    img.close().unwrap();
-    let r = crate::check::check(&st.mem).unwrap();
-    assert_eq!(r.corruptions, 0, "{:?}", r.messages);
-}
-
-#[test]
-fn metadata_allocated_during_a_zeroing_ahead_waits_for_it() {
-    // Any allocation at the bump pointer (here L2 tables of a metadata preallocation, which
-    // writes them back at its end) waits for the zeroing ahead in flight, or the zeroing
-    // would wipe what it put there.
-    let cs = 65536u64;
-    let st = Garbage::image(4 << 30, cs, 32 << 20);
-    let img = Arc::new(Qcow2::open(st.clone(), OpenOptions::default()).unwrap());
-    st.hold_zeroes.store(true, Ordering::SeqCst);
-    let first = {
-        let (img, st) = (img.clone(), st.clone());
-        std::thread::spawn(move || write_through(&img, st.as_ref(), 512, &[7u8; 4096]))
-    };
-    until(|| st.held.load(Ordering::SeqCst));
-    let tables = {
-        let img = img.clone();
-        std::thread::spawn(move || img.preallocate_l2_tables().unwrap())
-    };
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    let early = tables.is_finished();
-    st.hold_zeroes.store(false, Ordering::SeqCst);
-    first.join().unwrap();
-    tables.join().unwrap();
-    assert!(!early, "L2 tables were allocated at the bump pointer during its zeroing");
-    assert_eq!(st.writes_into_held.load(Ordering::SeqCst), 0, "L2 tables were written into the range being zeroed");
-    let got = read_through(&img, st.as_ref(), 0, cs);
-    assert!(got[..512].iter().all(|&b| b == 0) && got[512..4608].iter().all(|&b| b == 7) && got[4608..].iter().all(|&b| b == 0));
-    let Ok(img) = Arc::try_unwrap(img) else { panic!("the image is still shared") };
-    img.close().unwrap();
-    let r = crate::check::check(&st.mem).unwrap();
-    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
-}
-
-#[test]
-fn a_zeroing_ahead_whose_writer_panicked_holds_up_no_one() {
-    let cs = 65536u64;
-    let st = Garbage::image(16 << 20, cs, 32 << 20);
-    let img = Arc::new(Qcow2::open(st.clone(), OpenOptions::default()).unwrap());
-    st.panic_zeroes.store(true, Ordering::SeqCst);
-    let writer = |off: u64, v: u8| {
-        let (img, st) = (img.clone(), st.clone());
-        std::thread::spawn(move || write_through(&img, st.as_ref(), off, &[v; 4096]))
-    };
-    assert!(writer(512, 7).join().is_err(), "the storage's panic did not reach its writer");
-    // The next allocating writer finds the zeroing ended (failed): it fills its own cluster.
-    let next = writer(cs + 512, 8);
-    until(|| next.is_finished());
-    assert!(next.is_finished(), "an allocation waits for a zeroing whose writer is gone");
-    next.join().unwrap();
-    let got = read_through(&img, st.as_ref(), cs, cs);
-    assert!(got[..512].iter().all(|&b| b == 0) && got[512..4608].iter().all(|&b| b == 8) && got[4608..].iter().all(|&b| b == 0));
-}
-
-#[test]
-fn a_failed_zeroing_ahead_is_not_retried_at_the_same_offset() {
-    // The writer falls back to its own fill, whose error it reports; the zeroing ahead is
-    // tried once per bump pointer position, not in a loop.
-    let cs = 65536u64;
-    let st = Garbage::image(16 << 20, cs, 32 << 20);
-    let img = Qcow2::open(st.clone(), OpenOptions::default()).unwrap();
-    st.fail_zeroes.store(true, Ordering::SeqCst);
-    let mut ranges = Vec::new();
-    assert!(matches!(img.map_write(512, 4096, &mut ranges), Err(Qcow2Error::Io(_))));
-    assert_eq!(img.meta.read().unwrap().zeroing, None, "a failed zeroing ahead is still in flight");
-    assert_eq!(st.failed_zeroes.load(Ordering::SeqCst), 2, "one zeroing ahead, then the writer's own fill");
 }
 
 #[test]

@@ -50,22 +50,6 @@ impl Qcow2 {
                 match target {
                     WriteTarget::Ready(host, pending) => break (host, pending),
                     WriteTarget::Wait => self.wait_for_fill(),
-                    WriteTarget::ZeroAhead { start, end } => {
-                        // With no lock held: reads, writes in place and allocations from
-                        // the free list go on meanwhile; allocations at the bump pointer
-                        // wait for it (`cluster_for_write`, `alloc_clusters`).
-                        let mut post = AheadPost { slot: &self.ahead_result, start, ok: false };
-                        post.ok = self.storage.write_zeroes(start, end - start).is_ok();
-                        drop(post);
-                        let mut m = self.meta.write().map_err(|_| poisoned())?;
-                        // (Another allocation may have recorded it already, and a newer
-                        // zeroing begun: that one is not this writer's to wait for.)
-                        if m.zeroing == Some((start, end)) {
-                            self.finish_ahead(&mut m);
-                        }
-                        drop(m);
-                        self.signal_fill();
-                    }
                     WriteTarget::Fill { host, raw, fresh } => {
                         // The IO runs with no lock held; joiners wait on `filling`.
                         let filled = self.fill_cluster(raw, ci, host, in_off, n, fresh);
@@ -169,25 +153,15 @@ impl Qcow2 {
             }
             _ => {}
         }
-        if m.free.is_empty() && self.zeroing_in_flight(m) {
-            // This allocation would come from the bump pointer, which is being zeroed.
-            return Ok(WriteTarget::Wait);
-        }
         self.check_room(m, self.worst_case(m, ci, remaining))?;
         self.ensure_l2_table(m, ci)?;
-        if m.free.is_empty() && self.zeroing_in_flight(m) {
-            // The new L2 table took the last free cluster (it stays linked).
-            return Ok(WriteTarget::Wait);
-        }
         // Bytes of the new cluster the write does not cover must hold the old contents,
         // unless they are zeroes and the host is known to read zeroes there: a cluster from
         // the bump pointer past the file's size at open, or one this engine zeroed ahead of
         // the bump pointer. A reused one may hold anything.
         let zeroes_around = matches!(old, L2Entry::Zero { .. }) || (old == L2Entry::Unallocated && self.backing.is_none());
         if m.free.is_empty() {
-            if let Some((start, end)) = self.prepare_ahead(m, partial && zeroes_around) {
-                return Ok(WriteTarget::ZeroAhead { start, end });
-            }
+            self.prepare_ahead(m, partial && zeroes_around);
         }
         let (host, fresh) = self.alloc_one(m)?;
         let cs = self.cluster_size;
@@ -207,80 +181,37 @@ impl Qcow2 {
     ///   allocated space instead of filling holes, which the kernel does not complete
     ///   without blocking (io_uring hands them to worker threads).
     ///
-    /// Returns the range to zero, which the writer zeroes after releasing the lock
-    /// ([`WriteTarget::ZeroAhead`]); until [`Qcow2::finish_ahead`] records how that ended,
-    /// nothing is allocated at the bump pointer, so only space no cluster of the image uses
-    /// is zeroed, and it is handed out only once the zeroing completed. Meanwhile reads,
-    /// writes in place and allocations from the free list go on: a device that zeroes
-    /// slowly (no offload: the kernel writes zero pages) stalls allocating writers (and
-    /// any other allocation at the bump pointer, which waits under the lock). Never
-    /// past the allocation limit or the storage's size. A failed zeroing records nothing
-    /// but its start: the writer then fills its cluster itself, and reports that fill's
-    /// error. The allocation is left to the writer, outside the lock too: it only allocates
+    /// Only space at or past the bump pointer is zeroed, which no cluster of the image uses
+    /// and which is handed out only after the zeroing completed (the metadata lock is held
+    /// throughout); never past the allocation limit or the storage's size. A failed zeroing
+    /// records nothing: the writer then fills its cluster itself, and reports that fill's
+    /// error. The allocation is left to the writer, outside the lock: it only allocates
     /// space that reads zeroes anyway, never changing a byte, so writes landing there
     /// meanwhile are safe, and a failed one changes nothing the image relies on.
-    fn prepare_ahead(&self, m: &mut Meta, needs_zeroes: bool) -> Option<(u64, u64)> {
+    fn prepare_ahead(&self, m: &mut Meta, needs_zeroes: bool) {
         let cs = self.cluster_size;
         let start = m.next_free;
-        if m.zeroing.is_some() || (start >= m.zeroed.0 && start.saturating_add(cs) <= m.zeroed.1) {
-            return None;
+        if start >= m.zeroed.0 && start.saturating_add(cs) <= m.zeroed.1 {
+            return;
         }
         let known = start >= self.zeroes_from;
-        if !known && (!needs_zeroes || m.ahead_refused == Some(start)) {
-            return None;
+        if !known && !needs_zeroes {
+            return;
         }
-        let size = self.storage.size().ok()?;
+        let Ok(size) = self.storage.size() else { return };
         let end = start.saturating_add(ZERO_AHEAD).min(self.limit()).min(size) / cs * cs;
         // One cluster alone gains nothing over the writer's own fill (so clusters of 1 MiB
         // or more keep the per-cluster fill).
         if end < start.saturating_add(2 * cs) {
-            return None;
+            return;
         }
         if known {
             // Past `zeroes_from` the whole range reads zeroes, allocated or not: the writer
             // allocates it after releasing the lock (`map_write_pieces`).
             m.allocate_hint = Some((start, end - start));
             m.zeroed = (start, end);
-            return None;
-        }
-        m.zeroing = Some((start, end));
-        Some((start, end))
-    }
-
-    /// Whether a zeroing ahead is in flight and has not ended; one that has ended (its
-    /// result posted) is recorded now, so that waiters need not wait for its writer.
-    fn zeroing_in_flight(&self, m: &mut Meta) -> bool {
-        let Some((start, _)) = m.zeroing else { return false };
-        let posted = matches!(*self.ahead_result.0.lock().unwrap_or_else(|e| e.into_inner()), Some((s, _)) if s == start);
-        if posted {
-            self.finish_ahead(m);
-        }
-        #[cfg(test)]
-        if !posted {
-            self.ahead_waits.fetch_add(1, Ordering::SeqCst);
-        }
-        !posted
-    }
-
-    /// Records how the zeroing ahead in flight ended, waiting for its writer to post that
-    /// (it holds no lock while it zeroes, so this cannot deadlock); nothing if none is in
-    /// flight. Run by that writer, and by any allocation at the bump pointer meanwhile.
-    pub(super) fn finish_ahead(&self, m: &mut Meta) {
-        let Some((start, end)) = m.zeroing else { return };
-        let (mx, cv) = &self.ahead_result;
-        let mut slot = mx.lock().unwrap_or_else(|e| e.into_inner());
-        let ok = loop {
-            match *slot {
-                Some((s, ok)) if s == start => break ok,
-                _ => slot = cv.wait(slot).unwrap_or_else(|e| e.into_inner()),
-            }
-        };
-        *slot = None;
-        m.zeroing = None;
-        if ok {
+        } else if self.storage.write_zeroes(start, end - start).is_ok() {
             m.zeroed = (start, end);
-        } else {
-            m.ahead_refused = Some(start);
         }
     }
 
@@ -396,22 +327,5 @@ impl Qcow2 {
             self.relief.store(true, Ordering::Release);
         }
         Ok(())
-    }
-}
-
-/// Posts how a zeroing ahead ended (`ok`) when dropped, also when its writer unwinds (a
-/// storage that panicked): allocations at the bump pointer wait for this post.
-struct AheadPost<'a> {
-    slot: &'a (std::sync::Mutex<Option<(u64, bool)>>, std::sync::Condvar),
-    start: u64,
-    ok: bool,
-}
-
-impl Drop for AheadPost<'_> {
-    fn drop(&mut self) {
-        let (mx, cv) = self.slot;
-        // (A poisoned slot is still a slot: a zeroing always ends.)
-        *mx.lock().unwrap_or_else(|e| e.into_inner()) = Some((self.start, self.ok));
-        cv.notify_all();
     }
 }
