@@ -77,6 +77,19 @@ impl FileStorage {
         self
     }
 
+    /// `fallocate(2)` with `mode` over `len` bytes at `offset` (EFBIG past i64).
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        };
+        // SAFETY: plain syscall on our own fd.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, n) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// The underlying file.
     pub fn file(&self) -> &File {
         &self.file
@@ -187,29 +200,18 @@ impl Storage for FileStorage {
             if unsafe { libc::ioctl(self.file.as_raw_fd(), BLKZEROOUT, range.as_ptr()) } == 0 {
                 return Ok(());
             }
-        } else if aligned {
-            // SAFETY: plain syscall on our own fd.
-            if unsafe { libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, offset as i64, len as i64) } == 0 {
-                return Ok(());
-            }
+        } else if aligned && self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len).is_ok() {
+            return Ok(());
         }
         // Not supported here: write a zero buffer.
         write_zero_buffer(self, offset, len)
     }
 
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
         if !self.regular {
             return Ok(());
         }
-        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Err(io::Error::from_raw_os_error(libc::EFBIG));
-        };
-        // SAFETY: plain syscall on our own fd.
-        if unsafe { libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, off, n) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        self.fallocate(libc::FALLOC_FL_KEEP_SIZE, offset, len)
     }
 
     fn reserve(&self, end: u64) -> io::Result<()> {
